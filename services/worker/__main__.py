@@ -1,0 +1,92 @@
+"""`python -m services.worker --node-id ID --shards DIR [--topology FILE] ...`"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from services.worker.service import WorkerService
+from services.worker.settings import WorkerSettings
+from shared.config import load_settings
+from shared.errors import ConfigError, EdgesplitError
+from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.topology import load_topology
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    parser = OneLineParser(prog="python -m services.worker",
+                           description="An edgesplit worker: one edge node hosting a model segment.")  # fmt: skip
+    parser.add_argument("--node-id", required=True, help="this node's id ([A-Za-z0-9_-], 1-64)")
+    parser.add_argument("--shards", dest="shards_dir", type=Path, required=True,
+                        help="folder written by `edgesplit shard`")  # fmt: skip
+    parser.add_argument("--topology", type=Path,
+                        help="topology file: takes this node's trust, memory, speed, threads and links")  # fmt: skip
+    parser.add_argument("--trust", type=int)
+    parser.add_argument("--memory-bytes", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--slowdown", type=float, help="emulated compute slowdown factor (>= 1)")
+    parser.add_argument("--links", help='emulated egress as JSON: {"node": [bytes_per_s, latency_s]}')
+    parser.add_argument("--max-in-flight", type=int, help="entry: requests admitted at once")
+    parser.add_argument("--device", help="torch device (cpu, cuda)")
+    add_bus_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def settings_from(args: Any) -> WorkerSettings:
+    """CLI > topology file > EDGESPLIT_* environment > defaults."""
+    from_topology: dict[str, Any] = {}
+    if args.topology is not None:
+        topology = load_topology(args.topology)
+        node = topology.node(args.node_id)
+        from_topology = {
+            "trust": node.trust,
+            "memory_bytes": int(node.memory_bytes),
+            "threads": node.threads,
+            "slowdown": node.slowdown,
+            "private_blocks": topology.private_blocks,
+            "trusted_level": topology.trusted_level,
+            "link_shapes": {
+                dst: (link.bandwidth_bytes_per_s, link.latency_s)
+                for (src, dst), link in topology.directed_links().items()
+                if src == args.node_id
+            },
+        }
+    links = None
+    if args.links is not None:
+        try:
+            links = {dst: (shape[0], shape[1]) for dst, shape in json.loads(args.links).items()}
+        except (ValueError, TypeError, IndexError, AttributeError):
+            raise ConfigError('--links must be JSON like {"rsu": [1250000, 0.005]}') from None
+    cli = {
+        "node_id": args.node_id,
+        "shards_dir": args.shards_dir,
+        "broker_url": args.broker_url,
+        "cluster": args.cluster,
+        "client_id": args.node_id,
+        "trust": args.trust,
+        "memory_bytes": args.memory_bytes,
+        "threads": args.threads,
+        "slowdown": args.slowdown,
+        "link_shapes": links,
+        "max_in_flight": args.max_in_flight,
+        "device": args.device,
+    }
+    merged = {**from_topology, **{k: v for k, v in cli.items() if v is not None}}
+    return load_settings(WorkerSettings, merged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level, f"worker[{args.node_id}]")
+    try:
+        settings = settings_from(args)
+    except EdgesplitError as error:
+        print(f"worker: {error}", file=sys.stderr)
+        return 2
+    return run_service(f"worker[{settings.node_id}]", WorkerService(settings).run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The worker's compute side: loaded segments, per-request KV caches, emulated slowdown.
+
+Everything here is synchronous and runs on the worker's single compute thread (see
+``ComputeThread``), never on the event loop. Activations cross in and out as numpy
+arrays so they can be framed without copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from shared.model.kv_cache import SegmentCache
+from shared.model.runtime import SegmentRuntime
+from shared.model.source import TensorSource
+from shared.tensor_frame import to_torch
+
+T = TypeVar("T")
+
+
+class ComputeThread:
+    """One thread for all of a worker's compute, so forwards never overlap and the event
+    loop never blocks. ``threads`` sets torch's intra-op threads for that thread."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
+                                            initializer=self._init_thread)
+
+    def _init_thread(self) -> None:
+        torch.set_num_threads(self._threads)
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, function, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Slowdown:
+    """Emulated compute speed: after a forward that took t seconds, stay busy for
+    (factor - 1) * t more, as a node `factor` times slower would. Thread-safe to change."""
+
+    factor: float = 1.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def set(self, factor: float) -> None:
+        with self._lock:
+            self.factor = max(1.0, float(factor))
+
+    def apply(self, elapsed_s: float) -> None:
+        with self._lock:
+            extra_s = (self.factor - 1.0) * elapsed_s
+        if extra_s > 0:
+            time.sleep(extra_s)
+
+
+@dataclass
+class _CacheEntry:
+    cache: SegmentCache
+    last_used_s: float
+
+
+class SegmentHost:
+    """A loaded segment [start, end) and the KV caches of the requests passing through it."""
+
+    def __init__(self, source: TensorSource, start: int, end: int, device: str = "cpu") -> None:
+        self.runtime = SegmentRuntime(source, start, end, device=device)
+        self.start, self.end = start, end
+        self._caches: dict[str, _CacheEntry] = {}
+        self._lock = threading.Lock()
+
+    def forward(
+        self, request_id: str, hidden: np.ndarray, start_position: int, slowdown: Slowdown
+    ) -> np.ndarray:
+        """Run the segment on [T, H] activations; keeps the request's KV cache. Compute thread."""
+        began = time.perf_counter()
+        with self._lock:
+            entry = self._caches.get(request_id)
+            if entry is None:
+                entry = _CacheEntry(self.runtime.new_cache(), 0.0)
+                self._caches[request_id] = entry
+            entry.last_used_s = time.monotonic()
+        if start_position == 0 and entry.cache.length > 0:
+            entry.cache.truncate(0)  # a replay from the start rebuilds the cache
+        elif entry.cache.length > start_position:
+            entry.cache.truncate(start_position)  # a replayed step: drop what follows it
+        output = self.runtime.forward(to_torch(hidden), entry.cache, start_position)
+        slowdown.apply(time.perf_counter() - began)
+        return output.numpy()
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._caches.pop(request_id, None)
+
+    def sweep(self, idle_timeout_s: float) -> list[str]:
+        """Free caches unused for `idle_timeout_s`; returns the request ids freed."""
+        cutoff = time.monotonic() - idle_timeout_s
+        with self._lock:
+            stale = [rid for rid, entry in self._caches.items() if entry.last_used_s < cutoff]
+            for rid in stale:
+                del self._caches[rid]
+        return stale
+
+    def kv_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.cache.nbytes for entry in self._caches.values())
+
+    def requests(self) -> int:
+        with self._lock:
+            return len(self._caches)

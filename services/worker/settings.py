@@ -1,0 +1,31 @@
+"""Worker settings: CLI > topology file > EDGESPLIT_* environment > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from shared.config import BusSettings
+
+
+class WorkerSettings(BusSettings):
+    """One worker process (one emulated edge node). Units in field names."""
+
+    node_id: str = Field(description="this node's id (a topic level)")
+    shards_dir: Path = Field(description="folder written by `edgesplit shard`")
+    trust: int = Field(default=0, ge=0, le=10)
+    memory_bytes: int = Field(default=4_000_000_000, ge=0)
+    threads: int = Field(default=1, ge=1, le=64)
+    device: str = "cpu"
+    slowdown: float = Field(default=1.0, ge=1.0, description="emulated compute slowdown factor")
+    link_shapes: dict[str, tuple[float | None, float]] = Field(
+        default_factory=dict,
+        description="emulated egress per destination: {node: (bytes_per_s or null, latency_s)}",
+    )
+    private_blocks: int = Field(default=0, ge=0, description="blocks [0, k) need trusted_level")
+    trusted_level: int = Field(default=0, ge=0, description="trust the entry and private blocks need")
+    max_in_flight: int = Field(default=8, ge=1, description="entry: requests admitted at once")
+    stage_timeout_s: float = Field(default=30.0, gt=0, description="entry: wait for a pipeline pass")
+    kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
+    max_prompt_tokens: int = Field(default=8192, ge=1)

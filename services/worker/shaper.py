@@ -1,0 +1,107 @@
+"""Egress shaping per destination: a token bucket for bandwidth plus added latency.
+
+This is *emulation*: on one machine every worker talks to the broker over loopback, so
+each worker delays its own outgoing activation frames as if they crossed the link that
+the topology (or a run-time emulation command) describes. The decision of when a frame
+may leave is a pure function of the link's shape, the frame size and the time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class LinkShape:
+    """An emulated link: bandwidth in bytes/s (None = unshaped) and one-way latency in s."""
+
+    bandwidth_bytes_per_s: float | None = None
+    latency_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    shape: LinkShape
+    busy_until_s: float = 0.0
+
+
+@dataclass
+class EgressSchedule:
+    """Pure bookkeeping: when may a frame of n bytes to `destination` be delivered?"""
+
+    default: LinkShape = field(default_factory=LinkShape)
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def set_shape(self, destination: str, shape: LinkShape) -> None:
+        bucket = self._buckets.get(destination)
+        if bucket is None:
+            self._buckets[destination] = _Bucket(shape)
+        else:
+            bucket.shape = shape
+
+    def shape(self, destination: str) -> LinkShape:
+        bucket = self._buckets.get(destination)
+        return bucket.shape if bucket else self.default
+
+    def release_time(self, destination: str, nbytes: int, now_s: float) -> float:
+        """Absolute time at which the frame arrives: serialisation behind earlier frames
+        at the link's bandwidth, then the link's latency. Updates the bucket."""
+        bucket = self._buckets.setdefault(destination, _Bucket(self.default))
+        shape = bucket.shape
+        start = max(bucket.busy_until_s, now_s)
+        transmit_s = nbytes / shape.bandwidth_bytes_per_s if shape.bandwidth_bytes_per_s else 0.0
+        bucket.busy_until_s = start + transmit_s
+        return bucket.busy_until_s + shape.latency_s
+
+
+class EgressShaper:
+    """Sends frames through `send` after the delay the schedule gives, in order per destination.
+
+    Unshaped destinations are sent at once, with no task hop.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str, bytes], Awaitable[None]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._send = send
+        self._clock = clock
+        self.schedule = EgressSchedule()
+        self._queues: dict[str, asyncio.Queue[tuple[float, bytes]]] = {}
+        self._task_group: asyncio.TaskGroup | None = None
+
+    async def run(self) -> None:
+        """Own the per-destination sender tasks until cancelled."""
+        async with asyncio.TaskGroup() as task_group:
+            self._task_group = task_group
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self._task_group = None
+
+    async def send(self, destination: str, frame: bytes) -> None:
+        shape = self.schedule.shape(destination)
+        if shape.bandwidth_bytes_per_s is None and shape.latency_s == 0.0:
+            await self._send(destination, frame)
+            return
+        release_s = self.schedule.release_time(destination, len(frame), self._clock())
+        queue = self._queues.get(destination)
+        if queue is None:
+            if self._task_group is None:
+                raise RuntimeError("EgressShaper.run() is not running")
+            queue = asyncio.Queue()
+            self._queues[destination] = queue
+            self._task_group.create_task(self._drain(destination, queue))
+        queue.put_nowait((release_s, frame))
+
+    async def _drain(self, destination: str, queue: asyncio.Queue[tuple[float, bytes]]) -> None:
+        while True:
+            release_s, frame = await queue.get()
+            delay_s = release_s - self._clock()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            await self._send(destination, frame)

@@ -1,0 +1,528 @@
+"""The MQTT adapter at the process edge (aiomqtt 2.5.x).
+
+One `Bus` owns two connections: ``control`` (status, telemetry, plans, commands) and
+``data`` (activation frames), so a 1 MB frame never delays a heartbeat. Each has a
+reconnect loop (capped exponential backoff with jitter) that resubscribes and, on the
+control connection, republishes the retained birth message; the Last Will is set on
+every connect. One reader task per connection decodes messages and puts them into the
+bounded queue of every matching `Subscription`; a malformed payload is logged and
+dropped. Nothing here needs MQTT 5: ``protocol="auto"`` tries 5, then 3.1.1.
+
+    async with Bus(settings, birth=online, will=offline) as bus:
+        async with bus.subscribe(TELEMETRY) as telemetry:      # waits for the SUBACK
+            await bus.publish(NODE_STATUS, status, node="w1")
+            async for params, message in telemetry: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import socket
+import ssl
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, Generic, Literal, TypeVar
+
+import aiomqtt
+from aiomqtt.client import ProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from shared import codec, topics
+from shared.config import BusSettings
+from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
+from shared.ids import validate_id
+from shared.messages import Message
+from shared.tensor_frame import Frame, FrameHeader, decode_frame, encode_frame
+from shared.topics import Overflow, Topic
+
+log = logging.getLogger(__name__)
+P = TypeVar("P")
+Plane = Literal["control", "data"]
+_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+_VERSIONS = {"5": ProtocolVersion.V5, "3.1.1": ProtocolVersion.V311}
+_MQTT_ERRORS = (aiomqtt.MqttError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class Announcement(Generic[P]):
+    """A retained message the bus publishes for its owner: the birth or the Last Will."""
+
+    topic: Topic[P]
+    message: P
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(Generic[P]):
+    """One received message. Unpacks as ``(params, message)``; ``envelope`` is None for frames."""
+
+    params: dict[str, str]
+    message: P
+    envelope: codec.Envelope[Any] | None
+    retained: bool
+
+    def __iter__(self) -> Any:
+        return iter((self.params, self.message))
+
+
+class Subscription(Generic[P]):
+    """A bounded in-process queue of the messages matching one topic filter.
+
+    Async-iterate it for `Delivery` items; iteration ends when it or the bus closes.
+    ``async with`` waits until the broker confirmed the subscription (BusError after
+    the connect timeout) and closes it on exit.
+    """
+
+    def __init__(self, bus: Bus, topic: Topic[P], params: dict[str, str], filter_: str, size: int):
+        self.topic, self.params, self.filter = topic, params, filter_
+        self.active = asyncio.Event()
+        """Set while the broker has confirmed this subscription on the current connection."""
+        self.dropped = 0
+        self._bus, self._size = bus, size
+        self._items: deque[Delivery[P]] = deque()
+        self._readable = asyncio.Event()
+        self._closed = False
+
+    def matches(self, params: dict[str, str]) -> bool:
+        return all(params.get(name) == value for name, value in self.params.items())
+
+    def offer(self, delivery: Delivery[P]) -> None:
+        """Queue a delivery without blocking; applies the topic's overflow policy."""
+        if len(self._items) >= self._size:
+            self.dropped += 1
+            self._bus.counters[f"overflow:{self.topic.pattern}"] += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("subscription %s is full (%d): %s, %d dropped so far", self.filter,
+                            self._size, self.topic.overflow.value, self.dropped)  # fmt: skip
+            if self.topic.overflow is Overflow.DROP_NEWEST:
+                return
+            self._items.popleft()
+        self._items.append(delivery)
+        self._readable.set()
+
+    def __aiter__(self) -> Subscription[P]:
+        return self
+
+    async def __anext__(self) -> Delivery[P]:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            self._readable.clear()
+            await self._readable.wait()
+        return self._items.popleft()
+
+    async def get(self) -> Delivery[P]:
+        """The next delivery; raises BusError if the subscription is closed."""
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            raise BusError(f"subscription {self.filter} is closed") from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._readable.set()
+            self._bus._unsubscribe(self)
+
+    async def __aenter__(self) -> Subscription[P]:
+        timeout_s = self._bus.settings.connect_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.active.wait()
+        except TimeoutError:
+            self.close()
+            raise BusError(
+                f"broker did not confirm subscription {self.filter} in {timeout_s} s"
+            ) from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Connection:
+    """One MQTT connection with its reconnect loop, reader and subscription syncer."""
+
+    def __init__(self, bus: Bus, plane: Plane):
+        self.bus, self.plane = bus, plane
+        self.client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.filters: Counter[str] = Counter()  # broker filter -> local subscriptions using it
+        self.qos: dict[str, int] = {}
+        self.acked: set[str] = set()
+        self.dirty = asyncio.Event()
+        self.last_error = "not connected yet"
+
+    async def maintain(self) -> None:
+        """Connect, read until the connection drops, back off, repeat (until cancelled)."""
+        settings = self.bus.settings
+        failures = 0
+        while not self.bus._closing:
+            try:
+                client = await self._connect()
+                failures = 0
+                await self._session(client)
+            except _MQTT_ERRORS as error:
+                self.last_error = str(error) or type(error).__name__
+                log.info("%s connection to %s lost: %s", self.plane, self.bus.url, self.last_error)
+            delay_s = min(settings.reconnect_max_s, settings.reconnect_initial_s * 2**failures)
+            failures = min(failures + 1, 30)
+            await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))  # jitter: no herds
+
+    async def _connect(self) -> aiomqtt.Client:
+        errors = []
+        for version in self.bus._protocol_candidates():
+            client = self.bus._make_client(self.plane, version)
+            try:
+                async with asyncio.timeout(2 * self.bus.settings.connect_timeout_s + 1):
+                    await client.__aenter__()
+            except _MQTT_ERRORS as error:
+                _abandon(client)
+                errors.append(f"MQTT {version.name}: {error or type(error).__name__}")
+                continue
+            self.bus._protocol_works(version)
+            return client
+        raise aiomqtt.MqttError("; ".join(errors))
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        try:
+            self.client = client
+            self.connected.set()
+            self.dirty.set()
+            self.bus.sessions += 1
+            if self.plane == "control" and self.bus._birth is not None:
+                await self.bus._announce(self.bus._birth)
+            async for message in client.messages:
+                self.bus._dispatch(self.plane, message)
+        finally:
+            self.client = None
+            self.connected.clear()
+            self.acked.clear()
+            self.bus._refresh()
+            with contextlib.suppress(*_MQTT_ERRORS):
+                await asyncio.shield(client.__aexit__(None, None, None))
+
+    async def sync_subscriptions(self) -> None:
+        """Bring the broker's subscriptions in line with ``filters`` whenever they change."""
+        while not self.bus._closing:
+            await self.dirty.wait()
+            self.dirty.clear()
+            client = self.client
+            if client is None:
+                continue  # the next session sets dirty again
+            try:
+                await self._sync(client)
+            except _MQTT_ERRORS as error:
+                log.warning("%s subscriptions not synced: %s; retrying", self.plane, error)
+                await asyncio.sleep(self.bus.settings.reconnect_initial_s)
+                self.dirty.set()
+            self.bus._refresh()
+
+    async def _sync(self, client: aiomqtt.Client) -> None:
+        timeout_s = self.bus.settings.publish_timeout_s
+        for stale in [f for f in self.acked if f not in self.filters]:
+            await client.unsubscribe(stale, timeout=timeout_s)
+            self.acked.discard(stale)
+        new = sorted(f for f in self.filters if f not in self.acked)
+        if not new:
+            return
+        v5 = self.bus.protocol == ProtocolVersion.V5
+        request: list[Any] = [
+            (f, SubscribeOptions(qos=self.qos[f]) if v5 else self.qos[f]) for f in new
+        ]
+        codes = await client.subscribe(request, timeout=timeout_s)
+        if client is not self.client:
+            return  # the connection dropped meanwhile; the next session resubscribes
+        for filter_, code in zip(new, codes, strict=False):
+            if getattr(code, "is_failure", code == 0x80):
+                log.error("broker refused subscription %s (%s): check the ACLs", filter_, code)
+            else:
+                self.acked.add(filter_)
+
+    async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        timeout_s = self.bus.settings.publish_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.connected.wait()
+                assert self.client is not None  # connected is set only with a client
+                await self.client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+        except TimeoutError:
+            raise BusError(
+                f"publish to {topic} not done in {timeout_s} s ({self.plane} connection to "
+                f"{self.bus.url}: {self.last_error})"
+            ) from None
+        except aiomqtt.MqttError as error:
+            raise BusError(f"publish to {topic} failed: {error}") from error
+
+
+def _abandon(client: aiomqtt.Client) -> None:
+    """Close the socket of a client whose connect failed (aiomqtt leaves it open)."""
+    with contextlib.suppress(Exception):
+        client._client._sock_close()  # noqa: SLF001 - aiomqtt has no public way
+
+
+class Bus:
+    """Both MQTT connections of a process, typed publish and subscribe. An async context manager.
+
+    Raises BrokerUnavailable on entry when no broker answers within connect_timeout_s.
+    """
+
+    def __init__(
+        self,
+        settings: BusSettings,
+        *,
+        origin: str | None = None,
+        birth: Announcement[Any] | None = None,
+        will: Announcement[Any] | None = None,
+    ):
+        self.settings = settings
+        self.cluster = settings.cluster
+        self.url = settings.broker.redacted()
+        self.origin = validate_id(
+            origin or settings.client_id or f"p{secrets.token_hex(5)}", "origin"
+        )
+        self.ready = asyncio.Event()
+        """Set while both connections are up and every subscription is confirmed."""
+        self.sessions = 0
+        """Successful connects so far, both connections together."""
+        self.counters: Counter[str] = Counter()
+        """malformed:<pattern>, overflow:<pattern>, unroutable."""
+        self.protocol: ProtocolVersion | None = _VERSIONS.get(settings.protocol)
+        for announcement in (birth, will):
+            if announcement is not None and not announcement.topic.retain:
+                raise WireError(f"birth/will topic {announcement.topic.pattern} must be retained")
+        self._birth, self._will = birth, will
+        self._seq = count(1)
+        self._subscriptions: dict[Topic[Any], list[Subscription[Any]]] = {}
+        self._connections = {
+            "control": _Connection(self, "control"),
+            "data": _Connection(self, "data"),
+        }
+        self._changed = asyncio.Event()  # replaced (and the old one set) on every change
+        self._task_group: asyncio.TaskGroup | None = None
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Bus:
+        self._task_group = asyncio.TaskGroup()
+        await self._task_group.__aenter__()
+        for plane, connection in self._connections.items():
+            self._tasks.append(
+                self._task_group.create_task(connection.maintain(), name=f"bus-{plane}")
+            )
+            self._tasks.append(self._task_group.create_task(connection.sync_subscriptions()))
+        timeout_s = self.settings.connect_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                for connection in self._connections.values():
+                    await connection.connected.wait()
+        except TimeoutError:
+            reason = self._connections["control"].last_error
+            await self._shutdown(None, None, None)
+            raise BrokerUnavailable(
+                f"no MQTT broker answered at {self.url} within {timeout_s} s ({reason}); "
+                "check broker_url and that the broker runs"
+            ) from None
+        except BaseException as error:
+            await self._shutdown(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._will is not None and self._connections["control"].connected.is_set():
+                # A clean exit sends no Last Will: publish the offline status ourselves.
+                try:
+                    await self._announce(self._will)
+                except BusError as error:
+                    log.warning("could not publish the offline status: %s", error)
+        finally:
+            await self._shutdown(exc_type, exc, tb)
+
+    async def _shutdown(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._closing = True
+        for subscriptions in list(self._subscriptions.values()):
+            for subscription in list(subscriptions):
+                subscription.close()
+        assert self._task_group is not None
+        try:
+            await self._cancel_tasks()
+        finally:
+            await self._task_group.__aexit__(exc_type, exc, tb)
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel our tasks until they end: asyncio.wait_for in Python 3.11 (used inside
+        aiomqtt) can swallow a cancellation that races with the awaited reply."""
+        pending = {task for task in self._tasks if not task.done()}
+        for _ in range(100):
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        log.error("bus tasks did not stop: %s", pending)
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, topic: Topic[P], message: P, **params: str) -> None:
+        """Publish a control message on ``topic`` (filled with ``params``).
+
+        Raises InvalidId for a bad parameter, WireError for a message of the wrong kind,
+        BusError when not published within publish_timeout_s.
+        """
+        if topic.plane != "control" or not isinstance(message, topic.kinds):
+            raise WireError(f"{type(message).__name__} cannot be published on {topic.pattern}")
+        payload = codec.encode(message, origin=self.origin, seq=next(self._seq))
+        await self._connections["control"].publish(
+            topic.topic(self.cluster, **params), payload, topic.qos, topic.retain
+        )
+
+    async def publish_frame(
+        self, topic: Topic[Frame], header: FrameHeader, tensor: Any, **params: str
+    ) -> None:
+        """Publish a tensor (numpy array or CPU torch tensor) as a frame on a data topic."""
+        if topic.plane != "data":
+            raise WireError(f"{topic.pattern} is not a data topic")
+        name = topic.topic(self.cluster, **params)
+        payload = encode_frame(header, tensor)
+        await self._connections["data"].publish(name, payload, topic.qos, topic.retain)
+
+    async def _announce(self, announcement: Announcement[Any]) -> None:
+        await self.publish(announcement.topic, announcement.message, **announcement.params)
+
+    # --- subscribing --------------------------------------------------------------------------
+
+    def subscribe(
+        self, topic: Topic[P], *, queue_size: int | None = None, **params: str
+    ) -> Subscription[P]:
+        """Subscribe to ``topic``; parameters not given match anything (``+``).
+
+        Returns at once; ``await sub.active.wait()`` or ``async with`` for confirmation.
+        """
+        filter_ = topic.filter(self.cluster, **params)
+        subscription = Subscription(
+            self, topic, dict(params), filter_, queue_size or topic.queue_size
+        )
+        self._subscriptions.setdefault(topic, []).append(subscription)
+        connection = self._connections[topic.plane]
+        connection.filters[filter_] += 1
+        connection.qos[filter_] = max(topic.qos, connection.qos.get(filter_, 0))
+        connection.dirty.set()
+        self._refresh()
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription[Any]) -> None:
+        self._subscriptions[subscription.topic].remove(subscription)
+        connection = self._connections[subscription.topic.plane]
+        connection.filters[subscription.filter] -= 1
+        if connection.filters[subscription.filter] <= 0:
+            del connection.filters[subscription.filter]
+            if not self._closing:  # a closing connection drops its subscriptions anyway
+                connection.dirty.set()
+
+    async def wait_ready(self, *, min_sessions: int = 0, timeout_s: float | None = None) -> None:
+        """Wait until ready and at least ``min_sessions`` connects happened (BusError on timeout)."""
+        timeout_s = self.settings.connect_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not (self.ready.is_set() and self.sessions >= min_sessions):
+                    await self._changed.wait()
+        except TimeoutError:
+            raise BusError(f"bus to {self.url} not ready within {timeout_s} s") from None
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Recompute every subscription's ``active`` flag and the bus's ``ready`` event."""
+        ready = True
+        for connection in self._connections.values():
+            ready = (
+                ready
+                and connection.connected.is_set()
+                and set(connection.filters) <= connection.acked
+            )
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                connection = self._connections[subscription.topic.plane]
+                up = connection.connected.is_set() and subscription.filter in connection.acked
+                (subscription.active.set if up else subscription.active.clear)()
+        (self.ready.set if ready else self.ready.clear)()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _dispatch(self, plane: Plane, message: aiomqtt.Message) -> None:
+        """Decode one received message and queue it for every matching subscription."""
+        name = message.topic.value
+        found = topics.match(name)
+        if found is None or found[1] != self.cluster or found[0].plane != plane:
+            self.counters["unroutable"] += 1
+            log.debug("dropped message on unexpected topic %s", name)
+            return
+        topic, _, params = found
+        targets = [s for s in self._subscriptions.get(topic, ()) if s.matches(params)]
+        if not targets:
+            return
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        item: Any
+        envelope: codec.Envelope[Message] | None = None
+        try:
+            if plane == "data":
+                item = Frame(*decode_frame(payload))
+            else:
+                envelope = codec.decode(payload, topic.kinds)
+                item = envelope.message
+        except DecodeError as error:
+            self.counters[f"malformed:{topic.pattern}"] += 1
+            log.warning("dropped malformed message on %s (%d bytes): %s", name, len(payload), error)
+            return
+        delivery = Delivery(params, item, envelope, bool(message.retain))
+        for subscription in targets:
+            subscription.offer(delivery)
+
+    def _protocol_candidates(self) -> list[ProtocolVersion]:
+        if self.protocol is not None:
+            return [self.protocol]
+        return [ProtocolVersion.V5, ProtocolVersion.V311]
+
+    def _protocol_works(self, version: ProtocolVersion) -> None:
+        if self.protocol is None:
+            log.info("broker %s speaks MQTT %s", self.url, version.name)
+        self.protocol = version
+
+    def _make_client(self, plane: Plane, version: ProtocolVersion) -> aiomqtt.Client:
+        settings, address = self.settings, self.settings.broker
+        will = None
+        if plane == "control" and self._will is not None:
+            topic, params = self._will.topic, self._will.params
+            payload = codec.encode(self._will.message, origin=self.origin, seq=next(self._seq))
+            will = aiomqtt.Will(
+                topic.topic(self.cluster, **params), payload, qos=topic.qos, retain=True
+            )
+        tls_context = None
+        if address.tls:
+            tls_context = ssl.create_default_context(
+                cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+            )
+        client = aiomqtt.Client(
+            address.host,
+            address.port,
+            username=address.username,
+            password=address.password,
+            identifier=f"{self.origin}-{plane}",
+            protocol=version,
+            will=will,
+            keepalive=settings.keepalive_s,
+            timeout=settings.connect_timeout_s,
+            tls_context=tls_context,
+            socket_options=_NODELAY,
+            logger=logging.getLogger("edgesplit.mqtt"),
+        )
+        client.pending_calls_threshold = 10_000  # we pipeline publishes; 10 warns constantly
+        client._client.connect_timeout = settings.connect_timeout_s  # noqa: SLF001 - TCP connect
+        return client

@@ -1,0 +1,147 @@
+"""Settings shared by every edgesplit process (pydantic-settings, env prefix EDGESPLIT_).
+
+Precedence is CLI > environment > defaults: build settings with `load_settings`,
+passing the command-line values that were given (``None`` means "not given").
+Every service's settings class extends `BusSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError, InvalidId
+from shared.ids import validate_id
+
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed broker URL: ``mqtt://[user:pass@]host:port`` (``mqtts://`` for TLS)."""
+
+    scheme: Literal["mqtt", "mqtts"]
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    def redacted(self) -> str:
+        """The URL without its password, for logs and error messages."""
+        user = f"{self.username}:***@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{user}{host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse a broker URL; raise ConfigError naming what is wrong with it."""
+    hint = "expected mqtt://[user:pass@]host:port or mqtts://... (TLS)"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as error:
+        raise ConfigError(f"invalid broker URL {url!r}: {error}; {hint}") from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ConfigError(f"invalid broker URL {url!r}: scheme must be mqtt or mqtts; {hint}")
+    if not parts.hostname:
+        raise ConfigError(f"invalid broker URL {url!r}: no host; {hint}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"invalid broker URL {url!r}: unexpected path or query; {hint}")
+    if port == 0:
+        raise ConfigError(f"invalid broker URL {url!r}: port 0; {hint}")
+    return BrokerAddress(
+        scheme=parts.scheme,  # type: ignore[arg-type]  # checked above
+        host=parts.hostname,
+        port=port or _DEFAULT_PORTS[parts.scheme],
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+class BusSettings(BaseSettings):
+    """What every process needs to reach the broker. Frozen; units in field names."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGESPLIT_", frozen=True, extra="forbid")
+
+    broker_url: str = DEFAULT_BROKER_URL
+    cluster: str = "default"
+    client_id: str | None = None
+    """MQTT client id prefix and message origin; a random one when not set."""
+    protocol: Literal["5", "3.1.1", "auto"] = "auto"
+    """MQTT version: "auto" tries 5 and falls back to 3.1.1."""
+    keepalive_s: int = Field(default=2, ge=1, le=65535)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    reconnect_initial_s: float = Field(default=0.1, gt=0)
+    reconnect_max_s: float = Field(default=5.0, gt=0)
+    tls_ca_file: Path | None = None
+    """CA bundle for mqtts:// (the system's when not set)."""
+    models_dir: Path = Path("~/.cache/edgesplit/models").expanduser()
+    plan_signing_key: str = "edgesplit-dev-key"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _valid_broker_url(cls, value: str) -> str:
+        try:
+            parse_broker_url(value)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("cluster", "client_id")
+    @classmethod
+    def _valid_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return validate_id(value)
+        except InvalidId as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("models_dir")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> BusSettings:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return parse_broker_url(self.broker_url)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(
+    cls: type[SettingsT], cli_overrides: Mapping[str, Any] | None = None
+) -> SettingsT:
+    """Build ``cls`` from CLI overrides > EDGESPLIT_* environment > defaults.
+
+    Overrides whose value is ``None`` (an option not given) are ignored.
+    Raises ConfigError with one line per invalid field.
+    """
+    given = {key: value for key, value in (cli_overrides or {}).items() if value is not None}
+    try:
+        return cls(**given)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'settings'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise ConfigError(f"invalid settings for {cls.__name__}: {problems}") from None

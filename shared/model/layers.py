@@ -1,0 +1,99 @@
+"""Building blocks shared by the model families: norms, activations, attention.
+
+Tensors carry no batch dimension: a hidden state is ``[T, H]`` (tokens, hidden size),
+attention tensors are ``[heads, T, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from shared.errors import CheckpointError, UnsupportedArchitecture
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+_ACTIVATIONS: dict[str, Activation] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation_fn(name: str) -> Activation:
+    """The element-wise non-linearity called ``name`` in config.json.
+
+    Raises UnsupportedArchitecture for names edgesplit does not implement.
+    """
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedArchitecture(f"activation {name!r} is not supported") from None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich, 2019): ``x / sqrt(mean(x^2) + eps) * weight``; [T, H]."""
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the hidden dimension; [T, H] -> [T, H]."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """Scaled dot-product attention of new queries over all cached keys.
+
+    query [heads, T, head_dim]; key, value [kv_heads, S, head_dim] with S >= T, where
+    the last T keys belong to the queries (the first S - T are the cache). Grouped-query
+    attention when kv_heads < heads. Returns [heads, T, head_dim].
+    """
+    new_tokens, total_tokens = query.shape[1], key.shape[1]
+    mask = None
+    if causal and new_tokens > 1:
+        # query i sits at absolute position (S - T + i) and sees keys 0 ..= S - T + i
+        mask = torch.ones(new_tokens, total_tokens, dtype=torch.bool, device=query.device)
+        mask = mask.tril(diagonal=total_tokens - new_tokens)
+    grouped = key.shape[0] != query.shape[0]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=grouped)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[T, heads * head_dim] -> [heads, T, head_dim]."""
+    return x.view(x.shape[0], heads, -1).transpose(0, 1)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[heads, T, head_dim] -> [T, heads * head_dim]."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def check_tensors(
+    where: str,
+    tensors: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
+
+    ``where`` says whose tensors these are ("block 3", "entry") for the message.
+    """
+    for name in sorted(shapes):
+        if name not in tensors:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint")
+        if tuple(tensors[name].shape) != shapes[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"expected {shapes[name]}"
+            )
+    for name in sorted(tensors):
+        if name not in shapes:
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} in the checkpoint")

@@ -1,0 +1,149 @@
+"""The Llama family (Touvron et al., 2023): Llama, Mistral-style configs, SmolLM2.
+
+Pre-RMSNorm blocks, rotary position embedding (RoPE, Su et al.) on queries and keys,
+grouped-query attention (num_kv_heads <= num_heads), SwiGLU MLP
+``down(silu(gate(x)) * up(x))``, final RMSNorm and a head that is either its own
+``lm_head.weight`` or the token embedding (tied). Linear weights are ``[out, in]``.
+Shapes: T tokens, H hidden, V vocabulary, nh / nkv heads, d head_dim, I MLP width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from shared.errors import ModelError
+from shared.model.config import ModelConfig
+from shared.model.kv_cache import BlockCache
+from shared.model.layers import activation_fn, attend, merge_heads, rms_norm, split_heads
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical names and shapes of the tensors outside the blocks."""
+    shapes = {
+        "embed_tokens.weight": (config.vocab_size, config.hidden_size),
+        "norm.weight": (config.hidden_size,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+def is_unused_entry(config: ModelConfig, name: str) -> bool:
+    """Entry tensors a checkpoint may carry that are not loaded (a tied head's copy)."""
+    return name == "lm_head.weight" and config.tie_word_embeddings
+
+
+def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names (within a block) and ``[out, in]`` shapes of one block's tensors."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_width, hidden),
+        "self_attn.k_proj.weight": (kv_width, hidden),
+        "self_attn.v_proj.weight": (kv_width, hidden),
+        "self_attn.o_proj.weight": (hidden, q_width),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (inner, hidden),
+        "mlp.up_proj.weight": (inner, hidden),
+        "mlp.down_proj.weight": (hidden, inner),
+    }
+    if config.attention_bias:
+        shapes |= {
+            "self_attn.q_proj.bias": (q_width,),
+            "self_attn.k_proj.bias": (kv_width,),
+            "self_attn.v_proj.bias": (kv_width,),
+            "self_attn.o_proj.bias": (hidden,),
+        }
+    if config.mlp_bias:
+        shapes |= {
+            "mlp.gate_proj.bias": (inner,),
+            "mlp.up_proj.bias": (inner,),
+            "mlp.down_proj.bias": (hidden,),
+        }
+    return shapes
+
+
+def rotary_tables(
+    config: ModelConfig, start_position: int, count: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions start_position .. + count, each [count, d]."""
+    half = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
+    inverse_frequency = 1.0 / (config.rope_theta**half)  # [d/2]
+    positions = torch.arange(
+        start_position, start_position + count, dtype=torch.float32, device=device
+    )
+    angles = torch.outer(positions, inverse_frequency)  # [T, d/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [T, d]: halves rotate together
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [heads, T, d] by the position angles (rotate-half convention)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class LlamaEntry:
+    """Token embedding in; final RMSNorm + (tied or own) head out."""
+
+    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+        self.config = config
+        self.token_embedding = tensors["embed_tokens.weight"]  # [V, H]
+        self.final_norm = tensors["norm.weight"]  # [H]
+        self.head = (
+            self.token_embedding if config.tie_word_embeddings else tensors["lm_head.weight"]
+        )
+
+    def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+        """[T] token ids -> [T, H]; positions enter later, through RoPE in each block."""
+        return self.token_embedding[token_ids]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, V] next-token logits."""
+        return rms_norm(hidden, self.final_norm, self.config.norm_eps) @ self.head.T
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Not defined for a causal language model."""
+        raise ModelError("Llama is a decoder; sentence embeddings need a BERT model")
+
+
+class LlamaBlock:
+    """x + Attn(RMSNorm(x)); then + SwiGLU(RMSNorm(.)). Causal GQA with RoPE."""
+
+    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+        self.config = config
+        self.activation = activation_fn(config.activation)
+        self.w = dict(tensors)
+
+    def forward(self, x: torch.Tensor, kv: BlockCache | None, start_position: int) -> torch.Tensor:
+        """[T, H] at positions start_position.. -> [T, H]; appends K, V to ``kv``."""
+        w, eps = self.w, self.config.norm_eps
+        x = x + self._attention(rms_norm(x, w["input_layernorm.weight"], eps), kv, start_position)
+        return x + self._mlp(rms_norm(x, w["post_attention_layernorm.weight"], eps))
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
+
+    def _attention(
+        self, x: torch.Tensor, kv: BlockCache | None, start_position: int
+    ) -> torch.Tensor:
+        config = self.config
+        query = split_heads(self._linear(x, "self_attn.q_proj"), config.num_heads)  # [nh, T, d]
+        key = split_heads(self._linear(x, "self_attn.k_proj"), config.num_kv_heads)  # [nkv, T, d]
+        value = split_heads(self._linear(x, "self_attn.v_proj"), config.num_kv_heads)  # [nkv, T, d]
+        cos, sin = rotary_tables(config, start_position, x.shape[0], x.device)
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if kv is not None:
+            key, value = kv.append(key, value)  # [nkv, past + T, d]
+        context = merge_heads(attend(query, key, value, causal=True))  # [T, nh * d]
+        return self._linear(context, "self_attn.o_proj")  # [T, H]
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.activation(self._linear(x, "mlp.gate_proj"))  # [T, I]
+        return self._linear(gate * self._linear(x, "mlp.up_proj"), "mlp.down_proj")  # [T, H]

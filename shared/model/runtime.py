@@ -1,0 +1,156 @@
+"""Runtimes for the two roles a node plays: the trusted entry and a block segment.
+
+``EntryRuntime`` holds what sits outside the blocks (embedding, final norm + head,
+pooling); ``SegmentRuntime`` holds blocks ``[start, end)`` and loads only their
+tensors. Both take tensors from any ``TensorSource``, check every name and shape
+against the model family, and compute under ``torch.inference_mode()`` on one
+sequence without a batch dimension: hidden states are ``[T, H]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Protocol
+
+import torch
+
+from shared.errors import ConfigError, ContextTooLong
+from shared.model import bert, gpt2, llama
+from shared.model.config import ModelConfig
+from shared.model.kv_cache import BlockCache, CacheMismatch, SegmentCache
+from shared.model.layers import check_tensors
+from shared.model.source import TensorSource
+
+FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "bert": bert}
+
+
+class _Entry(Protocol):
+    def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor: ...
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class _Block(Protocol):
+    def forward(
+        self, x: torch.Tensor, kv: BlockCache | None, start_position: int
+    ) -> torch.Tensor: ...
+
+
+_ENTRIES: dict[str, Callable[[ModelConfig, Mapping[str, torch.Tensor]], _Entry]] = {
+    "gpt2": gpt2.GPT2Entry,
+    "llama": llama.LlamaEntry,
+    "bert": bert.BertEntry,
+}
+_BLOCKS: dict[str, Callable[[ModelConfig, Mapping[str, torch.Tensor]], _Block]] = {
+    "gpt2": gpt2.GPT2Block,
+    "llama": llama.LlamaBlock,
+    "bert": bert.BertBlock,
+}
+
+
+class EntryRuntime:
+    """The entry's part of the model: embedding in, logits or sentence embedding out."""
+
+    def __init__(self, source: TensorSource, device: str = "cpu") -> None:
+        self.config: ModelConfig = source.config
+        self.device = torch.device(device)
+        family = FAMILIES[self.config.architecture]
+        tensors = {
+            name: tensor
+            for name, tensor in source.entry_tensors().items()
+            if not family.is_unused_entry(self.config, name)
+        }
+        check_tensors("entry", tensors, family.entry_shapes(self.config))
+        tensors = {name: tensor.to(self.device, torch.float32) for name, tensor in tensors.items()}
+        self._entry = _ENTRIES[self.config.architecture](self.config, tensors)
+
+    def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+        """[T] long token ids at positions ``start_position``.. -> [T, H].
+
+        Raises ContextTooLong past ``max_positions``, ConfigError for ids outside the
+        vocabulary.
+        """
+        end_position = start_position + int(token_ids.shape[0])
+        if start_position < 0 or end_position > self.config.max_positions:
+            raise ContextTooLong(
+                f"positions {start_position}..{end_position - 1} exceed the model's "
+                f"{self.config.max_positions}-token context"
+            )
+        if token_ids.numel() and (
+            int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size
+        ):
+            bad = [int(i) for i in token_ids if not 0 <= int(i) < self.config.vocab_size][0]
+            raise ConfigError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        with torch.inference_mode():
+            return self._entry.embed(token_ids.to(self.device, torch.long), start_position)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, V] next-token logits (decoders; ModelError for encoders)."""
+        with torch.inference_mode():
+            return self._entry.logits(hidden.to(self.device))
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [H] sentence embedding (BERT: mean + L2 norm; ModelError for decoders)."""
+        with torch.inference_mode():
+            return self._entry.pool(hidden.to(self.device))
+
+
+class SegmentRuntime:
+    """Blocks ``[start, end)`` of a model, applied in order to a hidden state."""
+
+    def __init__(self, source: TensorSource, start: int, end: int, device: str = "cpu") -> None:
+        self.config: ModelConfig = source.config
+        if not 0 <= start < end <= self.config.num_layers:
+            raise ConfigError(
+                f"segment [{start}, {end}) is not a non-empty range inside [0, {self.config.num_layers})"
+            )
+        self.start, self.end = start, end
+        self.device = torch.device(device)
+        shapes = FAMILIES[self.config.architecture].block_shapes(self.config)
+        block_class = _BLOCKS[self.config.architecture]
+        self._blocks: list[_Block] = []
+        for index in range(start, end):
+            tensors = source.block_tensors(index)
+            check_tensors(f"block {index}", tensors, shapes)
+            tensors = {
+                name: tensor.to(self.device, torch.float32) for name, tensor in tensors.items()
+            }
+            self._blocks.append(block_class(self.config, tensors))
+
+    def new_cache(self) -> SegmentCache:
+        """An empty KV cache for this segment's blocks."""
+        return SegmentCache(
+            range(self.start, self.end), self.config.num_kv_heads, self.config.head_dim, self.device
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, cache: SegmentCache | None, start_position: int
+    ) -> torch.Tensor:
+        """[T, H] hidden states of tokens at ``start_position``.. -> [T, H].
+
+        With a cache (decoders), the tokens attend to the cached ones and their K, V are
+        appended; the cache must hold exactly ``start_position`` tokens (CacheMismatch
+        otherwise). Without one, the T tokens attend only to each other. Encoders keep
+        no cache and ignore it.
+        """
+        if cache is not None and not self.config.is_decoder:
+            cache = None
+        if cache is not None and cache.length != start_position:
+            raise CacheMismatch(
+                f"segment [{self.start}, {self.end}): cache holds {cache.length} tokens, "
+                f"but the input starts at position {start_position}"
+            )
+        try:
+            with torch.inference_mode():
+                hidden = hidden.to(self.device, torch.float32)
+                for index, block in enumerate(self._blocks, start=self.start):
+                    kv = cache.block(index) if cache is not None else None
+                    hidden = block.forward(hidden, kv, start_position)
+                return hidden
+        except BaseException:
+            if cache is not None:  # undo a half-applied step so the cache stays consistent
+                cache.truncate(start_position)
+            raise

@@ -1,0 +1,193 @@
+"""The one topic registry: every topic is declared here, once.
+
+A `Topic` binds a pattern under ``edgesplit/{cluster}/`` to its payload, QoS (0 or 1,
+never 2), retain flag, connection plane and in-process queue policy. Services pass
+`Topic` objects and parameters to the bus; they never format topic strings.
+
+To add a topic: one line at the bottom, e.g.
+``LINK_PROBES = Topic("nodes/{node}/probes", LinkProbe, qos=0)``.
+Patterns may not overlap (checked at import), so a received topic string names
+exactly one `Topic`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from shared.errors import InvalidId
+from shared.ids import validate_id
+from shared.messages import (
+    AbortEpoch,
+    CapacityProfile,
+    CommitEpoch,
+    DecisionRecorded,
+    EmbeddingReady,
+    EmbedRequest,
+    EpochReady,
+    EpochRejected,
+    GenerateRequest,
+    Message,
+    NodeStatus,
+    Plan,
+    PrepareEpoch,
+    ProfileEvent,
+    RequestFailed,
+    RequestFinished,
+    Telemetry,
+    TokenGenerated,
+)
+from shared.tensor_frame import Frame
+
+ROOT = "edgesplit"
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+_LITERAL = re.compile(r"[A-Za-z0-9_-]+")
+
+P = TypeVar("P")
+
+
+class Overflow(enum.Enum):
+    """What a subscription's bounded queue does when full (each drop is counted and logged)."""
+
+    DROP_OLDEST = "drop_oldest"
+    """State-like topics (telemetry, status): the newest value matters."""
+    DROP_NEWEST = "drop_newest"
+    """Frames and commands: keep what is queued; a drop means flow control failed."""
+
+
+REGISTRY: dict[str, Topic[Any]] = {}
+"""Pattern -> Topic, filled as topics are declared."""
+
+
+@dataclass(frozen=True, eq=False)
+class Topic(Generic[P]):
+    """One topic pattern, e.g. ``Topic("nodes/{node}/status", NodeStatus, qos=1, retain=True)``.
+
+    ``payload`` is a Message class, a tuple of them (several kinds on one topic), or
+    `Frame` for raw tensor frames on the data connection.
+    """
+
+    pattern: str
+    payload: type[P] | tuple[type[Message], ...]
+    qos: Literal[0, 1] = 0
+    retain: bool = False
+    plane: Literal["control", "data"] = "control"
+    queue_size: int = 1000
+    overflow: Overflow = Overflow.DROP_NEWEST
+    params: tuple[str, ...] = field(init=False)
+    kinds: tuple[type[Message], ...] = field(init=False)
+    _levels: tuple[str | None, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        levels: list[str | None] = []
+        for level in self.pattern.split("/"):
+            name = _PARAM.fullmatch(level)
+            if name is None and not _LITERAL.fullmatch(level):
+                raise ValueError(f"topic pattern {self.pattern!r}: bad level {level!r}")
+            levels.append(None if name else level)
+        names = tuple(_PARAM.findall(self.pattern))
+        payloads = self.payload if isinstance(self.payload, tuple) else (self.payload,)
+        if self.qos not in (0, 1):
+            raise ValueError(f"topic {self.pattern!r}: QoS must be 0 or 1, never 2")
+        if len(set(names)) != len(names) or "cluster" in names:
+            raise ValueError(f"topic {self.pattern!r}: parameter names must be unique")
+        if (self.plane == "data") != (payloads == (Frame,)):
+            raise ValueError(f"topic {self.pattern!r}: frames travel on data topics only")
+        object.__setattr__(self, "params", names)
+        object.__setattr__(self, "kinds", () if self.plane == "data" else payloads)
+        object.__setattr__(self, "_levels", tuple(levels))
+        _register(self)
+
+    def topic(self, cluster: str, **params: str) -> str:
+        """The concrete topic string; every parameter is required and validated (InvalidId)."""
+        if set(params) != set(self.params):
+            raise InvalidId(f"topic {self.pattern!r} needs {self.params}, got {tuple(params)}")
+        return self._render(cluster, params)
+
+    def filter(self, cluster: str, **params: str) -> str:
+        """A subscription filter: parameters not given become ``+``."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise InvalidId(f"topic {self.pattern!r} has no parameter(s) {sorted(unknown)}")
+        return self._render(cluster, params)
+
+    def _render(self, cluster: str, params: dict[str, str]) -> str:
+        values = iter(self.params)
+        parts = [ROOT, validate_id(cluster, "cluster id")]
+        for level in self._levels:
+            if level is not None:
+                parts.append(level)
+                continue
+            name = next(values)
+            parts.append(validate_id(params[name], name) if name in params else "+")
+        return "/".join(parts)
+
+    def parse(self, topic: str) -> tuple[str, dict[str, str]] | None:
+        """(cluster, parameters) of a concrete topic of this pattern, or None."""
+        parts = topic.split("/")
+        if len(parts) != len(self._levels) + 2 or parts[0] != ROOT:
+            return None
+        params: dict[str, str] = {}
+        names = iter(self.params)
+        for level, value in zip(self._levels, parts[2:], strict=True):
+            if level is None:
+                params[next(names)] = value
+            elif level != value:
+                return None
+        return parts[1], params
+
+    def __repr__(self) -> str:
+        return f"Topic({self.pattern!r})"
+
+
+def _register(topic: Topic[Any]) -> None:
+    for other in REGISTRY.values():
+        if len(other._levels) == len(topic._levels) and all(
+            a is None or b is None or a == b
+            for a, b in zip(other._levels, topic._levels, strict=True)
+        ):
+            raise ValueError(f"topic {topic.pattern!r} overlaps {other.pattern!r}")
+    REGISTRY[topic.pattern] = topic
+
+
+def match(topic: str) -> tuple[Topic[Any], str, dict[str, str]] | None:
+    """The registered Topic of a received topic string, with its cluster and parameters."""
+    for candidate in REGISTRY.values():
+        parsed = candidate.parse(topic)
+        if parsed is not None:
+            return candidate, parsed[0], parsed[1]
+    return None
+
+
+# --- the registry ---------------------------------------------------------------------------
+# nodes
+NODE_STATUS = Topic("nodes/{node}/status", NodeStatus, qos=1, retain=True,
+                    overflow=Overflow.DROP_OLDEST)  # fmt: skip
+TELEMETRY = Topic(
+    "nodes/{node}/telemetry", Telemetry, queue_size=256, overflow=Overflow.DROP_OLDEST
+)
+# plans and the epoch protocol (broadcaster -> workers -> broadcaster)
+PLAN = Topic("plan/current", Plan, qos=1, retain=True, overflow=Overflow.DROP_OLDEST)
+EPOCH_COMMANDS: Topic[PrepareEpoch | CommitEpoch | AbortEpoch] = Topic(
+    "epoch/commands", (PrepareEpoch, CommitEpoch, AbortEpoch), qos=1
+)
+EPOCH_ACKS: Topic[EpochReady | EpochRejected] = Topic(
+    "epoch/acks/{node}", (EpochReady, EpochRejected), qos=1
+)
+# requests to an entry node and replies to a client
+REQUESTS: Topic[GenerateRequest | EmbedRequest] = Topic(
+    "nodes/{node}/requests", (GenerateRequest, EmbedRequest), qos=1
+)
+REPLIES: Topic[TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed] = Topic(
+    "clients/{client}/replies", (TokenGenerated, RequestFinished, EmbeddingReady, RequestFailed),
+    qos=1, queue_size=10_000,
+)  # fmt: skip
+# monitor and orchestrator
+CAPACITY = Topic("monitor/capacity", CapacityProfile, qos=1, retain=True,
+                 overflow=Overflow.DROP_OLDEST)  # fmt: skip
+PROFILE_EVENTS = Topic("monitor/events", ProfileEvent, qos=1)
+DECISIONS = Topic("orchestrator/decisions", DecisionRecorded, qos=1, retain=True)
+# data plane: activation frames into a node (QoS 0; the entry node's replay recovers losses)
+ACTIVATIONS = Topic("nodes/{node}/activations", Frame, plane="data", queue_size=1024)

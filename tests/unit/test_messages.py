@@ -1,0 +1,172 @@
+"""Message models: one hand-built instance per kind, strictness, validators, plan signing."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from shared import codec, topics
+from shared.messages import (
+    MESSAGE_KINDS,
+    AbortEpoch,
+    Candidate,
+    CapacityProfile,
+    CommitEpoch,
+    DecisionRecorded,
+    EmbeddingReady,
+    EmbedRequest,
+    EpochReady,
+    EpochRejected,
+    GenerateRequest,
+    LinkCapacity,
+    Message,
+    NodeCapacity,
+    NodeStatus,
+    Plan,
+    PrepareEpoch,
+    ProfileEvent,
+    RequestFailed,
+    RequestFinished,
+    Segment,
+    Telemetry,
+    TokenGenerated,
+)
+
+PLAN = Plan(
+    epoch=3,
+    model_id="smollm2-135m",
+    entry_node="car-1",
+    segments=(Segment(node="car-1", start=0, end=4), Segment(node="rsu-1", start=4, end=30)),
+).sign("edgesplit-dev-key")
+
+EXAMPLES: list[Message] = [
+    NodeStatus(
+        node="w1",
+        state="online",
+        trust=2,
+        memory_bytes=2 * 10**8,
+        threads=1,
+        capabilities=("llama", "bert"),
+    ),  # fmt: skip
+    Telemetry(
+        node="w1",
+        window_s=1.0,
+        cpu_utilisation=0.4,
+        memory_used_bytes=10**8,
+        requests_in_flight=2,
+        ms_per_layer=2.1,
+        link_rtt_ms={"w2": 0.8},
+        epoch=3,
+    ),  # fmt: skip
+    PLAN,
+    PrepareEpoch(epoch=4, plan=PLAN.model_copy(update={"epoch": 4}).sign("k")),
+    EpochReady(epoch=4, node="w1"),
+    EpochRejected(epoch=4, node="w2", reason="not enough memory for layers 4-30"),
+    CommitEpoch(epoch=4),
+    AbortEpoch(epoch=4, reason="w2 rejected"),
+    GenerateRequest(
+        request_id="r1",
+        reply_to="cli-1",
+        prompt="The capital of France is",
+        max_new_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        seed=42,
+        timeout_s=30.0,
+    ),  # fmt: skip
+    EmbedRequest(request_id="r2", reply_to="cli-1", text="hello"),
+    TokenGenerated(request_id="r1", index=0, token_id=7042, text=" Paris"),
+    RequestFinished(
+        request_id="r1",
+        token_ids=(7042, 30),
+        text=" Paris.",
+        finish_reason="eos",
+        ttft_s=0.35,
+        tpot_s=0.07,
+    ),  # fmt: skip
+    EmbeddingReady(request_id="r2", embedding=(0.1, -0.2, 0.3), elapsed_s=0.03),
+    RequestFailed(request_id="r3", error="busy", message="8 requests in flight; retry later"),
+    CapacityProfile(
+        as_of_s=1.7e9,
+        nodes=(
+            NodeCapacity(
+                node="w1",
+                alive=True,
+                trust=2,
+                memory_free_bytes=10**8,
+                flops_per_s=2e9,
+                utilisation=0.1,
+            ),
+        ),  # fmt: skip
+        links=(LinkCapacity(src="w1", dst="w2", bandwidth_bytes_per_s=1.25e6, latency_s=0.004),),
+    ),
+    ProfileEvent(event="node_lost", node="w2", detail="Last Will", emergency=True),
+    DecisionRecorded(
+        decision_id=1,
+        trigger="node_lost w2",
+        action="resplit",
+        candidates=(Candidate(summary="w1[0,30)", predicted_latency_s=0.09),),
+        predicted_gain_s=0.01,
+        from_epoch=3,
+        to_epoch=4,
+    ),  # fmt: skip
+]
+
+
+def test_every_kind_has_a_hand_built_example() -> None:
+    assert {type(example).kind for example in EXAMPLES} == set(MESSAGE_KINDS)
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.kind)
+def test_hand_built_examples_round_trip(message: Message) -> None:
+    decoded = codec.decode(codec.encode(message, origin="svc-1", seq=5)).message
+    assert decoded == message and type(decoded) is type(message)
+
+
+def test_every_kind_travels_on_some_topic() -> None:
+    carried = {kind for topic in topics.REGISTRY.values() for kind in topic.kinds}
+    assert carried == set(MESSAGE_KINDS.values())
+
+
+def test_messages_are_frozen_strict_and_closed() -> None:
+    status = EXAMPLES[0]
+    with pytest.raises(pydantic.ValidationError):
+        status.trust = 3  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        CommitEpoch(epoch="4")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError):
+        CommitEpoch(epoch=4, note="x")  # type: ignore[call-arg]
+    with pytest.raises(pydantic.ValidationError):
+        EmbeddingReady(request_id="r", embedding=(float("nan"),), elapsed_s=0.0)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Segment(node="w1", start=4, end=4),
+        lambda: Segment(node="w/1", start=0, end=1),
+        lambda: GenerateRequest(request_id="r", reply_to="c"),
+        lambda: GenerateRequest(request_id="r", reply_to="c", prompt="a", token_ids=(1,)),
+        lambda: GenerateRequest(request_id="r", reply_to="c+", prompt="a"),
+        lambda: GenerateRequest(request_id="r", reply_to="c", prompt="a", top_p=0.0),
+        lambda: Plan(epoch=1, model_id="m", entry_node="w1", segments=()),
+        lambda: NodeStatus(node="w1", state="online", trust=-1, memory_bytes=0, threads=1),
+        lambda: RequestFailed(request_id="r", error="oops", message="x"),
+    ],
+)
+def test_validators_reject_bad_values(build: object) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        build()  # type: ignore[operator]
+
+
+def test_plan_signature_covers_every_field() -> None:
+    assert PLAN.signature_ok("edgesplit-dev-key")
+    assert not PLAN.signature_ok("another-key")
+    moved = PLAN.model_copy(update={"entry_node": "rsu-1"})
+    assert not moved.signature_ok("edgesplit-dev-key")
+    assert not PLAN.model_copy(update={"signature": ""}).signature_ok("edgesplit-dev-key")
+
+
+def test_declaring_a_kind_twice_fails() -> None:
+    with pytest.raises(TypeError, match="declared twice"):
+        type("CommitEpoch", (Message,), {"__annotations__": {"epoch": int}})
