@@ -20,10 +20,12 @@ import numpy as np
 from shared.broker import start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
+from shared.ids import request_id
 from shared.messages import TokenGenerated
 from shared.tensor_frame import FrameHeader
 from shared.topics import ACTIVATIONS, REPLIES
 
+BENCH_REQUEST = request_id("bench")
 SIZES_BYTES = {"64 B": 64, "2.3 KB": 2304, "300 KB": 294_912, "1 MB": 1 << 20}
 
 
@@ -38,7 +40,7 @@ async def frame_round_trips(bus: Bus, size_bytes: int, samples: int) -> list[flo
     times: list[float] = []
     async with bus.subscribe(ACTIVATIONS, node="bench") as frames:
         for seq in range(samples + 10):  # 10 warm-up rounds
-            header = FrameHeader(request_id="bench", step=seq, epoch=0, seq=seq)
+            header = FrameHeader(request_id=BENCH_REQUEST, step=seq, epoch=0, seq=seq)
             start = time.perf_counter()
             await bus.publish_frame(ACTIVATIONS, header, tensor, node="bench")
             delivery = await frames.get()
@@ -54,7 +56,7 @@ async def control_round_trips(bus: Bus, samples: int) -> list[float]:
     times: list[float] = []
     async with bus.subscribe(REPLIES, client="bench") as replies:
         for index in range(samples + 10):
-            token = TokenGenerated(request_id="bench", index=index, token_id=42, text=" x")
+            token = TokenGenerated(request_id=BENCH_REQUEST, index=index, token_id=42, text=" x")
             start = time.perf_counter()
             await bus.publish(REPLIES, token, client="bench")
             await replies.get()

@@ -324,13 +324,13 @@ class Bus:
                     await connection.connected.wait()
         except TimeoutError:
             reason = self._connections["control"].last_error
-            await self._shutdown(None, None, None)
+            await self._shutdown()
             raise BrokerUnavailable(
                 f"no MQTT broker answered at {self.url} within {timeout_s} s ({reason}); "
                 "check broker_url and that the broker runs"
             ) from None
-        except BaseException as error:
-            await self._shutdown(type(error), error, error.__traceback__)
+        except BaseException:
+            await self._shutdown()
             raise
         return self
 
@@ -343,9 +343,9 @@ class Bus:
                 except BusError as error:
                     log.warning("could not publish the offline status: %s", error)
         finally:
-            await self._shutdown(exc_type, exc, tb)
+            await self._shutdown()
 
-    async def _shutdown(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def _shutdown(self) -> None:
         self._closing = True
         for subscriptions in list(self._subscriptions.values()):
             for subscription in list(subscriptions):
@@ -354,7 +354,9 @@ class Bus:
         try:
             await self._cancel_tasks()
         finally:
-            await self._task_group.__aexit__(exc_type, exc, tb)
+            # Not the caller's exception: the TaskGroup would wrap it in an ExceptionGroup.
+            # Only a failure of our own tasks (a bug) comes out as one.
+            await self._task_group.__aexit__(None, None, None)
 
     async def _cancel_tasks(self) -> None:
         """Cancel our tasks until they end: asyncio.wait_for in Python 3.11 (used inside
@@ -392,6 +394,19 @@ class Bus:
         name = topic.topic(self.cluster, **params)
         payload = encode_frame(header, tensor)
         await self._connections["data"].publish(name, payload, topic.qos, topic.retain)
+
+    async def publish_raw_frame(self, topic: Topic[Frame], payload: bytes, **params: str) -> None:
+        """Publish an already encoded frame (see `encode_frame`) on a data topic."""
+        if topic.plane != "data":
+            raise WireError(f"{topic.pattern} is not a data topic")
+        name = topic.topic(self.cluster, **params)
+        await self._connections["data"].publish(name, payload, topic.qos, topic.retain)
+
+    def set_birth(self, announcement: Announcement[Any]) -> None:
+        """Replace the birth message republished after every reconnect (e.g. a new status)."""
+        if not announcement.topic.retain:
+            raise WireError(f"birth topic {announcement.topic.pattern} must be retained")
+        self._birth = announcement
 
     async def _announce(self, announcement: Announcement[Any]) -> None:
         await self.publish(announcement.topic, announcement.message, **announcement.params)

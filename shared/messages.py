@@ -52,6 +52,20 @@ class _Part(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=False)
 
 
+class Segment(_Part):
+    """Layers [start, end) of the model, run on ``node``."""
+
+    node: NodeIdField
+    start: NonNegativeInt
+    end: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> Segment:
+        if self.end <= self.start:
+            raise ValueError(f"segment [{self.start}, {self.end}) on {self.node} is empty")
+        return self
+
+
 # --- nodes ------------------------------------------------------------------------------
 
 
@@ -67,6 +81,12 @@ class NodeStatus(Message):
     device: ShortText = "cpu"
     capabilities: tuple[ShortText, ...] = Field(default=(), max_length=64)
     """Architectures the node can run, e.g. ("llama", "bert")."""
+    epoch: Epoch | None = None
+    """The plan epoch the node serves (None before its first plan)."""
+    segments: tuple[Segment, ...] = Field(default=(), max_length=64)
+    """Blocks the node holds in that epoch."""
+    entry: bool = False
+    """True when the node is that epoch's entry."""
 
 
 class Telemetry(Message):
@@ -86,20 +106,6 @@ class Telemetry(Message):
 
 
 # --- plans and epochs ---------------------------------------------------------------------
-
-
-class Segment(_Part):
-    """Layers [start, end) of the model, run on ``node``."""
-
-    node: NodeIdField
-    start: NonNegativeInt
-    end: NonNegativeInt
-
-    @model_validator(mode="after")
-    def _non_empty(self) -> Segment:
-        if self.end <= self.start:
-            raise ValueError(f"segment [{self.start}, {self.end}) on {self.node} is empty")
-        return self
 
 
 class Plan(Message):

@@ -110,7 +110,7 @@ def encode_frame(header: FrameHeader, tensor: Any) -> bytes:
     padding = b"\0" * (-start % ALIGN_BYTES)
     if start + len(padding) + array.nbytes > MAX_FRAME_BYTES:
         raise TensorFrameError(f"frame of {array.nbytes} tensor bytes is over {MAX_FRAME_BYTES}")
-    body = memoryview(array).cast("B") if array.size else b""
+    body = array.data.cast("B") if array.size else b""
     return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, padding, body))
 
 

@@ -271,3 +271,26 @@ def test_full_queue_drops_oldest_for_state_topics_and_newest_for_frames(cluster:
         assert bus.counters[f"overflow:{TELEMETRY.pattern}"] == 3
 
     run(main)
+
+
+def test_errors_and_cancellation_pass_through_unchanged(broker: LocalBroker, cluster: str) -> None:
+    async def main() -> None:
+        settings = settings_for(broker.url, cluster)
+        with pytest.raises(KeyError):
+            async with Bus(settings):
+                raise KeyError("from the service")
+        started = asyncio.Event()
+
+        async def serve() -> None:
+            async with Bus(settings) as bus, bus.subscribe(TELEMETRY) as telemetry:
+                started.set()
+                async for _ in telemetry:
+                    pass
+
+        async with asyncio.TaskGroup() as group:
+            service = group.create_task(serve())
+            await started.wait()
+            service.cancel()
+        assert service.cancelled()
+
+    run(main)
