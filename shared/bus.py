@@ -529,7 +529,7 @@ class Bus:
             address.port,
             username=address.username,
             password=address.password,
-            identifier=f"{self.origin}-{plane}",
+            identifier=f"{self.cluster}-{self.origin}-{plane}",
             protocol=version,
             will=will,
             keepalive=settings.keepalive_s,

@@ -89,6 +89,36 @@ class NodeStatus(Message):
     """True when the node is that epoch's entry."""
 
 
+class BlockTimes(_Part):
+    """Measured compute time of one block on a node (smoothed; emulated slowdown included)."""
+
+    decode_s_per_block: NonNegativeFloat | None = None
+    """One decode step (one token) through one block, seconds."""
+    prefill_s_per_block_token: NonNegativeFloat | None = None
+    """A prefill through one block, seconds per prompt token."""
+    decode_samples: NonNegativeInt = 0
+    prefill_samples: NonNegativeInt = 0
+    """Real forwards measured in the window (0: the values come from earlier windows or the benchmark)."""
+    source: Literal["benchmark", "forwards"] = "benchmark"
+
+
+class LinkObservation(_Part):
+    """One node's measurements of its link to ``peer`` over one telemetry window."""
+
+    peer: NodeIdField
+    rtt_s: NonNegativeFloat | None = None
+    """Median round trip of small probes (this node -> peer -> this node), seconds."""
+    bandwidth_bytes_per_s: NonNegativeFloat | None = None
+    """Outbound (this node -> peer) bandwidth from the dispersion of a sized probe pair."""
+    probes_sent: NonNegativeInt = 0
+    probes_lost: NonNegativeInt = 0
+    probe_bytes: NonNegativeInt = 0
+    """Bytes of probe frames this node sent to ``peer`` in the window (echoes included)."""
+    inbound_bandwidth_bytes_per_s: NonNegativeFloat | None = None
+    """Passive estimate of peer -> this node from timed activation frames."""
+    inbound_samples: NonNegativeInt = 0
+
+
 class Telemetry(Message):
     """A node's periodic load report (QoS 0; the newest one wins)."""
 
@@ -103,6 +133,18 @@ class Telemetry(Message):
     bytes_sent: NonNegativeInt = 0
     bytes_received: NonNegativeInt = 0
     epoch: Epoch | None = None
+    # Monitoring (docs/MONITOR.md); optional so that older senders still validate.
+    memory_available_bytes: NonNegativeInt | None = None
+    """What the OS could still give (MemAvailable), bytes."""
+    compute_busy: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Fraction of the window the compute thread was busy (emulated slowdown included)."""
+    queue_depth: NonNegativeInt = 0
+    """Compute jobs waiting for the compute thread at the end of the window."""
+    kv_cache_bytes: NonNegativeInt = 0
+    segments_held: NonNegativeInt = 0
+    blocks_held: NonNegativeInt = 0
+    block_times: BlockTimes | None = None
+    links: tuple[LinkObservation, ...] = Field(default=(), max_length=1024)
 
 
 # --- plans and epochs ---------------------------------------------------------------------
@@ -256,6 +298,25 @@ class NodeCapacity(_Part):
     memory_free_bytes: NonNegativeInt
     flops_per_s: NonNegativeFloat
     utilisation: Annotated[float, Field(ge=0, le=1)]
+    # Measured by the monitor (docs/MONITOR.md).
+    health: Literal["up", "down", "overloaded"] = "up"
+    down_reason: ShortText = ""
+    memory_bytes: NonNegativeInt = 0
+    """The node's memory budget for blocks (its status)."""
+    memory_used_bytes: NonNegativeInt = 0
+    memory_available_bytes: NonNegativeInt | None = None
+    cpu_utilisation: Annotated[float, Field(ge=0, le=1)] = 0.0
+    queue_depth: NonNegativeFloat = 0.0
+    requests_in_flight: NonNegativeInt = 0
+    kv_cache_bytes: NonNegativeInt = 0
+    segments_held: NonNegativeInt = 0
+    decode_s_per_block: NonNegativeFloat | None = None
+    prefill_s_per_block_token: NonNegativeFloat | None = None
+    compute_source: Literal["none", "benchmark", "forwards"] = "none"
+    layer_s_per_token: tuple[NonNegativeFloat, ...] = Field(default=(), max_length=4096)
+    """Predicted prefill seconds per token of each manifest block on this node."""
+    last_seen_s: NonNegativeFloat = 0.0
+    """Unix time of the node's newest telemetry or status."""
 
 
 class LinkCapacity(_Part):
@@ -263,6 +324,25 @@ class LinkCapacity(_Part):
     dst: NodeIdField
     bandwidth_bytes_per_s: NonNegativeFloat
     latency_s: NonNegativeFloat
+    # Measured by the monitor (docs/MONITOR.md); latency_s is rtt_s / 2.
+    rtt_s: NonNegativeFloat | None = None
+    loss: Annotated[float, Field(ge=0, le=1)] = 0.0
+    health: Literal["ok", "degraded", "unknown"] = "unknown"
+    degraded: tuple[ShortText, ...] = Field(default=(), max_length=8)
+    """The metrics that are degraded ("bandwidth", "rtt", "loss")."""
+    bandwidth_source: Literal["probe", "passive", "none"] = "none"
+    passive_bandwidth_bytes_per_s: NonNegativeFloat | None = None
+    probe_bytes_per_s: NonNegativeFloat = 0.0
+
+
+class LayerCost(_Part):
+    """One block's per-token costs from the shard manifest."""
+
+    index: NonNegativeInt
+    flops_per_token: NonNegativeFloat
+    activation_bytes_per_token: NonNegativeInt
+    kv_bytes_per_token: NonNegativeInt
+    weight_bytes: NonNegativeInt
 
 
 class CapacityProfile(Message):
@@ -272,6 +352,10 @@ class CapacityProfile(Message):
     """Unix time of the newest observation included."""
     nodes: tuple[NodeCapacity, ...] = Field(max_length=1024)
     links: tuple[LinkCapacity, ...] = Field(default=(), max_length=4096)
+    model_id: ShortText = ""
+    layers: tuple[LayerCost, ...] = Field(default=(), max_length=4096)
+    heartbeat_timeout_s: NonNegativeFloat = 0.0
+    """A node without telemetry for this long is down."""
 
 
 class ProfileEvent(Message):
@@ -282,6 +366,110 @@ class ProfileEvent(Message):
     detail: ShortText = ""
     emergency: bool = False
     """True skips hysteresis (a node was lost)."""
+
+
+class Evidence(_Part):
+    """Why the monitor raised an event: a metric's value before and after, over a window."""
+
+    metric: ShortText
+    old_value: float | None = None
+    new_value: float | None = None
+    threshold: float | None = None
+    window_s: NonNegativeFloat = 0.0
+    """How long the condition held before the event (persistence), seconds."""
+    samples: NonNegativeInt = 0
+
+
+class NodeJoined(Message):
+    """Event: a node is up (first seen, or back after NodeDown)."""
+
+    node: NodeIdField
+    at_s: NonNegativeFloat
+    reason: Literal["status", "telemetry"]
+    evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+
+
+class NodeDown(Message):
+    """Event: a node is gone (Last Will / offline status, or missed heartbeats)."""
+
+    node: NodeIdField
+    at_s: NonNegativeFloat
+    reason: Literal["offline", "heartbeat_timeout"]
+    evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+    emergency: bool = True
+    """Skip hysteresis: re-plan around the node now."""
+
+
+class NodeOverloaded(Message):
+    """Event: a node's load stayed above its threshold for the persistence window."""
+
+    node: NodeIdField
+    at_s: NonNegativeFloat
+    evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+
+
+class NodeOverloadCleared(Message):
+    """Event: an overloaded node's load stayed below the release threshold."""
+
+    node: NodeIdField
+    at_s: NonNegativeFloat
+    evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+
+
+class LinkDegraded(Message):
+    """Event: a link's bandwidth, round trip or loss moved past its threshold and stayed."""
+
+    src: NodeIdField
+    dst: NodeIdField
+    at_s: NonNegativeFloat
+    metric: Literal["bandwidth", "rtt", "loss"]
+    evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+
+
+class LinkRecovered(Message):
+    """Event: a degraded link's metric came back near its baseline and stayed."""
+
+    src: NodeIdField
+    dst: NodeIdField
+    at_s: NonNegativeFloat
+    metric: Literal["bandwidth", "rtt", "loss"]
+    evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+
+
+# --- run-time emulation ---------------------------------------------------------------------
+
+
+class EmulatedLink(_Part):
+    """Egress shaping toward ``dst``: bandwidth (None: unshaped) and added one-way latency."""
+
+    dst: NodeIdField
+    bandwidth_bytes_per_s: Annotated[float, Field(gt=0)] | None = None
+    latency_s: Annotated[float, Field(ge=0, le=60)] = 0.0
+
+
+class EmulationCommand(Message):
+    """Command to a worker: change its emulated compute speed and link shaping now.
+
+    Fields left None keep their current value; ``links`` replaces the shape of each
+    named destination (``reset_links`` first clears every shape). This is emulation.
+    """
+
+    command_id: NonNegativeInt
+    slowdown: Annotated[float, Field(ge=1, le=1000)] | None = None
+    links: tuple[EmulatedLink, ...] = Field(default=(), max_length=1024)
+    reset_links: bool = False
+    noise: Annotated[float, Field(ge=0, le=0.5)] | None = None
+    """Random +-fraction applied to every shaped link and to the slowdown (re-drawn often)."""
+
+
+class EmulationApplied(Message):
+    """Event (retained): the emulation a worker applies now, after ``command_id``."""
+
+    node: NodeIdField
+    command_id: NonNegativeInt
+    slowdown: Annotated[float, Field(ge=1)]
+    links: tuple[EmulatedLink, ...] = Field(default=(), max_length=1024)
+    noise: Annotated[float, Field(ge=0, le=0.5)] = 0.0
 
 
 class Candidate(_Part):
@@ -303,3 +491,88 @@ class DecisionRecorded(Message):
     from_epoch: Epoch | None = None
     to_epoch: Epoch | None = None
     realised_gain_s: float | None = None
+
+
+# --- split reviser ------------------------------------------------------------------------
+
+
+class PlanWeights(_Part):
+    """Weights of the planner's richer objective terms (docs/PLANNER.md; all 0: latency)."""
+
+    balance: NonNegativeFloat = 0.0
+    privacy_s: NonNegativeFloat = 0.0
+    migration: NonNegativeFloat = 0.0
+    """Per-token seconds charged per second of one-off migration (1 / payback tokens)."""
+    bottleneck_tolerance: NonNegativeFloat = 0.0
+
+
+class PlanRequested(Message):
+    """Command to the split reviser: plan ``model_id`` on the nodes and links of ``profile``.
+
+    The answer (`PlanProposed`, same ``request_id``) goes to the reviser-replies topic of
+    ``reply_to`` (a client or service id, never a raw topic string).
+    """
+
+    request_id: RequestIdField
+    reply_to: TopicId
+    model_id: ShortText
+    source: NodeIdField
+    """The entry node: it holds the embedding and head and receives the output."""
+    profile: CapacityProfile
+    private_blocks: Annotated[int, Field(ge=0, le=65_536)] = 0
+    """Blocks [0, k) (and the embedding and head) need trust >= trusted_level."""
+    trusted_level: Annotated[int, Field(ge=0, le=1_000)] = 0
+    objective: Literal["latency", "throughput"] = "latency"
+    weights: PlanWeights = PlanWeights()
+    current_segments: tuple[Segment, ...] = Field(default=(), max_length=1024)
+    """The running plan (empty: nothing loaded); migration costs are counted from it."""
+    alternatives: Annotated[int, Field(ge=0, le=16)] = 0
+    context_tokens: Annotated[int, Field(ge=0, le=2**24)] = 0
+    """KV-cache tokens per request the memory constraint reserves."""
+    concurrent_requests: Annotated[int, Field(ge=1, le=65_536)] = 1
+    method: Literal["auto", "exact", "fast"] = "auto"
+    time_limit_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """The solver's budget for choosing its method (the reviser's own deadline applies too)."""
+
+
+class PlanOption(_Part):
+    """One plan and its predicted costs (seconds per token, migration one-off)."""
+
+    segments: tuple[Segment, ...] = Field(min_length=1, max_length=1024)
+    latency_s: NonNegativeFloat
+    bottleneck_s: NonNegativeFloat
+    migration_cost_s: NonNegativeFloat
+    """One-off seconds to move from the request's current plan to this one."""
+    weighted_cost_s: NonNegativeFloat
+    """Latency plus the weighted extra terms: what the solver minimised."""
+
+
+class PlanProposed(Message):
+    """Event: the split reviser's answer to a `PlanRequested`.
+
+    ``feasible`` with ``best`` and up to ``alternatives`` next-best distinct plans in
+    objective order; otherwise ``reason`` says why, and ``error`` is set when the request
+    itself could not be planned (invalid, timed out, failed) rather than having no plan.
+    """
+
+    request_id: RequestIdField
+    feasible: bool
+    reason: ShortText = ""
+    error: Literal["invalid_request", "timeout", "internal"] | None = None
+    objective: Literal["latency", "throughput"] = "latency"
+    best: PlanOption | None = None
+    alternatives: tuple[PlanOption, ...] = Field(default=(), max_length=16)
+    method: Literal["exact", "fast"] | None = None
+    optimal: bool = False
+    """True when ``best`` is proven optimal."""
+    solve_s: NonNegativeFloat = 0.0
+    profile_as_of_s: NonNegativeFloat = 0.0
+    """``as_of_s`` of the profile the plan was computed from."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanProposed:
+        if self.feasible != (self.best is not None):
+            raise ValueError("a feasible answer has a best plan, an infeasible one has none")
+        if self.error is not None and self.feasible:
+            raise ValueError(f"an answer with error {self.error!r} cannot be feasible")
+        return self

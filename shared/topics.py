@@ -26,12 +26,22 @@ from shared.messages import (
     DecisionRecorded,
     EmbeddingReady,
     EmbedRequest,
+    EmulationApplied,
+    EmulationCommand,
     EpochReady,
     EpochRejected,
     GenerateRequest,
+    LinkDegraded,
+    LinkRecovered,
     Message,
+    NodeDown,
+    NodeJoined,
+    NodeOverloadCleared,
+    NodeOverloaded,
     NodeStatus,
     Plan,
+    PlanProposed,
+    PlanRequested,
     PrepareEpoch,
     ProfileEvent,
     RequestFailed,
@@ -187,7 +197,22 @@ REPLIES: Topic[TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
 # monitor and orchestrator
 CAPACITY = Topic("monitor/capacity", CapacityProfile, qos=1, retain=True,
                  overflow=Overflow.DROP_OLDEST)  # fmt: skip
-PROFILE_EVENTS = Topic("monitor/events", ProfileEvent, qos=1)
+PROFILE_EVENTS: Topic[
+    NodeJoined | NodeDown | NodeOverloaded | NodeOverloadCleared | LinkDegraded | LinkRecovered
+    | ProfileEvent
+] = Topic(
+    "monitor/events",
+    (NodeJoined, NodeDown, NodeOverloaded, NodeOverloadCleared, LinkDegraded, LinkRecovered,
+     ProfileEvent),
+    qos=1,
+)  # fmt: skip
+# run-time emulation of a node's compute speed and egress links (docs/MONITOR.md)
+EMULATION = Topic("nodes/{node}/emulation", EmulationCommand, qos=1)
+EMULATION_STATE = Topic("nodes/{node}/emulation_state", EmulationApplied, qos=1, retain=True,
+                        overflow=Overflow.DROP_OLDEST)  # fmt: skip
 DECISIONS = Topic("orchestrator/decisions", DecisionRecorded, qos=1, retain=True)
+# split reviser: plan requests in, proposals out to the requester's reply topic
+REVISER_REQUESTS = Topic("reviser/requests", PlanRequested, qos=1, queue_size=64)
+REVISER_REPLIES = Topic("reviser/replies/{client}", PlanProposed, qos=1)
 # data plane: activation frames into a node (QoS 0; the entry node's replay recovers losses)
 ACTIVATIONS = Topic("nodes/{node}/activations", Frame, plane="data", queue_size=1024)

@@ -112,7 +112,9 @@ class WorkerService:
             async for _, plan in plans:
                 try:
                     await self._apply_plan(bus, plan)
-                except EdgesplitError as error:
+                except Exception as error:  # noqa: BLE001 - a bad plan never stops the node
+                    if not isinstance(error, EdgesplitError):
+                        log.exception("%s: plan epoch %d failed", self.node, plan.epoch)
                     self.counters["plans_refused"] += 1
                     log.warning("%s: refused plan epoch %d: %s", self.node, plan.epoch, error)
                     await bus.publish(
@@ -189,6 +191,9 @@ class WorkerService:
                 except EdgesplitError as error:
                     self.counters["frames_failed"] += 1
                     log.warning("%s: frame of %s dropped: %s", self.node, frame.header.request_id, error)
+                except Exception:  # one bad frame must never stop the node
+                    self.counters["frames_failed"] += 1
+                    log.exception("%s: frame of %s failed", self.node, frame.header.request_id)
 
     async def _on_frame(self, frame: Frame) -> None:
         header, route = frame.header, self.route
@@ -214,10 +219,20 @@ class WorkerService:
         if self.host is None or target != self.host.start:
             raise _Refused(f"frame for block {target}, but this node runs {self.route and self.route.segment_of(self.node)}")
         position = header.extra.get("pos", 0)
+        self._check_activation(frame.array, position)
         hidden = await self.compute.run(self.host.forward, header.request_id, frame.array, position, self.slowdown)
         if self.host.end == route.num_layers and header.extra.get("last_only") is True:
             hidden = hidden[-1:]
         await self._send(route, header, hidden, self.host.end)
+
+    def _check_activation(self, array: np.ndarray, position: object) -> None:
+        """Refuse a frame whose tensor is not [T, hidden] float32 or whose position is bad."""
+        assert self.store is not None
+        hidden = self.store.config.hidden_size
+        if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != hidden or not array.shape[0]:
+            raise _Refused(f"activation must be float32 [T, {hidden}], got {array.dtype}{list(array.shape)}")
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise _Refused(f"frame position {position!r} is not a non-negative integer")
 
     async def _send(self, route: Route, header: FrameHeader, array: np.ndarray, target: int) -> None:
         extra = {**header.extra, "target": target}
@@ -281,7 +296,10 @@ class WorkerService:
     async def _serve_requests(self, bus: Bus) -> None:
         async with bus.subscribe(REQUESTS, node=self.node) as requests:
             async for _, request in requests:
-                await self._on_request(request)
+                try:
+                    await self._on_request(request)
+                except Exception:  # one bad request must never stop the node
+                    log.exception("%s: request %s not handled", self.node, request.request_id)
 
     async def _on_request(self, request: GenerateRequest | EmbedRequest) -> None:
         entry, route = self.entry, self.route

@@ -23,6 +23,10 @@ from shared.messages import (
     NodeCapacity,
     NodeStatus,
     Plan,
+    PlanOption,
+    PlanProposed,
+    PlanRequested,
+    PlanWeights,
     PrepareEpoch,
     ProfileEvent,
     RequestFailed,
@@ -38,6 +42,9 @@ PLAN = Plan(
     entry_node="car-1",
     segments=(Segment(node="car-1", start=0, end=4), Segment(node="rsu-1", start=4, end=30)),
 ).sign("edgesplit-dev-key")
+
+EXAMPLES_BEST = PlanOption(segments=(Segment(node="w1", start=0, end=30),), latency_s=0.09,
+                           bottleneck_s=0.09, migration_cost_s=0.0, weighted_cost_s=0.09)  # fmt: skip
 
 EXAMPLES: list[Message] = [
     NodeStatus(
@@ -110,6 +117,38 @@ EXAMPLES: list[Message] = [
         from_epoch=3,
         to_epoch=4,
     ),  # fmt: skip
+    PlanRequested(
+        request_id="p1",
+        reply_to="orchestrator",
+        model_id="smollm2",
+        source="w1",
+        profile=CapacityProfile(
+            as_of_s=1.7e9,
+            nodes=(
+                NodeCapacity(node="w1", alive=True, trust=2, memory_free_bytes=10**8,
+                             flops_per_s=2e9, utilisation=0.1),
+            ),
+        ),  # fmt: skip
+        private_blocks=2,
+        trusted_level=2,
+        objective="throughput",
+        weights=PlanWeights(balance=0.5, migration=0.001),
+        current_segments=(Segment(node="w1", start=0, end=30),),
+        alternatives=3,
+        context_tokens=512,
+    ),  # fmt: skip
+    PlanProposed(
+        request_id="p1",
+        feasible=True,
+        objective="throughput",
+        best=EXAMPLES_BEST,
+        method="exact",
+        optimal=True,
+        solve_s=0.004,
+        profile_as_of_s=1.7e9,
+    ),  # fmt: skip
+    PlanProposed(request_id="p2", feasible=False, reason="source: 'w9' is down",
+                 error="invalid_request"),  # fmt: skip
 ]
 
 
@@ -152,6 +191,11 @@ def test_messages_are_frozen_strict_and_closed() -> None:
         lambda: Plan(epoch=1, model_id="m", entry_node="w1", segments=()),
         lambda: NodeStatus(node="w1", state="online", trust=-1, memory_bytes=0, threads=1),
         lambda: RequestFailed(request_id="r", error="oops", message="x"),
+        lambda: PlanProposed(request_id="p", feasible=True),
+        lambda: PlanProposed(request_id="p", feasible=False, error="timeout",
+                             best=EXAMPLES_BEST),  # fmt: skip
+        lambda: PlanRequested(request_id="p", reply_to="c", model_id="m", source="w1",
+                              profile=CapacityProfile(as_of_s=0.0, nodes=()), alternatives=17),  # fmt: skip
     ],
 )
 def test_validators_reject_bad_values(build: object) -> None:

@@ -1,0 +1,95 @@
+"""Test helper: real worker processes on a real broker, with a signed static plan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.bus import Bus
+from shared.config import BusSettings
+from shared.messages import EpochReady, EpochRejected, Plan, Segment
+from shared.topics import EPOCH_ACKS, PLAN
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings_for(broker_url: str, cluster: str, **extra: object) -> BusSettings:
+    return BusSettings(broker_url=broker_url, cluster=cluster, **extra)  # type: ignore[arg-type]
+
+
+def make_plan(epoch: int, entry: str, segments: Sequence[tuple[str, int, int]], key: str,
+              model_id: str = "test") -> Plan:  # fmt: skip
+    return Plan(
+        epoch=epoch, model_id=model_id, entry_node=entry,  # type: ignore[arg-type]
+        segments=tuple(Segment(node=n, start=s, end=e) for n, s, e in segments),  # type: ignore[arg-type]
+    ).sign(key)
+
+
+@dataclass
+class WorkerCluster:
+    """Worker processes started with `python -m services.worker`; stop() kills them all."""
+
+    broker_url: str
+    cluster: str
+    shards: Path
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, node: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_dir / f"{node}.log", "ab")  # noqa: SIM115 - handed to the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(self.shards),
+             "--broker", self.broker_url, "--cluster", self.cluster, "--threads", "1", *args],
+            stdout=log, stderr=log, cwd=ROOT, env=env, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self.processes[node] = process
+        return process
+
+    def log_tail(self, node: str, lines: int = 20) -> str:
+        text = (self.log_dir / f"{node}.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def signal(self, node: str, sig: int) -> None:
+        self.processes[node].send_signal(sig)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+async def publish_plan(settings: BusSettings, plan: Plan, timeout_s: float = 60.0) -> set[str]:
+    """Publish ``plan`` retained and wait until every node in it acknowledges READY.
+
+    Returns the nodes that rejected it (empty when all are ready).
+    """
+    waiting = {plan.entry_node, *(segment.node for segment in plan.segments)}
+    rejected: set[str] = set()
+    async with Bus(settings) as bus, bus.subscribe(EPOCH_ACKS) as acks:
+        await bus.publish(PLAN, plan)
+        async with asyncio.timeout(timeout_s):
+            while waiting:
+                _, ack = await acks.get()
+                if ack.epoch != plan.epoch:
+                    continue
+                waiting.discard(ack.node)
+                if isinstance(ack, EpochRejected):
+                    rejected.add(ack.node)
+                assert isinstance(ack, EpochReady | EpochRejected)
+    return rejected
