@@ -31,6 +31,8 @@ def register(subparsers: Any) -> None:
         description="Generate text, greedily unless --temperature is given.",
     )
     prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("text", nargs="?", default=None, metavar="PROMPT",
+                        help="prompt text (same as --prompt)")  # fmt: skip
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     generate.add_argument(
@@ -76,6 +78,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `generate`."""
+    if args.text is not None:
+        args.prompt = args.text
     if not args.local:
         return _remote("_generate_remote")(args)
     pipeline = _local_pipeline(args)

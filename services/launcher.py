@@ -80,14 +80,19 @@ class Stack:
 
     broker: LocalBroker | None = None
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    """Control-plane services (the split reviser), by name."""
     logs: dict[str, Path] = field(default_factory=dict)
 
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {**self.workers, **self.services}
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        for process in self.workers.values():
+        for process in self.processes().values():
             if process.poll() is None:
                 process.terminate()
         deadline = time.monotonic() + timeout_s
-        for process in self.workers.values():
+        for process in self.processes().values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             if process.poll() is None:
@@ -96,7 +101,7 @@ class Stack:
             self.broker.stop()
 
     def dead_worker(self) -> str | None:
-        for node, process in self.workers.items():
+        for node, process in self.processes().items():
             if process.poll() is not None:
                 return node
         return None
@@ -107,6 +112,13 @@ def start_worker(node: str, settings: BusSettings, shards: Path, topology_file: 
     command = [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(shards),
                "--topology", str(topology_file), "--broker", settings.broker_url,
                "--cluster", settings.cluster]  # fmt: skip
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+
+
+def start_split_reviser(settings: BusSettings, shards: Path, log_file: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "services.split_reviser", "--shards", str(shards),
+               "--broker", settings.broker_url, "--cluster", settings.cluster]  # fmt: skip
     with open(log_file, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
 
@@ -180,6 +192,8 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                 stack.workers[node.id] = start_worker(node.id, settings, shards, topology_path,
                                                       stack.logs[node.id])  # fmt: skip
             say(f"started {len(stack.workers)} workers ({', '.join(stack.workers)}); logs in {run_dir}")
+            stack.logs["split-reviser"] = run_dir / "split-reviser.log"
+            stack.services["split-reviser"] = start_split_reviser(settings, shards, stack.logs["split-reviser"])
             await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
             layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
             print(f"edgesplit ready: model {model_dir.name} on {len(plan.segments)} nodes, "

@@ -52,6 +52,10 @@ def settings_from(args: Any) -> WorkerSettings:
                 for (src, dst), link in topology.directed_links().items()
                 if src == args.node_id
             },
+            # the node pairs that may exchange activations: the ones to probe
+            "probe_peers": tuple(
+                sorted({dst for src, dst in topology.directed_links() if src == args.node_id})
+            ) if topology.links else None,
         }
     links = None
     if args.links is not None:

@@ -34,13 +34,39 @@ class ComputeThread:
         self._threads = threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
                                             initializer=self._init_thread)
+        self.pending = 0
+        """Jobs submitted and not finished (the one running included); event loop only."""
+        self._busy_s = 0.0
+        self._running_since: float | None = None
+        self._busy_lock = threading.Lock()
 
     def _init_thread(self) -> None:
         torch.set_num_threads(self._threads)
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, *args)
+        self.pending += 1
+        try:
+            return await loop.run_in_executor(self._executor, self._timed, function, *args)
+        finally:
+            self.pending -= 1
+
+    def _timed(self, function: Callable[..., T], *args: object) -> T:
+        began = time.perf_counter()
+        with self._busy_lock:
+            self._running_since = began
+        try:
+            return function(*args)
+        finally:
+            with self._busy_lock:
+                self._busy_s += time.perf_counter() - began
+                self._running_since = None
+
+    def busy_s(self) -> float:
+        """Seconds the compute thread has spent in jobs so far (the running one included)."""
+        with self._busy_lock:
+            running = self._running_since
+            return self._busy_s + (time.perf_counter() - running if running is not None else 0.0)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -79,6 +105,8 @@ class SegmentHost:
         self.start, self.end = start, end
         self._caches: dict[str, _CacheEntry] = {}
         self._lock = threading.Lock()
+        self.on_forward: Callable[[int, int, float], None] | None = None
+        """Called after each forward with (tokens, blocks, seconds incl. slowdown); telemetry."""
 
     def forward(
         self, request_id: str, hidden: np.ndarray, start_position: int, slowdown: Slowdown
@@ -97,6 +125,8 @@ class SegmentHost:
             entry.cache.truncate(start_position)  # a replayed step: drop what follows it
         output = self.runtime.forward(to_torch(hidden), entry.cache, start_position)
         slowdown.apply(time.perf_counter() - began)
+        if self.on_forward is not None:
+            self.on_forward(int(hidden.shape[0]), self.end - self.start, time.perf_counter() - began)
         return output.numpy()
 
     def release(self, request_id: str) -> None:

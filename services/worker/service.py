@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from itertools import count
 
 import numpy as np
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
+from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
+from services.worker.probes import LinkProber, is_probe
 from services.worker.routing import Route, route_of
 from services.worker.settings import WorkerSettings
-from services.worker.shaper import EgressShaper, LinkShape
+from services.worker.shaper import EgressShaper
+from services.worker.telemetry import TelemetryReporter
 from shared.bus import Announcement, Bus
 from shared.errors import EdgesplitError, StageTimedOut
 from shared.messages import (
@@ -51,8 +55,10 @@ class WorkerService:
         self.compute = ComputeThread(settings.threads)
         self.slowdown = Slowdown(settings.slowdown)
         self.shaper = EgressShaper(self._publish_frame)
-        for destination, (bandwidth, latency_s) in settings.link_shapes.items():
-            self.shaper.schedule.set_shape(destination, LinkShape(bandwidth, latency_s))
+        self.emulation = Emulation(self.node, self.slowdown, self.shaper.schedule)
+        self.emulation.apply(initial_command(settings))  # the same path as run-time commands
+        self.prober = LinkProber(self.node, settings, self.shaper.send)
+        self.telemetry = TelemetryReporter(self)
         self.store: ShardStore | None = None
         self.route: Route | None = None
         self.host: SegmentHost | None = None
@@ -96,6 +102,9 @@ class WorkerService:
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
                     task_group.create_task(self._sweep_caches(), name="sweep")
+                    task_group.create_task(self.telemetry.run(bus), name="telemetry")
+                    task_group.create_task(self.prober.run(bus), name="probes")
+                    task_group.create_task(self.emulation.run(bus), name="emulation")
         finally:
             self.compute.close()
 
@@ -146,6 +155,8 @@ class WorkerService:
         elif route.entry != self.node:
             entry = None
         self.route, self.host, self.entry = route, host, entry
+        if host is not None:
+            host.on_forward = self.telemetry.timer.record
         await self._announce()
         await bus.publish(EPOCH_ACKS, EpochReady(epoch=plan.epoch, node=self.node), node=self.node)  # type: ignore[arg-type]
         self.ready.set()
@@ -197,6 +208,8 @@ class WorkerService:
 
     async def _on_frame(self, frame: Frame) -> None:
         header, route = frame.header, self.route
+        if is_probe(frame):
+            return  # the prober has its own subscription
         if route is None or header.epoch != route.epoch:
             self.counters["frames_fenced"] += 1
             return
@@ -235,7 +248,7 @@ class WorkerService:
             raise _Refused(f"frame position {position!r} is not a non-negative integer")
 
     async def _send(self, route: Route, header: FrameHeader, array: np.ndarray, target: int) -> None:
-        extra = {**header.extra, "target": target}
+        extra = {**header.extra, "target": target, "src": self.node, "sent_at": time.time()}
         out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
                           seq=next(self._seq), extra=extra)  # fmt: skip
         destination = route.node_for(target)

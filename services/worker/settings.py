@@ -29,3 +29,17 @@ class WorkerSettings(BusSettings):
     stage_timeout_s: float = Field(default=30.0, gt=0, description="entry: wait for a pipeline pass")
     kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
     max_prompt_tokens: int = Field(default=8192, ge=1)
+    # monitoring and emulation (docs/MONITOR.md)
+    telemetry_period_s: float = Field(default=1.0, gt=0, description="telemetry (heartbeat) period")
+    benchmark: bool = Field(default=True, description="time one block at start-up")
+    probe_period_s: float = Field(default=1.0, ge=0, description="link probe rounds per peer (0: off)")
+    probe_budget_fraction: float = Field(default=0.02, gt=0, le=0.05,
+                                         description="share of a link's time probes may use")
+    probe_burst_s: float = Field(default=0.1, gt=0, description="link-seconds of probe credit at most")
+    probe_dispersion_s: float = Field(default=0.02, gt=0, description="link time a sized probe targets")
+    probe_min_bytes: int = Field(default=4096, ge=256)
+    probe_max_bytes: int = Field(default=131072, ge=256, le=4 * 1024 * 1024)
+    probe_timeout_s: float = Field(default=3.0, gt=0, description="an echo later than this is lost")
+    probe_peers: tuple[str, ...] | None = Field(
+        default=None, description="nodes to probe (None: every online node; a topology: its links)"
+    )

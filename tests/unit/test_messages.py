@@ -9,18 +9,31 @@ from shared import codec, topics
 from shared.messages import (
     MESSAGE_KINDS,
     AbortEpoch,
+    BlockTimes,
     Candidate,
     CapacityProfile,
     CommitEpoch,
     DecisionRecorded,
     EmbeddingReady,
     EmbedRequest,
+    EmulatedLink,
+    EmulationApplied,
+    EmulationCommand,
     EpochReady,
     EpochRejected,
+    Evidence,
     GenerateRequest,
+    LayerCost,
     LinkCapacity,
+    LinkDegraded,
+    LinkObservation,
+    LinkRecovered,
     Message,
     NodeCapacity,
+    NodeDown,
+    NodeJoined,
+    NodeOverloadCleared,
+    NodeOverloaded,
     NodeStatus,
     Plan,
     PlanOption,
@@ -149,6 +162,46 @@ EXAMPLES: list[Message] = [
     ),  # fmt: skip
     PlanProposed(request_id="p2", feasible=False, reason="source: 'w9' is down",
                  error="invalid_request"),  # fmt: skip
+    # monitoring (services/monitor, services/worker/telemetry.py, probes.py, emulation.py)
+    Telemetry(
+        node="w2", window_s=1.0, cpu_utilisation=0.3, memory_used_bytes=3 * 10**8,
+        requests_in_flight=1, memory_available_bytes=10**9, compute_busy=0.5, queue_depth=2,
+        kv_cache_bytes=65536, segments_held=1, blocks_held=4,
+        block_times=BlockTimes(decode_s_per_block=0.002, prefill_s_per_block_token=0.0004,
+                               decode_samples=12, source="forwards"),
+        links=(LinkObservation(peer="w1", rtt_s=0.051, bandwidth_bytes_per_s=1.01e6,
+                               probes_sent=2, probe_bytes=20_700,
+                               inbound_bandwidth_bytes_per_s=9.5e5, inbound_samples=6),),
+    ),  # fmt: skip
+    CapacityProfile(
+        as_of_s=1.7e9, model_id="tiny-llama", heartbeat_timeout_s=3.0,
+        nodes=(NodeCapacity(node="w2", alive=False, trust=0, memory_free_bytes=0, flops_per_s=0.0,
+                            utilisation=0.0, health="down", down_reason="heartbeat_timeout",
+                            decode_s_per_block=0.002, compute_source="benchmark",
+                            layer_s_per_token=(0.0004, 0.0004), last_seen_s=1.7e9 - 4),),
+        links=(LinkCapacity(src="w1", dst="w2", bandwidth_bytes_per_s=1e6, latency_s=0.025,
+                            rtt_s=0.05, loss=0.0, health="degraded", degraded=("bandwidth",),
+                            bandwidth_source="probe", probe_bytes_per_s=20_000.0),),
+        layers=(LayerCost(index=0, flops_per_token=2.7e5, activation_bytes_per_token=256,
+                          kv_bytes_per_token=128, weight_bytes=540_000),),
+    ),  # fmt: skip
+    NodeJoined(node="w1", at_s=1.7e9, reason="status"),
+    NodeDown(node="w2", at_s=1.7e9, reason="heartbeat_timeout",
+             evidence=(Evidence(metric="heartbeat_age_s", old_value=1.0, new_value=3.2,
+                                threshold=3.0, window_s=3.2),)),  # fmt: skip
+    NodeOverloaded(node="w2", at_s=1.7e9,
+                   evidence=(Evidence(metric="compute_busy", old_value=0.2, new_value=0.97,
+                                      threshold=0.9, window_s=3.0, samples=3),)),  # fmt: skip
+    NodeOverloadCleared(node="w2", at_s=1.7e9 + 9, evidence=(Evidence(metric="compute_busy"),)),
+    LinkDegraded(src="w1", dst="w2", at_s=1.7e9, metric="bandwidth",
+                 evidence=(Evidence(metric="bandwidth_bytes_per_s", old_value=4e6, new_value=1e6,
+                                    threshold=2.8e6, window_s=3.0, samples=3),)),  # fmt: skip
+    LinkRecovered(src="w1", dst="w2", at_s=1.7e9 + 20, metric="rtt"),
+    EmulationCommand(command_id=7, slowdown=4.0, reset_links=True, noise=0.1,
+                     links=(EmulatedLink(dst="w2", bandwidth_bytes_per_s=1e6, latency_s=0.05),
+                            EmulatedLink(dst="w3"))),  # fmt: skip
+    EmulationApplied(node="w1", command_id=7, slowdown=4.0,
+                     links=(EmulatedLink(dst="w2", bandwidth_bytes_per_s=1e6, latency_s=0.05),)),
 ]
 
 

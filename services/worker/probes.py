@@ -1,0 +1,302 @@
+"""Link profiling: active probe pairs through the broker, and passive timing of activations.
+
+Active: every ``probe_period_s`` (jittered +-30 %) a worker sends each peer a small probe
+frame and, right behind it, a sized one, both through its EgressShaper on the data
+connection, so the emulated link is what gets measured. The peer echoes each with a
+header-only frame through its own shaper. The small probe's round trip is the RTT; the
+gap between the two echoes is the time the sized probe occupied the link (packet-pair
+dispersion), so bandwidth = sized frame bytes / gap, from the sender's clock alone.
+An echo missing after ``probe_timeout_s`` counts as lost.
+
+Budget: probing a link costs link time. Each peer has a credit of link-seconds that
+refills at ``probe_budget_fraction`` per second (capped at ``probe_burst_s``); a round
+starts only when the credit covers its expected occupancy, and is charged what it
+actually occupied. Over any minute probes thus use at most budget_fraction of the link
+plus one burst. The sized probe targets ``probe_dispersion_s`` of link time at the
+current estimate, between ``probe_min_bytes`` and ``probe_max_bytes``.
+
+Passive: every activation frame carries its sender (``src``) and send time (``sent_at``,
+Unix seconds) in its header; the receiver estimates the inbound bandwidth from how the
+one-way delay grows with frame size (the clock offset cancels in the difference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import count
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from shared.errors import EdgesplitError
+from shared.messages import LinkObservation
+from shared.tensor_frame import Frame, FrameHeader, encode_frame
+from shared.topics import ACTIVATIONS, NODE_STATUS
+
+if TYPE_CHECKING:
+    from services.worker.settings import WorkerSettings
+    from shared.bus import Bus
+
+log = logging.getLogger(__name__)
+
+PROBE_KEY = "probe"
+"""Frame header ``extra`` key marking probe frames ("ping" or "echo")."""
+_SMALL_BYTES = 64
+_PASSIVE_WINDOW_S = 30.0
+_MIN_GAP_S = 50e-6
+_RESOLUTION_S = 1e-3
+"""Gaps shorter than this are event-loop jitter: such links are 'at least L / 1 ms' fast."""
+
+
+def is_probe(frame: Frame) -> bool:
+    """True for probe frames (the worker's activation handler ignores them)."""
+    return PROBE_KEY in frame.header.extra
+
+
+@dataclass
+class _Peer:
+    """Probe bookkeeping for one destination."""
+
+    next_round_s: float
+    credit_s: float  # link-seconds this peer's probes may still use
+    refilled_s: float
+    bandwidth: float | None = None  # newest estimate, bytes/s (sizes the next probe)
+    rtts: list[float] = field(default_factory=list)
+    bandwidths: list[float] = field(default_factory=list)
+    sent: int = 0
+    lost: int = 0
+    probe_bytes: int = 0
+    # probe id -> (sent at, kind "small"/"large", frame bytes, round id)
+    outstanding: dict[int, tuple[float, str, int, int]] = field(default_factory=dict)
+    echoes: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)
+    """round -> kind -> (echo arrival, probe frame bytes)"""
+    passive: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=64))
+
+
+class LinkProber:
+    """Probes the links to every peer and echoes the peers' probes.
+
+    ``send(destination, frame_bytes)`` is the worker's shaper. ``peers`` limits probing
+    to those nodes (None: every node whose retained status is online).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        settings: WorkerSettings,
+        send: Callable[[str, bytes], Awaitable[None]],
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node, self.settings, self._send, self._clock = node, settings, send, clock
+        self._rng = rng or random.Random()
+        self._allowed = set(settings.probe_peers) if settings.probe_peers is not None else None
+        self._online: set[str] = set()
+        self._peers: dict[str, _Peer] = {}
+        self._ids = count(1)
+        self._rounds = count(1)
+        self.counters: dict[str, int] = {"echoed": 0, "bad_probes": 0}
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, bus: Bus) -> None:
+        """Watch peers, receive probes/echoes/activations, and probe, until cancelled."""
+        if self.settings.probe_period_s <= 0:
+            return
+        async with asyncio.TaskGroup() as task_group:
+            task_group.create_task(self._watch_peers(bus), name="probe-peers")
+            task_group.create_task(self._receive(bus), name="probe-receive")
+            task_group.create_task(self._probe_loop(), name="probe-send")
+
+    async def _watch_peers(self, bus: Bus) -> None:
+        async with bus.subscribe(NODE_STATUS) as statuses:
+            async for params, status in statuses:
+                node = params.get("node", "")
+                if node == self.node or status.node != node:
+                    continue
+                (self._online.add if status.state == "online" else self._online.discard)(node)
+
+    async def _receive(self, bus: Bus) -> None:
+        # A subscription of our own: arrival times are not delayed by the worker's compute.
+        async with bus.subscribe(ACTIVATIONS, node=self.node) as frames:
+            async for _, frame in frames:
+                try:
+                    await self.on_frame(frame, self._clock(), time.time())
+                except EdgesplitError as error:
+                    log.info("%s: probe echo not sent: %s", self.node, error)
+
+    async def _probe_loop(self) -> None:
+        tick_s = min(0.1, self.settings.probe_period_s / 4)
+        while True:
+            now_s = self._clock()
+            for name in sorted(self._targets()):
+                peer = self._peer(name, now_s)
+                self._expire(peer, now_s)
+                if now_s >= peer.next_round_s:
+                    try:
+                        await self._start_round(name, peer, now_s)
+                    except EdgesplitError as error:
+                        log.info("%s: probe to %s not sent: %s", self.node, name, error)
+            await asyncio.sleep(tick_s)
+
+    def _targets(self) -> set[str]:
+        return self._online if self._allowed is None else self._online & self._allowed
+
+    def _peer(self, name: str, now_s: float) -> _Peer:
+        peer = self._peers.get(name)
+        if peer is None:
+            first_s = now_s + self._rng.uniform(0, self.settings.probe_period_s)
+            peer = self._peers[name] = _Peer(first_s, self.settings.probe_burst_s, now_s)
+        return peer
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def probe_size(self, peer: _Peer) -> int:
+        """Tensor bytes of the sized probe: probe_dispersion_s of link time at the estimate."""
+        settings = self.settings
+        if peer.bandwidth is None:
+            return settings.probe_min_bytes
+        wanted = int(peer.bandwidth * settings.probe_dispersion_s)
+        return max(settings.probe_min_bytes, min(settings.probe_max_bytes, wanted))
+
+    async def _start_round(self, name: str, peer: _Peer, now_s: float) -> None:
+        settings = self.settings
+        size = self.probe_size(peer)
+        self._refill(peer, now_s)
+        if peer.bandwidth is not None:
+            if peer.credit_s < (size + _SMALL_BYTES) / peer.bandwidth:
+                peer.next_round_s = now_s + settings.probe_period_s / 4  # wait for credit
+                return
+        round_id = next(self._rounds)
+        small = self._frame("ping", next(self._ids), _SMALL_BYTES)
+        large = self._frame("ping", next(self._ids), size)
+        for (probe_id, payload), kind in ((small, "small"), (large, "large")):
+            peer.outstanding[probe_id] = (self._clock(), kind, len(payload), round_id)
+            peer.sent += 1
+            peer.probe_bytes += len(payload)
+            await self._send(name, payload)  # shaped links queue at once: the pair stays tight
+        jitter = self._rng.uniform(0.7, 1.3)
+        peer.next_round_s = now_s + settings.probe_period_s * jitter
+
+    def _frame(self, kind: str, probe_id: int, size: int, src: str | None = None) -> tuple[int, bytes]:
+        header = FrameHeader(request_id="probe", step=0, epoch=0, seq=probe_id,
+                             extra={PROBE_KEY: kind, "src": src or self.node, "id": probe_id})  # fmt: skip
+        return probe_id, encode_frame(header, np.zeros(size, np.uint8))
+
+    def _expire(self, peer: _Peer, now_s: float) -> None:
+        timeout_s = self.settings.probe_timeout_s
+        for probe_id, (sent_s, _, _, round_id) in list(peer.outstanding.items()):
+            if now_s - sent_s > timeout_s:
+                del peer.outstanding[probe_id]
+                peer.echoes.pop(round_id, None)
+                peer.lost += 1
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def on_frame(self, frame: Frame, now_s: float, wall_s: float) -> None:
+        """Echo a ping, account an echo, or take a passive sample of an activation."""
+        extra = frame.header.extra
+        kind, src = extra.get(PROBE_KEY), extra.get("src")
+        if not isinstance(src, str) or src == self.node:
+            return
+        if kind is None:
+            sent_at = extra.get("sent_at")
+            if isinstance(sent_at, float) and self._allowed_peer(src):
+                peer = self._peer(src, now_s)
+                peer.passive.append((now_s, int(frame.array.nbytes),
+                                     wall_s - sent_at))  # fmt: skip
+            return
+        probe_id = extra.get("id")
+        if not isinstance(probe_id, int) or isinstance(probe_id, bool):
+            self.counters["bad_probes"] += 1
+            return
+        if kind == "ping":
+            _, echo = self._frame("echo", probe_id, 0)
+            self.counters["echoed"] += 1
+            peer = self._peers.get(src)
+            if peer is not None:
+                peer.probe_bytes += len(echo)
+            await self._send(src, echo)
+        elif kind == "echo" and src in self._peers:
+            self._on_echo(self._peers[src], probe_id, now_s)
+
+    def _allowed_peer(self, name: str) -> bool:
+        return self._allowed is None or name in self._allowed
+
+    def _on_echo(self, peer: _Peer, probe_id: int, now_s: float) -> None:
+        found = peer.outstanding.pop(probe_id, None)
+        if found is None:
+            return  # late (already counted lost) or not ours
+        sent_s, kind, nbytes, round_id = found
+        if kind == "small":
+            peer.rtts.append(now_s - sent_s)
+        arrivals = peer.echoes.setdefault(round_id, {})
+        arrivals[kind] = (now_s, nbytes)
+        if "small" in arrivals and "large" in arrivals:
+            del peer.echoes[round_id]
+            (small_s, _), (large_s, large_bytes) = arrivals["small"], arrivals["large"]
+            gap_s = max(_RESOLUTION_S, large_s - small_s)
+            peer.bandwidth = large_bytes / gap_s
+            peer.bandwidths.append(peer.bandwidth)
+            self._refill(peer, now_s)
+            peer.credit_s -= gap_s
+            if peer.credit_s < 0:  # over budget (the link slowed): wait until it is paid back
+                payback_s = -peer.credit_s / self.settings.probe_budget_fraction
+                peer.next_round_s = max(peer.next_round_s, now_s + payback_s)
+
+    def _refill(self, peer: _Peer, now_s: float) -> None:
+        settings = self.settings
+        earned_s = (now_s - peer.refilled_s) * settings.probe_budget_fraction
+        peer.credit_s = min(settings.probe_burst_s, peer.credit_s + earned_s)
+        peer.refilled_s = now_s
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def window(self) -> tuple[LinkObservation, ...]:
+        """Observations per peer since the previous window (resets the window)."""
+        now_s = self._clock()
+        observations = []
+        for name in sorted(self._peers):
+            peer = self._peers[name]
+            inbound, samples = passive_bandwidth(peer.passive, now_s - _PASSIVE_WINDOW_S)
+            observations.append(LinkObservation(
+                peer=name,  # type: ignore[arg-type]
+                rtt_s=statistics.median(peer.rtts) if peer.rtts else None,
+                bandwidth_bytes_per_s=statistics.median(peer.bandwidths) if peer.bandwidths else None,
+                probes_sent=peer.sent, probes_lost=peer.lost, probe_bytes=peer.probe_bytes,
+                inbound_bandwidth_bytes_per_s=inbound, inbound_samples=samples,
+            ))  # fmt: skip
+            peer.rtts, peer.bandwidths = [], []
+            peer.sent = peer.lost = peer.probe_bytes = 0
+        return tuple(observations)
+
+
+def passive_bandwidth(
+    samples: deque[tuple[float, int, float]], since_s: float
+) -> tuple[float | None, int]:
+    """Inbound bandwidth from (arrival, bytes, one-way delay) samples newer than ``since_s``.
+
+    The smallest frames give the delay floor (latency + clock offset); each clearly
+    larger frame gives (extra bytes) / (extra delay); the median of those is the
+    estimate. None without at least two small and two large frames (4x the size).
+    """
+    recent = [(nbytes, delay) for at_s, nbytes, delay in samples if at_s >= since_s]
+    if len(recent) < 4:
+        return None, len(recent)
+    sizes = sorted(nbytes for nbytes, _ in recent)
+    small_limit = sizes[len(sizes) // 4]
+    small = [(b, d) for b, d in recent if b <= small_limit]
+    large = [(b, d) for b, d in recent if b >= 4 * max(1, small_limit)]
+    if len(small) < 2 or len(large) < 2:
+        return None, len(recent)
+    floor_bytes = statistics.median(b for b, _ in small)
+    floor_delay = min(d for _, d in small)
+    rates = [(b - floor_bytes) / (d - floor_delay) for b, d in large if d - floor_delay > _MIN_GAP_S]
+    return (statistics.median(rates) if rates else None), len(recent)

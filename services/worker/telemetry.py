@@ -1,0 +1,214 @@
+"""Worker telemetry: one `Telemetry` message on the control connection per period.
+
+It reports CPU use, process memory, memory the OS could still give, compute-thread
+busy time and queue depth, requests in flight, KV-cache bytes, the segment held, the
+per-block compute time measured from real forwards (prefill and decode apart, smoothed)
+and the link observations of the prober. A short microbenchmark on the compute thread
+at start-up (one real block of the model) gives a fresh node its numbers before its
+first request. The message doubles as the heartbeat the monitor times out on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shared.errors import EdgesplitError
+from shared.messages import BlockTimes, Telemetry
+from shared.topics import TELEMETRY
+
+if TYPE_CHECKING:
+    from services.worker.service import WorkerService
+    from shared.bus import Bus
+    from shared.model.shard import ShardStore
+
+log = logging.getLogger(__name__)
+
+BENCHMARK_PREFILL_TOKENS = 16
+BENCHMARK_REPEATS = 5
+
+
+@dataclass
+class _Smoothed:
+    """An exponentially weighted moving average (None until the first sample)."""
+
+    alpha: float
+    value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+
+
+class BlockTimer:
+    """Per-block forward times, prefill and decode apart, smoothed. Thread-safe: the
+    compute thread records, the event loop reads a window."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._decode = _Smoothed(alpha)
+        self._prefill = _Smoothed(alpha)
+        self._decode_samples = 0
+        self._prefill_samples = 0
+        self._measured = False
+        self._lock = threading.Lock()
+
+    def record(self, tokens: int, blocks: int, seconds: float) -> None:
+        """One forward of ``tokens`` tokens through ``blocks`` blocks that took ``seconds``."""
+        if tokens <= 0 or blocks <= 0 or seconds < 0:
+            return
+        with self._lock:
+            self._measured = True
+            if tokens == 1:
+                self._decode.add(seconds / blocks)
+                self._decode_samples += 1
+            else:
+                self._prefill.add(seconds / blocks / tokens)
+                self._prefill_samples += 1
+
+    def calibrate(self, decode_s_per_block: float, prefill_s_per_block_token: float) -> None:
+        """Seed the averages from the start-up benchmark (real forwards then take over)."""
+        with self._lock:
+            if self._decode.value is None:
+                self._decode.value = decode_s_per_block
+            if self._prefill.value is None:
+                self._prefill.value = prefill_s_per_block_token
+
+    def window(self) -> BlockTimes | None:
+        """The current values and the forwards measured since the last window."""
+        with self._lock:
+            if self._decode.value is None and self._prefill.value is None:
+                return None
+            times = BlockTimes(
+                decode_s_per_block=self._decode.value,
+                prefill_s_per_block_token=self._prefill.value,
+                decode_samples=self._decode_samples,
+                prefill_samples=self._prefill_samples,
+                source="forwards" if self._measured else "benchmark",
+            )
+            self._decode_samples = self._prefill_samples = 0
+            return times
+
+
+def benchmark_block(store: ShardStore, slowdown_factor: float, device: str = "cpu") -> tuple[float, float]:
+    """Time one real block of the model: (decode s per block, prefill s per block-token).
+
+    Runs on the compute thread (it imports and runs torch). The emulated slowdown is
+    applied by scaling, not by sleeping. Raises what loading the block raises
+    (CheckpointError for a bad shard).
+    """
+    import torch
+
+    from shared.model.runtime import SegmentRuntime
+
+    runtime = SegmentRuntime(store, 0, 1, device=device)
+    hidden_size = runtime.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randn(BENCHMARK_PREFILL_TOKENS, hidden_size, generator=generator) * 0.1
+    step = torch.randn(1, hidden_size, generator=generator) * 0.1
+    prefill, decode = [], []
+    for _ in range(BENCHMARK_REPEATS):
+        cache = runtime.new_cache()
+        began = time.perf_counter()
+        runtime.forward(prompt, cache, 0)
+        prefill.append((time.perf_counter() - began) / BENCHMARK_PREFILL_TOKENS)
+        began = time.perf_counter()
+        runtime.forward(step, cache, BENCHMARK_PREFILL_TOKENS)
+        decode.append(time.perf_counter() - began)
+    return statistics.median(decode) * slowdown_factor, statistics.median(prefill) * slowdown_factor
+
+
+def read_memory() -> tuple[int, int | None]:
+    """(resident bytes of this process, bytes the OS could still give or None)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * page
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return resident, available
+
+
+class TelemetryReporter:
+    """Publishes the worker's telemetry every ``settings.telemetry_period_s`` seconds."""
+
+    def __init__(self, service: WorkerService) -> None:
+        self.service = service
+        self.timer = BlockTimer()
+        self.published = 0
+        self._last_wall_s = time.monotonic()
+        self._last_cpu_s = time.process_time()
+        self._last_busy_s = 0.0
+
+    async def run(self, bus: Bus) -> None:
+        """Calibrate (on the compute thread) and publish until cancelled."""
+        async with asyncio.TaskGroup() as task_group:
+            task_group.create_task(self._calibrate(), name="calibrate")
+            period_s = self.service.settings.telemetry_period_s
+            while True:
+                try:
+                    await bus.publish(TELEMETRY, self.sample(), node=self.service.node)
+                    self.published += 1
+                except EdgesplitError as error:  # the broker is away: the next one retries
+                    log.info("%s: telemetry not published: %s", self.service.node, error)
+                await asyncio.sleep(period_s)
+
+    async def _calibrate(self) -> None:
+        service = self.service
+        if not service.settings.benchmark or service.store is None:
+            return
+        try:
+            decode_s, prefill_s = await service.compute.run(
+                benchmark_block, service.store, service.slowdown.factor, service.settings.device
+            )
+        except Exception as error:  # a node without numbers still serves
+            log.warning("%s: start-up benchmark failed: %s", service.node, error)
+            return
+        self.timer.calibrate(decode_s, prefill_s)
+        log.info("%s: benchmark: decode %.3f ms/block, prefill %.3f ms/block-token",
+                 service.node, decode_s * 1e3, prefill_s * 1e3)  # fmt: skip
+
+    def sample(self) -> Telemetry:
+        """The telemetry of the window since the previous sample (resets the window)."""
+        service = self.service
+        now_s, cpu_s, busy_s = time.monotonic(), time.process_time(), service.compute.busy_s()
+        window_s = max(1e-3, now_s - self._last_wall_s)
+        cpu = (cpu_s - self._last_cpu_s) / window_s / (os.cpu_count() or 1)
+        busy = (busy_s - self._last_busy_s) / window_s
+        self._last_wall_s, self._last_cpu_s, self._last_busy_s = now_s, cpu_s, busy_s
+        resident, available = read_memory()
+        host, entry = service.host, service.entry
+        in_flight = len(entry.journal) if entry is not None else (host.requests() if host else 0)
+        times = self.timer.window()
+        return Telemetry(
+            node=service.node,  # type: ignore[arg-type]
+            window_s=window_s,
+            cpu_utilisation=min(1.0, max(0.0, cpu)),
+            memory_used_bytes=resident,
+            requests_in_flight=in_flight,
+            ms_per_layer=times.decode_s_per_block * 1e3 if times and times.decode_s_per_block else None,
+            epoch=service.route.epoch if service.route else None,
+            memory_available_bytes=available,
+            compute_busy=min(1.0, max(0.0, busy)),
+            queue_depth=max(0, service.compute.pending - 1),
+            kv_cache_bytes=host.kv_bytes() if host else 0,
+            segments_held=1 if host else 0,
+            blocks_held=host.end - host.start if host else 0,
+            block_times=times,
+            links=service.prober.window(),
+        )
