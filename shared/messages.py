@@ -493,6 +493,35 @@ class DecisionRecorded(Message):
     realised_gain_s: float | None = None
 
 
+# --- reconfiguration broadcast -------------------------------------------------------------
+
+
+class RolloutRequested(Message):
+    """Command to the broadcaster: roll ``plan`` out as the next epoch (two-phase).
+
+    The broadcaster assigns the epoch (``plan.epoch`` is ignored) and signs the plan.
+    """
+
+    decision_id: NonNegativeInt
+    plan: Plan
+    reason: ShortText = ""
+    ready_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class RolloutFinished(Message):
+    """Event: how a rollout ended. ``committed`` means every node of the plan was READY
+    and COMMIT was published; ``aborted`` means a NACK or a READY timeout, and every node
+    stays on ``previous_epoch``."""
+
+    decision_id: NonNegativeInt
+    epoch: Epoch
+    previous_epoch: Epoch
+    outcome: Literal["committed", "aborted"]
+    reason: ShortText = ""
+    prepare_s: NonNegativeFloat = 0.0
+    """From PREPARE to the last READY (or to the abort)."""
+
+
 # --- split reviser ------------------------------------------------------------------------
 
 

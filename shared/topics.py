@@ -46,6 +46,8 @@ from shared.messages import (
     ProfileEvent,
     RequestFailed,
     RequestFinished,
+    RolloutFinished,
+    RolloutRequested,
     Telemetry,
     TokenGenerated,
 )
@@ -214,5 +216,8 @@ DECISIONS = Topic("orchestrator/decisions", DecisionRecorded, qos=1, retain=True
 # split reviser: plan requests in, proposals out to the requester's reply topic
 REVISER_REQUESTS = Topic("reviser/requests", PlanRequested, qos=1, queue_size=64)
 REVISER_REPLIES = Topic("reviser/replies/{client}", PlanProposed, qos=1)
+# broadcaster: rollouts in (from the orchestrator), results out
+ROLLOUTS = Topic("broadcaster/rollouts", RolloutRequested, qos=1, queue_size=64)
+ROLLOUT_RESULTS = Topic("broadcaster/results", RolloutFinished, qos=1)
 # data plane: activation frames into a node (QoS 0; the entry node's replay recovers losses)
 ACTIVATIONS = Topic("nodes/{node}/activations", Frame, plane="data", queue_size=1024)

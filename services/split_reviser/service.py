@@ -30,7 +30,7 @@ from services.split_reviser.problem import Segment as ProblemSegment
 from services.split_reviser.solver import PlanResult, solve
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.errors import BusError, EdgesplitError
+from shared.errors import EdgesplitError
 from shared.messages import PlanOption, PlanProposed, PlanRequested, Segment
 from shared.model.shard import ShardManifest, ShardStore
 from shared.topics import REVISER_REPLIES, REVISER_REQUESTS
@@ -90,7 +90,7 @@ class SplitReviserService:
             answer = await self.answer(request)
             self.counters[answer.error or ("feasible" if answer.feasible else "infeasible")] += 1
             await bus.publish(REVISER_REPLIES, answer, client=request.reply_to)
-        except BusError as error:
+        except EdgesplitError as error:  # BusError: broker gone past the publish deadline
             self.counters["unsent"] += 1
             log.warning("answer to plan request %s not sent: %s", request.request_id, error)
         finally:

@@ -161,10 +161,8 @@ def assert_sorted_and_distinct(answer: PlanProposed) -> None:
     assert answer.best is not None
     options = [answer.best, *answer.alternatives]
     assert len(options) == 5 and len({option.segments for option in options}) == 5
-    if answer.objective == "latency":
-        keys = [(o.latency_s,) for o in options]
-    else:
-        keys = [(o.bottleneck_s, o.latency_s) for o in options]
+    keys: list[tuple[float, ...]] = [
+        (o.latency_s,) if answer.objective == "latency" else (o.bottleneck_s, o.latency_s) for o in options]
     assert keys == sorted(keys)
 
 

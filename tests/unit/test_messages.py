@@ -44,6 +44,8 @@ from shared.messages import (
     ProfileEvent,
     RequestFailed,
     RequestFinished,
+    RolloutFinished,
+    RolloutRequested,
     Segment,
     Telemetry,
     TokenGenerated,
@@ -202,6 +204,9 @@ EXAMPLES: list[Message] = [
                             EmulatedLink(dst="w3"))),  # fmt: skip
     EmulationApplied(node="w1", command_id=7, slowdown=4.0,
                      links=(EmulatedLink(dst="w2", bandwidth_bytes_per_s=1e6, latency_s=0.05),)),
+    RolloutRequested(decision_id=3, plan=PLAN, reason="link car->rsu degraded"),
+    RolloutFinished(decision_id=3, epoch=8, previous_epoch=7, outcome="aborted",
+                    reason="rsu: shard sha256 mismatch", prepare_s=0.4),  # fmt: skip
 ]
 
 

@@ -143,7 +143,8 @@ def test_unmeasured_nodes_host_nothing_and_zero_bandwidth_links_are_dropped(mani
 def test_bad_profiles_name_the_field(manifest: ShardManifest, change: dict, message: str) -> None:
     profile = profile_of(block_bytes(manifest))
     if "extra_link" in change:
-        profile = profile.model_copy(update={"links": (*profile.links, link(*change["extra_link"], 1e6, 0.0))})
+        src, dst = change["extra_link"]
+        profile = profile.model_copy(update={"links": (*profile.links, link(src, dst, 1e6, 0.0))})
     if "extra_node" in change:
         profile = profile.model_copy(update={"nodes": (*profile.nodes, capacity(change["extra_node"], 0, 1, 1))})
     with pytest.raises(LiveProfileError, match=message):
@@ -218,7 +219,7 @@ def test_propose_with_weights_counts_migration(manifest: ShardManifest) -> None:
 @pytest.mark.parametrize(("fields", "reason"), [
     ({"model_id": "other"}, "model_id: 'other' is not served"),
     ({"source": "fast"}, "source: 'fast' is down"),
-    ({"method": "exact", "current_segments": (Segment(node="x", start=0, end=1),)}, None),
+    ({"method": "exact", "current_segments": (Segment(node="x", start=0, end=1),)}, None),  # type: ignore[arg-type]
 ])  # fmt: skip
 def test_propose_refuses_what_it_cannot_plan(manifest: ShardManifest, fields: dict, reason: str | None) -> None:
     answer = propose(request(manifest, **fields), manifest)
