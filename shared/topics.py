@@ -29,6 +29,7 @@ from shared.messages import (
     EmulationApplied,
     EmulationCommand,
     EpochReady,
+    EpochLedger,
     EpochRejected,
     GenerateRequest,
     LinkDegraded,
@@ -43,6 +44,7 @@ from shared.messages import (
     PlanProposed,
     PlanRequested,
     PrepareEpoch,
+    PrivacyPolicySet,
     ProfileEvent,
     RequestFailed,
     RequestFinished,
@@ -212,12 +214,18 @@ PROFILE_EVENTS: Topic[
 EMULATION = Topic("nodes/{node}/emulation", EmulationCommand, qos=1)
 EMULATION_STATE = Topic("nodes/{node}/emulation_state", EmulationApplied, qos=1, retain=True,
                         overflow=Overflow.DROP_OLDEST)  # fmt: skip
-DECISIONS = Topic("orchestrator/decisions", DecisionRecorded, qos=1, retain=True)
+# the last DECISION_SLOTS decisions stay retained: slot = decision_id % DECISION_SLOTS
+DECISION_SLOTS = 16
+DECISIONS = Topic("orchestrator/decisions/{slot}", DecisionRecorded, qos=1, retain=True)
+# the privacy policy in force (retained; a change makes the orchestrator re-plan at once)
+POLICY = Topic("policy/privacy", PrivacyPolicySet, qos=1, retain=True, overflow=Overflow.DROP_OLDEST)
 # split reviser: plan requests in, proposals out to the requester's reply topic
 REVISER_REQUESTS = Topic("reviser/requests", PlanRequested, qos=1, queue_size=64)
 REVISER_REPLIES = Topic("reviser/replies/{client}", PlanProposed, qos=1)
 # broadcaster: rollouts in (from the orchestrator), results out
 ROLLOUTS = Topic("broadcaster/rollouts", RolloutRequested, qos=1, queue_size=64)
 ROLLOUT_RESULTS = Topic("broadcaster/results", RolloutFinished, qos=1)
+ROLLOUT_LEDGER = Topic("broadcaster/ledger", EpochLedger, qos=1, retain=True,
+                       overflow=Overflow.DROP_OLDEST)  # fmt: skip
 # data plane: activation frames into a node (QoS 0; the entry node's replay recovers losses)
 ACTIVATIONS = Topic("nodes/{node}/activations", Frame, plane="data", queue_size=1024)

@@ -1,0 +1,1 @@
+"""Reconfiguration Broadcast: two-phase epoch rollouts (PREPARE / READY / COMMIT / ABORT)."""

@@ -427,7 +427,8 @@ class MonitorState:
         if degraded:
             health = "degraded"
         else:
-            health = "ok" if ends_up and (bandwidth is not None or rtt is not None) else "unknown"
+            armed = link.bandwidth.baseline is not None and link.rtt.baseline is not None
+            health = "ok" if ends_up and armed else "unknown"  # ok: baselines to compare with
         return LinkCapacity(
             src=src, dst=dst, bandwidth_bytes_per_s=bandwidth or 0.0,  # type: ignore[arg-type]
             latency_s=rtt / 2 if rtt is not None else 0.0, rtt_s=rtt, loss=min(1.0, loss or 0.0),

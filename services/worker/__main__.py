@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--slowdown", type=float, help="emulated compute slowdown factor (>= 1)")
     parser.add_argument("--links", help='emulated egress as JSON: {"node": [bytes_per_s, latency_s]}')
+    parser.add_argument("--private-blocks", type=int,
+                        help="privacy policy: blocks [0, k) need --trusted-level (refuse plans otherwise)")  # fmt: skip
+    parser.add_argument("--trusted-level", type=int, help="trust the entry and private blocks need")
     parser.add_argument("--max-in-flight", type=int, help="entry: requests admitted at once")
     parser.add_argument("--device", help="torch device (cpu, cuda)")
     add_bus_arguments(parser)
@@ -75,6 +78,8 @@ def settings_from(args: Any) -> WorkerSettings:
         "slowdown": args.slowdown,
         "link_shapes": links,
         "max_in_flight": args.max_in_flight,
+        "private_blocks": args.private_blocks,
+        "trusted_level": args.trusted_level,
         "device": args.device,
     }
     merged = {**from_topology, **{k: v for k, v in cli.items() if v is not None}}

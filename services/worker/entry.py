@@ -34,8 +34,8 @@ from shared.tensor_frame import to_torch
 
 log = logging.getLogger(__name__)
 
-# pass_through(request_id, step, token_ids or hidden, position, last_only) -> final hidden
-PipelinePass = Callable[[str, int, np.ndarray, int, bool], Awaitable[np.ndarray]]
+# pipeline_pass(request_id, step, token_ids, position, last_only) -> (final hidden, epoch used)
+PipelinePass = Callable[[str, int, np.ndarray, int, bool], Awaitable[tuple[np.ndarray, int]]]
 Reply = Callable[[str, Message], Awaitable[None]]
 Compute = Callable[..., Awaitable[object]]
 
@@ -48,6 +48,9 @@ class JournalEntry:
     prompt_ids: list[int]
     generated: list[int] = field(default_factory=list)
     arrived_s: float = field(default_factory=time.perf_counter)
+    kv_epoch: int | None = None
+    """The epoch whose pipeline holds this request's KV caches (None: none yet)."""
+    replays: int = 0
 
 
 class EntryRole:
@@ -62,6 +65,8 @@ class EntryRole:
         reply: Reply,
         max_in_flight: int,
         max_prompt_tokens: int,
+        current_epoch: Callable[[], int | None] = lambda: None,
+        max_replays: int = 3,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -72,6 +77,8 @@ class EntryRole:
         self.max_in_flight = max_in_flight
         self.max_prompt_tokens = max_prompt_tokens
         self.journal: dict[str, JournalEntry] = {}
+        self._current_epoch = current_epoch
+        self.max_replays = max_replays
 
     def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
         """None if the request may start now, else the typed refusal to send back."""
@@ -145,7 +152,7 @@ class EntryRole:
         step_input, position, first_at = entry.prompt_ids, 0, 0.0
         while True:
             step = len(entry.generated)
-            hidden = await self._pass(rid, step, np.asarray(step_input, dtype=np.int64), position, True)
+            hidden = await self._step(entry, step, step_input, position)
             token = int(await self._compute(self._sample, hidden, sampler))  # type: ignore[call-overload]
             entry.generated.append(token)
             if step == 0:
@@ -173,6 +180,28 @@ class EntryRole:
             ),
         )
 
+    async def _step(self, entry: JournalEntry, step: int, step_input: list[int], position: int) -> np.ndarray:
+        """One pass for decode step ``step``. When the plan's epoch changed since the
+        request's KV caches were built (or a pass timed out across a change), replay the
+        journal (prompt + tokens so far) from position 0 through the new pipeline: the
+        caches are rebuilt and the client sees identical tokens."""
+        rid = entry.request.request_id
+        while True:
+            epoch = self._current_epoch()
+            if step > 0 and entry.kv_epoch != epoch:
+                step_input, position = entry.prompt_ids + entry.generated, 0
+                entry.replays += 1
+                log.info("request %s: replaying %d tokens in epoch %s", rid, len(step_input), epoch)
+            try:
+                hidden, entry.kv_epoch = await self._pass(
+                    rid, step, np.asarray(step_input, dtype=np.int64), position, True
+                )
+                return hidden
+            except StageTimedOut:
+                if entry.replays >= self.max_replays or self._current_epoch() == epoch:
+                    raise
+                entry.kv_epoch = None  # the plan moved under this pass: replay on the new one
+
     def _sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
         """Head + sampling on the final hidden state's last row. Compute thread."""
         logits = self.runtime.logits(to_torch(np.ascontiguousarray(hidden[-1:])))
@@ -184,7 +213,7 @@ class EntryRole:
         rid, entry = request.request_id, self.journal[request.request_id]
         entry.prompt_ids = self._prompt_ids(request.text, None)
         check_context(len(entry.prompt_ids), 0 + 1, self.config.max_positions + 1)
-        hidden = await self._pass(rid, 0, np.asarray(entry.prompt_ids, dtype=np.int64), 0, False)
+        hidden, _ = await self._pass(rid, 0, np.asarray(entry.prompt_ids, dtype=np.int64), 0, False)
         pooled = await self._compute(self._pool, hidden, request.normalize)
         await self._reply(
             request.reply_to,

@@ -1,9 +1,10 @@
 """The worker service: one emulated edge node hosting a segment of the model.
 
-It announces itself (retained birth status + Last Will), follows the retained plan,
-loads only its segment's shards (sha256-verified) on its compute thread, runs the
-activation frames addressed to it and forwards them to the next node through the
-emulated egress shaper. The node the plan names as entry also serves requests.
+It announces itself (retained birth status + Last Will), follows the plan protocol
+(PREPARE loads the next epoch's blocks in the background while the current epoch keeps
+serving, COMMIT or the retained plan switches, ABORT drops what was prepared), runs the
+activation frames addressed to it (services/worker/dataplane.py) and, when the plan
+names it entry, serves requests (services/worker/entry.py).
 """
 
 from __future__ import annotations
@@ -12,21 +13,23 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from itertools import count
-
-import numpy as np
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
+from services.worker.dataplane import DataPlane
 from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
-from services.worker.probes import LinkProber, is_probe
+from services.worker.epochs import EpochKeeper, Serving
+from services.worker.probes import LinkProber
 from services.worker.routing import Route, route_of
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
+from services.worker.shard_cache import CachedShards
 from services.worker.telemetry import TelemetryReporter
 from shared.bus import Announcement, Bus
-from shared.errors import EdgesplitError, StageTimedOut
+from shared.errors import EdgesplitError
 from shared.messages import (
+    AbortEpoch,
+    CommitEpoch,
     EmbedRequest,
     EpochReady,
     EpochRejected,
@@ -34,16 +37,28 @@ from shared.messages import (
     Message,
     NodeStatus,
     Plan,
+    PrepareEpoch,
     RequestFailed,
     Segment,
 )
 from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
-from shared.tensor_frame import Frame, FrameHeader, encode_frame
-from shared.topics import ACTIVATIONS, EPOCH_ACKS, NODE_STATUS, PLAN, REPLIES, REQUESTS
+from shared.topics import (
+    ACTIVATIONS,
+    EPOCH_ACKS,
+    EPOCH_COMMANDS,
+    NODE_STATUS,
+    PLAN,
+    REPLIES,
+    REQUESTS,
+)
 
 log = logging.getLogger(__name__)
+
+
+class PlanRefused(EdgesplitError):
+    """A plan this worker will not take (signature, epoch, privacy, coverage)."""
 
 
 class WorkerService:
@@ -59,22 +74,37 @@ class WorkerService:
         self.emulation.apply(initial_command(settings))  # the same path as run-time commands
         self.prober = LinkProber(self.node, settings, self.shaper.send)
         self.telemetry = TelemetryReporter(self)
+        self.keeper = EpochKeeper(drain_s=settings.stage_timeout_s)
         self.store: ShardStore | None = None
-        self.route: Route | None = None
-        self.host: SegmentHost | None = None
-        self.entry: EntryRole | None = None
+        self.shards: CachedShards | None = None
+        self.data: DataPlane | None = None
         self.counters: Counter[str] = Counter()
         self.ready = asyncio.Event()
         """Set once the first plan is loaded and served."""
         self._bus: Bus | None = None
-        self._seq = count()
-        self._pending: dict[tuple[str, int], asyncio.Future[np.ndarray]] = {}
+        self._preparing: set[int] = set()
+        self._answers: dict[int, EpochReady | EpochRejected] = {}
+        self._switch_lock = asyncio.Lock()
         self._task_group: asyncio.TaskGroup | None = None
+
+    # The committed epoch's state, as telemetry and status read it.
+    @property
+    def route(self) -> Route | None:
+        return self.keeper.current.route if self.keeper.current else None
+
+    @property
+    def host(self) -> SegmentHost | None:
+        return self.keeper.current.host if self.keeper.current else None
+
+    @property
+    def entry(self) -> EntryRole | None:
+        return self.keeper.current.entry if self.keeper.current else None
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def status(self, state: str = "online") -> NodeStatus:
-        segment = self.route.segment_of(self.node) if self.route else None
+        route = self.route
+        segment = route.segment_of(self.node) if route else None
         return NodeStatus(
             node=self.node,  # type: ignore[arg-type]
             state=state,  # type: ignore[arg-type]
@@ -83,13 +113,16 @@ class WorkerService:
             threads=self.settings.threads,
             device=self.settings.device,
             capabilities=("gpt2", "llama", "bert"),
-            epoch=self.route.epoch if self.route else None,
+            epoch=route.epoch if route else None,
             segments=(Segment(node=self.node, start=segment[0], end=segment[1]),) if segment else (),  # type: ignore[arg-type]
-            entry=bool(self.route and self.route.entry == self.node),
+            entry=bool(route and route.entry == self.node),
         )
 
     async def run(self) -> None:
         self.store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
+        self.shards = CachedShards(self.store, self.settings.shard_cache_bytes)
+        self.data = DataPlane(self.node, self.store.config.hidden_size, self.keeper, self.compute,
+                              self.slowdown, self.shaper.send, self.settings.stage_timeout_s)  # fmt: skip
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
         will = Announcement(NODE_STATUS, self.status("offline"), {"node": self.node})
         try:
@@ -99,9 +132,10 @@ class WorkerService:
                     self._task_group = task_group
                     task_group.create_task(self.shaper.run(), name="shaper")
                     task_group.create_task(self._follow_plans(bus), name="plans")
+                    task_group.create_task(self._follow_epochs(bus), name="epochs")
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
-                    task_group.create_task(self._sweep_caches(), name="sweep")
+                    task_group.create_task(self._housekeeping(), name="housekeeping")
                     task_group.create_task(self.telemetry.run(bus), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
@@ -114,54 +148,107 @@ class WorkerService:
         self._bus.set_birth(Announcement(NODE_STATUS, status, {"node": self.node}))
         await self._bus.publish(NODE_STATUS, status, node=self.node)
 
-    # --- plans ----------------------------------------------------------------------------
+    # --- plans and epochs -----------------------------------------------------------------
 
     async def _follow_plans(self, bus: Bus) -> None:
+        """The retained plan is the committed record: switch to it (loading if this node
+        missed its PREPARE, e.g. after a restart)."""
         async with bus.subscribe(PLAN) as plans:
             async for _, plan in plans:
                 try:
-                    await self._apply_plan(bus, plan)
+                    await self._commit_plan(plan)
                 except Exception as error:  # noqa: BLE001 - a bad plan never stops the node
-                    if not isinstance(error, EdgesplitError):
-                        log.exception("%s: plan epoch %d failed", self.node, plan.epoch)
-                    self.counters["plans_refused"] += 1
-                    log.warning("%s: refused plan epoch %d: %s", self.node, plan.epoch, error)
-                    await bus.publish(
-                        EPOCH_ACKS,
-                        EpochRejected(epoch=plan.epoch, node=self.node, reason=str(error)[:1024]),  # type: ignore[arg-type]
-                        node=self.node,
-                    )
+                    await self._refused(plan.epoch, error)
 
-    async def _apply_plan(self, bus: Bus, plan: Plan) -> None:
-        """Verify, load what this node needs, then switch to the plan's epoch."""
-        assert self.store is not None
-        if not plan.signature_ok(self.settings.plan_signing_key):
-            raise _Refused(f"plan epoch {plan.epoch} has a bad or missing signature")
-        if self.route is not None and plan.epoch <= self.route.epoch:
-            if plan.epoch < self.route.epoch:
+    async def _follow_epochs(self, bus: Bus) -> None:
+        async with bus.subscribe(EPOCH_COMMANDS) as commands:
+            async for _, command in commands:
+                try:
+                    if isinstance(command, PrepareEpoch):
+                        self._start_prepare(command)
+                    elif isinstance(command, CommitEpoch):
+                        await self._commit(command.epoch)
+                    elif isinstance(command, AbortEpoch):
+                        if self.keeper.abort(command.epoch) is not None:
+                            log.info("%s: epoch %d aborted: %s", self.node, command.epoch, command.reason)
+                        self._answers.pop(command.epoch, None)
+                except Exception:  # one bad command must never stop the node
+                    log.exception("%s: epoch command %s failed", self.node, type(command).__name__)
+
+    def _start_prepare(self, command: PrepareEpoch) -> None:
+        epoch = command.epoch
+        if epoch in self._answers:  # a duplicate PREPARE: answer again, idempotently
+            assert self._task_group is not None
+            self._task_group.create_task(self._ack(self._answers[epoch]))
+            return
+        if epoch in self._preparing or self.keeper.is_stale(epoch):
+            return
+        self._preparing.add(epoch)
+        assert self._task_group is not None
+        self._task_group.create_task(self._prepare(command), name=f"prepare-{epoch}")
+
+    async def _prepare(self, command: PrepareEpoch) -> None:
+        """Make-before-break: build epoch N+1's state off the compute thread, then READY."""
+        epoch = command.epoch
+        try:
+            if command.plan.epoch != epoch:
+                raise PlanRefused(f"PREPARE {epoch} carries a plan of epoch {command.plan.epoch}")
+            serving = await self._build(command.plan)
+            self.keeper.prepare(serving)
+            answer: EpochReady | EpochRejected = EpochReady(epoch=epoch, node=self.node)  # type: ignore[arg-type]
+        except Exception as error:  # noqa: BLE001 - every failure becomes a NACK with its reason
+            if not isinstance(error, EdgesplitError):
+                log.exception("%s: PREPARE %d failed", self.node, epoch)
+            answer = EpochRejected(epoch=epoch, node=self.node, reason=str(error)[:1024])  # type: ignore[arg-type]
+        finally:
+            self._preparing.discard(epoch)
+        self._answers[epoch] = answer
+        await self._ack(answer)
+
+    async def _commit(self, epoch: int) -> bool:
+        """Switch to prepared ``epoch``; False when it was not prepared here."""
+        async with self._switch_lock:
+            serving = self.keeper.commit(epoch, time.monotonic())
+            if serving is None:
+                return False
+            if serving.host is not None:
+                serving.host.on_forward = self.telemetry.timer.record
+            self._answers = {e: a for e, a in self._answers.items() if e > epoch}
+            await self._announce()
+            self.ready.set()
+            segment = serving.route.segment_of(self.node)
+            log.info("%s serving epoch %d: segment %s%s", self.node, epoch, segment,
+                     " (entry)" if serving.entry else "")  # fmt: skip
+            return True
+
+    async def _commit_plan(self, plan: Plan) -> None:
+        if self.keeper.is_stale(plan.epoch):
+            if plan.epoch < (self.keeper.epoch or 0):
                 self.counters["stale_plans"] += 1
-            return  # a duplicate or an older epoch: already done or fenced
+            return  # a duplicate or an older epoch: already done, or fenced
+        if plan.epoch not in self.keeper.prepared:
+            self.keeper.prepare(await self._build(plan))
+        if await self._commit(plan.epoch):
+            await self._ack(EpochReady(epoch=plan.epoch, node=self.node))  # type: ignore[arg-type]
+
+    async def _build(self, plan: Plan) -> Serving:
+        """Verify ``plan`` and load what this node needs for it (reusing what it holds)."""
+        assert self.store is not None and self.shards is not None
+        if not plan.signature_ok(self.settings.plan_signing_key):
+            raise PlanRefused(f"plan epoch {plan.epoch} has a bad or missing signature")
+        if self.keeper.is_stale(plan.epoch):
+            raise PlanRefused(f"plan epoch {plan.epoch} is not newer than epoch {self.keeper.epoch}")
         route = route_of(plan, self.store.config.num_layers)
         segment = route.segment_of(self.node)
         self._check_privacy(route, segment)
-        host = self.host
-        if segment is None:
-            host = None
-        elif host is None or (host.start, host.end) != segment:
-            host = await self.compute.run(SegmentHost, self.store, segment[0], segment[1])
-        entry = self.entry
+        host = next((h for h in self.keeper.hosts() if (h.start, h.end) == segment), None)
+        if segment is not None and host is None:
+            host = await asyncio.to_thread(SegmentHost, self.shards, segment[0], segment[1],
+                                           self.settings.device)  # fmt: skip
+        entry = self.entry if route.entry == self.node else None
         if route.entry == self.node and entry is None:
-            entry = await self.compute.run(self._make_entry)
-        elif route.entry != self.node:
-            entry = None
-        self.route, self.host, self.entry = route, host, entry
-        if host is not None:
-            host.on_forward = self.telemetry.timer.record
-        await self._announce()
-        await bus.publish(EPOCH_ACKS, EpochReady(epoch=plan.epoch, node=self.node), node=self.node)  # type: ignore[arg-type]
-        self.ready.set()
-        log.info("%s serving epoch %d: segment %s%s", self.node, plan.epoch, segment,
-                 " (entry)" if entry else "")  # fmt: skip
+            entry = await asyncio.to_thread(self._make_entry)
+        return Serving(route, host if segment is not None else None, entry)
 
     def _check_privacy(self, route: Route, segment: tuple[int, int] | None) -> None:
         """Refuse a plan that puts the embedding/head or private blocks on this node
@@ -170,35 +257,51 @@ class WorkerService:
         if trust >= level:
             return
         if route.entry == self.node:
-            raise _Refused(
+            raise PlanRefused(
                 f"node {self.node} (trust {trust}) cannot be the entry: the embedding and "
                 f"head need trust >= {level}"
             )
         if segment is not None and segment[0] < self.settings.private_blocks:
-            raise _Refused(
+            raise PlanRefused(
                 f"node {self.node} (trust {trust}) cannot run blocks {segment}: blocks "
                 f"[0, {self.settings.private_blocks}) need trust >= {level}"
             )
 
     def _make_entry(self) -> EntryRole:
-        assert self.store is not None
+        assert self.store is not None and self.data is not None
         return EntryRole(
             EntryRuntime(self.store, device=self.settings.device),
             TextTokenizer.from_file(self.store.tokenizer_path),
             self.compute.run,
-            self._pipeline_pass,
+            self.data.pipeline_pass,
             self._reply,
             self.settings.max_in_flight,
             self.settings.max_prompt_tokens,
+            current_epoch=lambda: self.keeper.epoch,
         )
 
-    # --- data plane -----------------------------------------------------------------------
+    async def _ack(self, answer: EpochReady | EpochRejected) -> None:
+        assert self._bus is not None
+        try:
+            await self._bus.publish(EPOCH_ACKS, answer, node=self.node)
+        except EdgesplitError as error:
+            log.warning("%s: ack of epoch %d lost: %s", self.node, answer.epoch, error)
+
+    async def _refused(self, epoch: int, error: Exception) -> None:
+        if not isinstance(error, EdgesplitError):
+            log.exception("%s: plan epoch %d failed", self.node, epoch)
+        self.counters["plans_refused"] += 1
+        log.warning("%s: refused plan epoch %d: %s", self.node, epoch, error)
+        await self._ack(EpochRejected(epoch=epoch, node=self.node, reason=str(error)[:1024]))  # type: ignore[arg-type]
+
+    # --- data plane and requests ----------------------------------------------------------
 
     async def _serve_frames(self, bus: Bus) -> None:
+        assert self.data is not None
         async with bus.subscribe(ACTIVATIONS, node=self.node) as frames:
             async for _, frame in frames:
                 try:
-                    await self._on_frame(frame)
+                    await self.data.on_frame(frame)
                 except EdgesplitError as error:
                     self.counters["frames_failed"] += 1
                     log.warning("%s: frame of %s dropped: %s", self.node, frame.header.request_id, error)
@@ -206,105 +309,9 @@ class WorkerService:
                     self.counters["frames_failed"] += 1
                     log.exception("%s: frame of %s failed", self.node, frame.header.request_id)
 
-    async def _on_frame(self, frame: Frame) -> None:
-        header, route = frame.header, self.route
-        if is_probe(frame):
-            return  # the prober has its own subscription
-        if route is None or header.epoch != route.epoch:
-            self.counters["frames_fenced"] += 1
-            return
-        target = header.extra.get("target")
-        if not isinstance(target, int) or isinstance(target, bool):
-            raise _Refused("frame has no integer 'target' block")
-        if header.extra.get("release") is True:
-            if self.host is not None and target == self.host.start:
-                self.host.release(header.request_id)
-                if self.host.end < route.num_layers:
-                    await self._send(route, header, frame.array, self.host.end)
-            return
-        if target == route.num_layers:
-            future = self._pending.pop((header.request_id, header.step), None)
-            if future is None or future.done():
-                self.counters["results_unexpected"] += 1
-            else:
-                future.set_result(frame.array)
-            return
-        if self.host is None or target != self.host.start:
-            raise _Refused(f"frame for block {target}, but this node runs {self.route and self.route.segment_of(self.node)}")
-        position = header.extra.get("pos", 0)
-        self._check_activation(frame.array, position)
-        hidden = await self.compute.run(self.host.forward, header.request_id, frame.array, position, self.slowdown)
-        if self.host.end == route.num_layers and header.extra.get("last_only") is True:
-            hidden = hidden[-1:]
-        await self._send(route, header, hidden, self.host.end)
-
-    def _check_activation(self, array: np.ndarray, position: object) -> None:
-        """Refuse a frame whose tensor is not [T, hidden] float32 or whose position is bad."""
-        assert self.store is not None
-        hidden = self.store.config.hidden_size
-        if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != hidden or not array.shape[0]:
-            raise _Refused(f"activation must be float32 [T, {hidden}], got {array.dtype}{list(array.shape)}")
-        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise _Refused(f"frame position {position!r} is not a non-negative integer")
-
-    async def _send(self, route: Route, header: FrameHeader, array: np.ndarray, target: int) -> None:
-        extra = {**header.extra, "target": target, "src": self.node, "sent_at": time.time()}
-        out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                          seq=next(self._seq), extra=extra)  # fmt: skip
-        destination = route.node_for(target)
-        await self.shaper.send(destination, encode_frame(out, array))
-
     async def _publish_frame(self, destination: str, payload: bytes) -> None:
         assert self._bus is not None
         await self._bus.publish_raw_frame(ACTIVATIONS, payload, node=destination)
-
-    async def _pipeline_pass(
-        self, request_id: str, step: int, token_ids: np.ndarray, position: int, last_only: bool
-    ) -> np.ndarray:
-        """Entry side of one pass: embed, run local blocks, send on, await the final state."""
-        route = self.route
-        assert route is not None and self.entry is not None
-        hidden = await self.compute.run(self.entry.embed_tokens, token_ids, position)
-        target = 0
-        while target < route.num_layers and route.node_for(target) == self.node:
-            assert self.host is not None
-            hidden = await self.compute.run(self.host.forward, request_id, hidden, position, self.slowdown)
-            target = self.host.end
-        if target == route.num_layers:
-            return hidden[-1:] if last_only else hidden
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending[(request_id, step)] = future
-        header = FrameHeader(request_id=request_id, step=step, epoch=route.epoch, seq=0,
-                             extra={"pos": position, "last_only": last_only})  # fmt: skip
-        await self._send(route, header, hidden, target)
-        try:
-            async with asyncio.timeout(self.settings.stage_timeout_s):
-                return await future
-        except TimeoutError:
-            raise StageTimedOut(
-                f"no result for request {request_id} step {step} within "
-                f"{self.settings.stage_timeout_s} s (epoch {route.epoch})"
-            ) from None
-        finally:
-            self._pending.pop((request_id, step), None)
-
-    async def _release(self, request_id: str) -> None:
-        """Tell the pipeline to free a finished request's KV caches (best effort)."""
-        route = self.route
-        if route is None:
-            return
-        if self.host is not None and route.node_for(0) == self.node:
-            self.host.release(request_id)
-            target = self.host.end
-        else:
-            target = 0
-        if target < route.num_layers:
-            header = FrameHeader(request_id=request_id, step=0, epoch=route.epoch, seq=0,
-                                 extra={"release": True})  # fmt: skip
-            empty = np.zeros((0, self.store.config.hidden_size if self.store else 0), np.float32)
-            await self._send(route, header, empty, target)
-
-    # --- requests -------------------------------------------------------------------------
 
     async def _serve_requests(self, bus: Bus) -> None:
         async with bus.subscribe(REQUESTS, node=self.node) as requests:
@@ -315,8 +322,8 @@ class WorkerService:
                     log.exception("%s: request %s not handled", self.node, request.request_id)
 
     async def _on_request(self, request: GenerateRequest | EmbedRequest) -> None:
-        entry, route = self.entry, self.route
-        if entry is None or route is None:
+        entry = self.entry
+        if entry is None:
             await self._reply(request.reply_to, RequestFailed(
                 request_id=request.request_id, error="invalid_request",
                 message=f"node {self.node} is not the entry of the current plan"))  # fmt: skip
@@ -330,11 +337,12 @@ class WorkerService:
         self._task_group.create_task(self._serve_one(entry, request))
 
     async def _serve_one(self, entry: EntryRole, request: GenerateRequest | EmbedRequest) -> None:
+        assert self.data is not None
         try:
             await entry.serve(request)
         finally:
             try:
-                await self._release(request.request_id)
+                await self.data.release(request.request_id)
             except EdgesplitError as error:
                 log.info("release of %s not sent: %s", request.request_id, error)
 
@@ -345,15 +353,14 @@ class WorkerService:
         except EdgesplitError as error:
             log.warning("%s: reply to %s lost: %s", self.node, client, error)
 
-    async def _sweep_caches(self) -> None:
-        interval_s = min(10.0, self.settings.kv_idle_timeout_s / 2)
+    async def _housekeeping(self) -> None:
+        """Free idle KV caches and the hosts of drained epochs."""
+        interval_s = min(5.0, self.settings.kv_idle_timeout_s / 2)
         while True:
             await asyncio.sleep(interval_s)
-            if self.host is not None:
-                freed = self.host.sweep(self.settings.kv_idle_timeout_s)
+            for serving in self.keeper.expire(time.monotonic()):
+                log.info("%s: epoch %d drained", self.node, serving.epoch)
+            for host in self.keeper.hosts():
+                freed = host.sweep(self.settings.kv_idle_timeout_s)
                 if freed:
                     log.info("%s: freed idle KV caches of %d requests", self.node, len(freed))
-
-
-class _Refused(EdgesplitError):
-    """A plan or frame this worker will not act on."""

@@ -93,3 +93,27 @@ async def publish_plan(settings: BusSettings, plan: Plan, timeout_s: float = 60.
                     rejected.add(ack.node)
                 assert isinstance(ack, EpochReady | EpochRejected)
     return rejected
+
+
+async def two_phase(settings: BusSettings, plan: Plan, timeout_s: float = 60.0) -> dict[str, str]:
+    """Drive PREPARE -> READY -> PLAN + COMMIT by hand (what the broadcaster does), for
+    testing the worker side. Returns node -> "ready" or the NACK reason; commits only when
+    every node is ready, else publishes ABORT."""
+    from shared.messages import AbortEpoch, CommitEpoch, PrepareEpoch
+    from shared.topics import EPOCH_COMMANDS
+
+    waiting = {plan.entry_node, *(segment.node for segment in plan.segments)}
+    answers: dict[str, str] = {}
+    async with Bus(settings) as bus, bus.subscribe(EPOCH_ACKS) as acks:
+        await bus.publish(EPOCH_COMMANDS, PrepareEpoch(epoch=plan.epoch, plan=plan))
+        async with asyncio.timeout(timeout_s):
+            while set(answers) < waiting:
+                _, ack = await acks.get()
+                if ack.epoch == plan.epoch and ack.node in waiting:
+                    answers[ack.node] = "ready" if isinstance(ack, EpochReady) else ack.reason
+        if all(answer == "ready" for answer in answers.values()):
+            await bus.publish(PLAN, plan)
+            await bus.publish(EPOCH_COMMANDS, CommitEpoch(epoch=plan.epoch))
+        else:
+            await bus.publish(EPOCH_COMMANDS, AbortEpoch(epoch=plan.epoch, reason="a node refused"))
+    return answers

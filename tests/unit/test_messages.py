@@ -19,6 +19,7 @@ from shared.messages import (
     EmulatedLink,
     EmulationApplied,
     EmulationCommand,
+    EpochLedger,
     EpochReady,
     EpochRejected,
     Evidence,
@@ -40,6 +41,7 @@ from shared.messages import (
     PlanProposed,
     PlanRequested,
     PlanWeights,
+    PrivacyPolicySet,
     PrepareEpoch,
     ProfileEvent,
     RequestFailed,
@@ -132,6 +134,26 @@ EXAMPLES: list[Message] = [
         from_epoch=3,
         to_epoch=4,
     ),  # fmt: skip
+    DecisionRecorded(
+        decision_id=17, trigger="link_degraded car->rsu", action="migrate", at_s=1.7e9,
+        candidates=(
+            Candidate(summary="car[0,2) rsu[2,6)", predicted_latency_s=0.02, kind="current",
+                      origin="running", segments=(Segment(node="car", start=0, end=2),
+                                                  Segment(node="rsu", start=2, end=6))),
+            Candidate(summary="car[0,2) mec[2,6)", predicted_latency_s=0.012, kind="migrate",
+                      origin="migration", segments=(Segment(node="car", start=0, end=2),
+                                                    Segment(node="mec", start=2, end=6)),
+                      migration_cost_s=0.05, bottleneck_s=0.008, predicted_gain_s=0.5,
+                      note="saves 40.0% per token, net 0.45 s"),
+        ),
+        evidence=(Evidence(metric="bandwidth_bytes_per_s", old_value=1.2e7, new_value=1.2e6,
+                           threshold=8.4e6, window_s=3.0, samples=5),),
+        trigger_detail="bandwidth", emergency=False, reason="migrate: saves 40.0% per token",
+        chosen=1, current_latency_s=0.02, predicted_latency_s=0.012, predicted_cost_s=0.25,
+        horizon_tokens=64.0, nodes=("car", "mec"), outcome="committed", from_epoch=2, to_epoch=3,
+        baseline_tpot_s=0.021, realised_tpot_s=0.013, realised_requests=4, realised_gain_s=0.5,
+    ),  # fmt: skip
+    PrivacyPolicySet(private_blocks=3, trusted_level=2, set_at_s=1.7e9, reason="cabin audio"),
     PlanRequested(
         request_id="p1",
         reply_to="orchestrator",
@@ -207,6 +229,7 @@ EXAMPLES: list[Message] = [
     RolloutRequested(decision_id=3, plan=PLAN, reason="link car->rsu degraded"),
     RolloutFinished(decision_id=3, epoch=8, previous_epoch=7, outcome="aborted",
                     reason="rsu: shard sha256 mismatch", prepare_s=0.4),  # fmt: skip
+    EpochLedger(highest_epoch=9, in_progress=9, decision_id=4, previous_epoch=7),
 ]
 
 

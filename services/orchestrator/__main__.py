@@ -1,0 +1,59 @@
+"""`python -m services.orchestrator --shards DIR [--entry NODE] [--expect-nodes a,b] ...`"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from services.orchestrator.service import OrchestratorService, OrchestratorSettings
+from shared.config import load_settings
+from shared.errors import EdgesplitError
+from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+
+_FLOATS = ("period_s", "relative_threshold", "dwell_s", "horizon_s", "switch_overhead_s",
+           "shard_load_bytes_per_s", "observe_s", "ready_timeout_s")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    parser = OneLineParser(
+        prog="python -m services.orchestrator",
+        description="The edgesplit adaptive orchestrator: watches the capacity profile, asks "
+        "the split reviser for candidates, and decides keep / migrate / re-split.",
+    )
+    parser.add_argument("--shards", dest="shards_dir", type=Path, required=True,
+                        help="shard store of the served model (written by `edgesplit shard`)")  # fmt: skip
+    parser.add_argument("--entry", help="entry node (default: the retained plan's entry)")
+    parser.add_argument("--expect-nodes", help="comma-separated nodes the first plan waits for")
+    parser.add_argument("--private-blocks", type=int, help="policy until a retained one arrives")
+    parser.add_argument("--trusted-level", type=int, help="policy until a retained one arrives")
+    for name in _FLOATS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{name} (see docs/ORCHESTRATOR.md)")
+    parser.add_argument("--client-id", help="MQTT client id (default orchestrator-<random>)")
+    add_bus_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def settings_from(args: Any) -> OrchestratorSettings:
+    """CLI > EDGESPLIT_* environment > defaults. Raises ConfigError."""
+    expect = tuple(n for n in (args.expect_nodes or "").split(",") if n) or None
+    values = {"shards_dir": args.shards_dir, "broker_url": args.broker_url, "cluster": args.cluster,
+              "client_id": args.client_id, "entry": args.entry, "expect_nodes": expect,
+              "private_blocks": args.private_blocks, "trusted_level": args.trusted_level}  # fmt: skip
+    values |= {name: getattr(args, name) for name in _FLOATS}
+    return load_settings(OrchestratorSettings, values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level, "orchestrator")
+    try:
+        settings = settings_from(args)
+    except EdgesplitError as error:
+        print(f"orchestrator: {error}", file=sys.stderr)
+        return 2
+    return run_service("orchestrator", OrchestratorService(settings).run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Candidate plans on the live profile (pure): the planning view, evaluation, migrations.
+
+The orchestrator plans for decode time per output token, the number users feel. Its
+*planning view* of the monitor's `CapacityProfile` differs from the raw profile in three
+ways (docs/ORCHESTRATOR.md):
+
+- speed: ``flops_per_s`` = mean block FLOP per token / measured ``decode_s_per_block``
+  (the monitor's own number comes from prefill, which amortises per-step overheads);
+- utilisation: 0, because the measured block time already includes everything that
+  slows the node (emulated slowdown, other work); the compute-thread busy share the
+  monitor reports is mostly our own pipeline, and counting it again would push work
+  off every node in use and back (flapping);
+- memory: the blocks a node holds in the running plan count as free for it (a worker
+  keeps the shards it holds).
+
+The same view goes to the split reviser, so its latencies and ours are the same
+formula (docs/PLANNER.md). Candidates are re-evaluated here with the independent
+evaluator, and migration costs come from one model for all of them:
+
+    migration_cost_s = sum over moved blocks of (weight_bytes / shard_load_bytes_per_s
+                        + flops x rebuild_tokens / speed of the new host)
+
+where a block *moves* when its host changes and ``rebuild_tokens`` is the KV state
+(tokens of the requests in flight) to rebuild by recompute on the new host.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from services.orchestrator.logic import CandidateKind, CandidatePlan, classify
+from services.split_reviser.live import layers_from_manifest, problem_from_profile
+from services.split_reviser.privacy import PrivacyPolicy
+from services.split_reviser.problem import Plan as ProblemPlan
+from services.split_reviser.problem import Problem, effective_flops_per_s, evaluate
+from shared.messages import CapacityProfile, PlanOption, Segment
+from shared.model.shard import ShardManifest
+
+MAX_PERMUTATIONS = 5040
+"""Node assignments tried for migrations (7! : every assignment of up to 7 segments)."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Migration-cost inputs (units in names)."""
+
+    shard_load_bytes_per_s: float = 200e6
+    """How fast a node fetches, verifies and loads a shard (bytes/s)."""
+    rebuild_tokens: int = 0
+    """Tokens of KV state to rebuild on a moved block (requests in flight x context)."""
+
+
+def held_blocks(segments: Iterable[Segment]) -> dict[str, int]:
+    """Blocks each node holds in a plan."""
+    held: dict[str, int] = {}
+    for segment in segments:
+        held[segment.node] = held.get(segment.node, 0) + segment.end - segment.start
+    return held
+
+
+def planning_view(profile: CapacityProfile, manifest: ShardManifest,
+                  running: tuple[Segment, ...]) -> CapacityProfile:  # fmt: skip
+    """The profile the orchestrator plans on (module docstring): decode-time speed,
+    utilisation 0, the running plan's blocks counted as free on their hosts."""
+    layers = layers_from_manifest(manifest)
+    mean_flops = math.fsum(layer.flops for layer in layers) / len(layers)
+    mean_weights = math.fsum(layer.weight_bytes for layer in layers) / len(layers)
+    held = held_blocks(running)
+    nodes = []
+    for node in profile.nodes:
+        speed = node.flops_per_s
+        if node.decode_s_per_block and mean_flops > 0:
+            speed = mean_flops / node.decode_s_per_block
+        free = node.memory_free_bytes + int(held.get(node.node, 0) * mean_weights)
+        nodes.append(node.model_copy(update={"flops_per_s": speed, "utilisation": 0.0,
+                                             "memory_free_bytes": free}))  # fmt: skip
+    return profile.model_copy(update={"nodes": tuple(nodes)})
+
+
+def planning_problem(view: CapacityProfile, manifest: ShardManifest, policy: PrivacyPolicy,
+                     source: str, cost: CostModel) -> Problem:  # fmt: skip
+    """The problem of ``view`` (see ``live.problem_from_profile``), each node's shard load
+    rate set for the migration term. Raises LiveProfileError (source missing or down)."""
+    problem = problem_from_profile(view, manifest, policy, "latency", source=source)
+    nodes = tuple(n.model_copy(update={"load_bandwidth_bytes_per_s": cost.shard_load_bytes_per_s})
+                  for n in problem.nodes)  # fmt: skip
+    return problem.model_copy(update={"nodes": nodes})
+
+
+def migration_cost_s(problem: Problem, running: tuple[Segment, ...],
+                     segments: tuple[Segment, ...], cost: CostModel) -> float:  # fmt: skip
+    """One-off seconds to go from ``running`` to ``segments`` (module docstring); inf when
+    a moved block's new host is not in the problem or cannot compute."""
+    holder = {layer: s.node for s in running for layer in range(s.start, s.end)}
+    nodes = problem.node_index()
+    terms: list[float] = []
+    for segment in segments:
+        node = nodes.get(segment.node)
+        for layer_index in range(segment.start, min(segment.end, len(problem.layers))):
+            if holder.get(layer_index) == segment.node:
+                continue
+            if node is None:
+                return math.inf
+            layer = problem.layers[layer_index]
+            speed = effective_flops_per_s(node)
+            rebuild = layer.flops * cost.rebuild_tokens / speed if speed > 0 else math.inf
+            terms += [layer.weight_bytes / cost.shard_load_bytes_per_s, rebuild]
+    return math.fsum(terms)
+
+
+def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
+                       segments: tuple[Segment, ...], origin: str, cost: CostModel,
+                       *, is_running: bool = False) -> CandidatePlan:  # fmt: skip
+    """``segments`` evaluated on ``problem``: latency, bottleneck, violations, migration cost.
+
+    The running plan's memory violations are ignored (it is loaded and serving)."""
+    plan = ProblemPlan.of(*((s.node, s.start, s.end) for s in segments))
+    evaluation = evaluate(problem, plan)
+    violations = evaluation.violations
+    if is_running:
+        violations = tuple(v for v in violations if not v.startswith("memory:"))
+    kind: CandidateKind = "current" if is_running else _kind(running, segments)
+    return CandidatePlan(
+        kind=kind, segments=segments, latency_s=evaluation.latency_s,
+        bottleneck_s=evaluation.bottleneck_s,
+        migration_cost_s=0.0 if is_running else migration_cost_s(problem, running, segments, cost),
+        violations=violations, origin=origin,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _kind(running: tuple[Segment, ...], segments: tuple[Segment, ...]) -> CandidateKind:
+    action = classify(running, segments)
+    return "migrate" if action == "migrate" else "resplit"
+
+
+def migrations(problem: Problem, running: tuple[Segment, ...]) -> list[tuple[Segment, ...]]:
+    """Every other assignment of the running plan's ranges to distinct nodes of the
+    problem (the cut points stay), in a deterministic order, at most MAX_PERMUTATIONS."""
+    if not running:
+        return []
+    node_ids = sorted(node.id for node in problem.nodes)
+    plans: list[tuple[Segment, ...]] = []
+    for nodes in itertools.islice(itertools.permutations(node_ids, len(running)), MAX_PERMUTATIONS):
+        segments = tuple(Segment(node=n, start=s.start, end=s.end)  # type: ignore[arg-type]
+                         for n, s in zip(nodes, running, strict=True))  # fmt: skip
+        if segments != running:
+            plans.append(segments)
+    return plans
+
+
+def build_candidates(problem: Problem, running: tuple[Segment, ...],
+                     options: Iterable[PlanOption], cost: CostModel,
+                     keep_migrations: int = 4) -> tuple[CandidatePlan, ...]:  # fmt: skip
+    """The running plan (if any), the reviser's options and the best ``keep_migrations``
+    feasible migrations, each evaluated on ``problem``; duplicates dropped."""
+    found: dict[tuple[Segment, ...], CandidatePlan] = {}
+    if running:
+        found[running] = evaluate_candidate(problem, running, running, "running", cost, is_running=True)
+    for option in options:
+        segments = tuple(option.segments)
+        if segments not in found:
+            found[segments] = evaluate_candidate(problem, running, segments, "reviser", cost)
+    plans = migrations(problem, running) if keep_migrations > 0 else []
+    moved = [evaluate_candidate(problem, running, s, "migration", cost) for s in plans]
+    moved = sorted((c for c in moved if c.feasible and c.segments not in found),
+                   key=lambda c: (c.latency_s, c.migration_cost_s, str(c.segments)))  # fmt: skip
+    for candidate in moved[:keep_migrations]:
+        found[candidate.segments] = candidate
+    return tuple(found.values())

@@ -1,0 +1,262 @@
+"""The orchestrator's decision, pure: keep, migrate or re-split (no I/O, no clock).
+
+``decide(state, trigger, candidates, now_s)`` looks at the running plan re-evaluated on
+the newest capacity profile (the candidate of kind ``current``) and the alternatives
+(migrations that keep the cut points, re-splits from the split reviser) and returns one
+`Decision`. The rule (docs/ORCHESTRATOR.md):
+
+1. No running plan: take the best feasible candidate (the initial plan).
+2. The running plan violates a hard constraint (a node gone, a missing link, a privacy
+   rule it breaks): take the best feasible candidate now; threshold and dwell are
+   skipped (the emergency bypass).
+3. Otherwise a candidate is eligible when it saves at least ``relative_threshold`` of the
+   running plan's time per token (``revert_factor`` times that for a plan left within
+   ``revert_window_s``: hysteresis against A-B-A flapping) and its saving over the
+   horizon beats its migration cost. The eligible candidate with the largest net gain
+   wins, but only once ``dwell_s`` passed since the last change; else keep.
+
+Every number is deterministic: candidates are ranked by (value, segments), never by
+arrival order, so the same inputs always give the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from shared.messages import Evidence, Segment
+
+Action = Literal["keep", "migrate", "resplit"]
+CandidateKind = Literal["current", "migrate", "resplit"]
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    """The knobs of the rule (units in names)."""
+
+    relative_threshold: float = 0.15
+    """A change must save at least this share of the running plan's time per token."""
+    dwell_s: float = 15.0
+    """No non-emergency change sooner than this after the last one."""
+    horizon_s: float = 30.0
+    """The gain of a change is counted over this much serving time ..."""
+    min_horizon_tokens: float = 64.0
+    """... and over at least this many tokens (an idle system still gets a fair horizon)."""
+    switch_overhead_s: float = 0.2
+    """One-off cost of any switch (prepare / commit round trips, replays), seconds."""
+    revert_factor: float = 2.0
+    """Threshold multiplier for going back to a plan left less than revert_window_s ago."""
+    revert_window_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Why the orchestrator evaluates now (an event, the period, a policy change)."""
+
+    kind: str
+    """initial, periodic, node_down, node_joined, node_overloaded, node_overload_cleared,
+    link_degraded, link_recovered, policy_changed, profile_event, rollout_aborted."""
+    at_s: float
+    emergency: bool = False
+    detail: str = ""
+    evidence: tuple[Evidence, ...] = ()
+
+
+@dataclass(frozen=True)
+class CandidatePlan:
+    """A plan evaluated on the current profile. Times are seconds (per token, except the
+    one-off ``migration_cost_s``)."""
+
+    kind: CandidateKind
+    segments: tuple[Segment, ...]
+    latency_s: float
+    bottleneck_s: float
+    migration_cost_s: float = 0.0
+    violations: tuple[str, ...] = ()
+    origin: Literal["running", "reviser", "migration"] = "reviser"
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations and math.isfinite(self.latency_s)
+
+
+@dataclass(frozen=True)
+class OrchestratorState:
+    """What the decision needs to remember between triggers."""
+
+    segments: tuple[Segment, ...] = ()
+    """The running plan (empty: none yet)."""
+    epoch: int | None = None
+    changed_at_s: float | None = None
+    """When the last change was committed (Unix s; None: never by this orchestrator)."""
+    left_plans: tuple[tuple[float, tuple[Segment, ...]], ...] = ()
+    """(left at s, plan) of plans this orchestrator switched away from, newest last."""
+    tokens_per_s: float = 0.0
+    """Observed output tokens per second (all requests), for the horizon."""
+    next_decision_id: int = 1
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A candidate with its numbers against the running plan."""
+
+    candidate: CandidatePlan
+    gain_per_token_s: float
+    gain_s: float
+    """Time saved over the horizon, seconds."""
+    cost_s: float
+    """One-off migration cost plus the switch overhead, seconds (0 for the running plan)."""
+    threshold: float
+    eligible: bool
+    note: str
+
+    @property
+    def net_s(self) -> float:
+        return self.gain_s - self.cost_s
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one evaluation: what to do and every number behind it."""
+
+    action: Action
+    reason: str
+    chosen: CandidatePlan | None
+    current: CandidatePlan | None
+    scored: tuple[Scored, ...] = field(default=())
+    emergency: bool = False
+    horizon_tokens: float = 0.0
+    gain_s: float = 0.0
+    cost_s: float = 0.0
+
+    @property
+    def changes_plan(self) -> bool:
+        return self.action != "keep" and self.chosen is not None
+
+
+def boundaries(segments: tuple[Segment, ...]) -> tuple[tuple[int, int], ...]:
+    """The cut points of a plan: its [start, end) ranges in order."""
+    return tuple((segment.start, segment.end) for segment in segments)
+
+
+def classify(current: tuple[Segment, ...], candidate: tuple[Segment, ...]) -> Action:
+    """keep (same plan), migrate (same cut points, other nodes) or resplit (new cuts)."""
+    if tuple(candidate) == tuple(current):
+        return "keep"
+    if current and boundaries(current) == boundaries(candidate):
+        return "migrate"
+    return "resplit"
+
+
+def describe(segments: tuple[Segment, ...]) -> str:
+    """Segments as text, e.g. ``car[0,2) rsu[2,6)``."""
+    return " ".join(f"{s.node}[{s.start},{s.end})" for s in segments)
+
+
+def horizon_tokens(state: OrchestratorState, config: DecisionConfig) -> float:
+    """Tokens a change's per-token saving is counted over."""
+    return max(config.min_horizon_tokens, state.tokens_per_s * config.horizon_s)
+
+
+def _rank_key(candidate: CandidatePlan) -> tuple[float, float, str]:
+    return (candidate.latency_s, candidate.migration_cost_s, describe(candidate.segments))
+
+
+def _threshold(state: OrchestratorState, candidate: CandidatePlan, now_s: float,
+               config: DecisionConfig) -> float:  # fmt: skip
+    recent = any(
+        plan == candidate.segments and now_s - left_s < config.revert_window_s
+        for left_s, plan in state.left_plans
+    )
+    return config.relative_threshold * (config.revert_factor if recent else 1.0)
+
+
+def score(state: OrchestratorState, current: CandidatePlan, candidate: CandidatePlan,
+          now_s: float, config: DecisionConfig) -> Scored:  # fmt: skip
+    """``candidate``'s gain over the horizon and cost against the running plan ``current``."""
+    tokens = horizon_tokens(state, config)
+    if candidate.segments == current.segments:
+        return Scored(candidate, 0.0, 0.0, 0.0, 0.0, False, "the running plan")
+    if not candidate.feasible:
+        return Scored(candidate, 0.0, 0.0, 0.0, 0.0, False, _first(candidate.violations))
+    per_token = current.latency_s - candidate.latency_s
+    gain = per_token * tokens
+    cost = candidate.migration_cost_s + config.switch_overhead_s
+    threshold = _threshold(state, candidate, now_s, config)
+    relative = per_token / current.latency_s if current.latency_s > 0 else 0.0
+    if relative < threshold:
+        note = f"saves {relative:.1%} per token, below the {threshold:.0%} threshold"
+        return Scored(candidate, per_token, gain, cost, threshold, False, note)
+    if gain <= cost:
+        note = f"gain {gain:.3f} s over {tokens:.0f} tokens does not beat cost {cost:.3f} s"
+        return Scored(candidate, per_token, gain, cost, threshold, False, note)
+    note = f"saves {relative:.1%} per token, net {gain - cost:.3f} s"
+    return Scored(candidate, per_token, gain, cost, threshold, True, note)
+
+
+def _first(violations: tuple[str, ...]) -> str:
+    return violations[0] if violations else "no finite prediction"
+
+
+def decide(state: OrchestratorState, trigger: Trigger, candidates: tuple[CandidatePlan, ...],
+           now_s: float, config: DecisionConfig | None = None) -> Decision:  # fmt: skip
+    """One decision over the candidates (the running plan, if any, is the one of kind
+    ``current``). Pure and deterministic; see the module docstring for the rule."""
+    config = config or DecisionConfig()
+    tokens = horizon_tokens(state, config)
+    current = next((c for c in candidates if c.kind == "current"), None)
+    others = sorted((c for c in candidates if c.kind != "current"), key=_rank_key)
+    feasible = [c for c in others if c.feasible]
+    if not state.segments or current is None:
+        return _forced(state, None, feasible, "initial plan", trigger, tokens, emergency=False)
+    if not current.feasible:
+        why = f"the running plan is infeasible: {_first(current.violations)}"
+        return _forced(state, current, feasible, why, trigger, tokens, emergency=True)
+    scored = tuple(score(state, current, c, now_s, config) for c in others)
+    eligible = sorted((s for s in scored if s.eligible),
+                      key=lambda s: (-s.net_s, *_rank_key(s.candidate)))  # fmt: skip
+    base = Decision("keep", "", None, current, scored, False, tokens)
+    if not eligible:
+        best = min(scored, key=lambda s: _rank_key(s.candidate), default=None)
+        why = f"best alternative {best.note}" if best else "no alternative plan"
+        return replace(base, reason=f"keep: {why}")
+    winner = eligible[0]
+    if state.changed_at_s is not None and now_s - state.changed_at_s < config.dwell_s:
+        waited = now_s - state.changed_at_s
+        return replace(base, reason=f"keep: dwell ({waited:.1f} s since the last change < "
+                                    f"{config.dwell_s:g} s); best {winner.note}")  # fmt: skip
+    action = classify(state.segments, winner.candidate.segments)
+    return replace(base, action=action, chosen=winner.candidate, gain_s=winner.gain_s,
+                   cost_s=winner.cost_s, reason=f"{action}: {winner.note}")  # fmt: skip
+
+
+def _forced(state: OrchestratorState, current: CandidatePlan | None,
+            feasible: list[CandidatePlan], why: str, trigger: Trigger, tokens: float,
+            *, emergency: bool) -> Decision:  # fmt: skip
+    """Take the best feasible candidate without threshold or dwell (initial or emergency)."""
+    scored = tuple(Scored(c, 0.0, 0.0, c.migration_cost_s, 0.0, True, "forced") for c in feasible)
+    if not feasible:
+        return Decision("keep", f"{why}; no feasible plan to move to", None, current, scored,
+                        emergency, tokens)  # fmt: skip
+    chosen = feasible[0]
+    action = classify(state.segments, chosen.segments)
+    if action == "keep":  # the running plan came back as the best: nothing to do
+        return Decision("keep", f"{why}; the best plan is the running one", None, current,
+                        scored, emergency, tokens)  # fmt: skip
+    gain = 0.0
+    if current is not None and math.isfinite(current.latency_s):
+        gain = (current.latency_s - chosen.latency_s) * tokens
+    return Decision(action, f"{action}: {why}", chosen, current, scored, emergency, tokens,
+                    gain, chosen.migration_cost_s)  # fmt: skip
+
+
+def after_commit(state: OrchestratorState, segments: tuple[Segment, ...], epoch: int,
+                 now_s: float, config: DecisionConfig | None = None) -> OrchestratorState:  # fmt: skip
+    """The state once a change to ``segments`` committed as ``epoch`` at ``now_s``."""
+    config = config or DecisionConfig()
+    left = state.left_plans
+    if state.segments and state.segments != segments:
+        left = (*left, (now_s, state.segments))
+    left = tuple(item for item in left if now_s - item[0] < config.revert_window_s)[-8:]
+    return replace(state, segments=segments, epoch=epoch, changed_at_s=now_s, left_plans=left)

@@ -1,0 +1,143 @@
+"""Decision records and the realised effect (pure): `DecisionRecorded` from a `Decision`,
+triggers from monitor events, and the time-per-token tracker fed by finished requests."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from services.orchestrator.logic import CandidatePlan, Decision, Scored, Trigger, describe
+from shared.messages import (
+    Candidate,
+    DecisionRecorded,
+    LinkDegraded,
+    LinkRecovered,
+    Message,
+    NodeDown,
+    NodeJoined,
+    NodeOverloadCleared,
+    NodeOverloaded,
+    ProfileEvent,
+    RequestFinished,
+)
+
+TEXT = 1024  # ShortText
+MAX_CANDIDATES = 32
+
+
+def trigger_of(event: Message, now_s: float) -> Trigger | None:
+    """The trigger a monitor event raises (None for a kind the orchestrator ignores)."""
+    if isinstance(event, NodeDown):
+        return Trigger("node_down", event.at_s, event.emergency, f"{event.node} {event.reason}", event.evidence)
+    if isinstance(event, NodeJoined):
+        return Trigger("node_joined", event.at_s, False, event.node, event.evidence)
+    if isinstance(event, NodeOverloaded):
+        return Trigger("node_overloaded", event.at_s, False, event.node, event.evidence)
+    if isinstance(event, NodeOverloadCleared):
+        return Trigger("node_overload_cleared", event.at_s, False, event.node, event.evidence)
+    if isinstance(event, LinkDegraded | LinkRecovered):
+        kind = "link_degraded" if isinstance(event, LinkDegraded) else "link_recovered"
+        return Trigger(kind, event.at_s, False, f"{event.src}->{event.dst} {event.metric}", event.evidence)
+    if isinstance(event, ProfileEvent):
+        detail = f"{event.event} {event.node or ''} {event.detail}".strip()
+        return Trigger("profile_event", now_s, event.emergency, detail)
+    return None
+
+
+def merge(triggers: list[Trigger]) -> Trigger:
+    """Triggers that arrived together as one: emergency if any is, kinds and details joined."""
+    if len(triggers) == 1:
+        return triggers[0]
+    ordered = sorted(triggers, key=lambda t: (not t.emergency, t.at_s))
+    kinds = "+".join(dict.fromkeys(t.kind for t in ordered))
+    detail = "; ".join(t.detail for t in ordered if t.detail)
+    evidence = tuple(e for t in ordered for e in t.evidence)[:16]
+    return Trigger(kinds[:TEXT], max(t.at_s for t in triggers), any(t.emergency for t in triggers),
+                   detail[:TEXT], evidence)  # fmt: skip
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) and value >= 0 else 0.0
+
+
+def _candidate(scored: Scored) -> Candidate:
+    plan: CandidatePlan = scored.candidate
+    return Candidate(
+        summary=describe(plan.segments)[:TEXT], predicted_latency_s=_finite(plan.latency_s),
+        migration_cost_s=_finite(plan.migration_cost_s), kind=plan.kind, origin=plan.origin,
+        segments=plan.segments, bottleneck_s=_finite(plan.bottleneck_s), feasible=plan.feasible,
+        predicted_gain_s=scored.gain_s if math.isfinite(scored.gain_s) else 0.0,
+        note=scored.note[:TEXT],
+    )  # fmt: skip
+
+
+def record_of(decision_id: int, trigger: Trigger, decision: Decision, now_s: float,
+              epoch: int | None, running_nodes: tuple[str, ...]) -> DecisionRecorded:  # fmt: skip
+    """The record of a decision as decided (before any rollout)."""
+    entries: list[Scored] = []
+    if decision.current is not None:
+        entries.append(Scored(decision.current, 0.0, 0.0, 0.0, 0.0, False, "the running plan"))
+    entries += [s for s in decision.scored if s.candidate.kind != "current"][: MAX_CANDIDATES - 1]
+    candidates = tuple(_candidate(s) for s in entries)
+    chosen = None
+    if decision.chosen is not None:
+        chosen = next((i for i, s in enumerate(entries) if s.candidate.segments == decision.chosen.segments), None)
+    current = decision.current
+    nodes = tuple(dict.fromkeys(s.node for s in decision.chosen.segments)) if decision.chosen else running_nodes
+    return DecisionRecorded(
+        decision_id=decision_id, trigger=trigger.kind[:TEXT], trigger_detail=trigger.detail[:TEXT],
+        evidence=trigger.evidence[:16], candidates=candidates, action=decision.action,
+        predicted_gain_s=decision.gain_s if math.isfinite(decision.gain_s) else 0.0,
+        from_epoch=epoch, at_s=now_s, emergency=decision.emergency, reason=decision.reason[:TEXT],
+        chosen=chosen,
+        current_latency_s=current.latency_s if current is not None and current.feasible else None,
+        predicted_latency_s=_finite(decision.chosen.latency_s) if decision.chosen else None,
+        predicted_cost_s=_finite(decision.cost_s), horizon_tokens=decision.horizon_tokens,
+        nodes=nodes, outcome="pending" if decision.changes_plan else "none",  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One finished request as the orchestrator saw it (Unix s; tpot in s)."""
+
+    started_at_s: float
+    finished_at_s: float
+    tpot_s: float
+    tokens: int
+
+
+class TpotTracker:
+    """Finished requests of the last ``keep_s`` seconds: token rate, TPOT before / after."""
+
+    def __init__(self, keep_s: float = 300.0, size: int = 4096) -> None:
+        self.keep_s = keep_s
+        self._items: deque[Finished] = deque(maxlen=size)
+
+    def add(self, finished: RequestFinished, now_s: float) -> None:
+        tokens = len(finished.token_ids)
+        duration = finished.ttft_s + finished.tpot_s * max(0, tokens - 1)
+        self._items.append(Finished(now_s - duration, now_s, finished.tpot_s, tokens))
+        while self._items and now_s - self._items[0].finished_at_s > self.keep_s:
+            self._items.popleft()
+
+    def tokens_per_s(self, now_s: float, window_s: float = 30.0) -> float:
+        """Output tokens per second finished over the last ``window_s``."""
+        tokens = sum(f.tokens for f in self._items if now_s - f.finished_at_s <= window_s)
+        return tokens / window_s
+
+    def before(self, at_s: float, window_s: float) -> tuple[float | None, int]:
+        """(mean TPOT, count) of multi-token requests that finished in [at_s - window_s, at_s]."""
+        return _mean([f for f in self._items
+                      if at_s - window_s <= f.finished_at_s <= at_s and f.tokens > 1])  # fmt: skip
+
+    def after(self, at_s: float) -> tuple[float | None, int]:
+        """(mean TPOT, count) of multi-token requests that started after ``at_s``."""
+        return _mean([f for f in self._items if f.started_at_s >= at_s and f.tokens > 1])
+
+
+def _mean(items: list[Finished]) -> tuple[float | None, int]:
+    if not items:
+        return None, 0
+    return math.fsum(f.tpot_s for f in items) / len(items), len(items)

@@ -1,0 +1,462 @@
+"""The orchestrator service: the monitor-analyse-plan-execute loop over MQTT.
+
+Monitor: it follows the monitor's retained `CapacityProfile`, its events, the retained
+plan and privacy policy, and finished requests (for the token rate and the realised
+effect). Analyse: every event, a policy change, a profile on which the running plan's
+predicted time per token got worse by the threshold, and a jittered period raise a
+trigger. Plan: it asks the split reviser for candidates over its planning view of the
+profile and adds the migrations that keep the cut points (`candidates.py`, on a
+thread). Execute: the pure `logic.decide` picks keep / migrate / re-split; a change is
+sent to the broadcaster as a `RolloutRequested` and its `RolloutFinished` awaited.
+Every decision is published as a `DecisionRecorded` (docs/ORCHESTRATOR.md).
+
+On start it rebuilds its state from retained topics (plan, policy, the last decisions);
+epochs belong to the broadcaster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from services.orchestrator import records
+from services.orchestrator.candidates import (
+    CostModel,
+    build_candidates,
+    planning_problem,
+    planning_view,
+)
+from services.orchestrator.logic import (
+    CandidatePlan,
+    Decision,
+    DecisionConfig,
+    OrchestratorState,
+    Trigger,
+    after_commit,
+    decide,
+)  # fmt: skip
+from services.split_reviser.privacy import PrivacyPolicy
+from shared.bus import Bus, Subscription
+from shared.config import BusSettings
+from shared.errors import EdgesplitError
+from shared.messages import (
+    CapacityProfile,
+    DecisionRecorded,
+    Plan,
+    PlanOption,
+    PlanProposed,
+    PlanRequested,
+    PrivacyPolicySet,
+    RequestFinished,
+    RolloutFinished,
+    RolloutRequested,
+    Segment,
+)  # fmt: skip
+from shared.model.shard import ShardManifest, ShardStore
+from shared.topics import (
+    CAPACITY,
+    DECISION_SLOTS,
+    DECISIONS,
+    PLAN,
+    POLICY,
+    PROFILE_EVENTS,
+    REPLIES,
+    REVISER_REPLIES,
+    REVISER_REQUESTS,
+    ROLLOUT_RESULTS,
+    ROLLOUTS,
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
+MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_cleared",
+                 "link_degraded", "link_recovered"}  # fmt: skip
+"""Triggers from monitor events: decided on a profile at least as new as the event."""
+
+
+class OrchestratorSettings(BusSettings):
+    """The orchestrator process. Units in field names."""
+
+    shards_dir: Path = Field(description="shard store of the served model (`edgesplit shard`)")
+    entry: str | None = Field(default=None, description="entry node (default: the retained plan's)")
+    expect_nodes: tuple[str, ...] = Field(default=(), description="the first plan waits for these")
+    period_s: float = Field(default=5.0, gt=0, description="periodic re-evaluation (jittered)")
+    jitter: float = Field(default=0.2, ge=0, lt=1, description="+- share of the period")
+    relative_threshold: float = Field(default=0.15, ge=0)
+    dwell_s: float = Field(default=15.0, ge=0)
+    horizon_s: float = Field(default=30.0, gt=0)
+    min_horizon_tokens: float = Field(default=64.0, ge=0)
+    switch_overhead_s: float = Field(default=0.2, ge=0)
+    shard_load_bytes_per_s: float = Field(default=200e6, gt=0)
+    rebuild_context_tokens: int = Field(default=128, ge=0, description="KV tokens per request in flight")
+    alternatives: int = Field(default=4, ge=0, le=16)
+    private_blocks: int = Field(default=0, ge=0, description="until a retained policy arrives")
+    trusted_level: int = Field(default=0, ge=0)
+    reviser_timeout_s: float = Field(default=10.0, gt=0)
+    rollout_timeout_s: float = Field(default=90.0, gt=0)
+    ready_timeout_s: float = Field(default=60.0, gt=0, description="READY deadline per rollout")
+    profile_wait_s: float = Field(default=3.0, ge=0, description="wait for a profile newer than an event")
+    observe_s: float = Field(default=10.0, gt=0, description="realised-effect window after a commit")
+    retained_wait_s: float = Field(default=0.5, ge=0)
+
+    def decision_config(self) -> DecisionConfig:
+        return DecisionConfig(self.relative_threshold, self.dwell_s, self.horizon_s,
+                              self.min_horizon_tokens, self.switch_overhead_s)  # fmt: skip
+
+
+class OrchestratorService:
+    """Constructor does no I/O; ``run()`` serves until cancelled. ``clock``: Unix seconds.
+
+    ``ready`` is set once its subscriptions are confirmed and retained state is read;
+    ``decisions`` holds every record published (newest last)."""
+
+    def __init__(self, settings: OrchestratorSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings, self.clock = settings, clock
+        self.config = settings.decision_config()
+        self.state = OrchestratorState()
+        self.policy = PrivacyPolicySet(private_blocks=settings.private_blocks,
+                                       trusted_level=settings.trusted_level)  # fmt: skip
+        self.entry = settings.entry
+        self.profile: CapacityProfile | None = None
+        self.manifest: ShardManifest | None = None
+        self.ready = asyncio.Event()
+        self.decisions: list[DecisionRecorded] = []
+        self.counters: Counter[str] = Counter()
+        self.tracker = records.TpotTracker()
+        self._origin = settings.client_id or f"orchestrator-{secrets.token_hex(4)}"
+        self._triggers: asyncio.Queue[Trigger] = asyncio.Queue(maxsize=256)
+        self._profile_seen = asyncio.Event()
+        self._profile_for_watch = asyncio.Event()
+        self._replies: dict[str, asyncio.Future[PlanProposed]] = {}
+        self._results: dict[int, asyncio.Future[RolloutFinished]] = {}
+        self._reference_latency_s: float | None = None
+        self._initial_queued = False
+        self._random = random.Random(self._origin)
+
+    async def run(self) -> None:
+        """Serve until cancelled. Raises CheckpointError (bad shard store), BrokerUnavailable."""
+        store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
+        self.manifest = store.manifest
+        async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
+            subs = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))
+                    for topic, params in ((PLAN, {}), (POLICY, {}), (DECISIONS, {}), (CAPACITY, {}),
+                                          (PROFILE_EVENTS, {}), (ROLLOUT_RESULTS, {}), (REPLIES, {}),
+                                          (REVISER_REPLIES, {"client": self._origin}))}  # fmt: skip
+            await self._restore(subs[PLAN], subs[POLICY], subs[DECISIONS])
+            self.ready.set()
+            log.info("orchestrator ready: model %s, entry %s, running %s", self.manifest.model_name,
+                     self.entry, self.state.segments or "nothing")  # fmt: skip
+            async with asyncio.TaskGroup() as tasks:
+                follow = {PLAN: self._on_plan, POLICY: self._on_policy, CAPACITY: self._on_profile,
+                          PROFILE_EVENTS: self._on_event, ROLLOUT_RESULTS: self._on_result,
+                          REPLIES: self._on_reply, REVISER_REPLIES: self._on_proposal}  # fmt: skip
+                for topic, handler in follow.items():
+                    tasks.create_task(self._follow(subs[topic], handler), name=f"follow-{topic.pattern}")
+                tasks.create_task(self._periodic(), name="periodic")
+                tasks.create_task(self._watch(), name="watch")
+                tasks.create_task(self._control(bus, tasks), name="control")
+
+    # --- state from retained topics ---------------------------------------------------------
+
+    async def _restore(self, plans: Subscription[Plan], policies: Subscription[PrivacyPolicySet],
+                       decisions: Subscription[DecisionRecorded]) -> None:  # fmt: skip
+        """Retained plan, policy and decisions: where the last orchestrator left off."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.retained_wait_s
+        plan = await _latest(plans, deadline)
+        if plan is not None:
+            self._on_plan(plan)
+        policy = await _latest(policies, deadline)
+        if policy is not None:
+            self.policy = policy
+        seen: list[DecisionRecorded] = []
+        while (record := await _latest(decisions, deadline, drain=False)) is not None:
+            seen.append(record)
+        if seen:
+            committed = [r.at_s for r in seen if r.outcome == "committed" and r.action != "keep"]
+            self.state = replace(self.state, next_decision_id=max(r.decision_id for r in seen) + 1,
+                                 changed_at_s=max(committed) if committed else None)  # fmt: skip
+            self.decisions = sorted(seen, key=lambda r: r.decision_id)
+
+    # --- followers --------------------------------------------------------------------------
+
+    async def _follow(self, subscription: Subscription[Any], handler: Callable[[Any], None]) -> None:
+        async for _, message in subscription:
+            try:
+                handler(message)
+            except Exception:  # one bad message never stops the orchestrator
+                self.counters["dropped"] += 1
+                log.exception("dropped %s", type(message).__name__)
+
+    def _on_plan(self, plan: Plan) -> None:
+        if self.state.epoch is not None and plan.epoch <= self.state.epoch:
+            return
+        self.entry = self.entry or plan.entry_node
+        if plan.segments != self.state.segments:
+            self._reference_latency_s = None
+        self.state = replace(self.state, segments=plan.segments, epoch=plan.epoch)
+
+    def _on_policy(self, policy: PrivacyPolicySet) -> None:
+        old = (self.policy.private_blocks, self.policy.trusted_level)
+        self.policy = policy
+        if old != (policy.private_blocks, policy.trusted_level):
+            detail = f"private_blocks {old[0]} -> {policy.private_blocks}, trusted_level {old[1]} -> {policy.trusted_level}"
+            self._enqueue(Trigger("policy_changed", self.clock(), True, detail))
+
+    def _on_event(self, event: Any) -> None:
+        trigger = records.trigger_of(event, self.clock())
+        if trigger is not None:
+            self._enqueue(trigger)
+
+    def _on_profile(self, profile: CapacityProfile) -> None:
+        self.profile = profile
+        self._profile_seen.set()
+        self._profile_for_watch.set()
+        if not self.state.segments and not self._initial_queued and self._initial_ready(profile):
+            self._initial_queued = True
+            self._enqueue(Trigger("initial", profile.as_of_s, False, "every expected node is measured"))
+
+    def _on_result(self, result: RolloutFinished) -> None:
+        future = self._results.get(result.decision_id)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def _on_proposal(self, proposal: PlanProposed) -> None:
+        future = self._replies.get(proposal.request_id)
+        if future is not None and not future.done():
+            future.set_result(proposal)
+
+    def _on_reply(self, reply: Any) -> None:
+        if isinstance(reply, RequestFinished):
+            now_s = self.clock()
+            self.tracker.add(reply, now_s)
+            self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s))
+
+    def _initial_ready(self, profile: CapacityProfile) -> bool:
+        measured = {n.node for n in profile.nodes if n.alive and n.flops_per_s > 0}
+        alive = {n.node for n in profile.nodes if n.alive}
+        return self.entry in alive and set(self.settings.expect_nodes) <= measured | {self.entry}
+
+    def _enqueue(self, trigger: Trigger) -> None:
+        try:
+            self._triggers.put_nowait(trigger)
+        except asyncio.QueueFull:
+            self.counters["triggers_dropped"] += 1
+
+    async def _periodic(self) -> None:
+        while True:
+            low, high = 1 - self.settings.jitter, 1 + self.settings.jitter
+            await asyncio.sleep(self.settings.period_s * self._random.uniform(low, high))
+            if self.state.segments:
+                self._enqueue(Trigger("periodic", self.clock()))
+            elif self.profile is not None and self._initial_ready(self.profile):
+                self._enqueue(Trigger("initial", self.clock(), False, "periodic retry"))
+
+    async def _watch(self) -> None:
+        """On every profile: re-evaluate the running plan (on a thread); a prediction worse
+        than at the last decision by the threshold, or a violated constraint, is a trigger."""
+        while True:
+            await self._profile_for_watch.wait()
+            self._profile_for_watch.clear()
+            profile, running, reference = self.profile, self.state.segments, self._reference_latency_s
+            if profile is None or not running or reference is None or self.manifest is None:
+                continue
+            view = planning_view(profile, self.manifest, running)
+            evaluated = await asyncio.to_thread(self._candidates, view, running, (), False)
+            current = next((c for c in evaluated if c.kind == "current"), None)
+            if current is None or running != self.state.segments:
+                continue
+            if not current.feasible:
+                self._reference_latency_s = None
+                detail = f"the running plan is infeasible: {current.violations[0] if current.violations else 'unknown'}"
+                self._enqueue(Trigger("plan_infeasible", profile.as_of_s, True, detail[:1024]))
+            elif current.latency_s > reference * (1 + self.config.relative_threshold):
+                self._reference_latency_s = current.latency_s
+                detail = f"running plan predicted {current.latency_s * 1e3:.2f} ms/token, was {reference * 1e3:.2f}"
+                self._enqueue(Trigger("plan_degraded", profile.as_of_s, False, detail))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def _control(self, bus: Bus, tasks: asyncio.TaskGroup) -> None:
+        """One trigger (with those that queued meanwhile) at a time."""
+        while True:
+            batch = [await self._triggers.get()]
+            while not self._triggers.empty():
+                batch.append(self._triggers.get_nowait())
+            trigger = records.merge(batch)
+            try:
+                await self._evaluate(bus, tasks, trigger)
+            except EdgesplitError as error:
+                self.counters["evaluation_failed"] += 1
+                log.warning("evaluation of %s failed: %s", trigger.kind, error)
+            finally:
+                self._initial_queued = False
+
+    async def _fresh_profile(self, at_s: float) -> CapacityProfile | None:
+        """The profile, once it is as new as ``at_s`` (or the newest after profile_wait_s)."""
+        try:
+            async with asyncio.timeout(self.settings.profile_wait_s):
+                while self.profile is None or self.profile.as_of_s < at_s:
+                    self._profile_seen.clear()
+                    await self._profile_seen.wait()
+        except TimeoutError:
+            pass
+        return self.profile
+
+    async def _evaluate(self, bus: Bus, tasks: asyncio.TaskGroup, trigger: Trigger) -> None:
+        from_monitor = any(kind in MONITOR_KINDS for kind in trigger.kind.split("+"))
+        profile = await self._fresh_profile(trigger.at_s if from_monitor else 0.0)
+        if profile is None or self.entry is None or self.manifest is None:
+            log.info("trigger %s: no profile or entry yet", trigger.kind)
+            return
+        running = self.state.segments
+        view = planning_view(profile, self.manifest, running)
+        proposal = await self._ask_reviser(bus, view, running)
+        options = () if proposal is None or proposal.best is None else (proposal.best, *proposal.alternatives)
+        candidates = await asyncio.to_thread(self._candidates, view, running, options)
+        now_s = self.clock()
+        decision = decide(self.state, trigger, candidates, now_s, self.config)
+        current = decision.current
+        self._reference_latency_s = current.latency_s if current is not None and current.feasible else None
+        if trigger.kind == "periodic" and decision.action == "keep" and not _blocked(decision):
+            return  # nothing worth a record: the plan is best or no alternative is close
+        await self._record_and_execute(bus, tasks, trigger, decision, now_s)
+
+    def _candidates(self, view: CapacityProfile, running: tuple[Segment, ...],
+                    options: tuple[PlanOption, ...], moves: bool = True) -> tuple[CandidatePlan, ...]:  # fmt: skip
+        """Runs on a thread. A source missing or down gives no candidates (keep)."""
+        assert self.manifest is not None and self.entry is not None
+        policy = PrivacyPolicy(min_trust=self.policy.trusted_level, first_blocks=self.policy.private_blocks)
+        entry_in_flight = next((n.requests_in_flight for n in view.nodes if n.node == self.entry), 0)
+        cost = CostModel(self.settings.shard_load_bytes_per_s,
+                         entry_in_flight * self.settings.rebuild_context_tokens)  # fmt: skip
+        try:
+            problem = planning_problem(view, self.manifest, policy, self.entry, cost)
+        except EdgesplitError as error:
+            log.warning("no planning problem: %s", error)
+            return ()
+        return build_candidates(problem, running, options, cost, keep_migrations=4 if moves else 0)
+
+    async def _ask_reviser(self, bus: Bus, view: CapacityProfile,
+                           running: tuple[Segment, ...]) -> PlanProposed | None:  # fmt: skip
+        assert self.manifest is not None and self.entry is not None
+        request = PlanRequested(
+            request_id=f"o{secrets.token_hex(6)}", reply_to=self._origin,
+            model_id=self.manifest.model_name[:1024], source=self.entry, profile=view,
+            private_blocks=self.policy.private_blocks, trusted_level=self.policy.trusted_level,
+            current_segments=running, alternatives=self.settings.alternatives,
+        )  # fmt: skip
+        future: asyncio.Future[PlanProposed] = asyncio.get_running_loop().create_future()
+        self._replies[request.request_id] = future
+        try:
+            await bus.publish(REVISER_REQUESTS, request)
+            async with asyncio.timeout(self.settings.reviser_timeout_s):
+                proposal = await future
+        except (TimeoutError, EdgesplitError) as error:
+            self.counters["reviser_unanswered"] += 1
+            log.warning("split reviser did not answer (%s); deciding on migrations only", error or "timeout")
+            return None
+        finally:
+            self._replies.pop(request.request_id, None)
+        if not proposal.feasible:
+            log.info("split reviser: no plan (%s): %s", proposal.error, proposal.reason)
+        return proposal
+
+    async def _record_and_execute(self, bus: Bus, tasks: asyncio.TaskGroup, trigger: Trigger,
+                                  decision: Decision, now_s: float) -> None:  # fmt: skip
+        decision_id = self.state.next_decision_id
+        self.state = replace(self.state, next_decision_id=decision_id + 1)
+        running_nodes = tuple(dict.fromkeys(s.node for s in self.state.segments))
+        record = records.record_of(decision_id, trigger, decision, now_s, self.state.epoch, running_nodes)
+        baseline, _ = self.tracker.before(now_s, 3 * self.settings.observe_s)
+        record = record.model_copy(update={"baseline_tpot_s": baseline})
+        log.info("decision %d on %s: %s", decision_id, trigger.kind, decision.reason)
+        await self._publish(bus, record)
+        if not decision.changes_plan or decision.chosen is None:
+            return
+        result = await self._rollout(bus, decision_id, decision.chosen.segments, decision.reason)
+        if result is None:
+            await self._publish(bus, record.model_copy(update={"outcome": "failed",
+                                "outcome_detail": "no RolloutFinished before the deadline"}))  # fmt: skip
+            return
+        update = {"outcome": result.outcome, "outcome_detail": result.reason[:1024], "to_epoch": result.epoch}
+        record = record.model_copy(update=update)
+        await self._publish(bus, record)
+        if result.outcome == "committed":
+            committed_s = self.clock()
+            self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s, self.config)
+            self._reference_latency_s = decision.chosen.latency_s
+            tasks.create_task(self._realise(bus, record, committed_s), name=f"realise-{decision_id}")
+
+    async def _rollout(self, bus: Bus, decision_id: int, segments: tuple[Segment, ...],
+                       reason: str) -> RolloutFinished | None:  # fmt: skip
+        assert self.manifest is not None and self.entry is not None
+        plan = Plan(epoch=(self.state.epoch or 0) + 1, model_id=self.manifest.model_name[:1024],
+                    entry_node=self.entry, segments=segments)  # type: ignore[arg-type]
+        request = RolloutRequested(decision_id=decision_id, plan=plan, reason=reason[:1024],
+                                   ready_timeout_s=min(600.0, self.settings.ready_timeout_s))  # fmt: skip
+        future: asyncio.Future[RolloutFinished] = asyncio.get_running_loop().create_future()
+        self._results[decision_id] = future
+        try:
+            await bus.publish(ROLLOUTS, request)
+            async with asyncio.timeout(self.settings.rollout_timeout_s):
+                return await future
+        except (TimeoutError, EdgesplitError) as error:
+            log.warning("rollout of decision %d: %s", decision_id, error or "no result in time")
+            return None
+        finally:
+            self._results.pop(decision_id, None)
+
+    async def _realise(self, bus: Bus, record: DecisionRecorded, committed_s: float) -> None:
+        """After the observation window, the measured TPOT of requests served by the new plan."""
+        deadline_s = committed_s + 6 * self.settings.observe_s
+        await asyncio.sleep(self.settings.observe_s)
+        while True:
+            tpot, count = self.tracker.after(committed_s)
+            if tpot is not None or self.clock() >= deadline_s:
+                break
+            await asyncio.sleep(self.settings.observe_s / 2)
+        if tpot is None:
+            return
+        gain = None
+        if record.baseline_tpot_s is not None:
+            gain = (record.baseline_tpot_s - tpot) * record.horizon_tokens
+        await self._publish(bus, record.model_copy(update={
+            "realised_tpot_s": tpot, "realised_requests": count, "realised_gain_s": gain}))  # fmt: skip
+
+    async def _publish(self, bus: Bus, record: DecisionRecorded) -> None:
+        self.decisions = [d for d in self.decisions if d.decision_id != record.decision_id] + [record]
+        try:
+            await bus.publish(DECISIONS, record, slot=str(record.decision_id % DECISION_SLOTS))
+        except EdgesplitError as error:
+            log.warning("decision %d not published: %s", record.decision_id, error)
+
+
+def _blocked(decision: Decision) -> bool:
+    """True when an alternative beat the threshold but was held back (dwell or cost)."""
+    held = any(not s.eligible and "does not beat cost" in s.note for s in decision.scored)
+    return held or decision.reason.startswith("keep: dwell")
+
+
+async def _latest(subscription: Subscription[Any], deadline: float, *, drain: bool = True) -> Any | None:
+    """The newest message already queued or arriving before ``deadline`` (loop time)."""
+    loop = asyncio.get_running_loop()
+    found = None
+    while True:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                _, found = await subscription.get()
+        except TimeoutError:
+            return found
+        if not drain:
+            return found
