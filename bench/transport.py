@@ -63,8 +63,7 @@ def even_segments(num_layers: int, workers: int) -> list[tuple[int, int]]:
 
 
 def node_id(workers: int, index: int) -> str:
-    """Worker ids unique on the shared broker: MQTT client ids derive from node ids, not
-    from the cluster, so ``w0`` in two clusters would kick each other off."""
+    """``n{width}w{position}``: ids that say which cluster and segment a log belongs to."""
     return f"n{workers}w{index}"
 
 

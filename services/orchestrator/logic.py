@@ -10,10 +10,11 @@ the newest capacity profile (the candidate of kind ``current``) and the alternat
    rule it breaks): take the best feasible candidate now; threshold and dwell are
    skipped (the emergency bypass).
 3. Otherwise a candidate is eligible when it saves at least ``relative_threshold`` of the
-   running plan's time per token (``revert_factor`` times that for a plan left within
-   ``revert_window_s``: hysteresis against A-B-A flapping) and its saving over the
-   horizon beats its migration cost. The eligible candidate with the largest net gain
-   wins, but only once ``dwell_s`` passed since the last change; else keep.
+   running plan's time per token (``recent_factor`` times that while the last change is
+   less than ``recent_window_s`` old: hysteresis, so measurement noise that could
+   justify one change cannot justify a second one) and its saving over the horizon
+   beats its migration cost. The eligible candidate with the largest net gain wins, but
+   only once ``dwell_s`` passed since the last change; else keep.
 
 Every number is deterministic: candidates are ranked by (value, segments), never by
 arrival order, so the same inputs always give the same decision.
@@ -45,9 +46,9 @@ class DecisionConfig:
     """... and over at least this many tokens (an idle system still gets a fair horizon)."""
     switch_overhead_s: float = 0.2
     """One-off cost of any switch (prepare / commit round trips, replays), seconds."""
-    revert_factor: float = 2.0
-    """Threshold multiplier for going back to a plan left less than revert_window_s ago."""
-    revert_window_s: float = 120.0
+    recent_factor: float = 2.0
+    """Threshold multiplier while the last change is less than recent_window_s old."""
+    recent_window_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,6 @@ class OrchestratorState:
     epoch: int | None = None
     changed_at_s: float | None = None
     """When the last change was committed (Unix s; None: never by this orchestrator)."""
-    left_plans: tuple[tuple[float, tuple[Segment, ...]], ...] = ()
-    """(left at s, plan) of plans this orchestrator switched away from, newest last."""
     tokens_per_s: float = 0.0
     """Observed output tokens per second (all requests), for the horizon."""
     next_decision_id: int = 1
@@ -163,13 +162,10 @@ def _rank_key(candidate: CandidatePlan) -> tuple[float, float, str]:
     return (candidate.latency_s, candidate.migration_cost_s, describe(candidate.segments))
 
 
-def _threshold(state: OrchestratorState, candidate: CandidatePlan, now_s: float,
-               config: DecisionConfig) -> float:  # fmt: skip
-    recent = any(
-        plan == candidate.segments and now_s - left_s < config.revert_window_s
-        for left_s, plan in state.left_plans
-    )
-    return config.relative_threshold * (config.revert_factor if recent else 1.0)
+def threshold(state: OrchestratorState, now_s: float, config: DecisionConfig) -> float:
+    """The relative saving a non-emergency change needs now (hysteresis after a change)."""
+    recent = state.changed_at_s is not None and now_s - state.changed_at_s < config.recent_window_s
+    return config.relative_threshold * (config.recent_factor if recent else 1.0)
 
 
 def score(state: OrchestratorState, current: CandidatePlan, candidate: CandidatePlan,
@@ -183,16 +179,16 @@ def score(state: OrchestratorState, current: CandidatePlan, candidate: Candidate
     per_token = current.latency_s - candidate.latency_s
     gain = per_token * tokens
     cost = candidate.migration_cost_s + config.switch_overhead_s
-    threshold = _threshold(state, candidate, now_s, config)
+    needed = threshold(state, now_s, config)
     relative = per_token / current.latency_s if current.latency_s > 0 else 0.0
-    if relative < threshold:
-        note = f"saves {relative:.1%} per token, below the {threshold:.0%} threshold"
-        return Scored(candidate, per_token, gain, cost, threshold, False, note)
+    if relative < needed:
+        note = f"saves {relative:.1%} per token, below the {needed:.0%} threshold"
+        return Scored(candidate, per_token, gain, cost, needed, False, note)
     if gain <= cost:
         note = f"gain {gain:.3f} s over {tokens:.0f} tokens does not beat cost {cost:.3f} s"
-        return Scored(candidate, per_token, gain, cost, threshold, False, note)
+        return Scored(candidate, per_token, gain, cost, needed, False, note)
     note = f"saves {relative:.1%} per token, net {gain - cost:.3f} s"
-    return Scored(candidate, per_token, gain, cost, threshold, True, note)
+    return Scored(candidate, per_token, gain, cost, needed, True, note)
 
 
 def _first(violations: tuple[str, ...]) -> str:
@@ -252,11 +248,6 @@ def _forced(state: OrchestratorState, current: CandidatePlan | None,
 
 
 def after_commit(state: OrchestratorState, segments: tuple[Segment, ...], epoch: int,
-                 now_s: float, config: DecisionConfig | None = None) -> OrchestratorState:  # fmt: skip
+                 now_s: float) -> OrchestratorState:  # fmt: skip
     """The state once a change to ``segments`` committed as ``epoch`` at ``now_s``."""
-    config = config or DecisionConfig()
-    left = state.left_plans
-    if state.segments and state.segments != segments:
-        left = (*left, (now_s, state.segments))
-    left = tuple(item for item in left if now_s - item[0] < config.revert_window_s)[-8:]
-    return replace(state, segments=segments, epoch=epoch, changed_at_s=now_s, left_plans=left)
+    return replace(state, segments=segments, epoch=epoch, changed_at_s=now_s)

@@ -394,7 +394,7 @@ class OrchestratorService:
         await self._publish(bus, record)
         if result.outcome == "committed":
             committed_s = self.clock()
-            self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s, self.config)
+            self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s)
             self._reference_latency_s = decision.chosen.latency_s
             tasks.create_task(self._realise(bus, record, committed_s), name=f"realise-{decision_id}")
 

@@ -88,6 +88,7 @@ def settings_from(args: Any) -> WorkerSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.setswitchinterval(0.0005)  # EXPERIMENT
     configure_logging(args.log_level, f"worker[{args.node_id}]")
     try:
         settings = settings_from(args)

@@ -201,7 +201,7 @@ def test_a_nack_aborts_and_the_old_epoch_keeps_serving(system: System) -> None:
     finally:
         block.write_bytes(original)
     assert result.outcome == "aborted", result
-    assert result.epoch == before.epoch + 1 and result.previous_epoch == before.epoch
+    assert result.epoch > before.epoch and result.previous_epoch == before.epoch
     assert result.reason.startswith("mec rejected") and "sha256" in result.reason, result.reason
     assert seen.kinds(result.epoch) == ["PrepareEpoch", "AbortEpoch"]
     assert system.plan() == before
@@ -243,11 +243,12 @@ def test_duplicated_requests_and_acks_are_harmless(system: System) -> None:
             return result, seen, after
 
     result, seen, after = asyncio.run(scenario())
-    assert result.outcome == "committed" and result.epoch == before.epoch + 1
+    assert result.outcome == "committed" and result.previous_epoch == before.epoch
+    assert result.epoch > before.epoch  # aborted numbers of earlier tests are burned
     assert [r.decision_id for r in seen.results] == [decision]  # one answer for three requests
     assert [c.kind for c in seen.commands] == ["PrepareEpoch", "CommitEpoch"]
     assert not any(isinstance(c, AbortEpoch) for c in after.commands)
-    assert after.results[0].outcome == "committed" and after.results[0].epoch == before.epoch + 2
+    assert after.results[0].outcome == "committed" and after.results[0].epoch == result.epoch + 1
     system.assert_serves_like_local(system.plan())
 
 
@@ -268,10 +269,10 @@ def test_a_restart_keeps_the_epoch_sequence(system: System) -> None:
         return aborted, committed
 
     aborted, committed = asyncio.run(scenario())
-    assert aborted.outcome == "aborted" and aborted.epoch == before.epoch + 1
-    assert "no answer from ghost" in aborted.reason
+    assert aborted.outcome == "aborted" and aborted.epoch > before.epoch
+    assert aborted.reason == "no answer from ghost within 1 s"
     # the retained plan still says before.epoch: only the ledger remembers the burned number
-    assert committed.outcome == "committed" and committed.epoch == before.epoch + 2
+    assert committed.outcome == "committed" and committed.epoch == aborted.epoch + 1
     assert committed.previous_epoch == before.epoch and system.plan().epoch == committed.epoch
 
 
@@ -311,7 +312,8 @@ def test_a_broadcaster_killed_mid_rollout_is_settled_by_the_next(system: System)
         return seen, committed
 
     seen, committed = asyncio.run(scenario())
-    epoch = before.epoch + 1
+    (epoch,) = [c.epoch for c in seen.commands if isinstance(c, PrepareEpoch)]
+    assert epoch > before.epoch
     assert seen.kinds(epoch) == ["PrepareEpoch", "AbortEpoch"], (seen, logs[1].read_text()[-2000:])
     (result,) = seen.results
     assert result.outcome == "aborted" and result.epoch == epoch and "restarted" in result.reason

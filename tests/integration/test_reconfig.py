@@ -79,7 +79,7 @@ async def _decode_while(site: Site, prompts: list[list[int]], tokens: int, chang
 
 def test_boundary_move_with_eight_requests_in_flight_loses_nothing(site: Site) -> None:
     prompts = [[3 + i, 40 + i, 7, 90 + 2 * i] for i in range(8)]
-    moved = make_plan(2, "car", (("car", 0, 1), ("rsu", 1, 5), ("mec", 5, 6)), site.key)
+    moved = make_plan(2, "car", (("car", 0, 2), ("rsu", 2, 5), ("mec", 5, 6)), site.key)
     answers: dict[str, str] = {}
 
     async def change() -> None:

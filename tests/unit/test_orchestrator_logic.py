@@ -1,0 +1,283 @@
+"""The orchestrator's pure decision: classification, threshold, cost, dwell, hysteresis,
+emergency bypass, determinism, noise; and the candidates built from a live profile."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from services.orchestrator.candidates import (
+    CostModel,
+    build_candidates,
+    migration_cost_s,
+    planning_problem,
+    planning_view,
+)
+from services.orchestrator.logic import (
+    CandidatePlan,
+    DecisionConfig,
+    OrchestratorState,
+    Trigger,
+    after_commit,
+    classify,
+    decide,
+)
+from services.orchestrator.records import TpotTracker, merge, record_of
+from services.split_reviser.privacy import PrivacyPolicy
+from shared.messages import (
+    CapacityProfile,
+    LinkCapacity,
+    NodeCapacity,
+    PlanOption,
+    RequestFinished,
+    Segment,
+)
+from shared.model.shard import ShardManifest
+
+CONFIG = DecisionConfig(relative_threshold=0.15, dwell_s=15.0, min_horizon_tokens=100.0,
+                        switch_overhead_s=0.1)  # fmt: skip
+
+
+def plan(*triples: tuple[str, int, int]) -> tuple[Segment, ...]:
+    return tuple(Segment(node=n, start=s, end=e) for n, s, e in triples)  # type: ignore[arg-type]
+
+
+A = plan(("car", 0, 2), ("rsu", 2, 6))
+A_MOVED = plan(("car", 0, 2), ("mec", 2, 6))
+B = plan(("car", 0, 3), ("mec", 3, 6))
+
+
+def cand(segments: tuple[Segment, ...], latency_s: float, kind: str = "resplit",
+         cost_s: float = 0.0, violations: tuple[str, ...] = ()) -> CandidatePlan:  # fmt: skip
+    return CandidatePlan(kind=kind, segments=segments, latency_s=latency_s, bottleneck_s=latency_s,  # type: ignore[arg-type]
+                         migration_cost_s=cost_s, violations=violations)  # fmt: skip
+
+
+def running(latency_s: float, violations: tuple[str, ...] = ()) -> CandidatePlan:
+    return cand(A, latency_s, "current", violations=violations)
+
+
+STATE = OrchestratorState(segments=A, epoch=3, changed_at_s=0.0)
+PERIODIC = Trigger("periodic", 1000.0)
+
+
+def test_classify() -> None:
+    assert classify(A, A) == "keep"
+    assert classify(A, A_MOVED) == "migrate"
+    assert classify(A, B) == "resplit"
+    assert classify((), A) == "resplit"
+
+
+def test_initial_plan_takes_the_best_feasible_candidate() -> None:
+    candidates = (cand(B, 0.02), cand(A, 0.01, violations=("trust: layer 0",)), cand(A_MOVED, 0.03))
+    decision = decide(OrchestratorState(), Trigger("initial", 0.0), candidates, 0.0, CONFIG)
+    assert decision.action == "resplit" and decision.chosen is not None
+    assert decision.chosen.segments == B
+
+
+def test_small_gain_keeps() -> None:
+    decision = decide(STATE, PERIODIC, (running(0.010), cand(B, 0.0090)), 1000.0, CONFIG)
+    assert decision.action == "keep" and "threshold" in decision.reason
+
+
+def test_large_gain_migrates_or_resplits_by_cut_points() -> None:
+    moved = decide(STATE, PERIODIC, (running(0.010), cand(A_MOVED, 0.005, "migrate")), 1000.0, CONFIG)
+    assert moved.action == "migrate" and moved.chosen is not None and moved.chosen.segments == A_MOVED
+    resplit = decide(STATE, PERIODIC, (running(0.010), cand(B, 0.005)), 1000.0, CONFIG)
+    assert resplit.action == "resplit"
+    # 100 tokens x 5 ms saved = 0.5 s gain; cost 0.1 s switch overhead.
+    assert resplit.gain_s == pytest.approx(0.5) and resplit.cost_s == pytest.approx(0.1)
+
+
+def test_cost_decides_between_migration_and_resplit() -> None:
+    """The re-split is faster per token but its migration cost eats the gain: migrate."""
+    candidates = (running(0.010), cand(A_MOVED, 0.006, "migrate", cost_s=0.05),
+                  cand(B, 0.005, cost_s=0.40))  # fmt: skip
+    decision = decide(STATE, PERIODIC, candidates, 1000.0, CONFIG)
+    # migrate: 0.4 - 0.15 = 0.25 net; resplit: 0.5 - 0.5 = 0 net (not eligible)
+    assert decision.action == "migrate"
+    cheap = (running(0.010), cand(A_MOVED, 0.006, "migrate", cost_s=0.05), cand(B, 0.005, cost_s=0.01))
+    assert decide(STATE, PERIODIC, cheap, 1000.0, CONFIG).action == "resplit"
+
+
+def test_gain_that_does_not_beat_the_cost_keeps() -> None:
+    decision = decide(STATE, PERIODIC, (running(0.010), cand(B, 0.005, cost_s=5.0)), 1000.0, CONFIG)
+    assert decision.action == "keep" and "does not beat cost" in decision.reason
+
+
+def test_horizon_grows_with_the_token_rate() -> None:
+    candidates = (running(0.010), cand(B, 0.005, cost_s=5.0))
+    busy = OrchestratorState(segments=A, epoch=3, changed_at_s=0.0, tokens_per_s=100.0)
+    decision = decide(busy, PERIODIC, candidates, 1000.0, CONFIG)  # 3000 tokens x 5 ms = 15 s
+    assert decision.action == "resplit" and decision.horizon_tokens == pytest.approx(3000.0)
+
+
+def test_dwell_time_holds_a_change_back() -> None:
+    state = OrchestratorState(segments=A, epoch=3, changed_at_s=995.0)
+    candidates = (running(0.010), cand(B, 0.002))
+    held = decide(state, PERIODIC, candidates, 1000.0, CONFIG)
+    assert held.action == "keep" and "dwell" in held.reason
+    assert decide(state, PERIODIC, candidates, 1011.0, CONFIG).action == "resplit"
+
+
+def test_hard_violation_bypasses_threshold_and_dwell() -> None:
+    state = OrchestratorState(segments=A, epoch=3, changed_at_s=999.0)
+    gone = running(0.010, violations=("segments[1].node: unknown node 'rsu'",))
+    node_down = Trigger("node_down", 1000.0, emergency=True, detail="rsu offline")
+    decision = decide(state, node_down, (gone, cand(A_MOVED, 0.0099, "migrate", cost_s=9.0)), 1000.0, CONFIG)
+    assert decision.emergency and decision.action == "migrate"
+    stuck = decide(state, node_down, (gone, cand(B, 0.01, violations=("trust",))), 1000.0, CONFIG)
+    assert stuck.action == "keep" and "no feasible plan" in stuck.reason
+
+
+def test_emergency_flag_alone_does_not_bypass_when_the_plan_still_holds() -> None:
+    """A node the plan does not use went down: the running plan is fine, normal rules apply."""
+    decision = decide(STATE, Trigger("node_down", 1000.0, True), (running(0.010), cand(B, 0.0095)),
+                      1000.0, CONFIG)  # fmt: skip
+    assert decision.action == "keep" and not decision.emergency
+
+
+def test_recent_change_raises_the_threshold() -> None:
+    state = after_commit(STATE, A, 4, 1000.0)
+    candidates = (running(0.010), cand(B, 0.0075))  # 25 %: above 15 %, below 30 %
+    assert decide(state, PERIODIC, candidates, 1020.0, CONFIG).action == "keep"
+    assert decide(state, PERIODIC, candidates, 1130.0, CONFIG).action == "resplit"
+
+
+def test_decision_is_independent_of_candidate_order() -> None:
+    candidates = [running(0.010), cand(B, 0.005), cand(A_MOVED, 0.005, "migrate"),
+                  cand(plan(("car", 0, 6)), 0.005)]  # fmt: skip
+    first = decide(STATE, PERIODIC, tuple(candidates), 1000.0, CONFIG)
+    for seed in range(5):
+        random.Random(seed).shuffle(candidates)
+        again = decide(STATE, PERIODIC, tuple(candidates), 1000.0, CONFIG)
+        assert again.chosen == first.chosen and again.action == first.action
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_noise_of_ten_percent_replans_at_most_once_a_minute(seed: int) -> None:
+    """Three equally fast plans, each prediction off by up to +-10 % at every one-second
+    evaluation for two minutes: at most one change in any 60 s."""
+    rng = random.Random(seed)
+    plans = (A, A_MOVED, B)
+    state = OrchestratorState(segments=A, epoch=1, changed_at_s=-1000.0)
+    changes: list[float] = []
+    for second in range(120):
+        now_s = float(second)
+        noisy = [0.010 * rng.uniform(0.9, 1.1) for _ in plans]
+        candidates = tuple(cand(p, t, "current" if p == state.segments else classify(state.segments, p))  # type: ignore[arg-type]
+                           for p, t in zip(plans, noisy, strict=True))  # fmt: skip
+        decision = decide(state, Trigger("periodic", now_s), candidates, now_s, CONFIG)
+        if decision.changes_plan and decision.chosen is not None:
+            changes.append(now_s)
+            state = after_commit(state, decision.chosen.segments, (state.epoch or 0) + 1, now_s)
+    assert all(later - earlier >= 60 for earlier, later in zip(changes, changes[1:], strict=False))
+
+
+# --- candidates on a live profile -------------------------------------------------------
+
+
+def manifest() -> ShardManifest:
+    """Only the per-block costs the planner reads (a real manifest has more)."""
+    blocks = tuple(SimpleNamespace(index=i, bytes=1000, parameters=250, flops_per_token=1e6,
+                                   activation_bytes_per_token=256, kv_bytes_per_token=128)
+                   for i in range(6))  # fmt: skip
+    return ShardManifest.model_construct(model_name="tiny", num_blocks=6, blocks=blocks)
+
+
+def node(name: str, trust: int, decode_s: float, alive: bool = True) -> NodeCapacity:
+    return NodeCapacity(node=name, alive=alive, trust=trust, memory_free_bytes=10**9,  # type: ignore[arg-type]
+                        flops_per_s=1e9, utilisation=0.5, decode_s_per_block=decode_s)  # fmt: skip
+
+
+def profile(rsu_decode_s: float = 0.001, rsu_alive: bool = True) -> CapacityProfile:
+    names = ("car", "rsu", "mec")
+    links = tuple(LinkCapacity(src=a, dst=b, bandwidth_bytes_per_s=1e7, latency_s=0.001)  # type: ignore[arg-type]
+                  for a in names for b in names if a != b)  # fmt: skip
+    return CapacityProfile(as_of_s=1.0, nodes=(node("car", 2, 0.002), node("rsu", 1, rsu_decode_s, rsu_alive),
+                                               node("mec", 0, 0.001)), links=links)  # fmt: skip
+
+
+def candidates_for(prof: CapacityProfile, private: int = 2, options: tuple[PlanOption, ...] = ()):
+    view = planning_view(prof, manifest(), A)
+    problem = planning_problem(view, manifest(), PrivacyPolicy(min_trust=2, first_blocks=private), "car",
+                               CostModel(1e6, 0))  # fmt: skip
+    return problem, build_candidates(problem, A, options, CostModel(1e6, 0))
+
+
+def test_planning_view_uses_decode_time_and_no_utilisation() -> None:
+    view = planning_view(profile(), manifest(), A)
+    speeds = {n.node: (n.flops_per_s, n.utilisation) for n in view.nodes}
+    assert speeds["rsu"] == (pytest.approx(1e6 / 0.001), 0.0)
+    assert speeds["car"] == (pytest.approx(1e6 / 0.002), 0.0)
+
+
+def test_slow_node_makes_a_migration_win() -> None:
+    """rsu gets 4x slower: moving its segment to mec (same cuts) is the better plan."""
+    _, normal = candidates_for(profile())
+    current = next(c for c in normal if c.kind == "current")
+    _, slow = candidates_for(profile(rsu_decode_s=0.004))
+    slow_current = next(c for c in slow if c.kind == "current")
+    assert slow_current.latency_s > current.latency_s
+    decision = decide(STATE, PERIODIC, slow, 1000.0, CONFIG)
+    assert decision.action == "migrate" and decision.chosen is not None
+    assert {s.node for s in decision.chosen.segments} == {"car", "mec"}
+
+
+def test_down_node_makes_the_running_plan_infeasible() -> None:
+    _, found = candidates_for(profile(rsu_alive=False))
+    current = next(c for c in found if c.kind == "current")
+    assert not current.feasible
+    decision = decide(STATE, Trigger("node_down", 1.0, True), found, 1000.0, CONFIG)
+    assert decision.emergency and decision.chosen is not None
+    assert all(s.node != "rsu" for s in decision.chosen.segments)
+
+
+def test_privacy_rule_is_never_broken_even_when_the_untrusted_node_is_fastest() -> None:
+    options = tuple(PlanOption(segments=segments, latency_s=0.001, bottleneck_s=0.001,
+                               migration_cost_s=0.0, weighted_cost_s=0.001)
+                    for segments in (plan(("mec", 0, 6)), B))  # fmt: skip
+    _, found = candidates_for(profile(), private=3, options=options)
+    by_segments = {c.segments: c for c in found}
+    assert not by_segments[plan(("mec", 0, 6))].feasible
+    assert not by_segments[A].feasible  # rsu (trust 1) holds block 2, now private
+    decision = decide(STATE, Trigger("policy_changed", 1.0, True), found, 1000.0, CONFIG)
+    assert decision.chosen is not None and decision.chosen.segments == B
+    for candidate in found:  # every plan that puts a private block off a trusted node is out
+        if any(s.node != "car" and s.start < 3 for s in candidate.segments):
+            assert not candidate.feasible
+
+
+def test_migration_cost_counts_only_moved_blocks() -> None:
+    problem, _ = candidates_for(profile())
+    cost = CostModel(shard_load_bytes_per_s=1000.0, rebuild_tokens=0)
+    assert migration_cost_s(problem, A, A, cost) == 0.0
+    # blocks 2..5 move to mec: 4 blocks x max(1000 B, 4 x 250) / 1000 B/s
+    assert migration_cost_s(problem, A, A_MOVED, cost) == pytest.approx(4.0)
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+def test_record_names_trigger_candidates_and_choice() -> None:
+    candidates = (running(0.010), cand(A_MOVED, 0.005, "migrate", cost_s=0.05))
+    trigger = merge([Trigger("link_degraded", 5.0, False, "car->rsu bandwidth"), Trigger("periodic", 6.0)])
+    decision = decide(STATE, trigger, candidates, 1000.0, CONFIG)
+    record = record_of(7, trigger, decision, 1000.0, 3, ("car", "rsu"))
+    assert record.trigger == "link_degraded+periodic" and record.action == "migrate"
+    assert record.chosen is not None and record.candidates[record.chosen].segments == A_MOVED
+    assert record.candidates[0].kind == "current" and record.current_latency_s == pytest.approx(0.010)
+    assert record.nodes == ("car", "mec") and record.outcome == "pending"
+    assert record.predicted_cost_s == pytest.approx(0.15)
+
+
+def test_tpot_tracker_splits_before_and_after() -> None:
+    tracker = TpotTracker()
+    finished = RequestFinished(request_id="r1", token_ids=(1, 2, 3), ttft_s=0.1, tpot_s=0.05)
+    tracker.add(finished, 10.0)  # started at 9.8
+    tracker.add(finished.model_copy(update={"tpot_s": 0.02}), 30.0)  # started at 29.86
+    assert tracker.before(20.0, 15.0) == (pytest.approx(0.05), 1)
+    assert tracker.after(20.0) == (pytest.approx(0.02), 1)
+    assert tracker.tokens_per_s(30.0, 30.0) == pytest.approx(6 / 30)
