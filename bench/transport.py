@@ -261,10 +261,14 @@ def report(rows: list[Row]) -> bool:
         if overhead is not None:
             line += f"{overhead[0]:>12.2f}{overhead[1]:>7.2f}"
         elif row.workers:
-            line += f"{'+' + format(row.tpot_ms - local.tpot_ms, '.2f'):>12}{'+' + format(row.step_ms - local.step_ms, '.2f'):>7}  (no hop)"
+            line += (f"{row.tpot_ms - local.tpot_ms:>+12.2f}{row.step_ms - local.step_ms:>+7.2f}"
+                     "  (no hop: fixed cost)")  # fmt: skip
         print(line)
     print("(ms; TTFT and TPOT: medians over rounds of the entry's RequestFinished; step p50: median "
           "interval between tokens, all rounds pooled)")  # fmt: skip
+    low, high = local.tpot_range_ms
+    print(f"noise: local TPOT ranged {low:.1f}-{high:.1f} ms over the rounds "
+          f"({(high - low) / local.tpot_ms:.0%} of its median)")  # fmt: skip
     return goals(rows)
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ def register(subparsers: Any) -> None:
     up.add_argument("--broker", help="broker URL (default $EDGESPLIT_BROKER_URL or mqtt://127.0.0.1:1883)")
     up.add_argument("--cluster", help="cluster id (default 'default')")
     up.add_argument("--run-dir", type=Path, help="where worker logs go (default a temp folder)")
+    up.add_argument("--static", action="store_true",
+                    help="publish the static proportional plan instead of running the adaptive control loop")  # fmt: skip
     up.set_defaults(handler=run_up)
 
     status = subparsers.add_parser(
@@ -47,7 +50,7 @@ def run_up(args: argparse.Namespace) -> int:
     from services.launcher import run_up as launch
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
-    return launch(_settings(args), args.topology, args.model, run_dir)
+    return launch(_settings(args), args.topology, args.model, run_dir, static=args.static)
 
 
 async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]:
@@ -86,8 +89,10 @@ async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]
         "cluster": settings.cluster,
         "nodes": [nodes[n].model_dump(mode="json") for n in sorted(nodes)],
         "links": [link.model_dump(mode="json") for link in capacity.links] if capacity else [],
+        "measured": {n.node: n.model_dump(mode="json") for n in capacity.nodes} if capacity else {},
+        "profile_age_s": max(0.0, time.time() - capacity.as_of_s) if capacity else None,
         "plan": plan.model_dump(mode="json", exclude={"signature"}) if plan else None,
-        "decisions": [d.model_dump(mode="json") for d in decisions[-10:]],
+        "decisions": [d.model_dump(mode="json") for d in _latest_decisions(decisions, 10)],
     }
 
 
@@ -115,11 +120,51 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"  {node['node']:<16} {node['state']:<8} trust {node['trust']}  "
               f"memory {node['memory_bytes'] / 1e6:.0f} MB  threads {node['threads']}  "
               f"device {node['device']}")  # fmt: skip
+        measured = state["measured"].get(node["node"])
+        if measured:
+            decode = measured["decode_s_per_block"]
+            print(f"  {'':<16} {measured['health']:<10} busy {measured['utilisation']:.0%}  "
+                  f"queue {measured['queue_depth']:.0f}  in flight {measured['requests_in_flight']}  "
+                  f"decode {decode * 1e3 if decode is not None else float('nan'):.3f} ms/block "
+                  f"({measured['compute_source']})  KV {measured['kv_cache_bytes'] / 1e6:.1f} MB  "
+                  f"rss {measured['memory_used_bytes'] / 1e6:.0f} MB")  # fmt: skip
     if state["links"]:
         print("links:")
         for link in state["links"]:
+            rtt = link.get("rtt_s")
             print(f"  {link['src']} -> {link['dst']}: {link['bandwidth_bytes_per_s'] / 1e6:.2f} MB/s, "
-                  f"{link['latency_s'] * 1e3:.1f} ms")  # fmt: skip
+                  f"{link['latency_s'] * 1e3:.1f} ms"
+                  + (f" (rtt {rtt * 1e3:.1f} ms, loss {link['loss']:.0%}, {link['health']}"
+                     f"{' ' + ','.join(link['degraded']) if link['degraded'] else ''})" if rtt is not None
+                     else f" ({link.get('health', 'unknown')})"))  # fmt: skip
     for decision in state["decisions"]:
-        print(f"decision {decision['decision_id']}: {decision['action']} ({decision['trigger']})")
+        print(_decision_line(decision))
     return 0
+
+
+def _latest_decisions(decisions: list[DecisionRecorded], count: int) -> list[DecisionRecorded]:
+    """The newest version of each of the ``count`` newest decisions, oldest first."""
+    newest: dict[int, DecisionRecorded] = {}
+    for decision in decisions:
+        newest[decision.decision_id] = decision
+    return [newest[key] for key in sorted(newest)[-count:]]
+
+
+def _decision_line(d: dict[str, Any]) -> str:
+    """One decision: trigger and evidence, action and why, predicted vs realised."""
+    trigger = f"{d['trigger']} {d.get('trigger_detail') or ''}".strip()
+    line = f"decision {d['decision_id']}: {d['action']} ({trigger})"
+    if d.get("outcome") not in (None, "none"):
+        line += f" -> {d['outcome']}" + (f" epoch {d['to_epoch']}" if d.get("to_epoch") is not None else "")
+    if d.get("current_latency_s") is not None:
+        line += f"; running {d['current_latency_s'] * 1e3:.2f} ms/token"
+    if d.get("predicted_latency_s") is not None:
+        line += (f", predicted {d['predicted_latency_s'] * 1e3:.2f} ms/token, gain {d['predicted_gain_s']:.3f} s"
+                 f" vs cost {d.get('predicted_cost_s', 0.0):.3f} s over {d.get('horizon_tokens', 0):.0f} tokens")
+    if d.get("realised_tpot_s") is not None:
+        line += f"; realised {d['realised_tpot_s'] * 1e3:.2f} ms/token"
+        if d.get("baseline_tpot_s") is not None:
+            line += f" (was {d['baseline_tpot_s'] * 1e3:.2f})"
+    if d.get("reason"):
+        line += f"\n    {d['reason']}  [{len(d.get('candidates', []))} candidates]"
+    return line

@@ -1,8 +1,11 @@
 """`edgesplit up`: the whole local stack in the foreground.
 
-Starts a broker when none answers (and says so), prepares and shards the model, publishes
-the first plan, starts one worker process per topology node, prints one line when the
-system is ready to serve, and stops everything it started on Ctrl-C.
+Starts a broker when none answers (and says so), prepares and shards the model, starts
+one worker process per topology node and the four control services (monitor, split
+reviser, broadcaster, orchestrator), publishes the topology's privacy policy (retained),
+and prints one line once the orchestrator's first plan (the split reviser's answer over
+the live profile) is committed and every node of it serves that epoch. ``--static``
+instead publishes the static proportional plan itself. Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import BrokerUnavailable, EdgesplitError, ServingError
-from shared.messages import EpochReady, EpochRejected, Plan, Segment
+from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
 from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
-from shared.topics import EPOCH_ACKS, PLAN
+from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -117,10 +120,79 @@ def start_worker(node: str, settings: BusSettings, shards: Path, topology_file: 
 
 
 def start_split_reviser(settings: BusSettings, shards: Path, log_file: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "services.split_reviser", "--shards", str(shards),
+    return start_service("split_reviser", ["--shards", str(shards)], settings, log_file)
+
+
+def start_service(module: str, args: list[str], settings: BusSettings,
+                  log_file: Path) -> subprocess.Popen[bytes]:  # fmt: skip
+    """``python -m services.MODULE ARGS --broker ... --cluster ...``, output to ``log_file``."""
+    command = [sys.executable, "-m", f"services.{module}", *args,
                "--broker", settings.broker_url, "--cluster", settings.cluster]  # fmt: skip
     with open(log_file, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+
+
+def start_control_services(stack: Stack, settings: BusSettings, shards: Path, topology: Topology,
+                           topology_path: Path, run_dir: Path) -> None:  # fmt: skip
+    """Monitor, broadcaster and orchestrator (the split reviser is started for every mode)."""
+    nodes = ",".join(node.id for node in topology.nodes)
+    services = {
+        "monitor": ["--topology", str(topology_path), "--shards", str(shards)],
+        "broadcaster": ["--shards", str(shards)],
+        "orchestrator": ["--shards", str(shards), "--entry", topology.entry_node().id,
+                         "--expect-nodes", nodes, "--private-blocks", str(topology.private_blocks),
+                         "--trusted-level", str(topology.trusted_level)],
+    }  # fmt: skip
+    for name, args in services.items():
+        stack.logs[name] = run_dir / f"{name}.log"
+        stack.services[name] = start_service(name, args, settings, stack.logs[name])
+
+
+async def publish_policy(bus: Bus, topology: Topology) -> PrivacyPolicySet:
+    """The topology's privacy policy, retained: the orchestrator plans under it."""
+    policy = PrivacyPolicySet(private_blocks=topology.private_blocks, trusted_level=topology.trusted_level,
+                              set_at_s=time.time(), reason=f"topology {topology.name}"[:1024])  # fmt: skip
+    await bus.publish(POLICY, policy)
+    return policy
+
+
+async def wait_for_served_plan(bus: Bus, stack: Stack, timeout_s: float) -> Plan:
+    """The retained plan once every node in it reports (retained status) serving its epoch.
+
+    Raises ServingError when a process exits or nothing is served within ``timeout_s``.
+    """
+    plan: Plan | None = None
+    statuses: dict[str, NodeStatus] = {}
+    async with bus.subscribe(PLAN) as plans, bus.subscribe(NODE_STATUS) as nodes:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    for subscription in (plans, nodes):
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.25):
+                                _, message = await subscription.get()
+                                if isinstance(message, Plan):
+                                    plan = message
+                                else:
+                                    statuses[message.node] = message
+                    if plan is not None and _served(plan, statuses):
+                        return plan
+                    dead = stack.dead_worker()
+                    if dead is not None:
+                        raise ServingError(f"{dead} exited; see {stack.logs[dead]}")
+        except TimeoutError:
+            raise ServingError(
+                f"no plan was committed and served within {timeout_s:g} s; see the orchestrator "
+                f"and broadcaster logs in {stack.logs.get('orchestrator', Path('.')).parent}"
+            ) from None
+
+
+def _served(plan: Plan, statuses: dict[str, NodeStatus]) -> bool:
+    nodes = {plan.entry_node, *(segment.node for segment in plan.segments)}
+    return all(
+        node in statuses and statuses[node].state == "online" and statuses[node].epoch == plan.epoch
+        for node in nodes
+    )
 
 
 async def previous_epoch(bus: Bus) -> int:
@@ -173,7 +245,7 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
 
 
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
-             run_dir: Path, ready_timeout_s: float = 300.0) -> None:  # fmt: skip
+             run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False) -> None:  # fmt: skip
     """Run the stack until cancelled."""
     topology_path = topology_file or DEFAULT_TOPOLOGY
     topology = load_topology(topology_path)
@@ -185,8 +257,6 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     stack = Stack(broker=ensure_broker(settings, run_dir / "broker"))
     try:
         async with Bus(settings) as bus:
-            epoch = await previous_epoch(bus) + 1
-            plan = make_plan(topology, num_layers, epoch, model_dir.name, settings.plan_signing_key)
             for node in topology.nodes:
                 stack.logs[node.id] = run_dir / f"{node.id}.log"
                 stack.workers[node.id] = start_worker(node.id, settings, shards, topology_path,
@@ -194,7 +264,15 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             say(f"started {len(stack.workers)} workers ({', '.join(stack.workers)}); logs in {run_dir}")
             stack.logs["split-reviser"] = run_dir / "split-reviser.log"
             stack.services["split-reviser"] = start_split_reviser(settings, shards, stack.logs["split-reviser"])
-            await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
+            if static:
+                epoch = await previous_epoch(bus) + 1
+                plan = make_plan(topology, num_layers, epoch, model_dir.name, settings.plan_signing_key)
+                await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
+            else:
+                await publish_policy(bus, topology)
+                start_control_services(stack, settings, shards, topology, topology_path, run_dir)
+                say("started monitor, split-reviser, broadcaster, orchestrator; waiting for the first plan")
+                plan = await wait_for_served_plan(bus, stack, ready_timeout_s)
             layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
             print(f"edgesplit ready: model {model_dir.name} on {len(plan.segments)} nodes, "
                   f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
@@ -209,10 +287,11 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
         say("stopped everything it started")
 
 
-def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path) -> int:
+def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
+           static: bool = False) -> int:  # fmt: skip
     """Blocking entry point for the CLI; Ctrl-C stops the stack."""
     try:
-        asyncio.run(up(settings, topology_file, model, run_dir))
+        asyncio.run(up(settings, topology_file, model, run_dir, static=static))
     except KeyboardInterrupt:
         return 0
     except BaseExceptionGroup as group:

@@ -55,9 +55,9 @@ class MonitorConfig:
     min_samples: int = 3
     baseline_alpha: float = 0.1
     bandwidth_drop: float = 0.3
-    fast_link_bytes_per_s: float = 40e6
+    fast_link_bytes_per_s: float = 20e6
     rtt_rise: float = 0.5
-    rtt_min_rise_s: float = 0.005
+    rtt_min_rise_s: float = 0.01
     loss_degraded: float = 0.2
     loss_recovered: float = 0.05
     busy_overloaded: float = 0.9

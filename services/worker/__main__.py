@@ -88,7 +88,9 @@ def settings_from(args: Any) -> WorkerSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.setswitchinterval(0.0005)  # EXPERIMENT
+    # The compute thread gets the GIL back within 0.5 ms after an emulated sleep (the 5 ms
+    # default made a 4x slowdown of sub-ms forwards measure as 9x; docs/MONITOR.md).
+    sys.setswitchinterval(0.0005)
     configure_logging(args.log_level, f"worker[{args.node_id}]")
     try:
         settings = settings_from(args)

@@ -18,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from shared.errors import EdgesplitError
 from shared.model.kv_cache import SegmentCache
 from shared.model.runtime import SegmentRuntime
 from shared.model.source import TensorSource
@@ -91,6 +92,11 @@ class Slowdown:
             time.sleep(extra_s)
 
 
+class KvMissing(EdgesplitError):
+    """A decode step reached a segment that lacks the request's KV cache (it moved here
+    and has not arrived, or was lost): the entry must replay the request."""
+
+
 @dataclass
 class _CacheEntry:
     cache: SegmentCache
@@ -104,6 +110,7 @@ class SegmentHost:
         self.runtime = SegmentRuntime(source, start, end, device=device)
         self.start, self.end = start, end
         self._caches: dict[str, _CacheEntry] = {}
+        self._incoming: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._lock = threading.Lock()
         self.on_forward: Callable[[int, int, float], None] | None = None
         """Called after each forward with (tokens, blocks, seconds incl. slowdown); telemetry."""
@@ -115,10 +122,18 @@ class SegmentHost:
         began = time.perf_counter()
         with self._lock:
             entry = self._caches.get(request_id)
+            if start_position == 0:
+                self._incoming.pop(request_id, None)  # a replay rebuilds everything
+            if request_id in self._incoming or (entry is None and start_position > 0):
+                raise KvMissing(f"blocks [{self.start}, {self.end}) hold no KV cache for "
+                                f"request {request_id} at position {start_position}")  # fmt: skip
             if entry is None:
                 entry = _CacheEntry(self.runtime.new_cache(), 0.0)
                 self._caches[request_id] = entry
             entry.last_used_s = time.monotonic()
+        if 0 < start_position and entry.cache.length < start_position:
+            raise KvMissing(f"request {request_id}: KV cache holds {entry.cache.length} tokens, "
+                            f"the step starts at {start_position}")  # fmt: skip
         if start_position == 0 and entry.cache.length > 0:
             entry.cache.truncate(0)  # a replay from the start rebuilds the cache
         elif entry.cache.length > start_position:
@@ -132,6 +147,28 @@ class SegmentHost:
     def release(self, request_id: str) -> None:
         with self._lock:
             self._caches.pop(request_id, None)
+            self._incoming.pop(request_id, None)
+
+    def export_kv(self, request_id: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Copies of the request's K/V per block, or None without a cache. Compute thread."""
+        with self._lock:
+            entry = self._caches.get(request_id)
+        return None if entry is None else entry.cache.export()
+
+    def import_kv(self, request_id: str, blocks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Take K/V of some of this segment's blocks (moved here from other nodes); the
+        request's cache appears once every block has arrived. True when complete."""
+        with self._lock:
+            incoming = self._incoming.setdefault(request_id, {})
+            incoming.update({b: kv for b, kv in blocks.items() if self.start <= b < self.end})
+            if set(incoming) != set(range(self.start, self.end)):
+                return False
+            del self._incoming[request_id]
+        cache = self.runtime.new_cache()
+        cache.import_blocks(incoming)
+        with self._lock:
+            self._caches[request_id] = _CacheEntry(cache, time.monotonic())
+        return True
 
     def sweep(self, idle_timeout_s: float) -> list[str]:
         """Free caches unused for `idle_timeout_s`; returns the request ids freed."""

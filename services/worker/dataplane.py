@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 from itertools import count
 
 import numpy as np
+import torch
 
-from services.worker.compute import ComputeThread, Slowdown
+from services.worker.compute import ComputeThread, KvMissing, SegmentHost, Slowdown
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.probes import is_probe
 from services.worker.routing import Route
 from shared.errors import EdgesplitError, StageTimedOut
-from shared.tensor_frame import Frame, FrameHeader, encode_frame
+from shared.tensor_frame import Frame, FrameHeader, encode_frame, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class DataPlane:
         self.stage_timeout_s = stage_timeout_s
         self.counters: Counter[str] = Counter()
         self._seq = count()
-        self._pending: dict[tuple[str, int, int], asyncio.Future[np.ndarray]] = {}
+        self._pending: dict[tuple[str, int, int], asyncio.Future[Frame]] = {}
 
     async def on_frame(self, frame: Frame) -> None:
         """Handle one received frame (raises FrameRefused for a bad one)."""
@@ -69,6 +70,13 @@ class DataPlane:
         target = header.extra.get("target")
         if not isinstance(target, int) or isinstance(target, bool):
             raise FrameRefused("frame has no integer 'target' block")
+        kind = header.extra.get("kind")
+        if kind == "handoff":
+            await self._on_handoff(frame, serving)
+            return
+        if kind == "kv":
+            self._on_kv(frame, serving)
+            return
         if header.extra.get("release") is True:
             if host is not None and target == host.start:
                 host.release(header.request_id)
@@ -76,21 +84,38 @@ class DataPlane:
                     await self._send(route, header, frame.array, host.end)
             return
         if target == route.num_layers:
-            future = self._pending.pop((header.request_id, header.step, header.epoch), None)
-            if future is None or future.done():
-                self.counters["results_unexpected"] += 1  # a duplicate or a late one
-            else:
-                future.set_result(frame.array)
+            self._resolve(frame)
             return
         if host is None or target != host.start:
             raise FrameRefused(f"frame for block {target}, but this node runs "
                                f"{route.segment_of(self.node)} in epoch {route.epoch}")  # fmt: skip
         position = header.extra.get("pos", 0)
         self._check_activation(frame.array, position)
-        hidden = await self.compute.run(host.forward, header.request_id, frame.array, position, self.slowdown)
+        try:
+            hidden = await self.compute.run(host.forward, header.request_id, frame.array, position, self.slowdown)
+        except KvMissing as error:
+            self.counters["kv_missing"] += 1
+            log.info("%s: %s; asking the entry to replay", self.node, error)
+            await self._send_result(route, header, {"kv_missing": True})
+            return
         if host.end == route.num_layers and header.extra.get("last_only") is True:
             hidden = hidden[-1:]
         await self._send(route, header, hidden, host.end)
+
+    def _resolve(self, frame: Frame) -> None:
+        """A final state (or a handoff answer) for the entry: accept it once."""
+        header = frame.header
+        future = self._pending.pop((header.request_id, header.step, header.epoch), None)
+        if future is None or future.done():
+            self.counters["results_unexpected"] += 1  # a duplicate or a late one
+        else:
+            future.set_result(frame)
+
+    async def _send_result(self, route: Route, header: FrameHeader, extra: dict[str, bool]) -> None:
+        """An empty result straight to the entry, e.g. to say the KV cache is missing."""
+        out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
+                          seq=next(self._seq), extra={**extra, "target": route.num_layers})  # fmt: skip
+        await self._send_payload(route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32)))
 
     def _check_activation(self, array: np.ndarray, position: object) -> None:
         hidden = self.hidden_size
@@ -124,14 +149,18 @@ class DataPlane:
         if target == route.num_layers:
             return (hidden[-1:] if last_only else hidden), route.epoch
         key = (request_id, step, route.epoch)
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         header = FrameHeader(request_id=request_id, step=step, epoch=route.epoch, seq=0,
                              extra={"pos": position, "last_only": last_only})  # fmt: skip
         try:
             await self._send(route, header, hidden, target)
             async with asyncio.timeout(self.stage_timeout_s):
-                return await future, route.epoch
+                result = await future
+            if result.header.extra.get("kv_missing") is True:
+                raise KvMissing(f"request {request_id} step {step}: a node of epoch "
+                                f"{route.epoch} lacks its KV cache")  # fmt: skip
+            return result.array, route.epoch
         except TimeoutError:
             raise StageTimedOut(
                 f"no result for request {request_id} step {step} within "
@@ -154,3 +183,108 @@ class DataPlane:
             header = FrameHeader(request_id=request_id, step=0, epoch=route.epoch, seq=0,
                                  extra={"release": True})  # fmt: skip
             await self._send(route, header, np.zeros((0, self.hidden_size), np.float32), target)
+
+    # --- KV handoff when split points move -------------------------------------------------
+
+    async def handoff(self, request_id: str, old_epoch: int, length: int) -> bool:
+        """Move a request's KV caches from the old epoch's owners to the new ones.
+
+        A handoff frame walks the old pipeline behind the request's last step; each node
+        sends the K/V of its blocks to their new owners (or keeps them), then passes it on;
+        the last one answers the entry. True when every node handed off; False (the entry
+        then replays) on any gap or after the stage deadline.
+        """
+        old = self.keeper.for_frame(old_epoch, time.monotonic())
+        new = self.keeper.current
+        if old is None or new is None or new.epoch == old_epoch:
+            return False
+        key = (request_id, HANDOFF_STEP, old_epoch)
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        header = FrameHeader(request_id=request_id, step=HANDOFF_STEP, epoch=old_epoch, seq=0,
+                             extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
+                                    "target": 0})  # fmt: skip
+        empty = np.zeros((0, self.hidden_size), np.float32)
+        try:
+            if old.route.node_for(0) == self.node:
+                await self._on_handoff(Frame(header, empty), old)
+            else:
+                await self._send_payload(old.route.node_for(0), encode_frame(header, empty))
+            async with asyncio.timeout(self.stage_timeout_s):
+                answer = await future
+            return answer.header.extra.get("failed") is not True
+        except TimeoutError:
+            return False
+        finally:
+            self._pending.pop(key, None)
+
+    async def _on_handoff(self, frame: Frame, old: Serving) -> None:
+        header, route, host = frame.header, old.route, old.host
+        target = header.extra.get("target")
+        if target == route.num_layers:
+            self._resolve(frame)
+            return
+        new = self.keeper.for_frame(_int(header.extra.get("new_epoch")), time.monotonic())
+        failed = header.extra.get("failed") is True or new is None or host is None
+        if not failed and host is not None and new is not None:
+            outgoing = await self.compute.run(
+                _split_kv, host, new, self.node, header.request_id, _int(header.extra.get("pos"))
+            )
+            failed = outgoing is None
+            for owner, (blocks, tensor) in (outgoing or {}).items():
+                extra = {"kind": "kv", "blocks": blocks, "pos": _int(header.extra.get("pos")),
+                         "target": new.route.segment_of(owner)[0]}  # type: ignore[index]  # fmt: skip
+                out = FrameHeader(request_id=header.request_id, step=HANDOFF_STEP, epoch=new.epoch,
+                                  seq=next(self._seq), extra=extra)  # fmt: skip
+                await self._send_payload(owner, encode_frame(out, tensor))
+        extra = {**header.extra, "failed": failed}
+        next_block = host.end if host is not None else route.num_layers
+        forward = FrameHeader(request_id=header.request_id, step=HANDOFF_STEP, epoch=route.epoch,
+                              seq=next(self._seq), extra={**extra, "target": next_block})  # fmt: skip
+        if route.node_for(next_block) == self.node:
+            await self._on_handoff(Frame(forward, frame.array), old)
+        else:
+            await self._send_payload(route.node_for(next_block), encode_frame(forward, frame.array))
+
+    def _on_kv(self, frame: Frame, serving: Serving) -> None:
+        blocks = frame.header.extra.get("blocks")
+        host = serving.host
+        if host is None or not isinstance(blocks, tuple) or frame.array.ndim != 5:
+            raise FrameRefused("a kv frame needs a segment here, a tuple of blocks and a 5-d tensor")
+        if frame.array.shape[0] != len(blocks):
+            raise FrameRefused(f"kv frame holds {frame.array.shape[0]} blocks, names {len(blocks)}")
+        tensor = to_torch(np.ascontiguousarray(frame.array))
+        moved = {int(b): (tensor[i, 0], tensor[i, 1]) for i, b in enumerate(blocks)}
+        host.import_kv(frame.header.request_id, moved)
+        self.counters["kv_blocks_received"] += len(moved)
+
+
+HANDOFF_STEP = 2**62
+"""The frame step that marks a KV handoff (never a real decode step)."""
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FrameRefused(f"expected an integer, got {value!r}")
+    return value
+
+
+def _split_kv(
+    host: SegmentHost, new: Serving, node: str, request_id: str, length: int
+) -> dict[str, tuple[tuple[int, ...], np.ndarray]] | None:
+    """Compute thread: export this node's K/V of the request; blocks staying here go into
+    the new host at once; the rest is returned as one [n, 2, heads, T, dim] array per new
+    owner. None when the cache is missing or does not hold ``length`` tokens."""
+    exported = host.export_kv(request_id)
+    if exported is None or any(k.shape[1] != length for k, _ in exported.values()):
+        return None
+    by_owner: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for block, kv in sorted(exported.items()):
+        by_owner.setdefault(new.route.owner_of_block(block), {})[block] = kv
+    mine = by_owner.pop(node, None)
+    if mine is not None and new.host is not None and new.host is not host:
+        new.host.import_kv(request_id, mine)
+    return {
+        owner: (tuple(blocks), torch.stack([torch.stack(blocks[b]) for b in blocks]).numpy())
+        for owner, blocks in by_owner.items()
+    }

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from services.worker.compute import KvMissing
 from shared.errors import ConfigError, ContextTooLong, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
@@ -66,6 +67,7 @@ class EntryRole:
         max_in_flight: int,
         max_prompt_tokens: int,
         current_epoch: Callable[[], int | None] = lambda: None,
+        handoff: Callable[[str, int, int], Awaitable[bool]] | None = None,
         max_replays: int = 3,
     ) -> None:
         self.runtime = runtime
@@ -78,6 +80,7 @@ class EntryRole:
         self.max_prompt_tokens = max_prompt_tokens
         self.journal: dict[str, JournalEntry] = {}
         self._current_epoch = current_epoch
+        self._handoff = handoff
         self.max_replays = max_replays
 
     def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
@@ -189,18 +192,35 @@ class EntryRole:
         while True:
             epoch = self._current_epoch()
             if step > 0 and entry.kv_epoch != epoch:
-                step_input, position = entry.prompt_ids + entry.generated, 0
-                entry.replays += 1
-                log.info("request %s: replaying %d tokens in epoch %s", rid, len(step_input), epoch)
+                if await self._move_kv(entry, epoch, position):
+                    entry.kv_epoch = epoch
+                else:
+                    step_input, position = entry.prompt_ids + entry.generated, 0
+                    entry.replays += 1
+                    log.info("request %s: replaying %d tokens in epoch %s", rid, len(step_input), epoch)
             try:
                 hidden, entry.kv_epoch = await self._pass(
                     rid, step, np.asarray(step_input, dtype=np.int64), position, True
                 )
                 return hidden
+            except KvMissing:
+                if entry.replays >= self.max_replays:
+                    raise StageTimedOut(f"request {rid}: KV caches lost {entry.replays} times") from None
+                entry.kv_epoch = None  # some node lacks the cache: replay
             except StageTimedOut:
                 if entry.replays >= self.max_replays or self._current_epoch() == epoch:
                     raise
                 entry.kv_epoch = None  # the plan moved under this pass: replay on the new one
+
+    async def _move_kv(self, entry: JournalEntry, epoch: int | None, length: int) -> bool:
+        """Hand the request's KV caches over from its old epoch's nodes to the new ones."""
+        if self._handoff is None or entry.kv_epoch is None or epoch is None:
+            return False
+        moved = await self._handoff(entry.request.request_id, entry.kv_epoch, length)
+        if moved:
+            log.info("request %s: KV handed over from epoch %d to %d", entry.request.request_id,
+                     entry.kv_epoch, epoch)  # fmt: skip
+        return moved
 
     def _sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
         """Head + sampling on the final hidden state's last row. Compute thread."""

@@ -74,6 +74,10 @@ class EpochKeeper:
         """The state that serves a frame of ``epoch``, or None when it is fenced."""
         if self.current is not None and epoch == self.current.epoch:
             return self.current
+        if epoch in self.prepared:
+            # A frame of a prepared epoch proves it was committed elsewhere (the entry only
+            # sends under committed epochs); serve it before our own COMMIT arrives.
+            return self.prepared[epoch]
         draining = self.draining.get(epoch)
         if draining is not None and now_s < draining[1]:
             return draining[0]

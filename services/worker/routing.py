@@ -37,6 +37,13 @@ class Route:
                 return owner
         raise InvalidPlan(f"epoch {self.epoch}: no segment starts at block {target}")
 
+    def owner_of_block(self, block: int) -> str:
+        """The node that runs ``block``."""
+        for owner, start, end in self.segments:
+            if start <= block < end:
+                return owner
+        raise InvalidPlan(f"epoch {self.epoch}: no segment holds block {block}")
+
     def nodes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([self.entry, *(node for node, _, _ in self.segments)]))
 

@@ -278,6 +278,7 @@ class WorkerService:
             self.settings.max_in_flight,
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
+            handoff=self.data.handoff if self.settings.kv_handoff else None,
         )
 
     async def _ack(self, answer: EpochReady | EpochRejected) -> None:

@@ -29,6 +29,9 @@ class WorkerSettings(BusSettings):
     stage_timeout_s: float = Field(default=30.0, gt=0, description="entry: wait for a pipeline pass")
     kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
     max_prompt_tokens: int = Field(default=8192, ge=1)
+    kv_handoff: bool = Field(
+        default=True, description="move KV caches when split points move (else replay)"
+    )
     shard_cache_bytes: int = Field(
         default=2_000_000_000, ge=0, description="recently used block weights kept in memory"
     )

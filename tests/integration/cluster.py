@@ -42,8 +42,10 @@ class WorkerCluster:
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    extra_env: dict[str, str] = field(default_factory=dict)
+
     def start(self, node: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.extra_env}
         log = open(self.log_dir / f"{node}.log", "ab")  # noqa: SIM115 - handed to the process
         process = subprocess.Popen(
             [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(self.shards),

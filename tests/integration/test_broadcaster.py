@@ -80,6 +80,7 @@ class System:
         """Requests now are token-identical to the in-process split with the plan's cuts."""
         local = LocalPipeline(self.model_dir, tuple(s.end for s in plan.segments[:-1]))
         for prompt in PROMPTS:
+
             def make(client: str, prompt: list[int] = prompt) -> GenerateRequest:
                 return GenerateRequest(request_id=f"b{next(self.decisions)}", reply_to=client,  # type: ignore[arg-type]
                                        token_ids=tuple(prompt), max_new_tokens=12)  # fmt: skip
@@ -193,6 +194,7 @@ def test_a_nack_aborts_and_the_old_epoch_keeps_serving(system: System) -> None:
     flipped[-1] ^= 0xFF  # same size, different sha256
     block.write_bytes(bytes(flipped))
     try:
+
         async def scenario() -> tuple[RolloutFinished, Seen]:
             async with broadcaster(system.broadcaster_settings), Bus(system.settings) as bus:
                 return await roll_out(bus, nack_plan, next(system.decisions))
@@ -291,8 +293,12 @@ def test_a_broadcaster_killed_mid_rollout_is_settled_by_the_next(system: System)
                 message = RolloutRequested(decision_id=next(system.decisions), plan=plan,
                                            ready_timeout_s=120.0)  # fmt: skip
                 async with asyncio.timeout(30):
-                    while not any(isinstance(c, PrepareEpoch) for c in await _drain(commands, seen)):
-                        await bus.publish(ROLLOUTS, message)  # until it listens; copies are harmless
+                    while not any(
+                        isinstance(c, PrepareEpoch) for c in await _drain(commands, seen)
+                    ):
+                        await bus.publish(
+                            ROLLOUTS, message
+                        )  # until it listens; copies are harmless
                         await asyncio.sleep(0.5)
             finally:
                 first.kill()  # SIGKILL: no clean abort on the way out
@@ -329,3 +335,43 @@ def _start_broadcaster(system: System, log_file: Path) -> subprocess.Popen[bytes
              "--cluster", system.settings.cluster, "--shards", str(system.shards)],
             stdout=log, stderr=log, cwd=ROOT, env=env, start_new_session=True,
         )  # fmt: skip
+
+
+def test_a_broadcaster_stopped_mid_rollout_aborts_it_on_the_way_out(system: System) -> None:
+    before = system.plan()
+    ghost = (("car", 0, 2), ("ghost", 2, 3), ("mec", 3, 4))
+
+    async def scenario() -> tuple[Seen, int | None]:
+        seen = Seen()
+        async with (
+            Bus(system.settings) as bus,
+            bus.subscribe(EPOCH_COMMANDS) as commands,
+            bus.subscribe(ROLLOUT_RESULTS) as results,
+        ):
+            process = _start_broadcaster(system, system.root / "broadcaster-3.log")
+            try:
+                plan = make_plan(0, "car", ghost, "x")
+                message = RolloutRequested(decision_id=next(system.decisions), plan=plan,
+                                           ready_timeout_s=120.0)  # fmt: skip
+                async with asyncio.timeout(30):
+                    while not any(
+                        isinstance(c, PrepareEpoch) for c in await _drain(commands, seen)
+                    ):
+                        await bus.publish(ROLLOUTS, message)
+                        await asyncio.sleep(0.5)
+                    process.terminate()  # SIGTERM: a clean stop
+                    seen.results.append((await results.get()).message)
+                    while not any(isinstance(c, AbortEpoch) for c in seen.commands):
+                        seen.commands.append((await commands.get()).message)
+                return seen, await asyncio.to_thread(process.wait, 10)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=10)
+
+    seen, exit_status = asyncio.run(scenario())
+    (epoch,) = [c.epoch for c in seen.commands if isinstance(c, PrepareEpoch)]
+    assert seen.kinds(epoch) == ["PrepareEpoch", "AbortEpoch"] and exit_status == 0
+    (result,) = seen.results
+    assert result.outcome == "aborted" and result.epoch == epoch and "stopped" in result.reason
+    assert system.plan() == before

@@ -29,12 +29,16 @@ class Site:
         self.workers = WorkerCluster(broker.url, self.settings.cluster, self.shards, root)
         self.local = LocalPipeline(self.model_dir, ())
         self.key = self.settings.plan_signing_key
+        self.mode = "handoff"
 
 
-@pytest.fixture
-def site(broker: LocalBroker, tmp_path: Path) -> Iterator[Site]:
+@pytest.fixture(params=["handoff", "replay"])
+def site(broker: LocalBroker, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """Workers that move KV caches when split points move, or (the fallback) replay."""
     torch.set_num_threads(1)
     site = Site(broker, tmp_path)
+    site.mode = request.param
+    site.workers.extra_env = {"EDGESPLIT_KV_HANDOFF": "true" if request.param == "handoff" else "false"}
     try:
         policy = ("--private-blocks", "2", "--trusted-level", "2", "--slowdown", "3")
         site.workers.start("car", "--trust", "2", *policy)
@@ -89,7 +93,11 @@ def test_boundary_move_with_eight_requests_in_flight_loses_nothing(site: Site) -
     assert answers == {"car": "ready", "rsu": "ready", "mec": "ready"}
     for prompt, result in zip(prompts, results, strict=True):
         assert result.token_ids == site.local.generate(prompt, 40).token_ids, prompt
-    assert "replaying" in site.workers.log_tail("car", 400)
+    log = site.workers.log_tail("car", 400)
+    if site.mode == "handoff":
+        assert "KV handed over from epoch 1 to 2" in log and "replaying" not in log
+    else:
+        assert "replaying" in log and "KV handed over" not in log
     assert "serving epoch 2" in site.workers.log_tail("mec", 400)
 
 

@@ -104,7 +104,9 @@ def test_request_prepares_the_next_epoch_with_a_signed_plan() -> None:
     assert state.next_deadline_s == 107.0 and state.committed_epoch == 3
 
 
-@pytest.mark.parametrize("order", [("car", "rsu", "mec"), ("mec", "car", "rsu"), ("rsu", "mec", "car")])
+@pytest.mark.parametrize(
+    "order", [("car", "rsu", "mec"), ("mec", "car", "rsu"), ("rsu", "mec", "car")]
+)
 def test_all_ready_commits_in_any_order(order: tuple[str, ...]) -> None:
     state, prepared = run(start(3), request())
     state, actions = run(state, *(ready(node, 4, now_s=100.5 + i) for i, node in enumerate(order)))
@@ -132,7 +134,9 @@ def test_no_commit_until_the_last_node_and_the_entry_counts() -> None:
 
 def test_a_nack_aborts_naming_the_node_and_its_reason() -> None:
     state, _ = run(start(3), request())
-    state, actions = run(state, ready("car", 4), rejected("mec", 4, "block-002: sha256 x does not match"))
+    state, actions = run(
+        state, ready("car", 4), rejected("mec", 4, "block-002: sha256 x does not match")
+    )
     assert kinds(actions) == ["AbortEpoch", "EpochLedger", "RolloutFinished"]
     assert isinstance(actions[0].message, AbortEpoch) and actions[0].message.epoch == 4
     (result,) = results(actions)
@@ -192,7 +196,9 @@ def test_requests_queue_in_order_up_to_the_bound() -> None:
     state, _ = run(start(3), request(1), request(2, OTHER), request(3, third))
     state, actions = run(state, request(4, plan(("mec", 0, 4))))
     (refused,) = results(actions)
-    assert refused.decision_id == 4 and refused.outcome == "aborted" and "bound is 2" in refused.reason
+    assert (
+        refused.decision_id == 4 and refused.outcome == "aborted" and "bound is 2" in refused.reason
+    )
     assert refused.epoch == refused.previous_epoch == 3
     state, actions = run(state, rejected("car", 4))
     started = [a.message for a in actions if isinstance(a.message, PrepareEpoch)]
@@ -296,7 +302,12 @@ def test_recover_recommits_a_rollout_whose_plan_was_published() -> None:
 def test_shutdown_aborts_the_active_and_refuses_the_queued() -> None:
     state, _ = run(start(3), request(1), request(2, OTHER))
     state, actions = shutdown(state, 103.0)
-    assert kinds(list(actions)) == ["AbortEpoch", "EpochLedger", "RolloutFinished", "RolloutFinished"]
+    assert kinds(list(actions)) == [
+        "AbortEpoch",
+        "EpochLedger",
+        "RolloutFinished",
+        "RolloutFinished",
+    ]
     assert [(r.decision_id, r.epoch) for r in results(list(actions))] == [(1, 4), (2, 3)]
     assert state.active is None and state.queue == () and state.highest_epoch == 4
     assert shutdown(state, 104.0) == (state, ())

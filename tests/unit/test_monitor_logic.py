@@ -1,0 +1,140 @@
+"""The monitor's pure logic: smoothing, persistence with hysteresis, heartbeats, events."""
+
+from __future__ import annotations
+
+import random
+
+from services.monitor.logic import MedianWindow, MonitorConfig, MonitorState, Persistence
+from shared.messages import (
+    BlockTimes,
+    CapacityProfile,
+    LayerCost,
+    LinkObservation,
+    Message,
+    NodeStatus,
+    Telemetry,
+)
+
+CONFIG = MonitorConfig()
+LAYERS = (LayerCost(index=0, flops_per_token=1e6, activation_bytes_per_token=256,
+                    kv_bytes_per_token=128, weight_bytes=10**6),)  # fmt: skip
+
+
+def status(node: str, state: str = "online") -> NodeStatus:
+    return NodeStatus(node=node, state=state, trust=1, memory_bytes=10**9, threads=1)  # type: ignore[arg-type]
+
+
+def telemetry(node: str, busy: float = 0.1, queue: int = 0, **links: tuple[float, float]) -> Telemetry:
+    observations = tuple(LinkObservation(peer=peer, bandwidth_bytes_per_s=bw, rtt_s=rtt, probes_sent=2)  # type: ignore[arg-type]
+                         for peer, (bw, rtt) in links.items())  # fmt: skip
+    return Telemetry(node=node, window_s=1.0, cpu_utilisation=0.1, memory_used_bytes=10**8,  # type: ignore[arg-type]
+                     requests_in_flight=0, compute_busy=busy, queue_depth=queue, links=observations,
+                     block_times=BlockTimes(decode_s_per_block=0.002, prefill_s_per_block_token=0.001))  # fmt: skip
+
+
+def kinds(events: list[Message]) -> list[str]:
+    return [event.kind for event in events]
+
+
+def run(state: MonitorState, start_s: float, seconds: int, make: object) -> list[Message]:
+    """Feed one telemetry per node per second from ``make(t)``; returns the events."""
+    events: list[Message] = []
+    for t in range(seconds):
+        for sample in make(t):  # type: ignore[operator]
+            events += state.on_telemetry(sample, start_s + t)
+        events += state.tick(start_s + t + 0.5)
+    return events
+
+
+def test_median_window_ignores_one_outlier_and_expires() -> None:
+    window = MedianWindow(5, max_age_s=10)
+    for t, value in enumerate([1.0, 1.1, 50.0, 0.9, 1.0]):
+        window.add(t, value)
+    assert window.value(5) == 1.0
+    assert window.value(100) is None
+
+
+def test_persistence_needs_the_condition_to_hold_and_has_hysteresis() -> None:
+    detector = Persistence(persist_s=3)
+    assert detector.update(0, bad=True, good=False) is None
+    assert detector.update(2, bad=False, good=False) is None  # interrupted: starts over
+    assert detector.update(3, bad=True, good=False) is None
+    assert detector.update(6, bad=True, good=False) == "tripped"
+    assert detector.update(7, bad=False, good=False) is None  # between thresholds: stays
+    assert detector.update(8, bad=False, good=True) is None
+    assert detector.update(11, bad=False, good=True) == "cleared"
+
+
+def test_status_and_heartbeats_make_join_and_down_events() -> None:
+    state = MonitorState(CONFIG)
+    assert kinds(state.on_status(status("a"), 100.0)) == ["NodeJoined"]
+    assert kinds(state.on_telemetry(telemetry("a"), 101.0)) == []
+    assert state.tick(103.9) == []
+    (down,) = state.tick(104.1)
+    assert down.kind == "NodeDown" and down.reason == "heartbeat_timeout"  # type: ignore[attr-defined]
+    assert down.evidence[0].new_value > CONFIG.heartbeat_timeout_s  # type: ignore[attr-defined]
+    assert kinds(state.on_telemetry(telemetry("a"), 105.0)) == ["NodeJoined"]
+    (offline,) = state.on_status(status("a", "offline"), 105.5)
+    assert offline.reason == "offline"  # type: ignore[attr-defined]
+    assert state.on_status(status("a", "offline"), 106.0) == []  # no second NodeDown
+
+
+def test_a_persistent_bandwidth_drop_degrades_and_recovers_once() -> None:
+    state = MonitorState(CONFIG, links=[("a", "b")])
+    state.on_status(status("a"), 0.0)
+    state.on_status(status("b"), 0.0)
+    bandwidth = [4e6] * 10 + [1e6] * 10 + [4e6] * 10
+    events = run(state, 0.0, 30, lambda t: [telemetry("a", b=(bandwidth[t], 0.002)), telemetry("b")])
+    assert kinds(events) == ["LinkDegraded", "LinkRecovered"]
+    degraded = events[0]
+    evidence = degraded.evidence[0]  # type: ignore[attr-defined]
+    assert (degraded.src, degraded.dst, degraded.metric) == ("a", "b", "bandwidth")  # type: ignore[attr-defined]
+    assert evidence.old_value > 3.5e6 and evidence.new_value == 1e6 and evidence.window_s >= 3
+    assert events[1].at_s - degraded.at_s < 12  # type: ignore[attr-defined]
+
+
+def test_one_noisy_sample_or_ten_percent_noise_raise_nothing() -> None:
+    rng = random.Random(7)
+    state = MonitorState(CONFIG, links=[("a", "b")])
+    spike = {30: 0.2e6}  # one sample at a fifth of the bandwidth
+
+    def make(t: int) -> list[Telemetry]:
+        noise = lambda: rng.uniform(0.9, 1.1)  # noqa: E731
+        return [telemetry("a", busy=0.5 * noise(), b=(spike.get(t, 1e6 * noise()), 0.02 * noise())),
+                telemetry("b", busy=0.6 * noise())]  # fmt: skip
+
+    events = run(state, 0.0, 120, make)
+    assert kinds(events) == ["NodeJoined", "NodeJoined"]
+    assert state.profile(120.0).links[0].health == "ok"
+
+
+def test_rtt_rise_and_overload_fire_with_evidence() -> None:
+    state = MonitorState(CONFIG, links=[("a", "b")])
+    rtts = [0.002] * 8 + [0.052] * 8
+
+    def make(t: int) -> list[Telemetry]:
+        return [telemetry("a", b=(1e6, rtts[t])), telemetry("b", busy=0.99 if t >= 8 else 0.1, queue=6 if t >= 8 else 0)]
+
+    events = run(state, 0.0, 16, make)
+    assert sorted(kinds(events)) == ["LinkDegraded", "NodeJoined", "NodeJoined", "NodeOverloaded"]
+    overloaded = next(e for e in events if e.kind == "NodeOverloaded")
+    assert overloaded.node == "b" and overloaded.evidence[0].new_value >= 0.9  # type: ignore[attr-defined]
+    profile = state.profile(16.0)
+    assert profile.nodes[1].health == "overloaded" and profile.links[0].degraded == ("rtt",)
+
+
+def test_profile_scales_manifest_costs_by_measured_speed_and_seeds_a_restart() -> None:
+    state = MonitorState(CONFIG, layers=LAYERS, model_id="m")
+    state.on_status(status("a"), 0.0)
+    state.on_status(status("b"), 0.0)
+    run(state, 0.0, 5, lambda t: [telemetry("a", b=(2e6, 0.004)), telemetry("b", a=(2e6, 0.004))])
+    profile = state.profile(5.0)
+    node = profile.nodes[0]
+    assert node.flops_per_s == 1e9 and node.layer_s_per_token == (0.001,)  # 1e6 flops / 1 ms
+    assert node.memory_free_bytes == 10**9 and [(l.src, l.dst) for l in profile.links] == [("a", "b"), ("b", "a")]  # noqa: E741
+    decoded = CapacityProfile.model_validate(profile.model_dump())
+    restarted = MonitorState(CONFIG, layers=LAYERS, model_id="m")
+    restarted.seed(decoded, 6.0)
+    assert restarted.on_status(status("a"), 6.1) == []  # no second NodeJoined after a restart
+    assert restarted.profile(6.2).links[0].bandwidth_bytes_per_s == 2e6
+    assert kinds(restarted.tick(9.5)) == ["NodeDown", "NodeDown"]  # no fresh telemetry

@@ -1,0 +1,96 @@
+"""The worker's measuring side without a broker: block timer, probes, passive estimate, emulation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from pathlib import Path
+
+from services.worker.compute import Slowdown
+from services.worker.emulation import Emulation, initial_command
+from services.worker.probes import LinkProber, passive_bandwidth
+from services.worker.settings import WorkerSettings
+from services.worker.shaper import EgressSchedule, LinkShape
+from services.worker.telemetry import BlockTimer
+from shared.messages import EmulatedLink, EmulationCommand
+from shared.tensor_frame import Frame, decode_frame
+
+
+def test_block_timer_keeps_prefill_and_decode_apart_and_benchmark_seeds_them() -> None:
+    timer = BlockTimer(alpha=0.5)
+    assert timer.window() is None
+    timer.calibrate(0.002, 0.0005)
+    assert timer.window().source == "benchmark"  # type: ignore[union-attr]
+    timer.record(tokens=1, blocks=2, seconds=0.008)  # 4 ms per block: decode
+    timer.record(tokens=10, blocks=2, seconds=0.02)  # 1 ms per block-token: prefill
+    times = timer.window()
+    assert times is not None and times.source == "forwards"
+    assert times.decode_s_per_block == 0.003 and times.prefill_s_per_block_token == 0.00075
+    assert (times.decode_samples, times.prefill_samples) == (1, 1)
+    assert timer.window().decode_samples == 0  # type: ignore[union-attr]
+
+
+def test_passive_estimate_cancels_the_clock_offset() -> None:
+    offset_s, latency_s, bandwidth = 123.4, 0.01, 2e6
+    samples = deque((float(i), size, offset_s + latency_s + size / bandwidth)
+                    for i, size in enumerate([256, 256, 256, 30_000, 256, 60_000, 30_000]))  # fmt: skip
+    estimate, count = passive_bandwidth(samples, since_s=0.0)
+    assert count == 7 and abs(estimate - bandwidth) / bandwidth < 0.01  # type: ignore[operator]
+    assert passive_bandwidth(deque(list(samples)[:3]), 0.0) == (None, 3)
+
+
+def test_emulation_commands_and_the_start_state_share_one_path() -> None:
+    settings = WorkerSettings(node_id="a", shards_dir=Path("/nonexistent"), slowdown=2.0,
+                              link_shapes={"b": (1e6, 0.01)})  # fmt: skip
+    slowdown, schedule = Slowdown(), EgressSchedule()
+    emulation = Emulation("a", slowdown, schedule, random.Random(1))
+    state = emulation.apply(initial_command(settings))
+    assert slowdown.factor == 2.0 and schedule.shape("b") == LinkShape(1e6, 0.01)
+    assert state.links == (EmulatedLink(dst="b", bandwidth_bytes_per_s=1e6, latency_s=0.01),)
+    state = emulation.apply(EmulationCommand(command_id=5, slowdown=4.0, noise=0.1,
+                                             links=(EmulatedLink(dst="c", latency_s=0.05),)))  # fmt: skip
+    assert state.command_id == 5 and slowdown.factor == 4.0 and [l.dst for l in state.links] == ["b", "c"]  # noqa: E741
+    emulation._redraw()
+    assert 0.9e6 <= schedule.shape("b").bandwidth_bytes_per_s <= 1.1e6  # type: ignore[operator]
+    assert 3.6 <= slowdown.factor <= 4.4
+    emulation.apply(EmulationCommand(command_id=6, reset_links=True, noise=0.0))
+    assert schedule.shape("b") == LinkShape() and slowdown.factor == 4.0
+
+
+def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds() -> None:
+    """A fake 1 MB/s link with 10 ms latency each way, on a fake clock."""
+
+    async def main() -> None:
+        settings = WorkerSettings(node_id="a", shards_dir=Path("/x"), probe_peers=("b",))
+        clock = [0.0]
+        sent: list[tuple[str, bytes]] = []
+
+        async def send(destination: str, payload: bytes) -> None:
+            sent.append((destination, payload))
+
+        prober = LinkProber("a", settings, send, clock=lambda: clock[0], rng=random.Random(0))
+        prober._online.add("b")
+        probe_bytes = 0
+        for _ in range(30):  # 30 rounds as the link delivers them
+            peer = prober._peer("b", clock[0])
+            clock[0] = max(clock[0], peer.next_round_s)
+            await prober._start_round("b", peer, clock[0])
+            pair, sent[:] = list(sent), []
+            if not pair:
+                clock[0] += 0.25
+                continue
+            busy_until = clock[0]
+            for _, payload in pair:  # serialised at 1 MB/s, 10 ms out and 10 ms back
+                probe_bytes += len(payload)
+                busy_until += len(payload) / 1e6
+                header, array = decode_frame(payload)
+                echo = header.model_copy(update={"extra": {**header.extra, "probe": "echo", "src": "b"}})
+                clock[0] = busy_until + 0.02
+                await prober.on_frame(Frame(echo, array[:0]), clock[0], 0.0)
+        (observation,) = prober.window()
+        assert abs(observation.rtt_s - 0.02) < 0.001  # type: ignore[operator]
+        assert abs(observation.bandwidth_bytes_per_s - 1e6) / 1e6 < 0.05  # type: ignore[operator]
+        assert probe_bytes / clock[0] / 1e6 < settings.probe_budget_fraction * 1.5
+
+    asyncio.run(main())
