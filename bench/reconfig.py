@@ -11,7 +11,7 @@ For each it prints PREPARE->all READY time (the shard load, paid while the old e
 keeps serving) and the stall: the longest gap between tokens around the switch minus
 the median gap. Tokens are checked against an undisturbed in-process run.
 
-    python -m bench.reconfig [--model smollm2] [--tokens 48] [--prompt TEXT]
+    python -m bench.reconfig [--model smollm2] [--tokens 48] [--repeats 3] [--prompt TEXT]
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--repeats", type=int, default=3, help="cached switch pairs")
     args = parser.parse_args()
     model_dir = prepare_model(args.model, progress=lambda line: print(line, file=sys.stderr))
     shards = ensure_shards(model_dir, default_models_dir() / f"{model_dir.name}-shards")
@@ -100,14 +101,23 @@ def main() -> int:
         print(f"model {model_dir.name}, {args.tokens} tokens, prompt of "
               f"{len(tokenizer.encode(args.prompt))} tokens; switch after token 16")  # fmt: skip
         print(f"{'switch':<10} {'layout':<34} {'prepare_s':>9} {'gap_ms':>7} {'stall_ms':>8} {'tokens':>7}")
-        for epoch, name in enumerate(("uncached", "cached"), start=2):
-            plan = make_plan(epoch, "car", LAYOUTS[name], key)
+        # The first move loads blocks rsu never held; later moves alternate between the two
+        # layouts, whose weights every node then holds in its block cache.
+        schedule = ["uncached"] + ["cached", "uncached-again"] * args.repeats
+        stalls: dict[str, list[float]] = {}
+        for epoch, name in enumerate(schedule, start=2):
+            layout_name = "uncached" if name.startswith("uncached") else "cached"
+            plan = make_plan(epoch, "car", LAYOUTS[layout_name], key)
             result, arrivals, prepare_s, index = asyncio.run(
                 generate_with_switch(settings, args.prompt, args.tokens, 16, plan))  # fmt: skip
             stall, gap = stall_ms(arrivals, index)
+            kind = "load" if name == "uncached" else "cached"
+            stalls.setdefault(kind, []).append(stall)
             same = "same" if result.token_ids == expected else "DIFFER"
-            layout = " ".join(f"{n}[{s},{e})" for n, s, e in LAYOUTS[name])
-            print(f"{name:<10} {layout:<34} {prepare_s:9.3f} {gap:7.1f} {stall:8.1f} {same:>7}")
+            layout = " ".join(f"{n}[{s},{e})" for n, s, e in LAYOUTS[layout_name])
+            print(f"{kind:<10} {layout:<34} {prepare_s:9.3f} {gap:7.1f} {stall:8.1f} {same:>7}")
+        print(f"median stall with weights cached: {statistics.median(stalls['cached']):.1f} ms "
+              f"over {len(stalls['cached'])} switches; with a shard load: {stalls['load'][0]:.1f} ms")
     finally:
         workers.stop()
         broker.close()

@@ -93,6 +93,10 @@ class OrchestratorState:
     """When the last change was committed (Unix s; None: never by this orchestrator)."""
     tokens_per_s: float = 0.0
     """Observed output tokens per second (all requests), for the horizon."""
+    overhead_s: float = 0.0
+    """Measured time per token the plan model does not cover (head, sampling, streaming):
+    the same for every plan, so it changes no ranking, but it is part of the relative
+    saving and of the predicted time per token."""
     next_decision_id: int = 1
 
 
@@ -180,7 +184,8 @@ def score(state: OrchestratorState, current: CandidatePlan, candidate: Candidate
     gain = per_token * tokens
     cost = candidate.migration_cost_s + config.switch_overhead_s
     needed = threshold(state, now_s, config)
-    relative = per_token / current.latency_s if current.latency_s > 0 else 0.0
+    total = current.latency_s + state.overhead_s
+    relative = per_token / total if total > 0 else 0.0
     if relative < needed:
         note = f"saves {relative:.1%} per token, below the {needed:.0%} threshold"
         return Scored(candidate, per_token, gain, cost, needed, False, note)

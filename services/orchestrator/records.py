@@ -73,8 +73,10 @@ def _candidate(scored: Scored) -> Candidate:
 
 
 def record_of(decision_id: int, trigger: Trigger, decision: Decision, now_s: float,
-              epoch: int | None, running_nodes: tuple[str, ...]) -> DecisionRecorded:  # fmt: skip
-    """The record of a decision as decided (before any rollout)."""
+              epoch: int | None, running_nodes: tuple[str, ...],
+              overhead_s: float = 0.0) -> DecisionRecorded:  # fmt: skip
+    """The record of a decision as decided (before any rollout). Predicted times per token
+    include the measured ``overhead_s`` the plan model does not cover."""
     entries: list[Scored] = []
     if decision.current is not None:
         entries.append(Scored(decision.current, 0.0, 0.0, 0.0, 0.0, False, "the running plan"))
@@ -91,8 +93,8 @@ def record_of(decision_id: int, trigger: Trigger, decision: Decision, now_s: flo
         predicted_gain_s=decision.gain_s if math.isfinite(decision.gain_s) else 0.0,
         from_epoch=epoch, at_s=now_s, emergency=decision.emergency, reason=decision.reason[:TEXT],
         chosen=chosen,
-        current_latency_s=current.latency_s if current is not None and current.feasible else None,
-        predicted_latency_s=_finite(decision.chosen.latency_s) if decision.chosen else None,
+        current_latency_s=current.latency_s + overhead_s if current is not None and current.feasible else None,
+        predicted_latency_s=_finite(decision.chosen.latency_s) + overhead_s if decision.chosen else None,
         predicted_cost_s=_finite(decision.cost_s), horizon_tokens=decision.horizon_tokens,
         nodes=nodes, outcome="pending" if decision.changes_plan else "none",  # type: ignore[arg-type]
     )  # fmt: skip

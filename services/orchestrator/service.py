@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_cleared",
                  "link_degraded", "link_recovered"}  # fmt: skip
 """Triggers from monitor events: decided on a profile at least as new as the event."""
+OVERHEAD_ALPHA = 0.2
+"""Smoothing of the measured per-token overhead the plan model does not cover."""
 
 
 class OrchestratorSettings(BusSettings):
@@ -240,7 +242,13 @@ class OrchestratorService:
         if isinstance(reply, RequestFinished):
             now_s = self.clock()
             self.tracker.add(reply, now_s)
-            self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s))
+            overhead = self.state.overhead_s
+            reference = self._reference_latency_s
+            if reference is not None and len(reply.token_ids) > 1:
+                # What the model does not predict (head, sampling, token streaming), smoothed.
+                overhead += OVERHEAD_ALPHA * (max(0.0, reply.tpot_s - reference) - overhead)
+            self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s),
+                                 overhead_s=overhead)  # fmt: skip
 
     def _initial_ready(self, profile: CapacityProfile) -> bool:
         measured = {n.node for n in profile.nodes if n.alive and n.flops_per_s > 0}
@@ -319,6 +327,8 @@ class OrchestratorService:
         if profile is None or self.entry is None or self.manifest is None:
             log.info("trigger %s: no profile or entry yet", trigger.kind)
             return
+        if not self.state.segments and not self._initial_ready(profile):
+            return  # the first plan waits until every expected node is measured
         running = self.state.segments
         view = planning_view(profile, self.manifest, running)
         proposal = await self._ask_reviser(bus, view, running)
@@ -377,7 +387,8 @@ class OrchestratorService:
         decision_id = self.state.next_decision_id
         self.state = replace(self.state, next_decision_id=decision_id + 1)
         running_nodes = tuple(dict.fromkeys(s.node for s in self.state.segments))
-        record = records.record_of(decision_id, trigger, decision, now_s, self.state.epoch, running_nodes)
+        record = records.record_of(decision_id, trigger, decision, now_s, self.state.epoch, running_nodes,
+                                   self.state.overhead_s)
         baseline, _ = self.tracker.before(now_s, 3 * self.settings.observe_s)
         record = record.model_copy(update={"baseline_tpot_s": baseline})
         log.info("decision %d on %s: %s", decision_id, trigger.kind, decision.reason)
