@@ -31,7 +31,13 @@ from shared.messages import GenerateRequest, RequestFinished, TokenGenerated
 from shared.model.pipeline import LocalPipeline
 from shared.model.prepare import default_models_dir, prepare_model
 from shared.model.tokenizer import TextTokenizer
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for, two_phase
+from tests.integration.cluster import (
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+    two_phase,
+)
 
 PROMPT = "Write a short story about a robot that learns to paint. Once upon a time"
 LAYOUTS = {

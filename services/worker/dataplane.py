@@ -29,6 +29,10 @@ from shared.tensor_frame import Frame, FrameHeader, encode_frame, to_torch
 log = logging.getLogger(__name__)
 
 
+class NodeLost(StageTimedOut):
+    """A node on a pass's pipeline went down while the pass waited for it."""
+
+
 class FrameRefused(EdgesplitError):
     """A frame this worker will not act on (bad target, shape or position)."""
 
@@ -56,6 +60,26 @@ class DataPlane:
         self.counters: Counter[str] = Counter()
         self._seq = count()
         self._pending: dict[tuple[str, int, int], asyncio.Future[Frame]] = {}
+        self.down: set[str] = set()
+        """Nodes known to be down (Last Will, or the monitor's NodeDown)."""
+
+    def node_down(self, node: str) -> int:
+        """Fail every pending pass whose epoch's pipeline runs through ``node``; returns
+        how many. The entry then waits for a new epoch and replays."""
+        self.down.add(node)
+        failed = 0
+        for (request_id, step, epoch), future in list(self._pending.items()):
+            serving = self.keeper.for_frame(epoch, time.monotonic())
+            if serving is not None and node not in serving.route.nodes():
+                continue
+            if not future.done():
+                future.set_exception(NodeLost(f"node {node} went down under request "
+                                              f"{request_id} (epoch {epoch})"))  # fmt: skip
+                failed += 1
+        return failed
+
+    def node_up(self, node: str) -> None:
+        self.down.discard(node)
 
     async def on_frame(self, frame: Frame) -> None:
         """Handle one received frame (raises FrameRefused for a bad one)."""
@@ -198,6 +222,8 @@ class DataPlane:
         new = self.keeper.current
         if old is None or new is None or new.epoch == old_epoch:
             return False
+        if self.down.intersection(old.route.nodes()):
+            return False  # the old pipeline lost a node: its caches are gone, replay
         key = (request_id, HANDOFF_STEP, old_epoch)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[key] = future

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from services.worker.compute import KvMissing
+from services.worker.dataplane import NodeLost
 from shared.errors import ConfigError, ContextTooLong, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
@@ -68,6 +69,8 @@ class EntryRole:
         max_prompt_tokens: int,
         current_epoch: Callable[[], int | None] = lambda: None,
         handoff: Callable[[str, int, int], Awaitable[bool]] | None = None,
+        wait_for_epoch: Callable[[int | None, float], Awaitable[bool]] | None = None,
+        failover_wait_s: float = 10.0,
         max_replays: int = 3,
     ) -> None:
         self.runtime = runtime
@@ -81,6 +84,8 @@ class EntryRole:
         self.journal: dict[str, JournalEntry] = {}
         self._current_epoch = current_epoch
         self._handoff = handoff
+        self._wait_for_epoch = wait_for_epoch
+        self.failover_wait_s = failover_wait_s
         self.max_replays = max_replays
 
     def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
@@ -207,6 +212,14 @@ class EntryRole:
                 if entry.replays >= self.max_replays:
                     raise StageTimedOut(f"request {rid}: KV caches lost {entry.replays} times") from None
                 entry.kv_epoch = None  # some node lacks the cache: replay
+            except NodeLost as error:
+                if entry.replays >= self.max_replays or self._wait_for_epoch is None:
+                    raise
+                log.info("request %s: %s; waiting up to %.1f s for a new plan", rid, error,
+                         self.failover_wait_s)  # fmt: skip
+                if not await self._wait_for_epoch(epoch, self.failover_wait_s):
+                    raise StageTimedOut(f"{error}; no new plan within {self.failover_wait_s} s") from None
+                entry.kv_epoch = None  # the new pipeline rebuilds the caches from the journal
             except StageTimedOut:
                 if entry.replays >= self.max_replays or self._current_epoch() == epoch:
                     raise

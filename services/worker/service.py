@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import Any
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
 from services.worker.dataplane import DataPlane
@@ -25,7 +26,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
 from services.worker.shard_cache import CachedShards
 from services.worker.telemetry import TelemetryReporter
-from shared.bus import Announcement, Bus
+from shared.bus import Announcement, Bus, Subscription
 from shared.errors import EdgesplitError
 from shared.messages import (
     AbortEpoch,
@@ -35,6 +36,8 @@ from shared.messages import (
     EpochRejected,
     GenerateRequest,
     Message,
+    NodeDown,
+    NodeJoined,
     NodeStatus,
     Plan,
     PrepareEpoch,
@@ -50,6 +53,7 @@ from shared.topics import (
     EPOCH_COMMANDS,
     NODE_STATUS,
     PLAN,
+    PROFILE_EVENTS,
     REPLIES,
     REQUESTS,
 )
@@ -85,6 +89,7 @@ class WorkerService:
         self._preparing: set[int] = set()
         self._answers: dict[int, EpochReady | EpochRejected] = {}
         self._switch_lock = asyncio.Lock()
+        self._epoch_changed = asyncio.Event()  # replaced (and the old one set) on each commit
         self._task_group: asyncio.TaskGroup | None = None
 
     # The committed epoch's state, as telemetry and status read it.
@@ -135,6 +140,7 @@ class WorkerService:
                     task_group.create_task(self._follow_epochs(bus), name="epochs")
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
+                    task_group.create_task(self._follow_health(bus), name="health")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
                     task_group.create_task(self.telemetry.run(bus), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
@@ -214,6 +220,8 @@ class WorkerService:
             if serving.host is not None:
                 serving.host.on_forward = self.telemetry.timer.record
             self._answers = {e: a for e, a in self._answers.items() if e > epoch}
+            changed, self._epoch_changed = self._epoch_changed, asyncio.Event()
+            changed.set()
             await self._announce()
             self.ready.set()
             segment = serving.route.segment_of(self.node)
@@ -279,7 +287,19 @@ class WorkerService:
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
             handoff=self.data.handoff if self.settings.kv_handoff else None,
+            wait_for_epoch=self._wait_for_epoch_after,
+            failover_wait_s=self.settings.failover_wait_s,
         )
+
+    async def _wait_for_epoch_after(self, epoch: int | None, timeout_s: float) -> bool:
+        """Wait until an epoch other than ``epoch`` is committed; False on the deadline."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.keeper.epoch == epoch:
+                    await self._epoch_changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _ack(self, answer: EpochReady | EpochRejected) -> None:
         assert self._bus is not None
@@ -294,6 +314,28 @@ class WorkerService:
         self.counters["plans_refused"] += 1
         log.warning("%s: refused plan epoch %d: %s", self.node, epoch, error)
         await self._ack(EpochRejected(epoch=epoch, node=self.node, reason=str(error)[:1024]))  # type: ignore[arg-type]
+
+    async def _follow_health(self, bus: Bus) -> None:
+        """Node deaths cut waiting passes short: a Last Will (offline status) or the
+        monitor's NodeDown (missed heartbeats of a stuck process)."""
+        assert self.data is not None
+        async with bus.subscribe(NODE_STATUS) as statuses, bus.subscribe(PROFILE_EVENTS) as events:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._health_from(statuses))
+                group.create_task(self._health_from(events))
+
+    async def _health_from(self, subscription: Subscription[Any]) -> None:
+        assert self.data is not None
+        async for params, message in subscription:
+            node = getattr(message, "node", None)
+            if node is None or node == self.node:
+                continue
+            if isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline"):
+                failed = self.data.node_down(node)
+                if failed:
+                    log.info("%s: node %s is down; %d passes fail over", self.node, node, failed)
+            elif isinstance(message, NodeJoined) or (isinstance(message, NodeStatus) and message.state == "online"):
+                self.data.node_up(node)
 
     # --- data plane and requests ----------------------------------------------------------
 

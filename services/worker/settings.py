@@ -29,6 +29,9 @@ class WorkerSettings(BusSettings):
     stage_timeout_s: float = Field(default=30.0, gt=0, description="entry: wait for a pipeline pass")
     kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
     max_prompt_tokens: int = Field(default=8192, ge=1)
+    failover_wait_s: float = Field(
+        default=10.0, gt=0, description="entry: how long to wait for a re-plan after a node dies"
+    )
     kv_handoff: bool = Field(
         default=True, description="move KV caches when split points move (else replay)"
     )

@@ -15,7 +15,13 @@ from shared.messages import GenerateRequest, RequestFinished, TokenGenerated
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for, two_phase
+from tests.integration.cluster import (
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+    two_phase,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -58,7 +58,10 @@ def test_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert state["plan"]["epoch"] >= 1 and state["plan"]["entry_node"] == "car"
         assert {n["node"] for n in state["nodes"] if n["state"] == "online"} >= {"car", "rsu", "mec"}
         held = {n["node"]: n["segments"] for n in state["nodes"]}
-        assert held["car"] == [{"node": "car", "start": 0, "end": 2}]
+        for segment in state["plan"]["segments"]:  # every node holds what the plan gives it
+            assert held[segment["node"]] == [segment]
+        assert held["car"][0]["start"] == 0 and held["car"][0]["end"] >= 2  # private blocks
+        assert any(d["outcome"] == "committed" for d in state["decisions"])  # the orchestrator's plan
     finally:
         up.send_signal(signal.SIGINT)
         try:
