@@ -60,8 +60,24 @@ class DataPlane:
         self.counters: Counter[str] = Counter()
         self._seq = count()
         self._pending: dict[tuple[str, int, int], asyncio.Future[Frame]] = {}
+        self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
+        self._pass_ids = count(1)
         self.down: set[str] = set()
         """Nodes known to be down (Last Will, or the monitor's NodeDown)."""
+
+    def _seen_before(self, header: FrameHeader) -> bool:
+        """True for a frame already handled: same request, pass, epoch and hop target."""
+        pass_id = header.extra.get("pass")
+        if pass_id is None:
+            return False
+        key = (header.request_id, header.step, header.epoch, pass_id, header.extra.get("target"),
+               header.extra.get("kind"))  # fmt: skip
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        if len(self._seen) > SEEN_FRAMES:
+            self._seen.pop(next(iter(self._seen)))
+        return False
 
     def node_down(self, node: str) -> int:
         """Fail every pending pass whose epoch's pipeline runs through ``node``; returns
@@ -89,6 +105,9 @@ class DataPlane:
         serving = self.keeper.for_frame(header.epoch, time.monotonic())
         if serving is None:
             self.counters["frames_fenced"] += 1
+            return
+        if self._seen_before(header):
+            self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
             return
         route, host = serving.route, serving.host
         target = header.extra.get("target")
@@ -176,7 +195,8 @@ class DataPlane:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         header = FrameHeader(request_id=request_id, step=step, epoch=route.epoch, seq=0,
-                             extra={"pos": position, "last_only": last_only})  # fmt: skip
+                             extra={"pos": position, "last_only": last_only,
+                                    "pass": next(self._pass_ids)})  # fmt: skip
         try:
             await self._send(route, header, hidden, target)
             async with asyncio.timeout(self.stage_timeout_s):
@@ -229,7 +249,7 @@ class DataPlane:
         self._pending[key] = future
         header = FrameHeader(request_id=request_id, step=HANDOFF_STEP, epoch=old_epoch, seq=0,
                              extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
-                                    "target": 0})  # fmt: skip
+                                    "target": 0, "pass": next(self._pass_ids)})  # fmt: skip
         empty = np.zeros((0, self.hidden_size), np.float32)
         try:
             if old.route.node_for(0) == self.node:
@@ -284,6 +304,9 @@ class DataPlane:
         host.import_kv(frame.header.request_id, moved)
         self.counters["kv_blocks_received"] += len(moved)
 
+
+SEEN_FRAMES = 8192
+"""How many handled frames each worker remembers to drop duplicates."""
 
 HANDOFF_STEP = 2**62
 """The frame step that marks a KV handoff (never a real decode step)."""

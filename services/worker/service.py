@@ -41,6 +41,7 @@ from shared.messages import (
     NodeStatus,
     Plan,
     PrepareEpoch,
+    PrivacyPolicySet,
     RequestFailed,
     Segment,
 )
@@ -53,6 +54,7 @@ from shared.topics import (
     EPOCH_COMMANDS,
     NODE_STATUS,
     PLAN,
+    POLICY,
     PROFILE_EVENTS,
     REPLIES,
     REQUESTS,
@@ -89,6 +91,7 @@ class WorkerService:
         self._preparing: set[int] = set()
         self._answers: dict[int, EpochReady | EpochRejected] = {}
         self._switch_lock = asyncio.Lock()
+        self._policy: PrivacyPolicySet | None = None
         self._epoch_changed = asyncio.Event()  # replaced (and the old one set) on each commit
         self._task_group: asyncio.TaskGroup | None = None
 
@@ -141,12 +144,15 @@ class WorkerService:
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
                     task_group.create_task(self._follow_health(bus), name="health")
+                    task_group.create_task(self._follow_policy(bus), name="policy")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
                     task_group.create_task(self.telemetry.run(bus), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
         finally:
             self.compute.close()
+            counters = self.counters + (self.data.counters if self.data else Counter())
+            log.info("%s: stopping; counters %s", self.node, dict(sorted(counters.items())))
 
     async def _announce(self) -> None:
         assert self._bus is not None
@@ -261,7 +267,8 @@ class WorkerService:
     def _check_privacy(self, route: Route, segment: tuple[int, int] | None) -> None:
         """Refuse a plan that puts the embedding/head or private blocks on this node
         when its trust is below the privacy policy's level."""
-        level, trust = self.settings.trusted_level, self.settings.trust
+        level, private = self.privacy()
+        trust = self.settings.trust
         if trust >= level:
             return
         if route.entry == self.node:
@@ -269,11 +276,28 @@ class WorkerService:
                 f"node {self.node} (trust {trust}) cannot be the entry: the embedding and "
                 f"head need trust >= {level}"
             )
-        if segment is not None and segment[0] < self.settings.private_blocks:
+        if segment is not None and segment[0] < private:
             raise PlanRefused(
                 f"node {self.node} (trust {trust}) cannot run blocks {segment}: blocks "
-                f"[0, {self.settings.private_blocks}) need trust >= {level}"
+                f"[0, {private}) need trust >= {level}"
             )
+
+    def privacy(self) -> tuple[int, int]:
+        """(trusted level, private blocks) in force: the published policy can only tighten
+        this node's configured one, never relax it (a forged policy cannot move private
+        blocks onto it)."""
+        published = self._policy
+        if published is None:
+            return self.settings.trusted_level, self.settings.private_blocks
+        return (max(self.settings.trusted_level, published.trusted_level),
+                max(self.settings.private_blocks, published.private_blocks))  # fmt: skip
+
+    async def _follow_policy(self, bus: Bus) -> None:
+        async with bus.subscribe(POLICY) as policies:
+            async for _, policy in policies:
+                self._policy = policy
+                log.info("%s: privacy policy in force: trust >= %d for blocks [0, %d)",
+                         self.node, *self.privacy())  # fmt: skip
 
     def _make_entry(self) -> EntryRole:
         assert self.store is not None and self.data is not None
@@ -355,6 +379,8 @@ class WorkerService:
     async def _publish_frame(self, destination: str, payload: bytes) -> None:
         assert self._bus is not None
         await self._bus.publish_raw_frame(ACTIVATIONS, payload, node=destination)
+        if self.settings.duplicate_frames:  # fault injection: every frame arrives twice
+            await self._bus.publish_raw_frame(ACTIVATIONS, payload, node=destination)
 
     async def _serve_requests(self, bus: Bus) -> None:
         async with bus.subscribe(REQUESTS, node=self.node) as requests:

@@ -32,6 +32,9 @@ class WorkerSettings(BusSettings):
     failover_wait_s: float = Field(
         default=10.0, gt=0, description="entry: how long to wait for a re-plan after a node dies"
     )
+    duplicate_frames: bool = Field(
+        default=False, description="fault injection for tests: send every activation frame twice"
+    )
     kv_handoff: bool = Field(
         default=True, description="move KV caches when split points move (else replay)"
     )

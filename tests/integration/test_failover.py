@@ -110,3 +110,27 @@ def test_no_new_plan_fails_typed_before_the_deadline(site: Site) -> None:
         assert time.monotonic() - began < 15  # the failover wait (10 s), not the 40 s deadline
 
     asyncio.run(scenario())
+
+
+def test_every_frame_delivered_twice_changes_nothing(broker: LocalBroker, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    site = Site(broker, tmp_path)
+    site.workers.extra_env = {"EDGESPLIT_DUPLICATE_FRAMES": "true"}
+    try:
+        for node, trust in (("car", "2"), ("rsu", "1"), ("mec", "0")):
+            site.workers.start(node, "--trust", trust)
+        key = site.settings.plan_signing_key
+        assert not asyncio.run(publish_plan(site.settings, make_plan(1, "car", PLAN_1, key)))
+        for index, prompt in enumerate(([1, 2, 3], [50, 60, 70, 80])):
+            def make(client: str, prompt: list[int] = prompt, index: int = index) -> GenerateRequest:
+                return GenerateRequest(request_id=f"dup{index}", reply_to=client,  # type: ignore[arg-type]
+                                       token_ids=tuple(prompt), max_new_tokens=24)  # fmt: skip
+
+            result = asyncio.run(request(ClientOptions(site.settings, timeout_s=60), make))
+            assert isinstance(result, RequestFinished)
+            assert result.token_ids == site.local.generate(prompt, 24).token_ids
+    finally:
+        site.workers.stop()
+    # Each step was accepted once: the copies were counted and dropped (logged at exit).
+    for node in ("rsu", "mec", "car"):
+        assert "frames_duplicate" in site.workers.log_tail(node, 50), site.workers.log_tail(node)
