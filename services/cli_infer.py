@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
 from shared.errors import ConfigError
-from shared.model.pipeline import LocalPipeline
-from shared.model.sampling import SamplingParams
+
+if TYPE_CHECKING:  # torch and the model load only when a local run needs them
+    from shared.model.pipeline import LocalPipeline
 
 _DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -82,6 +83,8 @@ def run_generate(args: argparse.Namespace) -> int:
         args.prompt = args.text
     if not args.local:
         return _remote("_generate_remote")(args)
+    from shared.model.sampling import SamplingParams
+
     pipeline = _local_pipeline(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     tokenizer = pipeline.tokenizer
@@ -141,6 +144,10 @@ def _remote(name: str) -> Any:
 
 
 def _local_pipeline(args: argparse.Namespace) -> LocalPipeline:
+    import torch
+
+    from shared.model.pipeline import LocalPipeline
+
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {args.threads}")

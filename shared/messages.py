@@ -231,6 +231,9 @@ class GenerateRequest(Message):
     seed: NonNegativeInt | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     """Deadline for the whole request, counted from its arrival at the entry node."""
+    resume_token_ids: Annotated[tuple[TokenId, ...], Field(max_length=MAX_ITEMS)] | None = None
+    """A resubmission (the client lost its entry or some replies): the tokens the client
+    already has. The entry continues after them (or resends what it has beyond them)."""
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:

@@ -91,6 +91,9 @@ class OrchestratorState:
     epoch: int | None = None
     changed_at_s: float | None = None
     """When the last change was committed (Unix s; None: never by this orchestrator)."""
+    first_plan_at_s: float | None = None
+    """When the first plan (none was running) was committed: dwell counts from it, but it
+    arms no hysteresis (it replaced no plan, so it is not a re-plan noise could repeat)."""
     tokens_per_s: float = 0.0
     """Observed output tokens per second (all requests), for the horizon."""
     overhead_s: float = 0.0
@@ -168,7 +171,9 @@ def _rank_key(candidate: CandidatePlan) -> tuple[float, float, str]:
 
 def threshold(state: OrchestratorState, now_s: float, config: DecisionConfig) -> float:
     """The relative saving a non-emergency change needs now (hysteresis after a change)."""
-    recent = state.changed_at_s is not None and now_s - state.changed_at_s < config.recent_window_s
+    changed = state.changed_at_s
+    recent = (changed is not None and changed != state.first_plan_at_s
+              and now_s - changed < config.recent_window_s)  # fmt: skip
     return config.relative_threshold * (config.recent_factor if recent else 1.0)
 
 
@@ -253,6 +258,8 @@ def _forced(state: OrchestratorState, current: CandidatePlan | None,
 
 
 def after_commit(state: OrchestratorState, segments: tuple[Segment, ...], epoch: int,
-                 now_s: float) -> OrchestratorState:  # fmt: skip
-    """The state once a change to ``segments`` committed as ``epoch`` at ``now_s``."""
-    return replace(state, segments=segments, epoch=epoch, changed_at_s=now_s)
+                 now_s: float, *, initial: bool = False) -> OrchestratorState:  # fmt: skip
+    """The state once a change to ``segments`` committed as ``epoch`` at ``now_s``;
+    ``initial``: it was the first plan (nothing was running when it was decided)."""
+    first = now_s if initial else state.first_plan_at_s
+    return replace(state, segments=segments, epoch=epoch, changed_at_s=now_s, first_plan_at_s=first)

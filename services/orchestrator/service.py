@@ -185,9 +185,11 @@ class OrchestratorService:
         while (record := await _latest(decisions, deadline, drain=False)) is not None:
             seen.append(record)
         if seen:
-            committed = [r.at_s for r in seen if r.outcome == "committed" and r.action != "keep"]
+            committed = [r for r in seen if r.outcome == "committed" and r.action != "keep"]
+            last = max(committed, key=lambda r: r.at_s, default=None)
             self.state = replace(self.state, next_decision_id=max(r.decision_id for r in seen) + 1,
-                                 changed_at_s=max(committed) if committed else None)  # fmt: skip
+                                 changed_at_s=last.at_s if last else None,
+                                 first_plan_at_s=last.at_s if last and last.from_epoch is None else None)  # fmt: skip
             self.decisions = sorted(seen, key=lambda r: r.decision_id)
 
     # --- followers --------------------------------------------------------------------------
@@ -405,7 +407,8 @@ class OrchestratorService:
         await self._publish(bus, record)
         if result.outcome == "committed":
             committed_s = self.clock()
-            self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s)
+            self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s,
+                                      initial=decision.current is None)  # fmt: skip
             self._reference_latency_s = decision.chosen.latency_s
             tasks.create_task(self._realise(bus, record, committed_s), name=f"realise-{decision_id}")
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from services.worker.compute import ComputeThread, KvMissing, SegmentHost, Slowdown
+from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.probes import is_probe
 from services.worker.routing import Route
@@ -49,6 +50,7 @@ class DataPlane:
         slowdown: Slowdown,
         send: Callable[[str, bytes], Awaitable[None]],
         stage_timeout_s: float,
+        deadline: StageDeadline | None = None,
     ) -> None:
         self.node = node
         self.hidden_size = hidden_size
@@ -57,9 +59,11 @@ class DataPlane:
         self.slowdown = slowdown
         self._send_payload = send
         self.stage_timeout_s = stage_timeout_s
+        self.deadline = deadline or StageDeadline(stage_timeout_s)
         self.counters: Counter[str] = Counter()
         self._seq = count()
-        self._pending: dict[tuple[str, int, int], asyncio.Future[Frame]] = {}
+        self._pending: dict[tuple[str, int, int], tuple[int, asyncio.Future[Frame]]] = {}
+        self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
         self._pass_ids = count(1)
         self.down: set[str] = set()
@@ -84,7 +88,7 @@ class DataPlane:
         how many. The entry then waits for a new epoch and replays."""
         self.down.add(node)
         failed = 0
-        for (request_id, step, epoch), future in list(self._pending.items()):
+        for (request_id, _step, epoch), (_, future) in list(self._pending.items()):
             serving = self.keeper.for_frame(epoch, time.monotonic())
             if serving is not None and node not in serving.route.nodes():
                 continue
@@ -129,6 +133,9 @@ class DataPlane:
         if target == route.num_layers:
             self._resolve(frame)
             return
+        if self._superseded(header):
+            self.counters["frames_fenced"] += 1  # a late frame of an epoch this request left
+            return
         if host is None or target != host.start:
             raise FrameRefused(f"frame for block {target}, but this node runs "
                                f"{route.segment_of(self.node)} in epoch {route.epoch}")  # fmt: skip
@@ -145,19 +152,36 @@ class DataPlane:
             hidden = hidden[-1:]
         await self._send(route, header, hidden, host.end)
 
+    def _superseded(self, header: FrameHeader) -> bool:
+        """True for an activation of an older epoch than one this request already ran in
+        here: the output of a node that was stuck (SIGSTOP) or cut off, arriving after
+        the request moved on. It must not touch the KV cache the new epoch rebuilt."""
+        newest = self._epoch_of.get(header.request_id)
+        if newest is not None and header.epoch < newest:
+            return True
+        if newest is None or header.epoch > newest:
+            self._epoch_of.pop(header.request_id, None)
+            self._epoch_of[header.request_id] = header.epoch
+            if len(self._epoch_of) > SEEN_FRAMES:
+                self._epoch_of.pop(next(iter(self._epoch_of)))
+        return False
+
     def _resolve(self, frame: Frame) -> None:
-        """A final state (or a handoff answer) for the entry: accept it once."""
+        """A final state (or a handoff answer) for the entry: accept it once, and only
+        from the pass that waits for it (not a late answer of an earlier try)."""
         header = frame.header
-        future = self._pending.pop((header.request_id, header.step, header.epoch), None)
-        if future is None or future.done():
+        key = (header.request_id, header.step, header.epoch)
+        waiting = self._pending.get(key)
+        if waiting is None or waiting[1].done() or header.extra.get("pass") != waiting[0]:
             self.counters["results_unexpected"] += 1  # a duplicate or a late one
-        else:
-            future.set_result(frame)
+            return
+        del self._pending[key]
+        waiting[1].set_result(frame)
 
     async def _send_result(self, route: Route, header: FrameHeader, extra: dict[str, bool]) -> None:
         """An empty result straight to the entry, e.g. to say the KV cache is missing."""
-        out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                          seq=next(self._seq), extra={**extra, "target": route.num_layers})  # fmt: skip
+        out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch, seq=next(self._seq),
+                          extra={**extra, "target": route.num_layers, "pass": header.extra.get("pass")})  # fmt: skip
         await self._send_payload(route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32)))
 
     def _check_activation(self, array: np.ndarray, position: object) -> None:
@@ -193,25 +217,30 @@ class DataPlane:
             return (hidden[-1:] if last_only else hidden), route.epoch
         key = (request_id, step, route.epoch)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+        pass_id = next(self._pass_ids)
+        self._pending[key] = (pass_id, future)
         header = FrameHeader(request_id=request_id, step=step, epoch=route.epoch, seq=0,
-                             extra={"pos": position, "last_only": last_only,
-                                    "pass": next(self._pass_ids)})  # fmt: skip
+                             extra={"pos": position, "last_only": last_only, "pass": pass_id})  # fmt: skip
+        tokens, began = int(token_ids.shape[0]), time.monotonic()
+        timeout_s = self.deadline.timeout_s(tokens)
         try:
             await self._send(route, header, hidden, target)
-            async with asyncio.timeout(self.stage_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 result = await future
             if result.header.extra.get("kv_missing") is True:
                 raise KvMissing(f"request {request_id} step {step}: a node of epoch "
                                 f"{route.epoch} lacks its KV cache")  # fmt: skip
+            self.deadline.observe(tokens, time.monotonic() - began)
             return result.array, route.epoch
         except TimeoutError:
+            self.counters["passes_timed_out"] += 1
             raise StageTimedOut(
                 f"no result for request {request_id} step {step} within "
-                f"{self.stage_timeout_s} s (epoch {route.epoch})"
+                f"{timeout_s:.1f} s (epoch {route.epoch})"
             ) from None
         finally:
-            self._pending.pop(key, None)
+            if self._pending.get(key, (None,))[0] == pass_id:
+                del self._pending[key]
 
     async def release(self, request_id: str) -> None:
         """Tell the committed pipeline to free a finished request's KV caches (best effort)."""
@@ -246,10 +275,11 @@ class DataPlane:
             return False  # the old pipeline lost a node: its caches are gone, replay
         key = (request_id, HANDOFF_STEP, old_epoch)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+        pass_id = next(self._pass_ids)
+        self._pending[key] = (pass_id, future)
         header = FrameHeader(request_id=request_id, step=HANDOFF_STEP, epoch=old_epoch, seq=0,
                              extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
-                                    "target": 0, "pass": next(self._pass_ids)})  # fmt: skip
+                                    "target": 0, "pass": pass_id})  # fmt: skip
         empty = np.zeros((0, self.hidden_size), np.float32)
         try:
             if old.route.node_for(0) == self.node:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch
 
 from services.worker.compute import KvMissing
 from services.worker.dataplane import NodeLost
-from shared.errors import ConfigError, ContextTooLong, StageTimedOut
+from shared.errors import BusError, ConfigError, ContextTooLong, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
@@ -49,10 +50,18 @@ class JournalEntry:
     request: GenerateRequest | EmbedRequest
     prompt_ids: list[int]
     generated: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    """The text streamed with each generated token (resent on a client's resync)."""
     arrived_s: float = field(default_factory=time.perf_counter)
     kv_epoch: int | None = None
     """The epoch whose pipeline holds this request's KV caches (None: none yet)."""
     replays: int = 0
+
+
+FINISHED_KEPT = 512
+"""Final replies the entry keeps, to answer a resubmission whose final reply was lost."""
+BUS_RETRY_S = 0.5
+"""Pause before retrying a pass whose frame could not be published (broker away)."""
 
 
 class EntryRole:
@@ -71,7 +80,7 @@ class EntryRole:
         handoff: Callable[[str, int, int], Awaitable[bool]] | None = None,
         wait_for_epoch: Callable[[int | None, float], Awaitable[bool]] | None = None,
         failover_wait_s: float = 10.0,
-        max_replays: int = 3,
+        max_replays: int = 4,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -87,15 +96,38 @@ class EntryRole:
         self._wait_for_epoch = wait_for_epoch
         self.failover_wait_s = failover_wait_s
         self.max_replays = max_replays
+        self.finished: OrderedDict[str, Message] = OrderedDict()
+        """Final reply (RequestFinished, EmbeddingReady, RequestFailed) of recent requests."""
+        self.counters: Counter[str] = Counter()
+
+    async def repeat(self, request: GenerateRequest | EmbedRequest) -> bool:
+        """Handle a request id seen before; False for a new one.
+
+        A QoS 1 redelivery of a request in flight is dropped; a resubmission (the client
+        lost replies) of one in flight gets the tokens after those it holds again; one that
+        already ended gets its final reply again. Each generated token stays one per index.
+        """
+        rid = request.request_id
+        final = self.finished.get(rid)
+        if final is not None:
+            self.counters["requests_answered_again"] += 1
+            await self._reply(request.reply_to, final)
+            return True
+        entry = self.journal.get(rid)
+        if entry is None:
+            return False
+        resume = getattr(request, "resume_token_ids", None)
+        if resume is None:
+            self.counters["requests_duplicate"] += 1
+            return True
+        self.counters["requests_resynced"] += 1
+        for index in range(len(resume), len(entry.generated)):
+            await self._reply(request.reply_to, TokenGenerated(
+                request_id=rid, index=index, token_id=entry.generated[index], text=entry.texts[index]))  # fmt: skip
+        return True
 
     def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
         """None if the request may start now, else the typed refusal to send back."""
-        if request.request_id in self.journal:
-            return RequestFailed(
-                request_id=request.request_id,
-                error="invalid_request",
-                message=f"request {request.request_id} is already in flight",
-            )
         if len(self.journal) >= self.max_in_flight:
             return RequestFailed(
                 request_id=request.request_id,
@@ -132,10 +164,14 @@ class EntryRole:
         entry = self.journal.get(rid)
         if entry is None:
             return
-        await self._reply(
-            entry.request.reply_to,
-            RequestFailed(request_id=rid, error=error, message=message[:1024]),  # type: ignore[arg-type]
-        )
+        await self._final(entry, RequestFailed(request_id=rid, error=error, message=message[:1024]))  # type: ignore[arg-type]
+
+    async def _final(self, entry: JournalEntry, reply: Message) -> None:
+        """Send a request's final reply and keep it for a resubmission that lost it."""
+        self.finished[entry.request.request_id] = reply
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        await self._reply(entry.request.reply_to, reply)
 
     def _prompt_ids(self, prompt: str | None, token_ids: tuple[int, ...] | None) -> list[int]:
         ids = list(token_ids) if token_ids is not None else self.tokenizer.encode(prompt or "")
@@ -150,6 +186,9 @@ class EntryRole:
         return ids
 
     async def _generate(self, request: GenerateRequest) -> None:
+        """Decode until EOS or ``max_new_tokens``. A resubmission (``resume_token_ids``)
+        continues after the tokens the client holds: one prefill of prompt + those tokens
+        (a seeded sampler is advanced over them), then indices go on from there."""
         if not self.config.is_decoder:
             raise ConfigError(f"the model ({self.config.architecture}) is an encoder; use embed")
         rid, entry = request.request_id, self.journal[request.request_id]
@@ -157,73 +196,91 @@ class EntryRole:
         check_context(len(entry.prompt_ids), request.max_new_tokens, self.config.max_positions)
         sampler = Sampler(SamplingParams(request.temperature, request.top_p, request.seed))
         stream = self.tokenizer.stream()
-        step_input, position, first_at = entry.prompt_ids, 0, 0.0
-        while True:
+        resume = list(request.resume_token_ids or ())[: request.max_new_tokens]
+        entry.generated = resume
+        entry.texts = [stream.push(token)[:1024] for token in resume]
+        step_input, position, first_at = entry.prompt_ids + resume, 0, time.perf_counter()
+        rows = 1 if sampler.params.greedy else len(resume) + 1
+        stopped = bool(resume) and should_stop(resume[-1], len(resume), request.max_new_tokens,
+                                               self.config.eos_token_ids)  # fmt: skip
+        while not stopped:
             step = len(entry.generated)
-            hidden = await self._step(entry, step, step_input, position)
+            hidden = await self._step(entry, step, step_input, position, rows)
             token = int(await self._compute(self._sample, hidden, sampler))  # type: ignore[call-overload]
             entry.generated.append(token)
-            if step == 0:
+            entry.texts.append(stream.push(token)[:1024])
+            if step == len(resume):
                 first_at = time.perf_counter()
-            await self._reply(
-                request.reply_to,
-                TokenGenerated(request_id=rid, index=step, token_id=token, text=stream.push(token)[:1024]),
-            )
-            eos = token in self.config.eos_token_ids
-            if should_stop(token, len(entry.generated), request.max_new_tokens, self.config.eos_token_ids):
-                break
+            await self._reply(request.reply_to, TokenGenerated(request_id=rid, index=step, token_id=token,
+                                                               text=entry.texts[-1]))  # fmt: skip
+            stopped = should_stop(token, len(entry.generated), request.max_new_tokens, self.config.eos_token_ids)
             position += len(step_input)
-            step_input = [token]
+            step_input, rows = [token], 1
         done_at = time.perf_counter()
-        count = len(entry.generated)
-        await self._reply(
-            request.reply_to,
-            RequestFinished(
-                request_id=rid,
-                token_ids=tuple(entry.generated),
-                text=self.tokenizer.decode(entry.generated)[:65536],
-                finish_reason="eos" if eos else "length",
-                ttft_s=first_at - entry.arrived_s,
-                tpot_s=(done_at - first_at) / (count - 1) if count > 1 else 0.0,
-            ),
-        )
+        count = len(entry.generated) - len(resume)
+        eos = bool(entry.generated) and entry.generated[-1] in self.config.eos_token_ids
+        await self._final(entry, RequestFinished(
+            request_id=rid,
+            token_ids=tuple(entry.generated),
+            text=self.tokenizer.decode(entry.generated)[:65536],
+            finish_reason="eos" if eos else "length",
+            ttft_s=first_at - entry.arrived_s,
+            tpot_s=(done_at - first_at) / (count - 1) if count > 1 else 0.0,
+        ))  # fmt: skip
 
-    async def _step(self, entry: JournalEntry, step: int, step_input: list[int], position: int) -> np.ndarray:
-        """One pass for decode step ``step``. When the plan's epoch changed since the
-        request's KV caches were built (or a pass timed out across a change), replay the
-        journal (prompt + tokens so far) from position 0 through the new pipeline: the
-        caches are rebuilt and the client sees identical tokens."""
+    async def _step(self, entry: JournalEntry, step: int, step_input: list[int], position: int,
+                    rows: int = 1) -> np.ndarray:  # fmt: skip
+        """One pass for decode step ``step``; the final hidden state's last ``rows`` rows.
+
+        When the request's KV caches are not (or no longer) in the committed epoch's
+        pipeline (the plan changed, a node lost them, a frame was lost), the journal
+        (prompt + tokens so far) is replayed from position 0 through the pipeline: the
+        caches are rebuilt and the client sees identical tokens. A dead node makes it wait
+        (``failover_wait_s``) for a new plan or the node's return first. Every retry
+        spends the request's budget (``max_replays``); StageTimedOut when it is spent or
+        no plan comes.
+        """
         rid = entry.request.request_id
         while True:
             epoch = self._current_epoch()
-            if step > 0 and entry.kv_epoch != epoch:
+            if position > 0 and entry.kv_epoch != epoch:
                 if await self._move_kv(entry, epoch, position):
                     entry.kv_epoch = epoch
                 else:
                     step_input, position = entry.prompt_ids + entry.generated, 0
-                    entry.replays += 1
                     log.info("request %s: replaying %d tokens in epoch %s", rid, len(step_input), epoch)
             try:
                 hidden, entry.kv_epoch = await self._pass(
-                    rid, step, np.asarray(step_input, dtype=np.int64), position, True
+                    rid, step, np.asarray(step_input, dtype=np.int64), position, rows == 1
                 )
-                return hidden
+                return hidden[-rows:]
             except KvMissing:
-                if entry.replays >= self.max_replays:
-                    raise StageTimedOut(f"request {rid}: KV caches lost {entry.replays} times") from None
-                entry.kv_epoch = None  # some node lacks the cache: replay
+                why = "a node lacks the request's KV cache"
             except NodeLost as error:
-                if entry.replays >= self.max_replays or self._wait_for_epoch is None:
-                    raise
+                self._spend(entry, str(error))
                 log.info("request %s: %s; waiting up to %.1f s for a new plan", rid, error,
                          self.failover_wait_s)  # fmt: skip
-                if not await self._wait_for_epoch(epoch, self.failover_wait_s):
+                if self._wait_for_epoch is None or not await self._wait_for_epoch(epoch, self.failover_wait_s):
                     raise StageTimedOut(f"{error}; no new plan within {self.failover_wait_s} s") from None
                 entry.kv_epoch = None  # the new pipeline rebuilds the caches from the journal
-            except StageTimedOut:
-                if entry.replays >= self.max_replays or self._current_epoch() == epoch:
-                    raise
-                entry.kv_epoch = None  # the plan moved under this pass: replay on the new one
+                continue
+            except StageTimedOut as error:  # a lost frame, or the plan moved under the pass
+                why = str(error)
+            except BusError as error:  # the broker is away: the bus reconnects meanwhile
+                why = str(error)
+                await asyncio.sleep(BUS_RETRY_S)
+            self._spend(entry, why)
+            entry.kv_epoch = None
+
+    def _spend(self, entry: JournalEntry, why: str) -> None:
+        """Count one retry of ``entry``; StageTimedOut once the budget is spent."""
+        entry.replays += 1
+        self.counters["retries"] += 1
+        if entry.replays > self.max_replays:
+            raise StageTimedOut(f"request {entry.request.request_id}: gave up after {self.max_replays} "
+                                f"retries; last: {why}")  # fmt: skip
+        log.info("request %s: retry %d of %d: %s", entry.request.request_id, entry.replays,
+                 self.max_replays, why)  # fmt: skip
 
     async def _move_kv(self, entry: JournalEntry, epoch: int | None, length: int) -> bool:
         """Hand the request's KV caches over from its old epoch's nodes to the new ones."""
@@ -236,9 +293,12 @@ class EntryRole:
         return moved
 
     def _sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
-        """Head + sampling on the final hidden state's last row. Compute thread."""
-        logits = self.runtime.logits(to_torch(np.ascontiguousarray(hidden[-1:])))
-        return sampler.next_token(logits[0])
+        """Head + sampling on each row of the final hidden state, in order (rows before
+        the last advance a seeded sampler over resumed tokens); the last row's token.
+        Compute thread."""
+        logits = self.runtime.logits(to_torch(np.ascontiguousarray(hidden)))
+        tokens = [sampler.next_token(row) for row in logits]
+        return tokens[-1]
 
     async def _embed(self, request: EmbedRequest) -> None:
         if self.config.is_decoder:
@@ -248,14 +308,11 @@ class EntryRole:
         check_context(len(entry.prompt_ids), 0 + 1, self.config.max_positions + 1)
         hidden, _ = await self._pass(rid, 0, np.asarray(entry.prompt_ids, dtype=np.int64), 0, False)
         pooled = await self._compute(self._pool, hidden, request.normalize)
-        await self._reply(
-            request.reply_to,
-            EmbeddingReady(
-                request_id=rid,
-                embedding=tuple(float(x) for x in pooled),  # type: ignore[attr-defined]
-                elapsed_s=time.perf_counter() - entry.arrived_s,
-            ),
-        )
+        await self._final(entry, EmbeddingReady(
+            request_id=rid,
+            embedding=tuple(float(x) for x in pooled),  # type: ignore[attr-defined]
+            elapsed_s=time.perf_counter() - entry.arrived_s,
+        ))  # fmt: skip
 
     def _pool(self, hidden: np.ndarray, normalize: bool) -> list[float]:
         """Mean pooling (+ L2 normalisation) on the entry. Compute thread."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
 from services.worker.dataplane import DataPlane
+from services.worker.deadline import StageDeadline
 from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
 from services.worker.epochs import EpochKeeper, Serving
@@ -93,6 +94,7 @@ class WorkerService:
         self._switch_lock = asyncio.Lock()
         self._policy: PrivacyPolicySet | None = None
         self._epoch_changed = asyncio.Event()  # replaced (and the old one set) on each commit
+        self._health_changed = asyncio.Event()  # replaced (and the old one set) on each up/down
         self._task_group: asyncio.TaskGroup | None = None
 
     # The committed epoch's state, as telemetry and status read it.
@@ -129,8 +131,9 @@ class WorkerService:
     async def run(self) -> None:
         self.store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
         self.shards = CachedShards(self.store, self.settings.shard_cache_bytes)
+        deadline = StageDeadline(self.settings.stage_timeout_s, self.settings.stage_min_s, self.settings.stage_factor)
         self.data = DataPlane(self.node, self.store.config.hidden_size, self.keeper, self.compute,
-                              self.slowdown, self.shaper.send, self.settings.stage_timeout_s)  # fmt: skip
+                              self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
         will = Announcement(NODE_STATUS, self.status("offline"), {"node": self.node})
         try:
@@ -146,12 +149,14 @@ class WorkerService:
                     task_group.create_task(self._follow_health(bus), name="health")
                     task_group.create_task(self._follow_policy(bus), name="policy")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
+                    task_group.create_task(self._watch_stalls(), name="stalls")
                     task_group.create_task(self.telemetry.run(bus), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
         finally:
             self.compute.close()
             counters = self.counters + (self.data.counters if self.data else Counter())
+            counters += self.entry.counters if self.entry else Counter()
             log.info("%s: stopping; counters %s", self.node, dict(sorted(counters.items())))
 
     async def _announce(self) -> None:
@@ -313,14 +318,27 @@ class WorkerService:
             handoff=self.data.handoff if self.settings.kv_handoff else None,
             wait_for_epoch=self._wait_for_epoch_after,
             failover_wait_s=self.settings.failover_wait_s,
+            max_replays=self.settings.max_replays,
         )
 
     async def _wait_for_epoch_after(self, epoch: int | None, timeout_s: float) -> bool:
-        """Wait until an epoch other than ``epoch`` is committed; False on the deadline."""
+        """Wait until an epoch other than ``epoch`` is committed, or every node of the
+        committed pipeline is up again (it came back: replay on the same epoch); False on
+        the deadline."""
+        assert self.data is not None
         try:
             async with asyncio.timeout(timeout_s):
                 while self.keeper.epoch == epoch:
-                    await self._epoch_changed.wait()
+                    current = self.keeper.current
+                    if current is not None and not self.data.down.intersection(current.route.nodes()):
+                        break
+                    changed = asyncio.ensure_future(self._epoch_changed.wait())
+                    health = asyncio.ensure_future(self._health_changed.wait())
+                    try:
+                        await asyncio.wait({changed, health}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        changed.cancel()
+                        health.cancel()
         except TimeoutError:
             return False
         return True
@@ -350,7 +368,7 @@ class WorkerService:
 
     async def _health_from(self, subscription: Subscription[Any]) -> None:
         assert self.data is not None
-        async for params, message in subscription:
+        async for _, message in subscription:
             node = getattr(message, "node", None)
             if node is None or node == self.node:
                 continue
@@ -360,6 +378,10 @@ class WorkerService:
                     log.info("%s: node %s is down; %d passes fail over", self.node, node, failed)
             elif isinstance(message, NodeJoined) or (isinstance(message, NodeStatus) and message.state == "online"):
                 self.data.node_up(node)
+            else:
+                continue
+            changed, self._health_changed = self._health_changed, asyncio.Event()
+            changed.set()
 
     # --- data plane and requests ----------------------------------------------------------
 
@@ -397,6 +419,8 @@ class WorkerService:
                 request_id=request.request_id, error="invalid_request",
                 message=f"node {self.node} is not the entry of the current plan"))  # fmt: skip
             return
+        if await entry.repeat(request):
+            return  # a redelivery or a resubmission of a request this entry has seen
         refusal = entry.admit(request)
         if refusal is not None:
             self.counters[f"refused_{refusal.error}"] += 1
@@ -421,6 +445,24 @@ class WorkerService:
             await self._bus.publish(REPLIES, message, client=client)
         except EdgesplitError as error:
             log.warning("%s: reply to %s lost: %s", self.node, client, error)
+
+    async def _watch_stalls(self) -> None:
+        """A process stopped (SIGSTOP) or starved longer than ``stall_s`` was declared
+        down meanwhile and replaced: it rejoins fresh. Its KV caches and drained epochs
+        go, so frames it still holds find no state (answered kv_missing, which the entry
+        drops as unexpected) and nothing it computed before the stall is reused."""
+        tick_s = min(0.25, self.settings.stall_s / 4)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            if now - last > self.settings.stall_s:
+                self.counters["stalls"] += 1
+                freed = sum(len(host.sweep(0.0)) for host in self.keeper.hosts())
+                self.keeper.draining.clear()
+                log.warning("%s: stalled for %.1f s; dropped %d KV caches and drained epochs, "
+                            "rejoining fresh", self.node, now - last, freed)  # fmt: skip
+            last = now
 
     async def _housekeeping(self) -> None:
         """Free idle KV caches and the hosts of drained epochs."""

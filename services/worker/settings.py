@@ -26,11 +26,24 @@ class WorkerSettings(BusSettings):
     private_blocks: int = Field(default=0, ge=0, description="blocks [0, k) need trusted_level")
     trusted_level: int = Field(default=0, ge=0, description="trust the entry and private blocks need")
     max_in_flight: int = Field(default=8, ge=1, description="entry: requests admitted at once")
-    stage_timeout_s: float = Field(default=30.0, gt=0, description="entry: wait for a pipeline pass")
+    stage_timeout_s: float = Field(default=30.0, gt=0,
+                                   description="entry: longest wait for a pipeline pass (cap)")
     kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
     max_prompt_tokens: int = Field(default=8192, ge=1)
     failover_wait_s: float = Field(
         default=10.0, gt=0, description="entry: how long to wait for a re-plan after a node dies"
+    )
+    max_replays: int = Field(
+        default=4, ge=0, le=100, description="entry: retries (replays) one request may spend"
+    )
+    stage_min_s: float = Field(
+        default=2.0, gt=0, description="entry: the adaptive pass deadline is never shorter"
+    )
+    stage_factor: float = Field(
+        default=10.0, ge=1, description="entry: pass deadline = factor x the expected pass time"
+    )
+    stall_s: float = Field(
+        default=3.0, gt=0, description="an event-loop gap this long (SIGSTOP) resets KV state"
     )
     duplicate_frames: bool = Field(
         default=False, description="fault injection for tests: send every activation frame twice"

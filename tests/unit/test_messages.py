@@ -98,6 +98,7 @@ EXAMPLES: list[Message] = [
         seed=42,
         timeout_s=30.0,
     ),  # fmt: skip
+    GenerateRequest(request_id="r1", reply_to="cli-1", token_ids=(5, 6), resume_token_ids=(7042,)),
     EmbedRequest(request_id="r2", reply_to="cli-1", text="hello"),
     TokenGenerated(request_id="r1", index=0, token_id=7042, text=" Paris"),
     RequestFinished(
