@@ -3,33 +3,47 @@
 It reads the retained plan to find the entry node, subscribes to its own replies
 topic, sends the request and streams the answer. Every wait has a deadline; nothing
 answering becomes a one-line NoAnswer error.
+
+Faults are hidden from the caller: the caller sees each token once, in order. When the
+entry goes down (its Last Will, the monitor's NodeDown), a new plan names another entry,
+or the replies go quiet for ``resync_after_s`` (a reply lost while the broker restarted),
+the client resubmits the request with the tokens it already has (``resume_token_ids``)
+to the entry of the current plan: a live entry that still runs the request resends what
+the client misses, one that finished it resends the final reply, a new one continues
+after the client's tokens. Duplicate and out-of-order tokens are put right by index.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from shared.bus import Bus
+from shared.bus import Bus, Subscription
 from shared.config import BusSettings, load_settings
-from shared.errors import Busy, ContextTooLong, NoAnswer, ServingError, StageTimedOut
+from shared.errors import Busy, ContextTooLong, EdgesplitError, NoAnswer, ServingError, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
     GenerateRequest,
+    NodeDown,
+    NodeStatus,
     Plan,
     RequestFailed,
     RequestFinished,
     TokenGenerated,
 )
 from shared.process import first_edgesplit_error
-from shared.topics import PLAN, REPLIES, REQUESTS
+from shared.topics import NODE_STATUS, PLAN, PROFILE_EVENTS, REPLIES, REQUESTS
 
+log = logging.getLogger(__name__)
 PLAN_WAIT_S = 3.0
 _ERRORS: dict[str, type[ServingError]] = {
     "busy": Busy,
@@ -43,6 +57,8 @@ class ClientOptions:
     settings: BusSettings
     timeout_s: float = 120.0
     """Deadline for the whole request."""
+    resync_after_s: float = 3.0
+    """Resubmit (with the tokens held) when no reply came for this long."""
 
 
 async def current_plan(bus: Bus, wait_s: float = PLAN_WAIT_S) -> Plan:
@@ -71,28 +87,129 @@ async def request(
     async with Bus(options.settings) as bus:
         plan = await current_plan(bus)
         message = make_request(bus.origin)
-        async with bus.subscribe(REPLIES, client=bus.origin) as replies:
-            await bus.publish(REQUESTS, message, node=plan.entry_node)
+        async with (
+            bus.subscribe(REPLIES, client=bus.origin) as replies,
+            bus.subscribe(PLAN) as plans,
+            bus.subscribe(NODE_STATUS) as statuses,
+            bus.subscribe(PROFILE_EVENTS) as events,
+        ):
+            session = _Session(bus, options, message, plan, on_token)
+            return await session.run(replies, plans, statuses, events)
+
+
+class _Session:
+    """One request's conversation with whichever entry serves it."""
+
+    def __init__(self, bus: Bus, options: ClientOptions, message: GenerateRequest | EmbedRequest,
+                 plan: Plan, on_token: Callable[[TokenGenerated], None] | None) -> None:  # fmt: skip
+        self.bus, self.options, self.message = bus, options, message
+        self.plan, self.on_token = plan, on_token
+        self.entry_down = False
+        self.tokens: list[int] = []
+        self._ahead: dict[int, TokenGenerated] = {}  # tokens after a gap, by index
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._deadline = 0.0
+        self.resubmissions = 0
+
+    async def run(self, *subscriptions: Subscription[Any]) -> RequestFinished | EmbeddingReady:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.options.timeout_s
+        async with asyncio.TaskGroup() as group:
+            pumps = [group.create_task(self._pump(sub)) for sub in subscriptions]
             try:
-                async with asyncio.timeout(options.timeout_s):
-                    async for _, reply in replies:
-                        if reply.request_id != message.request_id:
-                            continue
-                        if isinstance(reply, TokenGenerated):
-                            if on_token is not None:
-                                on_token(reply)
-                        elif isinstance(reply, RequestFailed):
-                            raise _ERRORS.get(reply.error, ServingError)(
-                                f"{reply.error}: {reply.message}"
-                            )
-                        else:
-                            return reply
+                await self._send(first=True)
+                return await self._converse()
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+
+    async def _pump(self, subscription: Subscription[Any]) -> None:
+        async for _, message in subscription:
+            self._inbox.put_nowait(message)
+
+    async def _converse(self) -> RequestFinished | EmbeddingReady:
+        loop = asyncio.get_running_loop()
+        while True:
+            left_s = self._deadline - loop.time()
+            if left_s <= 0:
+                raise NoAnswer(f"no answer from entry node {self.plan.entry_node} within "
+                               f"{self.options.timeout_s} s (request {self.message.request_id})")  # fmt: skip
+            try:
+                async with asyncio.timeout(min(left_s, self.options.resync_after_s)):
+                    message = await self._inbox.get()
             except TimeoutError:
-                pass
-    raise NoAnswer(
-        f"no answer from entry node {plan.entry_node} within {options.timeout_s} s "
-        f"(request {message.request_id})"
-    )
+                if loop.time() < self._deadline:
+                    await self._send()  # quiet too long: a reply (or the request) was lost
+                continue
+            final = await self._handle(message)
+            if final is not None:
+                return final
+
+    async def _handle(self, message: Any) -> RequestFinished | EmbeddingReady | None:
+        """One incoming message; the final answer when it is one."""
+        if isinstance(message, Plan):
+            if message.epoch > self.plan.epoch:
+                moved = message.entry_node != self.plan.entry_node
+                self.plan = message
+                if moved or self.entry_down:
+                    self.entry_down = False
+                    await self._send()
+        elif isinstance(message, NodeStatus | NodeDown):
+            if message.node == self.plan.entry_node:
+                down = isinstance(message, NodeDown) or message.state == "offline"
+                if down and not self.entry_down:
+                    log.info("entry %s is down; waiting for it or a new entry", message.node)
+                elif not down and self.entry_down:
+                    await self._send()  # the entry is back (restarted): resubmit
+                self.entry_down = down
+        elif getattr(message, "request_id", None) != self.message.request_id:
+            pass
+        elif isinstance(message, TokenGenerated):
+            await self._token(message)
+        elif isinstance(message, RequestFailed):
+            if message.error == "invalid_request" and "not the entry" in message.message:
+                return None  # a plan change raced the request: the new plan resubmits it
+            raise _ERRORS.get(message.error, ServingError)(f"{message.error}: {message.message}")
+        elif isinstance(message, RequestFinished):
+            for index, token_id in enumerate(message.token_ids[len(self.tokens) :], len(self.tokens)):
+                await self._token(self._ahead.get(index) or TokenGenerated(
+                    request_id=message.request_id, index=index, token_id=token_id, text=""))  # fmt: skip
+            return message
+        elif isinstance(message, EmbeddingReady):
+            return message
+        return None
+
+    async def _token(self, token: TokenGenerated) -> None:
+        """Deliver tokens in index order, each once; a gap asks the entry to resend."""
+        if token.index < len(self.tokens):
+            return  # a duplicate (redelivery, or two entries racing)
+        self._ahead[token.index] = token
+        if token.index > len(self.tokens) and len(self._ahead) == 1:
+            await self._send()  # the first token after a gap: ask for the missing ones
+        while len(self.tokens) in self._ahead:
+            ready = self._ahead.pop(len(self.tokens))
+            self.tokens.append(ready.token_id)
+            if self.on_token is not None:
+                self.on_token(ready)
+
+    async def _send(self, first: bool = False) -> None:
+        """(Re)submit the request to the current plan's entry, unless it is down."""
+        if self.entry_down:
+            return
+        message: Any = self.message
+        if not first:
+            self.resubmissions += 1
+            left_s = max(0.1, self._deadline - asyncio.get_running_loop().time())
+            update: dict[str, Any] = {"timeout_s": left_s}
+            if isinstance(message, GenerateRequest):
+                update["resume_token_ids"] = tuple(self.tokens)
+            message = message.model_copy(update=update)
+        try:
+            await self.bus.publish(REQUESTS, message, node=self.plan.entry_node)
+        except EdgesplitError as error:  # the broker is away: the next quiet period retries
+            if first:
+                raise
+            log.info("resubmission of %s not sent: %s", message.request_id, error)
 
 
 def _run(coroutine: object) -> object:
