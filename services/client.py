@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -28,12 +27,20 @@ from typing import Any
 
 from shared.bus import Bus, Subscription
 from shared.config import BusSettings, load_settings
-from shared.errors import Busy, ContextTooLong, EdgesplitError, NoAnswer, ServingError, StageTimedOut
+from shared.errors import (
+    Busy,
+    ContextTooLong,
+    EdgesplitError,
+    NoAnswer,
+    ServingError,
+    StageTimedOut,
+)
 from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
     GenerateRequest,
     NodeDown,
+    NodeJoined,
     NodeStatus,
     Plan,
     RequestFailed,
@@ -114,14 +121,14 @@ class _Session:
     async def run(self, *subscriptions: Subscription[Any]) -> RequestFinished | EmbeddingReady:
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self.options.timeout_s
-        async with asyncio.TaskGroup() as group:
-            pumps = [group.create_task(self._pump(sub)) for sub in subscriptions]
-            try:
-                await self._send(first=True)
-                return await self._converse()
-            finally:
-                for pump in pumps:
-                    pump.cancel()
+        pumps = [asyncio.create_task(self._pump(sub)) for sub in subscriptions]
+        try:
+            await self._send(first=True)
+            return await self._converse()
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _pump(self, subscription: Subscription[Any]) -> None:
         async for _, message in subscription:
@@ -154,9 +161,9 @@ class _Session:
                 if moved or self.entry_down:
                     self.entry_down = False
                     await self._send()
-        elif isinstance(message, NodeStatus | NodeDown):
+        elif isinstance(message, NodeStatus | NodeDown | NodeJoined):
             if message.node == self.plan.entry_node:
-                down = isinstance(message, NodeDown) or message.state == "offline"
+                down = isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline")
                 if down and not self.entry_down:
                     log.info("entry %s is down; waiting for it or a new entry", message.node)
                 elif not down and self.entry_down:

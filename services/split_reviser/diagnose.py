@@ -8,6 +8,7 @@ node reuse allowed), and finally "each node at most once" together with the rest
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -51,13 +52,14 @@ def layer_reason(problem: Problem) -> str | None:
 def furthest_layer(tables: CostTables) -> int:
     """How far partial plans get: L if every layer can be placed, else the first layer
     no partial plan reaches. Exact (distinct nodes) for small tables, else relaxed."""
+    reached: np.ndarray
     if tables.num_nodes <= EXACT_DIAGNOSIS_NODES:
-        state = (0, tables.source, 0, 0.0, frozenset())
+        state: tuple[Any, ...] = (0, tables.source, 0, 0.0, frozenset())
         values = SubsetDP(tables.compute, tables.hop, False, state).run().values
-        reached = np.isfinite(values.reshape(values.shape[0], -1)).any(axis=1)
+        reached = np.asarray(np.isfinite(values.reshape(values.shape[0], -1)).any(axis=1))
     else:
         forward = relaxed_forward(tables.compute, tables.hop, tables.source, False)
-        reached = np.isfinite(forward).any(axis=1)
+        reached = np.asarray(np.isfinite(forward).any(axis=1))
     return max((e for e in range(1, tables.num_layers + 1) if reached[e]), default=0)
 
 

@@ -84,7 +84,9 @@ def usable_nodes(tables: CostTables) -> list[int]:
     return sorted((reach(graph) & reach(graph.T) & hosts) | {tables.source})
 
 
-def _choose_method(method: Method, num_nodes: int, num_layers: int, time_limit_s: float) -> str:
+def _choose_method(
+    method: Method, num_nodes: int, num_layers: int, time_limit_s: float
+) -> Literal["exact", "fast"]:
     if method == "exact":
         if num_nodes > MAX_EXACT_NODES:
             raise PlanError(

@@ -172,12 +172,13 @@ def _relaxed_throughput_plan(tables: CostTables, threshold: float) -> tuple[Step
 def candidate_order(tables: CostTables, objective: str) -> list[int]:
     """Node indices, most promising first: the source, then by score, then by id."""
     cost_scores = node_scores(tables.cost, tables.hop, tables.source, False)
+    keys: list[tuple[float, ...]]
     if objective == "latency":
         keys = [(cost_scores[i], i) for i in range(tables.num_nodes)]
     else:
         bottleneck_scores = node_scores(tables.compute, tables.hop, tables.source, True)
         keys = [(bottleneck_scores[i], cost_scores[i], i) for i in range(tables.num_nodes)]
-    ranked = [key[-1] for key in sorted(keys) if np.isfinite(key[0])]
+    ranked = [int(key[-1]) for key in sorted(keys) if np.isfinite(key[0])]
     return list(dict.fromkeys([tables.source] + ranked))
 
 
