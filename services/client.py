@@ -52,10 +52,19 @@ from shared.topics import NODE_STATUS, PLAN, PROFILE_EVENTS, REPLIES, REQUESTS
 
 log = logging.getLogger(__name__)
 PLAN_WAIT_S = 3.0
+_RECONNECTED = object()
+"""Inbox marker: the client's bus reconnected."""
+
+
+class NoFeasiblePlan(ServingError):
+    """A node was lost and no plan without it exists (no capacity, no trusted node)."""
+
+
 _ERRORS: dict[str, type[ServingError]] = {
     "busy": Busy,
     "context_too_long": ContextTooLong,  # type: ignore[dict-item]
     "timeout": StageTimedOut,
+    "no_plan": NoFeasiblePlan,
 }
 
 
@@ -122,6 +131,7 @@ class _Session:
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self.options.timeout_s
         pumps = [asyncio.create_task(self._pump(sub)) for sub in subscriptions]
+        pumps.append(asyncio.create_task(self._reconnects()))
         try:
             await self._send(first=True)
             return await self._converse()
@@ -133,6 +143,18 @@ class _Session:
     async def _pump(self, subscription: Subscription[Any]) -> None:
         async for _, message in subscription:
             self._inbox.put_nowait(message)
+
+    async def _reconnects(self) -> None:
+        """After the bus reconnects (the broker restarted), resubmit at once: replies sent
+        while it was away are lost."""
+        seen = self.bus.sessions
+        while True:
+            try:
+                await self.bus.wait_ready(min_sessions=seen + 1, timeout_s=3600.0)
+            except EdgesplitError:
+                continue
+            seen = self.bus.sessions
+            self._inbox.put_nowait(_RECONNECTED)
 
     async def _converse(self) -> RequestFinished | EmbeddingReady:
         loop = asyncio.get_running_loop()
@@ -147,6 +169,9 @@ class _Session:
             except TimeoutError:
                 if loop.time() < self._deadline:
                     await self._send()  # quiet too long: a reply (or the request) was lost
+                continue
+            if message is _RECONNECTED:
+                await self._send()
                 continue
             final = await self._handle(message)
             if final is not None:
@@ -212,6 +237,9 @@ class _Session:
                 update["resume_token_ids"] = tuple(self.tokens)
             message = message.model_copy(update=update)
         try:
+            if not first:
+                log.info("request %s: resubmitted to %s with %d tokens", message.request_id,
+                         self.plan.entry_node, len(self.tokens))  # fmt: skip
             await self.bus.publish(REQUESTS, message, node=self.plan.entry_node)
         except EdgesplitError as error:  # the broker is away: the next quiet period retries
             if first:

@@ -22,6 +22,11 @@ evaluator, and migration costs come from one model for all of them:
 
 where a block *moves* when its host changes and ``rebuild_tokens`` is the KV state
 (tokens of the requests in flight) to rebuild by recompute on the new host.
+
+A candidate's time per token is taken under the load now (``concurrency`` = requests in
+flight at the entry): max(the planner's latency of one request, concurrency x the plan's
+slowest serial stage), a stage being a node's compute of its segment or a link's bytes /
+bandwidth, which serve one request's step at a time (`logic.per_token_s`).
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.orchestrator.logic import CandidateKind, CandidatePlan, classify
+from services.orchestrator.logic import CandidateKind, CandidatePlan, classify, per_token_s
 from services.split_reviser.live import layers_from_manifest, problem_from_profile
 from services.split_reviser.privacy import PrivacyPolicy
 from services.split_reviser.problem import Plan as ProblemPlan
-from services.split_reviser.problem import Problem, effective_flops_per_s, evaluate
+from services.split_reviser.problem import Problem, boundary_bytes, effective_flops_per_s, evaluate
 from shared.messages import CapacityProfile, PlanOption, Segment
 from shared.model.shard import ShardManifest
 
@@ -51,6 +56,9 @@ class CostModel:
     """How fast a node fetches, verifies and loads a shard (bytes/s)."""
     rebuild_tokens: int = 0
     """Tokens of KV state to rebuild on a moved block (requests in flight x context)."""
+    concurrency: float = 1.0
+    """Requests decoding together: a plan's time per token is at least this many times its
+    slowest serial stage (`logic.per_token_s`)."""
 
 
 def held_blocks(segments: Iterable[Segment]) -> dict[str, int]:
@@ -111,6 +119,27 @@ def migration_cost_s(problem: Problem, running: tuple[Segment, ...],
     return math.fsum(terms)
 
 
+def serial_stage_s(problem: Problem, segments: tuple[Segment, ...]) -> float:
+    """The longest time one request's decode step holds a resource that serves one step at
+    a time: a node's compute of its segment, or a link's bandwidth (bytes / bandwidth; the
+    latency overlaps with other requests' frames). inf when a node or link is missing."""
+    nodes, links, num_layers = problem.node_index(), problem.link_index(), len(problem.layers)
+    stages: list[float] = []
+    previous = problem.source
+    for segment, boundary in [(s, s.start) for s in segments] + [(None, num_layers)]:
+        here = problem.source if segment is None else segment.node
+        if here != previous:
+            link = links.get((previous, here))
+            stages.append(boundary_bytes(problem, boundary) / link.bandwidth_bytes_per_s if link else math.inf)
+        if segment is not None:
+            node = nodes.get(here)
+            speed = effective_flops_per_s(node) if node is not None else 0.0
+            flops = math.fsum(layer.flops for layer in problem.layers[segment.start : min(segment.end, num_layers)])
+            stages.append(flops / speed if speed > 0 else math.inf)
+        previous = here
+    return max(stages, default=0.0)
+
+
 def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
                        segments: tuple[Segment, ...], origin: str, cost: CostModel,
                        *, is_running: bool = False) -> CandidatePlan:  # fmt: skip
@@ -123,11 +152,13 @@ def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
     if is_running:
         violations = tuple(v for v in violations if not v.startswith("memory:"))
     kind: CandidateKind = "current" if is_running else _kind(running, segments)
+    serial = serial_stage_s(problem, segments)
     return CandidatePlan(
-        kind=kind, segments=segments, latency_s=evaluation.latency_s,
+        kind=kind, segments=segments, latency_s=per_token_s(evaluation.latency_s, serial, cost.concurrency),
         bottleneck_s=evaluation.bottleneck_s,
         migration_cost_s=0.0 if is_running else migration_cost_s(problem, running, segments, cost),
         violations=violations, origin=origin,  # type: ignore[arg-type]
+        unloaded_s=evaluation.latency_s, serial_s=serial,
     )  # fmt: skip
 
 

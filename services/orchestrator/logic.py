@@ -72,14 +72,32 @@ class CandidatePlan:
     kind: CandidateKind
     segments: tuple[Segment, ...]
     latency_s: float
+    """Predicted time per output token with the requests now in flight (what decides)."""
     bottleneck_s: float
     migration_cost_s: float = 0.0
     violations: tuple[str, ...] = ()
     origin: Literal["running", "reviser", "migration"] = "reviser"
+    unloaded_s: float | None = None
+    """The planner's latency of one request alone (None: the same as ``latency_s``)."""
+    serial_s: float = 0.0
+    """The longest time one request's step holds a resource that serves one step at a
+    time: a node's compute of its segment, or a link's bytes / bandwidth."""
+
+    def per_token_s(self, concurrency: float) -> float:
+        """Predicted time per token with ``concurrency`` requests decoding together."""
+        return per_token_s(self.latency_s if self.unloaded_s is None else self.unloaded_s,
+                           self.serial_s, concurrency)  # fmt: skip
 
     @property
     def feasible(self) -> bool:
         return not self.violations and math.isfinite(self.latency_s)
+
+
+def per_token_s(latency_s: float, serial_s: float, concurrency: float) -> float:
+    """Time per output token of each of ``concurrency`` requests decoding together: the
+    latency of one request alone, unless the busiest serial resource (one step of every
+    request in turn) takes longer per round."""
+    return max(latency_s, max(1.0, concurrency) * serial_s)
 
 
 @dataclass(frozen=True)

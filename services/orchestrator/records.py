@@ -134,6 +134,15 @@ class TpotTracker:
         return _mean([f for f in self._items
                       if at_s - window_s <= f.finished_at_s <= at_s and f.tokens > 1])  # fmt: skip
 
+    def concurrency(self, start_s: float, end_s: float) -> float:
+        """Mean number of the tracked requests in flight over [start_s, end_s] (a request
+        spanning the interval counts itself); 0 for an empty interval."""
+        if end_s <= start_s:
+            return 0.0
+        overlap = math.fsum(max(0.0, min(end_s, f.finished_at_s) - max(start_s, f.started_at_s))
+                            for f in self._items)  # fmt: skip
+        return overlap / (end_s - start_s)
+
     def after(self, at_s: float) -> tuple[float | None, int]:
         """(mean TPOT, count) of multi-token requests that started after ``at_s``."""
         return _mean([f for f in self._items if f.started_at_s >= at_s and f.tokens > 1])

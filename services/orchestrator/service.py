@@ -22,7 +22,7 @@ import logging
 import random
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -84,6 +84,10 @@ MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_c
 """Triggers from monitor events: decided on a profile at least as new as the event."""
 OVERHEAD_ALPHA = 0.2
 """Smoothing of the measured per-token overhead the plan model does not cover."""
+LOAD_SAMPLES = 600
+CALIBRATE_AFTER_S = 3.0
+"""A finished request enters the overhead this long after it finished (see _calibrate)."""
+"""Profiles whose entry load is kept (one a second: ten minutes)."""
 
 
 class OrchestratorSettings(BusSettings):
@@ -142,6 +146,13 @@ class OrchestratorService:
         self._replies: dict[str, asyncio.Future[PlanProposed]] = {}
         self._results: dict[int, asyncio.Future[RolloutFinished]] = {}
         self._reference_latency_s: float | None = None
+        self._reference: CandidatePlan | None = None
+        """The running plan as last evaluated: the model the overhead is measured against."""
+        self._load: deque[tuple[float, int]] = deque(maxlen=LOAD_SAMPLES)
+        self._overhead_samples = 0
+        self._uncalibrated: deque[tuple[float, float, float, CandidatePlan]] = deque(maxlen=4096)
+        """Finished requests not yet in the overhead: (start, end Unix s, TPOT s, model)."""
+        """(profile time, requests in flight at the entry), one per profile."""
         self._initial_queued = False
         self._random = random.Random(self._origin)
 
@@ -207,7 +218,7 @@ class OrchestratorService:
             return
         self.entry = self.entry or plan.entry_node
         if plan.segments != self.state.segments:
-            self._reference_latency_s = None
+            self._reference_latency_s, self._reference = None, None
         self.state = replace(self.state, segments=plan.segments, epoch=plan.epoch)
 
     def _on_policy(self, policy: PrivacyPolicySet) -> None:
@@ -224,6 +235,10 @@ class OrchestratorService:
 
     def _on_profile(self, profile: CapacityProfile) -> None:
         self.profile = profile
+        in_flight = next((n.requests_in_flight for n in profile.nodes if n.node == self.entry), None)
+        if in_flight is not None:
+            self._load.append((profile.as_of_s, in_flight))
+        self._calibrate(self.clock())
         self._profile_seen.set()
         self._profile_for_watch.set()
         if not self.state.segments and not self._initial_queued and self._initial_ready(profile):
@@ -244,13 +259,33 @@ class OrchestratorService:
         if isinstance(reply, RequestFinished):
             now_s = self.clock()
             self.tracker.add(reply, now_s)
-            overhead = self.state.overhead_s
-            reference = self._reference_latency_s
-            if reference is not None and len(reply.token_ids) > 1:
-                # What the model does not predict (head, sampling, token streaming), smoothed.
-                overhead += OVERHEAD_ALPHA * (max(0.0, reply.tpot_s - reference) - overhead)
-            self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s),
-                                 overhead_s=overhead)  # fmt: skip
+            duration_s = reply.ttft_s + reply.tpot_s * (len(reply.token_ids) - 1)
+            changed_s = self.state.changed_at_s
+            served_by_one_plan = changed_s is None or now_s - duration_s >= changed_s
+            if self._reference is not None and len(reply.token_ids) > 1 and reply.tpot_s > 0 and served_by_one_plan:
+                self._uncalibrated.append((now_s - duration_s, now_s, reply.tpot_s, self._reference))
+            self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s))
+            self._calibrate(now_s)
+
+    def _calibrate(self, now_s: float) -> None:
+        """The overhead: what the model does not predict (head, sampling, streaming), from
+        requests that finished CALIBRATE_AFTER_S ago, when the requests that ran beside
+        them have finished too; the model is taken at the load each request saw. A plain
+        mean of the first samples, then smoothed."""
+        overhead = self.state.overhead_s
+        while self._uncalibrated and self._uncalibrated[0][1] <= now_s - CALIBRATE_AFTER_S:
+            start_s, end_s, tpot_s, reference = self._uncalibrated.popleft()
+            load = max(self.tracker.concurrency(start_s, end_s), self._concurrency(start_s, end_s))
+            self._overhead_samples += 1
+            alpha = max(OVERHEAD_ALPHA, 1 / self._overhead_samples)
+            overhead += alpha * (max(0.0, tpot_s - reference.per_token_s(load)) - overhead)
+        self.state = replace(self.state, overhead_s=overhead)
+
+    def _concurrency(self, start_s: float, end_s: float) -> float:
+        """Mean requests in flight at the entry between two Unix times, from the profiles
+        (1 when none fell in the interval)."""
+        seen = [count for at_s, count in self._load if start_s <= at_s <= end_s]
+        return max(1.0, sum(seen) / len(seen)) if seen else 1.0
 
     def _initial_ready(self, profile: CapacityProfile) -> bool:
         measured = {n.node for n in profile.nodes if n.alive and n.flops_per_s > 0}
@@ -287,7 +322,7 @@ class OrchestratorService:
             if current is None or running != self.state.segments:
                 continue
             if not current.feasible:
-                self._reference_latency_s = None
+                self._reference_latency_s, self._reference = None, None
                 detail = f"the running plan is infeasible: {current.violations[0] if current.violations else 'unknown'}"
                 self._enqueue(Trigger("plan_infeasible", profile.as_of_s, True, detail[:1024]))
             elif current.latency_s > reference * (1 + self.config.relative_threshold):
@@ -339,7 +374,9 @@ class OrchestratorService:
         now_s = self.clock()
         decision = decide(self.state, trigger, candidates, now_s, self.config)
         current = decision.current
-        self._reference_latency_s = current.latency_s if current is not None and current.feasible else None
+        feasible = current is not None and current.feasible
+        self._reference_latency_s = current.latency_s if current is not None and feasible else None
+        self._reference = current if feasible else None
         if trigger.kind == "periodic" and decision.action == "keep" and not _blocked(decision):
             return  # nothing worth a record: the plan is best or no alternative is close
         await self._record_and_execute(bus, tasks, trigger, decision, now_s)
@@ -351,7 +388,8 @@ class OrchestratorService:
         policy = PrivacyPolicy(min_trust=self.policy.trusted_level, first_blocks=self.policy.private_blocks)
         entry_in_flight = next((n.requests_in_flight for n in view.nodes if n.node == self.entry), 0)
         cost = CostModel(self.settings.shard_load_bytes_per_s,
-                         entry_in_flight * self.settings.rebuild_context_tokens)  # fmt: skip
+                         entry_in_flight * self.settings.rebuild_context_tokens,
+                         concurrency=max(1.0, float(entry_in_flight)))  # fmt: skip
         try:
             problem = planning_problem(view, self.manifest, policy, self.entry, cost)
         except EdgesplitError as error:
@@ -409,7 +447,7 @@ class OrchestratorService:
             committed_s = self.clock()
             self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s,
                                       initial=decision.current is None)  # fmt: skip
-            self._reference_latency_s = decision.chosen.latency_s
+            self._reference_latency_s, self._reference = decision.chosen.latency_s, decision.chosen
             tasks.create_task(self._realise(bus, record, committed_s), name=f"realise-{decision_id}")
 
     async def _rollout(self, bus: Bus, decision_id: int, segments: tuple[Segment, ...],

@@ -10,6 +10,7 @@ and dropped, never used twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from services.worker.epochs import EpochKeeper, Serving
 from services.worker.probes import is_probe
 from services.worker.routing import Route
 from shared.errors import EdgesplitError, StageTimedOut
+from shared.ids import RequestId
 from shared.tensor_frame import Frame, FrameHeader, encode_frame, to_torch
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 
 class NodeLost(StageTimedOut):
     """A node on a pass's pipeline went down while the pass waited for it."""
+
+
+class NoPlan(StageTimedOut):
+    """A node went down and the orchestrator found no feasible plan without it (no
+    capacity, no trusted node): the reason is the orchestrator's."""
 
 
 class FrameRefused(EdgesplitError):
@@ -68,6 +75,9 @@ class DataPlane:
         self._pass_ids = count(1)
         self.down: set[str] = set()
         """Nodes known to be down (Last Will, or the monitor's NodeDown)."""
+        self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
+        self._reconnected_at: float | None = None
+        self._announcements = asyncio.Event()  # replaced (and the old one set) on each
 
     def _seen_before(self, header: FrameHeader) -> bool:
         """True for a frame already handled: same request, pass, epoch and hop target."""
@@ -98,8 +108,40 @@ class DataPlane:
                 failed += 1
         return failed
 
-    def node_up(self, node: str) -> None:
+    def reconnected(self, lost_at_s: float) -> int:
+        """The bus came back after losing the broker at ``lost_at_s`` (Unix s): frames in
+        flight were likely lost, so every pending pass fails now (the entry replays it)
+        instead of at its deadline. Returns how many."""
+        self._reconnected_at = lost_at_s
+        failed = 0
+        for (request_id, step, epoch), (_, future) in list(self._pending.items()):
+            if not future.done():
+                future.set_exception(StageTimedOut(f"the broker connection was lost under request "
+                                                   f"{request_id} step {step} (epoch {epoch})"))  # fmt: skip
+                failed += 1
+        return failed
+
+    def node_up(self, node: str, announced_at_s: float | None = None) -> None:
+        """``node`` is up; ``announced_at_s``: when it published its online status (Unix s)."""
         self.down.discard(node)
+        if announced_at_s is not None:
+            self._announced[node] = announced_at_s
+            announced, self._announcements = self._announcements, asyncio.Event()
+            announced.set()
+
+    async def _after_reconnect(self, route: Route) -> None:
+        """After a broker restart, wait (at most the deadline's floor) until every node of
+        ``route`` has announced itself again, i.e. reconnected and resubscribed: a frame
+        sent before that is dropped by the broker and costs a pass deadline."""
+        since = self._reconnected_at
+        if since is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.deadline.floor_s):
+                while any(self._announced.get(n, 0.0) < since for n in route.nodes() if n != self.node):
+                    await self._announcements.wait()
+        if self._reconnected_at == since:
+            self._reconnected_at = None
 
     async def on_frame(self, frame: Frame) -> None:
         """Handle one received frame (raises FrameRefused for a bad one)."""
@@ -219,11 +261,15 @@ class DataPlane:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         pass_id = next(self._pass_ids)
         self._pending[key] = (pass_id, future)
-        header = FrameHeader(request_id=request_id, step=step, epoch=route.epoch, seq=0,
+        header = FrameHeader(request_id=RequestId(request_id), step=step, epoch=route.epoch, seq=0,
                              extra={"pos": position, "last_only": last_only, "pass": pass_id})  # fmt: skip
         tokens, began = int(token_ids.shape[0]), time.monotonic()
         timeout_s = self.deadline.timeout_s(tokens)
         try:
+            await self._after_reconnect(route)
+            lost = sorted(self.down.intersection(route.nodes()))
+            if lost:  # known down before the frame left: fail over now, not at the deadline
+                raise NodeLost(f"node {lost[0]} is down under request {request_id} (epoch {route.epoch})")
             await self._send(route, header, hidden, target)
             async with asyncio.timeout(timeout_s):
                 result = await future
@@ -253,7 +299,7 @@ class DataPlane:
             host.release(request_id)
             target = host.end
         if target < route.num_layers:
-            header = FrameHeader(request_id=request_id, step=0, epoch=route.epoch, seq=0,
+            header = FrameHeader(request_id=RequestId(request_id), step=0, epoch=route.epoch, seq=0,
                                  extra={"release": True})  # fmt: skip
             await self._send(route, header, np.zeros((0, self.hidden_size), np.float32), target)
 
@@ -277,7 +323,7 @@ class DataPlane:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         pass_id = next(self._pass_ids)
         self._pending[key] = (pass_id, future)
-        header = FrameHeader(request_id=request_id, step=HANDOFF_STEP, epoch=old_epoch, seq=0,
+        header = FrameHeader(request_id=RequestId(request_id), step=HANDOFF_STEP, epoch=old_epoch, seq=0,
                              extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
                                     "target": 0, "pass": pass_id})  # fmt: skip
         empty = np.zeros((0, self.hidden_size), np.float32)

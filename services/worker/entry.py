@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from services.worker.compute import KvMissing
-from services.worker.dataplane import NodeLost
+from services.worker.dataplane import NodeLost, NoPlan
 from shared.errors import BusError, ConfigError, ContextTooLong, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
@@ -148,6 +148,8 @@ class EntryRole:
                     await self._embed(request)
         except TimeoutError:
             await self._fail(rid, "timeout", f"request did not finish within {request.timeout_s} s")
+        except NoPlan as error:
+            await self._fail(rid, "no_plan", str(error))
         except StageTimedOut as error:
             await self._fail(rid, "timeout", str(error))
         except ContextTooLong as error:

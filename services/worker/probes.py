@@ -37,6 +37,7 @@ import numpy as np
 
 from shared.errors import EdgesplitError
 from shared.messages import LinkObservation
+from shared.ids import RequestId
 from shared.tensor_frame import Frame, FrameHeader, encode_frame
 from shared.topics import ACTIVATIONS, NODE_STATUS
 
@@ -186,7 +187,7 @@ class LinkProber:
         peer.next_round_s = now_s + settings.probe_period_s * jitter
 
     def _frame(self, kind: str, probe_id: int, size: int, src: str | None = None) -> tuple[int, bytes]:
-        header = FrameHeader(request_id="probe", step=0, epoch=0, seq=probe_id,
+        header = FrameHeader(request_id=RequestId("probe"), step=0, epoch=0, seq=probe_id,
                              extra={PROBE_KEY: kind, "src": src or self.node, "id": probe_id})  # fmt: skip
         return probe_id, encode_frame(header, np.zeros(size, np.uint8))
 

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
-from services.worker.dataplane import DataPlane
+from services.worker.dataplane import DataPlane, NoPlan
 from services.worker.deadline import StageDeadline
 from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
@@ -32,11 +32,12 @@ from shared.errors import EdgesplitError
 from shared.messages import (
     AbortEpoch,
     CommitEpoch,
+    DecisionRecorded,
+    EmbeddingReady,
     EmbedRequest,
     EpochReady,
     EpochRejected,
     GenerateRequest,
-    Message,
     NodeDown,
     NodeJoined,
     NodeStatus,
@@ -44,13 +45,16 @@ from shared.messages import (
     PrepareEpoch,
     PrivacyPolicySet,
     RequestFailed,
+    RequestFinished,
     Segment,
+    TokenGenerated,
 )
 from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
 from shared.topics import (
     ACTIVATIONS,
+    DECISIONS,
     EPOCH_ACKS,
     EPOCH_COMMANDS,
     NODE_STATUS,
@@ -62,6 +66,7 @@ from shared.topics import (
 )
 
 log = logging.getLogger(__name__)
+Reply = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
 
 
 class PlanRefused(EdgesplitError):
@@ -95,6 +100,8 @@ class WorkerService:
         self._policy: PrivacyPolicySet | None = None
         self._epoch_changed = asyncio.Event()  # replaced (and the old one set) on each commit
         self._health_changed = asyncio.Event()  # replaced (and the old one set) on each up/down
+        self._no_plan: tuple[float, str] | None = None  # (monotonic s, the orchestrator's reason)
+        self._committed_at = 0.0  # monotonic s of the last epoch switch
         self._task_group: asyncio.TaskGroup | None = None
 
     # The committed epoch's state, as telemetry and status read it.
@@ -150,6 +157,7 @@ class WorkerService:
                     task_group.create_task(self._follow_policy(bus), name="policy")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
                     task_group.create_task(self._watch_stalls(), name="stalls")
+                    task_group.create_task(self._watch_reconnects(bus), name="reconnects")
                     task_group.create_task(self.telemetry.run(bus), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
@@ -157,13 +165,17 @@ class WorkerService:
             self.compute.close()
             counters = self.counters + (self.data.counters if self.data else Counter())
             counters += self.entry.counters if self.entry else Counter()
+            counters["frames_unsent"] += self.shaper.unsent
             log.info("%s: stopping; counters %s", self.node, dict(sorted(counters.items())))
 
     async def _announce(self) -> None:
         assert self._bus is not None
         status = self.status("online")
         self._bus.set_birth(Announcement(NODE_STATUS, status, {"node": self.node}))
-        await self._bus.publish(NODE_STATUS, status, node=self.node)
+        try:
+            await self._bus.publish(NODE_STATUS, status, node=self.node)
+        except EdgesplitError as error:  # the bus republishes the birth when it reconnects
+            log.warning("%s: status not published: %s", self.node, error)
 
     # --- plans and epochs -----------------------------------------------------------------
 
@@ -233,6 +245,7 @@ class WorkerService:
             self._answers = {e: a for e, a in self._answers.items() if e > epoch}
             changed, self._epoch_changed = self._epoch_changed, asyncio.Event()
             changed.set()
+            self._committed_at = time.monotonic()
             await self._announce()
             self.ready.set()
             segment = serving.route.segment_of(self.node)
@@ -326,12 +339,15 @@ class WorkerService:
         committed pipeline is up again (it came back: replay on the same epoch); False on
         the deadline."""
         assert self.data is not None
+        began = time.monotonic()
         try:
             async with asyncio.timeout(timeout_s):
                 while self.keeper.epoch == epoch:
                     current = self.keeper.current
                     if current is not None and not self.data.down.intersection(current.route.nodes()):
                         break
+                    if self._no_plan is not None and self._no_plan[0] >= max(began - timeout_s, self._committed_at):
+                        raise NoPlan(f"no feasible plan without the lost node: {self._no_plan[1]}")
                     changed = asyncio.ensure_future(self._epoch_changed.wait())
                     health = asyncio.ensure_future(self._health_changed.wait())
                     try:
@@ -361,14 +377,19 @@ class WorkerService:
         """Node deaths cut waiting passes short: a Last Will (offline status) or the
         monitor's NodeDown (missed heartbeats of a stuck process)."""
         assert self.data is not None
-        async with bus.subscribe(NODE_STATUS) as statuses, bus.subscribe(PROFILE_EVENTS) as events:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._health_from(statuses))
-                group.create_task(self._health_from(events))
+        async with (bus.subscribe(NODE_STATUS) as statuses, bus.subscribe(PROFILE_EVENTS) as events,
+                    bus.subscribe(DECISIONS) as decisions, asyncio.TaskGroup() as group):  # fmt: skip
+            group.create_task(self._health_from(statuses))
+            group.create_task(self._health_from(events))
+            group.create_task(self._health_from(decisions))
 
     async def _health_from(self, subscription: Subscription[Any]) -> None:
         assert self.data is not None
-        async for _, message in subscription:
+        async for delivery in subscription:
+            message = delivery.message
+            if isinstance(message, DecisionRecorded):
+                self._on_decision(message, delivery.retained)
+                continue
             node = getattr(message, "node", None)
             if node is None or node == self.node:
                 continue
@@ -377,11 +398,21 @@ class WorkerService:
                 if failed:
                     log.info("%s: node %s is down; %d passes fail over", self.node, node, failed)
             elif isinstance(message, NodeJoined) or (isinstance(message, NodeStatus) and message.state == "online"):
-                self.data.node_up(node)
+                sent_at = delivery.envelope.sent_at_s if delivery.envelope is not None else None
+                self.data.node_up(node, sent_at if isinstance(message, NodeStatus) else None)
             else:
                 continue
             changed, self._health_changed = self._health_changed, asyncio.Event()
             changed.set()
+
+    def _on_decision(self, record: DecisionRecorded, retained: bool) -> None:
+        """The orchestrator found no feasible plan in an emergency: passes waiting for a
+        new epoch fail at once with its reason instead of at the failover deadline."""
+        if retained or not (record.emergency and record.action == "keep" and "no feasible plan" in record.reason):
+            return
+        self._no_plan = (time.monotonic(), record.reason)
+        changed, self._health_changed = self._health_changed, asyncio.Event()
+        changed.set()
 
     # --- data plane and requests ----------------------------------------------------------
 
@@ -439,12 +470,30 @@ class WorkerService:
             except EdgesplitError as error:
                 log.info("release of %s not sent: %s", request.request_id, error)
 
-    async def _reply(self, client: str, message: Message) -> None:
+    async def _reply(self, client: str, message: Reply) -> None:
         assert self._bus is not None
         try:
             await self._bus.publish(REPLIES, message, client=client)
         except EdgesplitError as error:
             log.warning("%s: reply to %s lost: %s", self.node, client, error)
+
+    async def _watch_reconnects(self, bus: Bus) -> None:
+        """After each reconnect to the broker, replay the passes that were in flight."""
+        assert self.data is not None
+        seen, lost_at_s = bus.sessions, time.time()
+        while True:
+            await asyncio.sleep(0.1)
+            if not bus.ready.is_set():
+                lost_at_s = min(lost_at_s, time.time())
+                continue
+            if bus.sessions == seen:
+                lost_at_s = time.time()
+                continue
+            seen = bus.sessions
+            failed = self.data.reconnected(lost_at_s)
+            lost_at_s = time.time()
+            if failed:
+                log.info("%s: reconnected to the broker; %d passes replay", self.node, failed)
 
     async def _watch_stalls(self) -> None:
         """A process stopped (SIGSTOP) or starved longer than ``stall_s`` was declared

@@ -31,8 +31,10 @@ Node = tuple[str, int, float, float]
 """(id, trust, speed, memory bytes) of a topology node."""
 
 
-def topology_text(nodes: Sequence[Node], entry: str, private_blocks: int = 1) -> str:
-    """A topology TOML, every pair of nodes linked at 50 MB/s."""
+def topology_text(nodes: Sequence[Node], entry: str, private_blocks: int = 1,
+                  one_way: Sequence[tuple[str, str]] = ()) -> str:  # fmt: skip
+    """A topology TOML, every pair of nodes linked at 50 MB/s both ways, except the pairs
+    in ``one_way``: (src, dst) only."""
     lines = ['name = "faults"', f"private_blocks = {private_blocks}", "trusted_level = 2"]
     for node, trust, speed, memory in nodes:
         lines += ["[[nodes]]", f'id = "{node}"', f"trust = {trust}", f"memory_bytes = {memory}",
@@ -40,8 +42,9 @@ def topology_text(nodes: Sequence[Node], entry: str, private_blocks: int = 1) ->
     ids = [node[0] for node in nodes]
     for i, src in enumerate(ids):
         for dst in ids[i + 1 :]:
-            lines += ["[[links]]", f'src = "{src}"', f'dst = "{dst}"', "bandwidth_bytes_per_s = 50e6",
-                      "latency_s = 0.001"]  # fmt: skip
+            pair = next(((a, b) for a, b in one_way if {a, b} == {src, dst}), (src, dst))
+            lines += ["[[links]]", f'src = "{pair[0]}"', f'dst = "{pair[1]}"', "bandwidth_bytes_per_s = 50e6",
+                      "latency_s = 0.001", f"symmetric = {'false' if pair in one_way else 'true'}"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -55,6 +58,7 @@ class Stack:
     nodes: Sequence[Node]
     entry: str
     worker_env: dict[str, str] = field(default_factory=dict)
+    one_way: Sequence[tuple[str, str]] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,7 +66,7 @@ class Stack:
         self.shards = self.root / "shards"
         write_shards(self.model_dir, self.shards)
         self.topology = self.root / "topology.toml"
-        self.topology.write_text(topology_text(self.nodes, self.entry))
+        self.topology.write_text(topology_text(self.nodes, self.entry, one_way=self.one_way))
         self.settings = BusSettings(broker_url=self.broker_url, cluster=self.cluster)  # type: ignore[arg-type]
         self.local = LocalPipeline(self.model_dir, ())
         self._expected: dict[tuple[int, ...], tuple[int, ...]] = {}
