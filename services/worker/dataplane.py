@@ -223,7 +223,7 @@ class DataPlane:
     async def _send_result(self, route: Route, header: FrameHeader, extra: dict[str, bool]) -> None:
         """An empty result straight to the entry, e.g. to say the KV cache is missing."""
         out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch, seq=next(self._seq),
-                          extra={**extra, "target": route.num_layers, "pass": header.extra.get("pass")})  # fmt: skip
+                          extra={**extra, "target": route.num_layers, "pass": header.extra.get("pass", 0)})  # fmt: skip
         await self._send_payload(route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32)))
 
     def _check_activation(self, array: np.ndarray, position: object) -> None:

@@ -25,7 +25,6 @@ from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
     GenerateRequest,
-    Message,
     RequestFailed,
     RequestFinished,
     TokenGenerated,
@@ -39,7 +38,8 @@ log = logging.getLogger(__name__)
 
 # pipeline_pass(request_id, step, token_ids, position, last_only) -> (final hidden, epoch used)
 PipelinePass = Callable[[str, int, np.ndarray, int, bool], Awaitable[tuple[np.ndarray, int]]]
-Reply = Callable[[str, Message], Awaitable[None]]
+ReplyMessage = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
+Reply = Callable[[str, ReplyMessage], Awaitable[None]]
 Compute = Callable[..., Awaitable[object]]
 
 
@@ -56,6 +56,12 @@ class JournalEntry:
     kv_epoch: int | None = None
     """The epoch whose pipeline holds this request's KV caches (None: none yet)."""
     replays: int = 0
+
+
+def _asked(request: GenerateRequest | EmbedRequest) -> tuple[object, ...]:
+    """What a request asks for, without its delivery details (reply address, deadline,
+    resumed tokens): a resubmission asks the same; another request reusing the id does not."""
+    return tuple(request.model_dump(exclude={"reply_to", "timeout_s", "resume_token_ids"}).values())
 
 
 FINISHED_KEPT = 512
@@ -96,8 +102,8 @@ class EntryRole:
         self._wait_for_epoch = wait_for_epoch
         self.failover_wait_s = failover_wait_s
         self.max_replays = max_replays
-        self.finished: OrderedDict[str, Message] = OrderedDict()
-        """Final reply (RequestFinished, EmbeddingReady, RequestFailed) of recent requests."""
+        self.finished: OrderedDict[str, tuple[tuple[object, ...], ReplyMessage]] = OrderedDict()
+        """(what was asked, final reply) of recent requests, by request id."""
         self.counters: Counter[str] = Counter()
 
     async def repeat(self, request: GenerateRequest | EmbedRequest) -> bool:
@@ -109,13 +115,17 @@ class EntryRole:
         """
         rid = request.request_id
         final = self.finished.get(rid)
-        if final is not None:
+        if final is not None and final[0] == _asked(request):
             self.counters["requests_answered_again"] += 1
-            await self._reply(request.reply_to, final)
+            await self._reply(request.reply_to, final[1])
             return True
         entry = self.journal.get(rid)
         if entry is None:
             return False
+        if _asked(entry.request) != _asked(request):
+            await self._reply(request.reply_to, RequestFailed(
+                request_id=rid, error="invalid_request", message=f"request {rid} is already in flight"))  # fmt: skip
+            return True
         resume = getattr(request, "resume_token_ids", None)
         if resume is None:
             self.counters["requests_duplicate"] += 1
@@ -168,9 +178,9 @@ class EntryRole:
             return
         await self._final(entry, RequestFailed(request_id=rid, error=error, message=message[:1024]))  # type: ignore[arg-type]
 
-    async def _final(self, entry: JournalEntry, reply: Message) -> None:
+    async def _final(self, entry: JournalEntry, reply: ReplyMessage) -> None:
         """Send a request's final reply and keep it for a resubmission that lost it."""
-        self.finished[entry.request.request_id] = reply
+        self.finished[entry.request.request_id] = (_asked(entry.request), reply)
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
         await self._reply(entry.request.reply_to, reply)
@@ -199,7 +209,7 @@ class EntryRole:
         sampler = Sampler(SamplingParams(request.temperature, request.top_p, request.seed))
         stream = self.tokenizer.stream()
         resume = list(request.resume_token_ids or ())[: request.max_new_tokens]
-        entry.generated = resume
+        entry.generated = list(resume)
         entry.texts = [stream.push(token)[:1024] for token in resume]
         step_input, position, first_at = entry.prompt_ids + resume, 0, time.perf_counter()
         rows = 1 if sampler.params.greedy else len(resume) + 1

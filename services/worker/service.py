@@ -13,33 +13,30 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Any
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
-from services.worker.dataplane import DataPlane, NoPlan
+from services.worker.dataplane import DataPlane
 from services.worker.deadline import StageDeadline
 from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
 from services.worker.epochs import EpochKeeper, Serving
+from services.worker.health import Health
 from services.worker.probes import LinkProber
 from services.worker.routing import Route, route_of
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
 from services.worker.shard_cache import CachedShards
 from services.worker.telemetry import TelemetryReporter
-from shared.bus import Announcement, Bus, Subscription
+from shared.bus import Announcement, Bus
 from shared.errors import EdgesplitError
 from shared.messages import (
     AbortEpoch,
     CommitEpoch,
-    DecisionRecorded,
     EmbeddingReady,
     EmbedRequest,
     EpochReady,
     EpochRejected,
     GenerateRequest,
-    NodeDown,
-    NodeJoined,
     NodeStatus,
     Plan,
     PrepareEpoch,
@@ -54,13 +51,11 @@ from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
 from shared.topics import (
     ACTIVATIONS,
-    DECISIONS,
     EPOCH_ACKS,
     EPOCH_COMMANDS,
     NODE_STATUS,
     PLAN,
     POLICY,
-    PROFILE_EVENTS,
     REPLIES,
     REQUESTS,
 )
@@ -98,10 +93,7 @@ class WorkerService:
         self._answers: dict[int, EpochReady | EpochRejected] = {}
         self._switch_lock = asyncio.Lock()
         self._policy: PrivacyPolicySet | None = None
-        self._epoch_changed = asyncio.Event()  # replaced (and the old one set) on each commit
-        self._health_changed = asyncio.Event()  # replaced (and the old one set) on each up/down
-        self._no_plan: tuple[float, str] | None = None  # (monotonic s, the orchestrator's reason)
-        self._committed_at = 0.0  # monotonic s of the last epoch switch
+        self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
 
     # The committed epoch's state, as telemetry and status read it.
@@ -141,6 +133,7 @@ class WorkerService:
         deadline = StageDeadline(self.settings.stage_timeout_s, self.settings.stage_min_s, self.settings.stage_factor)
         self.data = DataPlane(self.node, self.store.config.hidden_size, self.keeper, self.compute,
                               self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
+        health = self.health = Health(self.node, self.data, self.keeper, self.settings.stall_s, self.counters)
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
         will = Announcement(NODE_STATUS, self.status("offline"), {"node": self.node})
         try:
@@ -153,11 +146,11 @@ class WorkerService:
                     task_group.create_task(self._follow_epochs(bus), name="epochs")
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
-                    task_group.create_task(self._follow_health(bus), name="health")
+                    task_group.create_task(health.follow(bus), name="health")
                     task_group.create_task(self._follow_policy(bus), name="policy")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
-                    task_group.create_task(self._watch_stalls(), name="stalls")
-                    task_group.create_task(self._watch_reconnects(bus), name="reconnects")
+                    task_group.create_task(health.watch_stalls(), name="stalls")
+                    task_group.create_task(health.watch_reconnects(bus), name="reconnects")
                     task_group.create_task(self.telemetry.run(bus), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
@@ -243,9 +236,8 @@ class WorkerService:
             if serving.host is not None:
                 serving.host.on_forward = self.telemetry.timer.record
             self._answers = {e: a for e, a in self._answers.items() if e > epoch}
-            changed, self._epoch_changed = self._epoch_changed, asyncio.Event()
-            changed.set()
-            self._committed_at = time.monotonic()
+            if self.health is not None:
+                self.health.epoch_committed()
             await self._announce()
             self.ready.set()
             segment = serving.route.segment_of(self.node)
@@ -329,35 +321,10 @@ class WorkerService:
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
             handoff=self.data.handoff if self.settings.kv_handoff else None,
-            wait_for_epoch=self._wait_for_epoch_after,
+            wait_for_epoch=self.health.wait_for_epoch_after if self.health else None,
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,
         )
-
-    async def _wait_for_epoch_after(self, epoch: int | None, timeout_s: float) -> bool:
-        """Wait until an epoch other than ``epoch`` is committed, or every node of the
-        committed pipeline is up again (it came back: replay on the same epoch); False on
-        the deadline."""
-        assert self.data is not None
-        began = time.monotonic()
-        try:
-            async with asyncio.timeout(timeout_s):
-                while self.keeper.epoch == epoch:
-                    current = self.keeper.current
-                    if current is not None and not self.data.down.intersection(current.route.nodes()):
-                        break
-                    if self._no_plan is not None and self._no_plan[0] >= max(began - timeout_s, self._committed_at):
-                        raise NoPlan(f"no feasible plan without the lost node: {self._no_plan[1]}")
-                    changed = asyncio.ensure_future(self._epoch_changed.wait())
-                    health = asyncio.ensure_future(self._health_changed.wait())
-                    try:
-                        await asyncio.wait({changed, health}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        changed.cancel()
-                        health.cancel()
-        except TimeoutError:
-            return False
-        return True
 
     async def _ack(self, answer: EpochReady | EpochRejected) -> None:
         assert self._bus is not None
@@ -372,47 +339,6 @@ class WorkerService:
         self.counters["plans_refused"] += 1
         log.warning("%s: refused plan epoch %d: %s", self.node, epoch, error)
         await self._ack(EpochRejected(epoch=epoch, node=self.node, reason=str(error)[:1024]))  # type: ignore[arg-type]
-
-    async def _follow_health(self, bus: Bus) -> None:
-        """Node deaths cut waiting passes short: a Last Will (offline status) or the
-        monitor's NodeDown (missed heartbeats of a stuck process)."""
-        assert self.data is not None
-        async with (bus.subscribe(NODE_STATUS) as statuses, bus.subscribe(PROFILE_EVENTS) as events,
-                    bus.subscribe(DECISIONS) as decisions, asyncio.TaskGroup() as group):  # fmt: skip
-            group.create_task(self._health_from(statuses))
-            group.create_task(self._health_from(events))
-            group.create_task(self._health_from(decisions))
-
-    async def _health_from(self, subscription: Subscription[Any]) -> None:
-        assert self.data is not None
-        async for delivery in subscription:
-            message = delivery.message
-            if isinstance(message, DecisionRecorded):
-                self._on_decision(message, delivery.retained)
-                continue
-            node = getattr(message, "node", None)
-            if node is None or node == self.node:
-                continue
-            if isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline"):
-                failed = self.data.node_down(node)
-                if failed:
-                    log.info("%s: node %s is down; %d passes fail over", self.node, node, failed)
-            elif isinstance(message, NodeJoined) or (isinstance(message, NodeStatus) and message.state == "online"):
-                sent_at = delivery.envelope.sent_at_s if delivery.envelope is not None else None
-                self.data.node_up(node, sent_at if isinstance(message, NodeStatus) else None)
-            else:
-                continue
-            changed, self._health_changed = self._health_changed, asyncio.Event()
-            changed.set()
-
-    def _on_decision(self, record: DecisionRecorded, retained: bool) -> None:
-        """The orchestrator found no feasible plan in an emergency: passes waiting for a
-        new epoch fail at once with its reason instead of at the failover deadline."""
-        if retained or not (record.emergency and record.action == "keep" and "no feasible plan" in record.reason):
-            return
-        self._no_plan = (time.monotonic(), record.reason)
-        changed, self._health_changed = self._health_changed, asyncio.Event()
-        changed.set()
 
     # --- data plane and requests ----------------------------------------------------------
 
@@ -476,42 +402,6 @@ class WorkerService:
             await self._bus.publish(REPLIES, message, client=client)
         except EdgesplitError as error:
             log.warning("%s: reply to %s lost: %s", self.node, client, error)
-
-    async def _watch_reconnects(self, bus: Bus) -> None:
-        """After each reconnect to the broker, replay the passes that were in flight."""
-        assert self.data is not None
-        seen, lost_at_s = bus.sessions, time.time()
-        while True:
-            await asyncio.sleep(0.1)
-            if not bus.ready.is_set():
-                lost_at_s = min(lost_at_s, time.time())
-                continue
-            if bus.sessions == seen:
-                lost_at_s = time.time()
-                continue
-            seen = bus.sessions
-            failed = self.data.reconnected(lost_at_s)
-            lost_at_s = time.time()
-            if failed:
-                log.info("%s: reconnected to the broker; %d passes replay", self.node, failed)
-
-    async def _watch_stalls(self) -> None:
-        """A process stopped (SIGSTOP) or starved longer than ``stall_s`` was declared
-        down meanwhile and replaced: it rejoins fresh. Its KV caches and drained epochs
-        go, so frames it still holds find no state (answered kv_missing, which the entry
-        drops as unexpected) and nothing it computed before the stall is reused."""
-        tick_s = min(0.25, self.settings.stall_s / 4)
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(tick_s)
-            now = time.monotonic()
-            if now - last > self.settings.stall_s:
-                self.counters["stalls"] += 1
-                freed = sum(len(host.sweep(0.0)) for host in self.keeper.hosts())
-                self.keeper.draining.clear()
-                log.warning("%s: stalled for %.1f s; dropped %d KV caches and drained epochs, "
-                            "rejoining fresh", self.node, now - last, freed)  # fmt: skip
-            last = now
 
     async def _housekeeping(self) -> None:
         """Free idle KV caches and the hosts of drained epochs."""

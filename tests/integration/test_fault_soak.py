@@ -51,7 +51,7 @@ def test_kill_middle_twenty_times(broker: LocalBroker, tmp_path: Path) -> None:
 def test_no_spare_node_resplit_with_shard_load(broker: LocalBroker, tmp_path: Path) -> None:
     """Three nodes; the one holding the middle dies; the survivors hold no copy of its
     blocks, so the plan is re-split and the blocks loaded from the shard store."""
-    nodes = (("car", 2, 0.5, BLOCKS_2), ("rsu", 1, 1.0, BLOCKS_2), ("mec", 0, 0.1, 2 * BLOCKS_2))
+    nodes = (("car", 2, 0.5, BLOCKS_2), ("rsu", 1, 1.0, BLOCKS_2), ("mec", 0, 0.05, 2 * BLOCKS_2))
     stack = stack_for(broker, tmp_path, nodes)
     stack.one_way = (("rsu", "mec"),)  # no mec -> rsu: rsu holds the middle
     stack.topology.write_text(topology_text(stack.nodes, stack.entry, one_way=stack.one_way))
@@ -138,10 +138,10 @@ def rss_kb(pid: int) -> int:
 async def cut_link(stack: Stack, src: str, dst: str, seconds: float) -> None:
     """Frames src -> dst are held 5 s (later than any pass deadline) for ``seconds``."""
     async with Bus(stack.settings) as bus:
-        await bus.publish(EMULATION, EmulationCommand(command_id=1, links=(EmulatedLink(dst=dst, latency_s=5.0),)),
-                          node=src)  # fmt: skip
+        cut = EmulatedLink(dst=dst, latency_s=5.0)  # type: ignore[arg-type]
+        await bus.publish(EMULATION, EmulationCommand(command_id=1, links=(cut,)), node=src)
         await asyncio.sleep(seconds)
-        restore = EmulatedLink(dst=dst, bandwidth_bytes_per_s=50e6, latency_s=0.001)
+        restore = EmulatedLink(dst=dst, bandwidth_bytes_per_s=50e6, latency_s=0.001)  # type: ignore[arg-type]
         await bus.publish(EMULATION, EmulationCommand(command_id=2, links=(restore,)), node=src)
 
 

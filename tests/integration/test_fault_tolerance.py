@@ -80,7 +80,7 @@ class Load:
         outcomes = await asyncio.gather(*self.tasks, return_exceptions=True)
         elapsed = time.monotonic() - self.began
         assert elapsed < self.timeout_s + 5, f"a request outlived its deadline: {elapsed:.1f} s"
-        good, wrong, typed = 0, 0, []
+        good, wrong, typed = 0, 0, list[BaseException]()
         for prompt, arrivals, outcome in zip(self.prompts, self.arrivals, outcomes, strict=True):
             if isinstance(outcome, EdgesplitError):
                 typed.append(outcome)
