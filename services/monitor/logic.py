@@ -402,7 +402,7 @@ class MonitorState:
             node=record.node, alive=record.up, trust=status.trust if status else 0,  # type: ignore[arg-type]
             memory_free_bytes=free, flops_per_s=flops_per_s,
             utilisation=min(1.0, max(0.0, record.busy.value(now_s) or 0.0)),
-            health=health, down_reason=record.down_reason, memory_bytes=memory_bytes,
+            health=health, down_reason=record.down_reason, memory_bytes=memory_bytes,  # type: ignore[arg-type]
             memory_used_bytes=telemetry.memory_used_bytes if telemetry else 0,
             memory_available_bytes=available,
             cpu_utilisation=telemetry.cpu_utilisation if telemetry else 0.0,
@@ -432,7 +432,7 @@ class MonitorState:
         return LinkCapacity(
             src=src, dst=dst, bandwidth_bytes_per_s=bandwidth or 0.0,  # type: ignore[arg-type]
             latency_s=rtt / 2 if rtt is not None else 0.0, rtt_s=rtt, loss=min(1.0, loss or 0.0),
-            health=health, degraded=degraded,
+            health=health, degraded=degraded,  # type: ignore[arg-type]
             bandwidth_source=source if bandwidth is not None else "none",  # type: ignore[arg-type]
             passive_bandwidth_bytes_per_s=passive,
             probe_bytes_per_s=math.fsum(b for b, _ in recent) / seconds if seconds > 0 else 0.0,

@@ -139,7 +139,7 @@ class MonitorService:
         while True:
             event = await self._events.get()
             try:
-                await bus.publish(PROFILE_EVENTS, event)  # type: ignore[arg-type]
+                await bus.publish(PROFILE_EVENTS, event)  # type: ignore[arg-type,misc]
             except EdgesplitError as error:
                 log.warning("event %s not published: %s", event.kind, error)
 

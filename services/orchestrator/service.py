@@ -50,6 +50,7 @@ from services.split_reviser.privacy import PrivacyPolicy
 from shared.bus import Bus, Subscription
 from shared.config import BusSettings
 from shared.errors import EdgesplitError
+from shared.ids import NodeId, RequestId
 from shared.messages import (
     CapacityProfile,
     DecisionRecorded,
@@ -161,7 +162,7 @@ class OrchestratorService:
         store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
         self.manifest = store.manifest
         async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
-            subs = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))
+            subs: dict[Any, Subscription[Any]] = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))  # type: ignore[arg-type]
                     for topic, params in ((PLAN, {}), (POLICY, {}), (DECISIONS, {}), (CAPACITY, {}),
                                           (PROFILE_EVENTS, {}), (ROLLOUT_RESULTS, {}), (REPLIES, {}),
                                           (REVISER_REPLIES, {"client": self._origin}))}  # fmt: skip
@@ -170,7 +171,7 @@ class OrchestratorService:
             log.info("orchestrator ready: model %s, entry %s, running %s", self.manifest.model_name,
                      self.entry, self.state.segments or "nothing")  # fmt: skip
             async with asyncio.TaskGroup() as tasks:
-                follow = {PLAN: self._on_plan, POLICY: self._on_policy, CAPACITY: self._on_profile,
+                follow: dict[Any, Callable[[Any], None]] = {PLAN: self._on_plan, POLICY: self._on_policy, CAPACITY: self._on_profile,
                           PROFILE_EVENTS: self._on_event, ROLLOUT_RESULTS: self._on_result,
                           REPLIES: self._on_reply, REVISER_REPLIES: self._on_proposal}  # fmt: skip
                 for topic, handler in follow.items():
@@ -401,8 +402,8 @@ class OrchestratorService:
                            running: tuple[Segment, ...]) -> PlanProposed | None:  # fmt: skip
         assert self.manifest is not None and self.entry is not None
         request = PlanRequested(
-            request_id=f"o{secrets.token_hex(6)}", reply_to=self._origin,
-            model_id=self.manifest.model_name[:1024], source=self.entry, profile=view,
+            request_id=RequestId(f"o{secrets.token_hex(6)}"), reply_to=self._origin,
+            model_id=self.manifest.model_name[:1024], source=NodeId(self.entry), profile=view,
             private_blocks=self.policy.private_blocks, trusted_level=self.policy.trusted_level,
             current_segments=running, alternatives=self.settings.alternatives,
         )  # fmt: skip

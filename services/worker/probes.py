@@ -221,9 +221,9 @@ class LinkProber:
         if kind == "ping":
             _, echo = self._frame("echo", probe_id, 0)
             self.counters["echoed"] += 1
-            peer = self._peers.get(src)
-            if peer is not None:
-                peer.probe_bytes += len(echo)
+            echoed_to = self._peers.get(src)
+            if echoed_to is not None:
+                echoed_to.probe_bytes += len(echo)
             await self._send(src, echo)
         elif kind == "echo" and src in self._peers:
             self._on_echo(self._peers[src], probe_id, now_s)
