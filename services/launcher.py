@@ -244,17 +244,22 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
     return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments).sign(key)  # type: ignore[arg-type]
 
 
+def _prepare(settings: BusSettings, model: str | None, run_dir: Path) -> tuple[Path, Path, int]:
+    """The run folder, the model's checkpoint and its shard store (prepared if needed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(model or default_model(), settings.models_dir)
+    shards = ensure_shards(model_dir, settings.models_dir / f"{model_dir.name}-shards")
+    return model_dir, shards, ShardStore(shards).config.num_layers
+
+
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
              run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False) -> None:  # fmt: skip
     """Run the stack until cancelled."""
     topology_path = topology_file or DEFAULT_TOPOLOGY
     topology = load_topology(topology_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = model or default_model()
-    model_dir = resolve_model(name, settings.models_dir)
-    shards = ensure_shards(model_dir, settings.models_dir / f"{model_dir.name}-shards")
-    num_layers = ShardStore(shards).config.num_layers
-    stack = Stack(broker=ensure_broker(settings, run_dir / "broker"))
+    # Model preparation, sharding and the broker start block: run them off the loop.
+    model_dir, shards, num_layers = await asyncio.to_thread(_prepare, settings, model, run_dir)
+    stack = Stack(broker=await asyncio.to_thread(ensure_broker, settings, run_dir / "broker"))
     try:
         async with Bus(settings) as bus:
             for node in topology.nodes:

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shared.errors import EdgesplitError
-from shared.messages import LinkObservation
 from shared.ids import RequestId
+from shared.messages import LinkObservation
 from shared.tensor_frame import Frame, FrameHeader, encode_frame
 from shared.topics import ACTIVATIONS, NODE_STATUS
 

@@ -19,7 +19,13 @@ from shared.messages import GenerateRequest, RequestFinished, TokenGenerated
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for, two_phase
+from tests.integration.cluster import (
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+    two_phase,
+)
 
 pytestmark = pytest.mark.integration
 PLAN_1 = (("car", 0, 2), ("rsu", 2, 4), ("mec", 4, 6))
@@ -54,10 +60,13 @@ def test_kill_middle_worker_while_four_requests_decode(site: Site) -> None:
     prompts = [[4 + i, 60 + 3 * i, 8] for i in range(4)]
     arrivals: dict[int, list[float]] = {i: [] for i in range(4)}
     killed_at: list[float] = []
+    decoding = asyncio.Event()
 
     async def one(index: int) -> RequestFinished:
         def on_token(token: TokenGenerated) -> None:
             arrivals[index].append(time.monotonic())
+            if min(len(a) for a in arrivals.values()) >= 5:
+                decoding.set()
 
         def make(client: str) -> GenerateRequest:
             return GenerateRequest(request_id=f"k{index}", reply_to=client,  # type: ignore[arg-type]
@@ -70,8 +79,7 @@ def test_kill_middle_worker_while_four_requests_decode(site: Site) -> None:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(one(i)) for i in range(4)]
             async with asyncio.timeout(30):
-                while min(len(a) for a in arrivals.values()) < 5:
-                    await asyncio.sleep(0.01)
+                await decoding.wait()
             site.workers.signal("rsu", signal.SIGKILL)
             killed_at.append(time.monotonic())
             # What the orchestrator does on NodeDown: re-plan around the dead node.
