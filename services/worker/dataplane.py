@@ -249,8 +249,11 @@ class DataPlane:
         if serving is None or serving.entry is None:
             raise StageTimedOut(f"node {self.node} is no longer the entry")
         route = serving.route
-        hidden = await self.compute.run(serving.entry.embed_tokens, token_ids, position)
-        target = 0
+        local_blocks = route.node_for(0) == self.node and serving.host is not None
+        # One hand-off to the compute thread for the embedding and the entry's own blocks.
+        hidden = await self.compute.run(_embed_and_run, serving, request_id, token_ids, position,
+                                        self.slowdown if local_blocks else None)  # fmt: skip
+        target = serving.host.end if local_blocks and serving.host is not None else 0
         while target < route.num_layers and route.node_for(target) == self.node:
             assert serving.host is not None
             hidden = await self.compute.run(serving.host.forward, request_id, hidden, position, self.slowdown)
@@ -392,6 +395,18 @@ def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise FrameRefused(f"expected an integer, got {value!r}")
     return value
+
+
+def _embed_and_run(
+    serving: Serving, request_id: str, token_ids: np.ndarray, position: int, slowdown: Slowdown | None
+) -> np.ndarray:
+    """Compute thread: embed, then (when ``slowdown`` is given) run the entry's first
+    segment on the result."""
+    assert serving.entry is not None
+    hidden = serving.entry.embed_tokens(token_ids, position)
+    if slowdown is None or serving.host is None:
+        return hidden
+    return serving.host.forward(request_id, hidden, position, slowdown)
 
 
 def _split_kv(

@@ -92,6 +92,7 @@ class WorkerService:
         self._preparing: set[int] = set()
         self._answers: dict[int, EpochReady | EpochRejected] = {}
         self._switch_lock = asyncio.Lock()
+        self._replies: asyncio.Queue[tuple[str, Reply]] = asyncio.Queue()
         self._policy: PrivacyPolicySet | None = None
         self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
@@ -146,6 +147,7 @@ class WorkerService:
                     task_group.create_task(self._follow_epochs(bus), name="epochs")
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
+                    task_group.create_task(self._send_replies(bus), name="replies")
                     task_group.create_task(health.follow(bus), name="health")
                     task_group.create_task(self._follow_policy(bus), name="policy")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
@@ -397,11 +399,17 @@ class WorkerService:
                 log.info("release of %s not sent: %s", request.request_id, error)
 
     async def _reply(self, client: str, message: Reply) -> None:
-        assert self._bus is not None
-        try:
-            await self._bus.publish(REPLIES, message, client=client)
-        except EdgesplitError as error:
-            log.warning("%s: reply to %s lost: %s", self.node, client, error)
+        """Queue a reply for the client; one sender task publishes them in order, so the
+        decode loop never waits for the broker's acknowledgement."""
+        self._replies.put_nowait((client, message))
+
+    async def _send_replies(self, bus: Bus) -> None:
+        while True:
+            client, message = await self._replies.get()
+            try:
+                await bus.publish(REPLIES, message, client=client)
+            except EdgesplitError as error:
+                log.warning("%s: reply to %s lost: %s", self.node, client, error)
 
     async def _housekeeping(self) -> None:
         """Free idle KV caches and the hosts of drained epochs."""
