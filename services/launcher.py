@@ -282,11 +282,13 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             print(f"edgesplit ready: model {model_dir.name} on {len(plan.segments)} nodes, "
                   f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
                   f"cluster {settings.cluster}", flush=True)  # fmt: skip
-            while True:
+            reported: set[str] = set()
+            while True:  # a process that dies is reported once; the system re-plans around it
                 await asyncio.sleep(1.0)
-                dead = stack.dead_worker()
-                if dead is not None:
-                    raise ServingError(f"worker {dead} exited; see {stack.logs[dead]}")
+                for name, process in {**stack.workers, **stack.services}.items():
+                    if name not in reported and process.poll() is not None:
+                        reported.add(name)
+                        say(f"{name} exited with status {process.returncode}; see {stack.logs[name]}")
     finally:
         stack.stop()
         say("stopped everything it started")

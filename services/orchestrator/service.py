@@ -80,6 +80,8 @@ from shared.topics import (
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
+KEPT_DECISIONS = 64
+"""Decision records kept in memory (the last 16 stay retained on the broker)."""
 MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_cleared",
                  "link_degraded", "link_recovered"}  # fmt: skip
 """Triggers from monitor events: decided on a profile at least as new as the event."""
@@ -488,7 +490,8 @@ class OrchestratorService:
             "realised_tpot_s": tpot, "realised_requests": count, "realised_gain_s": gain}))  # fmt: skip
 
     async def _publish(self, bus: Bus, record: DecisionRecorded) -> None:
-        self.decisions = [d for d in self.decisions if d.decision_id != record.decision_id] + [record]
+        kept = [d for d in self.decisions if d.decision_id != record.decision_id] + [record]
+        self.decisions = kept[-KEPT_DECISIONS:]  # bounded: a long run must not grow memory
         try:
             await bus.publish(DECISIONS, record, slot=str(record.decision_id % DECISION_SLOTS))
         except EdgesplitError as error:
