@@ -367,6 +367,7 @@ class OrchestratorService:
         if profile is None or self.entry is None or self.manifest is None:
             log.info("trigger %s: no profile or entry yet", trigger.kind)
             return
+        self._fail_over_entry(profile)
         if not self.state.segments and not self._initial_ready(profile):
             return  # the first plan waits until every expected node is measured
         running = self.state.segments
@@ -383,6 +384,20 @@ class OrchestratorService:
         if trigger.kind == "periodic" and decision.action == "keep" and not _blocked(decision):
             return  # nothing worth a record: the plan is best or no alternative is close
         await self._record_and_execute(bus, tasks, trigger, decision, now_s)
+
+    def _fail_over_entry(self, profile: CapacityProfile) -> None:
+        """When the entry is down, the fastest alive node trusted enough to hold the
+        embedding and head becomes the entry (clients resubmit to it; see services/client.py)."""
+        alive = {n.node: n for n in profile.nodes if n.alive}
+        if self.entry in alive:
+            return
+        level = self.policy.trusted_level
+        trusted = sorted((n for n in alive.values() if n.trust >= level), key=lambda n: (-n.flops_per_s, n.node))
+        if not trusted:
+            log.warning("entry %s is down and no alive node has trust >= %d", self.entry, level)
+            return
+        log.warning("entry %s is down: %s becomes the entry", self.entry, trusted[0].node)
+        self.entry = trusted[0].node
 
     def _candidates(self, view: CapacityProfile, running: tuple[Segment, ...],
                     options: tuple[PlanOption, ...], moves: bool = True) -> tuple[CandidatePlan, ...]:  # fmt: skip

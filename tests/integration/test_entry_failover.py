@@ -1,8 +1,9 @@
 """The entry node dies and the next committed plan names another entry: each client
 resubmits with the tokens it already has, and the caller sees one uninterrupted answer.
 
-The re-plan is driven by hand here (the orchestrator keeps its configured entry; see
-the report); the worker and client sides are the real processes and library."""
+The re-plan is driven by hand here, to test the worker and client sides alone; the
+full stack, where the orchestrator names the new entry itself, is in
+test_fault_tolerance.py."""
 
 from __future__ import annotations
 

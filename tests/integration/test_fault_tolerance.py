@@ -228,3 +228,35 @@ def test_entry_killed_and_restarted_clients_resume(stack: Stack) -> None:
     resumed_s = asyncio.run(scenario())
     print(f"kill -9 of the entry, restarted: requests went on after {resumed_s:.2f} s")
     assert resumed_s < 20
+
+
+ENTRY_SPARE = (("car", 2, 0.5, BLOCKS_2), ("car2", 2, 0.5, BLOCKS_2), ("rsu", 1, 1.0, BLOCKS_2),
+               ("mec", 0, 1.0, BLOCKS_2))  # fmt: skip
+"""Two trusted nodes: when the entry dies the other can take the embedding and head."""
+
+
+def test_entry_killed_the_orchestrator_names_a_new_entry_and_clients_resubmit(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    site = stack_for(broker, tmp_path, ENTRY_SPARE)
+    try:
+        before = site.start()
+        assert before.entry_node == "car"
+
+        async def scenario() -> tuple[float, Plan]:
+            load = Load(site, 3, 50, tag="ent")
+            load.start()
+            await load.until_tokens(5)
+            site.kill("car")
+            killed = time.monotonic()
+            good, wrong, typed = await load.results()
+            assert (good, wrong, typed) == (3, 0, []), (good, wrong, typed)
+            after = await site.wait_served(lambda p: p.epoch > before.epoch, 30)
+            return load.resumed_after(killed), after
+
+        resumed_s, after = asyncio.run(scenario())
+    finally:
+        site.stop()
+    print(f"entry car killed: new entry {after.entry_node}, requests went on after {resumed_s:.2f} s")
+    assert after.entry_node == "car2" and "car" not in {s.node for s in after.segments}
+    assert "becomes the entry" in site.log("orchestrator")
