@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import signal
 import subprocess
 import sys
 import time
@@ -296,7 +297,12 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
            static: bool = False) -> int:  # fmt: skip
-    """Blocking entry point for the CLI; Ctrl-C stops the stack."""
+    """Blocking entry point for the CLI; Ctrl-C or SIGTERM stops everything it started."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: no orphaned workers
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         asyncio.run(up(settings, topology_file, model, run_dir, static=static))
     except KeyboardInterrupt:
@@ -310,4 +316,6 @@ def run_up(settings: BusSettings, topology_file: Path | None, model: str | None,
         raise found from None
     except EdgesplitError:
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
