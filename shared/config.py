@@ -84,7 +84,8 @@ class BusSettings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_initial_s: float = Field(default=0.1, gt=0)
-    reconnect_max_s: float = Field(default=5.0, gt=0)
+    reconnect_max_s: float = Field(default=2.0, gt=0)
+    """Cap of the reconnect backoff: edge links drop often; come back within seconds."""
     tls_ca_file: Path | None = None
     """CA bundle for mqtts:// (the system's when not set)."""
     models_dir: Path = Path("~/.cache/edgesplit/models").expanduser()

@@ -5,6 +5,7 @@ steady load (lost = duplicated = hung = 0; long-lived services' memory stays fla
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
@@ -191,7 +192,8 @@ def test_soak_random_faults_every_ten_seconds(own_broker: LocalBroker, tmp_path:
 
     try:
         stack.start()
-        soak = asyncio.run(scenario(180.0))
+        # Two minutes by default (a fault every 10 s: 12 faults); EDGESPLIT_SOAK_S for longer.
+        soak = asyncio.run(scenario(float(os.environ.get("EDGESPLIT_SOAK_S", "120"))))
     finally:
         stack.stop()
     growth = {name: f"{(after - before) / 1024:+.1f} MB of {before / 1024:.0f}" for name, (before, after) in memory.items()}
