@@ -4,9 +4,10 @@ One `Bus` owns two connections: ``control`` (status, telemetry, plans, commands)
 ``data`` (activation frames), so a 1 MB frame never delays a heartbeat. Each has a
 reconnect loop (capped exponential backoff with jitter) that resubscribes and, on the
 control connection, republishes the retained birth message; the Last Will is set on
-every connect. One reader task per connection decodes messages and puts them into the
-bounded queue of every matching `Subscription`; a malformed payload is logged and
-dropped. Nothing here needs MQTT 5: ``protocol="auto"`` tries 5, then 3.1.1.
+every connect. Received messages are decoded in paho's read callback (shared/fastpath.py)
+and put into the bounded queue of every matching `Subscription`; a malformed payload is
+logged and dropped. QoS 0 publishes (activation frames, telemetry) are written to the
+socket within the call. Nothing here needs MQTT 5: ``protocol="auto"`` tries 5, then 3.1.1.
 
     async with Bus(settings, birth=online, will=offline) as bus:
         async with bus.subscribe(TELEMETRY) as telemetry:      # waits for the SUBACK
@@ -31,7 +32,7 @@ import aiomqtt
 from aiomqtt.client import ProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from shared import codec, topics
+from shared import codec, fastpath, topics
 from shared.config import BusSettings
 from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
 from shared.ids import validate_id
@@ -99,10 +100,11 @@ class _Connection:
             self.connected.set()
             self.dirty.set()
             self.bus.sessions += 1
+            fastpath.install(client, self._received)
             if self.plane == "control" and self.bus._birth is not None:
                 await self.bus._announce(self.bus._birth)
-            async for message in client.messages:
-                self.bus._dispatch(self.plane, message)
+            async for _ in client.messages:  # nothing is queued there: this waits for a disconnect
+                pass
         finally:
             self.client = None
             self.connected.clear()
@@ -110,6 +112,9 @@ class _Connection:
             self.bus._refresh()
             with contextlib.suppress(*_MQTT_ERRORS):
                 await asyncio.shield(client.__aexit__(None, None, None))
+
+    def _received(self, name: str, payload: bytes, retain: bool) -> None:
+        self.bus._dispatch(self.plane, name, payload, retain)
 
     async def sync_subscriptions(self) -> None:
         """Bring the broker's subscriptions in line with ``filters`` whenever they change."""
@@ -149,6 +154,10 @@ class _Connection:
                 self.acked.add(filter_)
 
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        client = self.client
+        if qos == 0 and client is not None:  # the hot path: straight to the socket
+            fastpath.publish_now(client, topic, payload, retain)
+            return
         timeout_s = self.bus.settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -374,9 +383,8 @@ class Bus:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _dispatch(self, plane: Plane, message: aiomqtt.Message) -> None:
+    def _dispatch(self, plane: Plane, name: str, payload: bytes, retain: bool) -> None:
         """Decode one received message and queue it for every matching subscription."""
-        name = message.topic.value
         found = topics.match(name)
         if found is None or found[1] != self.cluster or found[0].plane != plane:
             self.counters["unroutable"] += 1
@@ -386,7 +394,6 @@ class Bus:
         targets = [s for s in self._subscriptions.get(topic, ()) if s.matches(params)]
         if not targets:
             return
-        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         item: Any
         envelope: codec.Envelope[Message] | None = None
         try:
@@ -399,7 +406,7 @@ class Bus:
             self.counters[f"malformed:{topic.pattern}"] += 1
             log.warning("dropped malformed message on %s (%d bytes): %s", name, len(payload), error)
             return
-        delivery = Delivery(params, item, envelope, bool(message.retain))
+        delivery = Delivery(params, item, envelope, retain)
         for subscription in targets:
             subscription.offer(delivery)
 

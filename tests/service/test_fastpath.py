@@ -1,0 +1,134 @@
+"""The bus's hot path against a real Mosquitto (shared/fastpath.py): QoS 0 frames reach
+the socket inside the publish call, no write interest is left behind, received messages
+go straight to the subscriptions, and a failing handler does not drop the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import pytest
+
+from shared.broker import LocalBroker
+from shared.bus import Bus
+from shared.config import BusSettings
+from shared.messages import TokenGenerated
+from shared.subscription import Subscription
+from shared.tensor_frame import Frame, FrameHeader, encode_frame
+from shared.topics import ACTIVATIONS, REPLIES
+
+
+def run(main: Callable[[], Awaitable[None]], timeout_s: float = 20.0) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(timeout_s):
+            await main()
+
+    asyncio.run(guarded())
+
+
+def settings_for(url: str, cluster: str, protocol: str = "auto") -> BusSettings:
+    return BusSettings(broker_url=url, cluster=cluster, protocol=protocol, connect_timeout_s=3.0,  # type: ignore[arg-type]
+                       reconnect_initial_s=0.05, reconnect_max_s=0.5)  # fmt: skip
+
+
+def _frame(step: int) -> bytes:
+    header = FrameHeader(request_id="r1", step=step, epoch=1, seq=step, extra={"target": 3})  # type: ignore[arg-type]
+    return encode_frame(header, np.full((1, 8), step, np.float32))
+
+
+def _writers(bus: Bus) -> list[int]:
+    """File descriptors the running loop watches for writability on the bus's sockets."""
+    selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]  # noqa: SLF001
+    sockets = []
+    for connection in bus._connections.values():  # noqa: SLF001
+        assert connection.client is not None
+        sockets.append(connection.client._client.socket().fileno())  # type: ignore[union-attr]  # noqa: SLF001
+    return [key.fd for key in selector.get_map().values()
+            if key.fd in sockets and key.events & selectors.EVENT_WRITE]  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_qos0_frames_are_written_within_the_call_in_order(
+    broker: LocalBroker, cluster: str, protocol: str
+) -> None:
+    async def main() -> None:
+        settings = settings_for(broker.url, cluster, protocol)
+        async with Bus(settings, origin="tx") as sender, Bus(settings, origin="rx") as receiver:
+            async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
+                data = sender._connections["data"]  # noqa: SLF001
+                assert data.client is not None
+                inner = data.client._client  # noqa: SLF001
+                for step in range(200):
+                    await sender.publish_raw_frame(ACTIVATIONS, _frame(step), node="w2")
+                    # Written before the call returned: nothing left in paho's queue, and no
+                    # write interest left on the loop (it would spin on a writable socket).
+                    assert not inner.want_write()
+                    assert _writers(sender) == []
+                await asyncio.sleep(0.05)  # callbacks scheduled by the publishes have run
+                assert _writers(sender) == []
+                got: list[int] = []
+                async with asyncio.timeout(5):
+                    while len(got) < 200:
+                        delivery = await frames.get()
+                        assert isinstance(delivery.message, Frame)
+                        got.append(delivery.message.header.step)
+                        assert float(delivery.message.array[0, 0]) == delivery.message.header.step
+                assert got == list(range(200))
+
+    run(main)
+
+
+def test_a_failing_subscriber_does_not_drop_the_connection(
+    broker: LocalBroker, cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        settings = settings_for(broker.url, cluster)
+        async with Bus(settings, origin="tx") as sender, Bus(settings, origin="rx") as receiver:
+            async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
+                sessions = receiver.sessions
+                original = Subscription.offer
+                calls = 0
+
+                def offer_failing_once(self: Subscription[object], delivery: object) -> None:
+                    nonlocal calls
+                    calls += 1
+                    if calls == 1:
+                        raise RuntimeError("a bug in a subscriber")
+                    original(self, delivery)  # type: ignore[arg-type]
+
+                monkeypatch.setattr(Subscription, "offer", offer_failing_once)
+                await sender.publish_raw_frame(ACTIVATIONS, _frame(0), node="w2")
+                await sender.publish_raw_frame(ACTIVATIONS, _frame(1), node="w2")
+                async with asyncio.timeout(5):
+                    delivery = await frames.get()
+                assert delivery.message.header.step == 1  # type: ignore[attr-defined]
+                assert calls == 2
+                assert receiver.sessions == sessions  # no reconnect happened
+
+    run(main)
+
+
+def test_qos1_messages_still_wait_for_their_acknowledgement(
+    broker: LocalBroker, cluster: str
+) -> None:
+    """QoS 1 publishes keep aiomqtt's wait for PUBACK through the direct write registration:
+    all arrive, in order, and no write interest is left behind."""
+
+    async def main() -> None:
+        settings = settings_for(broker.url, cluster)
+        async with Bus(settings, origin="tx") as sender, Bus(settings, origin="rx") as receiver:
+            async with receiver.subscribe(REPLIES, client="c1") as replies:
+                text = "x" * 1000
+                for index in range(100):
+                    reply = TokenGenerated(request_id="r1", index=index, token_id=index, text=text)  # type: ignore[arg-type]
+                    await sender.publish(REPLIES, reply, client="c1")
+                seen: list[int] = []
+                async with asyncio.timeout(5):
+                    while len(seen) < 100:
+                        seen.append((await replies.get()).message.index)  # type: ignore[union-attr]
+                assert seen == list(range(100))
+                assert _writers(sender) == []
+
+    run(main)
