@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.orchestrator.service import OrchestratorService, OrchestratorSettings
+from services.orchestrator.service import OrchestratorService
+from services.orchestrator.settings import OrchestratorSettings
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service

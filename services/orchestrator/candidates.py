@@ -32,6 +32,7 @@ bandwidth, which serve one request's step at a time (`logic.per_token_s`).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,8 +42,11 @@ from services.split_reviser.live import layers_from_manifest, problem_from_profi
 from services.split_reviser.privacy import PrivacyPolicy
 from services.split_reviser.problem import Plan as ProblemPlan
 from services.split_reviser.problem import Problem, boundary_bytes, effective_flops_per_s, evaluate
+from shared.errors import EdgesplitError
 from shared.messages import CapacityProfile, PlanOption, Segment
 from shared.model.shard import ShardManifest
+
+log = logging.getLogger(__name__)
 
 MAX_PERMUTATIONS = 5040
 """Node assignments tried for migrations (7! : every assignment of up to 7 segments)."""
@@ -201,3 +205,26 @@ def build_candidates(problem: Problem, running: tuple[Segment, ...],
     for candidate in moved[:keep_migrations]:
         found[candidate.segments] = candidate
     return tuple(found.values())
+
+
+def evaluate_all(view: CapacityProfile, manifest: ShardManifest, policy: PrivacyPolicy, source: str,
+                 running: tuple[Segment, ...], options: Iterable[PlanOption], cost: CostModel,
+                 moves: bool = True) -> tuple[CandidatePlan, ...]:  # fmt: skip
+    """Every candidate on the planning ``view`` (`build_candidates`); ``moves=False``: the
+    running plan and ``options`` only. A source missing or down gives none (keep)."""
+    try:
+        problem = planning_problem(view, manifest, policy, source, cost)
+    except EdgesplitError as error:
+        log.warning("no planning problem: %s", error)
+        return ()
+    return build_candidates(problem, running, options, cost, keep_migrations=4 if moves else 0)
+
+
+def failover_entry(profile: CapacityProfile, entry: str | None, trusted_level: int) -> str | None:
+    """The entry to use on ``profile``: ``entry`` while it is alive; else the fastest alive
+    node with trust >= ``trusted_level`` (ties by id); None when there is none."""
+    alive = [n for n in profile.nodes if n.alive]
+    if any(n.node == entry for n in alive):
+        return entry
+    trusted = sorted((n for n in alive if n.trust >= trusted_level), key=lambda n: (-n.flops_per_s, n.node))
+    return trusted[0].node if trusted else None

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from services.orchestrator.logic import CandidatePlan, Decision, Scored, Trigger, describe
+from services.orchestrator.logic import (
+    CandidatePlan,
+    Decision,
+    OrchestratorState,
+    Scored,
+    Trigger,
+    describe,
+)
 from shared.messages import (
     Candidate,
     DecisionRecorded,
@@ -152,3 +159,19 @@ def _mean(items: list[Finished]) -> tuple[float | None, int]:
     if not items:
         return None, 0
     return math.fsum(f.tpot_s for f in items) / len(items), len(items)
+
+
+def restored(state: OrchestratorState, seen: list[DecisionRecorded]) -> OrchestratorState:
+    """``state`` continued from the retained decisions of an earlier orchestrator: the next
+    decision id, and when the last change committed (so dwell and hysteresis survive)."""
+    committed = [r for r in seen if r.outcome == "committed" and r.action != "keep"]
+    last = max(committed, key=lambda r: r.at_s, default=None)
+    return replace(state, next_decision_id=max(r.decision_id for r in seen) + 1,
+                   changed_at_s=last.at_s if last else None,
+                   first_plan_at_s=last.at_s if last and last.from_epoch is None else None)  # fmt: skip
+
+
+def held_back(decision: Decision) -> bool:
+    """True when an alternative beat the threshold but was held back (dwell or cost)."""
+    held = any(not s.eligible and "does not beat cost" in s.note for s in decision.scored)
+    return held or decision.reason.startswith("keep: dwell")

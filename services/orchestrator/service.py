@@ -22,33 +22,32 @@ import logging
 import random
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
 from services.orchestrator import records
+from services.orchestrator.calibration import OverheadCalibration
 from services.orchestrator.candidates import (
     CostModel,
-    build_candidates,
-    planning_problem,
+    evaluate_all,
+    failover_entry,
     planning_view,
 )
+from services.orchestrator.exchanges import Exchanges, latest
 from services.orchestrator.logic import (
     CandidatePlan,
     Decision,
-    DecisionConfig,
     OrchestratorState,
     Trigger,
     after_commit,
     decide,
 )  # fmt: skip
+from services.orchestrator.readiness import first_plan_wait, nodes_missing
+from services.orchestrator.settings import OrchestratorSettings
 from services.split_reviser.privacy import PrivacyPolicy
 from shared.bus import Bus, Subscription
-from shared.config import BusSettings
 from shared.errors import EdgesplitError
 from shared.ids import NodeId, RequestId
 from shared.messages import (
@@ -74,9 +73,7 @@ from shared.topics import (
     PROFILE_EVENTS,
     REPLIES,
     REVISER_REPLIES,
-    REVISER_REQUESTS,
     ROLLOUT_RESULTS,
-    ROLLOUTS,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -85,42 +82,7 @@ KEPT_DECISIONS = 64
 MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_cleared",
                  "link_degraded", "link_recovered"}  # fmt: skip
 """Triggers from monitor events: decided on a profile at least as new as the event."""
-OVERHEAD_ALPHA = 0.2
-"""Smoothing of the measured per-token overhead the plan model does not cover."""
-LOAD_SAMPLES = 600
-CALIBRATE_AFTER_S = 3.0
-"""A finished request enters the overhead this long after it finished (see _calibrate)."""
-"""Profiles whose entry load is kept (one a second: ten minutes)."""
-
-
-class OrchestratorSettings(BusSettings):
-    """The orchestrator process. Units in field names."""
-
-    shards_dir: Path = Field(description="shard store of the served model (`edgesplit shard`)")
-    entry: str | None = Field(default=None, description="entry node (default: the retained plan's)")
-    expect_nodes: tuple[str, ...] = Field(default=(), description="the first plan waits for these")
-    period_s: float = Field(default=5.0, gt=0, description="periodic re-evaluation (jittered)")
-    jitter: float = Field(default=0.2, ge=0, lt=1, description="+- share of the period")
-    relative_threshold: float = Field(default=0.15, ge=0)
-    dwell_s: float = Field(default=15.0, ge=0)
-    horizon_s: float = Field(default=30.0, gt=0)
-    min_horizon_tokens: float = Field(default=64.0, ge=0)
-    switch_overhead_s: float = Field(default=0.2, ge=0)
-    shard_load_bytes_per_s: float = Field(default=200e6, gt=0)
-    rebuild_context_tokens: int = Field(default=128, ge=0, description="KV tokens per request in flight")
-    alternatives: int = Field(default=4, ge=0, le=16)
-    private_blocks: int = Field(default=0, ge=0, description="until a retained policy arrives")
-    trusted_level: int = Field(default=0, ge=0)
-    reviser_timeout_s: float = Field(default=10.0, gt=0)
-    rollout_timeout_s: float = Field(default=90.0, gt=0)
-    ready_timeout_s: float = Field(default=60.0, gt=0, description="READY deadline per rollout")
-    profile_wait_s: float = Field(default=3.0, ge=0, description="wait for a profile newer than an event")
-    observe_s: float = Field(default=10.0, gt=0, description="realised-effect window after a commit")
-    retained_wait_s: float = Field(default=0.5, ge=0)
-
-    def decision_config(self) -> DecisionConfig:
-        return DecisionConfig(self.relative_threshold, self.dwell_s, self.horizon_s,
-                              self.min_horizon_tokens, self.switch_overhead_s)  # fmt: skip
+__all__ = ["OrchestratorService", "OrchestratorSettings"]
 
 
 class OrchestratorService:
@@ -146,17 +108,15 @@ class OrchestratorService:
         self._triggers: asyncio.Queue[Trigger] = asyncio.Queue(maxsize=256)
         self._profile_seen = asyncio.Event()
         self._profile_for_watch = asyncio.Event()
-        self._replies: dict[str, asyncio.Future[PlanProposed]] = {}
-        self._results: dict[int, asyncio.Future[RolloutFinished]] = {}
+        self.exchanges = Exchanges()
         self._reference_latency_s: float | None = None
         self._reference: CandidatePlan | None = None
         """The running plan as last evaluated: the model the overhead is measured against."""
-        self._load: deque[tuple[float, int]] = deque(maxlen=LOAD_SAMPLES)
-        self._overhead_samples = 0
-        self._uncalibrated: deque[tuple[float, float, float, CandidatePlan]] = deque(maxlen=4096)
-        """Finished requests not yet in the overhead: (start, end Unix s, TPOT s, model)."""
-        """(profile time, requests in flight at the entry), one per profile."""
+        self.calibration = OverheadCalibration()
         self._initial_queued = False
+        self._nodes_ready_at_s: float | None = None
+        """When every expected node was first seen alive and measured (Unix s)."""
+        self._waiting_for: str | None = None
         self._random = random.Random(self._origin)
 
     async def run(self) -> None:
@@ -174,8 +134,8 @@ class OrchestratorService:
                      self.entry, self.state.segments or "nothing")  # fmt: skip
             async with asyncio.TaskGroup() as tasks:
                 follow: dict[Any, Callable[[Any], None]] = {PLAN: self._on_plan, POLICY: self._on_policy, CAPACITY: self._on_profile,
-                          PROFILE_EVENTS: self._on_event, ROLLOUT_RESULTS: self._on_result,
-                          REPLIES: self._on_reply, REVISER_REPLIES: self._on_proposal}  # fmt: skip
+                          PROFILE_EVENTS: self._on_event, ROLLOUT_RESULTS: self.exchanges.on_result,
+                          REPLIES: self._on_reply, REVISER_REPLIES: self.exchanges.on_proposal}  # fmt: skip
                 for topic, handler in follow.items():
                     tasks.create_task(self._follow(subs[topic], handler), name=f"follow-{topic.pattern}")
                 tasks.create_task(self._periodic(), name="periodic")
@@ -189,21 +149,17 @@ class OrchestratorService:
         """Retained plan, policy and decisions: where the last orchestrator left off."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.retained_wait_s
-        plan = await _latest(plans, deadline)
+        plan = await latest(plans, deadline)
         if plan is not None:
             self._on_plan(plan)
-        policy = await _latest(policies, deadline)
+        policy = await latest(policies, deadline)
         if policy is not None:
             self.policy = policy
         seen: list[DecisionRecorded] = []
-        while (record := await _latest(decisions, deadline, drain=False)) is not None:
+        while (record := await latest(decisions, deadline, drain=False)) is not None:
             seen.append(record)
         if seen:
-            committed = [r for r in seen if r.outcome == "committed" and r.action != "keep"]
-            last = max(committed, key=lambda r: r.at_s, default=None)
-            self.state = replace(self.state, next_decision_id=max(r.decision_id for r in seen) + 1,
-                                 changed_at_s=last.at_s if last else None,
-                                 first_plan_at_s=last.at_s if last and last.from_epoch is None else None)  # fmt: skip
+            self.state = records.restored(self.state, seen)
             self.decisions = sorted(seen, key=lambda r: r.decision_id)
 
     # --- followers --------------------------------------------------------------------------
@@ -240,23 +196,13 @@ class OrchestratorService:
         self.profile = profile
         in_flight = next((n.requests_in_flight for n in profile.nodes if n.node == self.entry), None)
         if in_flight is not None:
-            self._load.append((profile.as_of_s, in_flight))
+            self.calibration.load_seen(profile.as_of_s, in_flight)
         self._calibrate(self.clock())
         self._profile_seen.set()
         self._profile_for_watch.set()
         if not self.state.segments and not self._initial_queued and self._initial_ready(profile):
             self._initial_queued = True
             self._enqueue(Trigger("initial", profile.as_of_s, False, "every expected node is measured"))
-
-    def _on_result(self, result: RolloutFinished) -> None:
-        future = self._results.get(result.decision_id)
-        if future is not None and not future.done():
-            future.set_result(result)
-
-    def _on_proposal(self, proposal: PlanProposed) -> None:
-        future = self._replies.get(proposal.request_id)
-        if future is not None and not future.done():
-            future.set_result(proposal)
 
     def _on_reply(self, reply: Any) -> None:
         if isinstance(reply, RequestFinished):
@@ -266,34 +212,25 @@ class OrchestratorService:
             changed_s = self.state.changed_at_s
             served_by_one_plan = changed_s is None or now_s - duration_s >= changed_s
             if self._reference is not None and len(reply.token_ids) > 1 and reply.tpot_s > 0 and served_by_one_plan:
-                self._uncalibrated.append((now_s - duration_s, now_s, reply.tpot_s, self._reference))
+                self.calibration.finished(now_s - duration_s, now_s, reply.tpot_s, self._reference)
             self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s))
             self._calibrate(now_s)
 
     def _calibrate(self, now_s: float) -> None:
-        """The overhead: what the model does not predict (head, sampling, streaming), from
-        requests that finished CALIBRATE_AFTER_S ago, when the requests that ran beside
-        them have finished too; the model is taken at the load each request saw. A plain
-        mean of the first samples, then smoothed."""
-        overhead = self.state.overhead_s
-        while self._uncalibrated and self._uncalibrated[0][1] <= now_s - CALIBRATE_AFTER_S:
-            start_s, end_s, tpot_s, reference = self._uncalibrated.popleft()
-            load = max(self.tracker.concurrency(start_s, end_s), self._concurrency(start_s, end_s))
-            self._overhead_samples += 1
-            alpha = max(OVERHEAD_ALPHA, 1 / self._overhead_samples)
-            overhead += alpha * (max(0.0, tpot_s - reference.per_token_s(load)) - overhead)
+        overhead = self.calibration.update(self.state.overhead_s, now_s, self.tracker)
         self.state = replace(self.state, overhead_s=overhead)
 
-    def _concurrency(self, start_s: float, end_s: float) -> float:
-        """Mean requests in flight at the entry between two Unix times, from the profiles
-        (1 when none fell in the interval)."""
-        seen = [count for at_s, count in self._load if start_s <= at_s <= end_s]
-        return max(1.0, sum(seen) / len(seen)) if seen else 1.0
-
     def _initial_ready(self, profile: CapacityProfile) -> bool:
-        measured = {n.node for n in profile.nodes if n.alive and n.flops_per_s > 0}
-        alive = {n.node for n in profile.nodes if n.alive}
-        return self.entry in alive and set(self.settings.expect_nodes) <= measured | {self.entry}
+        """The first plan waits for a settled profile (`readiness.py`)."""
+        expected = (*self.settings.expect_nodes, *((self.entry,) if self.entry else ()))
+        now_s = self.clock()
+        if self._nodes_ready_at_s is None and not nodes_missing(profile, expected):
+            self._nodes_ready_at_s = now_s
+        waiting = first_plan_wait(profile, expected, self._nodes_ready_at_s, now_s, self.settings.initial_wait_s)
+        if waiting is not None and waiting != self._waiting_for:
+            log.info("first plan: %s", waiting)
+        self._waiting_for = waiting
+        return self.entry is not None and waiting is None
 
     def _enqueue(self, trigger: Trigger) -> None:
         try:
@@ -381,23 +318,19 @@ class OrchestratorService:
         feasible = current is not None and current.feasible
         self._reference_latency_s = current.latency_s if current is not None and feasible else None
         self._reference = current if feasible else None
-        if trigger.kind == "periodic" and decision.action == "keep" and not _blocked(decision):
+        if trigger.kind == "periodic" and decision.action == "keep" and not records.held_back(decision):
             return  # nothing worth a record: the plan is best or no alternative is close
         await self._record_and_execute(bus, tasks, trigger, decision, now_s)
 
     def _fail_over_entry(self, profile: CapacityProfile) -> None:
         """When the entry is down, the fastest alive node trusted enough to hold the
         embedding and head becomes the entry (clients resubmit to it; see services/client.py)."""
-        alive = {n.node: n for n in profile.nodes if n.alive}
-        if self.entry in alive:
-            return
-        level = self.policy.trusted_level
-        trusted = sorted((n for n in alive.values() if n.trust >= level), key=lambda n: (-n.flops_per_s, n.node))
-        if not trusted:
-            log.warning("entry %s is down and no alive node has trust >= %d", self.entry, level)
-            return
-        log.warning("entry %s is down: %s becomes the entry", self.entry, trusted[0].node)
-        self.entry = trusted[0].node
+        entry = failover_entry(profile, self.entry, self.policy.trusted_level)
+        if entry is None:
+            log.warning("entry %s is down and no alive node has trust >= %d", self.entry, self.policy.trusted_level)
+        elif entry != self.entry:
+            log.warning("entry %s is down: %s becomes the entry", self.entry, entry)
+            self.entry = entry
 
     def _candidates(self, view: CapacityProfile, running: tuple[Segment, ...],
                     options: tuple[PlanOption, ...], moves: bool = True) -> tuple[CandidatePlan, ...]:  # fmt: skip
@@ -408,12 +341,7 @@ class OrchestratorService:
         cost = CostModel(self.settings.shard_load_bytes_per_s,
                          entry_in_flight * self.settings.rebuild_context_tokens,
                          concurrency=max(1.0, float(entry_in_flight)))  # fmt: skip
-        try:
-            problem = planning_problem(view, self.manifest, policy, self.entry, cost)
-        except EdgesplitError as error:
-            log.warning("no planning problem: %s", error)
-            return ()
-        return build_candidates(problem, running, options, cost, keep_migrations=4 if moves else 0)
+        return evaluate_all(view, self.manifest, policy, self.entry, running, options, cost, moves)
 
     async def _ask_reviser(self, bus: Bus, view: CapacityProfile,
                            running: tuple[Segment, ...]) -> PlanProposed | None:  # fmt: skip
@@ -424,20 +352,9 @@ class OrchestratorService:
             private_blocks=self.policy.private_blocks, trusted_level=self.policy.trusted_level,
             current_segments=running, alternatives=self.settings.alternatives,
         )  # fmt: skip
-        future: asyncio.Future[PlanProposed] = asyncio.get_running_loop().create_future()
-        self._replies[request.request_id] = future
-        try:
-            await bus.publish(REVISER_REQUESTS, request)
-            async with asyncio.timeout(self.settings.reviser_timeout_s):
-                proposal = await future
-        except (TimeoutError, EdgesplitError) as error:
+        proposal = await self.exchanges.plan(bus, request, self.settings.reviser_timeout_s)
+        if proposal is None:
             self.counters["reviser_unanswered"] += 1
-            log.warning("split reviser did not answer (%s); deciding on migrations only", error or "timeout")
-            return None
-        finally:
-            self._replies.pop(request.request_id, None)
-        if not proposal.feasible:
-            log.info("split reviser: no plan (%s): %s", proposal.error, proposal.reason)
         return proposal
 
     async def _record_and_execute(self, bus: Bus, tasks: asyncio.TaskGroup, trigger: Trigger,
@@ -475,17 +392,7 @@ class OrchestratorService:
                     entry_node=self.entry, segments=segments)  # type: ignore[arg-type]
         request = RolloutRequested(decision_id=decision_id, plan=plan, reason=reason[:1024],
                                    ready_timeout_s=min(600.0, self.settings.ready_timeout_s))  # fmt: skip
-        future: asyncio.Future[RolloutFinished] = asyncio.get_running_loop().create_future()
-        self._results[decision_id] = future
-        try:
-            await bus.publish(ROLLOUTS, request)
-            async with asyncio.timeout(self.settings.rollout_timeout_s):
-                return await future
-        except (TimeoutError, EdgesplitError) as error:
-            log.warning("rollout of decision %d: %s", decision_id, error or "no result in time")
-            return None
-        finally:
-            self._results.pop(decision_id, None)
+        return await self.exchanges.rollout(bus, request, self.settings.rollout_timeout_s)
 
     async def _realise(self, bus: Bus, record: DecisionRecorded, committed_s: float) -> None:
         """After the observation window, the measured TPOT of requests served by the new plan."""
@@ -511,23 +418,3 @@ class OrchestratorService:
             await bus.publish(DECISIONS, record, slot=str(record.decision_id % DECISION_SLOTS))
         except EdgesplitError as error:
             log.warning("decision %d not published: %s", record.decision_id, error)
-
-
-def _blocked(decision: Decision) -> bool:
-    """True when an alternative beat the threshold but was held back (dwell or cost)."""
-    held = any(not s.eligible and "does not beat cost" in s.note for s in decision.scored)
-    return held or decision.reason.startswith("keep: dwell")
-
-
-async def _latest(subscription: Subscription[Any], deadline: float, *, drain: bool = True) -> Any | None:
-    """The newest message already queued or arriving before ``deadline`` (loop time)."""
-    loop = asyncio.get_running_loop()
-    found = None
-    while True:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                _, found = await subscription.get()
-        except TimeoutError:
-            return found
-        if not drain:
-            return found

@@ -1,0 +1,57 @@
+"""The measured per-token overhead the plan model does not cover (no I/O, no clock).
+
+A plan's predicted time per token (`logic.per_token_s`) covers the blocks' compute and
+the links; the head, sampling, streaming and the broker hops are not in it. The
+orchestrator measures that difference: each finished request's TPOT minus the running
+plan's prediction at the load the request saw. A request is counted ``settle_s`` after
+it finished, so the requests that ran beside it are known too; the first samples are a
+plain mean, later ones smoothed with ``alpha``. The overhead is the same for every plan,
+so it changes no ranking, only the relative saving and the predicted TPOT.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from services.orchestrator.logic import CandidatePlan
+from services.orchestrator.records import TpotTracker
+
+OVERHEAD_ALPHA = 0.2
+CALIBRATE_AFTER_S = 3.0
+LOAD_SAMPLES = 600
+"""Profiles whose entry load is kept (one a second: ten minutes)."""
+
+
+class OverheadCalibration:
+    """Finished requests waiting to be counted and the entry's load over time."""
+
+    def __init__(self, alpha: float = OVERHEAD_ALPHA, settle_s: float = CALIBRATE_AFTER_S) -> None:
+        self.alpha, self.settle_s = alpha, settle_s
+        self.samples = 0
+        self._load: deque[tuple[float, int]] = deque(maxlen=LOAD_SAMPLES)
+        """(profile time, requests in flight at the entry), one per profile."""
+        self._pending: deque[tuple[float, float, float, CandidatePlan]] = deque(maxlen=4096)
+        """Finished requests not yet counted: (start, end Unix s, TPOT s, the plan's model)."""
+
+    def load_seen(self, at_s: float, in_flight: int) -> None:
+        self._load.append((at_s, in_flight))
+
+    def finished(self, start_s: float, end_s: float, tpot_s: float, model: CandidatePlan) -> None:
+        """A request served by one plan from ``start_s`` to ``end_s`` (Unix s)."""
+        self._pending.append((start_s, end_s, tpot_s, model))
+
+    def update(self, overhead_s: float, now_s: float, tracker: TpotTracker) -> float:
+        """``overhead_s`` with every request that settled by ``now_s`` counted in."""
+        while self._pending and self._pending[0][1] <= now_s - self.settle_s:
+            start_s, end_s, tpot_s, model = self._pending.popleft()
+            load = max(tracker.concurrency(start_s, end_s), self.concurrency(start_s, end_s))
+            self.samples += 1
+            alpha = max(self.alpha, 1 / self.samples)
+            overhead_s += alpha * (max(0.0, tpot_s - model.per_token_s(load)) - overhead_s)
+        return overhead_s
+
+    def concurrency(self, start_s: float, end_s: float) -> float:
+        """Mean requests in flight at the entry between two Unix times, from the profiles
+        (1 when none fell in the interval)."""
+        seen = [count for at_s, count in self._load if start_s <= at_s <= end_s]
+        return max(1.0, sum(seen) / len(seen)) if seen else 1.0

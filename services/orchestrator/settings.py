@@ -1,0 +1,42 @@
+"""The orchestrator's settings (one frozen object; CLI > EDGESPLIT_* environment > defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.orchestrator.logic import DecisionConfig
+from shared.config import BusSettings
+
+
+class OrchestratorSettings(BusSettings):
+    """The orchestrator process. Units in field names."""
+
+    shards_dir: Path = Field(description="shard store of the served model (`edgesplit shard`)")
+    entry: str | None = Field(default=None, description="entry node (default: the retained plan's)")
+    expect_nodes: tuple[str, ...] = Field(default=(), description="the first plan waits for these")
+    initial_wait_s: float = Field(default=30.0, ge=0, description="the first plan waits at most this long "
+                                  "(after every expected node is measured) for every link between them")  # fmt: skip
+    period_s: float = Field(default=5.0, gt=0, description="periodic re-evaluation (jittered)")
+    jitter: float = Field(default=0.2, ge=0, lt=1, description="+- share of the period")
+    relative_threshold: float = Field(default=0.15, ge=0)
+    dwell_s: float = Field(default=15.0, ge=0)
+    horizon_s: float = Field(default=30.0, gt=0)
+    min_horizon_tokens: float = Field(default=64.0, ge=0)
+    switch_overhead_s: float = Field(default=0.2, ge=0)
+    shard_load_bytes_per_s: float = Field(default=200e6, gt=0)
+    rebuild_context_tokens: int = Field(default=128, ge=0, description="KV tokens per request in flight")
+    alternatives: int = Field(default=4, ge=0, le=16)
+    private_blocks: int = Field(default=0, ge=0, description="until a retained policy arrives")
+    trusted_level: int = Field(default=0, ge=0)
+    reviser_timeout_s: float = Field(default=10.0, gt=0)
+    rollout_timeout_s: float = Field(default=90.0, gt=0)
+    ready_timeout_s: float = Field(default=60.0, gt=0, description="READY deadline per rollout")
+    profile_wait_s: float = Field(default=3.0, ge=0, description="wait for a profile newer than an event")
+    observe_s: float = Field(default=10.0, gt=0, description="realised-effect window after a commit")
+    retained_wait_s: float = Field(default=0.5, ge=0)
+
+    def decision_config(self) -> DecisionConfig:
+        return DecisionConfig(self.relative_threshold, self.dwell_s, self.horizon_s,
+                              self.min_horizon_tokens, self.switch_overhead_s)  # fmt: skip
