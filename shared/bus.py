@@ -56,6 +56,7 @@ class _Connection:
     def __init__(self, bus: Bus, plane: Plane):
         self.bus, self.plane = bus, plane
         self.client: aiomqtt.Client | None = None
+        self.fast: fastpath.FastPath | None = None
         self.connected = asyncio.Event()
         self.filters: Counter[str] = Counter()  # broker filter -> local subscriptions using it
         self.qos: dict[str, int] = {}
@@ -100,13 +101,13 @@ class _Connection:
             self.connected.set()
             self.dirty.set()
             self.bus.sessions += 1
-            fastpath.install(client, self._received)
+            self.fast = fastpath.FastPath(client, self._received)
             if self.plane == "control" and self.bus._birth is not None:
                 await self.bus._announce(self.bus._birth)
             async for _ in client.messages:  # nothing is queued there: this waits for a disconnect
                 pass
         finally:
-            self.client = None
+            self.client, self.fast = None, None
             self.connected.clear()
             self.acked.clear()
             self.bus._refresh()
@@ -154,9 +155,8 @@ class _Connection:
                 self.acked.add(filter_)
 
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        client = self.client
-        if qos == 0 and client is not None:  # the hot path: straight to the socket
-            fastpath.publish_now(client, topic, payload, retain)
+        if qos == 0 and self.client is not None and self.fast is not None:  # the hot path
+            self.fast.publish(topic, payload, retain)
             return
         timeout_s = self.bus.settings.publish_timeout_s
         try:

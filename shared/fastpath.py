@@ -7,11 +7,12 @@ iterations per message, about 0.3 ms of a decode step's hop on a loaded 2-core n
 (docs/PERFORMANCE.md). Once a connection is up, all of paho's calls happen on the event
 loop thread (aiomqtt drives paho's reads and writes from the loop), so:
 
-- `install` hands each received message straight to ``on_message(topic, payload,
+- `FastPath` hands each received message straight to ``on_message(topic, payload,
   retain)`` from paho's read callback (no conversion, no queue), and registers paho's
   write interest with the loop directly instead of through ``call_soon_threadsafe``;
-- `publish_now` writes a QoS 0 message to the socket in the same call (paho's own
-  ``loop_write``); what the socket does not take at once is written when it is writable.
+- `FastPath.publish` writes a QoS 0 message to the socket in the same call (paho's own
+  ``loop_write``, no selector registration); what the socket does not take at once is
+  written when it is writable.
 
 aiomqtt's message iterator is still used to notice a disconnect. Only paho's documented
 external-loop API (``loop_write``, the socket callbacks) and ``Client._client`` /
@@ -36,56 +37,67 @@ log = logging.getLogger("shared.bus")
 OnMessage = Callable[[str, bytes, bool], None]
 
 
-def install(client: aiomqtt.Client, on_message: OnMessage) -> None:
-    """Route ``client``'s received messages to ``on_message`` and its write interest to
-    the running loop. Call on the event loop thread, after the connect."""
-    loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
-    inner = client._client  # noqa: SLF001 - aiomqtt's paho client
-    aiomqtt_register = inner.on_socket_register_write
-    assert aiomqtt_register is not None  # aiomqtt drives paho from the loop
+class FastPath:
+    """The shortcuts for one connected ``client``. Create on the event loop thread after
+    the connect; it routes received messages to ``on_message(topic, payload, retain)``."""
 
-    def received(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
-        try:
-            on_message(message.topic, bytes(message.payload), bool(message.retain))
-        except Exception:  # a bug in a handler must not take the connection down
-            log.exception("handling a message on %s failed", message.topic)
+    def __init__(self, client: aiomqtt.Client, on_message: OnMessage) -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._direct = False
+        inner = client._client  # noqa: SLF001 - aiomqtt's paho client
+        self._inner = inner
+        self._aiomqtt_register = inner.on_socket_register_write
+        assert self._aiomqtt_register is not None  # aiomqtt drives paho from the loop
 
-    def register_write(paho_client: paho.Client, userdata: Any, sock: Any) -> None:
-        if threading.get_ident() != loop_thread:
-            aiomqtt_register(paho_client, userdata, sock)  # thread-safe, as aiomqtt does it
+        def received(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+            try:
+                on_message(message.topic, bytes(message.payload), bool(message.retain))
+            except Exception:  # a bug in a handler must not take the connection down
+                log.exception("handling a message on %s failed", message.topic)
+
+        inner.on_message = received
+        inner.on_socket_register_write = self._register_write
+
+    def _register_write(self, paho_client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._direct:
+            return  # `publish` writes at once and registers only what the socket left
+        if threading.get_ident() != self._loop_thread:
+            assert self._aiomqtt_register is not None
+            self._aiomqtt_register(paho_client, userdata, sock)  # thread-safe, as aiomqtt does
             return
-        loop.add_writer(sock.fileno(), _writer(client))
+        self._loop.add_writer(sock.fileno(), self._write)
 
-    inner.on_message = received
-    inner.on_socket_register_write = register_write
-
-
-def _writer(client: aiomqtt.Client) -> Callable[[], None]:
-    def write() -> None:
+    def _write(self) -> None:
         try:
-            client._client.loop_write()  # noqa: SLF001
+            self._inner.loop_write()
         except Exception as error:  # a broken socket: the connection is gone
-            _lost(client, error)
+            self._lost(error)
 
-    return write
+    def _lost(self, error: Exception) -> None:
+        disconnected = self._client._disconnected  # noqa: SLF001 - what aiomqtt's callbacks set
+        if not disconnected.done():
+            disconnected.set_exception(error)
 
-
-def _lost(client: aiomqtt.Client, error: Exception) -> None:
-    disconnected = client._disconnected  # noqa: SLF001 - what aiomqtt's own callbacks set
-    if not disconnected.done():
-        disconnected.set_exception(error)
-
-
-def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, retain: bool) -> None:
-    """Publish ``payload`` at QoS 0 and write it to the socket before returning (as far
-    as the socket takes it). Raises BusError when paho refuses it (not connected, queue
-    full); a socket error marks the connection lost (the reconnect loop takes over)."""
-    inner = client._client  # noqa: SLF001
-    info = inner.publish(topic, payload, 0, retain)
-    if info.rc != paho.MQTT_ERR_SUCCESS:
-        raise BusError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-    try:
-        inner.loop_write()
-    except Exception as error:  # same handling as aiomqtt's write callback
-        _lost(client, error)
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Publish ``payload`` at QoS 0 and write it to the socket before returning, as far
+        as the socket takes it (the rest goes when it is writable). Raises BusError when
+        paho refuses it (not connected); a socket error marks the connection lost (the
+        reconnect loop takes over)."""
+        inner = self._inner
+        self._direct = True
+        try:
+            info = inner.publish(topic, payload, 0, retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise BusError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            inner.loop_write()
+        except BusError:
+            raise
+        except Exception as error:  # same handling as aiomqtt's write callback
+            self._lost(error)
+        finally:
+            self._direct = False
+        sock = inner.socket()
+        if inner.want_write() and sock is not None:  # the socket did not take it all
+            self._loop.add_writer(sock.fileno(), self._write)

@@ -132,3 +132,29 @@ def test_qos1_messages_still_wait_for_their_acknowledgement(
                 assert _writers(sender) == []
 
     run(main)
+
+
+def test_a_frame_larger_than_the_socket_buffer_is_finished_when_writable(
+    broker: LocalBroker, cluster: str
+) -> None:
+    async def main() -> None:
+        settings = settings_for(broker.url, cluster)
+        async with Bus(settings, origin="tx") as sender, Bus(settings, origin="rx") as receiver:
+            async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
+                big = np.arange(6_000_000, dtype=np.float32).reshape(1000, 6000)  # 24 MB
+                header = FrameHeader(request_id="r1", step=0, epoch=1, seq=0, extra={"target": 3})  # type: ignore[arg-type]
+                await sender.publish_raw_frame(ACTIVATIONS, encode_frame(header, big), node="w2")
+                inner = sender._connections["data"].client._client  # type: ignore[union-attr]  # noqa: SLF001
+                assert inner.want_write(), "a 24 MB frame should not fit the socket at once"
+                assert _writers(sender) != []  # the rest is written when the socket is writable
+                await sender.publish_raw_frame(
+                    ACTIVATIONS, _frame(1), node="w2"
+                )  # queued behind it
+                async with asyncio.timeout(10):
+                    first, second = await frames.get(), await frames.get()
+                assert isinstance(first.message, Frame) and isinstance(second.message, Frame)
+                assert first.message.header.step == 0 and np.array_equal(first.message.array, big)
+                assert second.message.header.step == 1
+                assert not inner.want_write() and _writers(sender) == []
+
+    run(main)
