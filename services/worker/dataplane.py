@@ -138,7 +138,9 @@ class DataPlane:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.deadline.floor_s):
-                while any(self._announced.get(n, 0.0) < since for n in route.nodes() if n != self.node):
+                while any(
+                    self._announced.get(n, 0.0) < since for n in route.nodes() if n != self.node
+                ):
                     await self._announcements.wait()
         if self._reconnected_at == since:
             self._reconnected_at = None
@@ -184,7 +186,9 @@ class DataPlane:
         position = header.extra.get("pos", 0)
         self._check_activation(frame.array, position)
         try:
-            hidden = await self.compute.run(host.forward, header.request_id, frame.array, position, self.slowdown)
+            hidden = await self.compute.run(
+                host.forward, header.request_id, frame.array, position, self.slowdown
+            )
         except KvMissing as error:
             self.counters["kv_missing"] += 1
             log.info("%s: %s; asking the entry to replay", self.node, error)
@@ -224,39 +228,60 @@ class DataPlane:
         """An empty result straight to the entry, e.g. to say the KV cache is missing."""
         out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch, seq=next(self._seq),
                           extra={**extra, "target": route.num_layers, "pass": header.extra.get("pass", 0)})  # fmt: skip
-        await self._send_payload(route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32)))
+        await self._send_payload(
+            route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32))
+        )
 
     def _check_activation(self, array: np.ndarray, position: object) -> None:
         hidden = self.hidden_size
-        if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != hidden or not array.shape[0]:
-            raise FrameRefused(f"activation must be float32 [T, {hidden}], got {array.dtype}{list(array.shape)}")
+        if (
+            array.dtype != np.float32
+            or array.ndim != 2
+            or array.shape[1] != hidden
+            or not array.shape[0]
+        ):
+            raise FrameRefused(
+                f"activation must be float32 [T, {hidden}], got {array.dtype}{list(array.shape)}"
+            )
         if not isinstance(position, int) or isinstance(position, bool) or position < 0:
             raise FrameRefused(f"frame position {position!r} is not a non-negative integer")
 
-    async def _send(self, route: Route, header: FrameHeader, array: np.ndarray, target: int) -> None:
+    async def _send(
+        self, route: Route, header: FrameHeader, array: np.ndarray, target: int
+    ) -> None:
         extra = {**header.extra, "target": target, "src": self.node, "sent_at": time.time()}
         out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
                           seq=next(self._seq), extra=extra)  # fmt: skip
         await self._send_payload(route.node_for(target), encode_frame(out, array))
 
     async def pipeline_pass(
-        self, request_id: str, step: int, token_ids: np.ndarray, position: int, last_only: bool
+        self,
+        request_id: str,
+        step: int,
+        token_ids: np.ndarray,
+        position: int,
+        last_only: bool,
+        head: Callable[[], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, int]:
         """Entry side of one pass under the committed epoch: embed, run local blocks, send
         on, await the final state. Returns (hidden, epoch used); StageTimedOut after the
-        stage deadline."""
+        stage deadline. ``head``, when given, runs first in the same compute job and gives
+        the token ids to embed instead of ``token_ids`` (the entry samples the previous
+        step's token there: one hand-off to the compute thread per decode step)."""
         serving = self.keeper.current
         if serving is None or serving.entry is None:
             raise StageTimedOut(f"node {self.node} is no longer the entry")
         route = serving.route
         local_blocks = route.node_for(0) == self.node and serving.host is not None
         # One hand-off to the compute thread for the embedding and the entry's own blocks.
-        hidden = await self.compute.run(_embed_and_run, serving, request_id, token_ids, position,
-                                        self.slowdown if local_blocks else None)  # fmt: skip
+        token_ids, hidden = await self.compute.run(_embed_and_run, serving, request_id, token_ids, position,
+                                                   self.slowdown if local_blocks else None, head)  # fmt: skip
         target = serving.host.end if local_blocks and serving.host is not None else 0
         while target < route.num_layers and route.node_for(target) == self.node:
             assert serving.host is not None
-            hidden = await self.compute.run(serving.host.forward, request_id, hidden, position, self.slowdown)
+            hidden = await self.compute.run(
+                serving.host.forward, request_id, hidden, position, self.slowdown
+            )
             target = serving.host.end
         if target == route.num_layers:
             return (hidden[-1:] if last_only else hidden), route.epoch
@@ -272,7 +297,9 @@ class DataPlane:
             await self._after_reconnect(route)
             lost = sorted(self.down.intersection(route.nodes()))
             if lost:  # known down before the frame left: fail over now, not at the deadline
-                raise NodeLost(f"node {lost[0]} is down under request {request_id} (epoch {route.epoch})")
+                raise NodeLost(
+                    f"node {lost[0]} is down under request {request_id} (epoch {route.epoch})"
+                )
             await self._send(route, header, hidden, target)
             async with asyncio.timeout(timeout_s):
                 result = await future
@@ -375,7 +402,9 @@ class DataPlane:
         blocks = frame.header.extra.get("blocks")
         host = serving.host
         if host is None or not isinstance(blocks, tuple) or frame.array.ndim != 5:
-            raise FrameRefused("a kv frame needs a segment here, a tuple of blocks and a 5-d tensor")
+            raise FrameRefused(
+                "a kv frame needs a segment here, a tuple of blocks and a 5-d tensor"
+            )
         if frame.array.shape[0] != len(blocks):
             raise FrameRefused(f"kv frame holds {frame.array.shape[0]} blocks, names {len(blocks)}")
         tensor = to_torch(np.ascontiguousarray(frame.array))
@@ -398,15 +427,22 @@ def _int(value: object) -> int:
 
 
 def _embed_and_run(
-    serving: Serving, request_id: str, token_ids: np.ndarray, position: int, slowdown: Slowdown | None
-) -> np.ndarray:
-    """Compute thread: embed, then (when ``slowdown`` is given) run the entry's first
-    segment on the result."""
+    serving: Serving,
+    request_id: str,
+    token_ids: np.ndarray,
+    position: int,
+    slowdown: Slowdown | None,
+    head: Callable[[], np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compute thread: (``head`` for the token ids,) embed, then (when ``slowdown`` is
+    given) run the entry's first segment on the result. Returns (token ids, hidden)."""
     assert serving.entry is not None
+    if head is not None:
+        token_ids = head()
     hidden = serving.entry.embed_tokens(token_ids, position)
     if slowdown is None or serving.host is None:
-        return hidden
-    return serving.host.forward(request_id, hidden, position, slowdown)
+        return token_ids, hidden
+    return token_ids, serving.host.forward(request_id, hidden, position, slowdown)
 
 
 def _split_kv(

@@ -31,15 +31,17 @@ from shared.messages import (
 )
 from shared.model.runtime import EntryRuntime
 from shared.model.sampling import Sampler, SamplingParams, check_context, should_stop
-from shared.model.tokenizer import TextTokenizer
+from shared.model.tokenizer import StreamDecoder, TextTokenizer
 from shared.tensor_frame import to_torch
 
 log = logging.getLogger(__name__)
 
-# pipeline_pass(request_id, step, token_ids, position, last_only) -> (final hidden, epoch used)
-PipelinePass = Callable[[str, int, np.ndarray, int, bool], Awaitable[tuple[np.ndarray, int]]]
+# pipeline_pass(request_id, step, token_ids, position, last_only, head) -> (final hidden, epoch used)
+PipelinePass = Callable[[str, int, np.ndarray, int, bool, "NextToken | None"],
+                        Awaitable[tuple[np.ndarray, int]]]  # fmt: skip
 ReplyMessage = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
-Reply = Callable[[str, ReplyMessage], Awaitable[None]]
+Reply = Callable[[str, ReplyMessage], None]
+"""Queue a reply for a client (never blocks: one sender task publishes them in order)."""
 Compute = Callable[..., Awaitable[object]]
 
 
@@ -53,6 +55,8 @@ class JournalEntry:
     texts: list[str] = field(default_factory=list)
     """The text streamed with each generated token (resent on a client's resync)."""
     arrived_s: float = field(default_factory=time.perf_counter)
+    first_at: float = 0.0
+    """When the first new token was sampled (perf_counter)."""
     kv_epoch: int | None = None
     """The epoch whose pipeline holds this request's KV caches (None: none yet)."""
     replays: int = 0
@@ -62,6 +66,42 @@ def _asked(request: GenerateRequest | EmbedRequest) -> tuple[object, ...]:
     """What a request asks for, without its delivery details (reply address, deadline,
     resumed tokens): a resubmission asks the same; another request reusing the id does not."""
     return tuple(request.model_dump(exclude={"reply_to", "timeout_s", "resume_token_ids"}).values())
+
+
+class _Finished(Exception):
+    """Raised by `NextToken` when its token ends the request (EOS, max_new_tokens)."""
+
+
+class NextToken:
+    """The compute job at the start of a decode step: head and sampling on the previous
+    pass's final hidden state; returns the token to embed next, or raises _Finished.
+
+    The token goes to the client as soon as it is sampled (``call_soon_threadsafe``),
+    while the same job goes on to embed it and run the entry's blocks. Idempotent: a
+    retried pass samples once and streams the token once.
+    """
+
+    def __init__(self, role: EntryRole, entry: JournalEntry, hidden: np.ndarray, sampler: Sampler,
+                 stream: StreamDecoder, index: int, loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
+        self._role, self._entry, self._hidden, self._sampler = role, entry, hidden, sampler
+        self._stream, self._index, self._loop = stream, index, loop
+        self.token: int | None = None
+        self._last = False
+
+    def __call__(self) -> np.ndarray:
+        """Compute thread."""
+        if self.token is None:
+            token = self._role._sample(self._hidden, self._sampler)
+            text = self._stream.push(token)[:1024]
+            request = self._entry.request
+            assert isinstance(request, GenerateRequest)
+            self._last = should_stop(token, self._index + 1, request.max_new_tokens,
+                                     self._role.config.eos_token_ids)  # fmt: skip
+            self.token = token
+            self._loop.call_soon_threadsafe(self._role._emit, self._entry, self._index, token, text)
+        if self._last:
+            raise _Finished
+        return np.asarray([self.token], dtype=np.int64)
 
 
 FINISHED_KEPT = 512
@@ -117,13 +157,13 @@ class EntryRole:
         final = self.finished.get(rid)
         if final is not None and final[0] == _asked(request):
             self.counters["requests_answered_again"] += 1
-            await self._reply(request.reply_to, final[1])
+            self._reply(request.reply_to, final[1])
             return True
         entry = self.journal.get(rid)
         if entry is None:
             return False
         if _asked(entry.request) != _asked(request):
-            await self._reply(request.reply_to, RequestFailed(
+            self._reply(request.reply_to, RequestFailed(
                 request_id=rid, error="invalid_request", message=f"request {rid} is already in flight"))  # fmt: skip
             return True
         resume = getattr(request, "resume_token_ids", None)
@@ -132,7 +172,7 @@ class EntryRole:
             return True
         self.counters["requests_resynced"] += 1
         for index in range(len(resume), len(entry.generated)):
-            await self._reply(request.reply_to, TokenGenerated(
+            self._reply(request.reply_to, TokenGenerated(
                 request_id=rid, index=index, token_id=entry.generated[index], text=entry.texts[index]))  # fmt: skip
         return True
 
@@ -157,33 +197,33 @@ class EntryRole:
                 else:
                     await self._embed(request)
         except TimeoutError:
-            await self._fail(rid, "timeout", f"request did not finish within {request.timeout_s} s")
+            self._fail(rid, "timeout", f"request did not finish within {request.timeout_s} s")
         except NoPlan as error:
-            await self._fail(rid, "no_plan", str(error))
+            self._fail(rid, "no_plan", str(error))
         except StageTimedOut as error:
-            await self._fail(rid, "timeout", str(error))
+            self._fail(rid, "timeout", str(error))
         except ContextTooLong as error:
-            await self._fail(rid, "context_too_long", str(error))
+            self._fail(rid, "context_too_long", str(error))
         except ConfigError as error:
-            await self._fail(rid, "invalid_request", str(error))
+            self._fail(rid, "invalid_request", str(error))
         except Exception as error:  # one request's failure must not stop the node
             log.exception("request %s failed", rid)
-            await self._fail(rid, "internal", f"{type(error).__name__}: {error}")
+            self._fail(rid, "internal", f"{type(error).__name__}: {error}")
         finally:
             self.journal.pop(rid, None)
 
-    async def _fail(self, rid: str, error: str, message: str) -> None:
+    def _fail(self, rid: str, error: str, message: str) -> None:
         entry = self.journal.get(rid)
         if entry is None:
             return
-        await self._final(entry, RequestFailed(request_id=rid, error=error, message=message[:1024]))  # type: ignore[arg-type]
+        self._final(entry, RequestFailed(request_id=rid, error=error, message=message[:1024]))  # type: ignore[arg-type]
 
-    async def _final(self, entry: JournalEntry, reply: ReplyMessage) -> None:
+    def _final(self, entry: JournalEntry, reply: ReplyMessage) -> None:
         """Send a request's final reply and keep it for a resubmission that lost it."""
         self.finished[entry.request.request_id] = (_asked(entry.request), reply)
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
-        await self._reply(entry.request.reply_to, reply)
+        self._reply(entry.request.reply_to, reply)
 
     def _prompt_ids(self, prompt: str | None, token_ids: tuple[int, ...] | None) -> list[int]:
         ids = list(token_ids) if token_ids is not None else self.tokenizer.encode(prompt or "")
@@ -200,7 +240,11 @@ class EntryRole:
     async def _generate(self, request: GenerateRequest) -> None:
         """Decode until EOS or ``max_new_tokens``. A resubmission (``resume_token_ids``)
         continues after the tokens the client holds: one prefill of prompt + those tokens
-        (a seeded sampler is advanced over them), then indices go on from there."""
+        (a seeded sampler is advanced over them), then indices go on from there.
+
+        Each decode step is one compute job on the entry: the head samples the previous
+        pass's token (streamed to the client at once), then the embedding and the entry's
+        own blocks run on it (`NextToken`)."""
         if not self.config.is_decoder:
             raise ConfigError(f"the model ({self.config.architecture}) is an encoder; use embed")
         rid, entry = request.request_id, self.journal[request.request_id]
@@ -211,38 +255,52 @@ class EntryRole:
         resume = list(request.resume_token_ids or ())[: request.max_new_tokens]
         entry.generated = list(resume)
         entry.texts = [stream.push(token)[:1024] for token in resume]
-        step_input, position, first_at = entry.prompt_ids + resume, 0, time.perf_counter()
-        rows = 1 if sampler.params.greedy else len(resume) + 1
-        stopped = bool(resume) and should_stop(resume[-1], len(resume), request.max_new_tokens,
-                                               self.config.eos_token_ids)  # fmt: skip
-        while not stopped:
-            step = len(entry.generated)
-            hidden = await self._step(entry, step, step_input, position, rows)
-            token = int(await self._compute(self._sample, hidden, sampler))  # type: ignore[call-overload]
-            entry.generated.append(token)
-            entry.texts.append(stream.push(token)[:1024])
-            if step == len(resume):
-                first_at = time.perf_counter()
-            await self._reply(request.reply_to, TokenGenerated(request_id=rid, index=step, token_id=token,
-                                                               text=entry.texts[-1]))  # fmt: skip
-            stopped = should_stop(token, len(entry.generated), request.max_new_tokens, self.config.eos_token_ids)
+        entry.first_at = time.perf_counter()
+        if not (
+            resume
+            and should_stop(
+                resume[-1], len(resume), request.max_new_tokens, self.config.eos_token_ids
+            )
+        ):
+            step_input, position = entry.prompt_ids + resume, 0
+            rows = 1 if sampler.params.greedy else len(resume) + 1
+            hidden = await self._step(entry, len(resume), step_input, position, rows)
             position += len(step_input)
-            step_input, rows = [token], 1
-        done_at = time.perf_counter()
-        count = len(entry.generated) - len(resume)
+            loop = asyncio.get_running_loop()
+            while True:
+                index = len(entry.generated)
+                head = NextToken(self, entry, hidden, sampler, stream, index, loop)
+                try:
+                    hidden = await self._step(entry, index + 1, [], position, 1, head)
+                except _Finished:
+                    break
+                position += 1
+        done_at, count = time.perf_counter(), len(entry.generated) - len(resume)
         eos = bool(entry.generated) and entry.generated[-1] in self.config.eos_token_ids
-        await self._final(entry, RequestFinished(
+        self._final(entry, RequestFinished(
             request_id=rid,
             token_ids=tuple(entry.generated),
             text=self.tokenizer.decode(entry.generated)[:65536],
             finish_reason="eos" if eos else "length",
-            ttft_s=first_at - entry.arrived_s,
-            tpot_s=(done_at - first_at) / (count - 1) if count > 1 else 0.0,
+            ttft_s=entry.first_at - entry.arrived_s,
+            tpot_s=(done_at - entry.first_at) / (count - 1) if count > 1 else 0.0,
         ))  # fmt: skip
 
+    def _emit(self, entry: JournalEntry, index: int, token: int, text: str) -> None:
+        """Event loop: record generated token ``index`` and stream it to the client."""
+        if len(entry.generated) != index or entry.request.request_id not in self.journal:
+            return  # the request ended meanwhile (timeout): nothing more is sent
+        entry.generated.append(token)
+        entry.texts.append(text)
+        if index == len(getattr(entry.request, "resume_token_ids", None) or ()):
+            entry.first_at = time.perf_counter()
+        self._reply(entry.request.reply_to, TokenGenerated(
+            request_id=entry.request.request_id, index=index, token_id=token, text=text))  # fmt: skip
+
     async def _step(self, entry: JournalEntry, step: int, step_input: list[int], position: int,
-                    rows: int = 1) -> np.ndarray:  # fmt: skip
+                    rows: int = 1, head: NextToken | None = None) -> np.ndarray:  # fmt: skip
         """One pass for decode step ``step``; the final hidden state's last ``rows`` rows.
+        With ``head``, the pass's input is the token it samples (in the same compute job).
 
         When the request's KV caches are not (or no longer) in the committed epoch's
         pipeline (the plan changed, a node lost them, a frame was lost), the journal
@@ -256,14 +314,18 @@ class EntryRole:
         while True:
             epoch = self._current_epoch()
             if position > 0 and entry.kv_epoch != epoch:
+                if head is not None:  # the pending token first: a replay's input holds it
+                    step_input, head = [int(token) for token in await self._compute(head)], None  # type: ignore[attr-defined]
                 if await self._move_kv(entry, epoch, position):
                     entry.kv_epoch = epoch
                 else:
                     step_input, position = entry.prompt_ids + entry.generated, 0
-                    log.info("request %s: replaying %d tokens in epoch %s", rid, len(step_input), epoch)
+                    log.info(
+                        "request %s: replaying %d tokens in epoch %s", rid, len(step_input), epoch
+                    )
             try:
                 hidden, entry.kv_epoch = await self._pass(
-                    rid, step, np.asarray(step_input, dtype=np.int64), position, rows == 1
+                    rid, step, np.asarray(step_input, dtype=np.int64), position, rows == 1, head
                 )
                 return hidden[-rows:]
             except KvMissing:
@@ -272,8 +334,12 @@ class EntryRole:
                 self._spend(entry, str(error))
                 log.info("request %s: %s; waiting up to %.1f s for a new plan", rid, error,
                          self.failover_wait_s)  # fmt: skip
-                if self._wait_for_epoch is None or not await self._wait_for_epoch(epoch, self.failover_wait_s):
-                    raise StageTimedOut(f"{error}; no new plan within {self.failover_wait_s} s") from None
+                if self._wait_for_epoch is None or not await self._wait_for_epoch(
+                    epoch, self.failover_wait_s
+                ):
+                    raise StageTimedOut(
+                        f"{error}; no new plan within {self.failover_wait_s} s"
+                    ) from None
                 entry.kv_epoch = None  # the new pipeline rebuilds the caches from the journal
                 continue
             except StageTimedOut as error:  # a lost frame, or the plan moved under the pass
@@ -318,9 +384,11 @@ class EntryRole:
         rid, entry = request.request_id, self.journal[request.request_id]
         entry.prompt_ids = self._prompt_ids(request.text, None)
         check_context(len(entry.prompt_ids), 0 + 1, self.config.max_positions + 1)
-        hidden, _ = await self._pass(rid, 0, np.asarray(entry.prompt_ids, dtype=np.int64), 0, False)
+        hidden, _ = await self._pass(
+            rid, 0, np.asarray(entry.prompt_ids, dtype=np.int64), 0, False, None
+        )
         pooled = await self._compute(self._pool, hidden, request.normalize)
-        await self._final(entry, EmbeddingReady(
+        self._final(entry, EmbeddingReady(
             request_id=rid,
             embedding=tuple(float(x) for x in pooled),  # type: ignore[attr-defined]
             elapsed_s=time.perf_counter() - entry.arrived_s,

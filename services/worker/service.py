@@ -318,7 +318,7 @@ class WorkerService:
             TextTokenizer.from_file(self.store.tokenizer_path),
             self.compute.run,
             self.data.pipeline_pass,
-            self._reply,
+            self._queue_reply,
             self.settings.max_in_flight,
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
@@ -399,6 +399,9 @@ class WorkerService:
                 log.info("release of %s not sent: %s", request.request_id, error)
 
     async def _reply(self, client: str, message: Reply) -> None:
+        self._queue_reply(client, message)
+
+    def _queue_reply(self, client: str, message: Reply) -> None:
         """Queue a reply for the client; one sender task publishes them in order, so the
         decode loop never waits for the broker's acknowledgement."""
         self._replies.put_nowait((client, message))
