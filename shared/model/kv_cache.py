@@ -116,7 +116,8 @@ class SegmentCache:
     def export(
         self, blocks: Iterable[int] | None = None
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of K, V ([kv_heads, length, head_dim]) per absolute block index.
+        """Copies of K, V ([kv_heads, length, head_dim]) per absolute block index, on the
+        CPU whatever the cache's device (they go to the wire or to another cache).
 
         ``blocks`` picks a subset (default: all). Raises CacheMismatch for a block not held.
         """
@@ -124,7 +125,7 @@ class SegmentCache:
         exported = {}
         for index in chosen:
             key, value = self.block(index).view()
-            exported[index] = (key.clone(), value.clone())
+            exported[index] = (key.to("cpu", copy=True), value.to("cpu", copy=True))
         return exported
 
     def import_blocks(self, blocks: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:

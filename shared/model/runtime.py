@@ -4,7 +4,9 @@
 pooling); ``SegmentRuntime`` holds blocks ``[start, end)`` and loads only their
 tensors. Both take tensors from any ``TensorSource``, check every name and shape
 against the model family, and compute under ``torch.inference_mode()`` on one
-sequence without a batch dimension: hidden states are ``[T, H]``.
+sequence without a batch dimension: hidden states are ``[T, H]``. Weights and KV caches
+live on the runtime's device; inputs may come from any device and results always come
+back on the CPU (callers turn them into numpy arrays, wire frames and sampled tokens).
 """
 
 from __future__ import annotations
@@ -85,17 +87,17 @@ class EntryRuntime:
                 f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
             )
         with torch.inference_mode():
-            return self._entry.embed(token_ids.to(self.device, torch.long), start_position)
+            return self._entry.embed(token_ids.to(self.device, torch.long), start_position).cpu()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] next-token logits (decoders; ModelError for encoders)."""
         with torch.inference_mode():
-            return self._entry.logits(hidden.to(self.device))
+            return self._entry.logits(hidden.to(self.device)).cpu()
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [H] sentence embedding (BERT: mean + L2 norm; ModelError for decoders)."""
         with torch.inference_mode():
-            return self._entry.pool(hidden.to(self.device))
+            return self._entry.pool(hidden.to(self.device)).cpu()
 
 
 class SegmentRuntime:
@@ -149,7 +151,7 @@ class SegmentRuntime:
                 for index, block in enumerate(self._blocks, start=self.start):
                     kv = cache.block(index) if cache is not None else None
                     hidden = block.forward(hidden, kv, start_position)
-                return hidden
+                return hidden.cpu()
         except BaseException:
             if cache is not None:  # undo a half-applied step so the cache stays consistent
                 cache.truncate(start_position)

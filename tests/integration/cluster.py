@@ -18,6 +18,9 @@ from shared.messages import EpochReady, EpochRejected, Plan, Segment
 from shared.topics import EPOCH_ACKS, PLAN
 
 ROOT = Path(__file__).resolve().parents[2]
+DEVICE_ENV = "EDGESPLIT_TEST_DEVICE"
+"""Set to a torch device (``cuda``) to run the test workers there; unset, workers use their
+default (cpu). In-process reference runs stay on the CPU either way."""
 
 
 def settings_for(broker_url: str, cluster: str, **extra: object) -> BusSettings:
@@ -46,10 +49,12 @@ class WorkerCluster:
 
     def start(self, node: str, *args: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.extra_env}
+        device = ("--device", os.environ[DEVICE_ENV]) if os.environ.get(DEVICE_ENV) else ()
         log = open(self.log_dir / f"{node}.log", "ab")  # noqa: SIM115 - handed to the process
         process = subprocess.Popen(
             [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(self.shards),
-             "--broker", self.broker_url, "--cluster", self.cluster, "--threads", "1", *args],
+             "--broker", self.broker_url, "--cluster", self.cluster, "--threads", "1", *device,
+             *args],
             stdout=log, stderr=log, cwd=ROOT, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
