@@ -1,27 +1,25 @@
-"""The monitor's decisions, pure: smoothing, change detection with hysteresis, heartbeats.
+"""The monitor's state, pure: node and link records, events, the capacity profile.
 
 Everything here works over snapshots and an explicit clock (``now_s``, Unix seconds,
-passed in by the caller), so it runs the same in unit tests and in the service.
+passed in by the caller), so it runs the same in unit tests and in the service. The
+detectors it uses (smoothing windows, persistence with hysteresis, link metrics against
+a baseline) are in `services.monitor.detect`.
 
-- Smoothing: each measurement keeps a window of its last samples; its value is their
-  median (one outlier never moves it), samples older than ``max_sample_age_s`` expire.
-- Change detection: a metric is compared with its *baseline* (the smoothed value while
-  healthy, following slow drift); it trips when it stays beyond the threshold for
-  ``persist_s`` and clears when it stays back near the baseline (half the threshold:
-  hysteresis) for ``persist_s``. The baseline freezes while tripped.
 - Heartbeats: a node that sent neither telemetry nor status for ``heartbeat_timeout_s``
   is down; an offline status (Last Will or clean exit) downs it at once.
+- Load: a node is overloaded when its compute-busy share or queue stays at or above its
+  threshold for ``persist_s``, cleared when both stay low for ``persist_s``.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.monitor.detect import Change, MedianWindow, MonitorConfig, Persistence, TrackedMetric
 from shared.messages import (
     CapacityProfile,
     Evidence,
@@ -39,138 +37,6 @@ from shared.messages import (
     NodeStatus,
     Telemetry,
 )
-
-Transition = Literal["tripped", "cleared"]
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """Thresholds and windows (docs/MONITOR.md explains each)."""
-
-    heartbeat_timeout_s: float = 3.0
-    window: int = 5
-    load_window: int = 3
-    max_sample_age_s: float = 20.0
-    persist_s: float = 3.0
-    min_samples: int = 3
-    baseline_alpha: float = 0.1
-    bandwidth_drop: float = 0.3
-    fast_link_bytes_per_s: float = 20e6
-    rtt_rise: float = 0.5
-    rtt_min_rise_s: float = 0.01
-    loss_degraded: float = 0.2
-    loss_recovered: float = 0.05
-    busy_overloaded: float = 0.9
-    busy_cleared: float = 0.7
-    queue_overloaded: float = 4.0
-    queue_cleared: float = 1.0
-
-
-class MedianWindow:
-    """The median of the last ``size`` samples younger than ``max_age_s``."""
-
-    def __init__(self, size: int, max_age_s: float) -> None:
-        self._samples: deque[tuple[float, float]] = deque(maxlen=size)
-        self._max_age_s = max_age_s
-
-    def add(self, now_s: float, value: float) -> None:
-        if math.isfinite(value):
-            self._samples.append((now_s, value))
-
-    def count(self, now_s: float) -> int:
-        return sum(1 for at_s, _ in self._samples if now_s - at_s <= self._max_age_s)
-
-    def value(self, now_s: float) -> float | None:
-        fresh = [value for at_s, value in self._samples if now_s - at_s <= self._max_age_s]
-        return statistics.median(fresh) if fresh else None
-
-
-@dataclass
-class Persistence:
-    """Two states with hysteresis: trips after ``bad`` held for ``persist_s``, clears after
-    ``good`` held for ``persist_s``. Between the thresholds nothing changes."""
-
-    persist_s: float
-    tripped: bool = False
-    pending_since_s: float | None = None
-
-    def update(self, now_s: float, bad: bool, good: bool) -> Transition | None:
-        towards = bad if not self.tripped else good
-        if not towards:
-            self.pending_since_s = None
-            return None
-        if self.pending_since_s is None:
-            self.pending_since_s = now_s
-        if now_s - self.pending_since_s < self.persist_s:
-            return None
-        self.tripped = not self.tripped
-        self.pending_since_s = None
-        return "tripped" if self.tripped else "cleared"
-
-    def held_s(self, now_s: float) -> float:
-        return 0.0 if self.pending_since_s is None else now_s - self.pending_since_s
-
-
-@dataclass
-class Change:
-    """A metric's transition and its evidence."""
-
-    transition: Transition
-    evidence: Evidence
-
-
-class TrackedMetric:
-    """A smoothed link metric with a baseline and a persistence detector.
-
-    ``kind`` sets what "worse" means: bandwidth falls, rtt rises, loss rises past a level.
-    """
-
-    def __init__(self, kind: Literal["bandwidth", "rtt", "loss"], config: MonitorConfig) -> None:
-        self.kind, self.config = kind, config
-        self.window = MedianWindow(config.window, config.max_sample_age_s)
-        self.detector = Persistence(config.persist_s)
-        self.baseline: float | None = None
-
-    def value(self, now_s: float) -> float | None:
-        return self.window.value(now_s)
-
-    def add(self, now_s: float, sample: float) -> Change | None:
-        """Take one sample; a Change when the metric trips or clears."""
-        self.window.add(now_s, sample)
-        value = self.window.value(now_s)
-        if value is None or self.window.count(now_s) < self.config.min_samples:
-            return None
-        if self.baseline is None:
-            self.baseline = value
-        bad, good, threshold = self._judge(value, self.baseline)
-        started_s = self.detector.pending_since_s
-        transition = self.detector.update(now_s, bad, good)
-        if not self.detector.tripped and not bad:
-            self.baseline += self.config.baseline_alpha * (value - self.baseline)
-        if transition is None:
-            return None
-        held_s = now_s - started_s if started_s is not None else 0.0
-        evidence = Evidence(metric=_METRIC_NAMES[self.kind], old_value=self.baseline, new_value=value,
-                            threshold=threshold, window_s=held_s,
-                            samples=self.window.count(now_s))  # fmt: skip
-        return Change(transition, evidence)
-
-    def _judge(self, value: float, base: float) -> tuple[bool, bool, float]:
-        """(bad, good, threshold) of ``value`` against ``base``."""
-        config = self.config
-        if self.kind == "bandwidth":
-            threshold = base * (1 - config.bandwidth_drop)
-            fast = value >= config.fast_link_bytes_per_s
-            return (value < threshold and not fast,
-                    fast or value >= base * (1 - config.bandwidth_drop / 2), threshold)  # fmt: skip
-        if self.kind == "rtt":
-            threshold = max(base * (1 + config.rtt_rise), base + config.rtt_min_rise_s)
-            relaxed = max(base * (1 + config.rtt_rise / 2), base + config.rtt_min_rise_s / 2)
-            return value > threshold, value <= relaxed, threshold
-        return value >= config.loss_degraded, value <= config.loss_recovered, config.loss_degraded
-
-
-_METRIC_NAMES = {"bandwidth": "bandwidth_bytes_per_s", "rtt": "rtt_s", "loss": "loss"}
 
 
 @dataclass
