@@ -98,10 +98,10 @@ class _Connection:
     async def _session(self, client: aiomqtt.Client) -> None:
         try:
             self.client = client
+            self.fast = fastpath.FastPath(client, self._received, qos0_only=self.plane == "data")
             self.connected.set()
             self.dirty.set()
             self.bus.sessions += 1
-            self.fast = fastpath.FastPath(client, self._received)
             if self.plane == "control" and self.bus._birth is not None:
                 await self.bus._announce(self.bus._birth)
             async for _ in client.messages:  # nothing is queued there: this waits for a disconnect
@@ -155,14 +155,17 @@ class _Connection:
                 self.acked.add(filter_)
 
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        if qos == 0 and self.client is not None and self.fast is not None:  # the hot path
+        if qos == 0 and self.fast is not None:  # the hot path: straight to the socket
             self.fast.publish(topic, payload, retain)
             return
         timeout_s = self.bus.settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await self.connected.wait()
-                assert self.client is not None  # connected is set only with a client
+                assert self.client is not None and self.fast is not None  # set with connected
+                if qos == 0:
+                    self.fast.publish(topic, payload, retain)
+                    return
                 await self.client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
         except TimeoutError:
             raise BusError(

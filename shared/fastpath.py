@@ -39,9 +39,13 @@ OnMessage = Callable[[str, bytes, bool], None]
 
 class FastPath:
     """The shortcuts for one connected ``client``. Create on the event loop thread after
-    the connect; it routes received messages to ``on_message(topic, payload, retain)``."""
+    the connect; it routes received messages to ``on_message(topic, payload, retain)``.
+    ``qos0_only``: the connection publishes only QoS 0, through `publish` (the data
+    connection), so paho's per-write publish callback is switched off."""
 
-    def __init__(self, client: aiomqtt.Client, on_message: OnMessage) -> None:
+    def __init__(
+        self, client: aiomqtt.Client, on_message: OnMessage, *, qos0_only: bool = False
+    ) -> None:
         self._client = client
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -59,6 +63,8 @@ class FastPath:
 
         inner.on_message = received
         inner.on_socket_register_write = self._register_write
+        if qos0_only:  # nothing waits for a QoS 0 confirmation: skip paho building one per write
+            inner.on_publish = None
 
     def _register_write(self, paho_client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._direct:

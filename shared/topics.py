@@ -109,6 +109,8 @@ class Topic(Generic[P]):
             raise ValueError(f"topic {self.pattern!r}: parameter names must be unique")
         if (self.plane == "data") != (payloads == (Frame,)):
             raise ValueError(f"topic {self.pattern!r}: frames travel on data topics only")
+        if self.plane == "data" and (self.qos, self.retain) != (0, False):
+            raise ValueError(f"topic {self.pattern!r}: data topics are QoS 0 and not retained")
         object.__setattr__(self, "params", names)
         object.__setattr__(self, "kinds", () if self.plane == "data" else payloads)
         object.__setattr__(self, "_levels", tuple(levels))
@@ -116,9 +118,17 @@ class Topic(Generic[P]):
 
     def topic(self, cluster: str, **params: str) -> str:
         """The concrete topic string; every parameter is required and validated (InvalidId)."""
-        if set(params) != set(self.params):
-            raise InvalidId(f"topic {self.pattern!r} needs {self.params}, got {tuple(params)}")
-        return self._render(cluster, params)
+        key = (self.pattern, cluster, *params.items())
+        try:
+            rendered = _RENDERED.get(key)
+        except TypeError:  # an unhashable parameter: validation below refuses it
+            rendered = None
+        if rendered is None:
+            if set(params) != set(self.params):
+                raise InvalidId(f"topic {self.pattern!r} needs {self.params}, got {tuple(params)}")
+            rendered = self._render(cluster, params)
+            _remember(_RENDERED, key, rendered)
+        return rendered
 
     def filter(self, cluster: str, **params: str) -> str:
         """A subscription filter: parameters not given become ``+``."""
@@ -168,11 +178,33 @@ def _register(topic: Topic[Any]) -> None:
 
 def match(topic: str) -> tuple[Topic[Any], str, dict[str, str]] | None:
     """The registered Topic of a received topic string, with its cluster and parameters."""
-    for candidate in REGISTRY.values():
-        parsed = candidate.parse(topic)
-        if parsed is not None:
-            return candidate, parsed[0], parsed[1]
-    return None
+    found = _MATCHED.get(topic, _UNSEEN)
+    if found is _UNSEEN:
+        found = None
+        for candidate in REGISTRY.values():
+            parsed = candidate.parse(topic)
+            if parsed is not None:
+                found = (candidate, parsed[0], parsed[1])
+                break
+        _remember(_MATCHED, topic, found)
+    if found is None:
+        return None
+    hit: tuple[Topic[Any], str, dict[str, str]] = found  # type: ignore[assignment]
+    return hit[0], hit[1], dict(hit[2])
+
+
+# Hot-path caches: a node sends and receives on a handful of topics, so each topic string
+# is parsed and each rendering validated once (bounded: cleared when full).
+_CACHE_SIZE = 4096
+_UNSEEN = object()
+_MATCHED: dict[str, object] = {}
+_RENDERED: dict[tuple[object, ...], str] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
 
 
 # --- the registry ---------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_topics_validate_parameters(call: object) -> None:
         lambda: Topic("x/#", NodeStatus),
         lambda: Topic("x/frames", Frame),  # frames need the data plane
         lambda: Topic("x/cmd", CommitEpoch, plane="data"),
+        lambda: Topic("x/{a}/frames1", Frame, plane="data", qos=1),  # data is QoS 0
+        lambda: Topic("x/{a}/frames2", Frame, plane="data", retain=True),
     ],
 )
 def test_bad_topic_declarations_fail_at_import(declare: object) -> None:
@@ -155,3 +157,23 @@ def test_invalid_env_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("EDGESPLIT_BROKER_URL", "mqtt://h:notaport")
     with pytest.raises(ConfigError, match="broker_url"):
         load_settings(BusSettings)
+
+
+def test_topic_lookups_are_cached_but_never_shared_or_unvalidated() -> None:
+    from shared import topics
+
+    name = NODE_STATUS.topic("c1", node="w1")
+    assert NODE_STATUS.topic("c1", node="w1") is name  # rendered once
+    first, second = topics.match(name), topics.match(name)
+    assert first is not None and second is not None
+    assert first == second == (NODE_STATUS, "c1", {"node": "w1"})
+    first[2]["node"] = "changed"  # a caller's copy: the cache is not affected
+    assert topics.match(name) == (NODE_STATUS, "c1", {"node": "w1"})
+    assert topics.match("edgesplit/c1/nowhere/x") is None
+    assert topics.match("edgesplit/c1/nowhere/x") is None  # cached miss
+    with pytest.raises(InvalidId):
+        NODE_STATUS.topic("c1", node=["w1"])  # type: ignore[arg-type]
+    with pytest.raises(InvalidId):
+        NODE_STATUS.topic("c1", node="bad/id")
+    with pytest.raises(InvalidId):
+        NODE_STATUS.topic("c1", node="bad/id")  # still refused: failures are not cached
