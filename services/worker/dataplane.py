@@ -338,10 +338,11 @@ class DataPlane:
     async def handoff(self, request_id: str, old_epoch: int, length: int) -> bool:
         """Move a request's KV caches from the old epoch's owners to the new ones.
 
-        A handoff frame walks the old pipeline behind the request's last step; each node
-        sends the K/V of its blocks to their new owners (or keeps them), then passes it on;
-        the last one answers the entry. True when every node handed off; False (the entry
-        then replays) on any gap or after the stage deadline.
+        At a token boundary no frame of the request is in flight, so every node of the old
+        pipeline gets its handoff frame at once (one round trip, not one hop per node);
+        each sends the K/V of its blocks to their new owners (or keeps them), then answers
+        the entry. True when every node handed off; False (the entry then replays) on any
+        gap or after the stage deadline.
         """
         old = self.keeper.for_frame(old_epoch, time.monotonic())
         new = self.keeper.current
@@ -349,26 +350,30 @@ class DataPlane:
             return False
         if self.down.intersection(old.route.nodes()):
             return False  # the old pipeline lost a node: its caches are gone, replay
-        key = (request_id, HANDOFF_STEP, old_epoch)
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        pass_id = next(self._pass_ids)
-        self._pending[key] = (pass_id, future)
-        header = FrameHeader(request_id=RequestId(request_id), step=HANDOFF_STEP, epoch=old_epoch, seq=0,
-                             extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
-                                    "target": 0, "pass": pass_id})  # fmt: skip
+        holders = [(node, segment) for node in old.route.nodes()
+                   if (segment := old.route.segment_of(node)) is not None]  # fmt: skip
+        loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
+        keys = [(request_id, HANDOFF_STEP + index, old_epoch) for index in range(len(holders))]
+        futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in holders]
+        self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
         empty = np.zeros((0, self.hidden_size), np.float32)
         try:
-            if old.route.node_for(0) == self.node:
-                await self._on_handoff(Frame(header, empty), old)
-            else:
-                await self._send_payload(old.route.node_for(0), encode_frame(header, empty))
+            for (node, (start, _)), key in zip(holders, keys, strict=True):
+                header = FrameHeader(request_id=RequestId(request_id), step=key[1], epoch=old_epoch, seq=0,
+                                     extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
+                                            "target": start, "pass": pass_id})  # fmt: skip
+                if node == self.node:
+                    await self._on_handoff(Frame(header, empty), old)
+                else:
+                    await self._send_payload(node, encode_frame(header, empty))
             async with asyncio.timeout(self.stage_timeout_s):
-                answer = await future
-            return answer.header.extra.get("failed") is not True
+                answers = await asyncio.gather(*futures)
+            return not any(answer.header.extra.get("failed") is True for answer in answers)
         except TimeoutError:
             return False
         finally:
-            self._pending.pop(key, None)
+            for key in keys:
+                self._pending.pop(key, None)
 
     async def _on_handoff(self, frame: Frame, old: Serving) -> None:
         header, route, host = frame.header, old.route, old.host
@@ -386,17 +391,16 @@ class DataPlane:
             for owner, (blocks, tensor) in (outgoing or {}).items():
                 extra = {"kind": "kv", "blocks": blocks, "pos": _int(header.extra.get("pos")),
                          "target": new.route.segment_of(owner)[0]}  # type: ignore[index]  # fmt: skip
-                out = FrameHeader(request_id=header.request_id, step=HANDOFF_STEP, epoch=new.epoch,
+                out = FrameHeader(request_id=header.request_id, step=header.step, epoch=new.epoch,
                                   seq=next(self._seq), extra=extra)  # fmt: skip
                 await self._send_payload(owner, encode_frame(out, tensor))
-        extra = {**header.extra, "failed": failed}
-        next_block = host.end if host is not None else route.num_layers
-        forward = FrameHeader(request_id=header.request_id, step=HANDOFF_STEP, epoch=route.epoch,
-                              seq=next(self._seq), extra={**extra, "target": next_block})  # fmt: skip
-        if route.node_for(next_block) == self.node:
-            await self._on_handoff(Frame(forward, frame.array), old)
+        answer = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
+                             seq=next(self._seq), extra={**header.extra, "failed": failed,
+                                                         "target": route.num_layers})  # fmt: skip
+        if route.entry == self.node:
+            self._resolve(Frame(answer, frame.array))
         else:
-            await self._send_payload(route.node_for(next_block), encode_frame(forward, frame.array))
+            await self._send_payload(route.entry, encode_frame(answer, frame.array))
 
     def _on_kv(self, frame: Frame, serving: Serving) -> None:
         blocks = frame.header.extra.get("blocks")
