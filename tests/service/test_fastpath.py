@@ -5,6 +5,7 @@ go straight to the subscriptions, and a failing handler does not drop the connec
 from __future__ import annotations
 
 import asyncio
+import logging
 import selectors
 from collections.abc import Awaitable, Callable
 
@@ -158,3 +159,21 @@ def test_a_frame_larger_than_the_socket_buffer_is_finished_when_writable(
                 assert not inner.want_write() and _writers(sender) == []
 
     run(main)
+
+
+def test_late_acknowledgements_are_not_logged_as_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """aiomqtt logs an ack that comes after its call was given up (a service stopping) as
+    an error with a traceback; the bus keeps it out of the logs unless debug is on."""
+    from shared.connection import MQTT_LOG
+
+    caplog.set_level(logging.INFO)
+    try:
+        raise KeyError(29)
+    except KeyError:
+        MQTT_LOG.exception('Unexpected message ID "%d" in on_unsubscribe callback', 29)
+    MQTT_LOG.error("a real error")
+    assert [r.getMessage() for r in caplog.records] == ["a real error"]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger=MQTT_LOG.name)
+    MQTT_LOG.error('Unexpected message ID "%d" in on_subscribe callback', 30)
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("DEBUG", None)]
