@@ -75,7 +75,7 @@ class ComputeThread:
 
 @dataclass
 class Slowdown:
-    """Emulated compute speed: after a forward that took t seconds, stay busy for
+    """Emulated compute speed: after a forward that computed for t seconds, stay busy for
     (factor - 1) * t more, as a node `factor` times slower would. Thread-safe to change."""
 
     factor: float = 1.0
@@ -85,11 +85,21 @@ class Slowdown:
         with self._lock:
             self.factor = max(1.0, float(factor))
 
-    def apply(self, elapsed_s: float) -> None:
+    def apply(self, compute_s: float) -> float:
+        """Sleep the emulated extra for ``compute_s`` of compute; returns that extra (s)."""
         with self._lock:
-            extra_s = (self.factor - 1.0) * elapsed_s
+            extra_s = (self.factor - 1.0) * compute_s
         if extra_s > 0:
             time.sleep(extra_s)
+        return max(0.0, extra_s)
+
+
+def compute_clock() -> Callable[[], float]:
+    """The clock that times a forward on the calling (compute) thread: its CPU time when
+    torch runs single-threaded there, so waiting for a core or the GIL on a shared machine
+    is not counted as compute (that is load: busy share and queue report it); wall time
+    when torch spreads a forward over several threads."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 class KvMissing(EdgesplitError):
@@ -113,13 +123,15 @@ class SegmentHost:
         self._incoming: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._lock = threading.Lock()
         self.on_forward: Callable[[int, int, float], None] | None = None
-        """Called after each forward with (tokens, blocks, seconds incl. slowdown); telemetry."""
+        """Called after each forward with (tokens, blocks, compute seconds incl. the emulated
+        slowdown; see `compute_clock`); telemetry."""
 
     def forward(
         self, request_id: str, hidden: np.ndarray, start_position: int, slowdown: Slowdown
     ) -> np.ndarray:
         """Run the segment on [T, H] activations; keeps the request's KV cache. Compute thread."""
-        began = time.perf_counter()
+        clock = compute_clock()
+        began = clock()
         with self._lock:
             entry = self._caches.get(request_id)
             if start_position == 0:
@@ -139,9 +151,10 @@ class SegmentHost:
         elif entry.cache.length > start_position:
             entry.cache.truncate(start_position)  # a replayed step: drop what follows it
         output = self.runtime.forward(to_torch(hidden), entry.cache, start_position)
-        slowdown.apply(time.perf_counter() - began)
+        compute_s = clock() - began
+        compute_s += slowdown.apply(compute_s)
         if self.on_forward is not None:
-            self.on_forward(int(hidden.shape[0]), self.end - self.start, time.perf_counter() - began)
+            self.on_forward(int(hidden.shape[0]), self.end - self.start, compute_s)
         return output.numpy()
 
     def release(self, request_id: str) -> None:

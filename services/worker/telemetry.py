@@ -16,7 +16,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared.errors import EdgesplitError
@@ -34,26 +34,43 @@ BENCHMARK_PREFILL_TOKENS = 16
 BENCHMARK_REPEATS = 5
 
 
-@dataclass
-class _Smoothed:
-    """An exponentially weighted moving average (None until the first sample)."""
+MAX_FORWARDS_PER_WINDOW = 4096
 
-    alpha: float
+
+@dataclass
+class _WindowedTime:
+    """Per-block times of one kind of forward: the samples of the current telemetry
+    window, and the value of the last window that had any (None before the first)."""
+
     value: float | None = None
+    samples: list[float] = field(default_factory=list)
 
     def add(self, sample: float) -> None:
-        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+        if len(self.samples) < MAX_FORWARDS_PER_WINDOW:
+            self.samples.append(sample)
+
+    def close(self) -> int:
+        """End the window: its median becomes the value; returns its sample count."""
+        count = len(self.samples)
+        if count:
+            self.value = statistics.median(self.samples)
+            self.samples = []
+        return count
 
 
 class BlockTimer:
-    """Per-block forward times, prefill and decode apart, smoothed. Thread-safe: the
-    compute thread records, the event loop reads a window."""
+    """Per-block compute times of forwards, prefill and decode apart, smoothed: each
+    telemetry window reports the median of its forwards' times (a window without
+    forwards keeps the previous value; the monitor takes the median of 3 windows).
 
-    def __init__(self, alpha: float = 0.3) -> None:
-        self._decode = _Smoothed(alpha)
-        self._prefill = _Smoothed(alpha)
-        self._decode_samples = 0
-        self._prefill_samples = 0
+    The times are compute-thread CPU seconds plus the emulated slowdown
+    (`compute_clock`), not wall time: on a shared machine a forward's wall time also
+    holds the time it waited for a core or the GIL, which grows with load, not with the
+    node's speed. Thread-safe: the compute thread records, the event loop reads a window."""
+
+    def __init__(self) -> None:
+        self._decode = _WindowedTime()
+        self._prefill = _WindowedTime()
         self._measured = False
         self._lock = threading.Lock()
 
@@ -65,13 +82,11 @@ class BlockTimer:
             self._measured = True
             if tokens == 1:
                 self._decode.add(seconds / blocks)
-                self._decode_samples += 1
             else:
                 self._prefill.add(seconds / blocks / tokens)
-                self._prefill_samples += 1
 
     def calibrate(self, decode_s_per_block: float, prefill_s_per_block_token: float) -> None:
-        """Seed the averages from the start-up benchmark (real forwards then take over)."""
+        """Seed the values from the start-up benchmark (real forwards then take over)."""
         with self._lock:
             if self._decode.value is None:
                 self._decode.value = decode_s_per_block
@@ -79,30 +94,31 @@ class BlockTimer:
                 self._prefill.value = prefill_s_per_block_token
 
     def window(self) -> BlockTimes | None:
-        """The current values and the forwards measured since the last window."""
+        """The values as of this window and the forwards measured in it (starts the next)."""
         with self._lock:
+            decode_samples, prefill_samples = self._decode.close(), self._prefill.close()
             if self._decode.value is None and self._prefill.value is None:
                 return None
-            times = BlockTimes(
+            return BlockTimes(
                 decode_s_per_block=self._decode.value,
                 prefill_s_per_block_token=self._prefill.value,
-                decode_samples=self._decode_samples,
-                prefill_samples=self._prefill_samples,
+                decode_samples=decode_samples,
+                prefill_samples=prefill_samples,
                 source="forwards" if self._measured else "benchmark",
             )
-            self._decode_samples = self._prefill_samples = 0
-            return times
 
 
 def benchmark_block(store: ShardStore, slowdown_factor: float, device: str = "cpu") -> tuple[float, float]:
     """Time one real block of the model: (decode s per block, prefill s per block-token).
 
-    Runs on the compute thread (it imports and runs torch). The emulated slowdown is
+    Runs on the compute thread (it imports and runs torch) and times with the clock real
+    forwards use (`compute_clock`: the thread's CPU time). The emulated slowdown is
     applied by scaling, not by sleeping. Raises what loading the block raises
     (CheckpointError for a bad shard).
     """
     import torch
 
+    from services.worker.compute import compute_clock
     from shared.model.runtime import SegmentRuntime
 
     runtime = SegmentRuntime(store, 0, 1, device=device)
@@ -110,15 +126,16 @@ def benchmark_block(store: ShardStore, slowdown_factor: float, device: str = "cp
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randn(BENCHMARK_PREFILL_TOKENS, hidden_size, generator=generator) * 0.1
     step = torch.randn(1, hidden_size, generator=generator) * 0.1
+    clock = compute_clock()
     prefill, decode = [], []
     for _ in range(BENCHMARK_REPEATS):
         cache = runtime.new_cache()
-        began = time.perf_counter()
+        began = clock()
         runtime.forward(prompt, cache, 0)
-        prefill.append((time.perf_counter() - began) / BENCHMARK_PREFILL_TOKENS)
-        began = time.perf_counter()
+        prefill.append((clock() - began) / BENCHMARK_PREFILL_TOKENS)
+        began = clock()
         runtime.forward(step, cache, BENCHMARK_PREFILL_TOKENS)
-        decode.append(time.perf_counter() - began)
+        decode.append(clock() - began)
     return statistics.median(decode) * slowdown_factor, statistics.median(prefill) * slowdown_factor
 
 

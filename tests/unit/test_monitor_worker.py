@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import deque
 from pathlib import Path
+
+import pytest
 
 from services.worker.compute import Slowdown
 from services.worker.emulation import Emulation, initial_command
@@ -18,7 +21,7 @@ from shared.tensor_frame import Frame, decode_frame
 
 
 def test_block_timer_keeps_prefill_and_decode_apart_and_benchmark_seeds_them() -> None:
-    timer = BlockTimer(alpha=0.5)
+    timer = BlockTimer()
     assert timer.window() is None
     timer.calibrate(0.002, 0.0005)
     assert timer.window().source == "benchmark"  # type: ignore[union-attr]
@@ -26,9 +29,19 @@ def test_block_timer_keeps_prefill_and_decode_apart_and_benchmark_seeds_them() -
     timer.record(tokens=10, blocks=2, seconds=0.02)  # 1 ms per block-token: prefill
     times = timer.window()
     assert times is not None and times.source == "forwards"
-    assert times.decode_s_per_block == 0.003 and times.prefill_s_per_block_token == 0.00075
+    assert times.decode_s_per_block == 0.004 and times.prefill_s_per_block_token == 0.001
     assert (times.decode_samples, times.prefill_samples) == (1, 1)
-    assert timer.window().decode_samples == 0  # type: ignore[union-attr]
+    quiet = timer.window()  # no forwards: the values stay
+    assert quiet is not None and quiet.decode_samples == 0 and quiet.decode_s_per_block == 0.004
+
+
+def test_block_timer_reports_the_median_of_a_window() -> None:
+    """A few slow forwards (a page fault, a cold cache) do not move it; a mean would."""
+    timer = BlockTimer()
+    for seconds in [0.001] * 9 + [0.009] * 3:  # 3 of 12 inflated 9x: the mean is 3 ms
+        timer.record(tokens=1, blocks=1, seconds=seconds)
+    times = timer.window()
+    assert times is not None and times.decode_s_per_block == 0.001 and times.decode_samples == 12
 
 
 def test_passive_estimate_cancels_the_clock_offset() -> None:
@@ -47,9 +60,9 @@ def test_emulation_commands_and_the_start_state_share_one_path() -> None:
     emulation = Emulation("a", slowdown, schedule, random.Random(1))
     state = emulation.apply(initial_command(settings))
     assert slowdown.factor == 2.0 and schedule.shape("b") == LinkShape(1e6, 0.01)
-    assert state.links == (EmulatedLink(dst="b", bandwidth_bytes_per_s=1e6, latency_s=0.01),)
+    assert state.links == (EmulatedLink(dst="b", bandwidth_bytes_per_s=1e6, latency_s=0.01),)  # type: ignore[arg-type]
     state = emulation.apply(EmulationCommand(command_id=5, slowdown=4.0, noise=0.1,
-                                             links=(EmulatedLink(dst="c", latency_s=0.05),)))  # fmt: skip
+                                             links=(EmulatedLink(dst="c", latency_s=0.05),)))  # type: ignore[arg-type]  # fmt: skip
     assert state.command_id == 5 and slowdown.factor == 4.0 and [l.dst for l in state.links] == ["b", "c"]  # noqa: E741
     emulation._redraw()
     assert 0.9e6 <= schedule.shape("b").bandwidth_bytes_per_s <= 1.1e6  # type: ignore[operator]
@@ -94,3 +107,33 @@ def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds() -> None:
         assert probe_bytes / clock[0] / 1e6 < settings.probe_budget_fraction * 1.5
 
     asyncio.run(main())
+
+
+def test_forward_compute_time_leaves_out_waiting_and_adds_the_emulated_slowdown() -> None:
+    """With single-threaded torch (the worker's default) a forward is timed on the compute
+    thread's CPU clock: time spent off the CPU (here a sleep, as waiting for a core or the
+    GIL would be) is not compute; the slowdown's extra is (factor - 1) x the compute."""
+    from services.worker.compute import ComputeThread, compute_clock
+
+    def timed() -> tuple[float, float]:
+        clock = compute_clock()
+        began_wall, began = time.perf_counter(), clock()
+        time.sleep(0.05)  # off the CPU
+        while clock() - began < 0.01:  # 10 ms of compute
+            pass
+        return clock() - began, time.perf_counter() - began_wall
+
+    async def main() -> tuple[float, float]:
+        compute = ComputeThread(threads=1)
+        try:
+            return await compute.run(timed)
+        finally:
+            compute.close()
+
+    compute_s, wall_s = asyncio.run(main())
+    assert wall_s >= 0.06 and 0.01 <= compute_s < 0.03
+    slowdown = Slowdown(4.0)
+    began = time.perf_counter()
+    assert slowdown.apply(0.01) == pytest.approx(0.03)
+    assert time.perf_counter() - began >= 0.03
+    assert Slowdown(1.0).apply(0.01) == 0.0
