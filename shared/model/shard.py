@@ -15,138 +15,32 @@ remembered by (path, inode, size, mtime), so loading it again does not re-hash i
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shared.errors import (
     CheckpointError,
-    ConfigError,
     ShardVerificationError,
-    UnsafeCheckpointError,
 )
-from shared.model.checkpoint import PICKLE_SUFFIXES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, Checkpoint
-from shared.model.config import ModelConfig, detect_architecture, load_config
-from shared.model.names import block_of, canonical_name, split_names
-
-Progress = Callable[[str], None]
-
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-ENTRY_FILE = "entry.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-_MANIFEST_MAX_BYTES = 64 * 1024 * 1024
-_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain name: no folders, no ".."
-_SHA256 = r"^[0-9a-f]{64}$"
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class FileDigest(_Frozen):
-    """Size and sha256 of one file of the store."""
-
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=_SHA256)
-
-
-class EntryShard(_Frozen):
-    """The tensors outside every block (embeddings, final norm, head)."""
-
-    file: str = Field(pattern=_FILE_NAME)
-    tensor_names: tuple[str, ...]
-
-
-class BlockShard(_Frozen):
-    """One transformer block's file and its per-token costs (fp32)."""
-
-    index: int = Field(ge=0)
-    file: str = Field(pattern=_FILE_NAME)
-    tensor_names: tuple[str, ...] = Field(min_length=1)
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=_SHA256)
-    parameters: int = Field(ge=0)
-    flops_per_token: float = Field(ge=0)  # matrix products, excluding attention over context
-    activation_bytes_per_token: int = Field(ge=0)  # hidden state crossing the block's output
-    kv_bytes_per_token: int = Field(ge=0)  # K + V cached per token (0 for encoders)
-
-
-class ShardManifest(_Frozen):
-    """The contents of manifest.json."""
-
-    format_version: int
-    model_name: str
-    architecture: str
-    config: dict[str, Any]
-    num_blocks: int = Field(ge=1)
-    head_flops_per_token: float = Field(ge=0)
-    tokenizer_file: str = Field(pattern=_FILE_NAME)
-    entry: EntryShard
-    files: dict[str, FileDigest]
-    blocks: tuple[BlockShard, ...]
-
-
-def write_shards(
-    model_dir: Path, out_dir: Path, progress: Progress | None = None, model_name: str | None = None
-) -> Path:
-    """Cut the checkpoint in ``model_dir`` into a shard store at ``out_dir``; returns
-    the manifest's path. The store is built in a temporary sibling and renamed into
-    place; an existing shard store at ``out_dir`` is replaced.
-
-    Raises CheckpointError for a folder without config.json, tokenizer.json or
-    safetensors weights (or with missing blocks), UnsafeCheckpointError when it only
-    has pickle weights, ConfigError when ``out_dir`` holds something that is not a
-    shard store.
-    """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    report = progress or (lambda _line: None)
-    checkpoint = Checkpoint(model_dir)  # validates config, tensor names; refuses pickles
-    config, tokenizer = checkpoint.config, checkpoint.tokenizer_path
-    raw_config = _read_json(model_dir / "config.json")
-    locations = _tensor_locations(model_dir)
-    entry_names, block_names = split_names(locations)
-    if sorted(block_names) != list(range(config.num_layers)):
-        raise CheckpointError(
-            f"{model_dir}: config.json says {config.num_layers} blocks, the weights hold blocks "
-            f"{sorted(block_names)}"
-        )
-    _check_replaceable(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as error:
-        raise ConfigError(f"cannot create {out_dir}: {error.strerror or error}; choose another --out") from None
-    try:
-        files, blocks = _write_weights(staging, entry_names, block_names, locations, config, report)
-        shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
-        files[TOKENIZER_FILE] = _digest(staging / TOKENIZER_FILE)
-        manifest = ShardManifest(
-            format_version=FORMAT_VERSION, model_name=model_name or model_dir.resolve().name,
-            architecture=config.architecture, config=dict(raw_config), num_blocks=config.num_layers,
-            head_flops_per_token=config.head_flops_per_token(), tokenizer_file=TOKENIZER_FILE,
-            entry=EntryShard(file=ENTRY_FILE, tensor_names=tuple(entry_names)),
-            files=files, blocks=tuple(blocks),
-        )
-        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        staging.chmod(0o755)
-        _swap_into_place(staging, out_dir)
-    except OSError as error:
-        raise ConfigError(f"writing {out_dir} failed: {error.strerror or error}; check free disk space") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir / MANIFEST_FILE
+from shared.model.config import ModelConfig, load_config
+from shared.model.manifest import (
+    ENTRY_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_MAX_BYTES,
+    TOKENIZER_FILE,
+    BlockShard,
+    EntryShard,
+    FileDigest,
+    ShardManifest,
+    parse_manifest,
+)
+from shared.model.names import block_of, canonical_name
+from shared.model.shard_write import Progress, write_shards
 
 
 class ShardStore:
@@ -163,11 +57,11 @@ class ShardStore:
         path = self.shard_dir / MANIFEST_FILE
         try:
             with path.open("rb") as stream:
-                raw = stream.read(_MANIFEST_MAX_BYTES + 1)
+                raw = stream.read(MANIFEST_MAX_BYTES + 1)
         except OSError as error:
             raise CheckpointError(f"{path}: cannot read the shard manifest ({error.strerror})") from None
-        if len(raw) > _MANIFEST_MAX_BYTES:
-            raise CheckpointError(f"{path}: manifest larger than {_MANIFEST_MAX_BYTES} bytes")
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise CheckpointError(f"{path}: manifest larger than {MANIFEST_MAX_BYTES} bytes")
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         if expected_manifest_sha256 is not None and self.manifest_sha256 != expected_manifest_sha256:
             raise ShardVerificationError(
@@ -260,54 +154,6 @@ class ShardStore:
         return {key: value.to(torch.float32) for key, value in tensors.items()}
 
 
-def parse_manifest(raw: bytes | str, origin: str = MANIFEST_FILE) -> ShardManifest:
-    """Validate manifest.json contents. Raises CheckpointError naming the bad field,
-    UnsafeCheckpointError if a listed file is pickle-based."""
-    try:
-        manifest = ShardManifest.model_validate_json(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise CheckpointError(f"{origin}: field {field}: {first['msg']}") from None
-    _check_manifest(manifest, origin)
-    return manifest
-
-
-def _check_manifest(manifest: ShardManifest, origin: str) -> None:
-    """Cross-field checks that a schema cannot express."""
-
-    def bad(field: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{origin}: field {field}: {problem}")
-
-    for name in manifest.files:
-        if name.lower().endswith(PICKLE_SUFFIXES):
-            raise UnsafeCheckpointError(f"{origin}: lists pickle-based file {name!r}; it is never loaded")
-        if not re.match(_FILE_NAME, name):
-            raise bad("files", f"{name!r} is not a plain file name")
-    if manifest.format_version != FORMAT_VERSION:
-        raise bad("format_version", f"{manifest.format_version} (this version reads {FORMAT_VERSION})")
-    try:
-        architecture, layers = detect_architecture(manifest.config), load_config(manifest.config).num_layers
-    except (CheckpointError, ValueError) as error:
-        raise bad("config", str(error)) from None
-    if architecture != manifest.architecture:
-        raise bad("architecture", f"{manifest.architecture!r}, but the config is {architecture!r}")
-    if manifest.num_blocks != layers or len(manifest.blocks) != layers:
-        raise bad("num_blocks", f"{manifest.num_blocks} with {len(manifest.blocks)} blocks; config says {layers}")
-    weight_files = [manifest.entry.file] + [block.file for block in manifest.blocks]
-    for position, block in enumerate(manifest.blocks):
-        if block.index != position:
-            raise bad(f"blocks.{position}.index", f"{block.index}, expected {position}")
-        digest = manifest.files.get(block.file)
-        if digest is None or (digest.bytes, digest.sha256) != (block.bytes, block.sha256):
-            raise bad(f"blocks.{position}.file", f"{block.file!r} is not listed in files with the same digest")
-    for field, name in (("entry.file", manifest.entry.file), ("tokenizer_file", manifest.tokenizer_file)):
-        if name not in manifest.files:
-            raise bad(field, f"{name!r} is not listed in files")
-    if len(set(weight_files)) != len(weight_files) or not all(n.endswith(".safetensors") for n in weight_files):
-        raise bad("blocks", "weight files must be distinct .safetensors files")
-
-
 # --- verification cache -----------------------------------------------------------------
 
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
@@ -342,89 +188,6 @@ def forget_verified() -> None:
         _VERIFIED.clear()
 
 
-# --- writing ----------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Mapping[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
-    except ValueError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object")
-    return value
-
-
-def _tensor_locations(model_dir: Path) -> dict[str, Path]:
-    """Original tensor name -> the safetensors file holding it (the folder has been
-    validated by ``Checkpoint``: one model.safetensors, or the files of its index)."""
-    single = model_dir / WEIGHTS_FILE
-    if single.is_file():
-        files = [single]
-    else:
-        index = _read_json(model_dir / WEIGHTS_INDEX_FILE)
-        files = sorted({model_dir / str(name) for name in index["weight_map"].values()})
-    locations: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            locations.update((name, file) for name in handle.keys())
-    return locations
-
-
-def _write_weights(
-    staging: Path,
-    entry_names: list[str],
-    block_names: Mapping[int, list[str]],
-    locations: Mapping[str, Path],
-    config: ModelConfig,
-    report: Progress,
-) -> tuple[dict[str, FileDigest], list[BlockShard]]:
-    """Write entry.safetensors and one file per block; returns their digests and blocks."""
-    files = {ENTRY_FILE: _write_tensor_file(staging / ENTRY_FILE, entry_names, locations)}
-    report(f"wrote {ENTRY_FILE} ({files[ENTRY_FILE].bytes / 1e6:.1f} MB)")
-    blocks = []
-    for index in range(config.num_layers):
-        name = f"block-{index:03d}.safetensors"
-        files[name] = _write_tensor_file(staging / name, block_names[index], locations)
-        blocks.append(_block_shard(index, name, block_names[index], files[name], config))
-        report(f"wrote block {index + 1}/{config.num_layers} ({100 * (index + 1) // config.num_layers}%)")
-    return files, blocks
-
-
-def _write_tensor_file(path: Path, names: list[str], locations: Mapping[str, Path]) -> FileDigest:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted({locations[name] for name in names}):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in names:
-                if locations[name] == file:
-                    tensors[name] = handle.get_tensor(name).contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    path.chmod(0o644)
-    return _digest(path)
-
-
-def _digest(path: Path) -> FileDigest:
-    with path.open("rb") as stream:
-        sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
-    return FileDigest(bytes=path.stat().st_size, sha256=sha256)
-
-
-def _block_shard(index: int, file: str, names: list[str], digest: FileDigest, config: ModelConfig) -> BlockShard:
-    return BlockShard(
-        index=index,
-        file=file,
-        tensor_names=tuple(names),
-        bytes=digest.bytes,
-        sha256=digest.sha256,
-        parameters=config.block_parameter_count(),
-        flops_per_token=config.flops_per_token_per_block(context_tokens=0),
-        activation_bytes_per_token=config.activation_bytes_per_token(),
-        kv_bytes_per_token=config.kv_bytes_per_token_per_block(),
-    )
-
-
 def _within_block(name: str) -> str:
     located = block_of(name)
     if located is None:
@@ -432,17 +195,8 @@ def _within_block(name: str) -> str:
     return located[1]
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an empty folder or an earlier shard store may be replaced. Raises ConfigError."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} exists and is not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-        raise ConfigError(f"{out_dir} is not empty and is not a shard store; choose another --out")
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(retired / "store")
-        shutil.rmtree(retired, ignore_errors=True)
-    staging.rename(out_dir)
+__all__ = [
+    "ENTRY_FILE", "FORMAT_VERSION", "MANIFEST_FILE", "TOKENIZER_FILE", "BlockShard", "EntryShard",
+    "FileDigest", "Progress", "ShardManifest", "ShardStore", "forget_verified", "parse_manifest",
+    "write_shards",
+]  # fmt: skip
