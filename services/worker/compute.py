@@ -7,70 +7,25 @@ arrays so they can be framed without copies.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 import torch
 
+from services.worker.compute_thread import ComputeThread
 from shared.errors import EdgesplitError
 from shared.model.kv_cache import SegmentCache
 from shared.model.runtime import SegmentRuntime
 from shared.model.source import TensorSource
 from shared.tensor_frame import to_torch
 
+__all__ = ["ComputeThread", "KvMissing", "SegmentHost", "Slowdown"]
+
 T = TypeVar("T")
-
-
-class ComputeThread:
-    """One thread for all of a worker's compute, so forwards never overlap and the event
-    loop never blocks. ``threads`` sets torch's intra-op threads for that thread."""
-
-    def __init__(self, threads: int = 1) -> None:
-        self._threads = threads
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
-                                            initializer=self._init_thread)
-        self.pending = 0
-        """Jobs submitted and not finished (the one running included); event loop only."""
-        self._busy_s = 0.0
-        self._running_since: float | None = None
-        self._busy_lock = threading.Lock()
-
-    def _init_thread(self) -> None:
-        torch.set_num_threads(self._threads)
-
-    async def run(self, function: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        self.pending += 1
-        try:
-            return await loop.run_in_executor(self._executor, self._timed, function, *args)
-        finally:
-            self.pending -= 1
-
-    def _timed(self, function: Callable[..., T], *args: object) -> T:
-        began = time.perf_counter()
-        with self._busy_lock:
-            self._running_since = began
-        try:
-            return function(*args)
-        finally:
-            with self._busy_lock:
-                self._busy_s += time.perf_counter() - began
-                self._running_since = None
-
-    def busy_s(self) -> float:
-        """Seconds the compute thread has spent in jobs so far (the running one included)."""
-        with self._busy_lock:
-            running = self._running_since
-            return self._busy_s + (time.perf_counter() - running if running is not None else 0.0)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
