@@ -1,0 +1,98 @@
+"""Node status and telemetry (workers -> monitor)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from shared.ids import NodeIdField, TopicId
+from shared.messages.base import (
+    Epoch,
+    Message,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Part,
+    Segment,
+    ShortText,
+)
+
+# --- nodes ------------------------------------------------------------------------------
+
+
+class NodeStatus(Message):
+    """Retained birth message (state online) and Last Will (state offline) of a node."""
+
+    node: NodeIdField
+    state: Literal["online", "offline"]
+    trust: NonNegativeInt
+    """Trust level; a layer may run on a node only if trust >= the layer's min_trust."""
+    memory_bytes: NonNegativeInt
+    threads: Annotated[int, Field(ge=1)]
+    device: ShortText = "cpu"
+    capabilities: tuple[ShortText, ...] = Field(default=(), max_length=64)
+    """Architectures the node can run, e.g. ("llama", "bert")."""
+    epoch: Epoch | None = None
+    """The plan epoch the node serves (None before its first plan)."""
+    segments: tuple[Segment, ...] = Field(default=(), max_length=64)
+    """Blocks the node holds in that epoch."""
+    entry: bool = False
+    """True when the node is that epoch's entry."""
+
+
+class BlockTimes(Part):
+    """Measured compute time of one block on a node (smoothed; emulated slowdown included)."""
+
+    decode_s_per_block: NonNegativeFloat | None = None
+    """One decode step (one token) through one block, seconds."""
+    prefill_s_per_block_token: NonNegativeFloat | None = None
+    """A prefill through one block, seconds per prompt token."""
+    decode_samples: NonNegativeInt = 0
+    prefill_samples: NonNegativeInt = 0
+    """Real forwards measured in the window (0: the values come from earlier windows or the benchmark)."""
+    source: Literal["benchmark", "forwards"] = "benchmark"
+
+
+class LinkObservation(Part):
+    """One node's measurements of its link to ``peer`` over one telemetry window."""
+
+    peer: NodeIdField
+    rtt_s: NonNegativeFloat | None = None
+    """Median round trip of small probes (this node -> peer -> this node), seconds."""
+    bandwidth_bytes_per_s: NonNegativeFloat | None = None
+    """Outbound (this node -> peer) bandwidth from the dispersion of a sized probe pair."""
+    probes_sent: NonNegativeInt = 0
+    probes_lost: NonNegativeInt = 0
+    probe_bytes: NonNegativeInt = 0
+    """Bytes of probe frames this node sent to ``peer`` in the window (echoes included)."""
+    inbound_bandwidth_bytes_per_s: NonNegativeFloat | None = None
+    """Passive estimate of peer -> this node from timed activation frames."""
+    inbound_samples: NonNegativeInt = 0
+
+
+class Telemetry(Message):
+    """A node's periodic load report (QoS 0; the newest one wins)."""
+
+    node: NodeIdField
+    window_s: Annotated[float, Field(gt=0)]
+    cpu_utilisation: Annotated[float, Field(ge=0, le=1)]
+    memory_used_bytes: NonNegativeInt
+    requests_in_flight: NonNegativeInt
+    ms_per_layer: NonNegativeFloat | None = None
+    link_rtt_ms: dict[TopicId, NonNegativeFloat] = Field(default={}, max_length=1024)
+    """Measured round trip to each peer node, by node id."""
+    bytes_sent: NonNegativeInt = 0
+    bytes_received: NonNegativeInt = 0
+    epoch: Epoch | None = None
+    # Monitoring (docs/MONITOR.md); optional so that older senders still validate.
+    memory_available_bytes: NonNegativeInt | None = None
+    """What the OS could still give (MemAvailable), bytes."""
+    compute_busy: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Fraction of the window the compute thread was busy (emulated slowdown included)."""
+    queue_depth: NonNegativeInt = 0
+    """Compute jobs waiting for the compute thread at the end of the window."""
+    kv_cache_bytes: NonNegativeInt = 0
+    segments_held: NonNegativeInt = 0
+    blocks_held: NonNegativeInt = 0
+    block_times: BlockTimes | None = None
+    links: tuple[LinkObservation, ...] = Field(default=(), max_length=1024)
