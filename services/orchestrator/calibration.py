@@ -11,10 +11,14 @@ so it changes no ranking, only the relative saving and the predicted TPOT.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from services.orchestrator.logic import CandidatePlan
 from services.orchestrator.records import TpotTracker
+from shared.messages import DecisionRecorded, RequestFinished
 
 OVERHEAD_ALPHA = 0.2
 CALIBRATE_AFTER_S = 3.0
@@ -36,9 +40,15 @@ class OverheadCalibration:
     def load_seen(self, at_s: float, in_flight: int) -> None:
         self._load.append((at_s, in_flight))
 
-    def finished(self, start_s: float, end_s: float, tpot_s: float, model: CandidatePlan) -> None:
-        """A request served by one plan from ``start_s`` to ``end_s`` (Unix s)."""
-        self._pending.append((start_s, end_s, tpot_s, model))
+    def finished(self, reply: RequestFinished, now_s: float, changed_at_s: float | None,
+                 model: CandidatePlan) -> None:  # fmt: skip
+        """A request that finished at ``now_s`` (Unix s), the running plan's model then.
+        Skipped: one token (no time per token), or a request that straddled the last plan
+        change at ``changed_at_s`` (two plans served it)."""
+        duration_s = reply.ttft_s + reply.tpot_s * (len(reply.token_ids) - 1)
+        one_plan = changed_at_s is None or now_s - duration_s >= changed_at_s
+        if len(reply.token_ids) > 1 and reply.tpot_s > 0 and one_plan:
+            self._pending.append((now_s - duration_s, now_s, reply.tpot_s, model))
 
     def update(self, overhead_s: float, now_s: float, tracker: TpotTracker) -> float:
         """``overhead_s`` with every request that settled by ``now_s`` counted in."""
@@ -55,3 +65,20 @@ class OverheadCalibration:
         (1 when none fell in the interval)."""
         seen = [count for at_s, count in self._load if start_s <= at_s <= end_s]
         return max(1.0, sum(seen) / len(seen)) if seen else 1.0
+
+
+async def realised_effect(tracker: TpotTracker, record: DecisionRecorded, committed_s: float,
+                          observe_s: float, clock: Callable[[], float]) -> dict[str, Any] | None:  # fmt: skip
+    """The realised effect of a committed change, once requests that started after
+    ``committed_s`` (Unix s) finished: waits ``observe_s``, then for such requests at most
+    6 x ``observe_s`` after the commit. The record's update, or None when none finished."""
+    await asyncio.sleep(observe_s)
+    while True:
+        tpot, count = tracker.after(committed_s)
+        if tpot is not None or clock() >= committed_s + 6 * observe_s:
+            break
+        await asyncio.sleep(observe_s / 2)
+    if tpot is None:
+        return None
+    gain = None if record.baseline_tpot_s is None else (record.baseline_tpot_s - tpot) * record.horizon_tokens
+    return {"realised_tpot_s": tpot, "realised_requests": count, "realised_gain_s": gain}

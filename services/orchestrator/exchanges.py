@@ -11,7 +11,15 @@ from typing import Any
 
 from shared.bus import Bus, Subscription
 from shared.errors import EdgesplitError
-from shared.messages import PlanProposed, PlanRequested, RolloutFinished, RolloutRequested
+from shared.messages import (
+    DecisionRecorded,
+    Plan,
+    PlanProposed,
+    PlanRequested,
+    PrivacyPolicySet,
+    RolloutFinished,
+    RolloutRequested,
+)
 from shared.topics import REVISER_REQUESTS, ROLLOUTS
 
 log = logging.getLogger(__name__)
@@ -81,3 +89,16 @@ async def latest(subscription: Subscription[Any], deadline: float, *, drain: boo
             return found
         if not drain:
             return found
+
+
+async def read_retained(plans: Subscription[Plan], policies: Subscription[PrivacyPolicySet],
+                        decisions: Subscription[DecisionRecorded],
+                        wait_s: float) -> tuple[Plan | None, PrivacyPolicySet | None, list[DecisionRecorded]]:  # fmt: skip
+    """The retained plan, policy and decisions (all that arrive within ``wait_s``)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    plan = await latest(plans, deadline)
+    policy = await latest(policies, deadline)
+    seen: list[DecisionRecorded] = []
+    while (record := await latest(decisions, deadline, drain=False)) is not None:
+        seen.append(record)
+    return plan, policy, seen

@@ -175,3 +175,16 @@ def held_back(decision: Decision) -> bool:
     """True when an alternative beat the threshold but was held back (dwell or cost)."""
     held = any(not s.eligible and "does not beat cost" in s.note for s in decision.scored)
     return held or decision.reason.startswith("keep: dwell")
+
+
+def watch_trigger(current: CandidatePlan, reference_s: float, threshold: float, at_s: float) -> Trigger | None:
+    """The trigger the running plan re-evaluated on a new profile raises: ``plan_infeasible``
+    (emergency) when it violates a constraint, ``plan_degraded`` when its predicted time per
+    token exceeds ``reference_s`` (at the last decision) by ``threshold``; else None."""
+    if not current.feasible:
+        why = current.violations[0] if current.violations else "unknown"
+        return Trigger("plan_infeasible", at_s, True, f"the running plan is infeasible: {why}"[:TEXT])
+    if current.latency_s > reference_s * (1 + threshold):
+        detail = f"running plan predicted {current.latency_s * 1e3:.2f} ms/token, was {reference_s * 1e3:.2f}"
+        return Trigger("plan_degraded", at_s, False, detail)
+    return None

@@ -28,14 +28,14 @@ from dataclasses import replace
 from typing import Any
 
 from services.orchestrator import records
-from services.orchestrator.calibration import OverheadCalibration
+from services.orchestrator.calibration import OverheadCalibration, realised_effect
 from services.orchestrator.candidates import (
     CostModel,
     evaluate_all,
     failover_entry,
     planning_view,
 )
-from services.orchestrator.exchanges import Exchanges, latest
+from services.orchestrator.exchanges import Exchanges, read_retained
 from services.orchestrator.logic import (
     CandidatePlan,
     Decision,
@@ -82,6 +82,8 @@ KEPT_DECISIONS = 64
 MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_cleared",
                  "link_degraded", "link_recovered"}  # fmt: skip
 """Triggers from monitor events: decided on a profile at least as new as the event."""
+FOLLOW_UP = "follow_up"
+"""The trigger of the one re-evaluation after a change trigger that decided keep."""
 __all__ = ["OrchestratorService", "OrchestratorSettings"]
 
 
@@ -117,6 +119,7 @@ class OrchestratorService:
         self._nodes_ready_at_s: float | None = None
         """When every expected node was first seen alive and measured (Unix s)."""
         self._waiting_for: str | None = None
+        self._follow_up_armed = False
         self._random = random.Random(self._origin)
 
     async def run(self) -> None:
@@ -147,17 +150,10 @@ class OrchestratorService:
     async def _restore(self, plans: Subscription[Plan], policies: Subscription[PrivacyPolicySet],
                        decisions: Subscription[DecisionRecorded]) -> None:  # fmt: skip
         """Retained plan, policy and decisions: where the last orchestrator left off."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.retained_wait_s
-        plan = await latest(plans, deadline)
+        plan, policy, seen = await read_retained(plans, policies, decisions, self.settings.retained_wait_s)
         if plan is not None:
             self._on_plan(plan)
-        policy = await latest(policies, deadline)
-        if policy is not None:
-            self.policy = policy
-        seen: list[DecisionRecorded] = []
-        while (record := await latest(decisions, deadline, drain=False)) is not None:
-            seen.append(record)
+        self.policy = policy or self.policy
         if seen:
             self.state = records.restored(self.state, seen)
             self.decisions = sorted(seen, key=lambda r: r.decision_id)
@@ -208,11 +204,8 @@ class OrchestratorService:
         if isinstance(reply, RequestFinished):
             now_s = self.clock()
             self.tracker.add(reply, now_s)
-            duration_s = reply.ttft_s + reply.tpot_s * (len(reply.token_ids) - 1)
-            changed_s = self.state.changed_at_s
-            served_by_one_plan = changed_s is None or now_s - duration_s >= changed_s
-            if self._reference is not None and len(reply.token_ids) > 1 and reply.tpot_s > 0 and served_by_one_plan:
-                self.calibration.finished(now_s - duration_s, now_s, reply.tpot_s, self._reference)
+            if self._reference is not None:
+                self.calibration.finished(reply, now_s, self.state.changed_at_s, self._reference)
             self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s))
             self._calibrate(now_s)
 
@@ -247,6 +240,14 @@ class OrchestratorService:
             elif self.profile is not None and self._initial_ready(self.profile):
                 self._enqueue(Trigger("initial", self.clock(), False, "periodic retry"))
 
+    async def _follow_up(self, trigger: Trigger) -> None:
+        """A change trigger decided keep: evaluate once more ``follow_up_s`` later. The
+        monitor's estimates converge over a few samples, so the first profile that shows a
+        change may show only part of it (a link at 90 kB/s on its way to 50)."""
+        await asyncio.sleep(self.settings.follow_up_s)
+        self._follow_up_armed = False
+        self._enqueue(Trigger(FOLLOW_UP, self.clock(), False, f"after {trigger.kind}"[:1024]))
+
     async def _watch(self) -> None:
         """On every profile: re-evaluate the running plan (on a thread); a prediction worse
         than at the last decision by the threshold, or a violated constraint, is a trigger."""
@@ -261,14 +262,11 @@ class OrchestratorService:
             current = next((c for c in evaluated if c.kind == "current"), None)
             if current is None or running != self.state.segments:
                 continue
-            if not current.feasible:
-                self._reference_latency_s, self._reference = None, None
-                detail = f"the running plan is infeasible: {current.violations[0] if current.violations else 'unknown'}"
-                self._enqueue(Trigger("plan_infeasible", profile.as_of_s, True, detail[:1024]))
-            elif current.latency_s > reference * (1 + self.config.relative_threshold):
-                self._reference_latency_s = current.latency_s
-                detail = f"running plan predicted {current.latency_s * 1e3:.2f} ms/token, was {reference * 1e3:.2f}"
-                self._enqueue(Trigger("plan_degraded", profile.as_of_s, False, detail))
+            trigger = records.watch_trigger(current, reference, self.config.relative_threshold, profile.as_of_s)
+            if trigger is not None:
+                self._enqueue(trigger)
+                self._reference_latency_s = None if trigger.emergency else current.latency_s
+                self._reference = None if trigger.emergency else self._reference
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -318,7 +316,11 @@ class OrchestratorService:
         feasible = current is not None and current.feasible
         self._reference_latency_s = current.latency_s if current is not None and feasible else None
         self._reference = current if feasible else None
-        if trigger.kind == "periodic" and decision.action == "keep" and not records.held_back(decision):
+        routine = trigger.kind in ("periodic", FOLLOW_UP)
+        if decision.action == "keep" and not routine and not trigger.emergency and not self._follow_up_armed:
+            self._follow_up_armed = True
+            tasks.create_task(self._follow_up(trigger), name="follow-up")
+        if routine and decision.action == "keep" and not records.held_back(decision):
             return  # nothing worth a record: the plan is best or no alternative is close
         await self._record_and_execute(bus, tasks, trigger, decision, now_s)
 
@@ -396,20 +398,9 @@ class OrchestratorService:
 
     async def _realise(self, bus: Bus, record: DecisionRecorded, committed_s: float) -> None:
         """After the observation window, the measured TPOT of requests served by the new plan."""
-        deadline_s = committed_s + 6 * self.settings.observe_s
-        await asyncio.sleep(self.settings.observe_s)
-        while True:
-            tpot, count = self.tracker.after(committed_s)
-            if tpot is not None or self.clock() >= deadline_s:
-                break
-            await asyncio.sleep(self.settings.observe_s / 2)
-        if tpot is None:
-            return
-        gain = None
-        if record.baseline_tpot_s is not None:
-            gain = (record.baseline_tpot_s - tpot) * record.horizon_tokens
-        await self._publish(bus, record.model_copy(update={
-            "realised_tpot_s": tpot, "realised_requests": count, "realised_gain_s": gain}))  # fmt: skip
+        update = await realised_effect(self.tracker, record, committed_s, self.settings.observe_s, self.clock)
+        if update is not None:
+            await self._publish(bus, record.model_copy(update=update))
 
     async def _publish(self, bus: Bus, record: DecisionRecorded) -> None:
         kept = [d for d in self.decisions if d.decision_id != record.decision_id] + [record]

@@ -20,6 +20,8 @@ class OrchestratorSettings(BusSettings):
                                   "(after every expected node is measured) for every link between them")  # fmt: skip
     period_s: float = Field(default=5.0, gt=0, description="periodic re-evaluation (jittered)")
     jitter: float = Field(default=0.2, ge=0, lt=1, description="+- share of the period")
+    follow_up_s: float = Field(default=1.0, gt=0, description="re-evaluate once this long after a "
+                               "change trigger that decided keep")  # fmt: skip
     relative_threshold: float = Field(default=0.15, ge=0)
     dwell_s: float = Field(default=15.0, ge=0)
     horizon_s: float = Field(default=30.0, gt=0)

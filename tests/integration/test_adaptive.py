@@ -12,6 +12,7 @@ Slow tier: +-10 % measurement noise for 60 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
@@ -185,7 +186,10 @@ async def generate(settings: BusSettings, index: int, prompt: tuple[int, ...], t
         return GenerateRequest(request_id=f"a{index}", reply_to=client, token_ids=prompt,  # type: ignore[arg-type]
                                max_new_tokens=tokens)  # fmt: skip
 
-    result = await request(ClientOptions(settings, timeout_s=120), make, on_token)
+    # Every request opens its own connection; on the loaded 2-core machine a connect has
+    # taken over the default 5 s, which is the test's set-up, not the system under test.
+    patient = settings.model_copy(update={"connect_timeout_s": 30.0})
+    result = await request(ClientOptions(patient, timeout_s=120), make, on_token)
     assert isinstance(result, RequestFinished)
     return result
 
@@ -252,7 +256,8 @@ async def settled(watch: Watch) -> tuple[Plan, DecisionRecorded]:
                                 "the initial decision committed and its plan seen")  # fmt: skip
     plan = watch.current()
     assert initial.to_epoch == plan.epoch and initial.trigger.startswith("initial"), initial
-    assert plan.segments[0] == Segment(node="car", start=0, end=PRIVATE_BLOCKS), layout(plan.segments)
+    first = plan.segments[0]
+    assert (first.node, first.start, first.end) == ("car", 0, PRIVATE_BLOCKS), layout(plan.segments)
     assert len(plan.segments) == 2 and plan.segments[1].node in ("mec", "rsu"), layout(plan.segments)
     return plan, initial
 
@@ -296,20 +301,36 @@ class Served:
     started_s: float
     tpot_s: float
     """(last token's arrival - first token's) / (tokens - 1)."""
+    prompt: tuple[int, ...]
+    result: RequestFinished
 
 
 async def lane(site: Site, number: int, stop: asyncio.Event, served: list[Served], tokens: int = 48) -> None:
-    """Requests one after another until ``stop``; each must equal the local run."""
+    """Requests one after another until ``stop``. Their tokens are checked against the
+    local run afterwards (`check_served`): the local run blocks this process's event loop
+    for 0.1-1 s, which would delay the other lanes' token arrivals and inflate the time
+    per token they measure."""
     index = 0
     while not stop.is_set():
         index += 1
         prompt = (5 + number, 60 + index % 50, 7)
         arrivals: list[float] = []
         began = time.monotonic()
-        result = await generate(site.settings, 1000 * (number + 1) + index, prompt, tokens,
-                                lambda _token, times=arrivals: times.append(time.monotonic()))  # fmt: skip
-        assert result.token_ids == site.local.generate(list(prompt), tokens).token_ids, prompt
-        served.append(Served(began, (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)))
+        def stamp(_token: TokenGenerated, times: list[float] = arrivals) -> None:
+            times.append(time.monotonic())
+
+        result = await generate(site.settings, 1000 * (number + 1) + index, prompt, tokens, stamp)
+        assert len(result.token_ids) == tokens, prompt
+        served.append(Served(began, (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1), prompt, result))
+
+
+def check_served(site: Site, served: list[Served]) -> None:
+    """Every lane request finished with the tokens of an undisturbed (local) run."""
+    expected: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for item in served:
+        if item.prompt not in expected:
+            expected[item.prompt] = tuple(site.local.generate(list(item.prompt), len(item.result.token_ids)).token_ids)
+        assert tuple(item.result.token_ids) == expected[item.prompt], item.prompt
 
 
 async def steady(watch: Watch, timeout_s: float) -> Plan:
@@ -325,25 +346,24 @@ async def steady(watch: Watch, timeout_s: float) -> Plan:
             await asyncio.sleep(wait_s)
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=False, reason="open (issue: orchestrator): in clean CI-style runs the "
-                   "plan before the drop or the re-plan's timing often misses this test's premise "
-                   "(a routine re-plan before the profile shows the drop); see docs/ORCHESTRATOR.md")
+@pytest.mark.timeout(300)
 def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction(site: Site) -> None:
     async def body(bus: Bus, watch: Watch) -> None:
         await settled(watch)
-        stop, served = asyncio.Event(), []
-        async with asyncio.TaskGroup() as lanes:
+        stop, served = asyncio.Event(), list[Served]()
+        async with asyncio.TaskGroup() as lanes, machine_speed() as speed:
             for number in range(4):  # 4 requests decode at every moment from here on
                 lanes.create_task(lane(site, number, stop, served))
             try:
-                await drop_and_measure(bus, watch, served)
+                await drop_and_measure(bus, watch, served, speed)
             finally:
                 stop.set()
+        check_served(site, served)
 
-    async def drop_and_measure(bus: Bus, watch: Watch, served: list[Served]) -> None:
+    async def drop_and_measure(bus: Bus, watch: Watch, served: list[Served], speed: list[tuple[float, float]]) -> None:
         plan = await steady(watch, 60)
-        assert len(plan.segments) == 2 and plan.segments[0].node == "car", layout(plan.segments)
+        # The cut is the link after the first segment, whatever the load made of the plan.
+        assert len(plan.segments) >= 2 and plan.segments[0].node == "car", layout(plan.segments)
         hop = plan.segments[1].node
         before = [r.tpot_s for r in served[-4:]]
         link = next(e for e in watch.applied["car"].links if e.dst == hop)
@@ -361,25 +381,78 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
               f"{seen} s later; decision {record.decision_id} ({record.trigger}) {replan_s:.2f} s after the "
               f"drop: {record.action} to {layout(chosen.segments)}; {record.reason}; predicted "
               f"{record.current_latency_s * 1e3:.1f} -> {record.predicted_latency_s * 1e3:.1f} ms/token")  # type: ignore[operator]  # fmt: skip
+        show(record, drop_s, "bandwidth drop")
         assert chosen.segments[1].node != hop, "the new plan must leave the cut link"
-        misses = []  # the issue's timing goals, reported as xfail while they do not hold
-        # Caused by the drop: decided once the profile showed it.
-        if seen is None or seen > replan_s + 0.5:
-            misses.append(f"decided {replan_s:.2f} s after the drop, before the profile showed it ({seen})")
+        # Caused by the drop: decided once the profile showed it, within 5 s of the drop.
+        assert seen is not None and seen <= replan_s + 0.5, f"decided before the profile showed the drop ({seen})"
+        assert replan_s <= 5.0, f"re-planned {replan_s:.2f} s after the drop (goal 5 s)"
         after = await watch.until(lambda: len(a := [r for r in served if r.started_s > committed]) >= 8 and a,
                                   60, "8 requests served by the new plan")  # fmt: skip
         tpot, predicted = mean([r.tpot_s for r in after]), record.predicted_latency_s
         assert predicted is not None
+        # The prediction rests on numbers measured before the decision (block times and the
+        # calibrated overhead); the machine's own speed, shared with other work, is not the
+        # system's to predict. A CPU reference in a separate process measures it.
+        drift = speed_ratio(speed, (record.at_s - 10.0, record.at_s), (time.time() - 5.0, time.time()))
         print(f"TPOT before the drop {mean(before) * 1e3:.1f} ms; after the re-plan {tpot * 1e3:.1f} ms "
-              f"({len(after)} requests) vs predicted {predicted * 1e3:.1f} ms ({tpot / predicted - 1:+.1%})")  # fmt: skip
-        if replan_s > 5.0:
-            misses.append(f"re-planned {replan_s:.2f} s after the drop (goal 5 s)")
-        if abs(tpot / predicted - 1) > 0.2:
-            misses.append(f"TPOT {tpot * 1e3:.1f} ms vs predicted {predicted * 1e3:.1f} ms (goal 20 %)")
-        if misses:
-            pytest.xfail("; ".join(misses))  # known open: see docs/ORCHESTRATOR.md
+              f"({len(after)} requests; {mean([r.result.tpot_s for r in after]) * 1e3:.1f} ms at the entry) "
+              f"vs predicted {predicted * 1e3:.1f} ms ({tpot / predicted - 1:+.1%}); "
+              f"CPU reference after / before the decision: {drift:.2f}")  # fmt: skip
+        miss = f"TPOT {tpot * 1e3:.1f} ms vs predicted {predicted * 1e3:.1f} ms ({tpot / predicted - 1:+.1%})"
+        if abs(tpot / predicted - 1) > 0.2 and abs(drift - 1) > MAX_SPEED_DRIFT:
+            unmeasurable.append(f"{miss}, but the machine's speed changed by {drift - 1:+.0%} between the "
+                                f"decision and the measurement")  # fmt: skip
+            return
+        assert abs(tpot / predicted - 1) <= 0.2, miss
 
-    asyncio.run(observed(site, body, 200))
+    unmeasurable: list[str] = []
+    asyncio.run(observed(site, body, 260))
+    if unmeasurable:  # outside the task groups: an xfail raised inside one becomes a failure
+        pytest.xfail(unmeasurable[0])
+
+
+MAX_SPEED_DRIFT = 0.15
+"""Beyond this change of the CPU reference the TPOT goal is not measurable (xfail)."""
+REFERENCE = ("import time\n"
+             "while True:\n"
+             "    began = time.perf_counter()\n"
+             "    sum(i * i for i in range(20000))\n"
+             "    print(time.time(), time.perf_counter() - began, flush=True)\n"
+             "    time.sleep(0.25)\n")  # fmt: skip
+"""A fixed pure-Python loop (a few ms, like the per-hop work) timed 4 times a second."""
+
+
+@contextlib.asynccontextmanager
+async def machine_speed() -> Any:
+    """Samples (Unix s, seconds of the fixed loop) from a separate process while open."""
+    samples: list[tuple[float, float]] = []
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", REFERENCE,
+                                                   stdout=asyncio.subprocess.PIPE)  # fmt: skip
+
+    async def read() -> None:
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
+            at_s, took_s = map(float, line.split())
+            samples.append((at_s, took_s))
+
+    reader = asyncio.create_task(read())
+    try:
+        yield samples
+    finally:
+        process.kill()
+        await process.wait()
+        await reader
+
+
+def speed_ratio(samples: list[tuple[float, float]], before: tuple[float, float],
+                after: tuple[float, float]) -> float:  # fmt: skip
+    """Median reference time in ``after`` over that in ``before`` (Unix s windows); 1 without samples."""
+    def median(window: tuple[float, float]) -> float | None:
+        inside = sorted(took for at, took in samples if window[0] <= at <= window[1])
+        return inside[len(inside) // 2] if inside else None
+
+    first, last = median(before), median(after)
+    return last / first if first and last else 1.0
 
 
 def net_s(candidate: Any) -> float:
@@ -388,6 +461,31 @@ def net_s(candidate: Any) -> float:
 
 
 SWITCH_OVERHEAD_S = 0.2  # the orchestrator's default switch_overhead_s
+
+
+def show(record: DecisionRecorded, since_s: float, what: str) -> None:
+    print(f"{what}; decision {record.decision_id} ({record.trigger}) {record.at_s - since_s:.2f} s later: "
+          f"{record.action}: {record.reason}")  # fmt: skip
+    for candidate in record.candidates:
+        print(f"  {candidate.kind:8} {candidate.summary:32} {candidate.predicted_latency_s * 1e3:6.2f} ms/token "
+              f"cost {candidate.migration_cost_s:.3f} s gain {candidate.predicted_gain_s:.3f} s: {candidate.note}")  # fmt: skip
+
+
+def assert_keep_follows_the_cost_model(record: DecisionRecorded, running: tuple[Segment, ...]) -> None:
+    """A keep, recomputed from the record's own numbers: every feasible alternative saves
+    less than the threshold (15 %: only the first plan was made, so no hysteresis) of the
+    running plan's predicted time per token (overhead included), or its gain over the
+    horizon does not beat its migration cost plus the switch overhead."""
+    assert record.action == "keep" and not record.emergency, record.reason
+    current = record.candidates[0]
+    assert current.kind == "current" and current.segments == running and record.current_latency_s is not None
+    overhead_s = record.current_latency_s - current.predicted_latency_s
+    assert overhead_s >= -1e-9
+    for candidate in record.candidates[1:]:
+        if not candidate.feasible:
+            continue
+        saving = (current.predicted_latency_s - candidate.predicted_latency_s) / record.current_latency_s
+        assert saving < 0.15 + 1e-9 or net_s(candidate) <= 1e-9, (record.decision_id, candidate)
 
 
 def blocks_on(segments: tuple[Segment, ...], node: str) -> int:
@@ -409,16 +507,22 @@ def test_a_4x_load_spike_moves_work_off_the_node_as_the_cost_model_says(site: Si
             spike_s = await emulate(bus, watch, slow, 1, slowdown=base * 4)
 
         await during(site, 10, 120, spike)
-        try:
-            record = await watch.until(lambda: watch.committed_after(spike_s), 40, "a change after the load spike")
-        except pytest.fail.Exception as error:  # seen once in 9 runs: the best move saved < 15 %
-            pytest.xfail(f"no change within 40 s of the spike ({error}); known open")
+        # Whether moving pays depends on measured numbers (how much of the time per token is
+        # the slowed node's compute): the orchestrator must act as the cost model says.
+        # Either a change commits, or every decision after the spike is a keep whose
+        # recorded numbers show no alternative passes the rule.
+        with contextlib.suppress(pytest.fail.Exception):
+            await watch.until(lambda: watch.committed_after(spike_s), 40, "a change after the load spike")
+        record = watch.committed_after(spike_s)
+        if record is None:
+            kept = [d for d in watch.decisions.values() if d.at_s > spike_s and d.candidates]
+            assert kept, "no decision was recorded after the spike (the running plan's prediction must rise)"
+            for decision in kept:
+                show(decision, spike_s, f"slowdown {base:g} -> {base * 4:g} on {slow}")
+                assert_keep_follows_the_cost_model(decision, plan.segments)
+            return
+        show(record, spike_s, f"slowdown {base:g} -> {base * 4:g} on {slow}")
         running, chosen = record.candidates[0], record.candidates[record.chosen]  # type: ignore[index]
-        print(f"slowdown {base:g} -> {base * 4:g} on {slow}; decision {record.decision_id} ({record.trigger}) "
-              f"{record.at_s - spike_s:.2f} s later: {record.action}: {record.reason}")  # fmt: skip
-        for candidate in record.candidates:
-            print(f"  {candidate.kind:8} {candidate.summary:32} {candidate.predicted_latency_s * 1e3:6.2f} ms/token "
-                  f"cost {candidate.migration_cost_s:.3f} s gain {candidate.predicted_gain_s:.3f} s: {candidate.note}")  # fmt: skip
         assert running.kind == "current" and running.segments == plan.segments and not record.emergency
         assert record.action == classify(running.segments, chosen.segments)
         assert blocks_on(chosen.segments, slow) < blocks_on(running.segments, slow)
@@ -456,7 +560,7 @@ def test_ten_percent_noise_replans_at_most_once_a_minute(site: Site) -> None:
             await emulate(bus, watch, node, command_id, noise=0.1)
         await asyncio.sleep(max(0.0, initial.at_s + DWELL_S + 0.5 - time.time()))
         began = time.time()
-        stop, served = asyncio.Event(), []
+        stop, served = asyncio.Event(), list[RequestFinished]()
         async with asyncio.TaskGroup() as group:
             for lane in range(2):
                 group.create_task(keep_busy(site, lane, stop, served))
