@@ -4,9 +4,9 @@ metrics judged against a baseline. No I/O, no clock of their own: every call tak
 
 - Smoothing: a metric keeps a window of its last samples; its value is their median
   (one outlier never moves it); samples older than ``max_sample_age_s`` expire.
-- Change detection: a metric is compared with its *baseline* (armed after
-  ``min_samples``; follows slow drift while healthy, i.e. only values within the
-  recovery band move it, so jitter between the thresholds cannot ratchet it); it trips when it stays beyond
+- Change detection: a metric is compared with its *baseline* (armed once
+  ``min_samples`` fill the window, following slow drift while not beyond the threshold,
+  which also corrects a baseline armed on start-up noise); it trips when it stays beyond
   the threshold for ``persist_s`` and clears when it stays back near the baseline (half
   the threshold: hysteresis) for ``persist_s``. The baseline freezes while tripped.
 - RTT is judged on the window's lower quartile, not its median: on a loaded machine the
@@ -38,7 +38,7 @@ class MonitorConfig:
     load_window: int = 3
     max_sample_age_s: float = 20.0
     persist_s: float = 3.0
-    min_samples: int = 3
+    min_samples: int = 5
     baseline_alpha: float = 0.1
     bandwidth_drop: float = 0.3
     fast_link_bytes_per_s: float = 20e6
@@ -150,7 +150,7 @@ class TrackedMetric:
         bad, good, threshold = self._judge(value, self.baseline)
         started_s = self.detector.pending_since_s
         transition = self.detector.update(now_s, bad, good)
-        if not self.detector.tripped and good:  # drift, not values between the thresholds
+        if not self.detector.tripped and not bad:
             self.baseline += self.config.baseline_alpha * (value - self.baseline)
         if transition is None:
             return None

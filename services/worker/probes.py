@@ -6,7 +6,9 @@ connection, so the emulated link is what gets measured. The peer echoes each wit
 header-only frame through its own shaper. The small probe's round trip is the RTT; the
 gap between the two echoes is the time the sized probe occupied the link (packet-pair
 dispersion), so bandwidth = sized frame bytes / gap, from the sender's clock alone.
-An echo missing after ``probe_timeout_s`` counts as lost.
+The first round to a peer has no estimate to size its probe (``probe_min_bytes``, a few
+ms of link time, no more than event-loop jitter at start-up): it only sizes the next
+round and is not reported. An echo missing after ``probe_timeout_s`` counts as lost.
 
 Budget: probing a link costs link time. Each peer has a credit of link-seconds that
 refills at ``probe_budget_fraction`` per second (capped at ``probe_burst_s``); a round
@@ -244,8 +246,10 @@ class LinkProber:
             del peer.echoes[round_id]
             (small_s, _), (large_s, large_bytes) = arrivals["small"], arrivals["large"]
             gap_s = max(_RESOLUTION_S, large_s - small_s)
+            first = peer.bandwidth is None
             peer.bandwidth = large_bytes / gap_s
-            peer.bandwidths.append(peer.bandwidth)
+            if not first:  # the first round's probe was not sized for the link: it only sizes the next
+                peer.bandwidths.append(peer.bandwidth)
             self._refill(peer, now_s)
             peer.credit_s -= gap_s
             if peer.credit_s < 0:  # over budget (the link slowed): wait until it is paid back

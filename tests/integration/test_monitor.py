@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -197,6 +198,10 @@ def test_shaped_link_is_measured_degrades_and_recovers(broker: LocalBroker, clus
                           f"a->b rtt within 20 % of {expected_rtt * 1e3:.1f} ms")  # fmt: skip
         print(f"rtt: base {base_rtt * 1e3:.1f} ms + 50 ms measured as {watch.link('a', 'b').rtt_s * 1e3:.1f} ms "
               f"after {time.monotonic() - began:.1f} s")  # fmt: skip
+        # judged on the window's lower quartile (4 of 5 samples) for persist_s: a few s more
+        at, _ = await watch.until(lambda: watch.find("LinkDegraded", began, src="a", dst="b", metric="rtt"),
+                                  15, "LinkDegraded a->b rtt")  # fmt: skip
+        print(f"LinkDegraded(rtt) after {at - began:.1f} s")
         # restore: both metrics recover
         began = time.monotonic()
         await watch.emulate("a", links=(EmulatedLink(dst="b", bandwidth_bytes_per_s=4 * MB),))
@@ -257,15 +262,15 @@ def test_node_down_and_back_monitor_restart_and_malformed_telemetry(
         before = watch.profile
         # restart the monitor: the same profile from retained state and fresh telemetry
         assert stack.monitor is not None and stack.monitor.poll() is None, stack.monitor_log()
+        terminated = time.monotonic()
         stack.monitor.send_signal(signal.SIGTERM)
         try:
-            await asyncio.to_thread(stack.monitor.wait, 10)
+            returncode = await asyncio.to_thread(stack.monitor.wait, 5)
         except subprocess.TimeoutExpired:
-            # Known open bug (issue: monitor): in clean CI runs the monitor sometimes does
-            # not exit within 10 s of SIGTERM. The restart below is what this test checks.
-            print("monitor did not stop within 10 s of SIGTERM; killed")
             stack.monitor.kill()
-            await asyncio.to_thread(stack.monitor.wait, 10)
+            pytest.fail(f"the monitor did not exit within 5 s of SIGTERM: {stack.monitor_log()[-2000:]}")
+        print(f"monitor exited {returncode} {time.monotonic() - terminated:.2f} s after SIGTERM")
+        assert returncode == 0, stack.monitor_log()[-2000:]
         restarted = time.monotonic()
         stack.start_monitor()
         await watch.until(lambda: watch.profile.as_of_s > before.as_of_s + 0.5
@@ -316,9 +321,6 @@ async def keep_generating(bus: Bus, entry: str, stop: asyncio.Event, served: lis
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open (issue: monitor): in a clean CI run the measured "
-                   "decode time read 7x under a 4x slowdown with 4 requests in flight; passes on "
-                   "reruns; the measurement under concurrent load needs work")
 def test_compute_slowdown_shows_in_block_times_and_overload_fires(
     broker: LocalBroker, cluster: str, shards: Path, tmp_path: Path
 ) -> None:
@@ -344,6 +346,12 @@ def test_compute_slowdown_shows_in_block_times_and_overload_fires(
                                   f"b's decode time near 4 x {base * 1e3:.3f} ms")  # fmt: skip
                 print(f"slowdown 4: decode {base * 1e3:.3f} -> {watch.node('b').decode_s_per_block * 1e3:.3f} "
                       f"ms/block after {time.monotonic() - began:.1f} s")  # fmt: skip
+                series = []
+                for _ in range(5):  # and it stays there (the first value in range may be on its way up)
+                    await asyncio.sleep(1)
+                    series.append(watch.node("b").decode_s_per_block / base)
+                print(f"slowdown 4: then {', '.join(f'{ratio:.2f}' for ratio in series)} x")
+                assert within(statistics.median(series), 4.0, 0.25), series
                 began = time.monotonic()
                 await watch.emulate("b", slowdown=60.0)  # a load spike: b saturates
                 await watch.until(lambda: watch.find("NodeOverloaded", began, node="b"), 20, "NodeOverloaded b")
@@ -382,9 +390,6 @@ async def sniff_probe_bytes(broker: LocalBroker, cluster: str, totals: dict[tupl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open (issue: monitor): one false LinkDegraded(rtt) "
-                   "in a clean CI run (31.6 ms against a 22.7 ms threshold); the RTT change "
-                   "detector needs a margin for CPU-induced jitter")
 def test_noise_raises_no_events_and_probes_stay_under_five_percent(
     broker: LocalBroker, cluster: str, shards: Path, tmp_path: Path
 ) -> None:
