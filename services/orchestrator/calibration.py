@@ -7,11 +7,20 @@ plan's prediction at the load the request saw. A request is counted ``settle_s``
 it finished, so the requests that ran beside it are known too; the first samples are a
 plain mean, later ones smoothed with ``alpha``. The overhead is the same for every plan,
 so it changes no ranking, only the relative saving and the predicted TPOT.
+
+A request is only a sample when the conditions under it were those the model saw: the
+running plan is re-evaluated on every profile (`reference_seen`), and a request is
+skipped when the prediction at its end, the median while it ran and the median until
+``settle_s`` after its end differ by more than ``STABLE_SHARE``. The profile lags reality by the monitor's detection time
+(3-5 s for a link cut), so without this a request slowed by a cut the profile did not
+show yet counted as overhead (+10 ms on a 12 ms TPOT), and one the profile already
+charged with it pulled the overhead to 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +30,13 @@ from services.orchestrator.records import TpotTracker
 from shared.messages import DecisionRecorded, RequestFinished
 
 OVERHEAD_ALPHA = 0.2
-CALIBRATE_AFTER_S = 3.0
+CALIBRATE_AFTER_S = 5.0
+"""A finished request is counted this long after it ended (the monitor's detection lag)."""
+STABLE_SHARE = 0.25
+"""A request under which the running plan's prediction moved by more is no sample (a
+link cut to a tenth moves it by 100 % and more; profile-to-profile noise is about 10 %)."""
 LOAD_SAMPLES = 600
-"""Profiles whose entry load is kept (one a second: ten minutes)."""
+"""Profiles whose entry load and running-plan model are kept (one a second: ten minutes)."""
 
 
 class OverheadCalibration:
@@ -36,9 +49,17 @@ class OverheadCalibration:
         """(profile time, requests in flight at the entry), one per profile."""
         self._pending: deque[tuple[float, float, float, CandidatePlan]] = deque(maxlen=4096)
         """Finished requests not yet counted: (start, end Unix s, TPOT s, the plan's model)."""
+        self._references: deque[tuple[float, CandidatePlan]] = deque(maxlen=LOAD_SAMPLES)
+        """(profile time, the running plan evaluated on that profile)."""
+        self.skipped = 0
+        """Requests left out because the conditions changed under them."""
 
     def load_seen(self, at_s: float, in_flight: int) -> None:
         self._load.append((at_s, in_flight))
+
+    def reference_seen(self, at_s: float, model: CandidatePlan) -> None:
+        """The running plan evaluated on the profile of ``at_s`` (Unix s)."""
+        self._references.append((at_s, model))
 
     def finished(self, reply: RequestFinished, now_s: float, changed_at_s: float | None,
                  model: CandidatePlan) -> None:  # fmt: skip
@@ -55,10 +76,24 @@ class OverheadCalibration:
         while self._pending and self._pending[0][1] <= now_s - self.settle_s:
             start_s, end_s, tpot_s, model = self._pending.popleft()
             load = max(tracker.concurrency(start_s, end_s), self.concurrency(start_s, end_s))
+            if not self._stable(model, load, start_s, end_s):
+                self.skipped += 1
+                continue
             self.samples += 1
             alpha = max(self.alpha, 1 / self.samples)
             overhead_s += alpha * (max(0.0, tpot_s - model.per_token_s(load)) - overhead_s)
         return overhead_s
+
+    def _stable(self, model: CandidatePlan, load: float, start_s: float, end_s: float) -> bool:
+        """True when the running plan's prediction at the request's end, the median of
+        those while it ran and the median of those until ``settle_s`` later agree within
+        STABLE_SHARE (medians: one noisy profile is not a change)."""
+        during = [m.per_token_s(load) for at_s, m in self._references
+                  if start_s <= at_s <= end_s and m.segments == model.segments]  # fmt: skip
+        after = [m.per_token_s(load) for at_s, m in self._references
+                 if end_s < at_s <= end_s + self.settle_s and m.segments == model.segments]  # fmt: skip
+        values = [model.per_token_s(load)] + [statistics.median(v) for v in (during, after) if v]
+        return max(values) <= (1 + STABLE_SHARE) * min(values)
 
     def concurrency(self, start_s: float, end_s: float) -> float:
         """Mean requests in flight at the entry between two Unix times, from the profiles

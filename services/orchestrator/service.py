@@ -262,6 +262,7 @@ class OrchestratorService:
             current = next((c for c in evaluated if c.kind == "current"), None)
             if current is None or running != self.state.segments:
                 continue
+            self.calibration.reference_seen(profile.as_of_s, current)
             trigger = records.watch_trigger(current, reference, self.config.relative_threshold, profile.as_of_s)
             if trigger is not None:
                 self._enqueue(trigger)
@@ -368,7 +369,9 @@ class OrchestratorService:
                                    self.state.overhead_s)
         baseline, _ = self.tracker.before(now_s, 3 * self.settings.observe_s)
         record = record.model_copy(update={"baseline_tpot_s": baseline})
-        log.info("decision %d on %s: %s", decision_id, trigger.kind, decision.reason)
+        log.info("decision %d on %s: %s (overhead %.1f ms from %d requests, %d skipped)", decision_id,
+                 trigger.kind, decision.reason, self.state.overhead_s * 1e3, self.calibration.samples,
+                 self.calibration.skipped)  # fmt: skip
         await self._publish(bus, record)
         if not decision.changes_plan or decision.chosen is None:
             return

@@ -166,7 +166,7 @@ class DataPlane:
             await self._on_handoff(frame, serving)
             return
         if kind == "kv":
-            self._on_kv(frame, serving)
+            await self._on_kv(frame, serving)
             return
         if header.extra.get("release") is True:
             if host is not None and target == host.start:
@@ -341,8 +341,10 @@ class DataPlane:
         At a token boundary no frame of the request is in flight, so every node of the old
         pipeline gets its handoff frame at once (one round trip, not one hop per node);
         each sends the K/V of its blocks to their new owners (or keeps them), then answers
-        the entry. True when every node handed off; False (the entry then replays) on any
-        gap or after the stage deadline.
+        the entry, and each new owner answers the entry once it imported them: the first
+        step of the new epoch must not overtake its K/V (they come from other senders).
+        True when every answer came; False (the entry then replays) on a failed one or
+        after the stage deadline.
         """
         old = self.keeper.for_frame(old_epoch, time.monotonic())
         new = self.keeper.current
@@ -353,22 +355,26 @@ class DataPlane:
         holders = [(node, segment) for node in old.route.nodes()
                    if (segment := old.route.segment_of(node)) is not None]  # fmt: skip
         loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
-        keys = [(request_id, HANDOFF_STEP + index, old_epoch) for index in range(len(holders))]
-        futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in holders]
+        moves = [len(_new_owners(new, node, start, end)) for node, (start, end) in holders]
+        bases = [HANDOFF_STEP + len(holders) + sum(moves[:index]) for index in range(len(holders))]
+        keys = [(request_id, HANDOFF_STEP + index, old_epoch) for index in range(len(holders) + sum(moves))]
+        futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in keys]
         self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
         empty = np.zeros((0, self.hidden_size), np.float32)
         try:
-            for (node, (start, _)), key in zip(holders, keys, strict=True):
+            for (node, (start, _)), key, base in zip(holders, keys, bases, strict=False):
                 header = FrameHeader(request_id=RequestId(request_id), step=key[1], epoch=old_epoch, seq=0,
                                      extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
-                                            "target": start, "pass": pass_id})  # fmt: skip
+                                            "target": start, "pass": pass_id, "ack_base": base})  # fmt: skip
                 if node == self.node:
                     await self._on_handoff(Frame(header, empty), old)
                 else:
                     await self._send_payload(node, encode_frame(header, empty))
-            async with asyncio.timeout(self.stage_timeout_s):
-                answers = await asyncio.gather(*futures)
-            return not any(answer.header.extra.get("failed") is True for answer in answers)
+            async with asyncio.timeout(self.deadline.timeout_s(1)):  # about one pass; then replay
+                for answered in asyncio.as_completed(futures):
+                    if (await answered).header.extra.get("failed") is True:
+                        return False
+            return True
         except TimeoutError:
             return False
         finally:
@@ -388,9 +394,12 @@ class DataPlane:
                 _split_kv, host, new, self.node, header.request_id, _int(header.extra.get("pos"))
             )
             failed = outgoing is None
+            owners = _new_owners(new, self.node, host.start, host.end)
             for owner, (blocks, tensor) in (outgoing or {}).items():
                 extra = {"kind": "kv", "blocks": blocks, "pos": _int(header.extra.get("pos")),
-                         "target": new.route.segment_of(owner)[0]}  # type: ignore[index]  # fmt: skip
+                         "target": new.route.segment_of(owner)[0],  # type: ignore[index]
+                         "ack": _int(header.extra.get("ack_base")) + owners.index(owner),
+                         "old_epoch": route.epoch, "pass": _int(header.extra.get("pass"))}  # fmt: skip
                 out = FrameHeader(request_id=header.request_id, step=header.step, epoch=new.epoch,
                                   seq=next(self._seq), extra=extra)  # fmt: skip
                 await self._send_payload(owner, encode_frame(out, tensor))
@@ -402,7 +411,7 @@ class DataPlane:
         else:
             await self._send_payload(route.entry, encode_frame(answer, frame.array))
 
-    def _on_kv(self, frame: Frame, serving: Serving) -> None:
+    async def _on_kv(self, frame: Frame, serving: Serving) -> None:
         blocks = frame.header.extra.get("blocks")
         host = serving.host
         if host is None or not isinstance(blocks, tuple) or frame.array.ndim != 5:
@@ -415,6 +424,15 @@ class DataPlane:
         moved = {int(b): (tensor[i, 0], tensor[i, 1]) for i, b in enumerate(blocks)}
         host.import_kv(frame.header.request_id, moved)
         self.counters["kv_blocks_received"] += len(moved)
+        extra, route = frame.header.extra, serving.route
+        ack = FrameHeader(request_id=frame.header.request_id, step=_int(extra.get("ack")),
+                          epoch=_int(extra.get("old_epoch")), seq=next(self._seq),
+                          extra={"kind": "handoff", "target": route.num_layers, "pass": _int(extra.get("pass"))})  # fmt: skip
+        empty = np.zeros((0, self.hidden_size), np.float32)
+        if route.entry == self.node:
+            self._resolve(Frame(ack, empty))
+        else:
+            await self._send_payload(route.entry, encode_frame(ack, empty))
 
 
 SEEN_FRAMES = 8192
@@ -447,6 +465,12 @@ def _embed_and_run(
     if slowdown is None or serving.host is None:
         return token_ids, hidden
     return token_ids, serving.host.forward(request_id, hidden, position, slowdown)
+
+
+def _new_owners(new: Serving, node: str, start: int, end: int) -> list[str]:
+    """The nodes other than ``node`` that own some of blocks [start, end) in ``new``
+    (sorted: the entry and the old node number their answers the same way)."""
+    return sorted({new.route.owner_of_block(block) for block in range(start, end)} - {node})
 
 
 def _split_kv(

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from shared.messages import (
     EmulationApplied,
     EmulationCommand,
     GenerateRequest,
+    LinkCapacity,
     Plan,
     RequestFinished,
     RolloutFinished,
@@ -77,8 +79,8 @@ class Watch:
     decisions: dict[int, DecisionRecorded] = field(default_factory=dict)
     results: list[RolloutFinished] = field(default_factory=list)
     applied: dict[str, EmulationApplied] = field(default_factory=dict)
-    bandwidths: list[tuple[float, str, str, float]] = field(default_factory=list)
-    """(profile time, src, dst, bandwidth) of every link in every profile seen."""
+    link_costs: list[tuple[float, str, str, float]] = field(default_factory=list)
+    """(profile time, src, dst, link_cost_s) of every link in every profile seen."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def store(self, message: Any) -> None:
@@ -91,7 +93,7 @@ class Watch:
         elif isinstance(message, EmulationApplied):
             self.applied[message.node] = message
         elif isinstance(message, CapacityProfile):
-            self.bandwidths += [(message.as_of_s, link.src, link.dst, link.bandwidth_bytes_per_s)
+            self.link_costs += [(message.as_of_s, link.src, link.dst, link_cost_s(link))
                                 for link in message.links]  # fmt: skip
         self.changed.set()
 
@@ -303,6 +305,7 @@ class Served:
     """(last token's arrival - first token's) / (tokens - 1)."""
     prompt: tuple[int, ...]
     result: RequestFinished
+    lane: int = 0
 
 
 async def lane(site: Site, number: int, stop: asyncio.Event, served: list[Served], tokens: int = 48) -> None:
@@ -321,7 +324,7 @@ async def lane(site: Site, number: int, stop: asyncio.Event, served: list[Served
 
         result = await generate(site.settings, 1000 * (number + 1) + index, prompt, tokens, stamp)
         assert len(result.token_ids) == tokens, prompt
-        served.append(Served(began, (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1), prompt, result))
+        served.append(Served(began, (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1), prompt, result, number))
 
 
 def check_served(site: Site, served: list[Served]) -> None:
@@ -361,33 +364,44 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
         check_served(site, served)
 
     async def drop_and_measure(bus: Bus, watch: Watch, served: list[Served], speed: list[tuple[float, float]]) -> None:
-        plan = await steady(watch, 60)
-        # The cut is the link after the first segment, whatever the load made of the plan.
-        assert len(plan.segments) >= 2 and plan.segments[0].node == "car", layout(plan.segments)
-        hop = plan.segments[1].node
-        before = [r.tpot_s for r in served[-4:]]
-        link = next(e for e in watch.applied["car"].links if e.dst == hop)
-        assert link.bandwidth_bytes_per_s is not None
-        dropped = link.bandwidth_bytes_per_s / 10
-        drop_s = await emulate(bus, watch, "car", 1, links=(EmulatedLink(
-            dst=hop, bandwidth_bytes_per_s=dropped, latency_s=link.latency_s),))  # type: ignore[arg-type]  # fmt: skip
-        record = await watch.until(lambda: watch.committed_after(drop_s), 30, "a re-plan after the drop")
-        committed = time.monotonic()
-        replan_s = record.at_s - drop_s
-        chosen = record.candidates[record.chosen]  # type: ignore[index]
-        seen = next((at - drop_s for at, src, dst, value in watch.bandwidths
-                     if at > drop_s and (src, dst) == ("car", hop) and value < dropped * 2), None)  # fmt: skip
-        print(f"plan {layout(plan.segments)}; drop car->{hop} to {dropped / 1e3:.0f} kB/s, in the profile "
-              f"{seen} s later; decision {record.decision_id} ({record.trigger}) {replan_s:.2f} s after the "
-              f"drop: {record.action} to {layout(chosen.segments)}; {record.reason}; predicted "
-              f"{record.current_latency_s * 1e3:.1f} -> {record.predicted_latency_s * 1e3:.1f} ms/token")  # type: ignore[operator]  # fmt: skip
-        show(record, drop_s, "bandwidth drop")
+        for attempt in range(ATTEMPTS):
+            plan = await steady(watch, 60)
+            # The cut is the link after the first segment, whatever the load made of the plan.
+            assert len(plan.segments) >= 2 and plan.segments[0].node == "car", layout(plan.segments)
+            hop = plan.segments[1].node
+            before = [r.tpot_s for r in served[-4:]]
+            link = next(e for e in watch.applied["car"].links if e.dst == hop)
+            assert link.bandwidth_bytes_per_s is not None
+            dropped = link.bandwidth_bytes_per_s / 10
+            drop_s = await emulate(bus, watch, "car", 2 * attempt + 1, links=(EmulatedLink(
+                dst=hop, bandwidth_bytes_per_s=dropped, latency_s=link.latency_s),))  # type: ignore[arg-type]  # fmt: skip
+            record = await watch.until(partial(watch.committed_after, drop_s), 30, "a re-plan after the drop")
+            committed = time.monotonic()
+            replan_s = record.at_s - drop_s
+            chosen = record.candidates[record.chosen]  # type: ignore[index]
+            # When the monitor's profile first showed the link a third slower for one activation
+            # than just before the drop (its latency and bandwidth estimates move over a few
+            # probes; the profile may reach this test after the decision record: wait for it).
+            last = next((cost for at, src, dst, cost in reversed(watch.link_costs)
+                         if at <= drop_s and (src, dst) == ("car", hop)), 0.0)  # fmt: skip
+            seen = await watch.until(partial(shown, watch, drop_s, hop, 1.33 * last), 15, "the drop in the profile")
+            print(f"plan {layout(plan.segments)}; drop car->{hop} to {dropped / 1e3:.0f} kB/s, in the profile "
+                  f"{seen:.2f} s later; decision {record.decision_id} ({record.trigger}) {replan_s:.2f} s after "
+                  f"the drop: {record.action} to {layout(chosen.segments)}; {record.reason}; predicted "
+                  f"{record.current_latency_s * 1e3:.1f} -> {record.predicted_latency_s * 1e3:.1f} ms/token")  # type: ignore[operator]  # fmt: skip
+            show(record, drop_s, "bandwidth drop")
+            if seen <= replan_s + 0.5:
+                break  # caused by the drop: decided once the profile showed it
+            # A routine re-plan (a link or load event of the set-up, not the drop) came first:
+            # the premise is gone. Restore the link and cut the new plan's link once settled.
+            print(f"attempt {attempt + 1}: decided {replan_s:.2f} s after the drop, before the profile "
+                  f"showed it ({seen:.2f} s): restoring car->{hop} and trying again")  # fmt: skip
+            await emulate(bus, watch, "car", 2 * attempt + 2, links=(link,))
+        else:
+            pytest.fail(f"every one of {ATTEMPTS} drops was preceded by a routine re-plan")
         assert chosen.segments[1].node != hop, "the new plan must leave the cut link"
-        # Caused by the drop: decided once the profile showed it, within 5 s of the drop.
-        assert seen is not None and seen <= replan_s + 0.5, f"decided before the profile showed the drop ({seen})"
         assert replan_s <= 5.0, f"re-planned {replan_s:.2f} s after the drop (goal 5 s)"
-        after = await watch.until(lambda: len(a := [r for r in served if r.started_s > committed]) >= 8 and a,
-                                  60, "8 requests served by the new plan")  # fmt: skip
+        after = await watch.until(partial(steady_after, served, committed), 60, "8 requests served by the new plan")
         tpot, predicted = mean([r.tpot_s for r in after]), record.predicted_latency_s
         assert predicted is not None
         # The prediction rests on numbers measured before the decision (block times and the
@@ -411,6 +425,8 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
         pytest.xfail(unmeasurable[0])
 
 
+ATTEMPTS = 2
+"""Drops tried when a routine re-plan (not caused by the drop) beats the drop's."""
 MAX_SPEED_DRIFT = 0.15
 """Beyond this change of the CPU reference the TPOT goal is not measurable (xfail)."""
 REFERENCE = ("import time\n"
@@ -461,6 +477,38 @@ def net_s(candidate: Any) -> float:
 
 
 SWITCH_OVERHEAD_S = 0.2  # the orchestrator's default switch_overhead_s
+
+
+def steady_after(served: list[Served], committed_s: float, lanes: int = 4, count: int = 8) -> list[Served] | None:
+    """``count`` requests that started once every request in flight at ``committed_s``
+    (monotonic) had finished: the new plan's steady state, not the switch. A lane starts
+    its next request when the last one finished, so the switch is over when every lane
+    started one after the commit."""
+    firsts = [min((r.started_s for r in served if r.lane == lane and r.started_s > committed_s), default=None)
+              for lane in range(lanes)]  # fmt: skip
+    if any(first is None for first in firsts):
+        return None
+    over_s = max(first for first in firsts if first is not None)
+    steady = [r for r in served if r.started_s >= over_s]
+    return steady if len(steady) >= count else None
+
+
+ACTIVATION_BYTES = 256
+"""One token's hidden state of tiny-llama (64 x fp32)."""
+
+
+def link_cost_s(link: LinkCapacity) -> float:
+    """Seconds one activation takes over ``link`` as the profile has it (inf: unmeasured)."""
+    if link.bandwidth_bytes_per_s <= 0:
+        return math.inf
+    return link.latency_s + ACTIVATION_BYTES / link.bandwidth_bytes_per_s
+
+
+def shown(watch: Watch, drop_s: float, hop: str, above_s: float) -> float | None:
+    """Seconds after ``drop_s`` of the first profile with car->``hop`` costing more than
+    ``above_s`` per activation."""
+    return next((at - drop_s for at, src, dst, cost in watch.link_costs
+                 if at > drop_s and (src, dst) == ("car", hop) and cost > above_s), None)  # fmt: skip
 
 
 def show(record: DecisionRecorded, since_s: float, what: str) -> None:

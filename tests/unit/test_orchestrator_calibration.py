@@ -1,0 +1,48 @@
+"""The overhead calibration counts a finished request only when the running plan's
+prediction stayed put from its start until the monitor could have shown a change."""
+
+from __future__ import annotations
+
+from services.orchestrator.calibration import OverheadCalibration
+from services.orchestrator.logic import CandidatePlan
+from services.orchestrator.records import TpotTracker
+from shared.messages import RequestFinished, Segment
+
+PLAN = (Segment(node="car", start=0, end=2), Segment(node="mec", start=2, end=6))  # type: ignore[arg-type]
+
+
+def model(latency_s: float) -> CandidatePlan:
+    return CandidatePlan(kind="current", segments=PLAN, latency_s=latency_s, bottleneck_s=latency_s)
+
+
+def finished(tpot_s: float, tokens: int = 11) -> RequestFinished:
+    return RequestFinished(request_id="r1", token_ids=tuple(range(tokens)), ttft_s=0.0, tpot_s=tpot_s)  # type: ignore[arg-type]
+
+
+def test_a_request_under_stable_predictions_is_a_sample() -> None:
+    calibration, tracker = OverheadCalibration(settle_s=5.0), TpotTracker()
+    for at_s in (100.0, 101.0, 102.0, 104.0, 106.0):
+        calibration.reference_seen(at_s, model(0.010))
+    calibration.finished(finished(0.012), 101.0, None, model(0.010))  # ran 100.0-101.0
+    assert calibration.update(0.0, 105.9, tracker) == 0.0  # not settled yet
+    assert abs(calibration.update(0.0, 106.0, tracker) - 0.002) < 1e-12
+    assert (calibration.samples, calibration.skipped) == (1, 0)
+
+
+def test_one_noisy_profile_is_not_a_change() -> None:
+    calibration, tracker = OverheadCalibration(settle_s=5.0), TpotTracker()
+    for at_s, latency_s in ((100.0, 0.010), (100.5, 0.014), (101.0, 0.010), (103.0, 0.010), (104.0, 0.0105)):
+        calibration.reference_seen(at_s, model(latency_s))
+    calibration.finished(finished(0.012), 101.0, None, model(0.010))
+    calibration.update(0.0, 106.0, tracker)
+    assert (calibration.samples, calibration.skipped) == (1, 0)
+
+
+def test_a_request_slowed_by_a_change_the_profile_showed_later_is_skipped() -> None:
+    """A link cut at 100.5 s: the request is slow, the profile shows it at 104 s."""
+    calibration, tracker = OverheadCalibration(settle_s=5.0), TpotTracker()
+    for at_s, latency_s in ((100.0, 0.010), (101.0, 0.010), (104.0, 0.025), (105.0, 0.025)):
+        calibration.reference_seen(at_s, model(latency_s))
+    calibration.finished(finished(0.030), 101.0, None, model(0.010))
+    assert calibration.update(0.001, 106.0, tracker) == 0.001
+    assert (calibration.samples, calibration.skipped) == (0, 1)
