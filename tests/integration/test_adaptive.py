@@ -379,23 +379,23 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
             committed = time.monotonic()
             replan_s = record.at_s - drop_s
             chosen = record.candidates[record.chosen]  # type: ignore[index]
-            # When the monitor's profile first showed the link a third slower for one activation
-            # than just before the drop (its latency and bandwidth estimates move over a few
-            # probes; the profile may reach this test after the decision record: wait for it).
+            # For the record: when the profile first showed the link a third slower for one
+            # activation than just before the drop (its estimates move over a few probes).
             last = next((cost for at, src, dst, cost in reversed(watch.link_costs)
                          if at <= drop_s and (src, dst) == ("car", hop)), 0.0)  # fmt: skip
-            seen = await watch.until(partial(shown, watch, drop_s, hop, 1.33 * last), 15, "the drop in the profile")
-            print(f"plan {layout(plan.segments)}; drop car->{hop} to {dropped / 1e3:.0f} kB/s, in the profile "
-                  f"{seen:.2f} s later; decision {record.decision_id} ({record.trigger}) {replan_s:.2f} s after "
+            seen = shown(watch, drop_s, hop, 1.33 * last)
+            print(f"plan {layout(plan.segments)}; drop car->{hop} to {dropped / 1e3:.0f} kB/s, link cost up by a "
+                  f"third in the profile {seen} s later; decision {record.decision_id} ({record.trigger}: "
+                  f"{record.trigger_detail}) {replan_s:.2f} s after "
                   f"the drop: {record.action} to {layout(chosen.segments)}; {record.reason}; predicted "
                   f"{record.current_latency_s * 1e3:.1f} -> {record.predicted_latency_s * 1e3:.1f} ms/token")  # type: ignore[operator]  # fmt: skip
             show(record, drop_s, "bandwidth drop")
-            if seen <= replan_s + 0.5:
-                break  # caused by the drop: decided once the profile showed it
-            # A routine re-plan (a link or load event of the set-up, not the drop) came first:
-            # the premise is gone. Restore the link and cut the new plan's link once settled.
-            print(f"attempt {attempt + 1}: decided {replan_s:.2f} s after the drop, before the profile "
-                  f"showed it ({seen:.2f} s): restoring car->{hop} and trying again")  # fmt: skip
+            if set(record.trigger.split("+")) <= CAUSED_BY_A_DROP:
+                break  # the running plan got worse, or the cut link was flagged: the drop's re-plan
+            # A routine re-plan (another link recovered, a node joined: the set-up, not the drop)
+            # came first: the premise is gone. Restore the link and cut the new plan's link.
+            print(f"attempt {attempt + 1}: the first change after the drop came from {record.trigger}: "
+                  f"restoring car->{hop} and trying again")  # fmt: skip
             await emulate(bus, watch, "car", 2 * attempt + 2, links=(link,))
         else:
             pytest.fail(f"every one of {ATTEMPTS} drops was preceded by a routine re-plan")
@@ -425,6 +425,8 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
         pytest.xfail(unmeasurable[0])
 
 
+CAUSED_BY_A_DROP = {"plan_degraded", "link_degraded", "follow_up", "periodic"}
+"""Triggers of a re-plan the drop can cause (a periodic one re-evaluates the same profile)."""
 ATTEMPTS = 2
 """Drops tried when a routine re-plan (not caused by the drop) beats the drop's."""
 MAX_SPEED_DRIFT = 0.15
