@@ -412,6 +412,9 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
               f"({len(after)} requests; {mean([r.result.tpot_s for r in after]) * 1e3:.1f} ms at the entry) "
               f"vs predicted {predicted * 1e3:.1f} ms ({tpot / predicted - 1:+.1%}); "
               f"CPU reference after / before the decision: {drift:.2f}")  # fmt: skip
+        later = [d for d in watch.decisions.values() if d.decision_id > record.decision_id and d.current_latency_s]
+        print("the running plan re-predicted later (ms/token, overhead included): "
+              + ", ".join(f"{d.current_latency_s * 1e3:.1f} ({d.trigger})" for d in later if d.current_latency_s))  # fmt: skip
         miss = f"TPOT {tpot * 1e3:.1f} ms vs predicted {predicted * 1e3:.1f} ms ({tpot / predicted - 1:+.1%})"
         if abs(tpot / predicted - 1) > 0.2 and abs(drift - 1) > MAX_SPEED_DRIFT:
             unmeasurable.append(f"{miss}, but the machine's speed changed by {drift - 1:+.0%} between the "
