@@ -166,6 +166,7 @@ class Connection:
                     self.fast.publish(topic, payload, retain)
                     return
                 await self.client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+            _reraise_lost_cancellation()
         except TimeoutError:
             raise BusError(
                 f"publish to {topic} not done in {timeout_s} s ({self.plane} connection to "
@@ -179,3 +180,13 @@ def abandon(client: aiomqtt.Client) -> None:
     """Close the socket of a client whose connect failed (aiomqtt leaves it open)."""
     with contextlib.suppress(Exception):
         client._client._sock_close()  # noqa: SLF001 - aiomqtt has no public way
+
+
+def _reraise_lost_cancellation() -> None:
+    """aiomqtt waits for a PUBACK with ``asyncio.wait_for``, which in Python 3.11 returns
+    the result instead of raising when a cancellation races with the reply (42 of 3000
+    cancelled QoS 1 publishes, docs/MONITOR.md); a loop that lost its cancellation that
+    way never stops. The task still counts the cancellation: raise it again."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
