@@ -64,6 +64,14 @@ class CostModel:
     """Requests decoding together: a plan's time per token is at least this many times its
     slowest serial stage (`logic.per_token_s`)."""
 
+    @classmethod
+    def at_load(cls, view: CapacityProfile, entry: str, shard_load_bytes_per_s: float,
+                context_tokens: int) -> CostModel:  # fmt: skip
+        """The cost model under the load of ``view``: the entry's requests in flight decode
+        together and each has ``context_tokens`` of KV state to rebuild on a moved block."""
+        in_flight = next((n.requests_in_flight for n in view.nodes if n.node == entry), 0)
+        return cls(shard_load_bytes_per_s, in_flight * context_tokens, concurrency=max(1.0, float(in_flight)))
+
 
 def held_blocks(segments: Iterable[Segment]) -> dict[str, int]:
     """Blocks each node holds in a plan."""

@@ -29,12 +29,7 @@ from typing import Any
 
 from services.orchestrator import records
 from services.orchestrator.calibration import OverheadCalibration, realised_effect
-from services.orchestrator.candidates import (
-    CostModel,
-    evaluate_all,
-    failover_entry,
-    planning_view,
-)
+from services.orchestrator.candidates import CostModel, evaluate_all, failover_entry, planning_view
 from services.orchestrator.exchanges import Exchanges, read_retained
 from services.orchestrator.logic import (
     CandidatePlan,
@@ -340,10 +335,8 @@ class OrchestratorService:
         """Runs on a thread. A source missing or down gives no candidates (keep)."""
         assert self.manifest is not None and self.entry is not None
         policy = PrivacyPolicy(min_trust=self.policy.trusted_level, first_blocks=self.policy.private_blocks)
-        entry_in_flight = next((n.requests_in_flight for n in view.nodes if n.node == self.entry), 0)
-        cost = CostModel(self.settings.shard_load_bytes_per_s,
-                         entry_in_flight * self.settings.rebuild_context_tokens,
-                         concurrency=max(1.0, float(entry_in_flight)))  # fmt: skip
+        cost = CostModel.at_load(view, self.entry, self.settings.shard_load_bytes_per_s,
+                                 self.settings.rebuild_context_tokens)  # fmt: skip
         return evaluate_all(view, self.manifest, policy, self.entry, running, options, cost, moves)
 
     async def _ask_reviser(self, bus: Bus, view: CapacityProfile,
