@@ -344,7 +344,7 @@ class DataPlane:
         the entry, and each new owner answers the entry once it imported them: the first
         step of the new epoch must not overtake its K/V (they come from other senders).
         True when every answer came; False (the entry then replays) on a failed one or
-        after the stage deadline.
+        after the deadline of about one pass.
         """
         old = self.keeper.for_frame(old_epoch, time.monotonic())
         new = self.keeper.current
