@@ -18,34 +18,23 @@ from collections.abc import Awaitable, Callable
 from itertools import count
 
 import numpy as np
-import torch
 
-from services.worker.compute import ComputeThread, KvMissing, SegmentHost, Slowdown
+from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
+from services.worker.errors import FrameRefused, NodeLost, NoPlan
+from services.worker.handoff import KvHandoff
 from services.worker.probes import is_probe
 from services.worker.routing import Route
-from shared.errors import EdgesplitError, StageTimedOut
+from shared.errors import StageTimedOut
 from shared.ids import RequestId
-from shared.tensor_frame import Frame, FrameHeader, encode_frame, to_torch
+from shared.tensor_frame import Frame, FrameHeader, encode_frame
 
 log = logging.getLogger(__name__)
+__all__ = ["DataPlane", "FrameRefused", "NoPlan", "NodeLost"]
 
 
-class NodeLost(StageTimedOut):
-    """A node on a pass's pipeline went down while the pass waited for it."""
-
-
-class NoPlan(StageTimedOut):
-    """A node went down and the orchestrator found no feasible plan without it (no
-    capacity, no trusted node): the reason is the orchestrator's."""
-
-
-class FrameRefused(EdgesplitError):
-    """A frame this worker will not act on (bad target, shape or position)."""
-
-
-class DataPlane:
+class DataPlane(KvHandoff):
     """Frames of one worker. ``send(destination, payload)`` is the (shaped) egress."""
 
     def __init__(
@@ -333,120 +322,9 @@ class DataPlane:
                                  extra={"release": True})  # fmt: skip
             await self._send(route, header, np.zeros((0, self.hidden_size), np.float32), target)
 
-    # --- KV handoff when split points move -------------------------------------------------
-
-    async def handoff(self, request_id: str, old_epoch: int, length: int) -> bool:
-        """Move a request's KV caches from the old epoch's owners to the new ones.
-
-        At a token boundary no frame of the request is in flight, so every node of the old
-        pipeline gets its handoff frame at once (one round trip, not one hop per node);
-        each sends the K/V of its blocks to their new owners (or keeps them), then answers
-        the entry, and each new owner answers the entry once it imported them: the first
-        step of the new epoch must not overtake its K/V (they come from other senders).
-        True when every answer came; False (the entry then replays) on a failed one or
-        after the deadline of about one pass.
-        """
-        old = self.keeper.for_frame(old_epoch, time.monotonic())
-        new = self.keeper.current
-        if old is None or new is None or new.epoch == old_epoch:
-            return False
-        if self.down.intersection(old.route.nodes()):
-            return False  # the old pipeline lost a node: its caches are gone, replay
-        holders = [(node, segment) for node in old.route.nodes()
-                   if (segment := old.route.segment_of(node)) is not None]  # fmt: skip
-        loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
-        moves = [len(_new_owners(new, node, start, end)) for node, (start, end) in holders]
-        bases = [HANDOFF_STEP + len(holders) + sum(moves[:index]) for index in range(len(holders))]
-        keys = [(request_id, HANDOFF_STEP + index, old_epoch) for index in range(len(holders) + sum(moves))]
-        futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in keys]
-        self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
-        empty = np.zeros((0, self.hidden_size), np.float32)
-        try:
-            for (node, (start, _)), key, base in zip(holders, keys, bases, strict=False):
-                header = FrameHeader(request_id=RequestId(request_id), step=key[1], epoch=old_epoch, seq=0,
-                                     extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
-                                            "target": start, "pass": pass_id, "ack_base": base})  # fmt: skip
-                if node == self.node:
-                    await self._on_handoff(Frame(header, empty), old)
-                else:
-                    await self._send_payload(node, encode_frame(header, empty))
-            async with asyncio.timeout(self.deadline.timeout_s(1)):  # about one pass; then replay
-                for answered in asyncio.as_completed(futures):
-                    if (await answered).header.extra.get("failed") is True:
-                        return False
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            for key in keys:
-                self._pending.pop(key, None)
-
-    async def _on_handoff(self, frame: Frame, old: Serving) -> None:
-        header, route, host = frame.header, old.route, old.host
-        target = header.extra.get("target")
-        if target == route.num_layers:
-            self._resolve(frame)
-            return
-        new = self.keeper.for_frame(_int(header.extra.get("new_epoch")), time.monotonic())
-        failed = header.extra.get("failed") is True or new is None or host is None
-        if not failed and host is not None and new is not None:
-            outgoing = await self.compute.run(
-                _split_kv, host, new, self.node, header.request_id, _int(header.extra.get("pos"))
-            )
-            failed = outgoing is None
-            owners = _new_owners(new, self.node, host.start, host.end)
-            for owner, (blocks, tensor) in (outgoing or {}).items():
-                extra = {"kind": "kv", "blocks": blocks, "pos": _int(header.extra.get("pos")),
-                         "target": new.route.segment_of(owner)[0],  # type: ignore[index]
-                         "ack": _int(header.extra.get("ack_base")) + owners.index(owner),
-                         "old_epoch": route.epoch, "pass": _int(header.extra.get("pass"))}  # fmt: skip
-                out = FrameHeader(request_id=header.request_id, step=header.step, epoch=new.epoch,
-                                  seq=next(self._seq), extra=extra)  # fmt: skip
-                await self._send_payload(owner, encode_frame(out, tensor))
-        answer = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                             seq=next(self._seq), extra={**header.extra, "failed": failed,
-                                                         "target": route.num_layers})  # fmt: skip
-        if route.entry == self.node:
-            self._resolve(Frame(answer, frame.array))
-        else:
-            await self._send_payload(route.entry, encode_frame(answer, frame.array))
-
-    async def _on_kv(self, frame: Frame, serving: Serving) -> None:
-        blocks = frame.header.extra.get("blocks")
-        host = serving.host
-        if host is None or not isinstance(blocks, tuple) or frame.array.ndim != 5:
-            raise FrameRefused(
-                "a kv frame needs a segment here, a tuple of blocks and a 5-d tensor"
-            )
-        if frame.array.shape[0] != len(blocks):
-            raise FrameRefused(f"kv frame holds {frame.array.shape[0]} blocks, names {len(blocks)}")
-        tensor = to_torch(np.ascontiguousarray(frame.array))
-        moved = {int(b): (tensor[i, 0], tensor[i, 1]) for i, b in enumerate(blocks)}
-        host.import_kv(frame.header.request_id, moved)
-        self.counters["kv_blocks_received"] += len(moved)
-        extra, route = frame.header.extra, serving.route
-        ack = FrameHeader(request_id=frame.header.request_id, step=_int(extra.get("ack")),
-                          epoch=_int(extra.get("old_epoch")), seq=next(self._seq),
-                          extra={"kind": "handoff", "target": route.num_layers, "pass": _int(extra.get("pass"))})  # fmt: skip
-        empty = np.zeros((0, self.hidden_size), np.float32)
-        if route.entry == self.node:
-            self._resolve(Frame(ack, empty))
-        else:
-            await self._send_payload(route.entry, encode_frame(ack, empty))
-
 
 SEEN_FRAMES = 8192
 """How many handled frames each worker remembers to drop duplicates."""
-
-HANDOFF_STEP = 2**62
-"""The frame step that marks a KV handoff (never a real decode step)."""
-
-
-def _int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FrameRefused(f"expected an integer, got {value!r}")
-    return value
-
 
 def _embed_and_run(
     serving: Serving,
@@ -465,30 +343,3 @@ def _embed_and_run(
     if slowdown is None or serving.host is None:
         return token_ids, hidden
     return token_ids, serving.host.forward(request_id, hidden, position, slowdown)
-
-
-def _new_owners(new: Serving, node: str, start: int, end: int) -> list[str]:
-    """The nodes other than ``node`` that own some of blocks [start, end) in ``new``
-    (sorted: the entry and the old node number their answers the same way)."""
-    return sorted({new.route.owner_of_block(block) for block in range(start, end)} - {node})
-
-
-def _split_kv(
-    host: SegmentHost, new: Serving, node: str, request_id: str, length: int
-) -> dict[str, tuple[tuple[int, ...], np.ndarray]] | None:
-    """Compute thread: export this node's K/V of the request; blocks staying here go into
-    the new host at once; the rest is returned as one [n, 2, heads, T, dim] array per new
-    owner. None when the cache is missing or does not hold ``length`` tokens."""
-    exported = host.export_kv(request_id)
-    if exported is None or any(k.shape[1] != length for k, _ in exported.values()):
-        return None
-    by_owner: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for block, kv in sorted(exported.items()):
-        by_owner.setdefault(new.route.owner_of_block(block), {})[block] = kv
-    mine = by_owner.pop(node, None)
-    if mine is not None and new.host is not None and new.host is not host:
-        new.host.import_kv(request_id, mine)
-    return {
-        owner: (tuple(blocks), torch.stack([torch.stack(blocks[b]) for b in blocks]).numpy())
-        for owner, blocks in by_owner.items()
-    }
