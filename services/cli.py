@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from shared.errors import EdgesplitError
 
 _COMMAND_MODULES = (
@@ -56,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgesplitError as error:
         print(f"edgesplit: {error}", file=sys.stderr)
         return 1
+    except ValidationError as error:  # a value no check caught earlier: still one line
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or error.title
+        print(f"edgesplit: invalid {where}: {first['msg']}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgesplit: interrupted", file=sys.stderr)
         return 130

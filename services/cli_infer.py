@@ -53,7 +53,10 @@ def register(subparsers: Any) -> None:
         help="sentence embedding of a text (BERT models)",
         description="Mean-pooled, L2-normalised sentence embedding.",
     )
-    embed.add_argument("--text", required=True, help="text to embed")
+    text = embed.add_mutually_exclusive_group(required=True)
+    text.add_argument("positional_text", nargs="?", default=None, metavar="TEXT",
+                      help="text to embed (same as --text)")  # fmt: skip
+    text.add_argument("--text", help="text to embed")
     _add_common(embed)
     embed.set_defaults(handler=run_embed)
 
@@ -117,6 +120,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_embed(args: argparse.Namespace) -> int:
     """Handler of `embed`."""
+    if args.positional_text is not None:
+        args.text = args.positional_text
     if not args.local:
         return _remote("_embed_remote")(args)
     pipeline = _local_pipeline(args)

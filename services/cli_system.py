@@ -152,7 +152,8 @@ def _latest_decisions(decisions: list[DecisionRecorded], count: int) -> list[Dec
 
 def _decision_line(d: dict[str, Any]) -> str:
     """One decision: trigger and evidence, action and why, predicted vs realised."""
-    trigger = f"{d['trigger']} {d.get('trigger_detail') or ''}".strip()
+    detail = d.get("trigger_detail") or ""
+    trigger = f"{d['trigger']}: {detail}" if detail else d["trigger"]
     line = f"decision {d['decision_id']}: {d['action']} ({trigger})"
     if d.get("outcome") not in (None, "none"):
         line += f" -> {d['outcome']}" + (f" epoch {d['to_epoch']}" if d.get("to_epoch") is not None else "")

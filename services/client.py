@@ -25,10 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.bus import Bus, Subscription
 from shared.config import BusSettings, load_settings
 from shared.errors import (
     Busy,
+    ConfigError,
     ContextTooLong,
     EdgesplitError,
     NoAnswer,
@@ -286,6 +289,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
             timeout_s=options.timeout_s,
         )
 
+    _checked(make)
+
     def show(token: TokenGenerated) -> None:
         print(token.text, end="", flush=True)
 
@@ -301,6 +306,21 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+          "seed": "--seed", "prompt": "prompt", "token_ids": "--prompt-ids", "text": "--text",
+          "timeout_s": "--timeout"}  # fmt: skip
+
+
+def _checked(make: Callable[[str], GenerateRequest | EmbedRequest]) -> None:
+    """Build the request once before connecting, so a bad option is one line (ConfigError)."""
+    try:
+        make("check")
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{_FLAGS.get(field, field)}: {first['msg']}") from None
+
+
 def _embed_remote(args: argparse.Namespace) -> int:
     """`edgesplit embed --broker URL --text ...`"""
     options = _options(args)
@@ -309,6 +329,7 @@ def _embed_remote(args: argparse.Namespace) -> int:
         return EmbedRequest(request_id=secrets.token_hex(8), reply_to=client, text=args.text,  # type: ignore[arg-type]
                             timeout_s=options.timeout_s)  # fmt: skip
 
+    _checked(make)
     result = _run(request(options, make))
     assert isinstance(result, EmbeddingReady)
     if args.json:

@@ -69,6 +69,8 @@ def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
     """Start Mosquitto on the URL's port when nothing answers there and the host is local."""
     address = settings.broker
     if mqtt_answers(address.host, address.port):
+        say(f"using the MQTT broker already at {address.redacted()} (cluster {settings.cluster}); "
+            "give --broker mqtt://127.0.0.1:PORT for a broker of its own")  # fmt: skip
         return None
     if address.host not in LOCAL_HOSTS or address.tls:
         raise BrokerUnavailable(f"no MQTT broker answers at {settings.broker.redacted()}")
@@ -292,7 +294,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                         say(f"{name} exited with status {process.returncode}; see {stack.logs[name]}")
     finally:
         stack.stop()
-        say("stopped everything it started")
+        say(f"stopped everything it started; logs stay in {run_dir}")
 
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,

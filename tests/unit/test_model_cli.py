@@ -135,3 +135,22 @@ def test_bad_input_is_one_line_error(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "2"], "--top-p"),
+    ],
+)
+def test_bad_sampling_for_a_broker_is_one_line_before_connecting(
+    capsys: pytest.CaptureFixture, options: list, message: str
+) -> None:
+    """Checked before any connection: port 1 never answers, so a connect would be the error."""
+    assert main(["generate", "hi", "--broker", "mqtt://127.0.0.1:1", *options]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert "broker" not in err
