@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def run_status(args: argparse.Namespace) -> int:
         measured = state["measured"].get(node["node"])
         if measured:
             decode = measured["decode_s_per_block"]
-            print(f"  {'':<16} {measured['health']:<10} busy {measured['utilisation']:.0%}  "
+            print(f"  {'':<16} health {measured['health']:<10} busy {measured['utilisation']:.0%}  "
                   f"queue {measured['queue_depth']:.0f}  in flight {measured['requests_in_flight']}  "
                   f"decode {decode * 1e3 if decode is not None else float('nan'):.3f} ms/block "
                   f"({measured['compute_source']})  KV {measured['kv_cache_bytes'] / 1e6:.1f} MB  "
@@ -139,6 +140,10 @@ def run_status(args: argparse.Namespace) -> int:
                      else f" ({link.get('health', 'unknown')})"))  # fmt: skip
     for decision in state["decisions"]:
         print(_decision_line(decision))
+    if plan is None and not state["nodes"]:
+        print(f"edgesplit: nothing of cluster {state['cluster']} at {state['broker']} (no plan, no "
+              "nodes); is `edgesplit up` running, with the same --broker and --cluster?",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
