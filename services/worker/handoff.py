@@ -40,9 +40,8 @@ class KvHandoff:
     _pending: dict[tuple[str, int, int], tuple[int, asyncio.Future[Frame]]]
     _pass_ids: Iterator[int]
     _seq: Iterator[int]
-
-    def _resolve(self, frame: Frame) -> None:
-        raise NotImplementedError
+    _resolve: Callable[[Frame], None]
+    """Accept an answer for the entry's pending wait (`DataPlane._resolve`)."""
 
     async def handoff(self, request_id: str, old_epoch: int, length: int) -> bool:
         """Move a request's KV caches from the old epoch's owners to the new ones.
