@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "services.cli_infer",
     "services.cli_plan",
     "services.cli_system",
+    "services.cli_emulate",
 )
 
 
