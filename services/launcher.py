@@ -282,7 +282,11 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                 say("started monitor, split-reviser, broadcaster, orchestrator; waiting for the first plan")
                 plan = await wait_for_served_plan(bus, stack, ready_timeout_s)
             layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
-            print(f"edgesplit ready: model {model_dir.name} on {len(plan.segments)} nodes, "
+            serving = {s.node for s in plan.segments}
+            spare = sorted(set(stack.workers) - serving)
+            spare_note = f" ({', '.join(spare)} standing by)" if spare else ""
+            print(f"edgesplit ready: model {model_dir.name} on {len(serving)} of {len(stack.workers)} "
+                  f"nodes{spare_note}, "
                   f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
                   f"cluster {settings.cluster}", flush=True)  # fmt: skip
             reported: set[str] = set()

@@ -230,6 +230,9 @@ REPLIES: Topic[TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
     "clients/{client}/replies", (TokenGenerated, RequestFinished, EmbeddingReady, RequestFailed),
     qos=1, queue_size=10_000,
 )  # fmt: skip
+# every finished generation once more, for the orchestrator's time-per-token calibration
+# (it need not read every client's token stream)
+FINISHED = Topic("requests/finished", RequestFinished, qos=1, queue_size=1024)
 # monitor and orchestrator
 CAPACITY = Topic("monitor/capacity", CapacityProfile, qos=1, retain=True,
                  overflow=Overflow.DROP_OLDEST)  # fmt: skip

@@ -63,10 +63,10 @@ from shared.topics import (
     CAPACITY,
     DECISION_SLOTS,
     DECISIONS,
+    FINISHED,
     PLAN,
     POLICY,
     PROFILE_EVENTS,
-    REPLIES,
     REVISER_REPLIES,
     ROLLOUT_RESULTS,
 )  # fmt: skip
@@ -124,7 +124,7 @@ class OrchestratorService:
         async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
             subs: dict[Any, Subscription[Any]] = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))  # type: ignore[arg-type]
                     for topic, params in ((PLAN, {}), (POLICY, {}), (DECISIONS, {}), (CAPACITY, {}),
-                                          (PROFILE_EVENTS, {}), (ROLLOUT_RESULTS, {}), (REPLIES, {}),
+                                          (PROFILE_EVENTS, {}), (ROLLOUT_RESULTS, {}), (FINISHED, {}),
                                           (REVISER_REPLIES, {"client": self._origin}))}  # fmt: skip
             await self._restore(subs[PLAN], subs[POLICY], subs[DECISIONS])
             self.ready.set()
@@ -133,7 +133,7 @@ class OrchestratorService:
             async with asyncio.TaskGroup() as tasks:
                 follow: dict[Any, Callable[[Any], None]] = {PLAN: self._on_plan, POLICY: self._on_policy, CAPACITY: self._on_profile,
                           PROFILE_EVENTS: self._on_event, ROLLOUT_RESULTS: self.exchanges.on_result,
-                          REPLIES: self._on_reply, REVISER_REPLIES: self.exchanges.on_proposal}  # fmt: skip
+                          FINISHED: self._on_reply, REVISER_REPLIES: self.exchanges.on_proposal}  # fmt: skip
                 for topic, handler in follow.items():
                     tasks.create_task(self._follow(subs[topic], handler), name=f"follow-{topic.pattern}")
                 tasks.create_task(self._periodic(), name="periodic")

@@ -53,6 +53,7 @@ from shared.topics import (
     ACTIVATIONS,
     EPOCH_ACKS,
     EPOCH_COMMANDS,
+    FINISHED,
     NODE_STATUS,
     PLAN,
     POLICY,
@@ -411,6 +412,8 @@ class WorkerService:
             client, message = await self._replies.get()
             try:
                 await bus.publish(REPLIES, message, client=client)
+                if isinstance(message, RequestFinished):
+                    await bus.publish(FINISHED, message)
             except EdgesplitError as error:
                 log.warning("%s: reply to %s lost: %s", self.node, client, error)
 

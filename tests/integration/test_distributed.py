@@ -21,6 +21,7 @@ import torch
 
 from services.client import ClientOptions, request
 from shared.broker import LocalBroker
+from shared.bus import Bus
 from shared.errors import Busy, ContextTooLong, NoAnswer
 from shared.messages import EmbeddingReady, EmbedRequest, GenerateRequest, RequestFinished
 from shared.model.pipeline import LocalPipeline
@@ -28,6 +29,7 @@ from shared.model.sampling import SamplingParams
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.tensor_frame import FrameHeader, encode_frame
+from shared.topics import FINISHED
 from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for
 
 pytestmark = pytest.mark.integration
@@ -105,6 +107,26 @@ def test_generate_equals_local_split(name: str, request_fixture: pytest.FixtureR
     local = system.local.generate(PROMPTS[0], 24, SamplingParams(0.9, 0.95, 11))
     assert sampled.token_ids == local.token_ids
     assert len(set(sampled.token_ids)) > 1  # sampling makes the comparison non-trivial
+
+
+def test_each_finished_generation_is_published_once_more_for_the_orchestrator(llama: System) -> None:
+    """The orchestrator calibrates on `requests/finished`, not on every client's tokens."""
+
+    async def scenario() -> tuple[RequestFinished, list[RequestFinished]]:
+        async with Bus(llama.settings) as bus, bus.subscribe(FINISHED) as finished:
+            result = await request(llama.options(), lambda client: GenerateRequest(
+                request_id="fin1", reply_to=client, token_ids=(5, 17, 42), max_new_tokens=6))  # type: ignore[arg-type]  # fmt: skip
+            seen: list[RequestFinished] = []
+            async with asyncio.timeout(10):
+                while not seen or seen[-1].request_id != "fin1":
+                    seen.append((await finished.get()).message)
+            assert isinstance(result, RequestFinished)
+            return result, seen
+
+    result, seen = asyncio.run(scenario())
+    assert [m.request_id for m in seen if m.request_id == "fin1"] == ["fin1"]
+    assert seen[-1] == result
+    assert result.token_ids == llama.local.generate([5, 17, 42], 6).token_ids
 
 
 def test_embed_equals_local_split(bert: System) -> None:

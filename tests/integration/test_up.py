@@ -44,6 +44,12 @@ def test_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         ready = _wait_for_line(up, tmp_path / "up.out", "edgesplit ready", 120)
         first = re.search(r"epoch \d+: car\[0,(\d+)\)", ready)
         assert first is not None and int(first.group(1)) >= 2  # private blocks on the trusted entry
+        counted = re.search(r"on (\d) of 3 nodes( \((.*) standing by\))?,", ready)
+        assert counted is not None, ready
+        layout = ready.split(": ", 2)[2]
+        serving = {node for node in ("car", "rsu", "mec") if f"{node}[" in layout}
+        assert int(counted.group(1)) == len(serving)
+        assert set((counted.group(3) or "").split(", ")) - {""} == {"car", "rsu", "mec"} - serving
         err = (tmp_path / "up.err").read_text()
         assert f"started Mosquitto on port {port}" in err
         generated = subprocess.run(
