@@ -20,8 +20,10 @@ from services.worker.deadline import StageDeadline
 from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
 from services.worker.epochs import EpochKeeper, Serving
+from services.worker.guard import PlanRefused, PrivacyGuard
 from services.worker.health import Health
 from services.worker.probes import LinkProber
+from services.worker.replies import Reply, ReplySender
 from services.worker.routing import Route, route_of
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
@@ -32,7 +34,6 @@ from shared.errors import EdgesplitError
 from shared.messages import (
     AbortEpoch,
     CommitEpoch,
-    EmbeddingReady,
     EmbedRequest,
     EpochReady,
     EpochRejected,
@@ -40,11 +41,8 @@ from shared.messages import (
     NodeStatus,
     Plan,
     PrepareEpoch,
-    PrivacyPolicySet,
     RequestFailed,
-    RequestFinished,
     Segment,
-    TokenGenerated,
 )
 from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
@@ -53,20 +51,12 @@ from shared.topics import (
     ACTIVATIONS,
     EPOCH_ACKS,
     EPOCH_COMMANDS,
-    FINISHED,
     NODE_STATUS,
     PLAN,
-    POLICY,
-    REPLIES,
     REQUESTS,
 )
 
 log = logging.getLogger(__name__)
-Reply = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
-
-
-class PlanRefused(EdgesplitError):
-    """A plan this worker will not take (signature, epoch, privacy, coverage)."""
 
 
 class WorkerService:
@@ -93,8 +83,8 @@ class WorkerService:
         self._preparing: set[int] = set()
         self._answers: dict[int, EpochReady | EpochRejected] = {}
         self._switch_lock = asyncio.Lock()
-        self._replies: asyncio.Queue[tuple[str, Reply]] = asyncio.Queue()
-        self._policy: PrivacyPolicySet | None = None
+        self.replies = ReplySender(self.node)
+        self.guard = PrivacyGuard(settings)
         self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
 
@@ -148,9 +138,9 @@ class WorkerService:
                     task_group.create_task(self._follow_epochs(bus), name="epochs")
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
-                    task_group.create_task(self._send_replies(bus), name="replies")
+                    task_group.create_task(self.replies.run(bus), name="replies")
                     task_group.create_task(health.follow(bus), name="health")
-                    task_group.create_task(self._follow_policy(bus), name="policy")
+                    task_group.create_task(self.guard.follow(bus), name="policy")
                     task_group.create_task(self._housekeeping(), name="housekeeping")
                     task_group.create_task(health.watch_stalls(), name="stalls")
                     task_group.create_task(health.watch_reconnects(bus), name="reconnects")
@@ -267,7 +257,7 @@ class WorkerService:
             raise PlanRefused(f"plan epoch {plan.epoch} is not newer than epoch {self.keeper.epoch}")
         route = route_of(plan, self.store.config.num_layers)
         segment = route.segment_of(self.node)
-        self._check_privacy(route, segment)
+        self.guard.check(route, segment)
         host = next((h for h in self.keeper.hosts() if (h.start, h.end) == segment), None)
         if segment is not None and host is None:
             host = await asyncio.to_thread(SegmentHost, self.shards, segment[0], segment[1],
@@ -277,41 +267,6 @@ class WorkerService:
             entry = await asyncio.to_thread(self._make_entry)
         return Serving(route, host if segment is not None else None, entry)
 
-    def _check_privacy(self, route: Route, segment: tuple[int, int] | None) -> None:
-        """Refuse a plan that puts the embedding/head or private blocks on this node
-        when its trust is below the privacy policy's level."""
-        level, private = self.privacy()
-        trust = self.settings.trust
-        if trust >= level:
-            return
-        if route.entry == self.node:
-            raise PlanRefused(
-                f"node {self.node} (trust {trust}) cannot be the entry: the embedding and "
-                f"head need trust >= {level}"
-            )
-        if segment is not None and segment[0] < private:
-            raise PlanRefused(
-                f"node {self.node} (trust {trust}) cannot run blocks {segment}: blocks "
-                f"[0, {private}) need trust >= {level}"
-            )
-
-    def privacy(self) -> tuple[int, int]:
-        """(trusted level, private blocks) in force: the published policy can only tighten
-        this node's configured one, never relax it (a forged policy cannot move private
-        blocks onto it)."""
-        published = self._policy
-        if published is None:
-            return self.settings.trusted_level, self.settings.private_blocks
-        return (max(self.settings.trusted_level, published.trusted_level),
-                max(self.settings.private_blocks, published.private_blocks))  # fmt: skip
-
-    async def _follow_policy(self, bus: Bus) -> None:
-        async with bus.subscribe(POLICY) as policies:
-            async for _, policy in policies:
-                self._policy = policy
-                log.info("%s: privacy policy in force: trust >= %d for blocks [0, %d)",
-                         self.node, *self.privacy())  # fmt: skip
-
     def _make_entry(self) -> EntryRole:
         assert self.store is not None and self.data is not None
         return EntryRole(
@@ -319,7 +274,7 @@ class WorkerService:
             TextTokenizer.from_file(self.store.tokenizer_path),
             self.compute.run,
             self.data.pipeline_pass,
-            self._queue_reply,
+            self.replies.queue,
             self.settings.max_in_flight,
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
@@ -400,22 +355,7 @@ class WorkerService:
                 log.info("release of %s not sent: %s", request.request_id, error)
 
     async def _reply(self, client: str, message: Reply) -> None:
-        self._queue_reply(client, message)
-
-    def _queue_reply(self, client: str, message: Reply) -> None:
-        """Queue a reply for the client; one sender task publishes them in order, so the
-        decode loop never waits for the broker's acknowledgement."""
-        self._replies.put_nowait((client, message))
-
-    async def _send_replies(self, bus: Bus) -> None:
-        while True:
-            client, message = await self._replies.get()
-            try:
-                await bus.publish(REPLIES, message, client=client)
-                if isinstance(message, RequestFinished):
-                    await bus.publish(FINISHED, message)
-            except EdgesplitError as error:
-                log.warning("%s: reply to %s lost: %s", self.node, client, error)
+        self.replies.queue(client, message)
 
     async def _housekeeping(self) -> None:
         """Free idle KV caches and the hosts of drained epochs."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import selectors
+import signal
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -144,13 +146,20 @@ def test_a_frame_larger_than_the_socket_buffer_is_finished_when_writable(
             async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
                 big = np.arange(6_000_000, dtype=np.float32).reshape(1000, 6000)  # 24 MB
                 header = FrameHeader(request_id="r1", step=0, epoch=1, seq=0, extra={"target": 3})  # type: ignore[arg-type]
-                await sender.publish_raw_frame(ACTIVATIONS, encode_frame(header, big), node="w2")
                 inner = sender._connections["data"].client._client  # type: ignore[union-attr]  # noqa: SLF001
-                assert inner.want_write(), "a 24 MB frame should not fit the socket at once"
-                assert _writers(sender) != []  # the rest is written when the socket is writable
-                await sender.publish_raw_frame(
-                    ACTIVATIONS, _frame(1), node="w2"
-                )  # queued behind it
+                # The broker, stopped, reads nothing: the frame cannot leave in one write
+                # (when it reads while we write, loopback can take all 24 MB at once).
+                assert broker.process is not None  # the tests' own Mosquitto
+                os.kill(broker.process.pid, signal.SIGSTOP)
+                try:
+                    await sender.publish_raw_frame(ACTIVATIONS, encode_frame(header, big), node="w2")
+                    assert inner.want_write(), "a 24 MB frame should not fit the socket at once"
+                    assert _writers(sender) != []  # the rest is written when the socket is writable
+                    await sender.publish_raw_frame(
+                        ACTIVATIONS, _frame(1), node="w2"
+                    )  # queued behind it
+                finally:
+                    os.kill(broker.process.pid, signal.SIGCONT)
                 async with asyncio.timeout(10):
                     first, second = await frames.get(), await frames.get()
                 assert isinstance(first.message, Frame) and isinstance(second.message, Frame)
