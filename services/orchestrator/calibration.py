@@ -3,10 +3,16 @@
 A plan's predicted time per token (`logic.per_token_s`) covers the blocks' compute and
 the links; the head, sampling, streaming and the broker hops are not in it. The
 orchestrator measures that difference: each finished request's TPOT minus the running
-plan's prediction at the load the request saw. A request is counted ``settle_s`` after
-it finished, so the requests that ran beside it are known too; the first samples are a
-plain mean, later ones smoothed with ``alpha``. The overhead is the same for every plan,
-so it changes no ranking, only the relative saving and the predicted TPOT.
+plan's prediction at the load the request saw (the median of the predictions the
+profiles gave while it ran). A request is counted ``settle_s`` after it finished, so the
+requests that ran beside it are known too; the overhead is the median of the last
+``window`` such differences. The overhead is the same for every plan, so it changes no
+ranking, only the relative saving and the predicted TPOT.
+
+A median, not a running mean: with 4 requests decoding on a shared 2-core machine,
+bursts of slow requests come and go within seconds. Smoothed with 0.2 (the earlier
+rule), the overhead of one run swung between 3.3 and 8.8 ms on an 11 ms time per token
+within 6 s, and a decision taken at a low point predicted the new plan 23 % too fast.
 
 A request is only a sample when the conditions under it were those the model saw: the
 running plan is re-evaluated on every profile (`reference_seen`), and a request is
@@ -29,7 +35,8 @@ from services.orchestrator.logic import CandidatePlan
 from services.orchestrator.records import TpotTracker
 from shared.messages import DecisionRecorded, RequestFinished
 
-OVERHEAD_ALPHA = 0.2
+OVERHEAD_WINDOW = 32
+"""Differences the overhead is the median of (4 requests decoding: about 6 s of them)."""
 CALIBRATE_AFTER_S = 5.0
 """A finished request is counted this long after it ended (the monitor's detection lag)."""
 STABLE_SHARE = 0.25
@@ -42,9 +49,11 @@ LOAD_SAMPLES = 600
 class OverheadCalibration:
     """Finished requests waiting to be counted and the entry's load over time."""
 
-    def __init__(self, alpha: float = OVERHEAD_ALPHA, settle_s: float = CALIBRATE_AFTER_S) -> None:
-        self.alpha, self.settle_s = alpha, settle_s
+    def __init__(self, window: int = OVERHEAD_WINDOW, settle_s: float = CALIBRATE_AFTER_S) -> None:
+        self.settle_s = settle_s
         self.samples = 0
+        self._residuals: deque[float] = deque(maxlen=window)
+        """The last ``window`` (TPOT - prediction) differences, seconds, at least 0."""
         self._load: deque[tuple[float, int]] = deque(maxlen=LOAD_SAMPLES)
         """(profile time, requests in flight at the entry), one per profile."""
         self._pending: deque[tuple[float, float, float, CandidatePlan]] = deque(maxlen=4096)
@@ -76,24 +85,28 @@ class OverheadCalibration:
         while self._pending and self._pending[0][1] <= now_s - self.settle_s:
             start_s, end_s, tpot_s, model = self._pending.popleft()
             load = max(tracker.concurrency(start_s, end_s), self.concurrency(start_s, end_s))
-            if not self._stable(model, load, start_s, end_s):
+            predicted = self._predicted(model, load, start_s, end_s)
+            if predicted is None:
                 self.skipped += 1
                 continue
             self.samples += 1
-            alpha = max(self.alpha, 1 / self.samples)
-            overhead_s += alpha * (max(0.0, tpot_s - model.per_token_s(load)) - overhead_s)
-        return overhead_s
+            self._residuals.append(max(0.0, tpot_s - predicted))
+        return statistics.median(self._residuals) if self._residuals else overhead_s
 
-    def _stable(self, model: CandidatePlan, load: float, start_s: float, end_s: float) -> bool:
-        """True when the running plan's prediction at the request's end, the median of
-        those while it ran and the median of those until ``settle_s`` later agree within
-        STABLE_SHARE (medians: one noisy profile is not a change)."""
+    def _predicted(self, model: CandidatePlan, load: float, start_s: float, end_s: float) -> float | None:
+        """The running plan's prediction for a request that ran from ``start_s`` to
+        ``end_s`` at ``load``: the median of the profiles' predictions while it ran (the
+        plan's model at its end when no profile fell in between). None when that, the
+        prediction at its end and the median of those until ``settle_s`` later differ by
+        more than STABLE_SHARE (medians: one noisy profile is not a change)."""
         during = [m.per_token_s(load) for at_s, m in self._references
                   if start_s <= at_s <= end_s and m.segments == model.segments]  # fmt: skip
         after = [m.per_token_s(load) for at_s, m in self._references
                  if end_s < at_s <= end_s + self.settle_s and m.segments == model.segments]  # fmt: skip
         values = [model.per_token_s(load)] + [statistics.median(v) for v in (during, after) if v]
-        return max(values) <= (1 + STABLE_SHARE) * min(values)
+        if max(values) > (1 + STABLE_SHARE) * min(values):
+            return None
+        return statistics.median(during) if during else model.per_token_s(load)
 
     def concurrency(self, start_s: float, end_s: float) -> float:
         """Mean requests in flight at the entry between two Unix times, from the profiles

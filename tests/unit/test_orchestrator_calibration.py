@@ -46,3 +46,36 @@ def test_a_request_slowed_by_a_change_the_profile_showed_later_is_skipped() -> N
     calibration.finished(finished(0.030), 101.0, None, model(0.010))
     assert calibration.update(0.001, 106.0, tracker) == 0.001
     assert (calibration.samples, calibration.skipped) == (0, 1)
+
+
+def test_a_burst_of_slow_requests_moves_the_overhead_little() -> None:
+    """The overhead is a median: 8 requests 6 ms slower than usual among 24 barely move
+    it (a running mean smoothed with 0.2 rose from 4 ms to over 9 ms on such a burst)."""
+    calibration, tracker = OverheadCalibration(settle_s=5.0), TpotTracker()
+    for second in range(40):
+        calibration.reference_seen(100.0 + second, model(0.010))
+    for index in range(32):
+        slow = 24 <= index < 32
+        calibration.finished(finished(0.020 if slow else 0.014), 101.0 + index * 0.25, None, model(0.010))
+    overhead = calibration.update(0.0, 200.0, tracker)
+    assert calibration.samples == 32
+    assert abs(overhead - 0.004) < 1e-9
+
+
+def test_the_difference_is_taken_against_the_prediction_while_the_request_ran() -> None:
+    """The model of the last decision (8 ms) is stale; the profiles while the request ran
+    predicted 10 ms (within the stable band of each other), so the overhead is 2 ms."""
+    calibration, tracker = OverheadCalibration(settle_s=5.0), TpotTracker()
+    for at_s in (100.0, 100.5, 101.0, 103.0):
+        calibration.reference_seen(at_s, model(0.010))
+    calibration.finished(finished(0.012), 101.0, None, model(0.009))
+    assert abs(calibration.update(0.0, 106.0, tracker) - 0.002) < 1e-12
+
+
+def test_the_window_forgets_old_requests() -> None:
+    calibration, tracker = OverheadCalibration(window=4, settle_s=5.0), TpotTracker()
+    for second in range(30):
+        calibration.reference_seen(100.0 + second, model(0.010))
+    for index, tpot_s in enumerate((0.011, 0.011, 0.011, 0.011, 0.015, 0.015, 0.015, 0.015)):
+        calibration.finished(finished(tpot_s), 101.0 + index, None, model(0.010))
+    assert abs(calibration.update(0.0, 200.0, tracker) - 0.005) < 1e-12
