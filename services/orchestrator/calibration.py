@@ -35,8 +35,11 @@ from services.orchestrator.logic import CandidatePlan
 from services.orchestrator.records import TpotTracker
 from shared.messages import DecisionRecorded, RequestFinished
 
-OVERHEAD_WINDOW = 32
-"""Differences the overhead is the median of (4 requests decoding: about 6 s of them)."""
+OVERHEAD_WINDOW = 96
+"""Differences the overhead is the median of (4 requests decoding: the last 15-20 s). With
+the last 32 (about 6 s) the window's median still followed slow and fast spells: in 7
+bandwidth-drop runs the median of a run's last 8 differences ranged 3.5-11.1 ms while
+the whole run's lay at 6.0-9.0."""
 CALIBRATE_AFTER_S = 5.0
 """A finished request is counted this long after it ended (the monitor's detection lag)."""
 STABLE_SHARE = 0.25

@@ -401,7 +401,8 @@ def test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction
             pytest.fail(f"every one of {ATTEMPTS} drops was preceded by a routine re-plan")
         assert chosen.segments[1].node != hop, "the new plan must leave the cut link"
         assert replan_s <= 5.0, f"re-planned {replan_s:.2f} s after the drop (goal 5 s)"
-        after = await watch.until(partial(steady_after, served, committed), 60, "8 requests served by the new plan")
+        after = await watch.until(partial(steady_after, served, committed, count=MEASURED_REQUESTS), 60,
+                                  f"{MEASURED_REQUESTS} requests served by the new plan")  # fmt: skip
         tpot, predicted = mean([r.tpot_s for r in after]), record.predicted_latency_s
         assert predicted is not None
         # The prediction rests on numbers measured before the decision (block times and the
@@ -482,6 +483,12 @@ def net_s(candidate: Any) -> float:
 
 
 SWITCH_OVERHEAD_S = 0.2  # the orchestrator's default switch_overhead_s
+
+
+MEASURED_REQUESTS = 24
+"""Requests the new plan's time per token is measured over (about 4 s of the 4 lanes): over
+8 (2 s) the mean moved with the slow and fast spells of this shared machine by as much as
+the prediction's 20 % tolerance."""
 
 
 def steady_after(served: list[Served], committed_s: float, lanes: int = 4, count: int = 8) -> list[Served] | None:
