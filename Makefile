@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PYTEST_FLAGS ?= -q
+PYTEST_FLAGS ?= -q --durations=15
 
 .PHONY: setup test test-fast test-slow check lint typecheck demo contract bench clean
 
