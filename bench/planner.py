@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.split_reviser.objectives import build_tables  # noqa: E402
-from services.split_reviser.problem import Problem, parse_problem  # noqa: E402
-from services.split_reviser.solver import solve, usable_nodes  # noqa: E402
-from services.split_reviser.solver_fast import lower_bound  # noqa: E402
+from shared.planning.objectives import build_tables  # noqa: E402
+from shared.planning.problem import Problem, parse_problem  # noqa: E402
+from shared.planning.solver import solve, usable_nodes  # noqa: E402
+from shared.planning.solver_fast import lower_bound  # noqa: E402
 
 EXACT_MAX_NODES = 12
 

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.client import ClientOptions, request
-from services.launcher import ensure_shards
+from services.cli.client import ClientOptions, request
+from services.cli.launcher import ensure_shards
 from shared.broker import start_local_broker
 from shared.messages import GenerateRequest, RequestFinished, TokenGenerated
 from shared.model.pipeline import LocalPipeline

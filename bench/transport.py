@@ -5,7 +5,7 @@ dir), and starts one cluster of real worker processes per pipeline width N (``py
 services.worker ... --threads 1``, no emulated links or slowdown, so a hop costs only
 software). Each cluster gets a signed plan cutting the blocks evenly over its N workers
 (``nNw0`` is the entry and holds the first segment). Greedy requests go through
-``services.client``; TTFT and TPOT come from the entry's RequestFinished. The baseline is
+``services.cli.client``; TTFT and TPOT come from the entry's RequestFinished. The baseline is
 ``LocalPipeline`` in this process with one torch thread (each worker uses one too).
 
 Variants are interleaved, ``--repeats`` rounds in a rotating order, after a warm-up. The
@@ -36,7 +36,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from bench.wire import control_round_trips, frame_round_trips, percentile
-from services.launcher import Stack, ensure_shards, publish_plan_and_wait
+from services.cli.launcher import Stack, ensure_shards, publish_plan_and_wait
 from services.worker.compute import ComputeThread
 from shared.broker import LocalBroker, start_local_broker
 from shared.bus import Bus

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from services.worker.routing import route_of
 from shared.errors import InvalidPlan
 from shared.messages import (
     AbortEpoch,
@@ -33,6 +32,7 @@ from shared.messages import (
     RolloutFinished,
     RolloutRequested,
 )
+from shared.planning.route import route_of
 from shared.topics import EPOCH_COMMANDS, PLAN, ROLLOUT_LEDGER, ROLLOUT_RESULTS, Topic
 
 REASON_LIMIT = 1024  # RolloutFinished.reason / AbortEpoch.reason are ShortText

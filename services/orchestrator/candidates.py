@@ -38,13 +38,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.orchestrator.logic import CandidateKind, CandidatePlan, classify, per_token_s
-from services.split_reviser.live import layers_from_manifest, problem_from_profile
-from services.split_reviser.privacy import PrivacyPolicy
-from services.split_reviser.problem import Plan as ProblemPlan
-from services.split_reviser.problem import Problem, boundary_bytes, effective_flops_per_s, evaluate
 from shared.errors import EdgesplitError
 from shared.messages import CapacityProfile, PlanOption, Segment
 from shared.model.shard import ShardManifest
+from shared.planning.live import layers_from_manifest, problem_from_profile
+from shared.planning.privacy import PrivacyPolicy
+from shared.planning.problem import Plan as ProblemPlan
+from shared.planning.problem import Problem, boundary_bytes, effective_flops_per_s, evaluate
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from services.orchestrator.logic import (
 )  # fmt: skip
 from services.orchestrator.readiness import first_plan_wait, nodes_missing
 from services.orchestrator.settings import OrchestratorSettings
-from services.split_reviser.privacy import PrivacyPolicy
 from shared.bus import Bus, Subscription
 from shared.errors import EdgesplitError
 from shared.ids import NodeId, RequestId
@@ -59,6 +58,7 @@ from shared.messages import (
     Segment,
 )  # fmt: skip
 from shared.model.shard import ShardManifest, ShardStore
+from shared.planning.privacy import PrivacyPolicy
 from shared.topics import (
     CAPACITY,
     DECISION_SLOTS,
@@ -322,7 +322,7 @@ class OrchestratorService:
 
     def _fail_over_entry(self, profile: CapacityProfile) -> None:
         """When the entry is down, the fastest alive node trusted enough to hold the
-        embedding and head becomes the entry (clients resubmit to it; see services/client.py)."""
+        embedding and head becomes the entry (clients resubmit to it; see services/cli/client.py)."""
         entry = failover_entry(profile, self.entry, self.policy.trusted_level)
         if entry is None:
             log.warning("entry %s is down and no alive node has trust >= %d", self.entry, self.policy.trusted_level)

@@ -22,17 +22,17 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.split_reviser.live import LiveProfileError, problem_from_profile
-from services.split_reviser.objectives import ObjectiveWeights, objective_terms
-from services.split_reviser.privacy import PrivacyPolicy
-from services.split_reviser.problem import Plan, Problem
-from services.split_reviser.problem import Segment as ProblemSegment
-from services.split_reviser.solver import PlanResult, solve
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import EdgesplitError
 from shared.messages import PlanOption, PlanProposed, PlanRequested, Segment
 from shared.model.shard import ShardManifest, ShardStore
+from shared.planning.live import LiveProfileError, problem_from_profile
+from shared.planning.objectives import ObjectiveWeights, objective_terms
+from shared.planning.privacy import PrivacyPolicy
+from shared.planning.problem import Plan, Problem
+from shared.planning.problem import Segment as ProblemSegment
+from shared.planning.solver import PlanResult, solve
 from shared.topics import REVISER_REPLIES, REVISER_REQUESTS
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused, NodeLost, NoPlan
 from services.worker.handoff import KvHandoff
 from services.worker.probes import is_probe
-from services.worker.routing import Route
 from shared.errors import StageTimedOut
 from shared.ids import RequestId
+from shared.planning.route import Route
 from shared.tensor_frame import Frame, FrameHeader, encode_frame
 
 log = logging.getLogger(__name__)

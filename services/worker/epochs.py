@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.worker.routing import Route
+from shared.planning.route import Route
 
 if TYPE_CHECKING:
     from services.worker.compute import SegmentHost

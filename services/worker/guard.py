@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
-from services.worker.routing import Route
 from services.worker.settings import WorkerSettings
 from shared.bus import Bus
 from shared.errors import EdgesplitError
 from shared.messages import PrivacyPolicySet
+from shared.planning.route import Route
 from shared.topics import POLICY
 
 log = logging.getLogger(__name__)

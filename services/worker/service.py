@@ -24,7 +24,6 @@ from services.worker.guard import PlanRefused, PrivacyGuard
 from services.worker.health import Health
 from services.worker.probes import LinkProber
 from services.worker.replies import Reply, ReplySender
-from services.worker.routing import Route, route_of
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
 from services.worker.shard_cache import CachedShards
@@ -47,6 +46,7 @@ from shared.messages import (
 from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
+from shared.planning.route import Route, route_of
 from shared.topics import (
     ACTIVATIONS,
     EPOCH_ACKS,

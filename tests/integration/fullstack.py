@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.client import ClientOptions, request
+from services.cli.client import ClientOptions, request
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.messages import GenerateRequest, NodeStatus, Plan, RequestFinished, TokenGenerated

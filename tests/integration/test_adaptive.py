@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from services.client import ClientOptions, request
+from services.cli.client import ClientOptions, request
 from services.orchestrator.logic import classify
 from shared.broker import LocalBroker
 from shared.bus import Bus

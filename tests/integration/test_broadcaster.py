@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from services.broadcaster.service import BroadcasterService, BroadcasterSettings, load_num_layers
-from services.client import ClientOptions, current_plan, request
+from services.cli.client import ClientOptions, current_plan, request
 from shared.broker import LocalBroker
 from shared.bus import Bus, Subscription
 from shared.messages import (

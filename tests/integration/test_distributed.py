@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.client import ClientOptions, request
+from services.cli.client import ClientOptions, request
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.errors import Busy, ContextTooLong, NoAnswer

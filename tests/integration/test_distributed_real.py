@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.client import ClientOptions, request
-from services.launcher import ensure_shards
+from services.cli.client import ClientOptions, request
+from services.cli.launcher import ensure_shards
 from shared.broker import LocalBroker
 from shared.messages import GenerateRequest, RequestFinished
 from shared.model.pipeline import LocalPipeline

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.client import ClientOptions, request
+from services.cli.client import ClientOptions, request
 from shared.broker import LocalBroker
 from shared.errors import ServingError
 from shared.messages import GenerateRequest, RequestFinished, TokenGenerated

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.client import ClientOptions, request
+from services.cli.client import ClientOptions, request
 from shared.broker import LocalBroker
 from shared.messages import GenerateRequest, RequestFinished, TokenGenerated
 from shared.model.pipeline import LocalPipeline

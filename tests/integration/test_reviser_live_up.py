@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from services.split_reviser.live import problem_from_profile, problem_to_json
-from services.split_reviser.privacy import PrivacyPolicy
 from shared.broker import free_port
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.messages import CapacityProfile, PlanProposed, PlanRequested
 from shared.model.shard import ShardStore
+from shared.planning.live import problem_from_profile, problem_to_json
+from shared.planning.privacy import PrivacyPolicy
 from shared.topics import CAPACITY, REVISER_REPLIES, REVISER_REQUESTS
 from shared.topology import load_topology
 

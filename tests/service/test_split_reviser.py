@@ -13,11 +13,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from services.split_reviser.live import problem_from_profile, problem_to_json
-from services.split_reviser.privacy import PrivacyPolicy
-from services.split_reviser.problem import Problem
 from services.split_reviser.service import ReviserSettings, SplitReviserService
-from services.split_reviser.solver import solve
 from services.worker.__main__ import parse_args as worker_args
 from services.worker.__main__ import settings_from as worker_settings
 from services.worker.service import WorkerService
@@ -35,6 +31,10 @@ from shared.messages import (
 )
 from shared.model.shard import ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
+from shared.planning.live import problem_from_profile, problem_to_json
+from shared.planning.privacy import PrivacyPolicy
+from shared.planning.problem import Problem
+from shared.planning.solver import solve
 from shared.topics import REVISER_REPLIES, REVISER_REQUESTS
 from shared.topology import DEFAULT_TOPOLOGY, load_topology
 

@@ -11,7 +11,7 @@ import argparse
 import pytest
 
 from services.cli import build_parser, main
-from services.cli_emulate import (
+from services.cli.emulate import (
     Changes,
     LinkChange,
     changes_from_args,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from services.client import ClientOptions, _Session
+from services.cli.client import ClientOptions, _Session
 from services.worker.deadline import StageDeadline
 from shared.config import BusSettings
 from shared.messages import GenerateRequest, Plan, RequestFinished, Segment, TokenGenerated

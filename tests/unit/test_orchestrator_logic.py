@@ -25,7 +25,6 @@ from services.orchestrator.logic import (
     decide,
 )
 from services.orchestrator.records import TpotTracker, merge, record_of
-from services.split_reviser.privacy import PrivacyPolicy
 from shared.messages import (
     CapacityProfile,
     LinkCapacity,
@@ -35,6 +34,7 @@ from shared.messages import (
     Segment,
 )
 from shared.model.shard import ShardManifest
+from shared.planning.privacy import PrivacyPolicy
 
 CONFIG = DecisionConfig(relative_threshold=0.15, dwell_s=15.0, min_horizon_tokens=100.0,
                         switch_overhead_s=0.1)  # fmt: skip

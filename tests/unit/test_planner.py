@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from services.split_reviser.objectives import ObjectiveWeights, objective_terms
-from services.split_reviser.privacy import PrivacyPolicy, apply_policy
-from services.split_reviser.problem import Plan, evaluate, load_problem, parse_problem
-from services.split_reviser.solver import solve
 from shared.errors import ProblemFieldError
+from shared.planning.objectives import ObjectiveWeights, objective_terms
+from shared.planning.privacy import PrivacyPolicy, apply_policy
+from shared.planning.problem import Plan, evaluate, load_problem, parse_problem
+from shared.planning.solver import solve
 from tests.unit.planner_instances import random_problem
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "data" / "planner"  # copies of ../shared/design/examples

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from services.split_reviser.problem import evaluate, parse_problem
-from services.split_reviser.solver import solve
+from shared.planning.problem import evaluate, parse_problem
+from shared.planning.solver import solve
 from tests.unit.planner_instances import brute_force, random_problem
 
 REL = 1e-9

@@ -1,4 +1,4 @@
-"""Live profile -> planning problem (services/split_reviser/live.py) and the reviser's
+"""Live profile -> planning problem (shared/planning/live.py) and the reviser's
 pure answer (service.propose): field mapping, down nodes, privacy, JSON round trip."""
 
 from __future__ import annotations
@@ -8,16 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.split_reviser.live import (
-    LiveProfileError,
-    layers_from_manifest,
-    problem_from_profile,
-    problem_to_json,
-)
-from services.split_reviser.privacy import PrivacyPolicy
-from services.split_reviser.problem import evaluate, parse_problem
 from services.split_reviser.service import propose
-from services.split_reviser.solver import solve
 from shared.messages import (
     CapacityProfile,
     LinkCapacity,
@@ -28,6 +19,15 @@ from shared.messages import (
 )
 from shared.model.shard import ShardManifest, ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
+from shared.planning.live import (
+    LiveProfileError,
+    layers_from_manifest,
+    problem_from_profile,
+    problem_to_json,
+)
+from shared.planning.privacy import PrivacyPolicy
+from shared.planning.problem import evaluate, parse_problem
+from shared.planning.solver import solve
 
 NO_POLICY = PrivacyPolicy(min_trust=0)
 POLICY = PrivacyPolicy(min_trust=2, first_blocks=2)

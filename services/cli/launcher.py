@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.orchestrator.static_plan import static_plan
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
@@ -29,6 +28,7 @@ from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, Privacy
 from shared.model.prepare import prepare_model
 from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
+from shared.planning.static import static_plan
 from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 

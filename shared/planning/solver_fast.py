@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.split_reviser.objectives import CostTables
-from services.split_reviser.solver_exact import Path, Step, solve_exact, threshold_tables
+from shared.planning.objectives import CostTables
+from shared.planning.solver_exact import Path, Step, solve_exact, threshold_tables
 
 
 def _combine(use_max: bool, left, right):

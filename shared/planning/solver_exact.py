@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.split_reviser.objectives import CostTables
+from shared.planning.objectives import CostTables
 
 # Ties within this relative distance are broken by the stable rule, not by float noise.
 TIE_REL = 1e-12

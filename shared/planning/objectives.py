@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.split_reviser.problem import (
+from shared.errors import PlanError
+from shared.planning.problem import (
     Plan,
     Problem,
     boundary_bytes,
@@ -26,7 +27,6 @@ from services.split_reviser.problem import (
     evaluate,
     layer_memory_bytes,
 )
-from shared.errors import PlanError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 ``--local --model DIR [--splits 4,12]`` runs the model in this process, cut into the
 same segments nodes would hold; without ``--local`` the request goes through the
-running system (``services.client``, loaded only then).
+running system (``services.cli.client``, loaded only then).
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def run_embed(args: argparse.Namespace) -> int:
 def _remote(name: str) -> Any:
     """The distributed client's handler ``name`` (imported only when needed)."""
     try:
-        client = importlib.import_module("services.client")
+        client = importlib.import_module("services.cli.client")
     except ModuleNotFoundError as error:
-        if error.name not in ("services.client",):
+        if error.name not in ("services.cli.client",):
             raise
         raise ConfigError(
             "the distributed client is not installed; use --local --model DIR"

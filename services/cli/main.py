@@ -18,11 +18,11 @@ from pydantic import ValidationError
 from shared.errors import EdgesplitError
 
 _COMMAND_MODULES = (
-    "services.cli_models",
-    "services.cli_infer",
-    "services.cli_plan",
-    "services.cli_system",
-    "services.cli_emulate",
+    "services.cli.models",
+    "services.cli.infer",
+    "services.cli.plan",
+    "services.cli.system",
+    "services.cli.emulate",
 )
 
 
@@ -71,5 +71,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,17 +15,17 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from services.split_reviser.diagnose import explain
-from services.split_reviser.objectives import CostTables, ObjectiveWeights, build_tables
-from services.split_reviser.problem import Objective, Plan, Predicted, Problem, Segment, evaluate
-from services.split_reviser.solver_exact import (
+from shared.errors import InvalidPlan, PlanError
+from shared.planning.diagnose import explain
+from shared.planning.objectives import CostTables, ObjectiveWeights, build_tables
+from shared.planning.problem import Objective, Plan, Predicted, Problem, Segment, evaluate
+from shared.planning.solver_exact import (
     Path,
     Start,
     exact_work,
     solve_exact,
 )
-from services.split_reviser.solver_fast import candidate_order, solve_fast
-from shared.errors import InvalidPlan, PlanError
+from shared.planning.solver_fast import candidate_order, solve_fast
 
 Method = Literal["auto", "exact", "fast"]
 

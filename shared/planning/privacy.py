@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.split_reviser.problem import Problem
+from shared.planning.problem import Problem
 
 
 class PrivacyPolicy(BaseModel):

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from services.split_reviser.objectives import CostTables
-from services.split_reviser.problem import Problem, layer_memory_bytes
-from services.split_reviser.solver_exact import SubsetDP, solve_exact
-from services.split_reviser.solver_fast import relaxed_forward
+from shared.planning.objectives import CostTables
+from shared.planning.problem import Problem, layer_memory_bytes
+from shared.planning.solver_exact import SubsetDP, solve_exact
+from shared.planning.solver_fast import relaxed_forward
 
 EXACT_DIAGNOSIS_NODES = 12
 

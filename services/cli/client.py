@@ -271,7 +271,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     """`edgesplit generate --broker URL ...`"""
     token_ids = None
     if args.prompt_ids:
-        from services.cli_infer import _parse_ids
+        from services.cli.infer import _parse_ids
 
         token_ids = tuple(_parse_ids(args.prompt_ids, "--prompt-ids"))
     options = _options(args)

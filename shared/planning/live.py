@@ -37,17 +37,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.split_reviser.privacy import PrivacyPolicy, apply_policy
-from services.split_reviser.problem import (
+from shared.errors import PlanError
+from shared.messages import CapacityProfile, LinkCapacity, NodeCapacity
+from shared.model.shard import ShardManifest
+from shared.planning.privacy import PrivacyPolicy, apply_policy
+from shared.planning.problem import (
     Layer,
     Link,
     Node,
     Objective,
     Problem,
 )
-from shared.errors import PlanError
-from shared.messages import CapacityProfile, LinkCapacity, NodeCapacity
-from shared.model.shard import ShardManifest
 
 FP32_BYTES = 4
 UNMEASURED_FLOPS_PER_S = 1.0

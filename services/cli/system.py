@@ -48,7 +48,7 @@ def _settings(args: argparse.Namespace) -> BusSettings:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from services.launcher import run_up as launch
+    from services.cli.launcher import run_up as launch
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
     return launch(_settings(args), args.topology, args.model, run_dir, static=args.static)

@@ -12,14 +12,14 @@ import argparse
 import json
 import math
 
-from services.split_reviser.problem import (
+from shared.planning.problem import (
     Problem,
     boundary_bytes,
     effective_flops_per_s,
     load_problem,
     transfer_s,
 )
-from services.split_reviser.solver import PlanResult, solve
+from shared.planning.solver import PlanResult, solve
 
 
 def _positive_seconds(text: str) -> float:
