@@ -16,6 +16,10 @@ for N >= 2 workers, none for N = 1). It ends with raw bus round trips (p50/p99) 
 decode-sized (2.3 KB) and a prefill-sized (300 KB) frame and of a QoS 1 control message.
 
     .venv/bin/python -m bench.transport [--tokens 32] [--repeats 5] [--workers 1,2,3,4]
+        [--tree old=/path/to/worktree-of-old-commit --tree new=.]
+
+With ``--tree`` the same widths run once per source tree, interleaved in the same rounds
+against the same local baseline: a side-by-side comparison of two commits' workers.
 
 Exit status 1 when a distributed run's tokens differ from the local ones.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import statistics
 import subprocess
@@ -56,6 +61,15 @@ RTT_SIZES_BYTES = {"decode 2.3 KB": 2304, "prefill 300 KB": 294_912}
 LOCAL = "local"
 
 
+@dataclass(frozen=True)
+class Tree:
+    """A source tree (e.g. a git worktree of an older commit) whose workers are measured
+    beside this tree's: ``--tree old=/path/to/worktree``."""
+
+    label: str
+    path: Path
+
+
 def even_segments(num_layers: int, workers: int) -> list[tuple[int, int]]:
     """[start, end) block ranges splitting ``num_layers`` over ``workers`` as evenly as possible."""
     if not 1 <= workers <= num_layers:
@@ -80,27 +94,36 @@ class Cluster:
 
     workers: int
     settings: BusSettings
+    label: str = ""
     stack: Stack = field(default_factory=Stack)
 
     @property
     def name(self) -> str:
-        return f"{self.workers} worker" + ("s" if self.workers > 1 else "")
+        plural = f"{self.workers} worker" + ("s" if self.workers > 1 else "")
+        return f"{self.label} {plural}" if self.label else plural
 
 
-def start_cluster(workers: int, broker: LocalBroker, shards: Path, log_dir: Path) -> Cluster:
-    """Start ``workers`` worker processes (1 torch thread each) on cluster ``tp-n{workers}``."""
-    settings = BusSettings(broker_url=broker.url, cluster=f"tp-n{workers}")
-    cluster = Cluster(workers, settings)
+def start_cluster(
+    workers: int, broker: LocalBroker, shards: Path, log_dir: Path, tree: Tree | None = None
+) -> Cluster:
+    """Start ``workers`` worker processes (1 torch thread each) on cluster ``tp-n{workers}``
+    (``tp-LABEL-n{workers}`` for a ``tree``, whose source the workers then run)."""
+    label = tree.label if tree else ""
+    settings = BusSettings(broker_url=broker.url, cluster=f"tp-{label}-n{workers}" if label
+                           else f"tp-n{workers}")  # fmt: skip
+    cluster = Cluster(workers, settings, label)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree.path)}
     for index in range(workers):
         node = node_id(workers, index)
         command = [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(shards),
                    "--broker", broker.url, "--cluster", settings.cluster, "--threads", "1",
                    "--log-level", "WARNING"]  # fmt: skip
-        log_file = log_dir / f"n{workers}-{node}.log"
+        log_file = log_dir / f"{label}n{workers}-{node}.log"
         cluster.stack.logs[node] = log_file
         with open(log_file, "ab") as log:
             cluster.stack.workers[node] = subprocess.Popen(
-                command, stdout=log, stderr=log, start_new_session=True
+                command, stdout=log, stderr=log, start_new_session=True, env=env,
+                cwd=None if tree is None else tree.path,
             )
     return cluster
 
@@ -220,7 +243,7 @@ async def measure(
             run = await one_run(variant, baseline, clusters, prompt, tokens)
             runs[variant].append(run)
             step_ms = run.step_s * 1e3
-            print(f"  round {round_index + 1}/{repeats} {variant:>10}: TPOT {run.tpot_s * 1e3:6.2f} ms, "
+            print(f"  round {round_index + 1}/{repeats} {variant:>17}: TPOT {run.tpot_s * 1e3:6.2f} ms, "
                   f"step p50 {step_ms:6.2f} ms",
                   file=sys.stderr, flush=True)  # fmt: skip
     return runs
@@ -273,10 +296,10 @@ def per_hop_ms(row: Row, local: Row) -> tuple[float, float] | None:
 def report(rows: list[Row]) -> bool:
     """Print the table and the goals; True when both goals are met on both measures."""
     local = rows[0]
-    print(f"{'variant':<11}{'hops':>5}{'TTFT':>8}{'TPOT':>8}{'(min-max)':>15}{'x local':>8}"
+    print(f"{'variant':<17}{'hops':>5}{'TTFT':>8}{'TPOT':>8}{'(min-max)':>15}{'x local':>8}"
           f"{'best':>9}{'x local':>8}{'ms/hop TPOT':>12}{'best':>7}")  # fmt: skip
     for row in rows:
-        line = (f"{row.variant:<11}{hops(row.workers) if row.workers else '-':>5}"
+        line = (f"{row.variant:<17}{hops(row.workers) if row.workers else '-':>5}"
                 f"{row.ttft_ms:>8.1f}{row.tpot_ms:>8.2f}"
                 f"{f'({row.tpot_range_ms[0]:.1f}-{row.tpot_range_ms[1]:.1f})':>15}"
                 f"{row.tpot_ms / local.tpot_ms:>8.3f}{row.step_ms:>9.2f}{row.step_ms / local.step_ms:>8.3f}")  # fmt: skip
@@ -341,9 +364,10 @@ async def bench(args: argparse.Namespace, broker: LocalBroker, shards: Path, log
     num_layers = store.config.num_layers
     clusters: dict[str, Cluster] = {}
     try:
-        for workers in args.workers:
-            cluster = start_cluster(workers, broker, shards, log_dir)
-            clusters[cluster.name] = cluster
+        for tree in args.trees or [None]:
+            for workers in args.workers:
+                cluster = start_cluster(workers, broker, shards, log_dir, tree)
+                clusters[cluster.name] = cluster
         for cluster in clusters.values():
             await publish_even_plan(cluster, num_layers, shards.name)
         layouts = {name: even_segments(num_layers, c.workers) for name, c in clusters.items()}
@@ -371,7 +395,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", default="1,2,3,4", help="pipeline widths (default 1,2,3,4)")
     parser.add_argument("--rtt-samples", type=int, default=200, help="bus round trips per size")
     parser.add_argument("--model", default="smollm2", help="packaged model name or folder")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH",
+                        help="measure the workers of the source tree PATH (a git worktree) as "
+                             "variants 'LABEL N workers'; repeat for side-by-side comparisons "
+                             "(default: this tree only)")  # fmt: skip
     args = parser.parse_args(argv)
+    args.trees = []
+    for spec in args.tree:
+        label, _, path = spec.partition("=")
+        if not label.isidentifier() or not (Path(path) / "services" / "worker").is_dir():
+            parser.error(f"--tree {spec!r}: want LABEL=PATH, PATH a source tree with services/worker")
+        args.trees.append(Tree(label, Path(path).resolve()))
     try:
         args.workers = sorted({int(part) for part in args.workers.split(",")})
     except ValueError:
