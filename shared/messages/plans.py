@@ -27,7 +27,8 @@ class Plan(Message):
 
     def signing_bytes(self) -> bytes:
         """Canonical bytes the signature covers (everything but the signature)."""
-        return msgpack.packb(self.model_dump(exclude={"signature"}), use_bin_type=True)
+        packed: bytes = msgpack.packb(self.model_dump(exclude={"signature"}), use_bin_type=True)
+        return packed
 
     def sign(self, key: str) -> Plan:
         """This plan with its signature set for ``key``."""

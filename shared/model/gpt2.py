@@ -107,7 +107,8 @@ class GPT2Block:
         w, heads = self.w, self.config.num_heads
         qkv = x @ w["attn.c_attn.weight"] + w["attn.c_attn.bias"]  # [T, 3H]
         query, key, value = (
-            split_heads(part, heads) for part in qkv.split(self.config.hidden_size, dim=-1)
+            split_heads(part, heads)
+            for part in torch.split(qkv, self.config.hidden_size, dim=-1)
         )
         if kv is not None:
             key, value = kv.append(key, value)  # [heads, past + T, head_dim]

@@ -193,7 +193,8 @@ def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator
     if "embed" in name or name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
         return 0.5 * torch.randn(shape, generator=generator)
     fan_in = shape[0] if ".h." in name else shape[1]  # GPT-2 Conv1D is [in, out]
-    return torch.randn(shape, generator=generator) / fan_in**0.5
+    scaled: torch.Tensor = torch.randn(shape, generator=generator) / fan_in**0.5
+    return scaled
 
 
 def _quiet_special_rows(config: ModelConfig, tensors: dict[str, torch.Tensor], prefix: str) -> None:
