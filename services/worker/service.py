@@ -287,7 +287,7 @@ class WorkerService:
             self.settings.max_in_flight,
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
-            handoff=self.data.handoff if self.settings.kv_handoff else None,
+            handoff=self.data.handoff.move if self.settings.kv_handoff else None,
             wait_for_epoch=self.health.wait_for_epoch_after if self.health else None,
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,
