@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 import aiomqtt
 from aiomqtt.client import ProtocolVersion
 
-from shared import codec, topics
+from shared import codec, fastpath, topics
 from shared.config import BusSettings
-from shared.connection import MQTT_LOG, Connection, Plane
+from shared.connection import MQTT_LOG, Connection, ConnectionHooks, Plane, ProtocolChoice
 from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
 from shared.ids import validate_id
 from shared.messages import Message
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Announcement", "Bus", "Delivery", "Subscription"]
 P = TypeVar("P")
 _NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-_VERSIONS = {"5": ProtocolVersion.V5, "3.1.1": ProtocolVersion.V311}
 
 
 class Bus:
@@ -72,21 +71,31 @@ class Bus:
         """Successful connects so far, both connections together."""
         self.counters: Counter[str] = Counter()
         """malformed:<pattern>, overflow:<pattern>, unroutable."""
-        self.protocol: ProtocolVersion | None = _VERSIONS.get(settings.protocol)
+        self._protocol = ProtocolChoice(settings.protocol, self.url)
         for announcement in (birth, will):
             if announcement is not None and not announcement.topic.retain:
                 raise WireError(f"birth/will topic {announcement.topic.pattern} must be retained")
         self._birth, self._will = birth, will
         self._seq = count(1)
         self._subscriptions: dict[Topic[Any], list[Subscription[Any]]] = {}
-        self._connections = {
-            "control": Connection(self, "control"),
-            "data": Connection(self, "data"),
+        hooks = ConnectionHooks(self._make_client, self._session_started, self._refresh,
+                                self._dispatch)  # fmt: skip
+        self._connections: dict[Plane, Connection] = {
+            plane: Connection(plane, settings, self.url, self._protocol, hooks)
+            for plane in ("control", "data")
         }
         self._changed = asyncio.Event()  # replaced (and the old one set) on every change
         self._task_group: asyncio.TaskGroup | None = None
-        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def protocol(self) -> ProtocolVersion | None:
+        """The MQTT version in use (None under "auto" before the first connect)."""
+        return self._protocol.version
+
+    def connection(self, plane: Plane) -> Connection:
+        """The connection of ``plane`` (its state: connected, client, fast path)."""
+        return self._connections[plane]
 
     async def __aenter__(self) -> Bus:
         self._task_group = asyncio.TaskGroup()
@@ -125,7 +134,8 @@ class Bus:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        self._closing = True
+        for connection in self._connections.values():
+            connection.close()
         for subscriptions in list(self._subscriptions.values()):
             for subscription in list(subscriptions):
                 subscription.close()
@@ -190,6 +200,12 @@ class Bus:
     async def _announce(self, announcement: Announcement[Any]) -> None:
         await self.publish(announcement.topic, announcement.message, **announcement.params)
 
+    async def _session_started(self, plane: Plane) -> None:
+        """A connection is up: count it; the control connection republishes the birth."""
+        self.sessions += 1
+        if plane == "control" and self._birth is not None:
+            await self._announce(self._birth)
+
     # --- subscribing --------------------------------------------------------------------------
 
     def subscribe(
@@ -201,24 +217,18 @@ class Bus:
         """
         filter_ = topic.filter(self.cluster, **params)
         subscription = Subscription(
-            self, topic, dict(params), filter_, queue_size or topic.queue_size
-        )
+            topic, dict(params), filter_, queue_size or topic.queue_size,
+            counters=self.counters, confirm_timeout_s=self.settings.connect_timeout_s,
+            on_close=self._unsubscribe,
+        )  # fmt: skip
         self._subscriptions.setdefault(topic, []).append(subscription)
-        connection = self._connections[topic.plane]
-        connection.filters[filter_] += 1
-        connection.qos[filter_] = max(topic.qos, connection.qos.get(filter_, 0))
-        connection.dirty.set()
+        self._connections[topic.plane].add_filter(filter_, topic.qos)
         self._refresh()
         return subscription
 
     def _unsubscribe(self, subscription: Subscription[Any]) -> None:
         self._subscriptions[subscription.topic].remove(subscription)
-        connection = self._connections[subscription.topic.plane]
-        connection.filters[subscription.filter] -= 1
-        if connection.filters[subscription.filter] <= 0:
-            del connection.filters[subscription.filter]
-            if not self._closing:  # a closing connection drops its subscriptions anyway
-                connection.dirty.set()
+        self._connections[subscription.topic.plane].remove_filter(subscription.filter)
 
     async def wait_ready(self, *, min_sessions: int = 0, timeout_s: float | None = None) -> None:
         """Wait until ready and at least ``min_sessions`` connects happened (BusError on timeout)."""
@@ -234,17 +244,10 @@ class Bus:
 
     def _refresh(self) -> None:
         """Recompute every subscription's ``active`` flag and the bus's ``ready`` event."""
-        ready = True
-        for connection in self._connections.values():
-            ready = (
-                ready
-                and connection.connected.is_set()
-                and set(connection.filters) <= connection.acked
-            )
+        ready = all(connection.ready() for connection in self._connections.values())
         for subscriptions in self._subscriptions.values():
             for subscription in subscriptions:
-                connection = self._connections[subscription.topic.plane]
-                up = connection.connected.is_set() and subscription.filter in connection.acked
+                up = self._connections[subscription.topic.plane].confirmed(subscription.filter)
                 (subscription.active.set if up else subscription.active.clear)()
         (self.ready.set if ready else self.ready.clear)()
         changed, self._changed = self._changed, asyncio.Event()
@@ -277,16 +280,6 @@ class Bus:
         for subscription in targets:
             subscription.offer(delivery)
 
-    def _protocol_candidates(self) -> list[ProtocolVersion]:
-        if self.protocol is not None:
-            return [self.protocol]
-        return [ProtocolVersion.V5, ProtocolVersion.V311]
-
-    def _protocol_works(self, version: ProtocolVersion) -> None:
-        if self.protocol is None:
-            log.info("broker %s speaks MQTT %s", self.url, version.name)
-        self.protocol = version
-
     def _make_client(self, plane: Plane, version: ProtocolVersion) -> aiomqtt.Client:
         settings, address = self.settings, self.settings.broker
         will = None
@@ -316,5 +309,5 @@ class Bus:
             logger=MQTT_LOG,
         )
         client.pending_calls_threshold = 10_000  # we pipeline publishes; 10 warns constantly
-        client._client.connect_timeout = settings.connect_timeout_s  # noqa: SLF001 - TCP connect
+        fastpath.set_connect_timeout(client, settings.connect_timeout_s)
         return client

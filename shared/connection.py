@@ -1,10 +1,13 @@
 """One MQTT connection of a `Bus` (shared/bus.py): its reconnect loop, its reader and
 its subscription syncer.
 
-`Connection.maintain` connects (trying the bus's protocol candidates), reads until the
-connection drops, backs off (capped exponential, with jitter) and repeats until the bus
-closes. Received messages reach `Bus._dispatch` from paho's read callback
-(shared/fastpath.py); QoS 0 publishes are written within the call.
+`Connection.maintain` connects (trying the protocol candidates of `ProtocolChoice`),
+reads until the connection drops, backs off (capped exponential, with jitter) and
+repeats until closed. A connection knows its bus only through `ConnectionHooks`: the
+client factory and three callbacks (a session started, the subscription state changed,
+a message arrived). Received messages reach the ``received`` hook from paho's read
+callback (shared/fastpath.py); QoS 0 publishes are written within the call. The bus
+changes a connection's subscriptions through `add_filter` and `remove_filter`.
 """
 
 from __future__ import annotations
@@ -14,20 +17,23 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 import aiomqtt
 from aiomqtt.client import ProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from shared import fastpath
+from shared.config import BusSettings
 from shared.errors import BusError
-
-if TYPE_CHECKING:
-    from shared.bus import Bus
 
 log = logging.getLogger("shared.bus")
 Plane = Literal["control", "data"]
+VERSIONS = {"5": ProtocolVersion.V5, "3.1.1": ProtocolVersion.V311}
+"""The MQTT versions a ``protocol`` setting names ("auto" names none: try both)."""
 MQTT_ERRORS = (aiomqtt.MqttError, OSError, TimeoutError)
 MQTT_LOG = logging.getLogger("edgesplit.mqtt")
 """The logger handed to aiomqtt."""
@@ -49,48 +55,131 @@ class _LateAcks(logging.Filter):
 MQTT_LOG.addFilter(_LateAcks())
 
 
-class Connection:
-    """One MQTT connection with its reconnect loop, reader and subscription syncer."""
+class ProtocolChoice:
+    """The MQTT version both connections of a bus speak: the one ``setting`` names, or
+    for "auto" the first that connects (5, then 3.1.1), kept from then on."""
 
-    def __init__(self, bus: Bus, plane: Plane):
-        self.bus, self.plane = bus, plane
+    def __init__(self, setting: str, url: str) -> None:
+        self.version: ProtocolVersion | None = VERSIONS.get(setting)
+        self._url = url
+
+    def candidates(self) -> list[ProtocolVersion]:
+        """The versions to try connecting with, in order."""
+        if self.version is not None:
+            return [self.version]
+        return [ProtocolVersion.V5, ProtocolVersion.V311]
+
+    def works(self, version: ProtocolVersion) -> None:
+        """A connect with ``version`` succeeded: use it from now on."""
+        if self.version is None:
+            log.info("broker %s speaks MQTT %s", self._url, version.name)
+        self.version = version
+
+
+@dataclass(frozen=True)
+class ConnectionHooks:
+    """What a `Connection` calls on its owner (the `Bus`).
+
+    ``make_client(plane, version)``: a new, unconnected client (Last Will, TLS, identity);
+    ``session_started(plane)``: a connect succeeded (the bus counts it and, on the control
+    plane, republishes its birth); ``changed()``: connected state or confirmed
+    subscriptions changed (the bus recomputes its readiness); ``received(plane, topic,
+    payload, retain)``: one message, called from paho's read callback (the hot path).
+    """
+
+    make_client: Callable[[Plane, ProtocolVersion], aiomqtt.Client]
+    session_started: Callable[[Plane], Awaitable[None]]
+    changed: Callable[[], None]
+    received: Callable[[Plane, str, bytes, bool], None]
+
+
+class Connection:
+    """One MQTT connection with its reconnect loop, reader and subscription syncer.
+
+    ``url``: the broker, for messages (redacted); ``protocol``: shared by the bus's
+    connections. Constructor does no I/O; run `maintain` and `sync_subscriptions` as tasks.
+    """
+
+    def __init__(
+        self,
+        plane: Plane,
+        settings: BusSettings,
+        url: str,
+        protocol: ProtocolChoice,
+        hooks: ConnectionHooks,
+    ) -> None:
+        self.plane, self.settings, self.url = plane, settings, url
         self.client: aiomqtt.Client | None = None
         self.fast: fastpath.FastPath | None = None
         self.connected = asyncio.Event()
-        self.filters: Counter[str] = Counter()  # broker filter -> local subscriptions using it
-        self.qos: dict[str, int] = {}
-        self.acked: set[str] = set()
-        self.dirty = asyncio.Event()
         self.last_error = "not connected yet"
+        self._protocol, self._hooks = protocol, hooks
+        # Bound once: paho's read callback calls it for every message.
+        self._received = partial(hooks.received, plane)
+        self._filters: Counter[str] = Counter()  # broker filter -> local subscriptions using it
+        self._qos: dict[str, int] = {}
+        self._acked: set[str] = set()
+        self._dirty = asyncio.Event()
+        self._closing = False
+
+    # --- what the bus asks of it ------------------------------------------------------------
+
+    def add_filter(self, filter_: str, qos: int) -> None:
+        """One more local subscription uses broker filter ``filter_`` (at ``qos`` or less)."""
+        self._filters[filter_] += 1
+        self._qos[filter_] = max(qos, self._qos.get(filter_, 0))
+        self._dirty.set()
+
+    def remove_filter(self, filter_: str) -> None:
+        """One local subscription of ``filter_`` ended; the last one unsubscribes it."""
+        self._filters[filter_] -= 1
+        if self._filters[filter_] <= 0:
+            del self._filters[filter_]
+            if not self._closing:  # a closing connection drops its subscriptions anyway
+                self._dirty.set()
+
+    def confirmed(self, filter_: str) -> bool:
+        """True while connected and the broker acknowledged ``filter_`` on this session."""
+        return self.connected.is_set() and filter_ in self._acked
+
+    def ready(self) -> bool:
+        """True while connected and every filter in use is acknowledged."""
+        return self.connected.is_set() and set(self._filters) <= self._acked
+
+    def close(self) -> None:
+        """Stop reconnecting and syncing (the loops end at their next turn)."""
+        self._closing = True
+
+    # --- its own loops ----------------------------------------------------------------------
 
     async def maintain(self) -> None:
         """Connect, read until the connection drops, back off, repeat (until cancelled)."""
-        settings = self.bus.settings
+        settings = self.settings
         failures = 0
-        while not self.bus._closing:
+        while not self._closing:
             try:
                 client = await self._connect()
                 failures = 0
                 await self._session(client)
             except MQTT_ERRORS as error:
                 self.last_error = str(error) or type(error).__name__
-                log.info("%s connection to %s lost: %s", self.plane, self.bus.url, self.last_error)
+                log.info("%s connection to %s lost: %s", self.plane, self.url, self.last_error)
             delay_s = min(settings.reconnect_max_s, settings.reconnect_initial_s * 2**failures)
             failures = min(failures + 1, 30)
             await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))  # jitter: no herds
 
     async def _connect(self) -> aiomqtt.Client:
         errors = []
-        for version in self.bus._protocol_candidates():
-            client = self.bus._make_client(self.plane, version)
+        for version in self._protocol.candidates():
+            client = self._hooks.make_client(self.plane, version)
             try:
-                async with asyncio.timeout(2 * self.bus.settings.connect_timeout_s + 1):
+                async with asyncio.timeout(2 * self.settings.connect_timeout_s + 1):
                     await client.__aenter__()
             except MQTT_ERRORS as error:
-                abandon(client)
+                fastpath.abandon(client)
                 errors.append(f"MQTT {version.name}: {error or type(error).__name__}")
                 continue
-            self.bus._protocol_works(version)
+            self._protocol.works(version)
             return client
         raise aiomqtt.MqttError("; ".join(errors))
 
@@ -99,28 +188,23 @@ class Connection:
             self.client = client
             self.fast = fastpath.FastPath(client, self._received, qos0_only=self.plane == "data")
             self.connected.set()
-            self.dirty.set()
-            self.bus.sessions += 1
-            if self.plane == "control" and self.bus._birth is not None:
-                await self.bus._announce(self.bus._birth)
+            self._dirty.set()
+            await self._hooks.session_started(self.plane)
             async for _ in client.messages:  # nothing is queued there: this waits for a disconnect
                 pass
         finally:
             self.client, self.fast = None, None
             self.connected.clear()
-            self.acked.clear()
-            self.bus._refresh()
+            self._acked.clear()
+            self._hooks.changed()
             with contextlib.suppress(*MQTT_ERRORS):
                 await asyncio.shield(client.__aexit__(None, None, None))
 
-    def _received(self, name: str, payload: bytes, retain: bool) -> None:
-        self.bus._dispatch(self.plane, name, payload, retain)
-
     async def sync_subscriptions(self) -> None:
-        """Bring the broker's subscriptions in line with ``filters`` whenever they change."""
-        while not self.bus._closing:
-            await self.dirty.wait()
-            self.dirty.clear()
+        """Bring the broker's subscriptions in line with the filters whenever they change."""
+        while not self._closing:
+            await self._dirty.wait()
+            self._dirty.clear()
             client = self.client
             if client is None:
                 continue  # the next session sets dirty again
@@ -128,21 +212,21 @@ class Connection:
                 await self._sync(client)
             except MQTT_ERRORS as error:
                 log.warning("%s subscriptions not synced: %s; retrying", self.plane, error)
-                await asyncio.sleep(self.bus.settings.reconnect_initial_s)
-                self.dirty.set()
-            self.bus._refresh()
+                await asyncio.sleep(self.settings.reconnect_initial_s)
+                self._dirty.set()
+            self._hooks.changed()
 
     async def _sync(self, client: aiomqtt.Client) -> None:
-        timeout_s = self.bus.settings.publish_timeout_s
-        for stale in [f for f in self.acked if f not in self.filters]:
+        timeout_s = self.settings.publish_timeout_s
+        for stale in [f for f in self._acked if f not in self._filters]:
             await client.unsubscribe(stale, timeout=timeout_s)
-            self.acked.discard(stale)
-        new = sorted(f for f in self.filters if f not in self.acked)
+            self._acked.discard(stale)
+        new = sorted(f for f in self._filters if f not in self._acked)
         if not new:
             return
-        v5 = self.bus.protocol == ProtocolVersion.V5
+        v5 = self._protocol.version == ProtocolVersion.V5
         request: list[Any] = [
-            (f, SubscribeOptions(qos=self.qos[f]) if v5 else self.qos[f]) for f in new
+            (f, SubscribeOptions(qos=self._qos[f]) if v5 else self._qos[f]) for f in new
         ]
         codes = await client.subscribe(request, timeout=timeout_s)
         if client is not self.client:
@@ -151,13 +235,15 @@ class Connection:
             if getattr(code, "is_failure", code == 0x80):
                 log.error("broker refused subscription %s (%s): check the ACLs", filter_, code)
             else:
-                self.acked.add(filter_)
+                self._acked.add(filter_)
 
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Publish ``payload`` on ``topic``; QoS 0 while connected is written within the
+        call. Raises BusError when not done within publish_timeout_s or refused."""
         if qos == 0 and self.fast is not None:  # the hot path: straight to the socket
             self.fast.publish(topic, payload, retain)
             return
-        timeout_s = self.bus.settings.publish_timeout_s
+        timeout_s = self.settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await self.connected.wait()
@@ -170,16 +256,10 @@ class Connection:
         except TimeoutError:
             raise BusError(
                 f"publish to {topic} not done in {timeout_s} s ({self.plane} connection to "
-                f"{self.bus.url}: {self.last_error})"
+                f"{self.url}: {self.last_error})"
             ) from None
         except aiomqtt.MqttError as error:
             raise BusError(f"publish to {topic} failed: {error}") from error
-
-
-def abandon(client: aiomqtt.Client) -> None:
-    """Close the socket of a client whose connect failed (aiomqtt leaves it open)."""
-    with contextlib.suppress(Exception):
-        client._client._sock_close()  # noqa: SLF001 - aiomqtt has no public way
 
 
 def _reraise_lost_cancellation() -> None:

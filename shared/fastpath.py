@@ -16,12 +16,17 @@ loop thread (aiomqtt drives paho's reads and writes from the loop), so:
 
 aiomqtt's message iterator is still used to notice a disconnect. Only paho's documented
 external-loop API (``loop_write``, the socket callbacks) and ``Client._client`` /
-``Client._disconnected`` of aiomqtt are touched; tests/unit/test_fastpath.py pins them.
+``Client._disconnected`` of aiomqtt are touched; tests/service/test_fastpath.py pins them.
+
+Every other reach into aiomqtt's internals lives here too, each with its reason:
+`abandon` (close the socket of a failed connect) and `set_connect_timeout` (paho's TCP
+connect timeout). No other module touches a private member of a library.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -35,6 +40,18 @@ from shared.errors import BusError
 log = logging.getLogger("shared.bus")
 
 OnMessage = Callable[[str, bytes, bool], None]
+
+
+def abandon(client: aiomqtt.Client) -> None:
+    """Close the socket of a client whose connect failed (aiomqtt leaves it open)."""
+    with contextlib.suppress(Exception):
+        client._client._sock_close()  # noqa: SLF001 - aiomqtt has no public way to close it
+
+
+def set_connect_timeout(client: aiomqtt.Client, timeout_s: float) -> None:
+    """Bound paho's TCP connect to ``timeout_s`` seconds (paho's own default is 5 s;
+    aiomqtt does not pass its ``timeout`` on to it)."""
+    client._client.connect_timeout = timeout_s  # noqa: SLF001 - aiomqtt does not pass it on
 
 
 class FastPath:
@@ -65,6 +82,15 @@ class FastPath:
         inner.on_socket_register_write = self._register_write
         if qos0_only:  # nothing waits for a QoS 0 confirmation: skip paho building one per write
             inner.on_publish = None
+
+    def want_write(self) -> bool:
+        """True while paho holds bytes of this connection the socket has not taken yet."""
+        return bool(self._inner.want_write())
+
+    def fileno(self) -> int | None:
+        """The connection's socket file descriptor (None once it is closed)."""
+        sock = self._inner.socket()
+        return sock.fileno() if sock is not None else None
 
     def _register_write(self, paho_client: paho.Client, userdata: Any, sock: Any) -> None:
         if self._direct:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from shared import codec
 from shared.errors import BusError
 from shared.topics import Overflow, Topic
-
-if TYPE_CHECKING:
-    from shared.bus import Bus
 
 log = logging.getLogger("shared.bus")
 P = TypeVar("P")
@@ -52,15 +49,27 @@ class Subscription(Generic[P]):
 
     Async-iterate it for `Delivery` items; iteration ends when it or the bus closes.
     ``async with`` waits until the broker confirmed the subscription (BusError after
-    the connect timeout) and closes it on exit.
+    ``confirm_timeout_s`` seconds) and closes it on exit. ``counters``: the bus's counters
+    (overflow drops are counted there); ``on_close``: called once, when it closes.
     """
 
-    def __init__(self, bus: Bus, topic: Topic[P], params: dict[str, str], filter_: str, size: int):
+    def __init__(
+        self,
+        topic: Topic[P],
+        params: dict[str, str],
+        filter_: str,
+        size: int,
+        *,
+        counters: Counter[str],
+        confirm_timeout_s: float,
+        on_close: Callable[[Subscription[Any]], None],
+    ) -> None:
         self.topic, self.params, self.filter = topic, params, filter_
         self.active = asyncio.Event()
         """Set while the broker has confirmed this subscription on the current connection."""
         self.dropped = 0
-        self._bus, self._size = bus, size
+        self._size, self._counters = size, counters
+        self._confirm_timeout_s, self._on_close = confirm_timeout_s, on_close
         self._items: deque[Delivery[P]] = deque()
         self._readable = asyncio.Event()
         self._closed = False
@@ -72,7 +81,7 @@ class Subscription(Generic[P]):
         """Queue a delivery without blocking; applies the topic's overflow policy."""
         if len(self._items) >= self._size:
             self.dropped += 1
-            self._bus.counters[f"overflow:{self.topic.pattern}"] += 1
+            self._counters[f"overflow:{self.topic.pattern}"] += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("subscription %s is full (%d): %s, %d dropped so far", self.filter,
                             self._size, self.topic.overflow.value, self.dropped)  # fmt: skip
@@ -104,10 +113,10 @@ class Subscription(Generic[P]):
         if not self._closed:
             self._closed = True
             self._readable.set()
-            self._bus._unsubscribe(self)
+            self._on_close(self)
 
     async def __aenter__(self) -> Subscription[P]:
-        timeout_s = self._bus.settings.connect_timeout_s
+        timeout_s = self._confirm_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await self.active.wait()

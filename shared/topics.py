@@ -148,6 +148,13 @@ class Topic(Generic[P]):
             parts.append(validate_id(params[name], name) if name in params else "+")
         return "/".join(parts)
 
+    def overlaps(self, other: Topic[Any]) -> bool:
+        """True when some concrete topic string would match both patterns."""
+        return len(self._levels) == len(other._levels) and all(
+            a is None or b is None or a == b
+            for a, b in zip(self._levels, other._levels, strict=True)
+        )
+
     def parse(self, topic: str) -> tuple[str, dict[str, str]] | None:
         """(cluster, parameters) of a concrete topic of this pattern, or None."""
         parts = topic.split("/")
@@ -168,10 +175,7 @@ class Topic(Generic[P]):
 
 def _register(topic: Topic[Any]) -> None:
     for other in REGISTRY.values():
-        if len(other._levels) == len(topic._levels) and all(
-            a is None or b is None or a == b
-            for a, b in zip(other._levels, topic._levels, strict=True)
-        ):
+        if other.overlaps(topic):
             raise ValueError(f"topic {topic.pattern!r} overlaps {other.pattern!r}")
     REGISTRY[topic.pattern] = topic
 

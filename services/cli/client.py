@@ -127,12 +127,13 @@ class _Session:
         self.tokens: list[int] = []
         self._ahead: dict[int, TokenGenerated] = {}  # tokens after a gap, by index
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._deadline = 0.0
+        self.deadline = 0.0
+        """Loop time (s) by which the request must be answered; `run` sets it."""
         self.resubmissions = 0
 
     async def run(self, *subscriptions: Subscription[Any]) -> RequestFinished | EmbeddingReady:
         loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self.options.timeout_s
+        self.deadline = loop.time() + self.options.timeout_s
         pumps = [asyncio.create_task(self._pump(sub)) for sub in subscriptions]
         pumps.append(asyncio.create_task(self._reconnects()))
         try:
@@ -162,7 +163,7 @@ class _Session:
     async def _converse(self) -> RequestFinished | EmbeddingReady:
         loop = asyncio.get_running_loop()
         while True:
-            left_s = self._deadline - loop.time()
+            left_s = self.deadline - loop.time()
             if left_s <= 0:
                 raise NoAnswer(f"no answer from entry node {self.plan.entry_node} within "
                                f"{self.options.timeout_s} s (request {self.message.request_id})")  # fmt: skip
@@ -170,17 +171,17 @@ class _Session:
                 async with asyncio.timeout(min(left_s, self.options.resync_after_s)):
                     message = await self._inbox.get()
             except TimeoutError:
-                if loop.time() < self._deadline:
+                if loop.time() < self.deadline:
                     await self._send()  # quiet too long: a reply (or the request) was lost
                 continue
             if message is _RECONNECTED:
                 await self._send()
                 continue
-            final = await self._handle(message)
+            final = await self.handle(message)
             if final is not None:
                 return final
 
-    async def _handle(self, message: Any) -> RequestFinished | EmbeddingReady | None:
+    async def handle(self, message: Any) -> RequestFinished | EmbeddingReady | None:
         """One incoming message; the final answer when it is one."""
         if isinstance(message, Plan):
             if message.epoch > self.plan.epoch:
@@ -234,7 +235,7 @@ class _Session:
         message: Any = self.message
         if not first:
             self.resubmissions += 1
-            left_s = max(0.1, self._deadline - asyncio.get_running_loop().time())
+            left_s = max(0.1, self.deadline - asyncio.get_running_loop().time())
             update: dict[str, Any] = {"timeout_s": left_s}
             if isinstance(message, GenerateRequest):
                 update["resume_token_ids"] = tuple(self.tokens)

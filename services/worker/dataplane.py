@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import count
 
 import numpy as np
@@ -23,7 +23,7 @@ from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused, NodeLost, NoPlan
-from services.worker.handoff import KvHandoff
+from services.worker.handoff import KvHandoff, WaitKey
 from services.worker.probes import is_probe
 from shared.errors import StageTimedOut
 from shared.ids import RequestId
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 __all__ = ["DataPlane", "FrameRefused", "NoPlan", "NodeLost"]
 
 
-class DataPlane(KvHandoff):
-    """Frames of one worker. ``send(destination, payload)`` is the (shaped) egress."""
+class DataPlane:
+    """Frames of one worker. ``send(destination, payload)`` is the (shaped) egress; the
+    KV handoff (``handoff``) is its collaborator for handoff and kv frames."""
 
     def __init__(
         self,
@@ -58,7 +59,7 @@ class DataPlane(KvHandoff):
         self.deadline = deadline or StageDeadline(stage_timeout_s)
         self.counters: Counter[str] = Counter()
         self._seq = count()
-        self._pending: dict[tuple[str, int, int], tuple[int, asyncio.Future[Frame]]] = {}
+        self._pending: dict[WaitKey, tuple[int, asyncio.Future[Frame]]] = {}
         self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
         self._pass_ids = count(1)
@@ -67,6 +68,9 @@ class DataPlane(KvHandoff):
         self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
         self._reconnected_at: float | None = None
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
+        self.handoff = KvHandoff(node, hidden_size, keeper, compute, self.deadline, send,
+                                 self._expect_answers, self._forget_answers, self._resolve,
+                                 self.down, self._seq, self.counters)  # fmt: skip
 
     def _seen_before(self, header: FrameHeader) -> bool:
         """True for a frame already handled: same request, pass, epoch and hop target."""
@@ -152,10 +156,10 @@ class DataPlane(KvHandoff):
             raise FrameRefused("frame has no integer 'target' block")
         kind = header.extra.get("kind")
         if kind == "handoff":
-            await self._on_handoff(frame, serving)
+            await self.handoff.on_handoff(frame, serving)
             return
         if kind == "kv":
-            await self._on_kv(frame, serving)
+            await self.handoff.on_kv(frame, serving)
             return
         if header.extra.get("release") is True:
             if host is not None and target == host.start:
@@ -212,6 +216,17 @@ class DataPlane(KvHandoff):
             return
         del self._pending[key]
         waiting[1].set_result(frame)
+
+    def _expect_answers(self, keys: Sequence[WaitKey]) -> tuple[int, list[asyncio.Future[Frame]]]:
+        """Wait for one answer per key under a new pass id (`_resolve` accepts them)."""
+        loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
+        futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in keys]
+        self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
+        return pass_id, futures
+
+    def _forget_answers(self, keys: Sequence[WaitKey]) -> None:
+        for key in keys:
+            self._pending.pop(key, None)
 
     async def _send_result(self, route: Route, header: FrameHeader, extra: dict[str, bool]) -> None:
         """An empty result straight to the entry, e.g. to say the KV cache is missing."""

@@ -71,7 +71,7 @@ class Emulation:
         if command.noise is not None:
             self.noise = command.noise
             if self.noise == 0:
-                self._redraw(exact=True)
+                self.redraw(exact=True)
         self.command_id = command.command_id
         return self.state()
 
@@ -84,8 +84,9 @@ class Emulation:
             noise=self.noise,
         )
 
-    def _redraw(self, exact: bool = False) -> None:
-        """Set every shape and the slowdown to its base value times a fresh noise factor."""
+    def redraw(self, exact: bool = False) -> None:
+        """Set every shape and the slowdown to its base value times a fresh noise factor
+        (``exact``: factor 1, no noise)."""
 
         def factor() -> float:
             return 1.0 if exact else self._rng.uniform(1 - self.noise, 1 + self.noise)
@@ -128,4 +129,4 @@ class Emulation:
         while True:
             await asyncio.sleep(NOISE_PERIOD_S)
             if self.noise > 0:
-                self._redraw()
+                self.redraw()

@@ -91,14 +91,14 @@ class NextToken:
     def __call__(self) -> np.ndarray:
         """Compute thread."""
         if self.token is None:
-            token = self._role._sample(self._hidden, self._sampler)
+            token = self._role.sample_token(self._hidden, self._sampler)
             text = self._stream.push(token)[:1024]
             request = self._entry.request
             assert isinstance(request, GenerateRequest)
             self._last = should_stop(token, self._index + 1, request.max_new_tokens,
                                      self._role.config.eos_token_ids)  # fmt: skip
             self.token = token
-            self._loop.call_soon_threadsafe(self._role._emit, self._entry, self._index, token, text)
+            self._loop.call_soon_threadsafe(self._role.emit_token, self._entry, self._index, token, text)
         if self._last:
             raise _Finished
         return np.asarray([self.token], dtype=np.int64)
@@ -286,7 +286,7 @@ class EntryRole:
             tpot_s=(done_at - entry.first_at) / (count - 1) if count > 1 else 0.0,
         ))  # fmt: skip
 
-    def _emit(self, entry: JournalEntry, index: int, token: int, text: str) -> None:
+    def emit_token(self, entry: JournalEntry, index: int, token: int, text: str) -> None:
         """Event loop: record generated token ``index`` and stream it to the client."""
         if len(entry.generated) != index or entry.request.request_id not in self.journal:
             return  # the request ended meanwhile (timeout): nothing more is sent
@@ -370,7 +370,7 @@ class EntryRole:
                      entry.kv_epoch, epoch)  # fmt: skip
         return moved
 
-    def _sample(self, hidden: np.ndarray, sampler: Sampler) -> int:
+    def sample_token(self, hidden: np.ndarray, sampler: Sampler) -> int:
         """Head + sampling on each row of the final hidden state, in order (rows before
         the last advance a seeded sampler over resumed tokens); the last row's token.
         Compute thread."""

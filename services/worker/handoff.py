@@ -3,8 +3,9 @@
 At a token boundary no frame of the request is in flight, so the entry sends every node
 of the old pipeline its handoff frame at once; each sends the K/V of its blocks to their
 new owners (or keeps them) and answers the entry; each new owner acknowledges what it
-received. `KvHandoff` is the part of `DataPlane` (services/worker/dataplane.py) that does
-this; the entry replays the request instead when anything is missing.
+received. `KvHandoff` does this for a worker's `DataPlane` (services/worker/dataplane.py),
+which holds it, hands it the handoff and kv frames, and keeps the entry's waits for
+answers; the entry replays the request instead when anything is missing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import torch
@@ -24,26 +26,53 @@ from services.worker.errors import FrameRefused
 from shared.ids import RequestId
 from shared.tensor_frame import Frame, FrameHeader, encode_frame, to_torch
 
+WaitKey = tuple[str, int, int]
+"""What an entry's wait for an answer is keyed by: (request id, step, epoch)."""
+ExpectAnswers = Callable[[Sequence[WaitKey]], tuple[int, list[asyncio.Future[Frame]]]]
+"""Register one wait per key under a new pass id; returns (pass id, one future per key)."""
+
 
 class KvHandoff:
-    """Mixin of `DataPlane`: the handoff's side of a worker's data plane."""
+    """The KV handoff's side of one worker's data plane.
 
-    node: str
-    hidden_size: int
-    keeper: EpochKeeper
-    compute: ComputeThread
-    stage_timeout_s: float
-    deadline: StageDeadline
-    counters: Counter[str]
-    down: set[str]
-    _send_payload: Callable[[str, bytes], Awaitable[None]]
-    _pending: dict[tuple[str, int, int], tuple[int, asyncio.Future[Frame]]]
-    _pass_ids: Iterator[int]
-    _seq: Iterator[int]
-    _resolve: Callable[[Frame], None]
-    """Accept an answer for the entry's pending wait (`DataPlane._resolve`)."""
+    ``node``: this worker; ``hidden_size``: width of the (empty) answer frames; ``keeper``:
+    the epochs that serve frames; ``compute``: the thread that splits and imports K/V;
+    ``deadline``: the stage deadline (a handoff waits about one pass); ``send(node,
+    payload)``: the (shaped) egress; ``expect``/``forget``/``resolve``: the entry's waits
+    for answers, kept by the data plane (register, drop, accept one answer); ``down``: the
+    nodes known to be down (read only here); ``seq``: the frame sequence numbers the data
+    plane numbers its frames with; ``counters``: the data plane's counters.
+    """
 
-    async def handoff(self, request_id: str, old_epoch: int, length: int) -> bool:
+    def __init__(
+        self,
+        node: str,
+        hidden_size: int,
+        keeper: EpochKeeper,
+        compute: ComputeThread,
+        deadline: StageDeadline,
+        send: Callable[[str, bytes], Awaitable[None]],
+        expect: ExpectAnswers,
+        forget: Callable[[Sequence[WaitKey]], None],
+        resolve: Callable[[Frame], None],
+        down: AbstractSet[str],
+        seq: Iterator[int],
+        counters: Counter[str],
+    ) -> None:
+        self.node = node
+        self.hidden_size = hidden_size
+        self.keeper = keeper
+        self.compute = compute
+        self.deadline = deadline
+        self.counters = counters
+        self.down = down
+        self._send_payload = send
+        self._expect = expect
+        self._forget = forget
+        self._resolve = resolve
+        self._seq = seq
+
+    async def move(self, request_id: str, old_epoch: int, length: int) -> bool:
         """Move a request's KV caches from the old epoch's owners to the new ones.
 
         At a token boundary no frame of the request is in flight, so every node of the old
@@ -58,16 +87,14 @@ class KvHandoff:
         new = self.keeper.current
         if old is None or new is None or new.epoch == old_epoch:
             return False
-        if self.down.intersection(old.route.nodes()):
+        if not self.down.isdisjoint(old.route.nodes()):
             return False  # the old pipeline lost a node: its caches are gone, replay
         holders = [(node, segment) for node in old.route.nodes()
                    if (segment := old.route.segment_of(node)) is not None]  # fmt: skip
-        loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
         moves = [len(_new_owners(new, node, start, end)) for node, (start, end) in holders]
         bases = [HANDOFF_STEP + len(holders) + sum(moves[:index]) for index in range(len(holders))]
         keys = [(request_id, HANDOFF_STEP + index, old_epoch) for index in range(len(holders) + sum(moves))]
-        futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in keys]
-        self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
+        pass_id, futures = self._expect(keys)
         empty = np.zeros((0, self.hidden_size), np.float32)
         try:
             for (node, (start, _)), key, base in zip(holders, keys, bases, strict=False):
@@ -75,7 +102,7 @@ class KvHandoff:
                                      extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
                                             "target": start, "pass": pass_id, "ack_base": base})  # fmt: skip
                 if node == self.node:
-                    await self._on_handoff(Frame(header, empty), old)
+                    await self.on_handoff(Frame(header, empty), old)
                 else:
                     await self._send_payload(node, encode_frame(header, empty))
             async with asyncio.timeout(self.deadline.timeout_s(1)):  # about one pass; then replay
@@ -86,10 +113,12 @@ class KvHandoff:
         except TimeoutError:
             return False
         finally:
-            for key in keys:
-                self._pending.pop(key, None)
+            self._forget(keys)
 
-    async def _on_handoff(self, frame: Frame, old: Serving) -> None:
+    async def on_handoff(self, frame: Frame, old: Serving) -> None:
+        """A handoff frame for ``old``, this node's state in the request's old epoch: send
+        the K/V of its blocks to their new owners and answer the entry (or, at the entry,
+        accept an answer). Raises FrameRefused for a malformed header."""
         header, route, host = frame.header, old.route, old.host
         target = header.extra.get("target")
         if target == route.num_layers:
@@ -119,7 +148,9 @@ class KvHandoff:
         else:
             await self._send_payload(route.entry, encode_frame(answer, frame.array))
 
-    async def _on_kv(self, frame: Frame, serving: Serving) -> None:
+    async def on_kv(self, frame: Frame, serving: Serving) -> None:
+        """K/V of some blocks moved here for ``serving``: import them and acknowledge to the
+        entry. Raises FrameRefused for a frame that does not fit this node's segment."""
         blocks = frame.header.extra.get("blocks")
         host = serving.host
         if host is None or not isinstance(blocks, tuple) or frame.array.ndim != 5:
@@ -141,7 +172,6 @@ class KvHandoff:
             self._resolve(Frame(ack, empty))
         else:
             await self._send_payload(route.entry, encode_frame(ack, empty))
-
 
 
 HANDOFF_STEP = 2**62

@@ -124,7 +124,7 @@ class LinkProber:
                 node = params.get("node", "")
                 if node == self.node or status.node != node:
                     continue
-                (self._online.add if status.state == "online" else self._online.discard)(node)
+                self.set_online(node, status.state == "online")
 
     async def _receive(self, bus: Bus) -> None:
         # A subscription of our own: arrival times are not delayed by the worker's compute.
@@ -144,10 +144,19 @@ class LinkProber:
                 self._expire(peer, now_s)
                 if now_s >= peer.next_round_s:
                     try:
-                        await self._start_round(name, peer, now_s)
+                        await self.start_round(name, now_s)
                     except EdgesplitError as error:
                         log.info("%s: probe to %s not sent: %s", self.node, name, error)
             await asyncio.sleep(tick_s)
+
+    def set_online(self, node: str, online: bool) -> None:
+        """Whether ``node`` is online (its retained status): only online peers are probed."""
+        (self._online.add if online else self._online.discard)(node)
+
+    def next_round_s(self, name: str, now_s: float) -> float:
+        """When the next probe round to ``name`` is due (clock s); the first is drawn at
+        random within one probe period of ``now_s``."""
+        return self._peer(name, now_s).next_round_s
 
     def _targets(self) -> set[str]:
         return self._online if self._allowed is None else self._online & self._allowed
@@ -169,8 +178,12 @@ class LinkProber:
         wanted = int(peer.bandwidth * settings.probe_dispersion_s)
         return max(settings.probe_min_bytes, min(settings.probe_max_bytes, wanted))
 
-    async def _start_round(self, name: str, peer: _Peer, now_s: float) -> None:
+    async def start_round(self, name: str, now_s: float) -> None:
+        """Send ``name`` a probe pair (a small and a sized probe, back to back) at ``now_s``
+        unless the link's probe budget is spent; sets when the next round is due. Raises
+        what the egress raises (EdgesplitError when the frame cannot be published)."""
         settings = self.settings
+        peer = self._peer(name, now_s)
         size = self.probe_size(peer)
         self._refill(peer, now_s)
         if peer.bandwidth is not None:

@@ -27,7 +27,7 @@ from services.worker.replies import Reply, ReplySender
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
 from services.worker.shard_cache import CachedShards
-from services.worker.telemetry import TelemetryReporter
+from services.worker.telemetry import StartupBenchmark, TelemetryReporter, TelemetrySources
 from shared.bus import Announcement, Bus
 from shared.errors import EdgesplitError
 from shared.messages import (
@@ -71,8 +71,11 @@ class WorkerService:
         self.emulation = Emulation(self.node, self.slowdown, self.shaper.schedule)
         self.emulation.apply(initial_command(settings))  # the same path as run-time commands
         self.prober = LinkProber(self.node, settings, self.shaper.send)
-        self.telemetry = TelemetryReporter(self)
         self.keeper = EpochKeeper(drain_s=settings.stage_timeout_s)
+        keeper = self.keeper
+        self.telemetry = TelemetryReporter(TelemetrySources(
+            self.node, settings.telemetry_period_s, self.compute,
+            serving=lambda: keeper.current, links=self.prober.window))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
@@ -144,7 +147,7 @@ class WorkerService:
                     task_group.create_task(self._housekeeping(), name="housekeeping")
                     task_group.create_task(health.watch_stalls(), name="stalls")
                     task_group.create_task(health.watch_reconnects(bus), name="reconnects")
-                    task_group.create_task(self.telemetry.run(bus), name="telemetry")
+                    task_group.create_task(self.telemetry.run(bus, self._benchmark()), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
         finally:
@@ -153,6 +156,12 @@ class WorkerService:
             counters += self.entry.counters if self.entry else Counter()
             counters["frames_unsent"] += self.shaper.unsent
             log.info("%s: stopping; counters %s", self.node, dict(sorted(counters.items())))
+
+    def _benchmark(self) -> StartupBenchmark | None:
+        """The start-up benchmark telemetry calibrates with (None when switched off)."""
+        if not self.settings.benchmark or self.store is None:
+            return None
+        return StartupBenchmark(self.store, self.slowdown.factor, self.settings.device)
 
     async def _announce(self) -> None:
         assert self._bus is not None
@@ -278,7 +287,7 @@ class WorkerService:
             self.settings.max_in_flight,
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
-            handoff=self.data.handoff if self.settings.kv_handoff else None,
+            handoff=self.data.handoff.move if self.settings.kv_handoff else None,
             wait_for_epoch=self.health.wait_for_epoch_after if self.health else None,
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,

@@ -16,15 +16,17 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared.errors import EdgesplitError
-from shared.messages import BlockTimes, Telemetry
+from shared.messages import BlockTimes, LinkObservation, Telemetry
 from shared.topics import TELEMETRY
 
 if TYPE_CHECKING:
-    from services.worker.service import WorkerService
+    from services.worker.compute_thread import ComputeThread
+    from services.worker.epochs import Serving
     from shared.bus import Bus
     from shared.model.shard import ShardStore
 
@@ -161,71 +163,102 @@ def read_memory() -> tuple[int, int | None]:
     return resident, available
 
 
-class TelemetryReporter:
-    """Publishes the worker's telemetry every ``settings.telemetry_period_s`` seconds."""
+@dataclass(frozen=True)
+class TelemetrySources:
+    """What a worker's telemetry reports, read afresh at every sample.
 
-    def __init__(self, service: WorkerService) -> None:
-        self.service = service
+    ``compute``: the compute thread (busy seconds, queue depth; it also runs the start-up
+    benchmark). ``serving``: the committed epoch's state (route, segment host, entry) or
+    None before the first plan. ``links``: the prober's observations since the last call.
+    """
+
+    node: str
+    period_s: float
+    """Seconds between two telemetry messages."""
+    compute: ComputeThread
+    serving: Callable[[], Serving | None]
+    links: Callable[[], tuple[LinkObservation, ...]]
+
+
+@dataclass(frozen=True)
+class StartupBenchmark:
+    """One real block of ``store``'s model, timed on the compute thread at start-up;
+    ``slowdown_factor`` scales it like real forwards (emulated slowdown)."""
+
+    store: ShardStore
+    slowdown_factor: float
+    device: str = "cpu"
+
+
+class TelemetryReporter:
+    """Publishes the worker's telemetry every ``sources.period_s`` seconds."""
+
+    def __init__(self, sources: TelemetrySources) -> None:
+        self.sources = sources
         self.timer = BlockTimer()
         self.published = 0
         self._last_wall_s = time.monotonic()
         self._last_cpu_s = time.process_time()
         self._last_busy_s = 0.0
 
-    async def run(self, bus: Bus) -> None:
-        """Calibrate (on the compute thread) and publish until cancelled."""
+    async def run(self, bus: Bus, benchmark: StartupBenchmark | None = None) -> None:
+        """Calibrate with ``benchmark`` (on the compute thread; None skips it) and publish
+        until cancelled. A publish the broker does not take is logged and retried at the
+        next period."""
+        node = self.sources.node
         async with asyncio.TaskGroup() as task_group:
-            task_group.create_task(self._calibrate(), name="calibrate")
-            period_s = self.service.settings.telemetry_period_s
+            if benchmark is not None:
+                task_group.create_task(self._calibrate(benchmark), name="calibrate")
             while True:
                 try:
-                    await bus.publish(TELEMETRY, self.sample(), node=self.service.node)
+                    await bus.publish(TELEMETRY, self.sample(), node=node)
                     self.published += 1
                 except EdgesplitError as error:  # the broker is away: the next one retries
-                    log.info("%s: telemetry not published: %s", self.service.node, error)
-                await asyncio.sleep(period_s)
+                    log.info("%s: telemetry not published: %s", node, error)
+                await asyncio.sleep(self.sources.period_s)
 
-    async def _calibrate(self) -> None:
-        service = self.service
-        if not service.settings.benchmark or service.store is None:
-            return
+    async def _calibrate(self, benchmark: StartupBenchmark) -> None:
+        node = self.sources.node
         try:
-            decode_s, prefill_s = await service.compute.run(
-                benchmark_block, service.store, service.slowdown.factor, service.settings.device
+            decode_s, prefill_s = await self.sources.compute.run(
+                benchmark_block, benchmark.store, benchmark.slowdown_factor, benchmark.device
             )
         except Exception as error:  # a node without numbers still serves
-            log.warning("%s: start-up benchmark failed: %s", service.node, error)
+            log.warning("%s: start-up benchmark failed: %s", node, error)
             return
         self.timer.calibrate(decode_s, prefill_s)
         log.info("%s: benchmark: decode %.3f ms/block, prefill %.3f ms/block-token",
-                 service.node, decode_s * 1e3, prefill_s * 1e3)  # fmt: skip
+                 node, decode_s * 1e3, prefill_s * 1e3)  # fmt: skip
 
     def sample(self) -> Telemetry:
         """The telemetry of the window since the previous sample (resets the window)."""
-        service = self.service
-        now_s, cpu_s, busy_s = time.monotonic(), time.process_time(), service.compute.busy_s()
+        sources = self.sources
+        compute = sources.compute
+        now_s, cpu_s, busy_s = time.monotonic(), time.process_time(), compute.busy_s()
         window_s = max(1e-3, now_s - self._last_wall_s)
         cpu = (cpu_s - self._last_cpu_s) / window_s / (os.cpu_count() or 1)
         busy = (busy_s - self._last_busy_s) / window_s
         self._last_wall_s, self._last_cpu_s, self._last_busy_s = now_s, cpu_s, busy_s
         resident, available = read_memory()
-        host, entry = service.host, service.entry
+        serving = sources.serving()
+        host = serving.host if serving else None
+        entry = serving.entry if serving else None
         in_flight = len(entry.journal) if entry is not None else (host.requests() if host else 0)
         times = self.timer.window()
         return Telemetry(
-            node=service.node,  # type: ignore[arg-type]
+            node=sources.node,  # type: ignore[arg-type]
             window_s=window_s,
             cpu_utilisation=min(1.0, max(0.0, cpu)),
             memory_used_bytes=resident,
             requests_in_flight=in_flight,
             ms_per_layer=times.decode_s_per_block * 1e3 if times and times.decode_s_per_block else None,
-            epoch=service.route.epoch if service.route else None,
+            epoch=serving.epoch if serving else None,
             memory_available_bytes=available,
             compute_busy=min(1.0, max(0.0, busy)),
-            queue_depth=max(0, service.compute.pending - 1),
+            queue_depth=max(0, compute.pending - 1),
             kv_cache_bytes=host.kv_bytes() if host else 0,
             segments_held=1 if host else 0,
             blocks_held=host.end - host.start if host else 0,
             block_times=times,
-            links=service.prober.window(),
+            links=sources.links(),
         )

@@ -124,11 +124,13 @@ class GgufLlama:
             self._reader = gguf.GGUFReader(str(path))
         except (ValueError, OSError) as error:
             raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
-        architecture = self._field("general.architecture")
+        architecture = self.metadata("general.architecture")
         if architecture != "llama":
             raise UnsupportedArchitecture(f"{path}: GGUF architecture {architecture!r}; only llama converts")
 
-    def _field(self, key: str, default: Any = None) -> Any:
+    def metadata(self, key: str, default: Any = None) -> Any:
+        """The value of metadata field ``key``; ``default`` when absent, CheckpointError
+        when absent and no default is given."""
         field = self._reader.fields.get(key)
         if field is None:
             if default is None:
@@ -138,29 +140,29 @@ class GgufLlama:
 
     def hf_config(self) -> dict[str, Any]:
         """config.json contents for ``LlamaForCausalLM``, all values from the metadata."""
-        hidden = int(self._field("llama.embedding_length"))
-        heads = int(self._field("llama.attention.head_count"))
+        hidden = int(self.metadata("llama.embedding_length"))
+        heads = int(self.metadata("llama.attention.head_count"))
         tensor_names = {tensor.name for tensor in self._reader.tensors}
         pad = self._reader.fields.get("tokenizer.ggml.padding_token_id")
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": hidden,
-            "intermediate_size": int(self._field("llama.feed_forward_length")),
-            "num_hidden_layers": int(self._field("llama.block_count")),
+            "intermediate_size": int(self.metadata("llama.feed_forward_length")),
+            "num_hidden_layers": int(self.metadata("llama.block_count")),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self._field("llama.attention.head_count_kv", heads)),
-            "head_dim": int(self._field("llama.rope.dimension_count", hidden // heads)),
-            "max_position_embeddings": int(self._field("llama.context_length")),
-            "rms_norm_eps": _float32_value(self._field("llama.attention.layer_norm_rms_epsilon")),
-            "rope_theta": _float32_value(self._field("llama.rope.freq_base", 10000.0)),
-            "vocab_size": len(self._field("tokenizer.ggml.tokens")),
+            "num_key_value_heads": int(self.metadata("llama.attention.head_count_kv", heads)),
+            "head_dim": int(self.metadata("llama.rope.dimension_count", hidden // heads)),
+            "max_position_embeddings": int(self.metadata("llama.context_length")),
+            "rms_norm_eps": _float32_value(self.metadata("llama.attention.layer_norm_rms_epsilon")),
+            "rope_theta": _float32_value(self.metadata("llama.rope.freq_base", 10000.0)),
+            "vocab_size": len(self.metadata("tokenizer.ggml.tokens")),
             "hidden_act": "silu",
             "attention_bias": False,
             "mlp_bias": False,
             "tie_word_embeddings": "output.weight" not in tensor_names,
-            "bos_token_id": int(self._field("tokenizer.ggml.bos_token_id")),
-            "eos_token_id": int(self._field("tokenizer.ggml.eos_token_id")),
+            "bos_token_id": int(self.metadata("tokenizer.ggml.bos_token_id")),
+            "eos_token_id": int(self.metadata("tokenizer.ggml.eos_token_id")),
             "pad_token_id": None if pad is None else int(pad.contents()),
             "rope_scaling": None,
             "torch_dtype": "float32",
@@ -170,16 +172,16 @@ class GgufLlama:
     def tokenizer(self) -> tokenizers.Tokenizer:
         """The rebuilt byte-level BPE tokenizer. Raises UnsupportedArchitecture for a
         tokenizer model other than GPT-2-style BPE."""
-        model = self._field("tokenizer.ggml.model")
+        model = self.metadata("tokenizer.ggml.model")
         if model != "gpt2":
             raise UnsupportedArchitecture(f"{self.path}: GGUF tokenizer model {model!r} is not byte-level BPE")
-        tokens = list(self._field("tokenizer.ggml.tokens"))
-        types = list(self._field("tokenizer.ggml.token_type"))
+        tokens = list(self.metadata("tokenizer.ggml.tokens"))
+        types = list(self.metadata("tokenizer.ggml.token_type"))
         special_ids = [index for index, kind in enumerate(types) if kind == _CONTROL_TOKEN_TYPE]
-        pre_type = self._field("tokenizer.ggml.pre", "default")
+        pre_type = self.metadata("tokenizer.ggml.pre", "default")
         return build_bpe_tokenizer(
             tokens,
-            list(self._field("tokenizer.ggml.merges")),
+            list(self.metadata("tokenizer.ggml.merges")),
             special_ids,
             split_digits=pre_type in _DIGIT_SPLITTING_PRE_TYPES,
         )
@@ -264,12 +266,12 @@ def convert_gguf_llama(gguf_path: Path, out_dir: Path, progress: Progress | None
 
 def _write_tokenizer_config(source: GgufLlama, config: dict[str, Any], out_dir: Path) -> None:
     """tokenizer_config.json: special tokens and chat template, for tools that want them."""
-    tokens = source._field("tokenizer.ggml.tokens")
+    tokens = source.metadata("tokenizer.ggml.tokens")
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tokens[config["bos_token_id"]],
         "eos_token": tokens[config["eos_token_id"]],
-        "add_bos_token": bool(source._field("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(source.metadata("tokenizer.ggml.add_bos_token", False)),
         "model_max_length": config["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
     }

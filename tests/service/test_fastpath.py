@@ -23,12 +23,22 @@ from shared.tensor_frame import Frame, FrameHeader, encode_frame
 from shared.topics import ACTIVATIONS, REPLIES
 
 
+class WatchedLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector loop with its selector in view (the test checks which sockets
+    it watches for writability)."""
+
+    def __init__(self) -> None:
+        self.watched = selectors.DefaultSelector()
+        super().__init__(self.watched)
+
+
 def run(main: Callable[[], Awaitable[None]], timeout_s: float = 20.0) -> None:
     async def guarded() -> None:
         async with asyncio.timeout(timeout_s):
             await main()
 
-    asyncio.run(guarded())
+    with asyncio.Runner(loop_factory=WatchedLoop) as runner:
+        runner.run(guarded())
 
 
 def settings_for(url: str, cluster: str, protocol: str = "auto") -> BusSettings:
@@ -43,12 +53,14 @@ def _frame(step: int) -> bytes:
 
 def _writers(bus: Bus) -> list[int]:
     """File descriptors the running loop watches for writability on the bus's sockets."""
-    selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]  # noqa: SLF001
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, WatchedLoop)
     sockets = []
-    for connection in bus._connections.values():  # noqa: SLF001
-        assert connection.client is not None
-        sockets.append(connection.client._client.socket().fileno())  # type: ignore[union-attr]  # noqa: SLF001
-    return [key.fd for key in selector.get_map().values()
+    for plane in ("control", "data"):
+        fast = bus.connection(plane).fast
+        assert fast is not None
+        sockets.append(fast.fileno())
+    return [key.fd for key in loop.watched.get_map().values()
             if key.fd in sockets and key.events & selectors.EVENT_WRITE]  # fmt: skip
 
 
@@ -60,9 +72,8 @@ def test_qos0_frames_are_written_within_the_call_in_order(
         settings = settings_for(broker.url, cluster, protocol)
         async with Bus(settings, origin="tx") as sender, Bus(settings, origin="rx") as receiver:
             async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
-                data = sender._connections["data"]  # noqa: SLF001
-                assert data.client is not None
-                inner = data.client._client  # noqa: SLF001
+                inner = sender.connection("data").fast
+                assert inner is not None
                 for step in range(200):
                     await sender.publish_raw_frame(ACTIVATIONS, _frame(step), node="w2")
                     # Written before the call returned: nothing left in paho's queue, and no
@@ -146,7 +157,8 @@ def test_a_frame_larger_than_the_socket_buffer_is_finished_when_writable(
             async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
                 big = np.arange(6_000_000, dtype=np.float32).reshape(1000, 6000)  # 24 MB
                 header = FrameHeader(request_id="r1", step=0, epoch=1, seq=0, extra={"target": 3})  # type: ignore[arg-type]
-                inner = sender._connections["data"].client._client  # type: ignore[union-attr]  # noqa: SLF001
+                inner = sender.connection("data").fast
+                assert inner is not None
                 # The broker, stopped, reads nothing: the frame cannot leave in one write
                 # (when it reads while we write, loopback can take all 24 MB at once).
                 assert broker.process is not None  # the tests' own Mosquitto

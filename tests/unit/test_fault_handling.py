@@ -44,7 +44,7 @@ def _session() -> tuple[_Session, FakeBus, list[int]]:
     request = GenerateRequest(request_id="r1", reply_to="c1", token_ids=(1, 2), max_new_tokens=5)  # type: ignore[arg-type]
     seen: list[int] = []
     session = _Session(bus, ClientOptions(BusSettings()), request, plan, lambda t: seen.append(t.index))  # type: ignore[arg-type]
-    session._deadline = 1e18
+    session.deadline = 1e18
     return session, bus, seen
 
 
@@ -56,16 +56,16 @@ def test_tokens_are_delivered_once_in_order_and_a_gap_asks_for_a_resend() -> Non
     async def scenario() -> None:
         session, bus, seen = _session()
         for index in (0, 1, 1, 0, 3):  # a duplicate, a stale copy, then a gap (2 lost)
-            await session._handle(_token(index))
+            await session.handle(_token(index))
         assert seen == [0, 1] and len(bus.sent) == 1
         resend, params = bus.sent[0]
         assert resend.resume_token_ids == (10, 11) and params == {"node": "car"}
-        await session._handle(_token(2))
+        await session.handle(_token(2))
         assert seen == [0, 1, 2, 3]
         finished = RequestFinished(request_id="r1", token_ids=(10, 11, 12, 13, 14), text="",  # type: ignore[arg-type]
                                    finish_reason="length",
                                    ttft_s=0.1, tpot_s=0.01)  # type: ignore[arg-type]
-        assert await session._handle(finished) is finished
+        assert await session.handle(finished) is finished
         assert seen == [0, 1, 2, 3, 4]  # the token lost with the broker comes from the final reply
 
     asyncio.run(scenario())
@@ -74,9 +74,9 @@ def test_tokens_are_delivered_once_in_order_and_a_gap_asks_for_a_resend() -> Non
 def test_a_new_entry_in_the_plan_gets_the_request_with_the_tokens_held() -> None:
     async def scenario() -> None:
         session, bus, _ = _session()
-        await session._handle(_token(0))
+        await session.handle(_token(0))
         moved = Plan(epoch=2, model_id="m", entry_node="car2", segments=(Segment(node="car2", start=0, end=2),))  # type: ignore[arg-type]
-        await session._handle(moved)
+        await session.handle(moved)
         resend, params = bus.sent[-1]
         assert params == {"node": "car2"} and resend.resume_token_ids == (10,)
 

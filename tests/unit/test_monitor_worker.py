@@ -64,7 +64,7 @@ def test_emulation_commands_and_the_start_state_share_one_path() -> None:
     state = emulation.apply(EmulationCommand(command_id=5, slowdown=4.0, noise=0.1,
                                              links=(EmulatedLink(dst="c", latency_s=0.05),)))  # type: ignore[arg-type]  # fmt: skip
     assert state.command_id == 5 and slowdown.factor == 4.0 and [l.dst for l in state.links] == ["b", "c"]  # noqa: E741
-    emulation._redraw()
+    emulation.redraw()
     assert 0.9e6 <= schedule.shape("b").bandwidth_bytes_per_s <= 1.1e6  # type: ignore[operator]
     assert 3.6 <= slowdown.factor <= 4.4
     emulation.apply(EmulationCommand(command_id=6, reset_links=True, noise=0.0))
@@ -83,12 +83,11 @@ def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds() -> None:
             sent.append((destination, payload))
 
         prober = LinkProber("a", settings, send, clock=lambda: clock[0], rng=random.Random(0))
-        prober._online.add("b")
+        prober.set_online("b", True)
         probe_bytes = 0
         for _ in range(30):  # 30 rounds as the link delivers them
-            peer = prober._peer("b", clock[0])
-            clock[0] = max(clock[0], peer.next_round_s)
-            await prober._start_round("b", peer, clock[0])
+            clock[0] = max(clock[0], prober.next_round_s("b", clock[0]))
+            await prober.start_round("b", clock[0])
             pair, sent[:] = list(sent), []
             if not pair:
                 clock[0] += 0.25
