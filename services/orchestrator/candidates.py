@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from services.orchestrator.logic import CandidateKind, CandidatePlan, classify, per_token_s
 from shared.errors import EdgesplitError
 from shared.messages import CapacityProfile, PlanOption, Segment
-from shared.model.shard import ShardManifest
+from shared.model.manifest import ShardManifest
 from shared.planning.live import layers_from_manifest, problem_from_profile
 from shared.planning.privacy import PrivacyPolicy
 from shared.planning.problem import Plan as ProblemPlan

@@ -57,7 +57,8 @@ from shared.messages import (
     RolloutRequested,
     Segment,
 )  # fmt: skip
-from shared.model.shard import ShardManifest, ShardStore
+from shared.model.manifest import ShardManifest
+from shared.model.shard_files import ShardFiles
 from shared.planning.privacy import PrivacyPolicy
 from shared.topics import (
     CAPACITY,
@@ -119,7 +120,7 @@ class OrchestratorService:
 
     async def run(self) -> None:
         """Serve until cancelled. Raises CheckpointError (bad shard store), BrokerUnavailable."""
-        store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
+        store = await asyncio.to_thread(ShardFiles, self.settings.shards_dir)
         self.manifest = store.manifest
         async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
             subs: dict[Any, Subscription[Any]] = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))  # type: ignore[arg-type]

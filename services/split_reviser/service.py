@@ -26,7 +26,8 @@ from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import EdgesplitError
 from shared.messages import PlanOption, PlanProposed, PlanRequested, Segment
-from shared.model.shard import ShardManifest, ShardStore
+from shared.model.manifest import ShardManifest
+from shared.model.shard_files import ShardFiles
 from shared.planning.live import LiveProfileError, problem_from_profile
 from shared.planning.objectives import ObjectiveWeights, objective_terms
 from shared.planning.privacy import PrivacyPolicy
@@ -69,7 +70,7 @@ class SplitReviserService:
             CheckpointError: the shard store's manifest is missing or invalid.
             BrokerUnavailable: no broker answered.
         """
-        store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
+        store = await asyncio.to_thread(ShardFiles, self.settings.shards_dir)
         self.manifest = store.manifest
         async with Bus(self.settings, origin=self._origin) as bus, asyncio.TaskGroup() as tasks:
             tasks.create_task(self._serve(bus, tasks), name="plan-requests")

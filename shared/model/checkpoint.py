@@ -19,13 +19,12 @@ from safetensors import SafetensorError, safe_open
 from shared.errors import CheckpointError, UnsafeCheckpointError
 from shared.model import bert, gpt2, llama
 from shared.model.config import ModelConfig, load_config
-from shared.model.names import block_of, canonical_name, split_names
+from shared.model.names import PICKLE_SUFFIXES, block_of, canonical_name, split_names
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert}
 
 

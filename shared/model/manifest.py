@@ -1,6 +1,10 @@
 """The shard store's manifest (``manifest.json``): per-file sizes and sha256 digests,
 and per block the costs the planner needs. Written by shared/model/shard_write.py, read
-and verified by shared/model/shard.py."""
+and verified by shared/model/shard_files.py (torch-free, for the control services) and
+served as tensors by shared/model/shard.py (workers).
+
+This module must not import torch: the orchestrator and the split reviser plan from a
+manifest alone (tests/unit/test_imports.py checks it)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import CheckpointError, UnsafeCheckpointError
-from shared.model.checkpoint import PICKLE_SUFFIXES
 from shared.model.config import detect_architecture, load_config
+from shared.model.names import PICKLE_SUFFIXES
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

@@ -1,4 +1,5 @@
-"""Tensor-name conventions shared by checkpoints and shard stores.
+"""Tensor- and file-name conventions shared by checkpoints and shard stores (torch-free:
+the control services read shard manifests through this module).
 
 Hugging Face checkpoints of one architecture spell their tensor names with or without
 a wrapper prefix (``transformer.h.0.attn...`` or ``h.0.attn...``; ``bert.encoder...``
@@ -13,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+# Weight files in pickle formats: never unpickled (a pickle can run arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _WRAPPER_PREFIXES = ("transformer.", "bert.", "model.")
 _BLOCK_PATTERN = re.compile(r"^(?:layers|h|encoder\.layer)\.(\d+)\.(.+)$")
 # Buffers some exporters write that are not weights (recomputed from the config).

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from shared.errors import PlanError
 from shared.messages import CapacityProfile, LinkCapacity, NodeCapacity
-from shared.model.shard import ShardManifest
+from shared.model.manifest import ShardManifest
 from shared.planning.privacy import PrivacyPolicy, apply_policy
 from shared.planning.problem import (
     Layer,

@@ -19,7 +19,7 @@ from shared.errors import (
     ShardVerificationError,
     UnsafeCheckpointError,
 )
-from shared.model import shard
+from shared.model import shard_files as shard
 from shared.model.checkpoint import Checkpoint
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import ShardStore, forget_verified, write_shards
