@@ -20,9 +20,9 @@ import numpy as np
 from shared.broker import start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
+from shared.frame_headers import ActivationHeader
 from shared.ids import request_id
 from shared.messages import TokenGenerated
-from shared.tensor_frame import FrameHeader
 from shared.topics import ACTIVATIONS, REPLIES
 
 BENCH_REQUEST = request_id("bench")
@@ -40,7 +40,8 @@ async def frame_round_trips(bus: Bus, size_bytes: int, samples: int) -> list[flo
     times: list[float] = []
     async with bus.subscribe(ACTIVATIONS, node="bench") as frames:
         for seq in range(samples + 10):  # 10 warm-up rounds
-            header = FrameHeader(request_id=BENCH_REQUEST, step=seq, epoch=0, seq=seq)
+            header = ActivationHeader(request_id=BENCH_REQUEST, step=seq, epoch=0, seq=seq, target=0,
+                                      pos=seq, last_only=False, pass_id=seq)  # fmt: skip
             start = time.perf_counter()
             await bus.publish_frame(ACTIVATIONS, header, tensor, node="bench")
             delivery = await frames.get()

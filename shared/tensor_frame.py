@@ -1,12 +1,16 @@
-"""Activation frames: a small msgpack header followed by the raw tensor bytes.
+"""Tensor frames: a small msgpack header followed by the raw tensor bytes.
 
 Layout (all little-endian)::
 
-    b"ESF1" | u32 header length | msgpack header | zero padding to 16 bytes | tensor bytes
+    b"ESF2" | u32 header length | msgpack header | zero padding to 16 bytes | tensor bytes
 
-The header carries dtype, shape, request id, step, epoch, seq and a small ``extra``
-map (e.g. positions). Decoding reads the tensor zero-copy with ``np.frombuffer``; the
-array is read-only when the payload is ``bytes`` (as received from MQTT).
+The magic names the frame version (2). The msgpack header is a map: ``dtype`` and
+``shape`` of the tensor plus the fields of one typed header kind, tagged by ``kind``
+(`shared/frame_headers.py`: activation, result, release, handoff, kv, kv_ack, probe).
+A frame of version 1 (b"ESF1", whose header was an untyped ``extra`` map) is refused
+with an error that names the version. Decoding reads the tensor zero-copy with
+``np.frombuffer``; the array is read-only when the payload is ``bytes`` (as received
+from MQTT).
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from shared.codec import unpack_limited
 from shared.errors import DecodeError, TensorFrameError
-from shared.ids import RequestIdField
+from shared.frame_headers import FRAME_KINDS, FrameHeader
 
-MAGIC = b"ESF1"
+MAGIC = b"ESF2"
+FRAME_VERSION = 2
+OLD_MAGICS = {b"ESF1": 1}
+"""Magics of earlier frame versions, so a peer that speaks one gets a clear error."""
 _PREFIX = struct.Struct("<4sI")
 ALIGN_BYTES = 16
 MAX_HEADER_BYTES = 64 * 1024
@@ -44,31 +51,9 @@ ALLOWED_DTYPES: dict[str, np.dtype[Any]] = {
         "bool",
     )
 }
-
-_Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
-ExtraValue = (
-    bool
-    | _Int64
-    | float
-    | Annotated[str, Field(max_length=256)]
-    | tuple[_Int64, ...]
-    | tuple[float, ...]
-)
-
-
-class FrameHeader(BaseModel):
-    """Who a frame belongs to; dtype and shape travel in the wire header too."""
-
-    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=False)
-
-    request_id: RequestIdField
-    step: Annotated[int, Field(ge=0, lt=2**63)]
-    """Decode step (0 = prefill)."""
-    epoch: Annotated[int, Field(ge=0, lt=2**63)]
-    seq: Annotated[int, Field(ge=0, lt=2**63)]
-    extra: dict[Annotated[str, Field(max_length=64)], ExtraValue] = Field(
-        default_factory=dict, max_length=32
-    )
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
+"""Name of each allowed little-endian dtype; a dict lookup, as ``dtype.name`` costs
+microseconds per call (numpy computes it in Python) and runs for every frame."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +64,13 @@ class Frame:
     array: np.ndarray
 
 
-def _as_numpy(tensor: Any) -> np.ndarray:
-    """A C-contiguous little-endian numpy view of a numpy array or CPU torch tensor."""
+def _as_numpy(tensor: Any) -> tuple[np.ndarray, str]:
+    """A C-contiguous little-endian numpy view of a numpy array or CPU torch tensor, and
+    its dtype's name.
+
+    Raises TensorFrameError for bfloat16, a dtype outside ALLOWED_DTYPES, or an object
+    that is no array or tensor.
+    """
     if not isinstance(tensor, np.ndarray):
         if hasattr(tensor, "detach") and hasattr(tensor, "numpy"):  # torch, without importing it
             if str(tensor.dtype) == "torch.bfloat16":
@@ -88,9 +78,12 @@ def _as_numpy(tensor: Any) -> np.ndarray:
             tensor = tensor.detach().cpu().contiguous().numpy()
         else:
             raise TensorFrameError(f"cannot send a {type(tensor).__name__} as a tensor frame")
-    if tensor.dtype.name not in ALLOWED_DTYPES:
-        raise TensorFrameError(f"dtype {tensor.dtype} is not allowed in frames")
-    return np.asarray(tensor, dtype=ALLOWED_DTYPES[tensor.dtype.name], order="C")
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:  # big-endian or not allowed: the slow way
+        name = tensor.dtype.name
+        if name not in ALLOWED_DTYPES:
+            raise TensorFrameError(f"dtype {tensor.dtype} is not allowed in frames")
+    return np.asarray(tensor, dtype=ALLOWED_DTYPES[name], order="C"), name
 
 
 def encode_frame(header: FrameHeader, tensor: Any) -> bytes:
@@ -99,9 +92,9 @@ def encode_frame(header: FrameHeader, tensor: Any) -> bytes:
     Raises TensorFrameError for a dtype outside ALLOWED_DTYPES or a frame over
     MAX_FRAME_BYTES.
     """
-    array = _as_numpy(tensor)
+    array, dtype_name = _as_numpy(tensor)
     wire_header = header.model_dump()
-    wire_header["dtype"] = array.dtype.name
+    wire_header["dtype"] = dtype_name
     wire_header["shape"] = array.shape
     packed = msgpack.packb(wire_header, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
@@ -127,6 +120,13 @@ def decode_frame(payload: bytes | bytearray | memoryview) -> tuple[FrameHeader, 
         raise TensorFrameError(f"frame of {len(view)} bytes is shorter than its prefix")
     magic, header_len = _PREFIX.unpack_from(view)
     if magic != MAGIC:
+        old_version = OLD_MAGICS.get(bytes(magic))
+        if old_version is not None:
+            raise TensorFrameError(
+                f"the peer speaks tensor frame version {old_version} (magic {bytes(magic)!r}); "
+                f"this node speaks version {FRAME_VERSION} ({MAGIC!r}): run the same release "
+                "on every node"
+            )
         raise TensorFrameError(f"not a tensor frame (magic {bytes(magic)!r})")
     if header_len > min(MAX_HEADER_BYTES, len(view) - _PREFIX.size):
         raise TensorFrameError(f"header length {header_len} does not fit the frame")
@@ -137,11 +137,7 @@ def decode_frame(payload: bytes | bytearray | memoryview) -> tuple[FrameHeader, 
     if not isinstance(raw, dict):
         raise TensorFrameError("frame header is not a map")
     dtype, shape = _checked_layout(raw.pop("dtype", None), raw.pop("shape", None))
-    try:
-        header = FrameHeader.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise TensorFrameError(f"bad frame header at {first['loc']}: {first['msg']}") from None
+    header = _checked_header(raw)
     start = _PREFIX.size + header_len
     start += -start % ALIGN_BYTES
     count = math.prod(shape)
@@ -152,6 +148,27 @@ def decode_frame(payload: bytes | bytearray | memoryview) -> tuple[FrameHeader, 
         )
     array = np.frombuffer(view, dtype=dtype, count=count, offset=start).reshape(shape)
     return header, array
+
+
+def _checked_header(raw: dict[str, Any]) -> FrameHeader:
+    """The typed header of a wire header map (dtype and shape already taken out).
+
+    Raises TensorFrameError naming the kind and the first bad field.
+    """
+    kind = raw.get("kind")
+    # A dict lookup, not a discriminated-union TypeAdapter: this runs for every frame.
+    model = FRAME_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise TensorFrameError(
+            f"unknown frame kind {str(kind)[:32]!r} (version {FRAME_VERSION} has "
+            f"{', '.join(sorted(FRAME_KINDS))})"
+        )
+    try:
+        return cast(FrameHeader, model.model_validate(raw))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "header"
+        raise TensorFrameError(f"bad {kind} frame header: field {where}: {first['msg']}") from None
 
 
 def _checked_layout(dtype: Any, shape: Any) -> tuple[np.dtype[Any], tuple[int, ...]]:

@@ -31,6 +31,10 @@ if _path:
 
     _state = {"read": 0.0}
 
+    def _target(header):
+        # a result goes to the entry: no block target, only its kind
+        return getattr(header, "target", header.kind)
+
     def _install():
         import paho.mqtt.client as pc
 
@@ -52,7 +56,7 @@ if _path:
                 "rx",
                 h.request_id,
                 h.step,
-                h.extra.get("target"),
+                _target(h),
                 f"{_state['read']:.6f}",
                 f"{t:.6f}",
                 f"{_pc():.6f}",
@@ -66,7 +70,7 @@ if _path:
 
         async def on_frame(self, frame):
             h = frame.header
-            rec("h", h.request_id, h.step, h.extra.get("target"), f"{_pc():.6f}")
+            rec("h", h.request_id, h.step, _target(h), f"{_pc():.6f}")
             return await orig_on(self, frame)
 
         dp.DataPlane.on_frame = on_frame
@@ -79,7 +83,7 @@ if _path:
                 "tx",
                 header.request_id,
                 header.step,
-                header.extra.get("target"),
+                _target(header),
                 f"{t:.6f}",
                 f"{_pc():.6f}",
             )

@@ -24,11 +24,20 @@ from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused, NodeLost, NoPlan
 from services.worker.handoff import KvHandoff, WaitKey
-from services.worker.probes import is_probe
 from shared.errors import StageTimedOut
-from shared.ids import RequestId
+from shared.frame_headers import (
+    ActivationHeader,
+    FrameHeader,
+    HandoffHeader,
+    KvAckHeader,
+    KvHeader,
+    ProbeHeader,
+    ReleaseHeader,
+    ResultHeader,
+)
+from shared.ids import NodeId, RequestId
 from shared.planning.route import Route
-from shared.tensor_frame import Frame, FrameHeader, encode_frame
+from shared.tensor_frame import Frame, encode_frame
 
 log = logging.getLogger(__name__)
 __all__ = ["DataPlane", "FrameRefused", "NoPlan", "NodeLost"]
@@ -73,12 +82,12 @@ class DataPlane:
                                  self.down, self._seq, self.counters)  # fmt: skip
 
     def _seen_before(self, header: FrameHeader) -> bool:
-        """True for a frame already handled: same request, pass, epoch and hop target."""
-        pass_id = header.extra.get("pass")
-        if pass_id is None:
+        """True for a frame already handled: same kind, request, step, epoch, pass and hop
+        target. A release (no pass) is never a duplicate: releasing twice is harmless."""
+        if isinstance(header, ReleaseHeader | ProbeHeader):
             return False
-        key = (header.request_id, header.step, header.epoch, pass_id, header.extra.get("target"),
-               header.extra.get("kind"))  # fmt: skip
+        target = header.target if isinstance(header, ActivationHeader | HandoffHeader | KvHeader) else None
+        key = (header.kind, header.request_id, header.step, header.epoch, header.pass_id, target)
         if key in self._seen:
             return True
         self._seen[key] = None
@@ -139,9 +148,9 @@ class DataPlane:
             self._reconnected_at = None
 
     async def on_frame(self, frame: Frame) -> None:
-        """Handle one received frame (raises FrameRefused for a bad one)."""
+        """Handle one received frame (raises FrameRefused for one this node cannot run)."""
         header = frame.header
-        if is_probe(frame):
+        if isinstance(header, ProbeHeader):
             return  # the prober has its own subscription
         serving = self.keeper.for_frame(header.epoch, time.monotonic())
         if serving is None:
@@ -150,46 +159,48 @@ class DataPlane:
         if self._seen_before(header):
             self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
             return
+        match header:
+            case ActivationHeader():
+                await self._on_activation(header, frame.array, serving)
+            case ResultHeader() | KvAckHeader():
+                self._resolve(frame)
+            case ReleaseHeader():
+                await self._on_release(header, frame.array, serving)
+            case HandoffHeader():
+                await self.handoff.on_handoff(header, frame.array, serving)
+            case KvHeader():
+                await self.handoff.on_kv(header, frame.array, serving)
+
+    async def _on_activation(self, header: ActivationHeader, array: np.ndarray, serving: Serving) -> None:
+        """Run this node's segment on an activation and send the output on."""
         route, host = serving.route, serving.host
-        target = header.extra.get("target")
-        if not isinstance(target, int) or isinstance(target, bool):
-            raise FrameRefused("frame has no integer 'target' block")
-        kind = header.extra.get("kind")
-        if kind == "handoff":
-            await self.handoff.on_handoff(frame, serving)
-            return
-        if kind == "kv":
-            await self.handoff.on_kv(frame, serving)
-            return
-        if header.extra.get("release") is True:
-            if host is not None and target == host.start:
-                host.release(header.request_id)
-                if host.end < route.num_layers:
-                    await self._send(route, header, frame.array, host.end)
-            return
-        if target == route.num_layers:
-            self._resolve(frame)
-            return
         if self._superseded(header):
             self.counters["frames_fenced"] += 1  # a late frame of an epoch this request left
             return
-        if host is None or target != host.start:
-            raise FrameRefused(f"frame for block {target}, but this node runs "
+        if host is None or header.target != host.start:
+            raise FrameRefused(f"frame for block {header.target}, but this node runs "
                                f"{route.segment_of(self.node)} in epoch {route.epoch}")  # fmt: skip
-        position = header.extra.get("pos", 0)
-        self._check_activation(frame.array, position)
+        self._check_activation(array)
         try:
             hidden = await self.compute.run(
-                host.forward, header.request_id, frame.array, position, self.slowdown
+                host.forward, header.request_id, array, header.pos, self.slowdown
             )
         except KvMissing as error:
             self.counters["kv_missing"] += 1
             log.info("%s: %s; asking the entry to replay", self.node, error)
-            await self._send_result(route, header, {"kv_missing": True})
+            await self._send_kv_missing(route, header)
             return
-        if host.end == route.num_layers and header.extra.get("last_only") is True:
+        if host.end == route.num_layers and header.last_only:
             hidden = hidden[-1:]
         await self._send(route, header, hidden, host.end)
+
+    async def _on_release(self, header: ReleaseHeader, array: np.ndarray, serving: Serving) -> None:
+        """Free the request's KV cache here and pass the release on down the pipeline."""
+        route, host = serving.route, serving.host
+        if host is not None and header.target == host.start:
+            host.release(header.request_id)
+            if host.end < route.num_layers:
+                await self._send(route, header, array, host.end)
 
     def _superseded(self, header: FrameHeader) -> bool:
         """True for an activation of an older epoch than one this request already ran in
@@ -211,7 +222,8 @@ class DataPlane:
         header = frame.header
         key = (header.request_id, header.step, header.epoch)
         waiting = self._pending.get(key)
-        if waiting is None or waiting[1].done() or header.extra.get("pass") != waiting[0]:
+        pass_id = header.pass_id if isinstance(header, ResultHeader | KvAckHeader) else None
+        if waiting is None or waiting[1].done() or pass_id != waiting[0]:
             self.counters["results_unexpected"] += 1  # a duplicate or a late one
             return
         del self._pending[key]
@@ -228,15 +240,15 @@ class DataPlane:
         for key in keys:
             self._pending.pop(key, None)
 
-    async def _send_result(self, route: Route, header: FrameHeader, extra: dict[str, bool]) -> None:
-        """An empty result straight to the entry, e.g. to say the KV cache is missing."""
-        out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch, seq=next(self._seq),
-                          extra={**extra, "target": route.num_layers, "pass": header.extra.get("pass", 0)})  # fmt: skip
+    async def _send_kv_missing(self, route: Route, header: ActivationHeader) -> None:
+        """An empty result straight to the entry, to say this node lacks the KV cache."""
+        out = ResultHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
+                           seq=next(self._seq), pass_id=header.pass_id, kv_missing=True)  # fmt: skip
         await self._send_payload(
             route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32))
         )
 
-    def _check_activation(self, array: np.ndarray, position: object) -> None:
+    def _check_activation(self, array: np.ndarray) -> None:
         hidden = self.hidden_size
         if (
             array.dtype != np.float32
@@ -247,15 +259,26 @@ class DataPlane:
             raise FrameRefused(
                 f"activation must be float32 [T, {hidden}], got {array.dtype}{list(array.shape)}"
             )
-        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise FrameRefused(f"frame position {position!r} is not a non-negative integer")
 
     async def _send(
-        self, route: Route, header: FrameHeader, array: np.ndarray, target: int
+        self, route: Route, header: ActivationHeader | ReleaseHeader, array: np.ndarray, target: int
     ) -> None:
-        extra = {**header.extra, "target": target, "src": self.node, "sent_at": time.time()}
-        out = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                          seq=next(self._seq), extra=extra)  # fmt: skip
+        """Send ``array`` on to the node whose segment starts at block ``target`` under
+        ``route``: an activation (a result for the entry when ``target`` is the layer
+        count) or a release, stamped with this node and the send time (Unix s)."""
+        request_id, step, epoch, seq = header.request_id, header.step, route.epoch, next(self._seq)
+        src, sent_at = NodeId(self.node), time.time()
+        out: FrameHeader
+        if isinstance(header, ReleaseHeader):
+            out = ReleaseHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
+                                sent_at=sent_at, target=target)  # fmt: skip
+        elif target == route.num_layers:
+            out = ResultHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
+                               sent_at=sent_at, pass_id=header.pass_id)  # fmt: skip
+        else:
+            out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
+                                   sent_at=sent_at, target=target, pos=header.pos,
+                                   last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
         await self._send_payload(route.node_for(target), encode_frame(out, array))
 
     async def pipeline_pass(
@@ -293,8 +316,8 @@ class DataPlane:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         pass_id = next(self._pass_ids)
         self._pending[key] = (pass_id, future)
-        header = FrameHeader(request_id=RequestId(request_id), step=step, epoch=route.epoch, seq=0,
-                             extra={"pos": position, "last_only": last_only, "pass": pass_id})  # fmt: skip
+        header = ActivationHeader(request_id=RequestId(request_id), step=step, epoch=route.epoch, seq=0,
+                                  target=target, pos=position, last_only=last_only, pass_id=pass_id)  # fmt: skip
         tokens, began = int(token_ids.shape[0]), time.monotonic()
         timeout_s = self.deadline.timeout_s(tokens)
         try:
@@ -307,7 +330,7 @@ class DataPlane:
             await self._send(route, header, hidden, target)
             async with asyncio.timeout(timeout_s):
                 result = await future
-            if result.header.extra.get("kv_missing") is True:
+            if isinstance(result.header, ResultHeader) and result.header.kv_missing:
                 raise KvMissing(f"request {request_id} step {step}: a node of epoch "
                                 f"{route.epoch} lacks its KV cache")  # fmt: skip
             self.deadline.observe(tokens, time.monotonic() - began)
@@ -333,8 +356,8 @@ class DataPlane:
             host.release(request_id)
             target = host.end
         if target < route.num_layers:
-            header = FrameHeader(request_id=RequestId(request_id), step=0, epoch=route.epoch, seq=0,
-                                 extra={"release": True})  # fmt: skip
+            header = ReleaseHeader(request_id=RequestId(request_id), step=0, epoch=route.epoch, seq=0,
+                                   target=target)  # fmt: skip
             await self._send(route, header, np.zeros((0, self.hidden_size), np.float32), target)
 
 

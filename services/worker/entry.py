@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from services.worker.compute import KvMissing
-from services.worker.dataplane import NodeLost, NoPlan
+from services.worker.errors import NodeLost, NoPlan
 from shared.errors import BusError, ConfigError, ContextTooLong, StageTimedOut
 from shared.messages import (
     EmbeddingReady,

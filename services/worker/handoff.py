@@ -23,8 +23,9 @@ from services.worker.compute import ComputeThread, SegmentHost
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused
+from shared.frame_headers import HandoffHeader, KvAckHeader, KvHeader
 from shared.ids import RequestId
-from shared.tensor_frame import Frame, FrameHeader, encode_frame, to_torch
+from shared.tensor_frame import Frame, encode_frame, to_torch
 
 WaitKey = tuple[str, int, int]
 """What an entry's wait for an answer is keyed by: (request id, step, epoch)."""
@@ -98,16 +99,16 @@ class KvHandoff:
         empty = np.zeros((0, self.hidden_size), np.float32)
         try:
             for (node, (start, _)), key, base in zip(holders, keys, bases, strict=False):
-                header = FrameHeader(request_id=RequestId(request_id), step=key[1], epoch=old_epoch, seq=0,
-                                     extra={"kind": "handoff", "pos": length, "new_epoch": new.epoch,
-                                            "target": start, "pass": pass_id, "ack_base": base})  # fmt: skip
+                header = HandoffHeader(request_id=RequestId(request_id), step=key[1], epoch=old_epoch, seq=0,
+                                       target=start, pos=length, new_epoch=new.epoch, pass_id=pass_id,
+                                       ack_base=base)  # fmt: skip
                 if node == self.node:
-                    await self.on_handoff(Frame(header, empty), old)
+                    await self.on_handoff(header, empty, old)
                 else:
                     await self._send_payload(node, encode_frame(header, empty))
             async with asyncio.timeout(self.deadline.timeout_s(1)):  # about one pass; then replay
                 for answered in asyncio.as_completed(futures):
-                    if (await answered).header.extra.get("failed") is True:
+                    if _failed((await answered).header):
                         return False
             return True
         except TimeoutError:
@@ -115,73 +116,59 @@ class KvHandoff:
         finally:
             self._forget(keys)
 
-    async def on_handoff(self, frame: Frame, old: Serving) -> None:
-        """A handoff frame for ``old``, this node's state in the request's old epoch: send
-        the K/V of its blocks to their new owners and answer the entry (or, at the entry,
-        accept an answer). Raises FrameRefused for a malformed header."""
-        header, route, host = frame.header, old.route, old.host
-        target = header.extra.get("target")
-        if target == route.num_layers:
-            self._resolve(frame)
-            return
-        new = self.keeper.for_frame(_int(header.extra.get("new_epoch")), time.monotonic())
-        failed = header.extra.get("failed") is True or new is None or host is None
+    async def on_handoff(self, header: HandoffHeader, array: np.ndarray, old: Serving) -> None:
+        """An old holder's side: send the K/V of its blocks that move to their new owners
+        (blocks that stay go into the new host at once), then answer the entry."""
+        route, host = old.route, old.host
+        new = self.keeper.for_frame(header.new_epoch, time.monotonic())
+        failed = new is None or host is None
         if not failed and host is not None and new is not None:
             outgoing = await self.compute.run(
-                _split_kv, host, new, self.node, header.request_id, _int(header.extra.get("pos"))
+                _split_kv, host, new, self.node, header.request_id, header.pos
             )
             failed = outgoing is None
             owners = _new_owners(new, self.node, host.start, host.end)
             for owner, (blocks, tensor) in (outgoing or {}).items():
-                extra = {"kind": "kv", "blocks": blocks, "pos": _int(header.extra.get("pos")),
-                         "target": new.route.segment_of(owner)[0],  # type: ignore[index]
-                         "ack": _int(header.extra.get("ack_base")) + owners.index(owner),
-                         "old_epoch": route.epoch, "pass": _int(header.extra.get("pass"))}  # fmt: skip
-                out = FrameHeader(request_id=header.request_id, step=header.step, epoch=new.epoch,
-                                  seq=next(self._seq), extra=extra)  # fmt: skip
+                out = KvHeader(request_id=header.request_id, step=header.step, epoch=new.epoch,
+                               seq=next(self._seq), target=new.route.segment_of(owner)[0],  # type: ignore[index]
+                               blocks=blocks, pos=header.pos, ack_step=header.ack_base + owners.index(owner),
+                               old_epoch=route.epoch, pass_id=header.pass_id)  # fmt: skip
                 await self._send_payload(owner, encode_frame(out, tensor))
-        answer = FrameHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                             seq=next(self._seq), extra={**header.extra, "failed": failed,
-                                                         "target": route.num_layers})  # fmt: skip
-        if route.entry == self.node:
-            self._resolve(Frame(answer, frame.array))
-        else:
-            await self._send_payload(route.entry, encode_frame(answer, frame.array))
+        answer = KvAckHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
+                             seq=next(self._seq), pass_id=header.pass_id, failed=failed)  # fmt: skip
+        await self._answer_entry(route.entry, answer, array)
 
-    async def on_kv(self, frame: Frame, serving: Serving) -> None:
-        """K/V of some blocks moved here for ``serving``: import them and acknowledge to the
-        entry. Raises FrameRefused for a frame that does not fit this node's segment."""
-        blocks = frame.header.extra.get("blocks")
+    async def on_kv(self, header: KvHeader, array: np.ndarray, serving: Serving) -> None:
+        """A new owner's side: import the K/V of ``header.blocks``, then acknowledge."""
         host = serving.host
-        if host is None or not isinstance(blocks, tuple) or frame.array.ndim != 5:
-            raise FrameRefused(
-                "a kv frame needs a segment here, a tuple of blocks and a 5-d tensor"
-            )
-        if frame.array.shape[0] != len(blocks):
-            raise FrameRefused(f"kv frame holds {frame.array.shape[0]} blocks, names {len(blocks)}")
-        tensor = to_torch(np.ascontiguousarray(frame.array))
-        moved = {int(b): (tensor[i, 0], tensor[i, 1]) for i, b in enumerate(blocks)}
-        host.import_kv(frame.header.request_id, moved)
+        if host is None or array.ndim != 5:
+            raise FrameRefused("a kv frame needs a segment here and a 5-d tensor")
+        if array.shape[0] != len(header.blocks):
+            raise FrameRefused(f"kv frame holds {array.shape[0]} blocks, names {len(header.blocks)}")
+        tensor = to_torch(np.ascontiguousarray(array))
+        moved = {block: (tensor[i, 0], tensor[i, 1]) for i, block in enumerate(header.blocks)}
+        host.import_kv(header.request_id, moved)
         self.counters["kv_blocks_received"] += len(moved)
-        extra, route = frame.header.extra, serving.route
-        ack = FrameHeader(request_id=frame.header.request_id, step=_int(extra.get("ack")),
-                          epoch=_int(extra.get("old_epoch")), seq=next(self._seq),
-                          extra={"kind": "handoff", "target": route.num_layers, "pass": _int(extra.get("pass"))})  # fmt: skip
-        empty = np.zeros((0, self.hidden_size), np.float32)
-        if route.entry == self.node:
-            self._resolve(Frame(ack, empty))
+        ack = KvAckHeader(request_id=header.request_id, step=header.ack_step, epoch=header.old_epoch,
+                          seq=next(self._seq), pass_id=header.pass_id)  # fmt: skip
+        await self._answer_entry(serving.route.entry, ack, np.zeros((0, self.hidden_size), np.float32))
+
+    async def _answer_entry(self, entry: str, answer: KvAckHeader, array: np.ndarray) -> None:
+        """Hand a handoff answer to the entry's pending wait: directly when this node is
+        the entry, else as a frame."""
+        if entry == self.node:
+            self._resolve(Frame(answer, array))
         else:
-            await self._send_payload(route.entry, encode_frame(ack, empty))
+            await self._send_payload(entry, encode_frame(answer, array))
 
 
 HANDOFF_STEP = 2**62
 """The frame step that marks a KV handoff (never a real decode step)."""
 
 
-def _int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FrameRefused(f"expected an integer, got {value!r}")
-    return value
+def _failed(answer: object) -> bool:
+    """True unless ``answer`` is a handoff answer that reports success."""
+    return not isinstance(answer, KvAckHeader) or answer.failed
 
 
 def _new_owners(new: Serving, node: str, start: int, end: int) -> list[str]:

@@ -33,14 +33,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from shared.errors import EdgesplitError
-from shared.ids import RequestId
+from shared.frame_headers import ActivationHeader, ProbeHeader, ReleaseHeader, ResultHeader
+from shared.ids import NodeId, RequestId
 from shared.messages import LinkObservation
-from shared.tensor_frame import Frame, FrameHeader, encode_frame
+from shared.tensor_frame import Frame, encode_frame
 from shared.topics import ACTIVATIONS, NODE_STATUS
 
 if TYPE_CHECKING:
@@ -49,18 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_KEY = "probe"
-"""Frame header ``extra`` key marking probe frames ("ping" or "echo")."""
 _SMALL_BYTES = 64
 _PASSIVE_WINDOW_S = 30.0
 _MIN_GAP_S = 50e-6
 _RESOLUTION_S = 1e-3
 """Gaps shorter than this are event-loop jitter: such links are 'at least L / 1 ms' fast."""
-
-
-def is_probe(frame: Frame) -> bool:
-    """True for probe frames (the worker's activation handler ignores them)."""
-    return PROBE_KEY in frame.header.extra
 
 
 @dataclass
@@ -105,7 +99,7 @@ class LinkProber:
         self._peers: dict[str, _Peer] = {}
         self._ids = count(1)
         self._rounds = count(1)
-        self.counters: dict[str, int] = {"echoed": 0, "bad_probes": 0}
+        self.counters: dict[str, int] = {"echoed": 0}
 
     # --- running ----------------------------------------------------------------------------
 
@@ -201,9 +195,11 @@ class LinkProber:
         jitter = self._rng.uniform(0.7, 1.3)
         peer.next_round_s = now_s + settings.probe_period_s * jitter
 
-    def _frame(self, kind: str, probe_id: int, size: int, src: str | None = None) -> tuple[int, bytes]:
-        header = FrameHeader(request_id=RequestId("probe"), step=0, epoch=0, seq=probe_id,
-                             extra={PROBE_KEY: kind, "src": src or self.node, "id": probe_id})  # fmt: skip
+    def _frame(self, role: Literal["ping", "echo"], probe_id: int, size: int) -> tuple[int, bytes]:
+        """A probe frame from this node: ``probe_id`` travels as its seq; ``size`` bytes of
+        padding."""
+        header = ProbeHeader(request_id=RequestId("probe"), step=0, epoch=0, seq=probe_id,
+                             role=role, src=NodeId(self.node))  # fmt: skip
         return probe_id, encode_frame(header, np.zeros(size, np.uint8))
 
     def _expire(self, peer: _Peer, now_s: float) -> None:
@@ -217,30 +213,27 @@ class LinkProber:
     # --- receiving --------------------------------------------------------------------------
 
     async def on_frame(self, frame: Frame, now_s: float, wall_s: float) -> None:
-        """Echo a ping, account an echo, or take a passive sample of an activation."""
-        extra = frame.header.extra
-        kind, src = extra.get(PROBE_KEY), extra.get("src")
-        if not isinstance(src, str) or src == self.node:
-            return
-        if kind is None:
-            sent_at = extra.get("sent_at")
-            if isinstance(sent_at, float) and self._allowed_peer(src):
+        """Echo a ping, account an echo, or take a passive sample of a forwarded frame
+        (``now_s``: the prober's clock; ``wall_s``: Unix s, to compare with its ``sent_at``)."""
+        header = frame.header
+        if isinstance(header, ActivationHeader | ResultHeader | ReleaseHeader):
+            src, sent_at = header.src, header.sent_at
+            if src is not None and src != self.node and sent_at is not None and self._allowed_peer(src):
                 peer = self._peer(src, now_s)
                 peer.passive.append((now_s, int(frame.array.nbytes),
                                      wall_s - sent_at))  # fmt: skip
             return
-        probe_id = extra.get("id")
-        if not isinstance(probe_id, int) or isinstance(probe_id, bool):
-            self.counters["bad_probes"] += 1
+        if not isinstance(header, ProbeHeader) or header.src == self.node:
             return
-        if kind == "ping":
+        src, probe_id = header.src, header.seq
+        if header.role == "ping":
             _, echo = self._frame("echo", probe_id, 0)
             self.counters["echoed"] += 1
             echoed_to = self._peers.get(src)
             if echoed_to is not None:
                 echoed_to.probe_bytes += len(echo)
             await self._send(src, echo)
-        elif kind == "echo" and src in self._peers:
+        elif src in self._peers:  # an echo of one of ours
             self._on_echo(self._peers[src], probe_id, now_s)
 
     def _allowed_peer(self, name: str) -> bool:

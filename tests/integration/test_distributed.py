@@ -23,12 +23,13 @@ from services.cli.client import ClientOptions, request
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.errors import Busy, ContextTooLong, NoAnswer
+from shared.frame_headers import ActivationHeader
 from shared.messages import EmbeddingReady, EmbedRequest, GenerateRequest, RequestFinished
 from shared.model.pipeline import LocalPipeline
 from shared.model.sampling import SamplingParams
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
-from shared.tensor_frame import FrameHeader, encode_frame
+from shared.tensor_frame import encode_frame
 from shared.topics import FINISHED
 from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for
 
@@ -178,15 +179,15 @@ def test_prompt_longer_than_context_gets_a_typed_error(llama: System) -> None:
 def test_malformed_payloads_are_dropped_and_workers_keep_serving(llama: System, broker: LocalBroker) -> None:
     root = f"edgesplit/{llama.settings.cluster}"
     good_shape_bad_values = encode_frame(
-        FrameHeader(request_id="x1", step=0, epoch=1, seq=0, extra={"target": 1, "pos": 0}),
+        ActivationHeader(request_id="x1", step=0, epoch=1, seq=0, target=1, pos=0, last_only=False, pass_id=1),  # type: ignore[arg-type]
         np.zeros((2, 7), np.float32),  # wrong hidden size
     )
     wrong_target = encode_frame(
-        FrameHeader(request_id="x2", step=0, epoch=1, seq=0, extra={"target": 2, "pos": 0}),
+        ActivationHeader(request_id="x2", step=0, epoch=1, seq=0, target=2, pos=0, last_only=False, pass_id=1),  # type: ignore[arg-type]
         np.zeros((1, 64), np.float32),
     )
     garbage = [b"", b"\x00\xff" * 50, msgpack.packb({"v": 1, "kind": "Plan", "body": {"epoch": -1}}),
-               msgpack.packb([1, 2, 3]), b"ESF1\xff\xff\xff\xff", good_shape_bad_values, wrong_target]  # fmt: skip
+               msgpack.packb([1, 2, 3]), b"ESF2\xff\xff\xff\xff", good_shape_bad_values, wrong_target]  # fmt: skip
     topics = [f"{root}/plan/current", f"{root}/epoch/commands"]
     for node in ("car", "rsu", "mec"):
         topics += [f"{root}/nodes/{node}/activations", f"{root}/nodes/{node}/requests",

@@ -26,6 +26,7 @@ import pytest
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.codec import encode
+from shared.frame_headers import ProbeHeader
 from shared.messages import (
     CapacityProfile,
     EmulatedLink,
@@ -386,9 +387,9 @@ async def sniff_probe_bytes(broker: LocalBroker, cluster: str, totals: dict[tupl
                 return
             payload = bytes(message.payload)  # type: ignore[arg-type]
             header, _ = decode_frame(payload)
-            if "probe" in header.extra:
+            if isinstance(header, ProbeHeader):
                 dst = ACTIVATIONS.parse(message.topic.value)[1]["node"]  # type: ignore[index]
-                totals[(str(header.extra["src"]), dst)] += len(payload)
+                totals[(str(header.src), dst)] += len(payload)
 
 
 @pytest.mark.slow

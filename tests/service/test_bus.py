@@ -17,8 +17,9 @@ from shared.broker import LocalBroker, free_port
 from shared.bus import Announcement, Bus, Delivery
 from shared.config import BusSettings
 from shared.errors import BrokerUnavailable
+from shared.frame_headers import ActivationHeader, ResultHeader
 from shared.messages import NodeStatus, Telemetry, TokenGenerated
-from shared.tensor_frame import Frame, FrameHeader
+from shared.tensor_frame import Frame
 from shared.topics import ACTIVATIONS, NODE_STATUS, REPLIES, TELEMETRY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,8 @@ def test_control_and_frame_round_trip(broker: LocalBroker, cluster: str, protoco
                 assert delivery.envelope is not None and delivery.envelope.origin == "w1"
 
                 tensor = np.random.default_rng(0).standard_normal((128, 576), dtype=np.float32)
-                header = FrameHeader(request_id="r1", step=0, epoch=3, seq=1, extra={"start": 0})
+                header = ActivationHeader(request_id="r1", step=0, epoch=3, seq=1, target=0, pos=0,  # type: ignore[arg-type]
+                                          last_only=False, pass_id=1)  # fmt: skip
                 await bus.publish_frame(ACTIVATIONS, header, tensor, node="w2")
                 frame: Delivery[Frame] = await frames.get()
                 assert frame.params == {"node": "w2"} and frame.message.header == header
@@ -185,12 +187,12 @@ def test_malformed_payloads_are_dropped_and_the_reader_survives(
                 async with aiomqtt.Client("127.0.0.1", broker.port) as raw:
                     for garbage in (b"", b"\xc1", b"\xdd\xff\xff\xff\xff", b"\x91" * 100_000):
                         await raw.publish(TELEMETRY.topic(cluster, node="w9"), garbage, qos=1)
-                    await raw.publish(ACTIVATIONS.topic(cluster, node="w9"), b"ESF1junk", qos=1)
+                    await raw.publish(ACTIVATIONS.topic(cluster, node="w9"), b"ESF2junk", qos=1)
                 sample = Telemetry(node="w1", window_s=1.0, cpu_utilisation=0.1,
                                    memory_used_bytes=1, requests_in_flight=0)  # fmt: skip
                 await bus.publish(TELEMETRY, sample, node="w1")
                 assert (await telemetry.get()).message == sample
-                header = FrameHeader(request_id="r", step=1, epoch=0, seq=2)
+                header = ResultHeader(request_id="r", step=1, epoch=0, seq=2, pass_id=1)  # type: ignore[arg-type]
                 await bus.publish_frame(ACTIVATIONS, header, np.zeros(576, np.float32), node="w1")
                 assert (await frames.get()).message.header == header
                 assert bus.counters[f"malformed:{TELEMETRY.pattern}"] == 4

@@ -17,9 +17,10 @@ import pytest
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.config import BusSettings
+from shared.frame_headers import ActivationHeader
 from shared.messages import TokenGenerated
 from shared.subscription import Subscription
-from shared.tensor_frame import Frame, FrameHeader, encode_frame
+from shared.tensor_frame import Frame, encode_frame
 from shared.topics import ACTIVATIONS, REPLIES
 
 
@@ -47,7 +48,8 @@ def settings_for(url: str, cluster: str, protocol: str = "auto") -> BusSettings:
 
 
 def _frame(step: int) -> bytes:
-    header = FrameHeader(request_id="r1", step=step, epoch=1, seq=step, extra={"target": 3})  # type: ignore[arg-type]
+    header = ActivationHeader(request_id="r1", step=step, epoch=1, seq=step, target=3, pos=0, last_only=False,  # type: ignore[arg-type]
+                              pass_id=1)  # fmt: skip
     return encode_frame(header, np.full((1, 8), step, np.float32))
 
 
@@ -156,7 +158,8 @@ def test_a_frame_larger_than_the_socket_buffer_is_finished_when_writable(
         async with Bus(settings, origin="tx") as sender, Bus(settings, origin="rx") as receiver:
             async with receiver.subscribe(ACTIVATIONS, node="w2") as frames:
                 big = np.arange(6_000_000, dtype=np.float32).reshape(1000, 6000)  # 24 MB
-                header = FrameHeader(request_id="r1", step=0, epoch=1, seq=0, extra={"target": 3})  # type: ignore[arg-type]
+                header = ActivationHeader(request_id="r1", step=0, epoch=1, seq=0, target=3, pos=0, last_only=False,  # type: ignore[arg-type]
+                                          pass_id=1)  # fmt: skip
                 inner = sender.connection("data").fast
                 assert inner is not None
                 # The broker, stopped, reads nothing: the frame cannot leave in one write

@@ -17,12 +17,13 @@ from pydantic import BaseModel
 
 from shared import codec
 from shared.errors import DecodeError, TensorFrameError, UnknownMessageKind, WireError
+from shared.frame_headers import FRAME_KINDS, ActivationHeader, FrameHeader, KvHeader
 from shared.ids import _pydantic_id
 from shared.messages import MESSAGE_KINDS, Message, NodeStatus
 from shared.tensor_frame import (
     ALLOWED_DTYPES,
+    MAGIC,
     MAX_FRAME_BYTES,
-    FrameHeader,
     decode_frame,
     encode_frame,
 )
@@ -259,23 +260,7 @@ def test_encode_refuses_oversized_messages() -> None:
 
 # --- tensor frames ---------------------------------------------------------------------------
 
-HEADERS = st.builds(
-    FrameHeader,
-    request_id=IDS,
-    step=st.integers(0, 2**63 - 1),
-    epoch=st.integers(0, 2**63 - 1),
-    seq=st.integers(0, 2**63 - 1),
-    extra=st.dictionaries(
-        st.text(max_size=8),
-        st.one_of(
-            st.integers(-(2**63), 2**63 - 1),
-            st.booleans(),
-            st.text(max_size=8),
-            st.lists(st.integers(0, 4096), max_size=8).map(tuple),
-        ),  # fmt: skip
-        max_size=3,
-    ),
-)
+HEADERS = st.sampled_from(sorted(FRAME_KINDS)).flatmap(lambda k: model_strategy(FRAME_KINDS[k]))
 SHAPES = st.lists(st.integers(0, 6), min_size=0, max_size=4).map(tuple)
 
 
@@ -288,6 +273,7 @@ def test_frames_round_trip_zero_copy(
     payload = encode_frame(header, array)
     decoded_header, decoded = decode_frame(payload)
     assert decoded_header == header
+    assert type(decoded_header) is type(header)
     assert decoded.dtype == array.dtype and decoded.shape == shape
     assert np.array_equal(decoded, array)
     if decoded.size:
@@ -295,12 +281,27 @@ def test_frames_round_trip_zero_copy(
         assert decoded.ctypes.data % 16 == np.frombuffer(payload, np.uint8).ctypes.data % 16
 
 
+@pytest.mark.parametrize("kind", sorted(FRAME_KINDS))
+def test_every_frame_kind_round_trips(kind: str) -> None:
+    @SMALL
+    @given(model_strategy(FRAME_KINDS[kind]), st.sampled_from(sorted(ALLOWED_DTYPES)), SHAPES)
+    def check(header: FrameHeader, dtype: str, shape: tuple[int, ...]) -> None:
+        array = np.ones(shape, dtype)
+        decoded_header, decoded = decode_frame(encode_frame(header, array))
+        assert decoded_header == header
+        assert type(decoded_header) is FRAME_KINDS[kind] and decoded_header.kind == kind
+        assert np.array_equal(decoded, array)
+
+    check()
+
+
 def test_torch_tensor_frames_round_trip() -> None:
     torch = pytest.importorskip("torch")
     from shared.tensor_frame import to_torch
 
     tensor = torch.randn(3, 576)
-    header = FrameHeader(request_id="r1", step=2, epoch=1, seq=9, extra={"positions": (5, 6, 7)})
+    header = KvHeader(request_id="r1", step=2, epoch=1, seq=9, target=5, blocks=(5, 6, 7), pos=3,  # type: ignore[arg-type]
+                      ack_step=4, old_epoch=0, pass_id=1)  # fmt: skip
     _, array = decode_frame(encode_frame(header, tensor))
     restored = to_torch(array)
     assert torch.equal(restored, tensor)
@@ -309,7 +310,8 @@ def test_torch_tensor_frames_round_trip() -> None:
         encode_frame(header, tensor.to(torch.bfloat16))
 
 
-HEADER = FrameHeader(request_id="r1", step=0, epoch=0, seq=0)
+HEADER = ActivationHeader(request_id="r1", step=0, epoch=0, seq=0, target=0, pos=0,  # type: ignore[arg-type]
+                          last_only=False, pass_id=0)  # fmt: skip
 
 
 def _frame_with(**changes: Any) -> bytes:
@@ -319,7 +321,7 @@ def _frame_with(**changes: Any) -> bytes:
     wire.update(changes)
     packed = msgpack.packb(wire)
     start = 8 + len(packed)
-    return b"ESF1" + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 24
+    return MAGIC + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 24
 
 
 @pytest.mark.parametrize(
@@ -346,9 +348,52 @@ def test_frames_with_bad_headers_are_rejected(changes: dict[str, Any]) -> None:
     assert time.perf_counter() - start < FAST_S
 
 
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"kind": "teleport"}, "unknown frame kind 'teleport'"),
+        ({"kind": 3}, "unknown frame kind '3'"),
+        ({"kind": "probe"}, "probe frame header: field role: Field required"),
+        ({"pos": -1}, "activation frame header: field pos: .*greater than or equal to 0"),
+        ({"target": 2**31}, "activation frame header: field target: .*less than 2147483648"),
+        ({"last_only": 1}, "activation frame header: field last_only: .*valid boolean"),
+        ({"pass_id": None}, "activation frame header: field pass_id"),
+        ({"sent_at": float("nan")}, "activation frame header: field sent_at: .*finite"),
+        ({"src": "a/b"}, "activation frame header: field src"),
+        ({"blocks": (1, 2)}, "activation frame header: field blocks: Extra inputs"),
+        ({"extra": {"target": 0}}, "activation frame header: field extra: Extra inputs"),
+    ],
+)
+def test_a_bad_header_field_is_named(changes: dict[str, Any], named: str) -> None:
+    with pytest.raises(TensorFrameError, match=named):
+        decode_frame(_frame_with(**changes))
+
+
+def test_a_missing_header_field_is_named() -> None:
+    good = encode_frame(HEADER, np.zeros((2, 3), np.float32))
+    wire = msgpack.unpackb(good[8 : 8 + int.from_bytes(good[4:8], "little")])
+    del wire["pass_id"]
+    packed = msgpack.packb(wire)
+    start = 8 + len(packed)
+    frame = MAGIC + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 24
+    with pytest.raises(TensorFrameError, match="activation frame header: field pass_id: Field required"):
+        decode_frame(frame)
+
+
+def test_a_version_1_frame_is_refused_as_an_older_version() -> None:
+    """A peer still on ESF1 (an untyped ``extra`` map) gets a clear error, not a misread."""
+    wire = {"request_id": "r1", "step": 0, "epoch": 1, "seq": 0, "dtype": "float32", "shape": [1, 3],
+            "extra": {"target": 3, "pos": 0, "pass": 1}}  # fmt: skip
+    packed = msgpack.packb(wire)
+    start = 8 + len(packed)
+    frame = b"ESF1" + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 12
+    with pytest.raises(TensorFrameError, match=r"peer speaks tensor frame version 1 .*this node speaks version 2"):
+        decode_frame(frame)
+
+
 def test_frames_with_bad_prefix_or_byte_count_are_rejected() -> None:
     good = encode_frame(HEADER, np.ones((4, 4), np.float16))
-    for bad in [good[:-1], good + b"\0", b"ESF2" + good[4:], good[:6], b"",
+    for bad in [good[:-1], good + b"\0", b"ESF9" + good[4:], good[:6], b"",
                 good[:4] + (2**31).to_bytes(4, "little") + good[8:]]:  # fmt: skip
         with pytest.raises(TensorFrameError):
             decode_frame(bad)
@@ -360,7 +405,7 @@ def test_frames_with_bad_prefix_or_byte_count_are_rejected() -> None:
 @given(st.binary(max_size=256))
 def test_random_frames_raise_only_tensor_frame_error(payload: bytes) -> None:
     try:
-        decode_frame(b"ESF1" + payload)
+        decode_frame(MAGIC + payload)
     except TensorFrameError:
         pass
 

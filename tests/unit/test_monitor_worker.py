@@ -97,7 +97,7 @@ def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds() -> None:
                 probe_bytes += len(payload)
                 busy_until += len(payload) / 1e6
                 header, array = decode_frame(payload)
-                echo = header.model_copy(update={"extra": {**header.extra, "probe": "echo", "src": "b"}})
+                echo = header.model_copy(update={"role": "echo", "src": "b"})
                 clock[0] = busy_until + 0.02
                 await prober.on_frame(Frame(echo, array[:0]), clock[0], 0.0)
         (observation,) = prober.window()

@@ -1,0 +1,165 @@
+"""The headers of data-plane frames: one frozen, strict model per kind of frame.
+
+Every tensor frame (`shared/tensor_frame.py`) carries exactly one of these, tagged by
+its ``kind`` string on the wire; a header with an unknown kind, a missing or surplus
+field, or a field out of its bounds is refused when the frame is decoded. The kinds:
+
+==============  =====================================  ==========================================
+kind            sent by -> to                          tensor
+==============  =====================================  ==========================================
+``activation``  entry or a worker -> the next segment  float32 [T, hidden]: the hidden states
+``result``      the last segment -> the entry          float32 [T or 1, hidden]; empty when
+                                                       ``kv_missing``
+``release``     entry -> each segment in turn          empty: free the request's KV caches
+``handoff``     entry -> each node of the old epoch    empty: move your K/V to the new owners
+``kv``          an old holder -> a new owner           the cache's [n, 2, heads, T, head_dim]
+``kv_ack``      an old holder or new owner -> entry    empty: the handoff's answers
+``probe``       a worker -> a peer (ping), and back    uint8 padding that sizes the probe
+==============  =====================================  ==========================================
+
+Common fields (every kind): ``request_id``, ``step`` (decode step, 0 = prefill; a
+handoff uses steps from ``HANDOFF_STEP`` up, services/worker/handoff.py), ``epoch``
+(the plan epoch that serves the frame) and ``seq`` (the sender's frame counter; a
+probe's id). A block index (``target``, ``blocks``) is in [0, 2**31); counters and
+positions are in [0, 2**63).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.ids import NodeIdField, RequestIdField
+
+Count = Annotated[int, Field(ge=0, lt=2**63)]
+"""A non-negative counter, position, step or epoch (msgpack's unsigned 63-bit range)."""
+Block = Annotated[int, Field(ge=0, lt=2**31)]
+"""A transformer block index (a segment's first block, or a model's layer count)."""
+MAX_KV_BLOCKS = 4096
+"""The most blocks one kv frame may carry (the frame decoder's array limit)."""
+
+
+class _Header(BaseModel):
+    """What every frame says about whose it is."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=False)
+
+    request_id: RequestIdField
+    step: Count
+    """Decode step (0 = prefill)."""
+    epoch: Count
+    """The plan epoch whose pipeline serves this frame."""
+    seq: Count
+    """The sender's frame counter (a probe's id)."""
+
+
+class _Stamped(_Header):
+    """A frame the data plane forwards: it stamps its node and the send time on each hop,
+    so the receiver can estimate the inbound link passively (services/worker/probes.py)."""
+
+    src: NodeIdField | None = None
+    """The node that sent this hop (None before the first hop is sent)."""
+    sent_at: float | None = None
+    """When this hop was sent (Unix s, finite; None before the first hop is sent)."""
+
+
+class ActivationHeader(_Stamped):
+    """Hidden states for the segment that starts at block ``target``."""
+
+    kind: Literal["activation"] = "activation"
+    target: Block
+    """The next block to run: the first block of the receiver's segment."""
+    pos: Count
+    """Position of the frame's first token in the request's sequence."""
+    last_only: bool
+    """The last segment sends back only the last row (the entry needs no more)."""
+    pass_id: Count
+    """The entry's pass this frame belongs to (the result must carry it back)."""
+
+
+class ResultHeader(_Stamped):
+    """The final hidden states of a pass, for the entry; or, with ``kv_missing``, an
+    empty answer saying that a node of the pipeline lacks the request's KV cache (the
+    entry then replays the request)."""
+
+    kind: Literal["result"] = "result"
+    pass_id: Count
+    """The pass this answers (a result of an earlier try is dropped)."""
+    kv_missing: bool = False
+
+
+class ReleaseHeader(_Stamped):
+    """Free the request's KV caches on the segment starting at ``target``, then pass it on."""
+
+    kind: Literal["release"] = "release"
+    target: Block
+
+
+class HandoffHeader(_Header):
+    """Entry -> a node of the old epoch (``epoch``): send the K/V of your blocks that move
+    to their new owners under ``new_epoch``, then answer with a `KvAckHeader`."""
+
+    kind: Literal["handoff"] = "handoff"
+    target: Block
+    """The first block of the receiver's segment in the old epoch."""
+    pos: Count
+    """Tokens the request's KV caches must hold."""
+    new_epoch: Count
+    pass_id: Count
+    ack_base: Count
+    """The step of the first new owner's acknowledgement (they are numbered from here,
+    in the order of the owners' sorted names)."""
+
+
+class KvHeader(_Header):
+    """An old holder's K/V of ``blocks`` for their new owner (``epoch`` is the new one)."""
+
+    kind: Literal["kv"] = "kv"
+    target: Block
+    """The first block of the receiver's segment in the new epoch."""
+    blocks: Annotated[tuple[Block, ...], Field(min_length=1, max_length=MAX_KV_BLOCKS)]
+    """The blocks whose K/V the tensor holds, in its first dimension's order."""
+    pos: Count
+    """Tokens each block's K/V holds."""
+    ack_step: Count
+    """The step of the acknowledgement the receiver sends the entry."""
+    old_epoch: Count
+    """The epoch of the acknowledgement (the entry waits under the old epoch)."""
+    pass_id: Count
+
+
+class KvAckHeader(_Header):
+    """An answer to the entry's handoff: an old holder sent its K/V (``failed``: it had
+    none to send), or a new owner imported the K/V of a `KvHeader` frame."""
+
+    kind: Literal["kv_ack"] = "kv_ack"
+    pass_id: Count
+    failed: bool = False
+
+
+class ProbeHeader(_Header):
+    """A link probe (``ping``) or its echo: see services/worker/probes.py. ``seq`` is the
+    probe's id; ``src`` the node that sent this frame."""
+
+    kind: Literal["probe"] = "probe"
+    role: Literal["ping", "echo"]
+    src: NodeIdField
+
+
+FrameHeader = Annotated[
+    ActivationHeader
+    | ResultHeader
+    | ReleaseHeader
+    | HandoffHeader
+    | KvHeader
+    | KvAckHeader
+    | ProbeHeader,
+    Field(discriminator="kind"),
+]
+"""Any frame's header: a union tagged by ``kind``."""
+
+FRAME_KINDS: dict[str, type[_Header]] = {
+    cls.model_fields["kind"].default: cls for cls in get_args(get_args(FrameHeader)[0])
+}
+"""Each wire ``kind`` string and its header model."""
