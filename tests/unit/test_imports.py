@@ -278,8 +278,10 @@ def test_no_import_cycle_in_shared_or_in_a_service_package(project_graph: Graph)
 
 @pytest.mark.parametrize("service", CONTROL_SERVICES)
 def test_control_service_does_not_import_torch(service: str) -> None:
-    modules = [*tree_modules(ROOT, (f"services/{service}",)), f"services.{service}.__main__"]
-    loaded = heavy_imports(ROOT, dict.fromkeys(modules), HEAVY_MODULES)
+    modules = sorted(
+        {*tree_modules(ROOT, (f"services/{service}",)), f"services.{service}.__main__"}
+    )
+    loaded = heavy_imports(ROOT, modules, HEAVY_MODULES)
     assert loaded == {}, (
         f"services.{service} loads {sorted(loaded)}, first asked for by:\n"
         + "\n".join(f"{name}: {' <- '.join(reversed(chain))}" for name, chain in loaded.items())
