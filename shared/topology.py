@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.errors import ConfigError
 from shared.ids import TopicId
+from shared.messages import PrivacyPolicy
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "deploy" / "topologies" / "default.toml"
 
@@ -55,9 +56,10 @@ class Topology(BaseModel):
 
     name: str = "topology"
     private_blocks: int = Field(
-        default=1, ge=0, description="the first k blocks run only on nodes with trust >= trusted_level"
+        default=1, ge=0, le=65_536,
+        description="the first k blocks run only on nodes with trust >= trusted_level",
     )
-    trusted_level: int = Field(default=2, ge=0)
+    trusted_level: int = Field(default=2, ge=0, le=1_000)
     nodes: tuple[TopologyNode, ...]
     links: tuple[TopologyLink, ...] = ()
 
@@ -81,6 +83,10 @@ class Topology(BaseModel):
             if node.id == node_id:
                 return node
         raise ConfigError(f"node {node_id!r} is not in topology {self.name!r}")
+
+    def privacy_policy(self) -> PrivacyPolicy:
+        """The site's privacy policy (the launcher publishes it; workers start under it)."""
+        return PrivacyPolicy(trusted_level=self.trusted_level, private_blocks=self.private_blocks)
 
     def directed_links(self) -> dict[tuple[str, str], TopologyLink]:
         """Every directed link, the reverse of symmetric ones included (explicit wins)."""

@@ -1,6 +1,17 @@
-"""The client side of the running system: `edgesplit generate/embed --broker URL`.
+"""The client library of the running system (``edgesplit generate/embed --broker URL``
+is built on it; the command-line handlers are in services/cli/infer.py).
 
-It reads the retained plan to find the entry node, subscribes to its own replies
+From Python, without argparse::
+
+    async with Client("mqtt://127.0.0.1:1883") as client:
+        stream = client.generate("The road ahead", max_new_tokens=16)
+        async for token in stream:
+            print(token.text, end="")
+        print(stream.result.tpot_s)
+        vector = await client.embed("a sentence")  # with a BERT model served
+
+`request(options, make_request, on_token)` is the one-shot form (its own connection).
+A request reads the retained plan to find the entry node, subscribes to its own replies
 topic, sends the request and streams the answer. Every wait has a deadline; nothing
 answering becomes a one-line NoAnswer error.
 
@@ -15,19 +26,18 @@ after the client's tokens. Duplicate and out-of-order tokens are put right by in
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import secrets
-import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from shared.bus import Bus, Subscription
+from services.cli.streams import RetainedFeed, TokenStream
+from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.errors import (
     Busy,
@@ -38,6 +48,7 @@ from shared.errors import (
     ServingError,
     StageTimedOut,
 )
+from shared.ids import RequestId
 from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
@@ -50,7 +61,6 @@ from shared.messages import (
     RequestFinished,
     TokenGenerated,
 )
-from shared.process import first_edgesplit_error
 from shared.topics import NODE_STATUS, PLAN, PROFILE_EVENTS, REPLIES, REQUESTS
 
 log = logging.getLogger(__name__)
@@ -80,6 +90,13 @@ class ClientOptions:
     """Resubmit (with the tokens held) when no reply came for this long."""
 
 
+def _no_system(bus: Bus, wait_s: float) -> NoAnswer:
+    return NoAnswer(
+        f"no edgesplit system at {bus.url} (cluster {bus.cluster!r}): no plan published "
+        f"within {wait_s} s; is `edgesplit up` running?"
+    )
+
+
 async def current_plan(bus: Bus, wait_s: float = PLAN_WAIT_S) -> Plan:
     """The retained plan of the bus's cluster; NoAnswer if none arrives within ``wait_s``."""
     async with bus.subscribe(PLAN) as plans:
@@ -87,10 +104,7 @@ async def current_plan(bus: Bus, wait_s: float = PLAN_WAIT_S) -> Plan:
             async with asyncio.timeout(wait_s):
                 return (await plans.get()).message
         except TimeoutError:
-            raise NoAnswer(
-                f"no edgesplit system at {bus.url} (cluster {bus.cluster!r}): no plan published "
-                f"within {wait_s} s; is `edgesplit up` running?"
-            ) from None
+            raise _no_system(bus, wait_s) from None
 
 
 async def request(
@@ -116,6 +130,16 @@ async def request(
             return await session.run(replies, plans, statuses, events)
 
 
+def _validated(build: Callable[[], Any]) -> Any:
+    """``build()``, a pydantic error turned into ConfigError naming the field."""
+    try:
+        return build()
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "request"
+        raise ConfigError(f"{field}: {first['msg']}") from None
+
+
 class _Session:
     """One request's conversation with whichever entry serves it."""
 
@@ -131,7 +155,7 @@ class _Session:
         """Loop time (s) by which the request must be answered; `run` sets it."""
         self.resubmissions = 0
 
-    async def run(self, *subscriptions: Subscription[Any]) -> RequestFinished | EmbeddingReady:
+    async def run(self, *subscriptions: AsyncIterable[Any]) -> RequestFinished | EmbeddingReady:
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + self.options.timeout_s
         pumps = [asyncio.create_task(self._pump(sub)) for sub in subscriptions]
@@ -144,7 +168,7 @@ class _Session:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _pump(self, subscription: Subscription[Any]) -> None:
+    async def _pump(self, subscription: AsyncIterable[Any]) -> None:
         async for _, message in subscription:
             self._inbox.put_nowait(message)
 
@@ -251,90 +275,122 @@ class _Session:
             log.info("resubmission of %s not sent: %s", message.request_id, error)
 
 
-def _run(coroutine: object) -> object:
-    try:
-        return asyncio.run(coroutine)  # type: ignore[arg-type]
-    except BaseExceptionGroup as group:
-        found = first_edgesplit_error(group)
-        if found is None:
+class Client:
+    """The running system from Python: one broker connection for many requests.
+
+    ``async with Client(broker_url) as client`` connects (BrokerUnavailable without a
+    broker; ConfigError for a bad URL); ``client.generate(...)`` streams tokens and
+    ``await client.embed(text)`` returns an embedding. Requests may run concurrently;
+    each keeps the CLI's guarantees: resubmission when the entry or the broker goes away,
+    every token once and in order, the whole request within ``timeout_s`` seconds.
+    The constructor does no I/O. Leaving the block cancels requests still running.
+    """
+
+    def __init__(self, broker_url: str | None = None, *, cluster: str | None = None,
+                 timeout_s: float = 120.0, resync_after_s: float = 3.0,
+                 options: ClientOptions | None = None) -> None:  # fmt: skip
+        """``options`` (settings and deadlines, e.g. a test's cluster) replaces the rest."""
+        if options is None:
+            settings = load_settings(BusSettings, {"broker_url": broker_url, "cluster": cluster})
+            options = ClientOptions(settings, timeout_s=timeout_s, resync_after_s=resync_after_s)
+        self.options = options
+        self._exit = AsyncExitStack()
+        self._bus: Bus | None = None
+        self._plans: RetainedFeed[Plan] | None = None
+        self._statuses: RetainedFeed[NodeStatus] | None = None
+        self._running: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Client:
+        try:
+            self._bus = await self._exit.enter_async_context(Bus(self.options.settings))
+            plans = await self._exit.enter_async_context(self._bus.subscribe(PLAN))
+            statuses = await self._exit.enter_async_context(self._bus.subscribe(NODE_STATUS))
+        except BaseException:
+            await self._exit.aclose()
             raise
-        raise found from None
+        self._plans = RetainedFeed(plans, lambda _params, _plan: "plan")
+        self._statuses = RetainedFeed(statuses, lambda params, _status: params["node"])
+        for feed in (self._plans, self._statuses):
+            self._track(asyncio.get_running_loop().create_task(feed.run(), name="retained-feed"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        tasks = list(self._running)
+        for task in tasks:
+            task.cancel()
+        try:
+            if tasks:
+                await asyncio.wait(tasks)  # a cancellation of our own still propagates
+        finally:
+            self._bus = None
+            await asyncio.shield(self._exit.aclose())  # the connection closes even then
+
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 timeout_s: float | None = None) -> TokenStream:  # fmt: skip
+        """Start generating after ``prompt`` (text, or token ids); the request is sent now.
+
+        Greedy unless ``temperature`` > 0 (then nucleus ``top_p``, seeded by ``seed``);
+        ``timeout_s`` (default the client's) bounds the whole request, in seconds.
+
+        Raises:
+            ConfigError: an argument the request does not accept (the message names it),
+                or the client is not connected (use ``async with``).
+        """
+        bus = self._connected()
+        text = prompt if isinstance(prompt, str) else None
+        ids = None if isinstance(prompt, str) else tuple(prompt)
+        message = _validated(lambda: GenerateRequest(
+            request_id=_new_request_id(), reply_to=bus.origin, prompt=text, token_ids=ids,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            timeout_s=timeout_s or self.options.timeout_s))  # fmt: skip
+        return TokenStream(lambda on_token: self._track(asyncio.get_running_loop().create_task(
+            self._serve(bus, message, timeout_s, on_token), name=f"generate-{message.request_id}")))
+
+    async def embed(self, text: str, *, timeout_s: float | None = None) -> tuple[float, ...]:
+        """The embedding of ``text`` (mean-pooled, L2-normalised for BERT models).
+
+        Raises ConfigError for a bad argument, the typed refusals and NoAnswer as
+        `TokenStream` does.
+        """
+        bus = self._connected()
+        message = _validated(lambda: EmbedRequest(
+            request_id=_new_request_id(), reply_to=bus.origin, text=text,
+            timeout_s=timeout_s or self.options.timeout_s))  # fmt: skip
+        final = await self._serve(bus, message, timeout_s, None)
+        assert isinstance(final, EmbeddingReady)
+        return final.embedding
+
+    def _connected(self) -> Bus:
+        if self._bus is None:
+            raise ConfigError("the client is not connected: use `async with Client(...)`")
+        return self._bus
+
+    def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Keep a reference until ``task`` ends (cancelled on exit), never a bare task."""
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    async def _serve(self, bus: Bus, message: GenerateRequest | EmbedRequest, timeout_s: float | None,
+                     on_token: Callable[[TokenGenerated], None] | None) -> RequestFinished | EmbeddingReady:  # fmt: skip
+        """One request on the shared connection: subscribe, then the session with the
+        retained plan and statuses from the feeds (a fresh subscription would miss them)."""
+        assert self._plans is not None and self._statuses is not None
+        options = self.options
+        if timeout_s is not None:
+            options = ClientOptions(options.settings, timeout_s, options.resync_after_s)
+        async with (
+            bus.subscribe(REPLIES, client=bus.origin) as replies,
+            bus.subscribe(PROFILE_EVENTS) as events,
+        ):
+            plan = await self._plans.wait_for("plan", PLAN_WAIT_S)
+            if plan is None:
+                raise _no_system(bus, PLAN_WAIT_S)
+            with self._plans.listen() as plans, self._statuses.listen() as statuses:
+                session = _Session(bus, options, message, plan, on_token)
+                return await session.run(replies, plans, statuses, events)
 
 
-def _options(args: argparse.Namespace) -> ClientOptions:
-    settings = load_settings(
-        BusSettings, {"broker_url": args.broker, "cluster": getattr(args, "cluster", None)}
-    )
-    return ClientOptions(settings, timeout_s=getattr(args, "timeout_s", None) or 120.0)
-
-
-def _generate_remote(args: argparse.Namespace) -> int:
-    """`edgesplit generate --broker URL ...`"""
-    token_ids = None
-    if args.prompt_ids:
-        from services.cli.infer import _parse_ids
-
-        token_ids = tuple(_parse_ids(args.prompt_ids, "--prompt-ids"))
-    options = _options(args)
-
-    def make(client: str) -> GenerateRequest:
-        return GenerateRequest(
-            request_id=secrets.token_hex(8),  # type: ignore[arg-type]
-            reply_to=client,
-            prompt=None if token_ids is not None else args.prompt,
-            token_ids=token_ids,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            timeout_s=options.timeout_s,
-        )
-
-    _checked(make)
-
-    def show(token: TokenGenerated) -> None:
-        print(token.text, end="", flush=True)
-
-    result = _run(request(options, make, None if args.json else show))
-    assert isinstance(result, RequestFinished)
-    if args.json:
-        print(json.dumps({"token_ids": list(result.token_ids), "text": result.text,
-                          "ttft_s": result.ttft_s, "tpot_s": result.tpot_s}))  # fmt: skip
-    else:
-        print(flush=True)
-        print(f"[{len(result.token_ids)} tokens, ttft {result.ttft_s * 1e3:.0f} ms, "
-              f"tpot {result.tpot_s * 1e3:.1f} ms]", file=sys.stderr)  # fmt: skip
-    return 0
-
-
-_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
-          "seed": "--seed", "prompt": "prompt", "token_ids": "--prompt-ids", "text": "--text",
-          "timeout_s": "--timeout"}  # fmt: skip
-
-
-def _checked(make: Callable[[str], GenerateRequest | EmbedRequest]) -> None:
-    """Build the request once before connecting, so a bad option is one line (ConfigError)."""
-    try:
-        make("check")
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"{_FLAGS.get(field, field)}: {first['msg']}") from None
-
-
-def _embed_remote(args: argparse.Namespace) -> int:
-    """`edgesplit embed --broker URL --text ...`"""
-    options = _options(args)
-
-    def make(client: str) -> EmbedRequest:
-        return EmbedRequest(request_id=secrets.token_hex(8), reply_to=client, text=args.text,  # type: ignore[arg-type]
-                            timeout_s=options.timeout_s)  # fmt: skip
-
-    _checked(make)
-    result = _run(request(options, make))
-    assert isinstance(result, EmbeddingReady)
-    if args.json:
-        print(json.dumps({"embedding": list(result.embedding)}))
-    else:
-        print(" ".join(f"{value:.6f}" for value in result.embedding))
-    return 0
+def _new_request_id() -> RequestId:
+    return RequestId(secrets.token_hex(8))

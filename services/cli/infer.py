@@ -2,19 +2,28 @@
 
 ``--local --model DIR [--splits 4,12]`` runs the model in this process, cut into the
 same segments nodes would hold; without ``--local`` the request goes through the
-running system (``services.cli.client``, loaded only then).
+running system with the client library (``services.cli.client``, loaded only then:
+it needs the MQTT client, a local run does not). The library never imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
+import secrets
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from shared.config import BusSettings, load_settings
 from shared.errors import ConfigError
+from shared.process import first_edgesplit_error
 
 if TYPE_CHECKING:  # torch and the model load only when a local run needs them
     from shared.model.pipeline import LocalPipeline
@@ -83,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.text is not None:
         args.prompt = args.text
     if not args.local:
-        return _remote("_generate_remote")(args)
+        return _generate_remote(args)
     from shared.model.sampling import SamplingParams
 
     pipeline = _local_pipeline(args)
@@ -123,7 +132,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.positional_text is not None:
         args.text = args.positional_text
     if not args.local:
-        return _remote("_embed_remote")(args)
+        return _embed_remote(args)
     pipeline = _local_pipeline(args)
     embedding = pipeline.embed(pipeline.tokenizer.encode(args.text))
     if args.json:
@@ -133,17 +142,16 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remote(name: str) -> Any:
-    """The distributed client's handler ``name`` (imported only when needed)."""
+def _client_library() -> ModuleType:
+    """``services.cli.client`` (imported only when a request goes through the system)."""
     try:
-        client = importlib.import_module("services.cli.client")
+        return importlib.import_module("services.cli.client")
     except ModuleNotFoundError as error:
         if error.name not in ("services.cli.client",):
             raise
         raise ConfigError(
             "the distributed client is not installed; use --local --model DIR"
         ) from None
-    return getattr(client, name)
 
 
 def _local_pipeline(args: argparse.Namespace) -> LocalPipeline:
@@ -183,3 +191,101 @@ def _parse_ids(text: str, option: str) -> list[int]:
     if any(value < 0 for value in values):
         raise ConfigError(f"{option} must not be negative, got {text!r}")
     return values
+
+
+# --- through the running system (the client library) -----------------------------
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """``asyncio.run``; an EdgesplitError inside a task group comes out alone (one line)."""
+    try:
+        return asyncio.run(coroutine)
+    except BaseExceptionGroup as group:
+        found = first_edgesplit_error(group)
+        if found is None:
+            raise
+        raise found from None
+
+
+def _options(library: ModuleType, args: argparse.Namespace) -> Any:
+    """The library's ClientOptions from ``--broker`` (and ``cluster``/``timeout_s`` if set)."""
+    settings = load_settings(
+        BusSettings, {"broker_url": args.broker, "cluster": getattr(args, "cluster", None)}
+    )
+    return library.ClientOptions(settings, timeout_s=getattr(args, "timeout_s", None) or 120.0)
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`edgesplit generate --broker URL ...`"""
+    from shared.messages import GenerateRequest, RequestFinished, TokenGenerated
+
+    token_ids = None
+    if args.prompt_ids:
+        token_ids = tuple(_parse_ids(args.prompt_ids, "--prompt-ids"))
+    library = _client_library()
+    options = _options(library, args)
+
+    def make(client: str) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=secrets.token_hex(8),  # type: ignore[arg-type]
+            reply_to=client,
+            prompt=None if token_ids is not None else args.prompt,
+            token_ids=token_ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            timeout_s=options.timeout_s,
+        )
+
+    _checked(make)
+
+    def show(token: TokenGenerated) -> None:
+        print(token.text, end="", flush=True)
+
+    result = _run(library.request(options, make, None if args.json else show))
+    assert isinstance(result, RequestFinished)
+    if args.json:
+        print(json.dumps({"token_ids": list(result.token_ids), "text": result.text,
+                          "ttft_s": result.ttft_s, "tpot_s": result.tpot_s}))  # fmt: skip
+    else:
+        print(flush=True)
+        print(f"[{len(result.token_ids)} tokens, ttft {result.ttft_s * 1e3:.0f} ms, "
+              f"tpot {result.tpot_s * 1e3:.1f} ms]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+          "seed": "--seed", "prompt": "prompt", "token_ids": "--prompt-ids", "text": "--text",
+          "timeout_s": "--timeout"}  # fmt: skip
+
+
+def _checked(make: Callable[[str], Any]) -> None:
+    """Build the request once before connecting, so a bad option is one line (ConfigError)."""
+    try:
+        make("check")
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{_FLAGS.get(field, field)}: {first['msg']}") from None
+
+
+def _embed_remote(args: argparse.Namespace) -> int:
+    """`edgesplit embed --broker URL --text ...`"""
+    from shared.messages import EmbeddingReady, EmbedRequest
+
+    library = _client_library()
+    options = _options(library, args)
+
+    def make(client: str) -> EmbedRequest:
+        return EmbedRequest(request_id=secrets.token_hex(8), reply_to=client, text=args.text,  # type: ignore[arg-type]
+                            timeout_s=options.timeout_s)  # fmt: skip
+
+    _checked(make)
+    result = _run(library.request(options, make))
+    assert isinstance(result, EmbeddingReady)
+    if args.json:
+        print(json.dumps({"embedding": list(result.embedding)}))
+    else:
+        print(" ".join(f"{value:.6f}" for value in result.embedding))
+    return 0

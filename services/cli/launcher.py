@@ -153,8 +153,8 @@ def start_control_services(stack: Stack, settings: BusSettings, shards: Path, to
 
 async def publish_policy(bus: Bus, topology: Topology) -> PrivacyPolicySet:
     """The topology's privacy policy, retained: the orchestrator plans under it."""
-    policy = PrivacyPolicySet(private_blocks=topology.private_blocks, trusted_level=topology.trusted_level,
-                              set_at_s=time.time(), reason=f"topology {topology.name}"[:1024])  # fmt: skip
+    policy = PrivacyPolicySet(policy=topology.privacy_policy(), set_at_s=time.time(),
+                              reason=f"topology {topology.name}"[:1024])  # fmt: skip
     await bus.publish(POLICY, policy)
     return policy
 

@@ -39,12 +39,16 @@ from dataclasses import dataclass
 
 from services.orchestrator.logic import CandidateKind, CandidatePlan, classify, per_token_s
 from shared.errors import EdgesplitError
-from shared.messages import CapacityProfile, PlanOption, Segment
+from shared.messages import CapacityProfile, PlanOption, PrivacyPolicy, Segment
 from shared.model.manifest import ShardManifest
 from shared.planning.live import layers_from_manifest, problem_from_profile
-from shared.planning.privacy import PrivacyPolicy
-from shared.planning.problem import Plan as ProblemPlan
-from shared.planning.problem import Problem, boundary_bytes, effective_flops_per_s, evaluate
+from shared.planning.problem import (
+    Placement,
+    Problem,
+    boundary_bytes,
+    effective_flops_per_s,
+    evaluate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +162,8 @@ def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
     """``segments`` evaluated on ``problem``: latency, bottleneck, violations, migration cost.
 
     The running plan's memory violations are ignored (it is loaded and serving)."""
-    plan = ProblemPlan.of(*((s.node, s.start, s.end) for s in segments))
-    evaluation = evaluate(problem, plan)
+    placement = Placement.of(*((s.node, s.start, s.end) for s in segments))
+    evaluation = evaluate(problem, placement)
     violations = evaluation.violations
     if is_running:
         violations = tuple(v for v in violations if not v.startswith("memory:"))

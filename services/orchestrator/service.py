@@ -51,6 +51,7 @@ from shared.messages import (
     PlanOption,
     PlanProposed,
     PlanRequested,
+    PrivacyPolicy,
     PrivacyPolicySet,
     RequestFinished,
     RolloutFinished,
@@ -59,7 +60,6 @@ from shared.messages import (
 )  # fmt: skip
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
-from shared.planning.privacy import PrivacyPolicy
 from shared.topics import (
     CAPACITY,
     DECISION_SLOTS,
@@ -93,8 +93,9 @@ class OrchestratorService:
         self.settings, self.clock = settings, clock
         self.config = settings.decision_config()
         self.state = OrchestratorState()
-        self.policy = PrivacyPolicySet(private_blocks=settings.private_blocks,
-                                       trusted_level=settings.trusted_level)  # fmt: skip
+        self.policy = PrivacyPolicy(private_blocks=settings.private_blocks,
+                                    trusted_level=settings.trusted_level)  # fmt: skip
+        """The policy in force: the settings' until a retained `PrivacyPolicySet` arrives."""
         self.entry = settings.entry
         self.profile: CapacityProfile | None = None
         self.manifest: ShardManifest | None = None
@@ -149,7 +150,7 @@ class OrchestratorService:
         plan, policy, seen = await read_retained(plans, policies, decisions, self.settings.retained_wait_s)
         if plan is not None:
             self._on_plan(plan)
-        self.policy = policy or self.policy
+        self.policy = policy.policy if policy is not None else self.policy
         if seen:
             self.state = records.restored(self.state, seen)
             self.decisions = sorted(seen, key=lambda r: r.decision_id)
@@ -172,11 +173,13 @@ class OrchestratorService:
             self._reference_latency_s, self._reference = None, None
         self.state = replace(self.state, segments=plan.segments, epoch=plan.epoch)
 
-    def _on_policy(self, policy: PrivacyPolicySet) -> None:
-        old = (self.policy.private_blocks, self.policy.trusted_level)
+    def _on_policy(self, message: PrivacyPolicySet) -> None:
+        old, policy = self.policy, message.policy
         self.policy = policy
-        if old != (policy.private_blocks, policy.trusted_level):
-            detail = f"private_blocks {old[0]} -> {policy.private_blocks}, trusted_level {old[1]} -> {policy.trusted_level}"
+        if old != policy:
+            detail = f"private_blocks {old.private_blocks} -> {policy.private_blocks}, trusted_level {old.trusted_level} -> {policy.trusted_level}"
+            if old.private_last_blocks != policy.private_last_blocks:
+                detail += f", private_last_blocks {old.private_last_blocks} -> {policy.private_last_blocks}"
             self._enqueue(Trigger("policy_changed", self.clock(), True, detail))
 
     def _on_event(self, event: Any) -> None:
@@ -335,10 +338,9 @@ class OrchestratorService:
                     options: tuple[PlanOption, ...], moves: bool = True) -> tuple[CandidatePlan, ...]:  # fmt: skip
         """Runs on a thread. A source missing or down gives no candidates (keep)."""
         assert self.manifest is not None and self.entry is not None
-        policy = PrivacyPolicy(min_trust=self.policy.trusted_level, first_blocks=self.policy.private_blocks)
         cost = CostModel.at_load(view, self.entry, self.settings.shard_load_bytes_per_s,
                                  self.settings.rebuild_context_tokens)  # fmt: skip
-        return evaluate_all(view, self.manifest, policy, self.entry, running, options, cost, moves)
+        return evaluate_all(view, self.manifest, self.policy, self.entry, running, options, cost, moves)
 
     async def _ask_reviser(self, bus: Bus, view: CapacityProfile,
                            running: tuple[Segment, ...]) -> PlanProposed | None:  # fmt: skip
@@ -346,8 +348,7 @@ class OrchestratorService:
         request = PlanRequested(
             request_id=RequestId(f"o{secrets.token_hex(6)}"), reply_to=self._origin,
             model_id=self.manifest.model_name[:1024], source=NodeId(self.entry), profile=view,
-            private_blocks=self.policy.private_blocks, trusted_level=self.policy.trusted_level,
-            current_segments=running, alternatives=self.settings.alternatives,
+            privacy=self.policy, current_segments=running, alternatives=self.settings.alternatives,
         )  # fmt: skip
         proposal = await self.exchanges.plan(bus, request, self.settings.reviser_timeout_s)
         if proposal is None:

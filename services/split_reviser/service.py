@@ -30,9 +30,7 @@ from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
 from shared.planning.live import LiveProfileError, problem_from_profile
 from shared.planning.objectives import ObjectiveWeights, objective_terms
-from shared.planning.privacy import PrivacyPolicy
-from shared.planning.problem import Plan, Problem
-from shared.planning.problem import Segment as ProblemSegment
+from shared.planning.problem import Placement, Problem
 from shared.planning.solver import PlanResult, solve
 from shared.topics import REVISER_REPLIES, REVISER_REQUESTS
 
@@ -137,9 +135,8 @@ def problem_for(request: PlanRequested, manifest: ShardManifest) -> Problem:
             f"model_id: {request.model_id!r} is not served by this reviser (it plans "
             f"{manifest.model_name!r})"
         )
-    policy = PrivacyPolicy(min_trust=request.trusted_level, first_blocks=request.private_blocks)
     return problem_from_profile(
-        request.profile, manifest, policy, request.objective, source=request.source,
+        request.profile, manifest, request.privacy, request.objective, source=request.source,
         context_tokens=request.context_tokens, concurrent_requests=request.concurrent_requests,
     )  # fmt: skip
 
@@ -151,9 +148,8 @@ def propose(request: PlanRequested, manifest: ShardManifest) -> PlanProposed:
     try:
         problem = problem_for(request, manifest)
         weights = ObjectiveWeights(**request.weights.model_dump())
-        current = Plan(segments=tuple(
-            ProblemSegment(node=s.node, start=s.start, end=s.end) for s in request.current_segments))  # fmt: skip
-        result = solve(problem, weights=weights, current_plan=current,
+        current = Placement.of(*((s.node, s.start, s.end) for s in request.current_segments))
+        result = solve(problem, weights=weights, current_placement=current,
                        alternatives=request.alternatives, method=request.method,
                        time_limit_s=request.time_limit_s)  # fmt: skip
     except EdgesplitError as error:
@@ -163,14 +159,14 @@ def propose(request: PlanRequested, manifest: ShardManifest) -> PlanProposed:
 
 def proposal(
     request: PlanRequested, problem: Problem, result: PlanResult, weights: ObjectiveWeights,
-    current: Plan, solve_s: float,
+    current: Placement, solve_s: float,
 ) -> PlanProposed:
     """A solver result as the wire answer; each plan's migration cost is counted from
     ``current`` (one-off seconds, ``objectives.layer_migration_s``)."""
 
     def option(plan: PlanResult) -> PlanOption:
         assert plan.predicted is not None
-        terms = objective_terms(problem, plan.plan, weights, current)
+        terms = objective_terms(problem, plan.placement, weights, current)
         return PlanOption(
             segments=tuple(Segment(node=s.node, start=s.start, end=s.end) for s in plan.segments),  # type: ignore[arg-type]
             latency_s=plan.predicted.latency_s, bottleneck_s=plan.predicted.bottleneck_s,

@@ -23,8 +23,8 @@ class WorkerSettings(BusSettings):
         default_factory=dict,
         description="emulated egress per destination: {node: (bytes_per_s or null, latency_s)}",
     )
-    private_blocks: int = Field(default=0, ge=0, description="blocks [0, k) need trusted_level")
-    trusted_level: int = Field(default=0, ge=0, description="trust the entry and private blocks need")
+    private_blocks: int = Field(default=0, ge=0, le=65_536, description="blocks [0, k) need trusted_level")
+    trusted_level: int = Field(default=0, ge=0, le=1_000, description="trust the entry and private blocks need")
     max_in_flight: int = Field(default=8, ge=1, description="entry: requests admitted at once")
     stage_timeout_s: float = Field(default=30.0, gt=0,
                                    description="entry: longest wait for a pipeline pass (cap)")

@@ -3,7 +3,7 @@
 Every subclass of `Message` registers itself under its class name (its wire ``kind``).
 Events are named in the past tense (`TokenGenerated`), commands in the imperative
 (`PrepareEpoch`). To add a message: write the class in the module of its area (base,
-nodes, plans, requests, monitor, decisions, rollouts, reviser), export it here, and
+nodes, plans, requests, monitor, decisions, privacy, rollouts, reviser), export it here, and
 declare the topic that carries it in shared/topics.py (one line). Tuples, not lists:
 messages are immutable.
 """
@@ -23,7 +23,6 @@ from shared.messages.base import (
 from shared.messages.decisions import (
     Candidate,
     DecisionRecorded,
-    PrivacyPolicySet,
 )
 from shared.messages.monitor import (
     CapacityProfile,
@@ -55,6 +54,10 @@ from shared.messages.plans import (
     EpochRejected,
     Plan,
     PrepareEpoch,
+)
+from shared.messages.privacy import (
+    PrivacyPolicy,
+    PrivacyPolicySet,
 )
 from shared.messages.requests import (
     EmbeddingReady,
@@ -117,6 +120,7 @@ __all__ = [
     "PlanRequested",
     "PlanWeights",
     "PrepareEpoch",
+    "PrivacyPolicy",
     "PrivacyPolicySet",
     "ProfileEvent",
     "RequestFailed",

@@ -1,8 +1,8 @@
-"""Orchestrator decision records and the privacy policy."""
+"""Orchestrator decision records."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field
 
@@ -81,13 +81,3 @@ class DecisionRecorded(Message):
     realised_tpot_s: NonNegativeFloat | None = None
     """Mean time per output token of requests that started after the commit (measured)."""
     realised_requests: NonNegativeInt = 0
-
-
-class PrivacyPolicySet(Message):
-    """Event (retained): the privacy policy in force. Blocks [0, ``private_blocks``), the
-    embedding and the head may run only on nodes with trust >= ``trusted_level``."""
-
-    private_blocks: Annotated[int, Field(ge=0, le=65_536)]
-    trusted_level: Annotated[int, Field(ge=0, le=1_000)]
-    set_at_s: NonNegativeFloat = 0.0
-    reason: ShortText = ""

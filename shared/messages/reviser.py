@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from shared.ids import NodeIdField, RequestIdField, TopicId
 from shared.messages.base import Message, NonNegativeFloat, Part, Segment, ShortText
 from shared.messages.monitor import CapacityProfile
+from shared.messages.privacy import PrivacyPolicy
 
 # --- split reviser ------------------------------------------------------------------------
 
@@ -36,9 +37,8 @@ class PlanRequested(Message):
     source: NodeIdField
     """The entry node: it holds the embedding and head and receives the output."""
     profile: CapacityProfile
-    private_blocks: Annotated[int, Field(ge=0, le=65_536)] = 0
-    """Blocks [0, k) (and the embedding and head) need trust >= trusted_level."""
-    trusted_level: Annotated[int, Field(ge=0, le=1_000)] = 0
+    privacy: PrivacyPolicy = PrivacyPolicy()
+    """Hard trust rules: the policy in force (default: none)."""
     objective: Literal["latency", "throughput"] = "latency"
     weights: PlanWeights = PlanWeights()
     current_segments: tuple[Segment, ...] = Field(default=(), max_length=1024)

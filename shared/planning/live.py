@@ -38,9 +38,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.errors import PlanError
-from shared.messages import CapacityProfile, LinkCapacity, NodeCapacity
+from shared.messages import CapacityProfile, LinkCapacity, NodeCapacity, PrivacyPolicy
 from shared.model.manifest import ShardManifest
-from shared.planning.privacy import PrivacyPolicy, apply_policy
+from shared.planning.privacy import apply_policy
 from shared.planning.problem import (
     Layer,
     Link,

@@ -20,7 +20,7 @@ import numpy as np
 
 from shared.errors import PlanError
 from shared.planning.problem import (
-    Plan,
+    Placement,
     Problem,
     boundary_bytes,
     effective_flops_per_s,
@@ -112,7 +112,7 @@ def _prefix_segments(per_layer: np.ndarray) -> np.ndarray:
 
 def _extra_terms(
     problem: Problem, nodes: list, compute: np.ndarray, weights: ObjectiveWeights,
-    current_plan: Plan | None,
+    current_placement: Placement | None,
 ) -> np.ndarray:
     shape = compute.shape
     extra = np.zeros(shape)
@@ -124,20 +124,20 @@ def _extra_terms(
         deficit = np.array([[max(0, (layer.preferred_trust or 0) - node.trust)
                              for layer in problem.layers] for node in nodes], dtype=float)
         extra += weights.privacy_s * _prefix_segments(deficit)
-    if weights.migration > 0 and current_plan is not None:
-        per_layer = np.array([[layer_migration_s(problem, node, index, current_plan)
+    if weights.migration > 0 and current_placement is not None:
+        per_layer = np.array([[layer_migration_s(problem, node, index, current_placement)
                                for index in range(len(problem.layers))] for node in nodes])
         extra += weights.migration * _prefix_segments(per_layer)
     return extra
 
 
-def layer_migration_s(problem: Problem, node, layer_index: int, current_plan: Plan) -> float:
+def layer_migration_s(problem: Problem, node, layer_index: int, current_placement: Placement) -> float:
     """One-off seconds to move layer ``layer_index`` onto ``node`` (0 if it holds it).
 
     Fetching the weights at the node's load bandwidth, loading them at its measured
     seconds per byte, and rebuilding the layer's KV cache for the context by recompute.
     """
-    holder = next((seg.node for seg in current_plan.segments
+    holder = next((seg.node for seg in current_placement.segments
                    if seg.start <= layer_index < seg.end), None)
     if holder == node.id:
         return 0.0
@@ -152,7 +152,7 @@ def layer_migration_s(problem: Problem, node, layer_index: int, current_plan: Pl
 
 
 def build_tables(
-    problem: Problem, weights: ObjectiveWeights | None = None, current_plan: Plan | None = None
+    problem: Problem, weights: ObjectiveWeights | None = None, current_placement: Placement | None = None
 ) -> CostTables:
     """Compile a problem into the dense tables the solvers use."""
     weights = weights or ObjectiveWeights()
@@ -174,7 +174,7 @@ def build_tables(
             continue
         ok = (seg_memory <= node.memory_bytes) & (max_trust <= node.trust)
         compute[w] = np.where(ok, seg_flops / speed, np.inf)
-    extra = _extra_terms(problem, nodes, compute, weights, current_plan)
+    extra = _extra_terms(problem, nodes, compute, weights, current_placement)
     cost = np.where(np.isfinite(compute), compute + extra, np.inf)
     return CostTables(
         node_ids=tuple(node.id for node in nodes),
@@ -212,15 +212,15 @@ class ObjectiveTerms:
 
 
 def objective_terms(
-    problem: Problem, plan: Plan, weights: ObjectiveWeights | None = None,
-    current_plan: Plan | None = None,
+    problem: Problem, placement: Placement, weights: ObjectiveWeights | None = None,
+    current_placement: Placement | None = None,
 ) -> ObjectiveTerms:
-    """Every objective term of a plan, and the weighted cost the solver minimises."""
+    """Every objective term of a placement, and the weighted cost the solver minimises."""
     weights = weights or ObjectiveWeights()
-    base = evaluate(problem, plan)
+    base = evaluate(problem, placement)
     nodes = problem.node_index()
     balance, privacy, migration = [], [], []
-    for seg in plan.segments:
+    for seg in placement.segments:
         node = nodes[seg.node]
         speed = effective_flops_per_s(node)
         flops = math.fsum(layer.flops for layer in problem.layers[seg.start : seg.end])
@@ -228,8 +228,8 @@ def objective_terms(
         for index in range(seg.start, seg.end):
             layer = problem.layers[index]
             privacy.append(max(0, (layer.preferred_trust or 0) - node.trust))
-            if current_plan is not None:
-                migration.append(layer_migration_s(problem, node, index, current_plan))
+            if current_placement is not None:
+                migration.append(layer_migration_s(problem, node, index, current_placement))
     terms = (math.fsum(balance), math.fsum(privacy), math.fsum(migration))
     factors = (weights.balance, weights.privacy_s, weights.migration)
     weighted = math.fsum([base.latency_s] + [f * t for f, t in zip(factors, terms, strict=True) if f > 0])

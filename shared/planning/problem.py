@@ -1,12 +1,12 @@
-"""The placement-partitioning problem, plans, and an independent plan evaluator.
+"""The placement-partitioning problem, placements, and an independent evaluator.
 
 The problem file format and the cost model are the contract in cost-model.md (see
 docs/PLANNER.md for the notation). All numbers are SI: bytes, seconds, FLOP/s.
 
 ``parse_problem`` / ``load_problem`` validate a problem and raise ``ProblemFieldError``
 whose message names the offending field (``layers[3].flops: must be a number >= 0``).
-``evaluate(problem, plan)`` recomputes a plan's latency and bottleneck from the
-formulas alone and lists every constraint the plan violates; the solver is tested
+``evaluate(problem, placement)`` recomputes a placement's latency and bottleneck from
+the formulas alone and lists every constraint it violates; the solver is tested
 against it.
 """
 
@@ -124,8 +124,10 @@ class Problem(BaseModel):
         return {(link.src, link.dst): link for link in self.links}
 
 
-class Segment(BaseModel):
-    """Layers ``[start, end)`` on one node."""
+class PlacedSegment(BaseModel):
+    """Layers ``[start, end)`` on one node (the wire's `shared.messages.Segment` is the
+    validated form a signed plan carries; this one may be empty or out of range, so the
+    evaluator can report such a placement instead of refusing to build it)."""
 
     model_config = _FROZEN
     node: str
@@ -133,16 +135,17 @@ class Segment(BaseModel):
     end: NonNegativeInt
 
 
-class Plan(BaseModel):
-    """Segments in pipeline order."""
+class Placement(BaseModel):
+    """The solver's answer: segments in pipeline order, nothing more (the signed,
+    epoch-numbered plan the system runs is the wire's `shared.messages.Plan`)."""
 
     model_config = _FROZEN
-    segments: tuple[Segment, ...]
+    segments: tuple[PlacedSegment, ...]
 
     @classmethod
-    def of(cls, *triples: tuple[str, int, int]) -> Plan:
-        """``Plan.of(("car", 0, 1), ("rsu", 1, 8))``."""
-        return cls(segments=tuple(Segment(node=n, start=s, end=e) for n, s, e in triples))
+    def of(cls, *triples: tuple[str, int, int]) -> Placement:
+        """``Placement.of(("car", 0, 1), ("rsu", 1, 8))``."""
+        return cls(segments=tuple(PlacedSegment(node=n, start=s, end=e) for n, s, e in triples))
 
 
 class Predicted(BaseModel):
@@ -271,12 +274,12 @@ def transfer_s(link: Link, num_bytes: float) -> float:
 # --- the evaluator ------------------------------------------------------------------
 
 
-def _coverage_violations(plan: Plan, num_layers: int) -> list[str]:
+def _coverage_violations(placement: Placement, num_layers: int) -> list[str]:
     violations: list[str] = []
-    if not plan.segments:
+    if not placement.segments:
         return ["coverage: the plan has no segments"]
     expected = 0
-    for index, seg in enumerate(plan.segments):
+    for index, seg in enumerate(placement.segments):
         if seg.start != expected:
             violations.append(f"coverage: segments[{index}] starts at {seg.start}, not {expected}")
         if seg.end <= seg.start:
@@ -287,7 +290,7 @@ def _coverage_violations(plan: Plan, num_layers: int) -> list[str]:
     return violations
 
 
-def _segment_terms(problem: Problem, index: int, seg: Segment) -> tuple[float, list[str]]:
+def _segment_terms(problem: Problem, index: int, seg: PlacedSegment) -> tuple[float, list[str]]:
     """The segment's compute time (inf when it cannot run) and its violations."""
     nodes = problem.node_index()
     node = nodes.get(seg.node)
@@ -323,14 +326,14 @@ def _hop_term(problem: Problem, src: str, dst: str, boundary: int) -> tuple[floa
     return transfer_s(link, boundary_bytes(problem, boundary)), []
 
 
-def evaluate(problem: Problem, plan: Plan) -> Evaluation:
-    """Recompute a plan's predicted costs and list every violated constraint.
+def evaluate(problem: Problem, placement: Placement) -> Evaluation:
+    """Recompute a placement's predicted costs and list every violated constraint.
 
     Latency is the correctly rounded sum (``math.fsum``) of all compute and hop terms;
     the bottleneck is their maximum. Terms that cannot be computed are ``inf``.
     """
     num_layers = len(problem.layers)
-    violations = _coverage_violations(plan, num_layers)
+    violations = _coverage_violations(placement, num_layers)
     source = problem.node_index()[problem.source]
     if source.trust < problem.source_min_trust:
         violations.append(
@@ -340,7 +343,7 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
     seen: set[str] = set()
     terms: list[float] = []
     previous = problem.source
-    for index, seg in enumerate(plan.segments):
+    for index, seg in enumerate(placement.segments):
         if seg.node in seen:
             violations.append(f"nodes: {seg.node!r} hosts more than one segment")
         seen.add(seg.node)
@@ -349,7 +352,7 @@ def evaluate(problem: Problem, plan: Plan) -> Evaluation:
         terms += [hop, compute]
         violations += hop_violations + seg_violations
         previous = seg.node
-    if plan.segments:
+    if placement.segments:
         hop, hop_violations = _hop_term(problem, previous, problem.source, num_layers)
         terms.append(hop)
         violations += hop_violations

@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict
 from shared.errors import InvalidPlan, PlanError
 from shared.planning.diagnose import explain
 from shared.planning.objectives import CostTables, ObjectiveWeights, build_tables
-from shared.planning.problem import Objective, Plan, Predicted, Problem, Segment, evaluate
+from shared.planning.problem import (
+    Objective,
+    PlacedSegment,
+    Placement,
+    Predicted,
+    Problem,
+    evaluate,
+)
 from shared.planning.solver_exact import (
     Path,
     Start,
@@ -40,7 +47,7 @@ class PlanResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     feasible: bool
-    segments: tuple[Segment, ...] = ()
+    segments: tuple[PlacedSegment, ...] = ()
     predicted: Predicted | None = None
     reason: str | None = None
     objective: Objective = "latency"
@@ -51,8 +58,9 @@ class PlanResult(BaseModel):
     alternatives: tuple[PlanResult, ...] = ()
 
     @property
-    def plan(self) -> Plan:
-        return Plan(segments=self.segments)
+    def placement(self) -> Placement:
+        """The answer's segments as a `Placement` (for ``evaluate`` and the objectives)."""
+        return Placement(segments=self.segments)
 
     def to_json(self) -> dict:
         """``{"feasible": true, "segments": [...], "predicted": {...}}`` or the reason."""
@@ -101,8 +109,8 @@ def _choose_method(
 
 
 def _result(problem: Problem, tables: CostTables, path: Path, **extra) -> PlanResult:
-    segments = tuple(Segment(node=tables.node_ids[w], start=s, end=e) for w, s, e in path.steps)
-    evaluation = evaluate(problem, Plan(segments=segments))
+    segments = tuple(PlacedSegment(node=tables.node_ids[w], start=s, end=e) for w, s, e in path.steps)
+    evaluation = evaluate(problem, Placement(segments=segments))
     if evaluation.violations:  # a solver bug, never user input
         raise InvalidPlan("planner produced an invalid plan: " + "; ".join(evaluation.violations))
     predicted = Predicted(latency_s=evaluation.latency_s, bottleneck_s=evaluation.bottleneck_s)
@@ -114,7 +122,7 @@ def solve(
     problem: Problem,
     *,
     weights: ObjectiveWeights | None = None,
-    current_plan: Plan | None = None,
+    current_placement: Placement | None = None,
     alternatives: int = 0,
     method: Method = "auto",
     time_limit_s: float = 1.0,
@@ -123,7 +131,7 @@ def solve(
 
     Args:
         weights: richer objective terms (default all 0: the contract's objective).
-        current_plan: the running plan, for the migration-cost term.
+        current_placement: the running plan's segments, for the migration-cost term.
         alternatives: also return up to this many next-best distinct plans.
         method: "exact", "fast" or "auto" (exact when it fits ``time_limit_s``).
         time_limit_s: budget used to choose the method (seconds).
@@ -132,7 +140,7 @@ def solve(
         PlanError: method "exact" on an instance too large for it.
     """
     weights = weights or ObjectiveWeights()
-    full = build_tables(problem, weights, current_plan)
+    full = build_tables(problem, weights, current_placement)
     tables = full.restrict(usable_nodes(full))
     chosen = _choose_method(method, tables.num_nodes, tables.num_layers, time_limit_s)
     tolerance = weights.bottleneck_tolerance

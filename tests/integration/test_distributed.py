@@ -19,12 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from services.cli.client import ClientOptions, request
+from services.cli.client import Client, ClientOptions, request
+from services.cli.streams import TokenStream
 from shared.broker import LocalBroker
 from shared.bus import Bus
-from shared.errors import Busy, ContextTooLong, NoAnswer
+from shared.errors import Busy, ConfigError, ContextTooLong, NoAnswer
 from shared.frame_headers import ActivationHeader
-from shared.messages import EmbeddingReady, EmbedRequest, GenerateRequest, RequestFinished
+from shared.messages import (
+    EmbeddingReady,
+    EmbedRequest,
+    GenerateRequest,
+    RequestFinished,
+    TokenGenerated,
+)
 from shared.model.pipeline import LocalPipeline
 from shared.model.sampling import SamplingParams
 from shared.model.shard import write_shards
@@ -140,6 +147,42 @@ def test_embed_equals_local_split(bert: System) -> None:
         local = bert.local.embed(bert.local.tokenizer.encode(text))
         assert np.allclose(result.embedding, local, atol=1e-5)
         assert abs(np.linalg.norm(result.embedding) - 1.0) < 1e-5
+
+
+def test_client_library_streams_the_unsplit_greedy_tokens(llama: System) -> None:
+    """`Client.generate` from Python (no argparse): three generations at once on one
+    connection stream each token once, in order, equal to the unsplit local model's."""
+
+    async def drain(stream: TokenStream) -> tuple[list[TokenGenerated], RequestFinished | None]:
+        tokens = [token async for token in stream]
+        return tokens, stream.result
+
+    async def scenario() -> list[tuple[list[TokenGenerated], RequestFinished | None]]:
+        async with Client(options=llama.options()) as client:
+            with pytest.raises(ConfigError, match="max_new_tokens"):
+                client.generate(PROMPTS[0], max_new_tokens=0)
+            streams = [client.generate(prompt, max_new_tokens=20) for prompt in PROMPTS[:3]]
+            answers = list(await asyncio.gather(*(drain(stream) for stream in streams)))
+            again = await client.generate(PROMPTS[3], max_new_tokens=8).collect()
+            return [*answers, ([], again)]
+
+    answers = asyncio.run(scenario())
+    unsplit = LocalPipeline(llama.model_dir)
+    for prompt, (tokens, finished) in zip(PROMPTS[:3], answers, strict=False):
+        want = unsplit.generate(prompt, 20).token_ids
+        assert [token.token_id for token in tokens] == list(want), prompt
+        assert [token.index for token in tokens] == list(range(len(want)))
+        assert finished is not None and finished.token_ids == want
+    assert answers[3][1] is not None and answers[3][1].token_ids == unsplit.generate(PROMPTS[3], 8).token_ids
+
+
+def test_client_library_embeds_like_the_local_model(bert: System) -> None:
+    async def scenario() -> tuple[float, ...]:
+        async with Client(options=bert.options()) as client:
+            return await client.embed("edge split inference")
+
+    local = bert.local.embed(bert.local.tokenizer.encode("edge split inference"))
+    assert np.allclose(asyncio.run(scenario()), local, atol=1e-5)
 
 
 def test_eight_concurrent_requests_and_a_ninth_is_busy(llama: System) -> None:

@@ -17,7 +17,7 @@ import pytest
 from shared.broker import free_port
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.messages import DecisionRecorded, Plan, PrivacyPolicySet
+from shared.messages import DecisionRecorded, Plan, PrivacyPolicy, PrivacyPolicySet
 from shared.topics import DECISIONS, PLAN, POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ async def _change_policy_and_wait(settings: BusSettings, private_blocks: int,
     """Publish a stricter policy; the plan the orchestrator rolls out in answer."""
     async with Bus(settings) as bus, bus.subscribe(PLAN) as plans, bus.subscribe(DECISIONS) as records:
         _, first = await plans.get()
-        await bus.publish(POLICY, PrivacyPolicySet(private_blocks=private_blocks, trusted_level=2))
+        await bus.publish(POLICY, PrivacyPolicySet(policy=PrivacyPolicy(private_blocks=private_blocks, trusted_level=2)))
         async with asyncio.timeout(timeout_s):
             while True:
                 _, plan = await plans.get()

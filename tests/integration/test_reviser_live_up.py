@@ -18,10 +18,9 @@ import pytest
 from shared.broker import free_port
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.messages import CapacityProfile, PlanProposed, PlanRequested
+from shared.messages import CapacityProfile, PlanProposed, PlanRequested, PrivacyPolicy
 from shared.model.shard import ShardStore
 from shared.planning.live import problem_from_profile, problem_to_json
-from shared.planning.privacy import PrivacyPolicy
 from shared.topics import CAPACITY, REVISER_REPLIES, REVISER_REQUESTS
 from shared.topology import load_topology
 
@@ -50,8 +49,7 @@ async def _ask(settings: BusSettings, shards: Path, policy: PrivacyPolicy) -> tu
         manifest = ShardStore(shards).manifest
         request = PlanRequested(
             request_id="live1", reply_to=bus.origin, model_id=manifest.model_name[:1024],  # type: ignore[arg-type]
-            source="car", profile=profile, private_blocks=policy.first_blocks,  # type: ignore[arg-type]
-            trusted_level=policy.min_trust, alternatives=3,
+            source="car", profile=profile, privacy=policy, alternatives=3,  # type: ignore[arg-type]
         )  # fmt: skip
         async with bus.subscribe(REVISER_REPLIES, client=bus.origin) as replies:
             await bus.publish(REVISER_REQUESTS, request)
@@ -75,7 +73,7 @@ def test_reviser_on_the_live_up_profile_equals_edgesplit_plan(tmp_path: Path) ->
     try:
         _wait_for(out, "edgesplit ready", up, 120)
         topology = load_topology()
-        policy = PrivacyPolicy(min_trust=topology.trusted_level, first_blocks=topology.private_blocks)
+        policy = PrivacyPolicy(trusted_level=topology.trusted_level, private_blocks=topology.private_blocks)
         settings = BusSettings(broker_url=url, cluster="liveplan")
         shards = models / "tiny-llama-shards"
         profile, proposal = asyncio.run(_ask(settings, shards, policy))

@@ -32,7 +32,6 @@ from shared.messages import (
 from shared.model.shard import ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.planning.live import problem_from_profile, problem_to_json
-from shared.planning.privacy import PrivacyPolicy
 from shared.planning.problem import Problem
 from shared.planning.solver import solve
 from shared.topics import REVISER_REPLIES, REVISER_REQUESTS
@@ -101,15 +100,14 @@ def plan_request(request_id: str, profile: CapacityProfile, **fields: object) ->
     values: dict[str, object] = {
         "request_id": request_id, "reply_to": "orchestrator", "model_id": "tiny-llama",
         "source": topology.entry_node().id, "profile": profile, "alternatives": 4,
-        "private_blocks": topology.private_blocks, "trusted_level": topology.trusted_level,
+        "privacy": topology.privacy_policy(),
         "context_tokens": 64, **fields,
     }  # fmt: skip
     return PlanRequested(**values)  # type: ignore[arg-type]
 
 
 def same_problem(request: PlanRequested, shards: Path) -> Problem:
-    policy = PrivacyPolicy(min_trust=request.trusted_level, first_blocks=request.private_blocks)
-    return problem_from_profile(request.profile, ShardStore(shards).manifest, policy, request.objective,
+    return problem_from_profile(request.profile, ShardStore(shards).manifest, request.privacy, request.objective,
                                 source=request.source, context_tokens=request.context_tokens)  # fmt: skip
 
 

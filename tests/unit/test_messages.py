@@ -42,6 +42,7 @@ from shared.messages import (
     PlanRequested,
     PlanWeights,
     PrepareEpoch,
+    PrivacyPolicy,
     PrivacyPolicySet,
     ProfileEvent,
     RequestFailed,
@@ -154,7 +155,8 @@ EXAMPLES: list[Message] = [
         horizon_tokens=64.0, nodes=("car", "mec"), outcome="committed", from_epoch=2, to_epoch=3,
         baseline_tpot_s=0.021, realised_tpot_s=0.013, realised_requests=4, realised_gain_s=0.5,
     ),  # fmt: skip
-    PrivacyPolicySet(private_blocks=3, trusted_level=2, set_at_s=1.7e9, reason="cabin audio"),
+    PrivacyPolicySet(policy=PrivacyPolicy(private_blocks=3, trusted_level=2, private_last_blocks=1),
+                     set_at_s=1.7e9, reason="cabin audio"),  # fmt: skip
     PlanRequested(
         request_id="p1",
         reply_to="orchestrator",
@@ -167,8 +169,7 @@ EXAMPLES: list[Message] = [
                              flops_per_s=2e9, utilisation=0.1),
             ),
         ),  # fmt: skip
-        private_blocks=2,
-        trusted_level=2,
+        privacy=PrivacyPolicy(private_blocks=2, trusted_level=2),
         objective="throughput",
         weights=PlanWeights(balance=0.5, migration=0.001),
         current_segments=(Segment(node="w1", start=0, end=30),),
@@ -278,6 +279,9 @@ def test_messages_are_frozen_strict_and_closed() -> None:
                              best=EXAMPLES_BEST),  # fmt: skip
         lambda: PlanRequested(request_id="p", reply_to="c", model_id="m", source="w1",
                               profile=CapacityProfile(as_of_s=0.0, nodes=()), alternatives=17),  # fmt: skip
+        lambda: PrivacyPolicy(trusted_level=-1),
+        lambda: PrivacyPolicy(private_blocks=70_000),
+        lambda: PrivacyPolicySet(policy=PrivacyPolicy(), trusted_level=2),  # the old flat form
     ],
 )
 def test_validators_reject_bad_values(build: object) -> None:
@@ -296,3 +300,14 @@ def test_plan_signature_covers_every_field() -> None:
 def test_declaring_a_kind_twice_fails() -> None:
     with pytest.raises(TypeError, match="declared twice"):
         type("CommitEpoch", (Message,), {"__annotations__": {"epoch": int}})
+
+
+def test_the_privacy_policy_protects_first_and_last_blocks_and_only_tightens() -> None:
+    policy = PrivacyPolicy(trusted_level=2, private_blocks=2, private_last_blocks=1)
+    assert policy.block_trust(6) == (2, 2, 0, 0, 0, 2)
+    assert policy.protects_any(1, 3, 6) and policy.protects_any(4, 6, 6)
+    assert not policy.protects_any(2, 5, 6) and PrivacyPolicy().block_trust(3) == (0, 0, 0)
+    looser = PrivacyPolicy(trusted_level=3, private_blocks=1)
+    both = policy.stricter(looser)
+    assert both == PrivacyPolicy(trusted_level=3, private_blocks=2, private_last_blocks=1)
+    assert both == looser.stricter(policy) and policy.stricter(PrivacyPolicy()) == policy

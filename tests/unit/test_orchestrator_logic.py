@@ -30,11 +30,11 @@ from shared.messages import (
     LinkCapacity,
     NodeCapacity,
     PlanOption,
+    PrivacyPolicy,
     RequestFinished,
     Segment,
 )
 from shared.model.shard import ShardManifest
-from shared.planning.privacy import PrivacyPolicy
 
 CONFIG = DecisionConfig(relative_threshold=0.15, dwell_s=15.0, min_horizon_tokens=100.0,
                         switch_overhead_s=0.1)  # fmt: skip
@@ -202,7 +202,7 @@ def profile(rsu_decode_s: float = 0.001, rsu_alive: bool = True) -> CapacityProf
 
 def candidates_for(prof: CapacityProfile, private: int = 2, options: tuple[PlanOption, ...] = ()):
     view = planning_view(prof, manifest(), A)
-    problem = planning_problem(view, manifest(), PrivacyPolicy(min_trust=2, first_blocks=private), "car",
+    problem = planning_problem(view, manifest(), PrivacyPolicy(trusted_level=2, private_blocks=private), "car",
                                CostModel(1e6, 0))  # fmt: skip
     return problem, build_candidates(problem, A, options, CostModel(1e6, 0))
 

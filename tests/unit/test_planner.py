@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ProblemFieldError
+from shared.messages import PrivacyPolicy
 from shared.planning.objectives import ObjectiveWeights, objective_terms
-from shared.planning.privacy import PrivacyPolicy, apply_policy
-from shared.planning.problem import Plan, evaluate, load_problem, parse_problem
+from shared.planning.privacy import apply_policy
+from shared.planning.problem import Placement, evaluate, load_problem, parse_problem
 from shared.planning.solver import solve
 from tests.unit.planner_instances import random_problem
 
@@ -91,12 +92,12 @@ def test_load_problem_errors(tmp_path: Path) -> None:
 
 def test_evaluator_lists_violations() -> None:
     problem = parse_problem(_example("latency"))
-    evaluation = evaluate(problem, Plan.of(("mec", 0, 3), ("mec", 3, 3), ("rsu", 4, 7)))
+    evaluation = evaluate(problem, Placement.of(("mec", 0, 3), ("mec", 3, 3), ("rsu", 4, 7)))
     text = " | ".join(evaluation.violations)
     for part in ("trust: layer 0", "more than one segment", "is empty", "starts at 4",
                  "ends at layer 7"):
         assert part in text
-    assert not evaluate(problem, Plan.of(("car", 0, 1), ("rsu", 1, 8))).violations
+    assert not evaluate(problem, Placement.of(("car", 0, 1), ("rsu", 1, 8))).violations
 
 
 def test_infeasible_reasons_name_the_constraint() -> None:
@@ -113,7 +114,7 @@ def test_infeasible_reasons_name_the_constraint() -> None:
 
 def test_privacy_policy_is_never_broken() -> None:
     problem = parse_problem(_example("throughput"))
-    policy = PrivacyPolicy(min_trust=1, first_blocks=3)
+    policy = PrivacyPolicy(trusted_level=1, private_blocks=3)
     guarded = apply_policy(problem, policy)
     assert [layer.min_trust for layer in guarded.layers[:4]] == [2, 1, 1, 0]
     result = solve(guarded)
@@ -121,10 +122,10 @@ def test_privacy_policy_is_never_broken() -> None:
     for seg in result.segments:
         if seg.start < 3:
             assert trust[seg.node] >= 1
-    strict = apply_policy(problem, PrivacyPolicy(min_trust=2, first_blocks=4))
+    strict = apply_policy(problem, PrivacyPolicy(trusted_level=2, private_blocks=4))
     reason = solve(strict).reason
     assert reason.startswith("layers 0-3 need trust >= 2"), reason
-    untrusted_source = apply_policy(problem, PrivacyPolicy(min_trust=3))
+    untrusted_source = apply_policy(problem, PrivacyPolicy(trusted_level=3))
     assert "embedding and head" in solve(untrusted_source).reason
 
 
@@ -134,8 +135,8 @@ def test_zero_weights_leave_the_answer_unchanged() -> None:
         data = random_problem(rng)
         problem = parse_problem(data)
         base = solve(problem)
-        current = base.plan if base.feasible else None
-        weighted = solve(problem, weights=ObjectiveWeights(), current_plan=current)
+        current = base.placement if base.feasible else None
+        weighted = solve(problem, weights=ObjectiveWeights(), current_placement=current)
         assert weighted == base
 
 
@@ -147,13 +148,13 @@ def test_weights_change_the_plan_as_documented() -> None:
     problem = parse_problem(data)
     plain = solve(problem)
     weighted = solve(problem, weights=ObjectiveWeights(privacy_s=1.0))
-    assert weighted.plan != plain.plan or plain.segments[0].end > 1
-    terms = objective_terms(problem, weighted.plan, ObjectiveWeights(privacy_s=1.0))
-    assert terms.privacy_levels < objective_terms(problem, Plan.of(("car", 0, 1), ("mec", 1, 8))).privacy_levels
-    current = Plan.of(("car", 0, 1), ("rsu", 1, 2), ("mec", 2, 8))
-    sticky = solve(problem, weights=ObjectiveWeights(migration=1.0), current_plan=current)
-    assert sticky.plan == current  # moving 7 MB of weights and KV outweighs 3 ms
-    assert objective_terms(problem, current, current_plan=current).migration_s == 0
+    assert weighted.placement != plain.placement or plain.segments[0].end > 1
+    terms = objective_terms(problem, weighted.placement, ObjectiveWeights(privacy_s=1.0))
+    assert terms.privacy_levels < objective_terms(problem, Placement.of(("car", 0, 1), ("mec", 1, 8))).privacy_levels
+    current = Placement.of(("car", 0, 1), ("rsu", 1, 2), ("mec", 2, 8))
+    sticky = solve(problem, weights=ObjectiveWeights(migration=1.0), current_placement=current)
+    assert sticky.placement == current  # moving 7 MB of weights and KV outweighs 3 ms
+    assert objective_terms(problem, current, current_placement=current).migration_s == 0
 
 
 def test_alternatives_are_distinct_and_sorted() -> None:
@@ -169,7 +170,7 @@ def test_alternatives_are_distinct_and_sorted() -> None:
             keys = [(p.predicted.bottleneck_s, p.predicted.latency_s) for p in plans]
         assert keys == sorted(keys, key=lambda k: tuple(round(x, 12) for x in k))
         for plan in plans:
-            assert not evaluate(problem, plan.plan).violations
+            assert not evaluate(problem, plan.placement).violations
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

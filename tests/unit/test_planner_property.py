@@ -24,7 +24,7 @@ def _check(data: dict, method: str) -> None:
             assert result.reason
             continue
         assert result.feasible, (objective, result.reason, data)
-        evaluation = evaluate(problem, result.plan)
+        evaluation = evaluate(problem, result.placement)
         assert evaluation.violations == (), evaluation.violations
         assert math.isclose(result.predicted.latency_s, evaluation.latency_s, rel_tol=REL)
         if objective == "latency":

@@ -15,6 +15,7 @@ from shared.messages import (
     NodeCapacity,
     PlanRequested,
     PlanWeights,
+    PrivacyPolicy,
     Segment,
 )
 from shared.model.shard import ShardManifest, ShardStore, write_shards
@@ -25,12 +26,11 @@ from shared.planning.live import (
     problem_from_profile,
     problem_to_json,
 )
-from shared.planning.privacy import PrivacyPolicy
 from shared.planning.problem import evaluate, parse_problem
 from shared.planning.solver import solve
 
-NO_POLICY = PrivacyPolicy(min_trust=0)
-POLICY = PrivacyPolicy(min_trust=2, first_blocks=2)
+NO_POLICY = PrivacyPolicy(trusted_level=0)
+POLICY = PrivacyPolicy(trusted_level=2, private_blocks=2)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_the_privacy_policy_is_a_hard_rule(manifest: ShardManifest) -> None:
                for seg in plan.segments)  # without the policy, mec takes early blocks
     result = solve(problem, alternatives=8)
     for plan in (result, *result.alternatives):
-        assert not evaluate(problem, plan.plan).violations
+        assert not evaluate(problem, plan.placement).violations
         assert all(problem.node(seg.node).trust >= 2 for seg in plan.segments if seg.start < 2)
     untrusted = solve(problem_from_profile(profile, manifest, POLICY, source="rsu"))
     assert not untrusted.feasible and "trust" in (untrusted.reason or "")
@@ -182,8 +182,8 @@ def test_problem_json_round_trips_through_parse_problem(manifest: ShardManifest,
 def request(manifest: ShardManifest, **fields: object) -> PlanRequested:
     values: dict[str, object] = {
         "request_id": "p1", "reply_to": "orchestrator", "model_id": manifest.model_name,
-        "source": "car", "profile": profile_of(block_bytes(manifest)), "private_blocks": 2,
-        "trusted_level": 2, "alternatives": 4, "context_tokens": 64, **fields,
+        "source": "car", "profile": profile_of(block_bytes(manifest)), "privacy": POLICY,
+        "alternatives": 4, "context_tokens": 64, **fields,
     }  # fmt: skip
     return PlanRequested(**values)  # type: ignore[arg-type]
 
@@ -230,5 +230,5 @@ def test_propose_refuses_what_it_cannot_plan(manifest: ShardManifest, fields: di
 
 
 def test_an_infeasible_problem_is_an_answer_not_an_error(manifest: ShardManifest) -> None:
-    answer = propose(request(manifest, trusted_level=3), manifest)
+    answer = propose(request(manifest, privacy=PrivacyPolicy(trusted_level=3, private_blocks=2)), manifest)
     assert not answer.feasible and answer.error is None and "trust" in answer.reason

@@ -1,0 +1,122 @@
+"""The client library's in-process channels (services/cli/streams.py): a retained feed
+gives each listener what a fresh subscription would have seen; a token stream yields
+tokens in order, then the final answer or the request's error. No broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from services.cli.client import Client
+from services.cli.streams import RetainedFeed, TokenStream
+from shared.errors import Busy, ConfigError, ServingError
+from shared.messages import NodeStatus, RequestFinished, TokenGenerated
+
+
+class FakeSubscription:
+    """Deliveries pushed by the test, as ``(params, message)`` pairs."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[dict[str, str], Any]] = asyncio.Queue()
+
+    def __aiter__(self) -> FakeSubscription:
+        return self
+
+    async def __anext__(self) -> tuple[dict[str, str], Any]:
+        return await self.queue.get()
+
+
+def status(node: str, state: str) -> NodeStatus:
+    return NodeStatus(node=node, state=state, trust=1, memory_bytes=0, threads=1)  # type: ignore[arg-type]
+
+
+def token(index: int) -> TokenGenerated:
+    return TokenGenerated(request_id="r1", index=index, token_id=100 + index, text=f"t{index}")  # type: ignore[arg-type]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_listener_gets_the_latest_per_key_then_every_later_message() -> None:
+    async def scenario() -> None:
+        subscription = FakeSubscription()
+        feed: RetainedFeed[NodeStatus] = RetainedFeed(subscription, lambda params, _: params["node"])  # type: ignore[arg-type]
+        follower = asyncio.create_task(feed.run())
+        for node, state in (("car", "online"), ("rsu", "online"), ("car", "offline")):
+            subscription.queue.put_nowait(({"node": node}, status(node, state)))
+        assert (await feed.wait_for("car", 1.0)) is not None
+        await settle()
+        seen: list[tuple[str, str]] = []
+        with feed.listen() as listener:
+            subscription.queue.put_nowait(({"node": "rsu"}, status("rsu", "offline")))
+            async with asyncio.timeout(1.0):
+                for _ in range(3):
+                    _, message = await anext(listener)
+                    seen.append((message.node, message.state))
+        assert seen == [("car", "offline"), ("rsu", "online"), ("rsu", "offline")]
+        assert feed.latest("rsu") == status("rsu", "offline")
+        assert await feed.wait_for("mec", 0.05) is None
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def _stream(body: Callable[[Callable[[TokenGenerated], None]], Any]) -> TokenStream:
+    return TokenStream(lambda on_token: asyncio.get_running_loop().create_task(body(on_token)))
+
+
+def test_a_token_stream_yields_tokens_in_order_then_the_answer() -> None:
+    finished = RequestFinished(request_id="r1", token_ids=(100, 101), text="t0t1",  # type: ignore[arg-type]
+                               finish_reason="length", ttft_s=0.1, tpot_s=0.01)  # fmt: skip
+
+    async def serve(on_token: Callable[[TokenGenerated], None]) -> RequestFinished:
+        for index in range(2):
+            on_token(token(index))
+            await asyncio.sleep(0)
+        return finished
+
+    async def scenario() -> None:
+        stream = _stream(serve)
+        assert [t.index async for t in stream] == [0, 1]
+        assert stream.result == finished
+        assert [t async for t in stream] == []  # iterating again ends at once
+        assert await _stream(serve).collect() == finished
+
+    asyncio.run(scenario())
+
+
+def test_a_token_stream_raises_the_request_error_and_stops_on_close() -> None:
+    async def refused(on_token: Callable[[TokenGenerated], None]) -> RequestFinished:
+        on_token(token(0))
+        raise Busy("busy: 8 requests in flight")
+
+    async def endless(on_token: Callable[[TokenGenerated], None]) -> RequestFinished:
+        await asyncio.sleep(3600)
+        raise AssertionError("not reached")
+
+    async def scenario() -> None:
+        stream = _stream(refused)
+        assert (await anext(stream)).index == 0
+        with pytest.raises(Busy):
+            await anext(stream)
+        stopped = _stream(endless)
+        await stopped.aclose()
+        with pytest.raises(ServingError, match="stopped"):
+            await stopped.collect()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_needs_async_with_before_requests() -> None:
+    client = Client("mqtt://127.0.0.1:1", timeout_s=5.0)
+    assert client.options.timeout_s == 5.0 and client.options.settings.broker_url == "mqtt://127.0.0.1:1"
+    with pytest.raises(ConfigError, match="not connected"):
+        client.generate("hello")
+    with pytest.raises(ConfigError):
+        Client("http://nowhere")
