@@ -33,10 +33,11 @@ from shared import codec, fastpath, topics
 from shared.config import BusSettings
 from shared.connection import MQTT_LOG, Connection, ConnectionHooks, Plane, ProtocolChoice
 from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
+from shared.frame_headers import FrameHeader
 from shared.ids import validate_id
 from shared.messages import Message
 from shared.subscription import Announcement, Delivery, Subscription
-from shared.tensor_frame import Frame, FrameHeader, decode_frame, encode_frame
+from shared.tensor_frame import Frame, decode_frame, encode_frame
 from shared.topics import Topic
 
 log = logging.getLogger(__name__)

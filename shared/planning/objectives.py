@@ -20,6 +20,7 @@ import numpy as np
 
 from shared.errors import PlanError
 from shared.planning.problem import (
+    Node,
     Placement,
     Problem,
     boundary_bytes,
@@ -107,11 +108,11 @@ def _segment_sums(values: Sequence[float]) -> np.ndarray:
 def _prefix_segments(per_layer: np.ndarray) -> np.ndarray:
     """(n, L) per-layer values -> (n, L+1, L+1) segment sums via prefix differences."""
     prefix = np.concatenate([np.zeros((per_layer.shape[0], 1)), np.cumsum(per_layer, axis=1)], 1)
-    return prefix[:, None, :] - prefix[:, :, None]
+    return np.asarray(prefix[:, None, :] - prefix[:, :, None])
 
 
 def _extra_terms(
-    problem: Problem, nodes: list, compute: np.ndarray, weights: ObjectiveWeights,
+    problem: Problem, nodes: Sequence[Node], compute: np.ndarray, weights: ObjectiveWeights,
     current_placement: Placement | None,
 ) -> np.ndarray:
     shape = compute.shape
@@ -131,7 +132,7 @@ def _extra_terms(
     return extra
 
 
-def layer_migration_s(problem: Problem, node, layer_index: int, current_placement: Placement) -> float:
+def layer_migration_s(problem: Problem, node: Node, layer_index: int, current_placement: Placement) -> float:
     """One-off seconds to move layer ``layer_index`` onto ``node`` (0 if it holds it).
 
     Fetching the weights at the node's load bandwidth, loading them at its measured
@@ -148,7 +149,7 @@ def layer_migration_s(problem: Problem, node, layer_index: int, current_placemen
     speed = effective_flops_per_s(node)
     tokens = problem.context_tokens * problem.concurrent_requests
     rebuild = layer.flops * tokens / speed if speed > 0 else math.inf
-    return fetch + load + rebuild
+    return float(fetch + load + rebuild)
 
 
 def build_tables(

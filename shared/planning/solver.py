@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -62,7 +62,7 @@ class PlanResult(BaseModel):
         """The answer's segments as a `Placement` (for ``evaluate`` and the objectives)."""
         return Placement(segments=self.segments)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """``{"feasible": true, "segments": [...], "predicted": {...}}`` or the reason."""
         if not self.feasible:
             return {"feasible": False, "reason": self.reason}
@@ -108,7 +108,7 @@ def _choose_method(
     return "exact" if num_nodes <= MAX_EXACT_NODES - 2 and fits else "fast"
 
 
-def _result(problem: Problem, tables: CostTables, path: Path, **extra) -> PlanResult:
+def _result(problem: Problem, tables: CostTables, path: Path, **extra: Any) -> PlanResult:
     segments = tuple(PlacedSegment(node=tables.node_ids[w], start=s, end=e) for w, s, e in path.steps)
     evaluation = evaluate(problem, Placement(segments=segments))
     if evaluation.violations:  # a solver bug, never user input
@@ -180,7 +180,7 @@ def solve(
     return result
 
 
-def _key(objective: str, path: Path) -> tuple:
+def _key(objective: str, path: Path) -> tuple[Any, ...]:
     primary = (path.cost,) if objective == "latency" else (path.bottleneck, path.cost)
     return primary + (len(path.steps), path.steps)
 
@@ -191,11 +191,11 @@ def next_best(tables: CostTables, objective: str, count: int, best: Path) -> lis
     The plan space is partitioned by "shares the first i segments, differs at the next":
     each part is solved exactly from a fixed prefix with the next segment banned.
     """
-    heap: list = []
+    heap: list[tuple[tuple[Any, ...], int, Path, int, frozenset[tuple[int, int]]]] = []
     found: list[Path] = []
     counter = 0
 
-    def expand(path: Path, depth: int, banned: frozenset) -> None:
+    def expand(path: Path, depth: int, banned: frozenset[tuple[int, int]]) -> None:
         for i in range(depth, len(path.steps)):
             node, _, end = path.steps[i]
             ban = frozenset({(node, end)}) | (banned if i == depth else frozenset())

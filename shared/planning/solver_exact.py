@@ -16,10 +16,14 @@ with some first segments banned, which is how alternatives (Lawler's k best) wor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from shared.planning.objectives import CostTables
+
+StartState = tuple[int, int, int, float, frozenset[tuple[int, int]]]
+"""(first free layer, previous node, used-node mask, value so far, banned (node, end))."""
 
 # Ties within this relative distance are broken by the stable rule, not by float noise.
 TIE_REL = 1e-12
@@ -54,7 +58,8 @@ class Path:
     bottleneck: float
 
 
-def _combine(use_max: bool, left, right):
+def _combine(use_max: bool, left: Any, right: Any) -> Any:
+    """max or sum of two values or arrays (numpy broadcasting)."""
     return np.maximum(left, right) if use_max else left + right
 
 
@@ -63,13 +68,13 @@ def _last_end(seg: np.ndarray) -> np.ndarray:
     finite = np.isfinite(seg)
     size = seg.shape[1]
     ends = np.arange(size)
-    return np.where(finite, ends[None, None, :], -1).max(axis=2).clip(min=np.arange(size)[None, :])
+    return np.asarray(np.where(finite, ends[None, None, :], -1).max(axis=2).clip(min=np.arange(size)[None, :]))
 
 
 class SubsetDP:
     """The DP over one pair of (segment, hop) tables, from one start."""
 
-    def __init__(self, seg: np.ndarray, hop: np.ndarray, use_max: bool, start_state) -> None:
+    def __init__(self, seg: np.ndarray, hop: np.ndarray, use_max: bool, start_state: StartState) -> None:
         self.seg, self.hop, self.use_max = seg, hop, use_max
         self.layer0, self.prev0, self.used0, self.value0, self.banned = start_state
         self.num_nodes = seg.shape[0]
@@ -85,7 +90,7 @@ class SubsetDP:
         for node, end in self.banned:
             if node == w:
                 cand[end - j0 - 1] = np.inf
-        return cand
+        return np.asarray(cand)
 
     def run(self) -> SubsetDP:
         j0, values = self.layer0, self.values

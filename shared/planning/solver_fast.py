@@ -15,6 +15,7 @@ to the relaxation bound is reported.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,8 @@ from shared.planning.objectives import CostTables
 from shared.planning.solver_exact import Path, Step, solve_exact, threshold_tables
 
 
-def _combine(use_max: bool, left, right):
+def _combine(use_max: bool, left: Any, right: Any) -> Any:
+    """max or sum of two values or arrays (numpy broadcasting)."""
     return np.maximum(left, right) if use_max else left + right
 
 
@@ -127,7 +129,7 @@ def _longest(compute: np.ndarray, threshold: float) -> np.ndarray:
     """Per node: the most layers one segment may hold with compute <= threshold."""
     size = compute.shape[1]
     spans = np.arange(size)[None, :] - np.arange(size)[:, None]
-    return np.where(compute <= threshold, spans[None], 0).max(axis=(1, 2))
+    return np.asarray(np.where(compute <= threshold, spans[None], 0).max(axis=(1, 2)))
 
 
 def capacity_bound(tables: CostTables, objective: str) -> float:
