@@ -1,7 +1,7 @@
 """Per-frame CPU cost of tensor frames: header build, encode and decode (us), no broker.
 
-Times are the best of ``--repeats`` timeit rounds (other processes on the machine only
-ever add time).
+Times are this process's CPU time (``time.process_time``, so other processes on a busy
+machine matter less), the best of ``--repeats`` timeit rounds.
 
 The frame is a decode step's activation (float32 [1, hidden]) with the header a worker
 forwards (`services/worker/dataplane.py` `_send`); then a result and a small probe.
@@ -40,8 +40,9 @@ def probe() -> ProbeHeader:
 
 
 def best_us(function: Callable[[], object], number: int, repeats: int) -> float:
-    """Best per-call time of ``function`` over ``repeats`` rounds of ``number`` calls (us)."""
-    return min(timeit.repeat(function, number=number, repeat=repeats)) / number * 1e6
+    """Best per-call CPU time of ``function`` over ``repeats`` rounds of ``number`` calls (us)."""
+    rounds = timeit.repeat(function, number=number, repeat=repeats, timer=time.process_time)
+    return min(rounds) / number * 1e6
 
 
 def measure(build: Callable[[], FrameHeader], array: np.ndarray, number: int, repeats: int) -> str:

@@ -23,7 +23,7 @@ from services.worker.compute import ComputeThread, SegmentHost
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused
-from shared.frame_headers import HandoffHeader, KvAckHeader, KvHeader
+from shared.frame_headers import FrameHeader, HandoffHeader, KvAckHeader, KvHeader
 from shared.ids import RequestId
 from shared.tensor_frame import Frame, encode_frame, to_torch
 
@@ -166,7 +166,7 @@ HANDOFF_STEP = 2**62
 """The frame step that marks a KV handoff (never a real decode step)."""
 
 
-def _failed(answer: object) -> bool:
+def _failed(answer: FrameHeader) -> bool:
     """True unless ``answer`` is a handoff answer that reports success."""
     return not isinstance(answer, KvAckHeader) or answer.failed
 

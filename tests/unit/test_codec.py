@@ -314,14 +314,22 @@ HEADER = ActivationHeader(request_id="r1", step=0, epoch=0, seq=0, target=0, pos
                           last_only=False, pass_id=0)  # fmt: skip
 
 
-def _frame_with(**changes: Any) -> bytes:
-    """A frame of float32[2, 3] whose wire header is altered."""
-    good = encode_frame(HEADER, np.zeros((2, 3), np.float32))
-    wire = msgpack.unpackb(good[8 : 8 + int.from_bytes(good[4:8], "little")])
-    wire.update(changes)
+def _wire_frame(wire: dict[str, Any], magic: bytes = MAGIC) -> bytes:
+    """A frame with this wire header and 24 tensor bytes (float32[2, 3])."""
     packed = msgpack.packb(wire)
     start = 8 + len(packed)
-    return MAGIC + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 24
+    return magic + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 24
+
+
+def _good_wire_header() -> dict[str, Any]:
+    good = encode_frame(HEADER, np.zeros((2, 3), np.float32))
+    wire: dict[str, Any] = msgpack.unpackb(good[8 : 8 + int.from_bytes(good[4:8], "little")])
+    return wire
+
+
+def _frame_with(**changes: Any) -> bytes:
+    """A frame of float32[2, 3] whose wire header is altered."""
+    return _wire_frame({**_good_wire_header(), **changes})
 
 
 @pytest.mark.parametrize(
@@ -370,25 +378,18 @@ def test_a_bad_header_field_is_named(changes: dict[str, Any], named: str) -> Non
 
 
 def test_a_missing_header_field_is_named() -> None:
-    good = encode_frame(HEADER, np.zeros((2, 3), np.float32))
-    wire = msgpack.unpackb(good[8 : 8 + int.from_bytes(good[4:8], "little")])
+    wire = _good_wire_header()
     del wire["pass_id"]
-    packed = msgpack.packb(wire)
-    start = 8 + len(packed)
-    frame = MAGIC + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 24
     with pytest.raises(TensorFrameError, match="activation frame header: field pass_id: Field required"):
-        decode_frame(frame)
+        decode_frame(_wire_frame(wire))
 
 
 def test_a_version_1_frame_is_refused_as_an_older_version() -> None:
     """A peer still on ESF1 (an untyped ``extra`` map) gets a clear error, not a misread."""
-    wire = {"request_id": "r1", "step": 0, "epoch": 1, "seq": 0, "dtype": "float32", "shape": [1, 3],
+    wire = {"request_id": "r1", "step": 0, "epoch": 1, "seq": 0, "dtype": "float32", "shape": [2, 3],
             "extra": {"target": 3, "pos": 0, "pass": 1}}  # fmt: skip
-    packed = msgpack.packb(wire)
-    start = 8 + len(packed)
-    frame = b"ESF1" + len(packed).to_bytes(4, "little") + packed + b"\0" * (-start % 16) + b"\0" * 12
     with pytest.raises(TensorFrameError, match=r"peer speaks tensor frame version 1 .*this node speaks version 2"):
-        decode_frame(frame)
+        decode_frame(_wire_frame(wire, magic=b"ESF1"))
 
 
 def test_frames_with_bad_prefix_or_byte_count_are_rejected() -> None:
