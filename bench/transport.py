@@ -338,6 +338,22 @@ def goals(rows: list[Row]) -> bool:
     return met
 
 
+def report_trees(runs: dict[str, list[Run]], trees: list[Tree], widths: list[int]) -> None:
+    """Per width, each tree's TPOT against the first tree's, paired round by round (both
+    ran in the same round, seconds apart, so the machine's slow and fast spells cancel)."""
+    base = trees[0]
+    for tree in trees[1:]:
+        for width in widths:
+            plural = f"{width} worker" + ("s" if width > 1 else "")
+            ours, theirs = runs[f"{tree.label} {plural}"], runs[f"{base.label} {plural}"]
+            ratios = sorted(a.tpot_s / b.tpot_s for a, b in zip(ours, theirs, strict=True))
+            steps = sorted(a.step_s / b.step_s for a, b in zip(ours, theirs, strict=True))
+            print(f"{tree.label} / {base.label}, {plural}: TPOT x {statistics.median(ratios):.3f} "
+                  f"(median of {len(ratios)} paired rounds; mean {statistics.mean(ratios):.3f}, "
+                  f"range {ratios[0]:.3f}-{ratios[-1]:.3f}), median step x "
+                  f"{statistics.median(steps):.3f}")  # fmt: skip
+
+
 def report_round_trips(rows: list[tuple[str, list[float]]]) -> None:
     print(f"{'bus round trip':<30}{'p50 ms':>9}{'p99 ms':>9}")
     for label, times in rows:
@@ -380,6 +396,8 @@ async def bench(args: argparse.Namespace, broker: LocalBroker, shards: Path, log
               f"{baseline.pipeline.tokenizer.decode(list(runs[LOCAL][0].token_ids))!r}")  # fmt: skip
         same = same_tokens(runs)
         report(summarize(runs, clusters))
+        if len(args.trees) > 1:
+            report_trees(runs, args.trees, args.workers)
     finally:
         for cluster in clusters.values():
             cluster.stack.stop()
