@@ -30,7 +30,11 @@ from shared.tensor_frame import (
 
 FAST_S = 0.05  # every rejection must be this quick
 IDS = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
-SMALL = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# filter_too_much: messages with cross-field rules (PlanProposed: feasible iff best, and
+# nested options whose segments must be contiguous) reject most random draws; the check
+# failed once on 2026-12-06 with a valid strategy. Examples that pass are still checked.
+SMALL = settings(max_examples=60, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 # --- a strategy for any message, derived from the models' own annotations -----------------
 
