@@ -8,6 +8,7 @@ Wire form: a msgpack map ``{"v": 1, "kind": "NodeStatus", "origin": "w1", "seq":
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -102,7 +103,14 @@ def _check_depth(value: Any, max_depth: int) -> None:
 
 
 def encode(message: Message, *, origin: str, seq: int, sent_at_s: float | None = None) -> bytes:
-    """Envelope and msgpack-encode ``message``. Raises WireError if it exceeds the size limit."""
+    """Envelope and msgpack-encode ``message``; ``sent_at_s``: Unix s (default: now).
+
+    Raises WireError if it exceeds the size limit or ``sent_at_s`` is not finite.
+    """
+    if sent_at_s is not None and not math.isfinite(sent_at_s):
+        raise WireError(
+            f"{message.kind}: sent_at_s must be a finite Unix time (s), got {sent_at_s!r}"
+        )
     envelope = {
         "v": SCHEMA_VERSION,
         "kind": message.kind,
@@ -170,3 +178,5 @@ def _check_meta(origin: Any, seq: Any, sent_at_s: Any) -> None:
         raise DecodeError(f"seq must be a non-negative integer, got {seq!r}")
     if type(sent_at_s) not in (int, float):
         raise DecodeError(f"sent_at_s must be a number, got {type(sent_at_s).__name__}")
+    if not math.isfinite(sent_at_s):
+        raise DecodeError(f"sent_at_s must be a finite Unix time (s), got {sent_at_s!r}")

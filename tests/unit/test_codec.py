@@ -232,6 +232,9 @@ def _envelope(**changes: Any) -> bytes:
         {"origin": "a/b"},
         {"origin": 5},
         {"sent_at_s": "now"},
+        {"sent_at_s": float("nan")},
+        {"sent_at_s": float("inf")},
+        {"sent_at_s": float("-inf")},
         {"kind": 7},
         {"body": [1, 2]},
         {"body": {"node": "n1"}},
@@ -248,6 +251,14 @@ def test_wrong_typed_body_fields_are_rejected() -> None:
                        ("node", "a+b"), ("memory_bytes", -1), ("capabilities", "llama")]:  # fmt: skip
         _rejects_quickly(_envelope(body={**body, field: bad}))
     _rejects_quickly(_envelope(body={**body, "surprise": 1}))
+
+
+def test_encode_refuses_a_timestamp_that_is_not_finite() -> None:
+    status = msgpack.unpackb(_valid_payload())
+    message = codec.decode(msgpack.packb(status)).message
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(WireError, match="sent_at_s must be a finite"):
+            codec.encode(message, origin="n", seq=1, sent_at_s=bad)
 
 
 def test_unknown_kind_is_its_own_error() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgpack
 import pydantic
 import pytest
 
 from shared import codec, topics
+from shared.errors import DecodeError
 from shared.messages import (
     MESSAGE_KINDS,
     AbortEpoch,
@@ -311,3 +313,50 @@ def test_the_privacy_policy_protects_first_and_last_blocks_and_only_tightens() -
     both = policy.stricter(looser)
     assert both == PrivacyPolicy(trusted_level=3, private_blocks=2, private_last_blocks=1)
     assert both == looser.stricter(policy) and policy.stricter(PrivacyPolicy()) == policy
+
+
+def _float_paths(value: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """The paths (keys and indices) of every float inside a dumped message."""
+    if isinstance(value, float):
+        return [path]
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _float_paths(item, (*path, key))]
+    if isinstance(value, tuple | list):
+        return [p for index, item in enumerate(value) for p in _float_paths(item, (*path, index))]
+    return []
+
+
+def _replaced(value: object, path: tuple[object, ...], new: float) -> object:
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        return {key: _replaced(item, rest, new) if key == head else item for key, item in value.items()}
+    assert isinstance(value, tuple | list)
+    return type(value)(_replaced(item, rest, new) if index == head else item
+                       for index, item in enumerate(value))  # fmt: skip
+
+
+WITH_FLOATS = [example for example in EXAMPLES if _float_paths(example.model_dump())]
+
+
+def test_most_kinds_carry_a_float_to_check() -> None:
+    # Timestamps, durations, rates and sizes: the check below must see many kinds.
+    assert len(WITH_FLOATS) >= 10
+
+
+@pytest.mark.parametrize("message", WITH_FLOATS, ids=lambda m: m.kind)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_every_float_field_refuses_nan_and_infinity(message: Message, bad: float) -> None:
+    """Each float of each kind (timestamps, durations, nested ones too), set to NaN or
+    +-Inf, is refused: by the model, and by the codec as a DecodeError."""
+    dumped = message.model_dump()
+    type(message).model_validate(dumped)  # the untouched dump is valid
+    for path in _float_paths(dumped):
+        body = _replaced(dumped, path, bad)
+        with pytest.raises(pydantic.ValidationError):
+            type(message).model_validate(body)
+        raw = msgpack.unpackb(codec.encode(message, origin="n", seq=1))
+        raw["body"] = body
+        with pytest.raises(DecodeError, match=f"invalid {message.kind}"):
+            codec.decode(msgpack.packb(raw))
