@@ -22,7 +22,7 @@ DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "deploy" / "topologi
 class TopologyNode(BaseModel):
     """One emulated edge node."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     id: TopicId
     trust: int = Field(ge=0, le=10, description="trust level; higher is more trusted")
@@ -42,7 +42,7 @@ class TopologyNode(BaseModel):
 class TopologyLink(BaseModel):
     """A directed link; `symmetric` adds the reverse direction with the same numbers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     src: TopicId
     dst: TopicId
@@ -52,7 +52,7 @@ class TopologyLink(BaseModel):
 
 
 class Topology(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = "topology"
     private_blocks: int = Field(
