@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from shared.errors import CheckpointError, UnsafeCheckpointError
 from shared.model import bert, gpt2, llama
 from shared.model.config import ModelConfig, load_config
+from shared.model.layers import check_finite
 from shared.model.names import PICKLE_SUFFIXES, block_of, canonical_name, split_names
 
 CONFIG_FILE = "config.json"
@@ -73,7 +74,8 @@ class Checkpoint:
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Tensors of block ``index`` keyed by name within the block.
 
-        Raises CheckpointError when the index is outside ``[0, num_layers)``.
+        Raises CheckpointError when the index is outside ``[0, num_layers)``, or naming
+        the file and tensor for a NaN or infinite weight.
         """
         if not 0 <= index < self._config.num_layers:
             raise CheckpointError(
@@ -114,6 +116,7 @@ class Checkpoint:
                                 f"{path}: tensor {name!r} listed in the index is missing"
                             )
                         tensors[name] = _as_fp32(name, handle.get_tensor(name))
+                        check_finite(str(path), name, tensors[name])
             except (SafetensorError, OSError) as error:
                 raise CheckpointError(f"{path}: cannot read weights: {error}") from None
         return tensors

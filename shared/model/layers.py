@@ -97,3 +97,22 @@ def check_tensors(
     for name in sorted(tensors):
         if name not in shapes:
             raise CheckpointError(f"{where}: unexpected tensor {name!r} in the checkpoint")
+
+
+def check_finite(where: str, name: str, tensor: torch.Tensor) -> None:
+    """Raise CheckpointError when ``tensor`` holds a NaN or an infinity.
+
+    ``where`` names the file it came from, ``name`` the tensor. Costs one pass over the
+    tensor (tens of ms for a block of a 100M-parameter model): loading only, never per
+    request.
+    """
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = int(finite.numel() - int(finite.sum()))
+    first = int((~finite).flatten().nonzero()[0])
+    raise CheckpointError(
+        f"{where}: tensor {name!r} holds {bad} NaN or infinite values (first at flat index "
+        f"{first}): the weights are corrupt or overflowed in conversion; re-download or "
+        "re-convert the checkpoint"
+    )

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
 from shared.errors import CheckpointError
+from shared.model.layers import check_finite
 from shared.model.manifest import (
     ENTRY_FILE,
     FORMAT_VERSION,
@@ -63,7 +64,9 @@ class ShardStore(ShardFiles):
 
     def _load(self, name: str, tensor_names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Verified tensors of one file (verified bytes are parsed directly, so the
-        file cannot change between check and use)."""
+        file cannot change between check and use). Raises CheckpointError naming the file
+        and tensor for a tensor list that differs from the manifest's, an integer tensor,
+        or a NaN or infinite weight."""
         path = self.shard_dir / name
         if self._verified_before(name):
             tensors = load_file(str(path))
@@ -74,7 +77,10 @@ class ShardStore(ShardFiles):
         for key, value in tensors.items():
             if not value.is_floating_point():
                 raise CheckpointError(f"{path}: tensor {key!r} has dtype {value.dtype}; weights must be floating point")
-        return {key: value.to(torch.float32) for key, value in tensors.items()}
+        loaded = {key: value.to(torch.float32) for key, value in tensors.items()}
+        for key, value in sorted(loaded.items()):
+            check_finite(str(path), key, value)
+        return loaded
 
 
 def _within_block(name: str) -> str:

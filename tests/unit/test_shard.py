@@ -283,3 +283,30 @@ def test_cli_tiny_and_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["shard", str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 1
     error = capsys.readouterr().err
     assert error.startswith("edgesplit: ") and error.count("\n") == 1 and "missing" in error
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_weights_that_are_not_finite_are_refused_naming_file_and_tensor(tmp_path: Path, bad: float) -> None:
+    """A checkpoint whose block 2 holds one NaN/Inf weight: its store is written with
+    matching digests (so only the value check can catch it), and loading block 2 from
+    the store or the checkpoint is refused; the other blocks still load."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = write_tiny_checkpoint("llama", tmp_path / "ckpt", layers=4, seed=3)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    name = "model.layers.2.self_attn.k_proj.weight"
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[5] = bad
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    write_shards(model_dir, tmp_path / "store")
+    store = ShardStore(tmp_path / "store")
+    with pytest.raises(CheckpointError) as caught:
+        store.block_tensors(2)
+    message = str(caught.value)
+    assert "block-002.safetensors" in message and repr(name) in message
+    assert "1 NaN or infinite values (first at flat index 5)" in message
+    assert store.block_tensors(1) and store.block_tensors(3) and store.entry_tensors()
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor {name!r} holds 1 NaN"):
+        Checkpoint(model_dir).block_tensors(2)
+    with pytest.raises(CheckpointError, match="block-002.safetensors"):
+        LocalPipeline(store)
