@@ -23,6 +23,7 @@ from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused, NodeLost, NoPlan
+from services.worker.frame_checks import FrameLimits, check_frame, duplicate_key
 from services.worker.handoff import KvHandoff, WaitKey
 from shared.errors import StageTimedOut
 from shared.frame_headers import (
@@ -40,17 +41,19 @@ from shared.planning.route import Route
 from shared.tensor_frame import Frame, encode_frame
 
 log = logging.getLogger(__name__)
-__all__ = ["DataPlane", "FrameRefused", "NoPlan", "NodeLost"]
+__all__ = ["DataPlane", "FrameLimits", "FrameRefused", "NoPlan", "NodeLost"]
 
 
 class DataPlane:
-    """Frames of one worker. ``send(destination, payload)`` is the (shaped) egress; the
-    KV handoff (``handoff``) is its collaborator for handoff and kv frames."""
+    """Frames of one worker. ``limits``: the model numbers every received frame is
+    checked against (services/worker/frame_checks.py); ``send(destination, payload)`` is
+    the (shaped) egress; the KV handoff (``handoff``) is its collaborator for handoff and
+    kv frames."""
 
     def __init__(
         self,
         node: str,
-        hidden_size: int,
+        limits: FrameLimits,
         keeper: EpochKeeper,
         compute: ComputeThread,
         slowdown: Slowdown,
@@ -59,7 +62,8 @@ class DataPlane:
         deadline: StageDeadline | None = None,
     ) -> None:
         self.node = node
-        self.hidden_size = hidden_size
+        self.limits = limits
+        self.hidden_size = limits.hidden_size
         self.keeper = keeper
         self.compute = compute
         self.slowdown = slowdown
@@ -69,6 +73,7 @@ class DataPlane:
         self.counters: Counter[str] = Counter()
         self._seq = count()
         self._pending: dict[WaitKey, tuple[int, asyncio.Future[Frame]]] = {}
+        self._result_rows: dict[WaitKey, tuple[int, int]] = {}  # (pass id, rows of its result)
         self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
         self._pass_ids = count(1)
@@ -77,17 +82,15 @@ class DataPlane:
         self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
         self._reconnected_at: float | None = None
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
-        self.handoff = KvHandoff(node, hidden_size, keeper, compute, self.deadline, send,
+        self.handoff = KvHandoff(node, limits, keeper, compute, self.deadline, send,
                                  self._expect_answers, self._forget_answers, self._resolve,
                                  self.down, self._seq, self.counters)  # fmt: skip
 
-    def _seen_before(self, header: FrameHeader) -> bool:
-        """True for a frame already handled: same kind, request, step, epoch, pass and hop
-        target. A release (no pass) is never a duplicate: releasing twice is harmless."""
-        if isinstance(header, ReleaseHeader | ProbeHeader):
+    def _seen_before(self, key: tuple[object, ...] | None) -> bool:
+        """True for a frame already handled (``key``: `duplicate_key`; None: never a
+        duplicate); else remembers it."""
+        if key is None:
             return False
-        target = header.target if isinstance(header, ActivationHeader | HandoffHeader | KvHeader) else None
-        key = (header.kind, header.request_id, header.step, header.epoch, header.pass_id, target)
         if key in self._seen:
             return True
         self._seen[key] = None
@@ -148,7 +151,14 @@ class DataPlane:
             self._reconnected_at = None
 
     async def on_frame(self, frame: Frame) -> None:
-        """Handle one received frame (raises FrameRefused for one this node cannot run)."""
+        """Handle one received frame.
+
+        Raises FrameRefused (counted as ``frames_refused``) for one this node cannot run:
+        a layout, position or token count that does not fit the model, a value that is
+        not finite, a block it does not run. A frame is checked before it is remembered
+        as seen, and forgotten when refused later, so a corrupt copy cannot shadow the
+        genuine frame.
+        """
         header = frame.header
         if isinstance(header, ProbeHeader):
             return  # the prober has its own subscription
@@ -156,20 +166,39 @@ class DataPlane:
         if serving is None:
             self.counters["frames_fenced"] += 1
             return
-        if self._seen_before(header):
-            self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
-            return
-        match header:
-            case ActivationHeader():
-                await self._on_activation(header, frame.array, serving)
-            case ResultHeader() | KvAckHeader():
-                self._resolve(frame)
-            case ReleaseHeader():
-                await self._on_release(header, frame.array, serving)
-            case HandoffHeader():
-                await self.handoff.on_handoff(header, frame.array, serving)
-            case KvHeader():
-                await self.handoff.on_kv(header, frame.array, serving)
+        key, remembered = duplicate_key(header), False
+        try:
+            self._check(header, frame.array)
+            if self._seen_before(key):
+                self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
+                return
+            remembered = True
+            match header:
+                case ActivationHeader():
+                    await self._on_activation(header, frame.array, serving)
+                case ResultHeader() | KvAckHeader():
+                    self._resolve(frame)
+                case ReleaseHeader():
+                    await self._on_release(header, frame.array, serving)
+                case HandoffHeader():
+                    await self.handoff.on_handoff(header, frame.array, serving)
+                case KvHeader():
+                    await self.handoff.on_kv(header, frame.array, serving)
+        except FrameRefused:
+            self.counters["frames_refused"] += 1
+            if remembered and key is not None:
+                self._seen.pop(key, None)
+            raise
+
+    def _check(self, header: FrameHeader, array: np.ndarray) -> None:
+        """What needs no compute (frame_checks.py), and a result's rows against its pass.
+        Raises FrameRefused."""
+        check_frame(header, array, self.limits)
+        if isinstance(header, ResultHeader) and not header.kv_missing:
+            pass_id, rows = self._result_rows.get((header.request_id, header.step, header.epoch), (-1, 0))
+            if pass_id == header.pass_id and array.shape[0] != rows:
+                raise FrameRefused(f"result for request {header.request_id} step {header.step} has "
+                                   f"{array.shape[0]} rows; its pass expects {rows}")  # fmt: skip
 
     async def _on_activation(self, header: ActivationHeader, array: np.ndarray, serving: Serving) -> None:
         """Run this node's segment on an activation and send the output on."""
@@ -180,7 +209,6 @@ class DataPlane:
         if host is None or header.target != host.start:
             raise FrameRefused(f"frame for block {header.target}, but this node runs "
                                f"{route.segment_of(self.node)} in epoch {route.epoch}")  # fmt: skip
-        self._check_activation(array)
         try:
             hidden = await self.compute.run(
                 host.forward, header.request_id, array, header.pos, self.slowdown
@@ -248,18 +276,6 @@ class DataPlane:
             route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32))
         )
 
-    def _check_activation(self, array: np.ndarray) -> None:
-        hidden = self.hidden_size
-        if (
-            array.dtype != np.float32
-            or array.ndim != 2
-            or array.shape[1] != hidden
-            or not array.shape[0]
-        ):
-            raise FrameRefused(
-                f"activation must be float32 [T, {hidden}], got {array.dtype}{list(array.shape)}"
-            )
-
     async def _send(
         self, route: Route, header: ActivationHeader | ReleaseHeader, array: np.ndarray, target: int
     ) -> None:
@@ -316,6 +332,7 @@ class DataPlane:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         pass_id = next(self._pass_ids)
         self._pending[key] = (pass_id, future)
+        self._result_rows[key] = (pass_id, 1 if last_only else int(token_ids.shape[0]))
         header = ActivationHeader(request_id=RequestId(request_id), step=step, epoch=route.epoch, seq=0,
                                   target=target, pos=position, last_only=last_only, pass_id=pass_id)  # fmt: skip
         tokens, began = int(token_ids.shape[0]), time.monotonic()
@@ -344,6 +361,8 @@ class DataPlane:
         finally:
             if self._pending.get(key, (None,))[0] == pass_id:
                 del self._pending[key]
+            if self._result_rows.get(key, (None,))[0] == pass_id:
+                del self._result_rows[key]
 
     async def release(self, request_id: str) -> None:
         """Tell the committed pipeline to free a finished request's KV caches (best effort)."""

@@ -23,6 +23,7 @@ from services.worker.compute import ComputeThread, SegmentHost
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused
+from services.worker.frame_checks import FrameLimits, check_kv, require_finite
 from shared.frame_headers import FrameHeader, HandoffHeader, KvAckHeader, KvHeader
 from shared.ids import RequestId
 from shared.tensor_frame import Frame, encode_frame, to_torch
@@ -36,7 +37,8 @@ ExpectAnswers = Callable[[Sequence[WaitKey]], tuple[int, list[asyncio.Future[Fra
 class KvHandoff:
     """The KV handoff's side of one worker's data plane.
 
-    ``node``: this worker; ``hidden_size``: width of the (empty) answer frames; ``keeper``:
+    ``node``: this worker; ``limits``: the model numbers a kv frame is checked against
+    (its ``hidden_size`` is the width of the empty answer frames); ``keeper``:
     the epochs that serve frames; ``compute``: the thread that splits and imports K/V;
     ``deadline``: the stage deadline (a handoff waits about one pass); ``send(node,
     payload)``: the (shaped) egress; ``expect``/``forget``/``resolve``: the entry's waits
@@ -48,7 +50,7 @@ class KvHandoff:
     def __init__(
         self,
         node: str,
-        hidden_size: int,
+        limits: FrameLimits,
         keeper: EpochKeeper,
         compute: ComputeThread,
         deadline: StageDeadline,
@@ -61,7 +63,8 @@ class KvHandoff:
         counters: Counter[str],
     ) -> None:
         self.node = node
-        self.hidden_size = hidden_size
+        self.limits = limits
+        self.hidden_size = limits.hidden_size
         self.keeper = keeper
         self.compute = compute
         self.deadline = deadline
@@ -139,16 +142,17 @@ class KvHandoff:
         await self._answer_entry(route.entry, answer, array)
 
     async def on_kv(self, header: KvHeader, array: np.ndarray, serving: Serving) -> None:
-        """A new owner's side: import the K/V of ``header.blocks``, then acknowledge."""
+        """A new owner's side: import the K/V of ``header.blocks`` (on the compute thread),
+        then acknowledge. Raises FrameRefused, before anything is imported, for a frame
+        whose dtype, shape, token count or blocks do not fit this node's segment, or whose
+        values are not all finite."""
         host = serving.host
-        if host is None or array.ndim != 5:
-            raise FrameRefused("a kv frame needs a segment here and a 5-d tensor")
-        if array.shape[0] != len(header.blocks):
-            raise FrameRefused(f"kv frame holds {array.shape[0]} blocks, names {len(header.blocks)}")
-        tensor = to_torch(np.ascontiguousarray(array))
-        moved = {block: (tensor[i, 0], tensor[i, 1]) for i, block in enumerate(header.blocks)}
-        host.import_kv(header.request_id, moved)
-        self.counters["kv_blocks_received"] += len(moved)
+        if host is None:
+            raise FrameRefused(f"a kv frame for request {header.request_id}, but this node runs "
+                               f"no segment in epoch {serving.epoch}")  # fmt: skip
+        check_kv(header, array, self.limits, host.start, host.end)
+        await self.compute.run(_import_kv, host, header, array)
+        self.counters["kv_blocks_received"] += len(header.blocks)
         ack = KvAckHeader(request_id=header.request_id, step=header.ack_step, epoch=header.old_epoch,
                           seq=next(self._seq), pass_id=header.pass_id)  # fmt: skip
         await self._answer_entry(serving.route.entry, ack, np.zeros((0, self.hidden_size), np.float32))
@@ -175,6 +179,14 @@ def _new_owners(new: Serving, node: str, start: int, end: int) -> list[str]:
     """The nodes other than ``node`` that own some of blocks [start, end) in ``new``
     (sorted: the entry and the old node number their answers the same way)."""
     return sorted({new.route.owner_of_block(block) for block in range(start, end)} - {node})
+
+
+def _import_kv(host: SegmentHost, header: KvHeader, array: np.ndarray) -> None:
+    """Compute thread: refuse K/V that is not all finite, else copy it into ``host``."""
+    require_finite("kv", array)
+    tensor = to_torch(np.ascontiguousarray(array))
+    host.import_kv(header.request_id, {block: (tensor[i, 0], tensor[i, 1])
+                                       for i, block in enumerate(header.blocks)})  # fmt: skip
 
 
 def _split_kv(

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
-from services.worker.dataplane import DataPlane
+from services.worker.dataplane import DataPlane, FrameLimits
 from services.worker.deadline import StageDeadline
 from services.worker.emulation import Emulation, initial_command
 from services.worker.entry import EntryRole
@@ -126,7 +126,7 @@ class WorkerService:
         self.store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
         self.shards = CachedShards(self.store, self.settings.shard_cache_bytes)
         deadline = StageDeadline(self.settings.stage_timeout_s, self.settings.stage_min_s, self.settings.stage_factor)
-        self.data = DataPlane(self.node, self.store.config.hidden_size, self.keeper, self.compute,
+        self.data = DataPlane(self.node, FrameLimits.of(self.store.config), self.keeper, self.compute,
                               self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
         health = self.health = Health(self.node, self.data, self.keeper, self.settings.stall_s, self.counters)
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
