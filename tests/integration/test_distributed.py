@@ -229,8 +229,17 @@ def test_malformed_payloads_are_dropped_and_workers_keep_serving(llama: System, 
         ActivationHeader(request_id="x2", step=0, epoch=1, seq=0, target=2, pos=0, last_only=False, pass_id=1),  # type: ignore[arg-type]
         np.zeros((1, 64), np.float32),
     )
+    nan_values = encode_frame(
+        ActivationHeader(request_id="x3", step=0, epoch=1, seq=0, target=1, pos=0, last_only=False, pass_id=1),  # type: ignore[arg-type]
+        np.full((1, 64), np.nan, np.float32),
+    )
+    past_context = encode_frame(
+        ActivationHeader(request_id="x4", step=0, epoch=1, seq=0, target=1, pos=10**6, last_only=False, pass_id=1),  # type: ignore[arg-type]
+        np.zeros((1, 64), np.float32),
+    )
     garbage = [b"", b"\x00\xff" * 50, msgpack.packb({"v": 1, "kind": "Plan", "body": {"epoch": -1}}),
-               msgpack.packb([1, 2, 3]), b"ESF2\xff\xff\xff\xff", good_shape_bad_values, wrong_target]  # fmt: skip
+               msgpack.packb([1, 2, 3]), b"ESF2\xff\xff\xff\xff", good_shape_bad_values, wrong_target,
+               nan_values, past_context]  # fmt: skip
     topics = [f"{root}/plan/current", f"{root}/epoch/commands"]
     for node in ("car", "rsu", "mec"):
         topics += [f"{root}/nodes/{node}/activations", f"{root}/nodes/{node}/requests",
@@ -246,7 +255,10 @@ def test_malformed_payloads_are_dropped_and_workers_keep_serving(llama: System, 
     for node, process in llama.workers.processes.items():
         assert process.poll() is None, llama.workers.log_tail(node)
     assert _generate(llama, PROMPTS[1], 16).token_ids == llama.local.generate(PROMPTS[1], 16).token_ids
-    assert "dropped malformed" in llama.workers.log_tail("rsu", 200)
+    log = llama.workers.log_tail("rsu", 400)
+    assert "dropped malformed" in log
+    assert "frame of x3 dropped: activation frame holds 64 NaN or infinite values" in log
+    assert "frame of x4 dropped: activation frame covers positions 1000000..1000000" in log
 
 
 def test_cli_generate_through_the_broker_equals_local(llama: System, broker: LocalBroker) -> None:
