@@ -20,6 +20,7 @@ import torch
 
 from services.worker.compute import KvMissing
 from services.worker.errors import NodeLost, NoPlan
+from services.worker.prompt import PromptLimits, prompt_ids
 from shared.errors import BusError, ConfigError, ContextTooLong, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
@@ -127,6 +128,7 @@ class EntryRole:
         wait_for_epoch: Callable[[int | None, float], Awaitable[bool]] | None = None,
         failover_wait_s: float = 10.0,
         max_replays: int = 4,
+        max_prompt_chars: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -135,7 +137,7 @@ class EntryRole:
         self._pass = pipeline_pass
         self._reply = reply
         self.max_in_flight = max_in_flight
-        self.max_prompt_tokens = max_prompt_tokens
+        self.prompt_limits = PromptLimits.of(self.config, max_prompt_tokens, max_prompt_chars)
         self.journal: dict[str, JournalEntry] = {}
         self._current_epoch = current_epoch
         self._handoff = handoff
@@ -225,17 +227,9 @@ class EntryRole:
             self.finished.popitem(last=False)
         self._reply(entry.request.reply_to, reply)
 
-    def _prompt_ids(self, prompt: str | None, token_ids: tuple[int, ...] | None) -> list[int]:
-        ids = list(token_ids) if token_ids is not None else self.tokenizer.encode(prompt or "")
-        vocab = self.config.vocab_size
-        bad = [token for token in ids if token >= vocab]
-        if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
-        if len(ids) > self.max_prompt_tokens:
-            raise ContextTooLong(
-                f"prompt of {len(ids)} tokens exceeds this entry's limit of {self.max_prompt_tokens}"
-            )
-        return ids
+    async def _prompt_ids(self, prompt: str | None, token_ids: tuple[int, ...] | None) -> list[int]:
+        """Raises what `prompt_ids` raises; text is tokenized off the event loop."""
+        return await prompt_ids(self.tokenizer, self.prompt_limits, prompt, token_ids)
 
     async def _generate(self, request: GenerateRequest) -> None:
         """Decode until EOS or ``max_new_tokens``. A resubmission (``resume_token_ids``)
@@ -248,13 +242,14 @@ class EntryRole:
         if not self.config.is_decoder:
             raise ConfigError(f"the model ({self.config.architecture}) is an encoder; use embed")
         rid, entry = request.request_id, self.journal[request.request_id]
-        entry.prompt_ids = self._prompt_ids(request.prompt, request.token_ids)
+        entry.prompt_ids = await self._prompt_ids(request.prompt, request.token_ids)
         check_context(len(entry.prompt_ids), request.max_new_tokens, self.config.max_positions)
         sampler = Sampler(SamplingParams(request.temperature, request.top_p, request.seed))
         stream = self.tokenizer.stream()
         resume = list(request.resume_token_ids or ())[: request.max_new_tokens]
         entry.generated = list(resume)
-        entry.texts = [stream.push(token)[:1024] for token in resume]
+        if resume:  # detokenizing is tokenizer work too: off the loop
+            entry.texts = await asyncio.to_thread(lambda: [stream.push(token)[:1024] for token in resume])
         entry.first_at = time.perf_counter()
         if not (
             resume
@@ -277,10 +272,11 @@ class EntryRole:
                 position += 1
         done_at, count = time.perf_counter(), len(entry.generated) - len(resume)
         eos = bool(entry.generated) and entry.generated[-1] in self.config.eos_token_ids
+        text = await asyncio.to_thread(self.tokenizer.decode, list(entry.generated))
         self._final(entry, RequestFinished(
             request_id=rid,
             token_ids=tuple(entry.generated),
-            text=self.tokenizer.decode(entry.generated)[:65536],
+            text=text[:65536],
             finish_reason="eos" if eos else "length",
             ttft_s=entry.first_at - entry.arrived_s,
             tpot_s=(done_at - entry.first_at) / (count - 1) if count > 1 else 0.0,
@@ -382,7 +378,7 @@ class EntryRole:
         if self.config.is_decoder:
             raise ConfigError(f"the model ({self.config.architecture}) is a decoder; use generate")
         rid, entry = request.request_id, self.journal[request.request_id]
-        entry.prompt_ids = self._prompt_ids(request.text, None)
+        entry.prompt_ids = await self._prompt_ids(request.text, None)
         check_context(len(entry.prompt_ids), 0 + 1, self.config.max_positions + 1)
         hidden, _ = await self._pass(
             rid, 0, np.asarray(entry.prompt_ids, dtype=np.int64), 0, False, None

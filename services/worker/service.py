@@ -291,6 +291,7 @@ class WorkerService:
             wait_for_epoch=self.health.wait_for_epoch_after if self.health else None,
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,
+            max_prompt_chars=self.settings.max_prompt_chars,
         )
 
     async def _ack(self, answer: EpochReady | EpochRejected) -> None:

@@ -30,6 +30,11 @@ class WorkerSettings(BusSettings):
                                    description="entry: longest wait for a pipeline pass (cap)")
     kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
     max_prompt_tokens: int = Field(default=8192, ge=1)
+    max_prompt_chars: int | None = Field(
+        default=None, ge=1,
+        description="entry: longest prompt text (characters) it tokenizes; None: 16 per token "
+        "the prompt may have (services/worker/prompt.py: CHARS_PER_TOKEN_BOUND)",
+    )
     failover_wait_s: float = Field(
         default=10.0, gt=0, description="entry: how long to wait for a re-plan after a node dies"
     )
