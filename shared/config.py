@@ -72,7 +72,11 @@ def parse_broker_url(url: str) -> BrokerAddress:
 class BusSettings(BaseSettings):
     """What every process needs to reach the broker. Frozen; units in field names."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGESPLIT_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="EDGESPLIT_", frozen=True, extra="forbid", allow_inf_nan=False
+    )
+    """Every duration, rate and factor must be finite: ``inf`` or ``nan`` in the
+    environment or on the command line is a ConfigError naming the setting."""
 
     broker_url: str = DEFAULT_BROKER_URL
     cluster: str = "default"

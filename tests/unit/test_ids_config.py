@@ -153,6 +153,16 @@ def test_invalid_settings_are_one_line_config_errors(overrides: dict[str, object
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_durations_that_are_not_finite_are_config_errors(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("EDGESPLIT_CONNECT_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match="connect_timeout_s: Input should be a finite number"):
+        load_settings(BusSettings)
+    monkeypatch.delenv("EDGESPLIT_CONNECT_TIMEOUT_S")
+    with pytest.raises(ConfigError, match="publish_timeout_s: Input should be a finite number"):
+        load_settings(BusSettings, {"publish_timeout_s": float(value)})
+
+
 def test_invalid_env_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGESPLIT_BROKER_URL", "mqtt://h:notaport")
     with pytest.raises(ConfigError, match="broker_url"):
