@@ -27,7 +27,7 @@ _SHA256 = r"^[0-9a-f]{64}$"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class FileDigest(_Frozen):

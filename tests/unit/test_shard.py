@@ -215,6 +215,8 @@ def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
         (_set(["surprise"], 1), "surprise"),
         (_set(["architecture"], "gpt2"), "architecture"),
         (_set(["config", "hidden_size"], -4), "config"),
+        (_set(["head_flops_per_token"], float("inf")), "head_flops_per_token"),
+        (_set(["blocks", 1, "flops_per_token"], float("nan")), "blocks.1.flops_per_token"),
     ],
 )
 def test_bad_manifest_fields_are_named(store_dir: Path, mutate: Callable[[dict[str, Any]], None], field: str) -> None:
