@@ -244,10 +244,10 @@ def _decisions_table(snapshot: StatusSnapshot, count: int) -> RenderableType:
 def _decision_cells(d: DecisionRecorded) -> list[str]:
     trigger = f"{d.trigger}: {d.trigger_detail}" if d.trigger_detail else d.trigger
     outcome = d.outcome + (f" epoch {d.to_epoch}" if d.to_epoch is not None else "")
-    latency = "->".join(
-        f"{value * 1e3:.1f}" if value is not None else "-"
-        for value in (d.current_latency_s, d.predicted_latency_s)
-    )
+    predictions = (d.current_latency_s, d.predicted_latency_s)
+    latency = "->".join(f"{v * 1e3:.1f}" if v is not None else "?" for v in predictions)
+    if predictions == (None, None):
+        latency = ""
     realised = f"{d.realised_tpot_s * 1e3:.1f}" if d.realised_tpot_s is not None else ""
     if realised and d.baseline_tpot_s is not None:
         realised += f" (was {d.baseline_tpot_s * 1e3:.1f})"
