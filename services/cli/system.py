@@ -171,15 +171,15 @@ def run_status(args: argparse.Namespace) -> int:
 def _run_watch(settings: BusSettings, interval_s: float) -> int:
     """`status --watch` until Ctrl-C, which ends it with status 0 (it is the way to stop it)."""
     # Imported here: rich costs every other command a few hundred ms of start-up.
-    from rich.console import Console
-
-    from services.cli.watch import watch_status
+    from services.cli.watch import WatchConsole, watch_status
 
     try:
-        asyncio.run(watch_status(settings, interval_s, Console()))
+        asyncio.run(watch_status(settings, interval_s, WatchConsole()))
     except KeyboardInterrupt:
         return 0
     except BaseExceptionGroup as group:
+        if group.subgroup(BrokenPipeError) is not None:
+            return 0  # the reader went away (`status --watch | head`): nothing left to show
         found = first_edgesplit_error(group)
         if found is None:
             raise

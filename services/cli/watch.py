@@ -36,6 +36,22 @@ READY_TIMEOUT_S = 10.0
 FrameHook = Callable[[StatusSnapshot], None]
 
 
+class WatchConsole(Console):
+    """A rich Console whose broken pipe (``status --watch | head``) is a BrokenPipeError.
+
+    rich raises SystemExit(1) there, which would escape the task group as a base
+    exception and end with a traceback; the `edgesplit` command treats a reader that
+    went away as a normal end (status 0). rich has already pointed stdout at /dev/null,
+    so nothing fails again at exit.
+    """
+
+    def on_broken_pipe(self) -> None:
+        try:
+            super().on_broken_pipe()
+        except SystemExit:
+            raise BrokenPipeError("the reader of stdout went away") from None
+
+
 async def watch_status(
     settings: BusSettings, interval_s: float, console: Console, *, on_frame: FrameHook | None = None
 ) -> None:

@@ -111,7 +111,9 @@ def test_watch_draws_the_retained_state_and_redraws_after_a_plan_change(
     assert "\x1b[" not in first + second  # not a terminal: no colours, no cursor movement
 
 
-def test_watch_stops_on_ctrl_c_with_status_0(broker: LocalBroker, cluster: str) -> None:
+def _start_watch(broker: LocalBroker, cluster: str) -> subprocess.Popen[str]:
+    """`status --watch` on a pipe, after its first frame with the published plan."""
+
     async def publish() -> None:
         async with Bus(BusSettings(broker_url=broker.url, cluster=cluster)) as bus:
             await _publish_site(bus)
@@ -121,23 +123,56 @@ def test_watch_stops_on_ctrl_c_with_status_0(broker: LocalBroker, cluster: str) 
         [*EDGESPLIT, "status", "--watch", "--interval", "0.2", "--broker", broker.url, "--cluster", cluster],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    assert watch.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + WATCH_DEADLINE_S
+    # readline blocks, but the process prints a frame within a second of connecting
+    while time.monotonic() < deadline and not any("plan: epoch 1" in line for line in seen):
+        line = watch.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+    if not any("plan: epoch 1" in line for line in seen):
+        os.killpg(watch.pid, signal.SIGKILL)
+        raise AssertionError(f"no first frame within {WATCH_DEADLINE_S} s: {''.join(seen)!r}")
+    return watch
+
+
+def _finish(watch: subprocess.Popen[str]) -> str:
+    """Wait for ``watch`` to exit; its stderr."""
     try:
-        assert watch.stdout is not None
-        seen: list[str] = []
-        deadline = time.monotonic() + WATCH_DEADLINE_S
-        # readline blocks, but the process prints a frame within a second of connecting
-        while time.monotonic() < deadline and not any("plan: epoch 1" in line for line in seen):
-            line = watch.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-        assert any("plan: epoch 1" in line for line in seen), "".join(seen)
-        watch.send_signal(signal.SIGINT)
         _, err = watch.communicate(timeout=WATCH_DEADLINE_S)
     finally:
         if watch.poll() is None:
             os.killpg(watch.pid, signal.SIGKILL)
+    return err
+
+
+def test_watch_stops_on_ctrl_c_with_status_0(broker: LocalBroker, cluster: str) -> None:
+    watch = _start_watch(broker, cluster)
+    watch.send_signal(signal.SIGINT)
+    err = _finish(watch)
     assert watch.returncode == 0 and "Traceback" not in err, err
+
+
+def test_watch_ends_quietly_when_its_reader_goes_away(broker: LocalBroker, cluster: str) -> None:
+    watch = _start_watch(broker, cluster)
+    assert watch.stdout is not None
+    watch.stdout.close()  # as `status --watch | head` does after its lines
+
+    async def change_plan() -> None:  # the next frame is written into the closed pipe
+        async with Bus(BusSettings(broker_url=broker.url, cluster=cluster)) as bus:
+            await bus.publish(PLAN, _plan(2, 2))
+
+    asyncio.run(change_plan())
+    assert watch.stderr is not None
+    try:
+        watch.wait(timeout=WATCH_DEADLINE_S)
+        err = watch.stderr.read()
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+    assert watch.returncode == 0 and err == "", err
 
 
 @pytest.mark.parametrize(
