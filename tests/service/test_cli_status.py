@@ -111,6 +111,34 @@ def test_watch_draws_the_retained_state_and_redraws_after_a_plan_change(
     assert "\x1b[" not in first + second  # not a terminal: no colours, no cursor movement
 
 
+def test_watch_on_a_terminal_redraws_in_place(broker: LocalBroker, cluster: str) -> None:
+    settings = BusSettings(broker_url=broker.url, cluster=cluster, connect_timeout_s=3.0)
+    screen = io.StringIO()
+    console = Console(file=screen, width=100, height=60, force_terminal=True, color_system="standard")
+    epochs: asyncio.Queue[int | None] = asyncio.Queue()
+
+    async def scenario() -> None:
+        async with Bus(settings) as publisher:
+            await _publish_site(publisher)
+            async with asyncio.TaskGroup() as group:
+                watcher = group.create_task(watch_status(
+                    settings, 0.2, console,
+                    on_frame=lambda s: epochs.put_nowait(s.plan.epoch if s.plan else None)))  # fmt: skip
+                async with asyncio.timeout(WATCH_DEADLINE_S):
+                    while await epochs.get() != 1:
+                        pass
+                    await publisher.publish(PLAN, _plan(2, 2))
+                    while await epochs.get() != 2:
+                        pass
+                watcher.cancel()
+
+    asyncio.run(scenario())
+    drawn = screen.getvalue()
+    assert "plan: epoch 1" in drawn and "plan: epoch 2" in drawn
+    assert "\x1b[2K" in drawn and "\x1b[1A" in drawn  # rich.live erases and moves up, then redraws
+    assert drawn.startswith("\x1b[?25l") and drawn.endswith("\x1b[?25h")  # cursor back on exit
+
+
 def _start_watch(broker: LocalBroker, cluster: str) -> subprocess.Popen[str]:
     """`status --watch` on a pipe, after its first frame with the published plan."""
 
