@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
 
     status = subparsers.add_parser(
         "status", help="nodes, links, the current plan and the latest decisions",
-        description="Read the system's retained state from the broker and print it.")  # fmt: skip
+        description="Read the system's retained state from the broker and print it; with --watch, "
+                    "keep following it and redraw a live view until Ctrl-C.")  # fmt: skip
     output = status.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object")
     output.add_argument("--watch", action="store_true",
@@ -51,7 +52,8 @@ def register(subparsers: Any) -> None:
                              f"{MIN_INTERVAL_S:g}-{MAX_INTERVAL_S:g})")  # fmt: skip
     status.add_argument("--broker", help="broker URL")
     status.add_argument("--cluster", help="cluster id (default 'default')")
-    status.add_argument("--wait-s", type=float, default=1.0, help="how long to collect (default 1 s)")
+    status.add_argument("--wait-s", type=float, default=1.0,
+                        help="how long to collect (default 1 s; --watch collects until Ctrl-C)")
     status.set_defaults(handler=run_status)
 
 
