@@ -11,11 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.cli.status_state import StatusSnapshot
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
-from shared.messages import CapacityProfile, DecisionRecorded, NodeStatus, Plan
 from shared.process import first_edgesplit_error
 from shared.topics import CAPACITY, DECISIONS, NODE_STATUS, PLAN
+
+DEFAULT_INTERVAL_S = 1.0
+"""Seconds between `status --watch` redraws unless --interval says otherwise."""
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.2, 60.0
+"""Bounds of ``--interval`` (seconds): faster only costs CPU, slower hides changes."""
 
 
 def register(subparsers: Any) -> None:
@@ -35,12 +40,34 @@ def register(subparsers: Any) -> None:
 
     status = subparsers.add_parser(
         "status", help="nodes, links, the current plan and the latest decisions",
-        description="Read the system's retained state from the broker and print it.")  # fmt: skip
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+        description="Read the system's retained state from the broker and print it; with --watch, "
+                    "keep following it and redraw a live view until Ctrl-C.")  # fmt: skip
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument("--watch", action="store_true",
+                        help="keep following the cluster and redraw the view until Ctrl-C "
+                             "(on a pipe: a plain frame per change)")  # fmt: skip
+    status.add_argument("--interval", type=_interval_s, metavar="S",
+                        help=f"seconds between redraws with --watch (default 1, "
+                             f"{MIN_INTERVAL_S:g}-{MAX_INTERVAL_S:g})")  # fmt: skip
     status.add_argument("--broker", help="broker URL")
     status.add_argument("--cluster", help="cluster id (default 'default')")
-    status.add_argument("--wait-s", type=float, default=1.0, help="how long to collect (default 1 s)")
+    status.add_argument("--wait-s", type=float, default=1.0,
+                        help="how long to collect (default 1 s; --watch collects until Ctrl-C)")
     status.set_defaults(handler=run_status)
+
+
+def _interval_s(text: str) -> float:
+    """``--interval``: seconds, within [MIN_INTERVAL_S, MAX_INTERVAL_S]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text} s is outside {MIN_INTERVAL_S:g}-{MAX_INTERVAL_S:g} s"
+        )
+    return value
 
 
 def _settings(args: argparse.Namespace) -> BusSettings:
@@ -56,10 +83,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]:
     """Retained nodes, plan, capacity profile and decisions of the cluster."""
-    nodes: dict[str, NodeStatus] = {}
-    plan: Plan | None = None
-    capacity: CapacityProfile | None = None
-    decisions: list[DecisionRecorded] = []
+    snapshot = StatusSnapshot(broker=settings.broker.redacted(), cluster=settings.cluster)
     async with Bus(settings) as bus:
         subscriptions = [bus.subscribe(topic) for topic in (NODE_STATUS, PLAN, CAPACITY, DECISIONS)]
         try:
@@ -74,31 +98,30 @@ async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]
                             _, message = await subscription.get()
                     except TimeoutError:
                         break
-                    if isinstance(message, NodeStatus):
-                        nodes[message.node] = message
-                    elif isinstance(message, Plan):
-                        plan = message
-                    elif isinstance(message, CapacityProfile):
-                        capacity = message
-                    elif isinstance(message, DecisionRecorded):
-                        decisions.append(message)
+                    snapshot.apply(message)
         finally:
             for subscription in subscriptions:
                 subscription.close()
+    nodes, plan, capacity = snapshot.nodes, snapshot.plan, snapshot.capacity
     return {
-        "broker": settings.broker.redacted(),
-        "cluster": settings.cluster,
+        "broker": snapshot.broker,
+        "cluster": snapshot.cluster,
         "nodes": [nodes[n].model_dump(mode="json") for n in sorted(nodes)],
         "links": [link.model_dump(mode="json") for link in capacity.links] if capacity else [],
         "measured": {n.node: n.model_dump(mode="json") for n in capacity.nodes} if capacity else {},
         "profile_age_s": max(0.0, time.time() - capacity.as_of_s) if capacity else None,
         "plan": plan.model_dump(mode="json", exclude={"signature"}) if plan else None,
-        "decisions": [d.model_dump(mode="json") for d in _latest_decisions(decisions, 10)],
+        "decisions": [d.model_dump(mode="json") for d in snapshot.latest_decisions(10)],
     }
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.interval is not None and not args.watch:
+        print("edgesplit: error: --interval needs --watch", file=sys.stderr)
+        return 2
     settings = _settings(args)
+    if args.watch:
+        return _run_watch(settings, args.interval or DEFAULT_INTERVAL_S)
     try:
         state = asyncio.run(collect_status(settings, args.wait_s))
     except BaseExceptionGroup as group:
@@ -147,12 +170,23 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _latest_decisions(decisions: list[DecisionRecorded], count: int) -> list[DecisionRecorded]:
-    """The newest version of each of the ``count`` newest decisions, oldest first."""
-    newest: dict[int, DecisionRecorded] = {}
-    for decision in decisions:
-        newest[decision.decision_id] = decision
-    return [newest[key] for key in sorted(newest)[-count:]]
+def _run_watch(settings: BusSettings, interval_s: float) -> int:
+    """`status --watch` until Ctrl-C, which ends it with status 0 (it is the way to stop it)."""
+    # Imported here: rich costs every other command a few hundred ms of start-up.
+    from services.cli.watch import WatchConsole, watch_status
+
+    try:
+        asyncio.run(watch_status(settings, interval_s, WatchConsole()))
+    except KeyboardInterrupt:
+        return 0
+    except BaseExceptionGroup as group:
+        if group.subgroup(BrokenPipeError) is not None:
+            return 0  # the reader went away (`status --watch | head`): nothing left to show
+        found = first_edgesplit_error(group)
+        if found is None:
+            raise
+        raise found from None
+    return 0
 
 
 def _decision_line(d: dict[str, Any]) -> str:
