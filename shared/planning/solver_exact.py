@@ -58,7 +58,7 @@ class Path:
     bottleneck: float
 
 
-def _combine(use_max: bool, left: Any, right: Any) -> Any:
+def combine(use_max: bool, left: Any, right: Any) -> Any:
     """max or sum of two values or arrays (numpy broadcasting)."""
     return np.maximum(left, right) if use_max else left + right
 
@@ -86,7 +86,7 @@ class SubsetDP:
     def _first_candidates(self, w: int) -> np.ndarray:
         j0 = self.layer0
         hop = self.hop[self.prev0, w, j0]
-        cand = _combine(self.use_max, _combine(self.use_max, self.value0, hop), self.seg[w, j0, j0 + 1 :])
+        cand = combine(self.use_max, combine(self.use_max, self.value0, hop), self.seg[w, j0, j0 + 1 :])
         for node, end in self.banned:
             if node == w:
                 cand[end - j0 - 1] = np.inf
@@ -109,15 +109,15 @@ class SubsetDP:
                     continue
                 cols = self.without[w]
                 hops = self.hop[active, w, j][:, None]
-                arrive = _combine(self.use_max, rows[:, cols], hops).min(axis=0)
-                cand = _combine(self.use_max, arrive[None, :], self.seg[w, j, j + 1 : hi + 1, None])
+                arrive = combine(self.use_max, rows[:, cols], hops).min(axis=0)
+                cand = combine(self.use_max, arrive[None, :], self.seg[w, j, j + 1 : hi + 1, None])
                 target = cols | (1 << w)
                 values[j + 1 : hi + 1, w, target] = np.minimum(values[j + 1 : hi + 1, w, target], cand)
         return self
 
     def final(self, source: int) -> tuple[float, int, int] | None:
         """(value, last node, used mask) of the best complete plan; stable tie rule."""
-        totals = _combine(self.use_max, self.values[self.num_layers], self.hop[:, source, self.num_layers][:, None])
+        totals = combine(self.use_max, self.values[self.num_layers], self.hop[:, source, self.num_layers][:, None])
         best = float(totals.min())
         if not np.isfinite(best):
             return None
@@ -138,7 +138,7 @@ class SubsetDP:
                 steps.append((node, self.layer0, end))
                 break
             for j in range(end - 1, self.layer0, -1):  # latest split point first
-                cand = _combine(self.use_max, _combine(self.use_max, self.values[j, :, before], self.hop[:, node, j]), self.seg[node, j, end])
+                cand = combine(self.use_max, combine(self.use_max, self.values[j, :, before], self.hop[:, node, j]), self.seg[node, j, end])
                 hits = np.flatnonzero(cand == value)
                 if hits.size:
                     steps.append((node, j, end))
@@ -150,7 +150,9 @@ class SubsetDP:
         return tuple(reversed(steps))
 
 
-def _path_values(tables: CostTables, steps: tuple[Step, ...]) -> Path:
+def path_values(tables: CostTables, steps: tuple[Step, ...]) -> Path:
+    """The path through ``steps`` with its end-to-end cost and bottleneck (s), hops from
+    and back to the source included."""
     node, cost, bottleneck = tables.source, 0.0, 0.0
     for w, start, end in steps:
         hop = float(tables.hop[node, w, start])
@@ -168,7 +170,7 @@ def _solve(tables: CostTables, seg: np.ndarray, hop: np.ndarray, use_max: bool, 
     best = dp.final(tables.source)
     if best is None:
         return None
-    return _path_values(tables, start.prefix + dp.backtrack(best[1], best[2]))
+    return path_values(tables, start.prefix + dp.backtrack(best[1], best[2]))
 
 
 def best_bottleneck(tables: CostTables, start: Start = Start()) -> float | None:

@@ -15,17 +15,18 @@ to the relaxation bound is reported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from shared.planning.objectives import CostTables
-from shared.planning.solver_exact import Path, Step, solve_exact, threshold_tables
-
-
-def _combine(use_max: bool, left: Any, right: Any) -> Any:
-    """max or sum of two values or arrays (numpy broadcasting)."""
-    return np.maximum(left, right) if use_max else left + right
+from shared.planning.solver_exact import (
+    Path,
+    Step,
+    combine,
+    path_values,
+    solve_exact,
+    threshold_tables,
+)
 
 
 def _hop_at(hop: np.ndarray, j: int, num_layers: int, allow_same: bool = False) -> np.ndarray:
@@ -51,8 +52,8 @@ def relaxed_forward(seg: np.ndarray, hop: np.ndarray, source: int, use_max: bool
         if not np.isfinite(before).any():
             continue
         step = _hop_at(hop, j, num_layers, allow_same)
-        arrive = _combine(use_max, before[:, None], step).min(axis=0)
-        cand = _combine(use_max, arrive[:, None], seg[:, j, j + 1 :])
+        arrive = combine(use_max, before[:, None], step).min(axis=0)
+        cand = combine(use_max, arrive[:, None], seg[:, j, j + 1 :])
         forward[j + 1 :] = np.minimum(forward[j + 1 :], cand.T)
     return forward
 
@@ -63,8 +64,8 @@ def relaxed_backward(seg: np.ndarray, hop: np.ndarray, source: int, use_max: boo
     backward = np.full((num_layers + 1, num_nodes), np.inf)
     backward[num_layers] = hop[:, source, num_layers]
     for e in range(num_layers - 1, 0, -1):
-        rest = _combine(use_max, seg[:, e, e + 1 :], backward[e + 1 :].T).min(axis=1)
-        backward[e] = _combine(use_max, _hop_at(hop, e, num_layers), rest[None, :]).min(axis=1)
+        rest = combine(use_max, seg[:, e, e + 1 :], backward[e + 1 :].T).min(axis=1)
+        backward[e] = combine(use_max, _hop_at(hop, e, num_layers), rest[None, :]).min(axis=1)
     return backward
 
 
@@ -78,8 +79,8 @@ def node_scores(seg: np.ndarray, hop: np.ndarray, source: int, use_max: bool) ->
     start[source] = 0.0
     for j in range(num_layers):
         before = start if j == 0 else forward[j]
-        arrive = _combine(use_max, before[:, None], _hop_at(hop, j, num_layers)).min(axis=0)
-        through = _combine(use_max, _combine(use_max, arrive[:, None], seg[:, j, j + 1 :]), backward[j + 1 :].T)
+        arrive = combine(use_max, before[:, None], _hop_at(hop, j, num_layers)).min(axis=0)
+        through = combine(use_max, combine(use_max, arrive[:, None], seg[:, j, j + 1 :]), backward[j + 1 :].T)
         scores = np.minimum(scores, through.min(axis=1))
     return scores
 
@@ -88,7 +89,7 @@ def relaxed_plan(seg: np.ndarray, hop: np.ndarray, source: int, use_max: bool) -
     """The relaxation's optimum (value, steps), or None if even it is infeasible."""
     num_layers = seg.shape[1] - 1
     forward = relaxed_forward(seg, hop, source, use_max)
-    totals = _combine(use_max, forward[num_layers], hop[:, source, num_layers])
+    totals = combine(use_max, forward[num_layers], hop[:, source, num_layers])
     if not np.isfinite(totals.min()):
         return None
     node, end, steps = int(np.argmin(totals)), num_layers, []
@@ -100,7 +101,7 @@ def relaxed_plan(seg: np.ndarray, hop: np.ndarray, source: int, use_max: bool) -
                 before[source] = 0.0
             else:
                 before = forward[j]
-            cand = _combine(use_max, _combine(use_max, before, _hop_at(hop, j, num_layers)[:, node]), seg[node, j, end])
+            cand = combine(use_max, combine(use_max, before, _hop_at(hop, j, num_layers)[:, node]), seg[node, j, end])
             hits = np.flatnonzero(cand == value)
             if hits.size:
                 steps.append((node, j, end))
@@ -196,9 +197,9 @@ def solve_fast(tables: CostTables, objective: str, k: int, max_k: int, tolerance
     if objective == "throughput" and tolerance == 0.0:
         steps = _relaxed_throughput_plan(tables, bound.value)
         if steps is not None and len({s[0] for s in steps}) == len(steps):
-            return _as_path(tables, steps), bound, True
+            return path_values(tables, steps), bound, True
     elif objective == "latency" and bound.distinct:
-        return _as_path(tables, bound.steps), bound, True
+        return path_values(tables, bound.steps), bound, True
     order = candidate_order(tables, objective)
     size = k
     while True:
@@ -208,18 +209,7 @@ def solve_fast(tables: CostTables, objective: str, k: int, max_k: int, tolerance
         if path is not None:
             mapping = sorted(set(chosen) | {tables.source})
             steps = tuple((mapping[w], s, e) for w, s, e in path.steps)
-            return _as_path(tables, steps), bound, len(order) <= size
+            return path_values(tables, steps), bound, len(order) <= size
         if size >= min(max_k, len(order)):
             return None, bound, False
         size += 2
-
-
-def _as_path(tables: CostTables, steps: tuple[Step, ...]) -> Path:
-    node, cost, bottleneck = tables.source, 0.0, 0.0
-    for w, start, end in steps:
-        hop = float(tables.hop[node, w, start])
-        cost = (cost + hop) + float(tables.cost[w, start, end])
-        bottleneck = max(bottleneck, hop, float(tables.compute[w, start, end]))
-        node = w
-    back = float(tables.hop[node, tables.source, tables.num_layers])
-    return Path(steps=steps, cost=cost + back, bottleneck=max(bottleneck, back))
