@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         help="shard store of the served model (written by `edgesplit shard`)")  # fmt: skip
     parser.add_argument("--entry", help="entry node (default: the retained plan's entry)")
     parser.add_argument("--expect-nodes", help="comma-separated nodes the first plan waits for")
+    parser.add_argument("--policy", choices=("adaptive", "migrate", "static"),
+                        help="what may change after the first plan (default adaptive)")
     parser.add_argument("--private-blocks", type=int, help="policy until a retained one arrives")
     parser.add_argument("--trusted-level", type=int, help="policy until a retained one arrives")
     for name in _FLOATS:
@@ -40,7 +42,8 @@ def settings_from(args: Any) -> OrchestratorSettings:
     expect = tuple(n for n in (args.expect_nodes or "").split(",") if n) or None
     values = {"shards_dir": args.shards_dir, "broker_url": args.broker_url, "cluster": args.cluster,
               "client_id": args.client_id, "entry": args.entry, "expect_nodes": expect,
-              "private_blocks": args.private_blocks, "trusted_level": args.trusted_level}  # fmt: skip
+              "private_blocks": args.private_blocks, "trusted_level": args.trusted_level,
+              "policy": args.policy}  # fmt: skip
     values |= {name: getattr(args, name) for name in _FLOATS}
     return load_settings(OrchestratorSettings, values)
 

@@ -173,6 +173,22 @@ def classify(current: tuple[Segment, ...], candidate: tuple[Segment, ...]) -> Ac
     return "resplit"
 
 
+Policy = Literal["adaptive", "migrate", "static"]
+"""What the orchestrator may change after the first plan (`edgesplit scenario run` compares
+them): adaptive anything; migrate only which node holds a segment (the cut points stay);
+static nothing (the first plan stays, whatever happens)."""
+
+
+def allowed(policy: Policy, running: tuple[Segment, ...],
+            candidates: tuple[CandidatePlan, ...]) -> tuple[CandidatePlan, ...]:  # fmt: skip
+    """The candidates ``policy`` lets the decision choose from (the first plan: all)."""
+    if not running or policy == "adaptive":
+        return candidates
+    if policy == "static":
+        return tuple(c for c in candidates if c.kind == "current")
+    return tuple(c for c in candidates if c.kind == "current" or classify(running, c.segments) == "migrate")
+
+
 def describe(segments: tuple[Segment, ...]) -> str:
     """Segments as text, e.g. ``car[0,2) rsu[2,6)``."""
     return " ".join(f"{s.node}[{s.start},{s.end})" for s in segments)

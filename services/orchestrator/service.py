@@ -37,6 +37,7 @@ from services.orchestrator.logic import (
     OrchestratorState,
     Trigger,
     after_commit,
+    allowed,
     decide,
 )  # fmt: skip
 from services.orchestrator.readiness import first_plan_wait, nodes_missing
@@ -310,6 +311,7 @@ class OrchestratorService:
         proposal = await self._ask_reviser(bus, view, running)
         options = () if proposal is None or proposal.best is None else (proposal.best, *proposal.alternatives)
         candidates = await asyncio.to_thread(self._candidates, view, running, options)
+        candidates = allowed(self.settings.policy, running, candidates)
         now_s = self.clock()
         decision = decide(self.state, trigger, candidates, now_s, self.config)
         current = decision.current

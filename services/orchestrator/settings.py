@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.orchestrator.logic import DecisionConfig
+from services.orchestrator.logic import DecisionConfig, Policy
 from shared.config import BusSettings
 
 
@@ -16,6 +16,8 @@ class OrchestratorSettings(BusSettings):
     shards_dir: Path = Field(description="shard store of the served model (`edgesplit shard`)")
     entry: str | None = Field(default=None, description="entry node (default: the retained plan's)")
     expect_nodes: tuple[str, ...] = Field(default=(), description="the first plan waits for these")
+    policy: Policy = Field(default="adaptive", description="what may change after the first plan: "
+                           "adaptive (anything), migrate (nodes only, same cut points), static (nothing)")  # fmt: skip
     initial_wait_s: float = Field(default=30.0, ge=0, description="the first plan waits at most this long "
                                   "(after every expected node is measured) for every link between them")  # fmt: skip
     period_s: float = Field(default=5.0, gt=0, description="periodic re-evaluation (jittered)")

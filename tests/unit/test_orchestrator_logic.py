@@ -281,3 +281,24 @@ def test_tpot_tracker_splits_before_and_after() -> None:
     assert tracker.before(20.0, 15.0) == (pytest.approx(0.05), 1)
     assert tracker.after(20.0) == (pytest.approx(0.02), 1)
     assert tracker.tokens_per_s(30.0, 30.0) == pytest.approx(6 / 30)
+
+
+# --- policies (edgesplit scenario run compares them) -----------------------------------------
+
+
+def test_policies_restrict_what_may_change_after_the_first_plan() -> None:
+    from services.orchestrator.logic import CandidatePlan, allowed
+
+    def seg(node: str, start: int, end: int) -> Segment:
+        return Segment(node=node, start=start, end=end)  # type: ignore[arg-type]
+
+    running = (seg("a", 0, 2), seg("b", 2, 6))
+    current = CandidatePlan("current", running, 1.0, 1.0)
+    moved = CandidatePlan("migrate", (seg("a", 0, 2), seg("c", 2, 6)), 0.5, 0.5)
+    recut = CandidatePlan("resplit", (seg("a", 0, 3), seg("c", 3, 6)), 0.4, 0.4)
+    everything = (current, moved, recut)
+    assert allowed("adaptive", running, everything) == everything
+    assert allowed("migrate", running, everything) == (current, moved)
+    assert allowed("static", running, everything) == (current,)
+    for policy in ("adaptive", "migrate", "static"):  # the first plan is the planner's best
+        assert allowed(policy, (), (moved, recut)) == (moved, recut)
