@@ -1,0 +1,131 @@
+"""One policy's local stack: its own Mosquitto on a free port, one worker process per
+topology node, and the control services with the orchestrator under that policy.
+
+Process control (start, kill, restart, stop) is blocking work: the runner calls these
+methods off the event loop (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from services.cli.launcher import start_service, start_worker
+from shared.broker import LocalBroker, free_port, start_local_broker
+from shared.config import BusSettings, load_settings
+from shared.errors import ConfigError, ServingError
+from shared.topology import Topology
+
+# Faster reactions than the interactive defaults: a scenario's events come seconds apart.
+ORCHESTRATOR_ARGS = ("--period-s", "2", "--dwell-s", "5", "--observe-s", "5")
+
+
+class ScenarioStack:
+    """What one policy's run started, so that it can stop exactly that."""
+
+    def __init__(self, policy: str, topology: Topology, topology_path: Path, shards: Path,
+                 run_dir: Path, late_nodes: frozenset[str] = frozenset()) -> None:  # fmt: skip
+        self.policy = policy
+        self.topology = topology
+        self.topology_path = topology_path
+        self.shards = shards
+        self.run_dir = run_dir
+        self.late_nodes = late_nodes
+        """Nodes that only start at their ``join`` event."""
+        self.port = free_port()
+        self.settings = load_settings(
+            BusSettings, {"broker_url": f"mqtt://127.0.0.1:{self.port}", "cluster": f"scenario-{policy}"}
+        )
+        self.broker: LocalBroker | None = None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.services: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    # --- start ------------------------------------------------------------------------------
+
+    def start_broker(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.broker = start_local_broker(port=self.port, data_dir=self.run_dir / "broker")
+
+    def start_workers(self) -> None:
+        for node in self.topology.nodes:
+            if node.id not in self.late_nodes:
+                self.start_worker(node.id)
+
+    def start_worker(self, node: str) -> None:
+        running = self.workers.get(node)
+        if running is not None and running.poll() is None:
+            raise ServingError(f"node {node} is already running")
+        self.workers[node] = start_worker(node, self.settings, self.shards, self.topology_path, self.log(node))
+
+    def start_control(self) -> None:
+        """Split reviser, monitor, broadcaster and the orchestrator under ``policy``."""
+        first = ",".join(n.id for n in self.topology.nodes if n.id not in self.late_nodes)
+        shards = ["--shards", str(self.shards)]
+        services = {
+            "split_reviser": shards,
+            "monitor": ["--topology", str(self.topology_path), *shards],
+            "broadcaster": shards,
+            "orchestrator": [*shards, "--entry", self.topology.entry_node().id, "--expect-nodes", first,
+                             "--private-blocks", str(self.topology.private_blocks),
+                             "--trusted-level", str(self.topology.trusted_level),
+                             "--policy", self.policy, *ORCHESTRATOR_ARGS],
+        }  # fmt: skip
+        for name, args in services.items():
+            self.services[name] = start_service(name, args, self.settings, self.log(name))
+
+    # --- events -----------------------------------------------------------------------------
+
+    def kill(self, node: str) -> None:
+        """SIGKILL the node's worker (a crash: nothing is cleaned up)."""
+        process = self._running(node)
+        process.kill()
+        process.wait(timeout=10)
+
+    def leave(self, node: str) -> None:
+        """SIGTERM the node's worker (a graceful departure)."""
+        process = self._running(node)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def _running(self, node: str) -> subprocess.Popen[bytes]:
+        process = self.workers.get(node)
+        if process is None or process.poll() is not None:
+            raise ConfigError(f"node {node} is not running")
+        return process
+
+    def dead(self) -> str | None:
+        """A control service that exited (workers may be killed on purpose)."""
+        for name, process in self.services.items():
+            if process.poll() is not None:
+                return name
+        return None
+
+    # --- stop -------------------------------------------------------------------------------
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every process it started, then the broker; never raises."""
+        processes = [*self.services.values(), *self.workers.values()]
+        for process in processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait(timeout=5)
+        if self.broker is not None:
+            self.broker.stop()
