@@ -77,6 +77,8 @@ class DataPlane:
         self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
         self._pass_ids = count(1)
+        self.withheld: Callable[[Route, tuple[int, int]], str | None] | None = None
+        """The privacy guard's `refusal`: a segment the policy in force forbids here is not run."""
         self.down: set[str] = set()
         """Nodes known to be down (Last Will, or the monitor's NodeDown)."""
         self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
@@ -209,6 +211,11 @@ class DataPlane:
         if host is None or header.target != host.start:
             raise FrameRefused(f"frame for block {header.target}, but this node runs "
                                f"{route.segment_of(self.node)} in epoch {route.epoch}")  # fmt: skip
+        why = self.withheld(route, (host.start, host.end)) if self.withheld is not None else None
+        if why is not None:  # the entry's pass times out and retries under the next plan
+            self.counters["frames_withheld_privacy"] += 1
+            log.warning("%s: request %s not run here: %s", self.node, header.request_id, why)
+            return
         try:
             hidden = await self.compute.run(
                 host.forward, header.request_id, array, header.pos, self.slowdown

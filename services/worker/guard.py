@@ -59,6 +59,17 @@ class PrivacyGuard:
                 f"{policy.private_text()} need trust >= {policy.trusted_level}"
             )
 
+    def refusal(self, route: Route, segment: tuple[int, int] | None) -> str | None:
+        """Why this node must not run ``segment`` of ``route`` under the policy in force
+        now (None: it may). The data plane asks on every activation, so a policy that
+        tightens while a plan runs stops private blocks here at once, before the
+        orchestrator's re-plan moves them."""
+        try:
+            self.check(route, segment)
+        except PlanRefused as error:
+            return str(error)
+        return None
+
     def published(self, message: PrivacyPolicySet) -> None:
         self._published = message.policy
         log.info("%s: privacy policy in force: %s", self.node, self.in_force().describe())

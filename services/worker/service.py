@@ -128,6 +128,7 @@ class WorkerService:
         deadline = StageDeadline(self.settings.stage_timeout_s, self.settings.stage_min_s, self.settings.stage_factor)
         self.data = DataPlane(self.node, FrameLimits.of(self.store.config), self.keeper, self.compute,
                               self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
+        self.data.withheld = self.guard.refusal
         health = self.health = Health(self.node, self.data, self.keeper, self.settings.stall_s, self.counters)
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
         will = Announcement(NODE_STATUS, self.status("offline"), {"node": self.node})

@@ -44,3 +44,14 @@ def test_the_entry_and_the_protected_tail_need_the_trusted_level() -> None:
         rsu.check(entry_route, (0, 6))
     car = guard("car", 2, trusted_level=2, private_blocks=2)
     car.check(ROUTE, (0, 2))  # trusted enough: the entry and the private blocks
+
+
+def test_a_tightened_policy_withholds_a_running_segment_at_once() -> None:
+    """The data plane asks `refusal` on every activation: once a published policy makes
+    blocks [2, 4) private, mec (trust 1) stops running them under the plan it holds."""
+    mec = guard("mec", 1, trusted_level=2, private_blocks=2)
+    assert mec.refusal(ROUTE, (2, 4)) is None
+    mec.published(PrivacyPolicySet(policy=PrivacyPolicy(trusted_level=2, private_blocks=4)))
+    why = mec.refusal(ROUTE, (2, 4))
+    assert why is not None and "cannot run blocks (2, 4)" in why
+    assert guard("rsu", 2, trusted_level=2, private_blocks=6).refusal(ROUTE, (4, 6)) is None
