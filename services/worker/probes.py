@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 _SMALL_BYTES = 64
 _PASSIVE_WINDOW_S = 30.0
 _MIN_GAP_S = 50e-6
+_SIZED_MIN_BYTES = 512
+"""A sized probe is at least this big: 64 ms of an 8 kB/s link, far above _RESOLUTION_S."""
 _RESOLUTION_S = 1e-3
 """Gaps shorter than this are event-loop jitter: such links are 'at least L / 1 ms' fast."""
 
@@ -170,7 +172,7 @@ class LinkProber:
         if peer.bandwidth is None:
             return settings.probe_min_bytes
         wanted = int(peer.bandwidth * settings.probe_dispersion_s)
-        return max(settings.probe_min_bytes, min(settings.probe_max_bytes, wanted))
+        return max(_SIZED_MIN_BYTES, min(settings.probe_max_bytes, wanted))
 
     async def start_round(self, name: str, now_s: float) -> None:
         """Send ``name`` a probe pair (a small and a sized probe, back to back) at ``now_s``
@@ -181,7 +183,10 @@ class LinkProber:
         size = self.probe_size(peer)
         self._refill(peer, now_s)
         if peer.bandwidth is not None:
-            if peer.credit_s < (size + _SMALL_BYTES) / peer.bandwidth:
+            # A round longer than the burst starts once the credit is full: it is charged what it
+            # occupied and pays that back before the next, so a slow link is still measured.
+            needed_s = min((size + _SMALL_BYTES) / peer.bandwidth, settings.probe_burst_s)
+            if peer.credit_s < needed_s:
                 peer.next_round_s = now_s + settings.probe_period_s / 4  # wait for credit
                 return
         round_id = next(self._rounds)

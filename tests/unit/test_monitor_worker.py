@@ -71,8 +71,11 @@ def test_emulation_commands_and_the_start_state_share_one_path() -> None:
     assert schedule.shape("b") == LinkShape() and slowdown.factor == 4.0
 
 
-def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds() -> None:
-    """A fake 1 MB/s link with 10 ms latency each way, on a fake clock."""
+@pytest.mark.parametrize("bandwidth", [1e6, 8e3])
+def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds(bandwidth: float) -> None:
+    """A fake link with 10 ms latency each way, on a fake clock. At 8 kB/s one round takes
+    longer than the whole probe burst (0.1 link-seconds): it must still be measured, within
+    the budget (a round waits for a full credit and pays back what it occupied)."""
 
     async def main() -> None:
         settings = WorkerSettings(node_id="a", shards_dir=Path("/x"), probe_peers=("b",))
@@ -93,17 +96,18 @@ def test_probe_pair_gives_rtt_and_bandwidth_and_the_budget_holds() -> None:
                 clock[0] += 0.25
                 continue
             busy_until = clock[0]
-            for _, payload in pair:  # serialised at 1 MB/s, 10 ms out and 10 ms back
+            small_s = len(pair[0][1]) / bandwidth  # the small probe's own serialisation
+            for _, payload in pair:  # serialised at the link's rate, 10 ms out and 10 ms back
                 probe_bytes += len(payload)
-                busy_until += len(payload) / 1e6
+                busy_until += len(payload) / bandwidth
                 header, array = decode_frame(payload)
                 echo = header.model_copy(update={"role": "echo", "src": "b"})
                 clock[0] = busy_until + 0.02
                 await prober.on_frame(Frame(echo, array[:0]), clock[0], 0.0)
         (observation,) = prober.window()
-        assert abs(observation.rtt_s - 0.02) < 0.001  # type: ignore[operator]
-        assert abs(observation.bandwidth_bytes_per_s - 1e6) / 1e6 < 0.05  # type: ignore[operator]
-        assert probe_bytes / clock[0] / 1e6 < settings.probe_budget_fraction * 1.5
+        assert abs(observation.rtt_s - 0.02 - small_s) < 0.001  # type: ignore[operator]
+        assert abs(observation.bandwidth_bytes_per_s - bandwidth) / bandwidth < 0.05  # type: ignore[operator]
+        assert probe_bytes / clock[0] / bandwidth < settings.probe_budget_fraction * 1.5
 
     asyncio.run(main())
 
