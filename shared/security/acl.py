@@ -36,7 +36,6 @@ from shared.topics import (
     POLICY,
     PROFILE_EVENTS,
     REGISTRY,
-    ROOT,
     REPLIES,
     REQUESTS,
     REVISER_REPLIES,
@@ -44,6 +43,7 @@ from shared.topics import (
     ROLLOUT_LEDGER,
     ROLLOUT_RESULTS,
     ROLLOUTS,
+    ROOT,
     TELEMETRY,
     Topic,
 )

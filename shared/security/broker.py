@@ -63,4 +63,5 @@ def start_secure_broker(state: StateDir, tls_port: int | None = None,
         password = free_port()
     broker = SecureBroker(port=tls, data_dir=directory, _own_dir=own, state=state,
                           password_port=password)  # fmt: skip
-    return broker.start()
+    broker.start()
+    return broker

@@ -77,7 +77,7 @@ def create_ca(directory: Path, name: str = "edgesplit development CA") -> CertPa
     if pair.cert_file.exists() or pair.key_file.exists():
         raise ConfigError(f"a CA already exists in {directory}; not overwriting it")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -126,7 +126,7 @@ def issue(ca: CertPair, directory: Path, common_name: str, *, server_names: tupl
         raise ConfigError(f"a certificate for {common_name!r} already exists in {directory}")
     ca_cert, ca_key = _load_ca(ca)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
