@@ -27,11 +27,22 @@ from aiomqtt.client import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from shared.bus import Bus
+from shared.config import BusSettings
+from shared.errors import ConfigError
+from shared.ids import NodeId
+from shared.messages import NodeStatus
 from shared.security import pki
 from shared.security.acl import GRANTS, READ_ALL, Role, Scope
 from shared.security.broker import SecureBroker, start_secure_broker
-from shared.security.creds import StateDir, add_identity, init_state, load_registry
-from shared.topics import REGISTRY, ROOT, Topic
+from shared.security.creds import (
+    StateDir,
+    add_identity,
+    client_environment,
+    init_state,
+    load_registry,
+)
+from shared.topics import NODE_STATUS, REGISTRY, ROOT, Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -245,3 +256,44 @@ def test_acl_matrix_subscribe(secure: Any) -> None:
                     if allowed(role, REGISTRY[cell[0]], cell[1], publish=False)}  # fmt: skip
         assert received[role] - expected == set(), f"{role.value} read topics it may not"
         assert expected - received[role] == set(), f"{role.value} could not read its topics"
+
+
+# --- the project's own Bus on the secure profile ----------------------------------------------
+
+
+def test_the_bus_connects_with_a_client_certificate_or_a_password_url(secure: Any) -> None:
+    """BusSettings' tls_* files (as `up --secure` passes them in EDGESPLIT_* variables) and
+    a user:password URL reach the connection; the worker identity serves its own status."""
+    state, broker = secure
+    cluster = load_registry(state).cluster
+    environment = client_environment(state, WORKER, broker.url)
+    by_certificate = BusSettings(
+        broker_url=broker.url, cluster=cluster, client_id=WORKER,
+        tls_ca_file=Path(environment["EDGESPLIT_TLS_CA_FILE"]),
+        tls_cert_file=Path(environment["EDGESPLIT_TLS_CERT_FILE"]),
+        tls_key_file=Path(environment["EDGESPLIT_TLS_KEY_FILE"]),
+    )  # fmt: skip
+    password = state.credentials(WORKER).password()
+    by_password = BusSettings(broker_url=f"mqtt://{WORKER}:{password}@127.0.0.1:{broker.password_port}",
+                              cluster=cluster, client_id=WORKER)  # fmt: skip
+    status = NodeStatus(node=NodeId(WORKER), state="online", trust=2, memory_bytes=10**9, threads=1)
+
+    async def scenario() -> None:
+        for settings in (by_certificate, by_password):
+            async with Bus(settings) as bus, bus.subscribe(NODE_STATUS, node=WORKER) as statuses:
+                await bus.wait_ready()
+                await bus.publish(NODE_STATUS, status, node=WORKER)
+                _, received = await statuses.get()
+                assert received.node == WORKER
+
+    run(scenario, timeout_s=30)
+
+
+def test_unusable_tls_files_are_a_config_error(secure: Any, tmp_path: Path) -> None:
+    state, broker = secure
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    settings = BusSettings(broker_url=broker.url, tls_ca_file=state.ca.cert_file,
+                           tls_cert_file=garbage, tls_key_file=garbage)  # fmt: skip
+    with pytest.raises(ConfigError, match="TLS files"):
+        Bus(settings)
