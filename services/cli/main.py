@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "services.cli.plan",
     "services.cli.system",
     "services.cli.emulate",
+    "services.cli.creds",
 )
 
 

@@ -37,6 +37,17 @@ from shared.topology import Topology
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "secure.conf.template"
 REGISTRY_FILE = "identities.toml"
+
+
+def default_state_dir() -> Path:
+    """$EDGESPLIT_STATE_DIR, else $XDG_STATE_HOME/edgesplit/secure (~/.local/state/...)."""
+    given = os.environ.get("EDGESPLIT_STATE_DIR")
+    if given:
+        return Path(given).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path("~/.local/state").expanduser())
+    return Path(base) / "edgesplit" / "secure"
+
+
 BROKER_CERT_NAME = "broker"
 """Reserved: the broker's own certificate (certs/broker.crt), not an identity."""
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
