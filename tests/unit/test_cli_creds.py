@@ -60,3 +60,20 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], tmp_path: Path,
 def test_list_of_a_missing_state_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["creds", "list", "--state", str(tmp_path / "none")], capsys)
     assert code == 2 and "creds init" in err
+
+
+def test_up_secure_refuses_a_state_folder_of_another_cluster_or_without_its_nodes(tmp_path: Path) -> None:
+    from services.cli.secure_up import start_secure_broker_for
+    from shared.config import BusSettings
+    from shared.errors import ConfigError
+    from shared.security.creds import init_state
+    from shared.topology import DEFAULT_TOPOLOGY, load_topology
+
+    topology = load_topology(DEFAULT_TOPOLOGY)
+    init_state(tmp_path / "other", topology, cluster="elsewhere")
+    with pytest.raises(ConfigError, match="cluster 'elsewhere'"):
+        start_secure_broker_for(BusSettings(cluster="here"), tmp_path / "other", topology, None, tmp_path / "b")
+    init_state(tmp_path / "bare", None, cluster="here")
+    with pytest.raises(ConfigError, match="no identity for car, rsu, mec"):
+        start_secure_broker_for(BusSettings(cluster="here"), tmp_path / "bare", topology, None, tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # refused before any broker started
