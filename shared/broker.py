@@ -71,12 +71,7 @@ class LocalBroker:
                 "mosquitto is not installed: run `make setup` (apt-get install -y mosquitto)"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = CONFIG_TEMPLATE.read_text().format(
-            port=self.port,
-            data_dir=self.data_dir,
-            user=getpass.getuser(),
-            bind_address="127.0.0.1",
-        )
+        config = self.render_config()
         config_path = self.data_dir / "mosquitto.conf"
         config_path.write_text(config)
         log = open(self.data_dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
@@ -91,11 +86,24 @@ class LocalBroker:
                     f"mosquitto exited with status {self.process.returncode}; "
                     f"see {self.data_dir / 'mosquitto.log'}"
                 )
-            if mqtt_answers("127.0.0.1", self.port, timeout_s=0.5):
+            if self.answers():
                 return self
             time.sleep(0.05)
         self.stop()
         raise BrokerUnavailable(f"mosquitto did not answer on port {self.port} in {ready_timeout_s} s")
+
+    def render_config(self) -> str:
+        """The Mosquitto config this broker runs with (the secure profile overrides it)."""
+        return CONFIG_TEMPLATE.read_text().format(
+            port=self.port,
+            data_dir=self.data_dir,
+            user=getpass.getuser(),
+            bind_address="127.0.0.1",
+        )
+
+    def answers(self) -> bool:
+        """True once the broker accepts connections (start's readiness check)."""
+        return mqtt_answers("127.0.0.1", self.port, timeout_s=0.5)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal to the broker (fault injection); does not wait."""

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import secrets
 import socket
-import ssl
 from collections import Counter
 from itertools import count
 from typing import Any, TypeVar
@@ -30,7 +29,7 @@ import aiomqtt
 from aiomqtt.client import ProtocolVersion
 
 from shared import codec, fastpath, topics
-from shared.config import BusSettings
+from shared.config import BusSettings, client_tls_context
 from shared.connection import MQTT_LOG, Connection, ConnectionHooks, Plane, ProtocolChoice
 from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
 from shared.frame_headers import FrameHeader
@@ -73,6 +72,7 @@ class Bus:
         self.counters: Counter[str] = Counter()
         """malformed:<pattern>, overflow:<pattern>, unroutable."""
         self._protocol = ProtocolChoice(settings.protocol, self.url)
+        self._tls_context = client_tls_context(settings)  # ConfigError now, not per connect
         for announcement in (birth, will):
             if announcement is not None and not announcement.topic.retain:
                 raise WireError(f"birth/will topic {announcement.topic.pattern} must be retained")
@@ -290,11 +290,6 @@ class Bus:
             will = aiomqtt.Will(
                 topic.topic(self.cluster, **params), payload, qos=topic.qos, retain=True
             )
-        tls_context = None
-        if address.tls:
-            tls_context = ssl.create_default_context(
-                cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
-            )
         client = aiomqtt.Client(
             address.host,
             address.port,
@@ -305,7 +300,7 @@ class Bus:
             will=will,
             keepalive=settings.keepalive_s,
             timeout=settings.connect_timeout_s,
-            tls_context=tls_context,
+            tls_context=self._tls_context,
             socket_options=_NODELAY,
             logger=MQTT_LOG,
         )

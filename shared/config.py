@@ -7,6 +7,7 @@ Every service's settings class extends `BusSettings`.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ class BusSettings(BaseSettings):
     """Cap of the reconnect backoff: edge links drop often; come back within seconds."""
     tls_ca_file: Path | None = None
     """CA bundle for mqtts:// (the system's when not set)."""
+    tls_cert_file: Path | None = None
+    """Client certificate (PEM) for mqtts://: the secure profile's identity (its CN)."""
+    tls_key_file: Path | None = None
+    """The client certificate's private key (PEM); set together with tls_cert_file."""
     models_dir: Path = Path("~/.cache/edgesplit/models").expanduser()
     plan_signing_key: str = "edgesplit-dev-key"
 
@@ -125,9 +130,38 @@ class BusSettings(BaseSettings):
             raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
         return self
 
+    @model_validator(mode="after")
+    def _client_certificate(self) -> BusSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_cert_file is not None and not self.broker.tls:
+            raise ValueError("a client certificate (tls_cert_file) needs an mqtts:// broker URL")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        return self
+
     @property
     def broker(self) -> BrokerAddress:
         return parse_broker_url(self.broker_url)
+
+
+def client_tls_context(settings: BusSettings) -> ssl.SSLContext | None:
+    """The TLS context for ``settings``' broker (None for mqtt://): the CA file (the
+    system's bundle when not set) and the client certificate when one is set.
+    Raises ConfigError when a file cannot be read or the key does not match."""
+    if not settings.broker.tls:
+        return None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+        )
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"TLS files for {settings.broker.redacted()} unusable: {error}") from None
+    return context
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

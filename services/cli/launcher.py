@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.cli.secure_up import start_secure_broker_for
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
@@ -29,10 +32,19 @@ from shared.model.prepare import prepare_model
 from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.planning.static import static_plan
+from shared.security.creds import StateDir
 from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class SecureOptions:
+    """`up --secure`: the state folder and the TLS port (None: a free one)."""
+
+    state: Path
+    tls_port: int | None = None
 
 
 def say(line: str) -> None:
@@ -114,29 +126,35 @@ class Stack:
 
 
 def start_worker(node: str, settings: BusSettings, shards: Path, topology_file: Path,
-                 log_file: Path) -> subprocess.Popen[bytes]:  # fmt: skip
+                 log_file: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    """A worker process; ``env``: EDGESPLIT_* variables of its identity (`up --secure`)."""
     command = [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(shards),
                "--topology", str(topology_file), "--broker", settings.broker_url,
                "--cluster", settings.cluster]  # fmt: skip
     with open(log_file, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True,
+                                env={**os.environ, **env} if env else None)  # fmt: skip
 
 
-def start_split_reviser(settings: BusSettings, shards: Path, log_file: Path) -> subprocess.Popen[bytes]:
-    return start_service("split_reviser", ["--shards", str(shards)], settings, log_file)
+def start_split_reviser(settings: BusSettings, shards: Path, log_file: Path,
+                        env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    return start_service("split_reviser", ["--shards", str(shards)], settings, log_file, env)
 
 
 def start_service(module: str, args: list[str], settings: BusSettings,
-                  log_file: Path) -> subprocess.Popen[bytes]:  # fmt: skip
-    """``python -m services.MODULE ARGS --broker ... --cluster ...``, output to ``log_file``."""
+                  log_file: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    """``python -m services.MODULE ARGS --broker ... --cluster ...``, output to ``log_file``;
+    ``env``: EDGESPLIT_* variables of its identity (`up --secure`)."""
     command = [sys.executable, "-m", f"services.{module}", *args,
                "--broker", settings.broker_url, "--cluster", settings.cluster]  # fmt: skip
     with open(log_file, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True,
+                                env={**os.environ, **env} if env else None)  # fmt: skip
 
 
 def start_control_services(stack: Stack, settings: BusSettings, shards: Path, topology: Topology,
-                           topology_path: Path, run_dir: Path) -> None:  # fmt: skip
+                           topology_path: Path, run_dir: Path,
+                           environments: Mapping[str, Mapping[str, str]] | None = None) -> None:  # fmt: skip
     """Monitor, broadcaster and orchestrator (the split reviser is started for every mode)."""
     nodes = ",".join(node.id for node in topology.nodes)
     services = {
@@ -148,7 +166,8 @@ def start_control_services(stack: Stack, settings: BusSettings, shards: Path, to
     }  # fmt: skip
     for name, args in services.items():
         stack.logs[name] = run_dir / f"{name}.log"
-        stack.services[name] = start_service(name, args, settings, stack.logs[name])
+        stack.services[name] = start_service(name, args, settings, stack.logs[name],
+                                             (environments or {}).get(name))  # fmt: skip
 
 
 async def publish_policy(bus: Bus, topology: Topology) -> PrivacyPolicySet:
@@ -255,30 +274,49 @@ def _prepare(settings: BusSettings, model: str | None, run_dir: Path) -> tuple[P
     return model_dir, shards, ShardStore(shards).config.num_layers
 
 
+OPEN_BROKER = ("the broker is OPEN (anonymous, no TLS): anyone who reaches it can read prompts "
+               "and steer the cluster; use `edgesplit up --secure` (docs/SECURITY.md)")
+
+
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
-             run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False) -> None:  # fmt: skip
-    """Run the stack until cancelled."""
+             run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False,
+             secure: SecureOptions | None = None) -> None:  # fmt: skip
+    """Run the stack until cancelled; with ``secure``, on the secure profile."""
+    if secure is None:
+        say(OPEN_BROKER)
     topology_path = topology_file or DEFAULT_TOPOLOGY
     topology = load_topology(topology_path)
     # Model preparation, sharding and the broker start block: run them off the loop.
     model_dir, shards, num_layers = await asyncio.to_thread(_prepare, settings, model, run_dir)
-    stack = Stack(broker=await asyncio.to_thread(ensure_broker, settings, run_dir / "broker"))
+    environments: dict[str, dict[str, str]] = {}
+    if secure is None:
+        stack = Stack(broker=await asyncio.to_thread(ensure_broker, settings, run_dir / "broker"))
+    else:
+        launch = await asyncio.to_thread(start_secure_broker_for, settings, secure.state,
+                                         topology, secure.tls_port, run_dir / "broker")  # fmt: skip
+        stack, settings, environments = Stack(broker=launch.broker), launch.settings, launch.environments
+        say(f"{'created' if launch.created else 'using'} credentials in {secure.state}; started the "
+            f"secure Mosquitto: TLS with client certificates at {launch.broker.url}, passwords on "
+            f"loopback at {launch.broker.password_url}; as the client identity: "
+            f"{launch.client_hint(StateDir(secure.state))} edgesplit generate ...")  # fmt: skip
     try:
         async with Bus(settings) as bus:
             for node in topology.nodes:
                 stack.logs[node.id] = run_dir / f"{node.id}.log"
                 stack.workers[node.id] = start_worker(node.id, settings, shards, topology_path,
-                                                      stack.logs[node.id])  # fmt: skip
+                                                      stack.logs[node.id], environments.get(node.id))  # fmt: skip
             say(f"started {len(stack.workers)} workers ({', '.join(stack.workers)}); logs in {run_dir}")
             stack.logs["split-reviser"] = run_dir / "split-reviser.log"
-            stack.services["split-reviser"] = start_split_reviser(settings, shards, stack.logs["split-reviser"])
+            stack.services["split-reviser"] = start_split_reviser(settings, shards, stack.logs["split-reviser"],
+                                                                  environments.get("split-reviser"))  # fmt: skip
             if static:
                 epoch = await previous_epoch(bus) + 1
                 plan = make_plan(topology, num_layers, epoch, model_dir.name, settings.plan_signing_key)
                 await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
             else:
                 await publish_policy(bus, topology)
-                start_control_services(stack, settings, shards, topology, topology_path, run_dir)
+                start_control_services(stack, settings, shards, topology, topology_path, run_dir,
+                                       environments)  # fmt: skip
                 say("started monitor, split-reviser, broadcaster, orchestrator; waiting for the first plan")
                 plan = await wait_for_served_plan(bus, stack, ready_timeout_s)
             layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
@@ -302,7 +340,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
 
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
-           static: bool = False) -> int:  # fmt: skip
+           static: bool = False, secure: SecureOptions | None = None) -> int:  # fmt: skip
     """Blocking entry point for the CLI; Ctrl-C or SIGTERM stops everything it started."""
 
     def terminate(signum: int, frame: object) -> None:
@@ -310,7 +348,7 @@ def run_up(settings: BusSettings, topology_file: Path | None, model: str | None,
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        asyncio.run(up(settings, topology_file, model, run_dir, static=static))
+        asyncio.run(up(settings, topology_file, model, run_dir, static=static, secure=secure))
     except KeyboardInterrupt:
         return 0
     except BaseExceptionGroup as group:

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "services.cli.system",
     "services.cli.emulate",
     "services.cli.scenario",
+    "services.cli.creds",
 )
 
 

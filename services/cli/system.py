@@ -36,6 +36,12 @@ def register(subparsers: Any) -> None:
     up.add_argument("--run-dir", type=Path, help="where worker logs go (default a temp folder)")
     up.add_argument("--static", action="store_true",
                     help="publish the static proportional plan instead of running the adaptive control loop")  # fmt: skip
+    up.add_argument("--secure", action="store_true",
+                    help="the secure profile: TLS with a client certificate per process, per-role "
+                         "ACLs, no anonymous access (docs/SECURITY.md)")  # fmt: skip
+    up.add_argument("--state", type=Path,
+                    help="with --secure: the credentials folder, created when new (default "
+                         "$EDGESPLIT_STATE_DIR or ~/.local/state/edgesplit/secure)")  # fmt: skip
     up.set_defaults(handler=run_up)
 
     status = subparsers.add_parser(
@@ -75,10 +81,39 @@ def _settings(args: argparse.Namespace) -> BusSettings:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from services.cli.launcher import SecureOptions
     from services.cli.launcher import run_up as launch
 
+    secure = None
+    if args.secure:
+        problem = _secure_problem(args)
+        if problem:
+            print(f"edgesplit: error: {problem}", file=sys.stderr)
+            return 2
+        from shared.config import parse_broker_url
+        from shared.security.creds import default_state_dir
+
+        port = parse_broker_url(args.broker).port if args.broker else None
+        secure = SecureOptions(args.state.expanduser() if args.state else default_state_dir(), port)
+    elif args.state is not None:
+        print("edgesplit: error: --state needs --secure", file=sys.stderr)
+        return 2
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
-    return launch(_settings(args), args.topology, args.model, run_dir, static=args.static)
+    return launch(_settings(args), args.topology, args.model, run_dir, static=args.static, secure=secure)
+
+
+def _secure_problem(args: argparse.Namespace) -> str | None:
+    """Why `up --secure` cannot run with these options (None when it can)."""
+    if args.static:
+        return "--static publishes the plan itself, which only the broadcaster may: drop --static"
+    if args.broker:
+        from shared.config import parse_broker_url
+
+        address = parse_broker_url(args.broker)
+        if not address.tls or address.host not in ("127.0.0.1", "localhost"):
+            return (f"--secure starts its own broker: give --broker mqtts://127.0.0.1:PORT "
+                    f"(not {address.redacted()}), or no --broker for a free port")  # fmt: skip
+    return None
 
 
 async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]:

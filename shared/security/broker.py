@@ -1,0 +1,67 @@
+"""Start a local Mosquitto with the secure profile of a state folder (tests, `up --secure`)."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.broker import LocalBroker, free_port
+from shared.security.creds import StateDir, render_broker_config
+
+
+def connack_arrives(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """True when something at host:port answers an anonymous MQTT 3.1.1 CONNECT with a
+    CONNACK, whatever its code: a secure broker refuses it (code 5) yet is up."""
+    connect = bytes([0x10, 0x16, 0x00, 0x04, *b"MQTT", 0x04, 0x02, 0x00, 0x05, 0x00, 0x0A,
+                     *b"edgesplitp"])  # fmt: skip
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(connect)
+            reply = sock.recv(4)
+    except OSError:
+        return False
+    return len(reply) == 4 and reply[0] == 0x20
+
+
+@dataclass
+class SecureBroker(LocalBroker):
+    """Mosquitto with STATE's certificates, password file and ACL. ``port`` is the TLS
+    listener (client certificates); ``password_port`` the loopback password listener."""
+
+    state: StateDir | None = None
+    password_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.port}"
+
+    @property
+    def password_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.password_port}"
+
+    def render_config(self) -> str:
+        assert self.state is not None, "SecureBroker needs a state folder"
+        return render_broker_config(self.state, self.port, self.password_port, self.data_dir)
+
+    def answers(self) -> bool:
+        return connack_arrives("127.0.0.1", self.password_port)
+
+
+def start_secure_broker(state: StateDir, tls_port: int | None = None,
+                        password_port: int | None = None, data_dir: Path | None = None
+                        ) -> SecureBroker:  # fmt: skip
+    """Start Mosquitto with ``state``'s secure profile on the given ports (free ones by
+    default); returns once it answers. Raises BrokerUnavailable."""
+    own = data_dir is None
+    directory = data_dir or Path(tempfile.mkdtemp(prefix="edgesplit-secure-mosquitto-"))
+    tls = tls_port or free_port()
+    password = password_port or free_port()
+    while password == tls:
+        password = free_port()
+    broker = SecureBroker(port=tls, data_dir=directory, _own_dir=own, state=state,
+                          password_port=password)  # fmt: skip
+    broker.start()
+    return broker
