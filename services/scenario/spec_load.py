@@ -8,6 +8,7 @@ numbers must be finite (TOML allows ``inf`` and ``nan``, scenarios do not).
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from collections.abc import Mapping
@@ -21,14 +22,16 @@ from services.scenario.spec import (
     Scenario,
     ScenarioError,
     Slo,
-    TracePoint,
     Workload,
 )
-from shared.errors import ConfigError
+from services.scenario.trace_file import read_trace
+from shared.errors import ConfigError, UnsupportedArchitecture
+from shared.model.config import detect_architecture
 from shared.model.prepare import PACKAGED_MODELS
 from shared.topology import load_topology
 
 TINY_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+PACKAGED_FAMILIES = {"smollm2": "llama", "minilm": "bert"}  # tiny-ARCH: ARCH
 MAX_NEW_TOKENS = 4096
 MAX_CONCURRENCY = 1024
 MAX_SLOWDOWN = 1000.0
@@ -67,10 +70,11 @@ def load_scenario(path: Path) -> Scenario:
     base = file.parent
     name = _string(data, "name", "") if "name" in data else file.stem
     topology_file, node_ids = _topology(data, base)
-    model = _model(data, base)
+    model, family = _model(data, base)
     duration_s = _number(data, "duration_s", "", gt=0.0)
     seed = _integer(data, "seed", "", default=0, ge=0)
     workload = _workload(_table(data, "workload", "", required=True), base)
+    _check_model_fits(workload.kind, model, family)
     slo = _slo(_table(data, "slo", "", required=False), workload.kind)
     events = _events(data.get("events", []), base, duration_s, node_ids)
     return Scenario(name=name, path=file, topology=topology_file, model=model,
@@ -110,17 +114,36 @@ def _topology(data: Mapping[str, Any], base: Path) -> tuple[Path, tuple[str, ...
     return file, tuple(node.id for node in topology.nodes)
 
 
-def _model(data: Mapping[str, Any], base: Path) -> str:
+def _model(data: Mapping[str, Any], base: Path) -> tuple[str, str | None]:
+    """The model (a packaged name, or an absolute folder) and its family (None: unknown)."""
     value = _string(data, "model", "")
     names = packaged_model_names()
     if value in names:
-        return value
+        return value, PACKAGED_FAMILIES.get(value, value.removeprefix("tiny-"))
     folder = (base / value).resolve()
-    if not (folder / "config.json").is_file():
+    config = folder / "config.json"
+    if not config.is_file():
         problem = "does not exist" if not folder.exists() else "has no config.json"
         raise ScenarioError(f"model: {value!r} is neither a packaged model ({', '.join(names)}) "
                             f"nor a checkpoint folder ({folder} {problem})")  # fmt: skip
-    return str(folder)
+    try:
+        family = detect_architecture(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        raise ScenarioError(f"model: {config} is not a readable JSON object ({_one_line(error)})") from None
+    except UnsupportedArchitecture as error:
+        raise ScenarioError(f"model: {config}: {_one_line(error)}") from None
+    return str(folder), family
+
+
+def _check_model_fits(kind: str, model: str, family: str | None) -> None:
+    """Embeddings need an encoder (BERT), generation a decoder (GPT-2, Llama)."""
+    if family is None or (kind == "embed") == (family == "bert"):
+        return
+    if kind == "embed":
+        raise ScenarioError(f'workload.kind: "embed" needs a BERT encoder (minilm, tiny-bert or a '
+                            f"BERT folder); model {model} is a {family} decoder")  # fmt: skip
+    raise ScenarioError(f'workload.kind: "generate" needs a decoder (smollm2, tiny-llama, tiny-gpt2 '
+                        f"or a GPT-2/Llama folder); model {model} is a BERT encoder")  # fmt: skip
 
 
 # --- sections -------------------------------------------------------------------------
@@ -241,65 +264,6 @@ def _event(table: Mapping[str, Any], where: str, base: Path, duration_s: float,
         fields["private_blocks"] = _integer(table, "private_blocks", where, ge=0)
         fields["trusted_level"] = _integer(table, "trusted_level", where, ge=0)
     return Event(at_s=at_s, kind=cast(EventKind, kind), **fields)
-
-
-def read_trace(file: Path, key: str) -> tuple[TracePoint, ...]:
-    """Parse a link trace CSV: ``t_s,bandwidth_bytes_per_s[,latency_s]`` per line.
-
-    An optional header line (a first line whose first field is not a number) and blank
-    lines are skipped; t_s must be >= 0 and strictly ascending, bandwidth > 0, latency >= 0,
-    all finite. Raises ScenarioError naming ``key``, the file and the line.
-    """
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ScenarioError(f"{key}: cannot read {file} ({_one_line(error)})") from None
-    points: list[TracePoint] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        cells = [cell.strip() for cell in line.split(",")]
-        if not points and number == _first_content_line(lines) and not _is_number(cells[0]):
-            continue  # the header
-        point = _trace_point(cells, f"{key}: {file} line {number}")
-        if points and point.t_s <= points[-1].t_s:
-            raise ScenarioError(f"{key}: {file} line {number}: t_s must be ascending "
-                                f"(got {point.t_s:g} after {points[-1].t_s:g})")  # fmt: skip
-        points.append(point)
-    if not points:
-        raise ScenarioError(f"{key}: {file} has no rows (t_s,bandwidth_bytes_per_s[,latency_s])")
-    return tuple(points)
-
-
-def _trace_point(cells: list[str], where: str) -> TracePoint:
-    if len(cells) not in (2, 3):
-        raise ScenarioError(f"{where}: expected t_s,bandwidth_bytes_per_s[,latency_s] "
-                            f"(got {len(cells)} fields)")  # fmt: skip
-    names = ("t_s", "bandwidth_bytes_per_s", "latency_s")
-    values: list[float] = []
-    for name, cell in zip(names, cells, strict=False):
-        if not _is_number(cell) or not math.isfinite(float(cell)):
-            raise ScenarioError(f"{where}: {name} must be a finite number (got {cell!r})")
-        values.append(float(cell))
-    if values[0] < 0:
-        raise ScenarioError(f"{where}: t_s must be >= 0 (got {values[0]:g})")
-    if values[1] <= 0:
-        raise ScenarioError(f"{where}: bandwidth_bytes_per_s must be > 0 (got {values[1]:g})")
-    if len(values) == 3 and values[2] < 0:
-        raise ScenarioError(f"{where}: latency_s must be >= 0 (got {values[2]:g})")
-    return TracePoint(values[0], values[1], values[2] if len(values) == 3 else None)
-
-
-def _first_content_line(lines: list[str]) -> int:
-    return next((number for number, line in enumerate(lines, start=1) if line.strip()), 0)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- typed values ---------------------------------------------------------------------

@@ -130,6 +130,7 @@ def test_defaults_name_from_file_seed_zero_16_tokens_no_slo(folder: Path) -> Non
 
 def test_closed_embed_workload_with_prompt_ids(folder: Path) -> None:
     data = base()
+    data["model"] = "minilm"
     data["workload"] = {"kind": "embed", "arrival": "closed", "concurrency": 4,
                         "prompt_ids": [[1, 40, 41], [0]]}  # fmt: skip
     data["slo"] = {"latency_s": 0.5}
@@ -148,7 +149,7 @@ def test_prompts_file_relative_one_prompt_per_non_empty_line(folder: Path) -> No
 
 def test_model_folder_relative_to_the_file_becomes_absolute(folder: Path) -> None:
     (folder / "ckpt").mkdir()
-    (folder / "ckpt" / "config.json").write_text("{}")
+    (folder / "ckpt" / "config.json").write_text('{"model_type": "llama"}')
     data = base()
     data["model"] = "ckpt"
     assert load_scenario(write(folder, data)).model == str((folder / "ckpt").resolve())
@@ -161,11 +162,47 @@ def test_topology_may_be_in_another_folder(folder: Path) -> None:
     assert load_scenario(write(folder / "scenarios", data)).topology == (folder / "site.toml")
 
 
+def embed_data(model: str) -> dict[str, Any]:
+    data = base()
+    data["model"] = model
+    data["workload"] = {"kind": "embed", "arrival": "closed", "concurrency": 1, "prompts": ["a"]}
+    data["slo"] = {"latency_s": 0.5}
+    return data
+
+
 def test_every_packaged_name_is_accepted(folder: Path) -> None:
     for name in packaged_model_names():
         data = base()
         data["model"] = name
+        if name in ("minilm", "tiny-bert"):
+            data = embed_data(name)
         assert load_scenario(write(folder, data)).model == name
+
+
+def test_the_workload_kind_must_fit_the_model(folder: Path) -> None:
+    assert error_of(folder, embed_data("smollm2")) == (
+        'workload.kind: "embed" needs a BERT encoder (minilm, tiny-bert or a BERT folder); '
+        "model smollm2 is a llama decoder")
+    data = base()
+    data["model"] = "minilm"
+    assert error_of(folder, data).startswith('workload.kind: "generate" needs a decoder')
+    (folder / "gpt").mkdir()
+    (folder / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert "is a gpt2 decoder" in error_of(folder, embed_data("gpt"))
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ("{not json", "is not a readable JSON object"),
+    ("[1, 2]", "is not a readable JSON object"),
+    ('{"model_type": "t5"}', "model_type 't5'"),
+])  # fmt: skip
+def test_a_model_folder_with_a_bad_config(folder: Path, config: str, expected: str) -> None:
+    (folder / "ckpt").mkdir()
+    (folder / "ckpt" / "config.json").write_text(config)
+    data = base()
+    data["model"] = "ckpt"
+    message = error_of(folder, data)
+    assert message.startswith("model: ") and expected in message
 
 
 # --- bad files: one line naming the key -------------------------------------------------
@@ -288,6 +325,7 @@ def test_no_prompts_and_bad_prompts_files(folder: Path) -> None:
 
 def test_embed_refuses_generate_only_keys(folder: Path) -> None:
     data = base()
+    data["model"] = "tiny-bert"
     data["workload"]["kind"] = "embed"
     assert 'workload.max_new_tokens: not allowed with kind = "embed"' in error_of(folder, data)
     del data["workload"]["max_new_tokens"]
