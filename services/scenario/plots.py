@@ -1,8 +1,8 @@
 """The report's plots (PNG, matplotlib's Agg renderer; no display, no pyplot state).
 
 - tpot.png: time per output token of each completed request over its send time, one
-  colour per policy (embed workloads: latency), events as grey dashed lines, re-plans as
-  coloured dotted lines;
+  colour per policy (embed workloads: latency), failed and lost requests as x along the
+  top, events as grey dashed lines, re-plans as coloured dotted lines;
 - placement.png: one subplot per policy, one band per node, the blocks it ran over time;
 - utilisation.png: mean busy fraction per node, bars grouped by policy.
 
@@ -72,6 +72,11 @@ def plot_request_times(path: Path, scenario: Scenario, runs: list[PolicyRun]) ->
             xs, ys = zip(*points, strict=True)
             axes.plot(xs, ys, marker=".", linewidth=0.8, color=colour, label=run.policy)
             plotted += len(points)
+        unanswered = [r.sent_at_s for r in run.requests if r.outcome != "completed"]
+        if unanswered:  # failed or lost: an x along the top, where no time can be drawn
+            axes.plot(unanswered, [0.97] * len(unanswered), linestyle="none", marker="x",
+                      color=colour, transform=axes.get_xaxis_transform(), clip_on=False,
+                      label=f"{run.policy} failed/lost")  # fmt: skip
         for number, replan in enumerate(run.replans):
             axes.axvline(replan.at_s, color=colour, linestyle=":", linewidth=1.2,
                          label=f"{run.policy} re-plan" if number == 0 else None)  # fmt: skip
@@ -81,8 +86,8 @@ def plot_request_times(path: Path, scenario: Scenario, runs: list[PolicyRun]) ->
     axes.set_ylabel("latency (ms)" if embed else "time per output token (ms)")
     axes.set_title(f"{scenario.name}: {'latency' if embed else 'TPOT'} per request")
     if plotted:
-        axes.set_ylim(bottom=0)
-        axes.legend(loc="upper left", fontsize=8)
+        axes.set_ylim(bottom=0, top=axes.get_ylim()[1] * 1.08)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     else:
         _no_data(axes, "no completed requests")
     return _save(figure, path)

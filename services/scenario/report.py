@@ -91,6 +91,20 @@ def replan_entry(replan: Replan) -> dict[str, Any]:
     }
 
 
+def request_counts(run: PolicyRun) -> dict[str, int]:
+    """sent, completed, failed (a typed failure), lost (no terminal answer), mismatched."""
+    outcomes = Counter(r.outcome for r in run.requests)
+    return {"sent": len(run.requests), "completed": outcomes["completed"],
+            "failed": outcomes["failed"], "lost": outcomes["lost"],
+            "mismatched": sum(1 for r in run.requests if r.outcome == "completed" and r.mismatched)}  # fmt: skip
+
+
+def _reaction_summary(run: PolicyRun) -> dict[str, float | None]:
+    reactions = [r.reaction_s for r in run.replans if r.reaction_s is not None]
+    return {"p50": _round(percentile(reactions, 50), 3), "p95": _round(percentile(reactions, 95), 3),
+            "max": _round(max(reactions), 3) if reactions else None}  # fmt: skip
+
+
 def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
     """The per-policy metrics of report.json (``kind``: the workload, generate or embed).
 
@@ -103,16 +117,9 @@ def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
     latencies = [s for s in (r.latency_s for r in done) if s is not None]
     ttfts = latencies if embed else [s for s in (r.ttft_s for r in done) if s is not None]
     tpots = [] if embed else [s for s in (r.tpot_s for r in done) if s is not None]
-    reactions = [r.reaction_s for r in run.replans if r.reaction_s is not None]
     sent = len(run.requests)
     return {
-        "requests": {
-            "sent": sent,
-            "completed": len(done),
-            "failed": sum(1 for r in run.requests if r.outcome == "failed"),
-            "lost": sum(1 for r in run.requests if r.outcome == "lost"),
-            "mismatched": sum(1 for r in done if r.mismatched),
-        },
+        "requests": request_counts(run),
         "ttft_ms": _spread_ms(ttfts),
         "tpot_ms": _spread_ms(tpots),
         "latency_ms": _spread_ms(latencies),
@@ -129,11 +136,7 @@ def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
         "duration_s": _round(run.duration_s, 3),
         "interrupted": run.interrupted,
         "notes": list(run.notes),
-        "reaction_s": {
-            "p50": _round(percentile(reactions, 50), 3),
-            "p95": _round(percentile(reactions, 95), 3),
-            "max": _round(max(reactions), 3) if reactions else None,
-        },
+        "reaction_s": _reaction_summary(run),
         "failed_by_error": dict(sorted(Counter(r.error or "unknown" for r in run.requests
                                                if r.outcome == "failed").items())),  # fmt: skip
         "events": [{"at_s": _round(e.at_s, 3), "kind": e.kind, "description": e.description,
