@@ -1,7 +1,8 @@
 """Scenario files (TOML): the parsed, validated form (docs/SCENARIOS.md is the contract).
 
-``load_scenario(path)`` (services/scenario/spec_load.py, also callable from here) reads a
-file; every problem is a ``ScenarioError`` whose message is one line naming the key, e.g.
+``services.scenario.spec_load.load_scenario(path)`` reads a file (not re-exported here:
+spec_load imports this module, and a package's modules stay free of import cycles). Every
+problem is a ``ScenarioError`` whose message is one line naming the key, e.g.
 ``events[2].at_s: must be >= 0 (got -1)``.
 """
 
@@ -96,12 +97,3 @@ class Scenario:
     slo: Slo
     events: tuple[Event, ...] = field(default=())  # sorted by at_s
 
-
-def load_scenario(path: Path) -> Scenario:
-    """Read and validate a scenario file (see ``services.scenario.spec_load.load_scenario``).
-
-    Raises ScenarioError, one line naming the key and the problem.
-    """
-    from services.scenario.spec_load import load_scenario as load  # it imports this module
-
-    return load(path)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from services.scenario.spec import ScenarioError, load_scenario
-from services.scenario.spec_load import packaged_model_names
+from services.scenario.spec import ScenarioError
+from services.scenario.spec_load import load_scenario, packaged_model_names
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY = REPO / "deploy" / "topologies" / "adaptive-tiny.toml"  # nodes car, rsu, mec
