@@ -411,3 +411,22 @@ def test_trace_csv_rules(folder: Path, csv: str, expected: str) -> None:
                                           file="trace.csv"))  # fmt: skip
     assert message.startswith("events[0].file: ") and "trace.csv" in message
     assert expected in message
+
+
+def test_sections_of_the_wrong_shape(folder: Path) -> None:
+    data = base()
+    data["events"] = [{"at_s": 1, "kind": "kill", "node": "car"}]
+    path = write(folder, data)
+    path.write_text(path.read_text().replace("[[events]]", "[events]"))
+    with pytest.raises(ScenarioError, match=r"^events: must be an array of tables"):
+        load_scenario(path)
+    data = base()
+    data["slo"] = 0.5
+    assert error_of(folder, data).startswith("slo: must be a table")
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_line(folder: Path) -> None:
+    path = folder / "binary.toml"
+    path.write_bytes(b"name = \"\xff\xfe\"\n")
+    with pytest.raises(ScenarioError, match=r"binary\.toml: cannot read the scenario file"):
+        load_scenario(path)
