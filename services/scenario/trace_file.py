@@ -1,14 +1,17 @@
-"""Link trace CSV files for ``link_trace`` events: ``t_s,bandwidth_bytes_per_s[,latency_s]``."""
+"""Link trace CSV files for ``link_trace`` events: ``t_s,bandwidth_bytes_per_s[,latency_s]``
+(spec.py turns the rows into ``TracePoint``s)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from services.scenario.spec import ScenarioError, TracePoint
+from services.scenario.spec_fields import ScenarioError
+
+TraceRow = tuple[float, float, float | None]  # t_s, bandwidth_bytes_per_s, latency_s
 
 
-def read_trace(file: Path, key: str) -> tuple[TracePoint, ...]:
+def read_trace(file: Path, key: str) -> tuple[TraceRow, ...]:
     """Parse a link trace CSV: ``t_s,bandwidth_bytes_per_s[,latency_s]`` per line.
 
     An optional header line (a first line whose first field is not a number) and blank
@@ -19,7 +22,7 @@ def read_trace(file: Path, key: str) -> tuple[TracePoint, ...]:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise ScenarioError(f"{key}: cannot read {file} ({' '.join(str(error).split())})") from None
-    points: list[TracePoint] = []
+    points: list[TraceRow] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -27,16 +30,16 @@ def read_trace(file: Path, key: str) -> tuple[TracePoint, ...]:
         if not points and number == _first_content_line(lines) and not _is_number(cells[0]):
             continue  # the header
         point = _trace_point(cells, f"{key}: {file} line {number}")
-        if points and point.t_s <= points[-1].t_s:
+        if points and point[0] <= points[-1][0]:
             raise ScenarioError(f"{key}: {file} line {number}: t_s must be ascending "
-                                f"(got {point.t_s:g} after {points[-1].t_s:g})")  # fmt: skip
+                                f"(got {point[0]:g} after {points[-1][0]:g})")  # fmt: skip
         points.append(point)
     if not points:
         raise ScenarioError(f"{key}: {file} has no rows (t_s,bandwidth_bytes_per_s[,latency_s])")
     return tuple(points)
 
 
-def _trace_point(cells: list[str], where: str) -> TracePoint:
+def _trace_point(cells: list[str], where: str) -> TraceRow:
     if len(cells) not in (2, 3):
         raise ScenarioError(f"{where}: expected t_s,bandwidth_bytes_per_s[,latency_s] "
                             f"(got {len(cells)} fields)")  # fmt: skip
@@ -52,7 +55,7 @@ def _trace_point(cells: list[str], where: str) -> TracePoint:
         raise ScenarioError(f"{where}: bandwidth_bytes_per_s must be > 0 (got {values[1]:g})")
     if len(values) == 3 and values[2] < 0:
         raise ScenarioError(f"{where}: latency_s must be >= 0 (got {values[2]:g})")
-    return TracePoint(values[0], values[1], values[2] if len(values) == 3 else None)
+    return values[0], values[1], (values[2] if len(values) == 3 else None)
 
 
 def _first_content_line(lines: list[str]) -> int:

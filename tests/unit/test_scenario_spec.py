@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from services.scenario.spec import ScenarioError
-from services.scenario.spec_load import load_scenario, packaged_model_names
+from services.scenario.spec import ScenarioError, load_scenario
+from services.scenario.spec_fields import packaged_model_names
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY = REPO / "deploy" / "topologies" / "adaptive-tiny.toml"  # nodes car, rsu, mec
@@ -117,6 +117,13 @@ def test_a_full_file_loads_with_paths_resolved_and_events_sorted(folder: Path) -
         (0.0, 5e5, 0.002), (2.5, 1e4, None), (10.0, 2e3, 0.05)]  # fmt: skip
     assert (slowdown.node, slowdown.factor) == ("mec", 4.0)
     assert (privacy.private_blocks, privacy.trusted_level) == (3, 1)
+
+
+def test_a_file_name_that_cannot_be_a_name_asks_for_one(folder: Path) -> None:
+    data = base()
+    del data["name"]
+    with pytest.raises(ScenarioError, match=r"^name: 'my city' \(from the file name; set name"):
+        load_scenario(write(folder, data, "my city.toml"))
 
 
 def test_defaults_name_from_file_seed_zero_16_tokens_no_slo(folder: Path) -> None:
@@ -228,6 +235,9 @@ def test_missing_file_and_toml_syntax_error_name_the_file(folder: Path) -> None:
     ({"seed": 1.5}, "seed: must be an integer"),
     ({"seed": -1}, "seed: must be >= 0"),
     ({"name": ""}, "name: must be a non-empty string"),
+    ({"name": "../up"}, "name: '../up' must be 1 to 64 letters, digits"),
+    ({"name": "v2x handover"}, "name: 'v2x handover' must be"),
+    ({"name": "x" * 65}, "must be 1 to 64 letters"),
     ({"topology": "missing.toml"}, "topology: topology file"),
     ({"model": "gpt-5"}, "model: 'gpt-5' is neither a packaged model"),
     ({"workload": "generate"}, "workload: must be a table"),
