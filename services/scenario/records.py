@@ -6,6 +6,7 @@ except where a name says otherwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,6 +32,21 @@ class RequestRecord:
         if len(self.token_times_s) < 2:
             return None
         return (self.token_times_s[-1] - self.token_times_s[0]) / (len(self.token_times_s) - 1)
+
+    @property
+    def ttft_s(self) -> float | None:
+        """From sending to the first token (embed: to the embedding); None without one."""
+        return None if self.first_token_at_s is None else self.first_token_at_s - self.sent_at_s
+
+    @property
+    def latency_s(self) -> float | None:
+        """From sending to the terminal answer; None without one (lost)."""
+        return None if self.finished_at_s is None else self.finished_at_s - self.sent_at_s
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated (the ids when recorded, else the token arrivals)."""
+        return len(self.tokens) or len(self.token_times_s)
 
 
 @dataclass(frozen=True)
@@ -89,3 +105,16 @@ class PolicyRun:
     privacy_violations: int = 0
     interrupted: bool = False  # stopped by Ctrl-C before duration_s
     notes: tuple[str, ...] = field(default=())  # anything the reader should know
+
+    def all_nodes(self) -> tuple[str, ...]:
+        """``nodes`` then, sorted, any other node seen in placements or utilisation samples."""
+        seen = {p.node for p in self.placements} | {s.node for s in self.utilisation}
+        return self.nodes + tuple(sorted(seen - set(self.nodes)))
+
+    def mean_utilisation(self) -> dict[str, float]:
+        """Mean busy fraction per node over its samples (0.0 for a node with none)."""
+        busy: dict[str, list[float]] = {node: [] for node in self.all_nodes()}
+        for sample in self.utilisation:
+            busy[sample.node].append(sample.busy)
+        return {node: math.fsum(values) / len(values) if values else 0.0
+                for node, values in busy.items()}  # fmt: skip
