@@ -34,8 +34,14 @@ def register(subparsers: Any) -> None:
 
 def run_scenario_command(args: argparse.Namespace) -> int:
     """Handler of ``scenario run``: a bad file or option is one line and exit 2."""
-    from services.scenario.runner import describe_args, policies_from, run_scenario, say, summary
-    from services.scenario.spec import ScenarioError, load_scenario
+    from services.cli.scenarios.runner import (
+        describe_args,
+        policies_from,
+        run_scenario,
+        say,
+        summary,
+    )
+    from services.cli.scenarios.spec import ScenarioError, load_scenario
 
     try:
         scenario = load_scenario(args.file)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.scenario.plots import plan_intervals
-from services.scenario.records import (
+from services.cli.scenarios.plots import plan_intervals
+from services.cli.scenarios.records import (
     EventRecord,
     Placement,
     PolicyRun,
@@ -17,8 +17,8 @@ from services.scenario.records import (
     RequestRecord,
     UtilisationSample,
 )
-from services.scenario.report import meets_slo, percentile, policy_metrics, write_report
-from services.scenario.spec import Event, Scenario, Slo, Workload
+from services.cli.scenarios.report import meets_slo, percentile, policy_metrics, write_report
+from services.cli.scenarios.spec import Event, Scenario, Slo, Workload
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SLO = Slo(ttft_s=1.5, tpot_s=0.2)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from services.scenario.spec import ScenarioError, load_scenario
-from services.scenario.spec_fields import packaged_model_names
+from services.cli.scenarios.spec import ScenarioError, load_scenario
+from services.cli.scenarios.spec_fields import packaged_model_names
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY = REPO / "deploy" / "topologies" / "adaptive-tiny.toml"  # nodes car, rsu, mec

@@ -17,8 +17,8 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from services.scenario.records import Placement, PolicyRun
-from services.scenario.spec import Scenario
+from services.cli.scenarios.records import Placement, PolicyRun
+from services.cli.scenarios.spec import Scenario
 
 POLICY_COLOURS = {"static": "tab:red", "migrate": "tab:orange", "adaptive": "tab:blue"}
 OTHER_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")

@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.scenario.records import PolicyRun, Replan, RequestRecord
-from services.scenario.report_md import render_markdown
-from services.scenario.spec import Scenario, Slo
+from services.cli.scenarios.records import PolicyRun, Replan, RequestRecord
+from services.cli.scenarios.report_md import render_markdown
+from services.cli.scenarios.spec import Scenario, Slo
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -169,7 +169,7 @@ def write_report(out_dir: Path, scenario: Scenario, runs: list[PolicyRun], comma
     no runs, no requests, interrupted runs, runs without re-plans. Raises OSError when
     ``out_dir`` cannot be written.
     """
-    from services.scenario.plots import write_plots  # matplotlib: only when writing
+    from services.cli.scenarios.plots import write_plots  # matplotlib: only when writing
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = report_data(scenario, runs, command)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.scenario.spec import Workload
+from services.cli.scenarios.spec import Workload
 
 
 def references(model_dir: Path, workload: Workload, progress: Callable[[str], None]) -> dict[int, tuple[Any, ...]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from services.scenario.spec_fields import ScenarioError
+from services.cli.scenarios.spec_fields import ScenarioError
 
 TraceRow = tuple[float, float, float | None]  # t_s, bandwidth_bytes_per_s, latency_s
 

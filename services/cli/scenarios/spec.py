@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from services.scenario.spec_fields import (
+from services.cli.scenarios.spec_fields import (
     ScenarioError,
     check_model_fits,
     choice,
@@ -32,7 +32,7 @@ from services.scenario.spec_fields import (
     text,
     topology_nodes,
 )
-from services.scenario.trace_file import read_trace
+from services.cli.scenarios.trace_file import read_trace
 
 POLICIES: tuple[str, ...] = ("static", "migrate", "adaptive")
 EventKind = Literal["link", "link_trace", "slowdown", "kill", "restart", "join", "leave", "privacy"]

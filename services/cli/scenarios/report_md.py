@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from services.scenario.records import PolicyRun
-from services.scenario.spec import Scenario
+from services.cli.scenarios.records import PolicyRun
+from services.cli.scenarios.spec import Scenario
 
 Row = tuple[str, Callable[[dict[str, Any]], str]]
 

@@ -1,4 +1,4 @@
-"""Reading and checking the fields of a scenario file (services/scenario/spec.py puts them
+"""Reading and checking the fields of a scenario file (services/cli/scenarios/spec.py puts them
 together into a ``Scenario``; docs/SCENARIOS.md is the contract).
 
 Every check raises ``ScenarioError`` with one line, ``KEY: problem``, KEY being the dotted

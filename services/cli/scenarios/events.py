@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.cli.emulate import Changes, LinkChange, emulate
-from services.scenario.records import EventRecord
-from services.scenario.spec import Event
-from services.scenario.stack import ScenarioStack
+from services.cli.scenarios.records import EventRecord
+from services.cli.scenarios.spec import Event
+from services.cli.scenarios.stack import ScenarioStack
 from shared.bus import Bus
 from shared.errors import EdgesplitError
 from shared.messages import PrivacyPolicy, PrivacyPolicySet

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.scenario.events import PolicyChange
-from services.scenario.observe import SeenDecision
-from services.scenario.records import Replan, RequestRecord
+from services.cli.scenarios.events import PolicyChange
+from services.cli.scenarios.observe import SeenDecision
+from services.cli.scenarios.records import Replan, RequestRecord
 from shared.messages import Plan
 from shared.topology import Topology
 

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.scenario.records import Placement, UtilisationSample
+from services.cli.scenarios.records import Placement, UtilisationSample
 from shared.bus import Bus, Subscription
 from shared.errors import ServingError
 from shared.messages import DecisionRecorded, NodeStatus, Plan, Telemetry

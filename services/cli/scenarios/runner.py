@@ -18,14 +18,14 @@ from typing import Any
 
 from services.cli.client import Client, ClientOptions
 from services.cli.launcher import ensure_shards, resolve_model
-from services.scenario import analysis
-from services.scenario.events import EventDriver
-from services.scenario.observe import Observer, wait_until_served
-from services.scenario.records import PolicyRun
-from services.scenario.reference import references
-from services.scenario.spec import Scenario
-from services.scenario.stack import ScenarioStack
-from services.scenario.workload import WorkloadDriver
+from services.cli.scenarios import analysis
+from services.cli.scenarios.events import EventDriver
+from services.cli.scenarios.observe import Observer, wait_until_served
+from services.cli.scenarios.records import PolicyRun
+from services.cli.scenarios.reference import references
+from services.cli.scenarios.spec import Scenario
+from services.cli.scenarios.stack import ScenarioStack
+from services.cli.scenarios.workload import WorkloadDriver
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.messages import PrivacyPolicySet
@@ -153,7 +153,7 @@ class PolicyRunner:
 async def run_scenario(scenario: Scenario, policies: tuple[str, ...], out_dir: Path, command: str,
                        progress: Callable[[str], None] = say) -> tuple[Path, list[PolicyRun]]:  # fmt: skip
     """Run ``policies`` one after the other and write the report; returns report.md's path."""
-    from services.scenario.report import write_report
+    from services.cli.scenarios.report import write_report
 
     interrupt = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,7 +188,7 @@ def _on_signal(interrupt: asyncio.Event, progress: Callable[[str], None]) -> Cal
 
 def policies_from(text: str) -> tuple[str, ...]:
     """``all`` or a comma-separated subset of static,migrate,adaptive (in that order)."""
-    from services.scenario.spec import POLICIES, ScenarioError
+    from services.cli.scenarios.spec import POLICIES, ScenarioError
 
     if text.strip() == "all":
         return POLICIES

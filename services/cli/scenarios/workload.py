@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.cli.client import Client
-from services.scenario.analysis import mismatched
-from services.scenario.records import RequestRecord
-from services.scenario.spec import Workload
+from services.cli.scenarios.analysis import mismatched
+from services.cli.scenarios.records import RequestRecord
+from services.cli.scenarios.spec import Workload
 from shared.errors import EdgesplitError, NoAnswer
 
 log = logging.getLogger(__name__)
