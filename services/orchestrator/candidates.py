@@ -18,10 +18,13 @@ formula (docs/PLANNER.md). Candidates are re-evaluated here with the independent
 evaluator, and migration costs come from one model for all of them:
 
     migration_cost_s = sum over moved blocks of (weight_bytes / shard_load_bytes_per_s
-                        + flops x rebuild_tokens / speed of the new host)
+                        + the cheaper of: flops x rebuild_tokens / speed of the new host,
+                          kv_bytes_per_token x rebuild_tokens / bandwidth old -> new host)
 
 where a block *moves* when its host changes and ``rebuild_tokens`` is the KV state
-(tokens of the requests in flight) to rebuild by recompute on the new host.
+(tokens of the requests in flight) to rebuild on the new host: recomputed there, or
+handed over from the old host (the workers' KV handoff, services/worker/handoff.py) when
+the old host is still in the problem with a link to the new one.
 
 A candidate's time per token is taken under the load now (``concurrency`` = requests in
 flight at the entry): max(the planner's latency of one request, concurrency x the plan's
@@ -119,7 +122,7 @@ def migration_cost_s(problem: Problem, running: tuple[Segment, ...],
     """One-off seconds to go from ``running`` to ``segments`` (module docstring); inf when
     a moved block's new host is not in the problem or cannot compute."""
     holder = {layer: s.node for s in running for layer in range(s.start, s.end)}
-    nodes = problem.node_index()
+    nodes, links = problem.node_index(), problem.link_index()
     terms: list[float] = []
     for segment in segments:
         node = nodes.get(segment.node)
@@ -131,6 +134,11 @@ def migration_cost_s(problem: Problem, running: tuple[Segment, ...],
             layer = problem.layers[layer_index]
             speed = effective_flops_per_s(node)
             rebuild = layer.flops * cost.rebuild_tokens / speed if speed > 0 else math.inf
+            old = holder.get(layer_index)
+            link = links.get((old, segment.node)) if old is not None and old in nodes else None
+            if link is not None and link.bandwidth_bytes_per_s > 0:
+                handoff = layer.kv_bytes_per_token * cost.rebuild_tokens / link.bandwidth_bytes_per_s
+                rebuild = min(rebuild, handoff + link.latency_s)
             terms += [layer.weight_bytes / cost.shard_load_bytes_per_s, rebuild]
     return math.fsum(terms)
 

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 _SMALL_BYTES = 64
 _PASSIVE_WINDOW_S = 30.0
 _MIN_GAP_S = 50e-6
+_LATE_ECHO_S = 30.0
+_LATE_KEPT = 32
 _SIZED_MIN_BYTES = 512
 """A sized probe is at least this big: 64 ms of an 8 kB/s link, far above _RESOLUTION_S."""
 _RESOLUTION_S = 1e-3
@@ -74,6 +76,10 @@ class _Peer:
     probe_bytes: int = 0
     # probe id -> (sent at, kind "small"/"large", frame bytes, round id)
     outstanding: dict[int, tuple[float, str, int, int]] = field(default_factory=dict)
+    late: dict[int, tuple[float, str, int, int]] = field(default_factory=dict)
+    """Probes counted lost (no echo within the timeout) whose echo may still come: on a
+    saturated slow link the echo waits behind activation frames; when it comes, the pair's
+    dispersion still measures the link (and the RTT its queueing). Bounded, oldest dropped."""
     echoes: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)
     """round -> kind -> (echo arrival, probe frame bytes)"""
     passive: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=64))
@@ -209,11 +215,14 @@ class LinkProber:
 
     def _expire(self, peer: _Peer, now_s: float) -> None:
         timeout_s = self.settings.probe_timeout_s
-        for probe_id, (sent_s, _, _, round_id) in list(peer.outstanding.items()):
+        for probe_id, (sent_s, _, _, _round) in list(peer.outstanding.items()):
             if now_s - sent_s > timeout_s:
-                del peer.outstanding[probe_id]
-                peer.echoes.pop(round_id, None)
+                peer.late[probe_id] = peer.outstanding.pop(probe_id)
                 peer.lost += 1
+        for probe_id, (sent_s, _, _, round_id) in list(peer.late.items()):
+            if now_s - sent_s > _LATE_ECHO_S or len(peer.late) > _LATE_KEPT:
+                del peer.late[probe_id]
+                peer.echoes.pop(round_id, None)
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -245,9 +254,9 @@ class LinkProber:
         return self._allowed is None or name in self._allowed
 
     def _on_echo(self, peer: _Peer, probe_id: int, now_s: float) -> None:
-        found = peer.outstanding.pop(probe_id, None)
+        found = peer.outstanding.pop(probe_id, None) or peer.late.pop(probe_id, None)
         if found is None:
-            return  # late (already counted lost) or not ours
+            return  # not ours, or too late to be of use
         sent_s, kind, nbytes, round_id = found
         if kind == "small":
             peer.rtts.append(now_s - sent_s)

@@ -140,3 +140,42 @@ def test_forward_compute_time_leaves_out_waiting_and_adds_the_emulated_slowdown(
     assert slowdown.apply(0.01) == pytest.approx(0.03)
     assert time.perf_counter() - began >= 0.03
     assert Slowdown(1.0).apply(0.01) == 0.0
+
+
+def test_a_late_echo_pair_still_measures_a_saturated_link() -> None:
+    """On a slow link full of activations the echoes wait behind them: past the timeout
+    the probes count as lost, but the pair's dispersion, when it comes, still measures the
+    link (the link must not vanish from the profile for want of samples)."""
+
+    async def main() -> None:
+        settings = WorkerSettings(node_id="a", shards_dir=Path("/x"), probe_peers=("b",))
+        clock = [0.0]
+        sent: list[tuple[str, bytes]] = []
+
+        async def send(destination: str, payload: bytes) -> None:
+            sent.append((destination, payload))
+
+        prober = LinkProber("a", settings, send, clock=lambda: clock[0], rng=random.Random(0))
+        prober.set_online("b", True)
+        bandwidth, queued_s = 10e3, 2 * settings.probe_timeout_s  # echoes queue this long
+        for _ in range(200):
+            clock[0] = max(clock[0], prober.next_round_s("b", clock[0]))
+            await prober.start_round("b", clock[0])
+            pair, sent[:] = list(sent), []
+            if not pair:
+                clock[0] += 0.25
+                continue
+            started, busy_until = clock[0], clock[0] + queued_s
+            for _, payload in pair:
+                busy_until += len(payload) / bandwidth
+                header, array = decode_frame(payload)
+                echo = header.model_copy(update={"role": "echo", "src": "b"})
+                clock[0] = busy_until
+                prober._expire(prober._peers["b"], started + settings.probe_timeout_s + 0.1)  # noqa: SLF001
+                await prober.on_frame(Frame(echo, array[:0]), clock[0], 0.0)
+        (observation,) = prober.window()
+        assert observation.probes_lost > 0
+        assert observation.bandwidth_bytes_per_s is not None
+        assert abs(observation.bandwidth_bytes_per_s - bandwidth) / bandwidth < 0.05
+
+    asyncio.run(main())

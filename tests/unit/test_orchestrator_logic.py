@@ -258,6 +258,25 @@ def test_migration_cost_counts_only_moved_blocks() -> None:
     assert migration_cost_s(problem, A, A_MOVED, cost) == pytest.approx(4.0)
 
 
+
+def test_migration_cost_takes_the_kv_handoff_when_it_beats_recomputing() -> None:
+    """A moved block's KV state can be handed over from its old host (rsu) to the new one
+    (mec) over their link instead of being recomputed: the cost is the cheaper of the two."""
+    problem, _ = candidates_for(profile())
+    layers = tuple(layer.model_copy(update={"kv_bytes_per_token": 1000.0}) for layer in problem.layers)
+    problem = problem.model_copy(update={"layers": layers})
+    links = {(link.src, link.dst): link for link in problem.links}
+    recompute = CostModel(shard_load_bytes_per_s=1e12, rebuild_tokens=1000)
+    slow_handoff = problem.model_copy(update={"links": tuple(
+        link.model_copy(update={"bandwidth_bytes_per_s": 1.0}) for link in problem.links)})  # fmt: skip
+    by_compute = migration_cost_s(slow_handoff, A, A_MOVED, recompute)
+    assert by_compute > 0
+    rsu_mec = links[("rsu", "mec")]
+    by_handoff = migration_cost_s(problem, A, A_MOVED, recompute)
+    expected = 4 * (1000.0 * 1000 / rsu_mec.bandwidth_bytes_per_s + rsu_mec.latency_s)
+    assert by_handoff == pytest.approx(min(by_compute, expected), rel=1e-6)
+    assert by_handoff < by_compute
+
 # --- records ------------------------------------------------------------------------------
 
 
