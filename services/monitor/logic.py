@@ -200,8 +200,9 @@ class MonitorState:
                  window_s: float) -> list[Message]:  # fmt: skip
         link.probe_traffic.append((now_s, observation.probe_bytes, window_s))
         changes: list[tuple[str, Change | None]] = []
-        if observation.bandwidth_bytes_per_s is not None:
-            changes.append(("bandwidth", link.bandwidth.add(now_s, observation.bandwidth_bytes_per_s)))
+        bandwidth = observation.delivery_bandwidth_bytes_per_s or observation.bandwidth_bytes_per_s
+        if bandwidth is not None:  # the traffic's own delivery rate first, else the probe pair
+            changes.append(("bandwidth", link.bandwidth.add(now_s, bandwidth)))
         if observation.rtt_s is not None:
             changes.append(("rtt", link.rtt.add(now_s, observation.rtt_s)))
         if observation.probes_sent or observation.probes_lost:

@@ -30,7 +30,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Literal
@@ -284,8 +284,9 @@ class LinkProber:
 
     # --- reporting --------------------------------------------------------------------------
 
-    def window(self) -> tuple[LinkObservation, ...]:
-        """Observations per peer since the previous window (resets the window)."""
+    def window(self, delivered: Mapping[str, float] | None = None) -> tuple[LinkObservation, ...]:
+        """Observations per peer since the previous window (resets the window);
+        ``delivered``: the egress delivery rate per peer (`EgressShaper.delivery_rates`)."""
         now_s = self._clock()
         observations = []
         for name in sorted(self._peers):
@@ -297,6 +298,7 @@ class LinkProber:
                 bandwidth_bytes_per_s=statistics.median(peer.bandwidths) if peer.bandwidths else None,
                 probes_sent=peer.sent, probes_lost=peer.lost, probe_bytes=peer.probe_bytes,
                 inbound_bandwidth_bytes_per_s=inbound, inbound_samples=samples,
+                delivery_bandwidth_bytes_per_s=(delivered or {}).get(name),
             ))  # fmt: skip
             peer.rtts, peer.bandwidths = [], []
             peer.sent = peer.lost = peer.probe_bytes = 0

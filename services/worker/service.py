@@ -75,7 +75,7 @@ class WorkerService:
         keeper = self.keeper
         self.telemetry = TelemetryReporter(TelemetrySources(
             self.node, settings.telemetry_period_s, self.compute,
-            serving=lambda: keeper.current, links=self.prober.window))  # fmt: skip
+            serving=lambda: keeper.current, links=lambda: self.prober.window(self.shaper.delivery_rates())))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None

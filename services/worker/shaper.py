@@ -50,6 +50,11 @@ class EgressSchedule:
         bucket = self._buckets.get(destination)
         return bucket.shape if bucket else self.default
 
+    def backlogged(self, destination: str, now_s: float) -> bool:
+        """True while an earlier frame still occupies the link to ``destination``."""
+        bucket = self._buckets.get(destination)
+        return bucket is not None and bucket.busy_until_s > now_s
+
     def release_time(self, destination: str, nbytes: int, now_s: float) -> float:
         """Absolute time at which the frame arrives: serialisation behind earlier frames
         at the link's bandwidth, then the link's latency. Updates the bucket."""
@@ -75,7 +80,10 @@ class EgressShaper:
         self._send = send
         self._clock = clock
         self.schedule = EgressSchedule()
-        self._queues: dict[str, asyncio.Queue[tuple[float, bytes]]] = {}
+        self._queues: dict[str, asyncio.Queue[tuple[float, bytes, bool]]] = {}
+        self._delivered: dict[str, tuple[int, float]] = {}
+        """destination -> (bytes, seconds) sent while the link was backlogged, this window."""
+        self._last_sent_s: dict[str, float] = {}
         self._task_group: asyncio.TaskGroup | None = None
         self.unsent = 0
         """Shaped frames the bus could not publish (broker away); their passes time out."""
@@ -94,7 +102,9 @@ class EgressShaper:
         if shape.bandwidth_bytes_per_s is None and shape.latency_s == 0.0:
             await self._send(destination, frame)
             return
-        release_s = self.schedule.release_time(destination, len(frame), self._clock())
+        now_s = self._clock()
+        behind = self.schedule.backlogged(destination, now_s)
+        release_s = self.schedule.release_time(destination, len(frame), now_s)
         queue = self._queues.get(destination)
         if queue is None:
             if self._task_group is None:
@@ -102,14 +112,28 @@ class EgressShaper:
             queue = asyncio.Queue()
             self._queues[destination] = queue
             self._task_group.create_task(self._drain(destination, queue))
-        queue.put_nowait((release_s, frame))
+        queue.put_nowait((release_s, frame, behind))
 
-    async def _drain(self, destination: str, queue: asyncio.Queue[tuple[float, bytes]]) -> None:
+    def delivery_rates(self) -> dict[str, float]:
+        """Bytes/s each link delivered while backlogged since the last call (then reset):
+        a frame that waited behind another left ``bytes / (its send - the previous send)``
+        after it, the link's own rate (a sender's delivery-rate estimate, as TCP's BBR
+        takes it). Links that never queued in the window are absent."""
+        rates = {dst: nbytes / seconds for dst, (nbytes, seconds) in self._delivered.items() if seconds > 0}
+        self._delivered.clear()
+        return rates
+
+    async def _drain(self, destination: str, queue: asyncio.Queue[tuple[float, bytes, bool]]) -> None:
         while True:
-            release_s, frame = await queue.get()
+            release_s, frame, behind = await queue.get()
             delay_s = release_s - self._clock()
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
+            sent_s, previous_s = self._clock(), self._last_sent_s.get(destination)
+            self._last_sent_s[destination] = sent_s
+            if behind and previous_s is not None and sent_s > previous_s:
+                nbytes, seconds = self._delivered.get(destination, (0, 0.0))
+                self._delivered[destination] = (nbytes + len(frame), seconds + sent_s - previous_s)
             try:
                 await self._send(destination, frame)
             except EdgesplitError as error:  # a lost frame, as on a real link: the entry replays

@@ -68,6 +68,10 @@ class LinkObservation(Part):
     inbound_bandwidth_bytes_per_s: NonNegativeFloat | None = None
     """Passive estimate of peer -> this node from timed activation frames."""
     inbound_samples: NonNegativeInt = 0
+    delivery_bandwidth_bytes_per_s: NonNegativeFloat | None = None
+    """Outbound rate while frames queued for the link (this node's egress delivery rate);
+    None when nothing queued in the window. Preferred over the probes: it is measured on
+    the traffic itself, every window, where a probe echo may wait behind that traffic."""
 
 
 class Telemetry(Message):
