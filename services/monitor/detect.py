@@ -74,6 +74,10 @@ class MedianWindow:
         fresh = self._fresh(now_s)
         return statistics.median(fresh) if fresh else None
 
+    def latest(self, now_s: float, count: int) -> list[float]:
+        """The newest ``count`` fresh samples (fewer when there are fewer)."""
+        return self._fresh(now_s)[-count:]
+
     def lower_quartile(self, now_s: float) -> float | None:
         """The fresh sample at the lower quartile (of 5: the second smallest; of 2 to 4:
         the smallest), so it rises only when at least three quarters of the window rose."""
@@ -115,6 +119,8 @@ class Change:
     evidence: Evidence
 
 
+FAST_FALL_SAMPLES = 2
+
 _METRIC_NAMES = {"bandwidth": "bandwidth_bytes_per_s", "rtt": "rtt_s", "loss": "loss"}
 
 
@@ -134,6 +140,17 @@ class TrackedMetric:
 
     def value(self, now_s: float) -> float | None:
         return self.window.value(now_s)
+
+    def planning_value(self, now_s: float) -> float | None:
+        """What the profile shows (bandwidth): the median, but down at once when the newest
+        ``FAST_FALL_SAMPLES`` samples are all below it (their largest): a link that fades
+        is planned around two samples after, not when the window's median follows; one
+        low outlier moves nothing, and a rise waits for the median (slow up, fast down)."""
+        median = self.window.value(now_s)
+        newest = self.window.latest(now_s, FAST_FALL_SAMPLES)
+        if median is None or self.kind != "bandwidth" or len(newest) < FAST_FALL_SAMPLES:
+            return median
+        return min(median, max(newest))
 
     def judged(self, now_s: float) -> float | None:
         """The statistic the detector compares with the baseline."""

@@ -284,7 +284,7 @@ class MonitorState:
 
     def _link_capacity(self, src: str, dst: str, now_s: float) -> LinkCapacity:
         link = self._link(src, dst)
-        probe, passive = link.bandwidth.value(now_s), link.passive.value(now_s)
+        probe, passive = link.bandwidth.planning_value(now_s), link.passive.value(now_s)
         rtt, loss = link.rtt.value(now_s), link.loss.value(now_s)
         bandwidth, source = (probe, "probe") if probe is not None else (passive, "passive")
         recent = [(b, w) for at_s, b, w in link.probe_traffic if now_s - at_s <= 60.0]

@@ -177,3 +177,19 @@ def test_lower_quartile_needs_three_quarters_of_the_window() -> None:
     window.add(5, 9.0)  # four of five high
     assert window.lower_quartile(5) == 9.0
     assert window.lower_quartile(100) is None
+
+
+def test_the_profile_follows_a_fading_link_down_after_two_samples_and_up_slowly() -> None:
+    from services.monitor.detect import TrackedMetric
+
+    metric = TrackedMetric("bandwidth", CONFIG)
+    for t in range(5):
+        metric.add(float(t), 1e6)
+    metric.add(5.0, 10e3)  # one low sample: an outlier until another agrees
+    assert metric.planning_value(5.0) == 1e6
+    metric.add(6.0, 8e3)
+    assert metric.planning_value(6.0) == 10e3  # two agree: planned around at once
+    assert metric.value(6.0) == 1e6  # while the median (and the detector) still lag
+    for t in (7.0, 8.0):
+        metric.add(t, 1e6)  # back up: the median decides, not the newest samples
+    assert metric.planning_value(8.0) == metric.value(8.0)

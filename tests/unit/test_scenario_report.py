@@ -233,3 +233,16 @@ def test_values_that_are_not_finite_become_null(tmp_path: Path) -> None:
     metrics = policy_metrics(generate_run(replans=(bad,)), SLO, "generate")
     assert metrics["replans"][0]["stall_ms"] is None and metrics["replans"][0]["reaction_s"] is None
     json.dumps(metrics, allow_nan=False)
+
+
+def test_tpot_counts_the_tokens_a_failed_request_streamed() -> None:
+    """A request that streamed at 2 s per token and then timed out is in the TPOT
+    percentiles (it suffered that TPOT); it is still a failure, not in latency or TTFT."""
+    slow = RequestRecord("slow", 0, 0.0, "failed", first_token_at_s=1.0, finished_at_s=9.0,
+                         token_times_s=(1.0, 3.0, 5.0), tokens=(1, 2, 3), error="timeout")  # fmt: skip
+    run = PolicyRun("static", 10.0, ("car",), requests=(completed("ok", 0.0, (0.5, 0.6, 0.7)), slow))
+    metrics = policy_metrics(run, Slo(), "generate")
+    assert metrics["tpot_ms"]["p95"] == pytest.approx(2000.0)
+    assert metrics["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert metrics["requests"]["failed"] == 1
+    assert metrics["ttft_ms"]["p95"] == pytest.approx(500.0)

@@ -108,7 +108,9 @@ def _reaction_summary(run: PolicyRun) -> dict[str, float | None]:
 def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
     """The per-policy metrics of report.json (``kind``: the workload, generate or embed).
 
-    Latency percentiles are over completed requests; embed's ttft_ms equals its latency_ms
+    Latency and TTFT percentiles are over completed requests; TPOT over every request with
+    two tokens or more, failed ones included (a request that streamed slowly and then
+    timed out must not vanish from the TPOT it suffered); embed's ttft_ms equals its latency_ms
     and its tpot_ms and token rates are null. Rates divide by the run's measured duration.
     """
     embed = kind == "embed"
@@ -116,7 +118,7 @@ def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
     good = [r for r in done if meets_slo(r, slo, kind)]
     latencies = [s for s in (r.latency_s for r in done) if s is not None]
     ttfts = latencies if embed else [s for s in (r.ttft_s for r in done) if s is not None]
-    tpots = [] if embed else [s for s in (r.tpot_s for r in done) if s is not None]
+    tpots = [] if embed else [s for s in (r.tpot_s for r in run.requests) if s is not None]
     sent = len(run.requests)
     return {
         "requests": request_counts(run),
