@@ -270,6 +270,11 @@ class LinkProber:
             peer.bandwidth = large_bytes / gap_s
             if not first:  # the first round's probe was not sized for the link: it only sizes the next
                 peer.bandwidths.append(peer.bandwidth)
+            if large_s - small_s <= 2 * _RESOLUTION_S and large_bytes < self.settings.probe_max_bytes:
+                # Under-resolved: the link is faster than this probe can show (it rose since the
+                # estimate sized it). Probe again at once with the bigger size the new estimate
+                # gives, so a link that came back is known in a few rounds, not a few periods.
+                peer.next_round_s = min(peer.next_round_s, now_s)
             self._refill(peer, now_s)
             peer.credit_s -= gap_s
             if peer.credit_s < 0:  # over budget (the link slowed): wait until it is paid back

@@ -179,3 +179,52 @@ def test_a_late_echo_pair_still_measures_a_saturated_link() -> None:
         assert abs(observation.bandwidth_bytes_per_s - bandwidth) / bandwidth < 0.05
 
     asyncio.run(main())
+
+
+def test_a_link_that_rose_is_re_probed_at_once_until_resolved() -> None:
+    """An estimate of 8 kB/s sizes a 512 B probe; once the link is at 12.5 MB/s that
+    probe's dispersion is below the clock's resolution, so it only says "faster". The
+    prober then probes again at once with the size the new estimate gives, and knows the
+    link within a fraction of a second instead of after several probe periods."""
+
+    async def main() -> None:
+        settings = WorkerSettings(node_id="a", shards_dir=Path("/x"), probe_peers=("b",))
+        clock = [0.0]
+        sent: list[tuple[str, bytes]] = []
+
+        async def send(destination: str, payload: bytes) -> None:
+            sent.append((destination, payload))
+
+        prober = LinkProber("a", settings, send, clock=lambda: clock[0], rng=random.Random(0))
+        prober.set_online("b", True)
+
+        async def round_at(bandwidth: float) -> bool:
+            clock[0] = max(clock[0], prober.next_round_s("b", clock[0]))
+            await prober.start_round("b", clock[0])
+            pair, sent[:] = list(sent), []
+            if not pair:
+                clock[0] += 0.05
+                return False
+            busy_until = clock[0]
+            for _, payload in pair:
+                busy_until += len(payload) / bandwidth
+                header, array = decode_frame(payload)
+                clock[0] = busy_until + 0.002
+                await prober.on_frame(Frame(header.model_copy(update={"role": "echo", "src": "b"}),
+                                            array[:0]), clock[0], 0.0)  # fmt: skip
+            return True
+
+        for _ in range(400):
+            await round_at(8e3)
+        peer = prober._peers["b"]  # noqa: SLF001
+        assert peer.bandwidth is not None and abs(peer.bandwidth - 8e3) / 8e3 < 0.1
+        while not await round_at(12.5e6):
+            pass
+        started = clock[0]
+        rounds = 1
+        while peer.bandwidth < 0.8 * 12.5e6 and rounds < 20:
+            rounds += await round_at(12.5e6)
+        assert peer.bandwidth >= 0.8 * 12.5e6
+        assert clock[0] - started < 0.5 * settings.probe_period_s, (rounds, clock[0] - started)
+
+    asyncio.run(main())
