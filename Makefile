@@ -39,8 +39,10 @@ typecheck:
 contract:
 	bash ../shared/checks/contract.sh
 
+# A short scenario with a visible adaptation (static vs adaptive, fresh stacks); the last
+# line printed is where the report is. `edgesplit up` runs the stack by itself.
 demo:
-	$(BIN)/edgesplit up
+	$(BIN)/edgesplit scenario run deploy/scenarios/demo.toml --policy static,adaptive --out reports/demo
 
 bench:
 	$(BIN)/python bench/planner.py

@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
     run.add_argument("file", type=Path, metavar="FILE", help="the scenario file (TOML)")
     run.add_argument("--policy", default="all", metavar="LIST",
                      help="all (default) or a comma-separated subset of static,migrate,adaptive")  # fmt: skip
+    run.add_argument("--time-scale", type=float, default=1.0, metavar="F",
+                     help="multiply the duration and every event time by F (e.g. 0.5: half as long)")  # fmt: skip
     run.add_argument("--out", type=Path, metavar="DIR",
                      help="where the report goes (default reports/NAME)")  # fmt: skip
     run.set_defaults(handler=run_scenario_command)
@@ -41,10 +43,12 @@ def run_scenario_command(args: argparse.Namespace) -> int:
         say,
         summary,
     )
-    from services.cli.scenarios.spec import ScenarioError, load_scenario
+    from services.cli.scenarios.spec import ScenarioError, load_scenario, time_scaled
 
     try:
         scenario = load_scenario(args.file)
+        if args.time_scale != 1.0:
+            scenario = time_scaled(scenario, args.time_scale)
         policies = policies_from(args.policy)
     except ScenarioError as error:
         print(f"edgesplit: {error}", file=sys.stderr)

@@ -440,3 +440,25 @@ def test_a_file_that_is_not_utf8_is_one_clear_line(folder: Path) -> None:
     path.write_bytes(b"name = \"\xff\xfe\"\n")
     with pytest.raises(ScenarioError, match=r"binary\.toml: cannot read the scenario file"):
         load_scenario(path)
+
+
+def test_a_time_scaled_scenario_keeps_its_story_faster() -> None:
+    from services.cli.scenarios.spec import ScenarioError, time_scaled
+
+    folder = Path(__file__).resolve().parents[2] / "deploy" / "scenarios"
+    scenario = load_scenario(folder / "v2x-handover.toml")
+    half = time_scaled(scenario, 0.5)
+    assert half.duration_s == scenario.duration_s / 2
+    for original, scaled in zip(scenario.events, half.events, strict=True):
+        assert scaled.at_s == original.at_s / 2
+        assert [p.t_s for p in scaled.trace] == [p.t_s / 2 for p in original.trace]
+        assert [p.bandwidth_bytes_per_s for p in scaled.trace] == [p.bandwidth_bytes_per_s for p in original.trace]
+    with pytest.raises(ScenarioError, match="--time-scale"):
+        time_scaled(scenario, 0)
+
+
+@pytest.mark.parametrize("name", ["v2x-handover", "smart-city", "industrial-privacy"])
+def test_the_shipped_scenarios_load(name: str) -> None:
+    folder = Path(__file__).resolve().parents[2] / "deploy" / "scenarios"
+    scenario = load_scenario(folder / f"{name}.toml")
+    assert scenario.name == name and scenario.events

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -160,6 +160,19 @@ def load_scenario(path: Path) -> Scenario:
     return Scenario(name=name, path=file, topology=topology_file, model=model,
                     duration_s=duration_s, seed=seed, workload=workload, slo=slo,
                     events=tuple(sorted(events, key=lambda event: event.at_s)))  # fmt: skip
+
+
+def time_scaled(scenario: Scenario, factor: float) -> Scenario:
+    """``scenario`` with its duration, event times and trace times multiplied by
+    ``factor`` (a shortened run for CI or a quick look: the same story, faster)."""
+    if not (0 < factor <= 10):
+        raise ScenarioError(f"--time-scale: must be in (0, 10] (got {factor:g})")
+    events = tuple(
+        replace(event, at_s=event.at_s * factor,
+                trace=tuple(replace(point, t_s=point.t_s * factor) for point in event.trace))
+        for event in scenario.events
+    )  # fmt: skip
+    return replace(scenario, duration_s=scenario.duration_s * factor, events=events)
 
 
 # --- sections -------------------------------------------------------------------------
