@@ -88,6 +88,9 @@ class ClientOptions:
     """Deadline for the whole request."""
     resync_after_s: float = 3.0
     """Resubmit (with the tokens held) when no reply came for this long."""
+    entry_down_wait_s: float = 30.0
+    """A request whose entry is down and that sees neither the entry back nor a plan with
+    another entry for this long ends with NoFeasiblePlan (typed), not a silent timeout."""
 
 
 def _no_system(bus: Bus, wait_s: float) -> NoAnswer:
@@ -148,6 +151,7 @@ class _Session:
         self.bus, self.options, self.message = bus, options, message
         self.plan, self.on_token = plan, on_token
         self.entry_down = False
+        self.entry_down_since: float | None = None
         self.tokens: list[int] = []
         self._ahead: dict[int, TokenGenerated] = {}  # tokens after a gap, by index
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -188,6 +192,11 @@ class _Session:
         loop = asyncio.get_running_loop()
         while True:
             left_s = self.deadline - loop.time()
+            waited = loop.time() - self.entry_down_since if self.entry_down_since is not None else 0.0
+            if self.entry_down and waited > self.options.entry_down_wait_s:
+                raise NoFeasiblePlan(f"no_plan: entry node {self.plan.entry_node} is down and no plan "
+                                     f"without it came within {self.options.entry_down_wait_s:g} s "
+                                     f"(request {self.message.request_id})")  # fmt: skip
             if left_s <= 0:
                 raise NoAnswer(f"no answer from entry node {self.plan.entry_node} within "
                                f"{self.options.timeout_s} s (request {self.message.request_id})")  # fmt: skip
@@ -219,6 +228,7 @@ class _Session:
                 down = isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline")
                 if down and not self.entry_down:
                     log.info("entry %s is down; waiting for it or a new entry", message.node)
+                    self.entry_down_since = asyncio.get_running_loop().time()
                 elif not down and self.entry_down:
                     await self._send()  # the entry is back (restarted): resubmit
                 self.entry_down = down

@@ -241,10 +241,11 @@ def evaluate_all(view: CapacityProfile, manifest: ShardManifest, policy: Privacy
 
 
 def failover_entry(profile: CapacityProfile, entry: str | None, trusted_level: int) -> str | None:
-    """The entry to use on ``profile``: ``entry`` while it is alive; else the fastest alive
-    node with trust >= ``trusted_level`` (ties by id); None when there is none."""
+    """The entry to use on ``profile``: ``entry`` while it is alive or not yet in the profile
+    (a node still starting is not down); else the fastest alive node with trust >=
+    ``trusted_level`` (ties by id); None when there is none."""
     alive = [n for n in profile.nodes if n.alive]
-    if any(n.node == entry for n in alive):
-        return entry
+    if any(n.node == entry for n in alive) or all(n.node != entry for n in profile.nodes):
+        return entry  # alive, or not seen yet (starting): a node never seen is not down
     trusted = sorted((n for n in alive if n.trust >= trusted_level), key=lambda n: (-n.flops_per_s, n.node))
     return trusted[0].node if trusted else None

@@ -120,3 +120,41 @@ def test_a_client_needs_async_with_before_requests() -> None:
         client.generate("hello")
     with pytest.raises(ConfigError):
         Client("http://nowhere")
+
+
+def test_a_request_whose_entry_died_with_no_plan_after_ends_typed_not_lost() -> None:
+    """The entry goes offline and no plan without it comes: after entry_down_wait_s the
+    request fails with NoFeasiblePlan (a typed answer) instead of waiting out its deadline."""
+    from pathlib import Path
+
+    from services.cli.client import ClientOptions, NoFeasiblePlan, _Session
+    from shared.config import BusSettings
+    from shared.messages import GenerateRequest, Plan, Segment
+
+    class FakeBus:
+        sessions = 1
+
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        async def publish(self, topic: Any, message: Any, **params: str) -> None:
+            self.sent.append((message, params))
+
+        async def wait_ready(self, min_sessions: int = 0, timeout_s: float | None = None) -> None:
+            await asyncio.sleep(3600)
+
+    async def scenario() -> None:
+        bus = FakeBus()
+        options = ClientOptions(BusSettings(models_dir=Path("/tmp")), timeout_s=30.0, resync_after_s=0.05,
+                                entry_down_wait_s=0.3)  # fmt: skip
+        plan = Plan(epoch=1, model_id="m", entry_node="car", segments=(Segment(node="car", start=0, end=2),))  # type: ignore[arg-type]
+        request = GenerateRequest(request_id="r1", reply_to="c1", token_ids=(1, 2), max_new_tokens=4)  # type: ignore[arg-type]
+        session = _Session(bus, options, request, plan, None)  # type: ignore[arg-type]
+        events = FakeSubscription()
+        events.queue.put_nowait(({"node": "car"}, status("car", "offline")))
+        with pytest.raises(NoFeasiblePlan, match="entry node car is down"):
+            async with asyncio.timeout(5):  # far below the request's 30 s deadline
+                await session.run(events)
+        assert len(bus.sent) == 1  # sent once; nothing resubmitted to a dead entry
+
+    asyncio.run(scenario())

@@ -321,3 +321,13 @@ def test_policies_restrict_what_may_change_after_the_first_plan() -> None:
     assert allowed("static", running, everything) == (current,)
     for policy in ("adaptive", "migrate", "static"):  # the first plan is the planner's best
         assert allowed(policy, (), (moved, recut)) == (moved, recut)
+
+
+def test_the_entry_fails_over_only_when_seen_down_not_while_still_starting() -> None:
+    from services.orchestrator.candidates import failover_entry
+
+    starting = profile().model_copy(update={"nodes": tuple(n for n in profile().nodes if n.node != "car")})
+    assert failover_entry(starting, "car", 1) == "car"  # not in the profile yet: not down
+    assert failover_entry(profile(), "rsu", 1) == "rsu"
+    assert failover_entry(profile(rsu_alive=False), "rsu", 1) == "car"  # seen, now down
+    assert failover_entry(profile(rsu_alive=False), "rsu", 3) is None
