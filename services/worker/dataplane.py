@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,8 @@ import numpy as np
 from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
-from services.worker.errors import FrameRefused, NodeLost, NoPlan
+from services.worker.errors import FrameForged, FrameRefused, NodeLost, NoPlan
+from services.worker.frame_auth import OFF_LOOP_BYTES, check_origin
 from services.worker.frame_checks import FrameLimits, check_frame, duplicate_key
 from services.worker.handoff import KvHandoff, WaitKey
 from shared.errors import StageTimedOut
@@ -76,7 +78,6 @@ class DataPlane:
         self._result_rows: dict[WaitKey, tuple[int, int]] = {}  # (pass id, rows of its result)
         self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
-        self._pass_ids = count(1)
         self.withheld: Callable[[Route, tuple[int, int]], str | None] | None = None
         """The privacy guard's `refusal`: a segment the policy in force forbids here is not run."""
         self.down: set[str] = set()
@@ -86,7 +87,7 @@ class DataPlane:
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
         self.handoff = KvHandoff(node, limits, keeper, compute, self.deadline, send,
                                  self._expect_answers, self._forget_answers, self._resolve,
-                                 self.down, self._seq, self.counters)  # fmt: skip
+                                 self.down, self._seq, self.counters, self.seal)  # fmt: skip
 
     def _seen_before(self, key: tuple[object, ...] | None) -> bool:
         """True for a frame already handled (``key``: `duplicate_key`; None: never a
@@ -157,9 +158,11 @@ class DataPlane:
 
         Raises FrameRefused (counted as ``frames_refused``) for one this node cannot run:
         a layout, position or token count that does not fit the model, a value that is
-        not finite, a block it does not run. A frame is checked before it is remembered
-        as seen, and forgotten when refused later, so a corrupt copy cannot shadow the
-        genuine frame.
+        not finite, a block it does not run. A frame that does not authenticate (no or a
+        bad MAC, a sender the plan does not name for that hop: frame_auth.py) is dropped
+        and counted as ``frames_forged``. A frame is checked before it is remembered as
+        seen, and forgotten when refused later, so a corrupt or forged copy cannot shadow
+        the genuine frame.
         """
         header = frame.header
         if isinstance(header, ProbeHeader):
@@ -171,6 +174,8 @@ class DataPlane:
         key, remembered = duplicate_key(header), False
         try:
             self._check(header, frame.array)
+            if not await self._authentic(header, frame.array, serving):
+                return
             if self._seen_before(key):
                 self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
                 return
@@ -191,6 +196,33 @@ class DataPlane:
             if remembered and key is not None:
                 self._seen.pop(key, None)
             raise
+
+    async def _authentic(self, header: FrameHeader, array: np.ndarray, serving: Serving) -> bool:
+        """True for a frame that authenticates (frame_auth.py); else counts and logs it."""
+        now = time.monotonic()
+        args = (header, array, serving, lambda epoch: self.keeper.for_frame(epoch, now), self.keeper.current)
+        try:
+            if array.nbytes > OFF_LOOP_BYTES:
+                await asyncio.to_thread(check_origin, *args)
+            else:
+                check_origin(*args)
+        except FrameForged as error:
+            self.counters["frames_forged"] += 1
+            if self.counters["frames_forged"] % FORGED_LOGGED_EVERY == 1:
+                log.warning("%s: dropped a forged frame (%d so far): %s", self.node,
+                            self.counters["frames_forged"], error)  # fmt: skip
+            return False
+        return True
+
+    async def seal(self, header: FrameHeader, array: np.ndarray) -> bytes:
+        """``header`` and ``array`` as a frame authenticated with the key of the header's
+        epoch (the committed epoch's when this node no longer holds that one)."""
+        serving = self.keeper.for_frame(header.epoch, time.monotonic()) or self.keeper.current
+        if serving is None:
+            raise FrameRefused(f"no frame key for epoch {header.epoch}: this node serves no epoch")
+        if array.nbytes > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(encode_frame, header, array, serving.frame_key)
+        return encode_frame(header, array, serving.frame_key)
 
     def _check(self, header: FrameHeader, array: np.ndarray) -> None:
         """What needs no compute (frame_checks.py), and a result's rows against its pass.
@@ -266,7 +298,7 @@ class DataPlane:
 
     def _expect_answers(self, keys: Sequence[WaitKey]) -> tuple[int, list[asyncio.Future[Frame]]]:
         """Wait for one answer per key under a new pass id (`_resolve` accepts them)."""
-        loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
+        loop, pass_id = asyncio.get_running_loop(), new_pass_id()
         futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in keys]
         self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
         return pass_id, futures
@@ -278,10 +310,9 @@ class DataPlane:
     async def _send_kv_missing(self, route: Route, header: ActivationHeader) -> None:
         """An empty result straight to the entry, to say this node lacks the KV cache."""
         out = ResultHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                           seq=next(self._seq), pass_id=header.pass_id, kv_missing=True)  # fmt: skip
-        await self._send_payload(
-            route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32))
-        )
+                           seq=next(self._seq), pass_id=header.pass_id, kv_missing=True,
+                           src=NodeId(self.node), sent_at=time.time())  # fmt: skip
+        await self._send_payload(route.entry, await self.seal(out, np.zeros((0, self.hidden_size), np.float32)))
 
     async def _send(
         self, route: Route, header: ActivationHeader | ReleaseHeader, array: np.ndarray, target: int
@@ -302,7 +333,7 @@ class DataPlane:
             out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
                                    sent_at=sent_at, target=target, pos=header.pos,
                                    last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
-        await self._send_payload(route.node_for(target), encode_frame(out, array))
+        await self._send_payload(route.node_for(target), await self.seal(out, array))
 
     async def pipeline_pass(
         self,
@@ -337,7 +368,7 @@ class DataPlane:
             return (hidden[-1:] if last_only else hidden), route.epoch
         key = (request_id, step, route.epoch)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        pass_id = next(self._pass_ids)
+        pass_id = new_pass_id()
         self._pending[key] = (pass_id, future)
         self._result_rows[key] = (pass_id, 1 if last_only else int(token_ids.shape[0]))
         header = ActivationHeader(request_id=RequestId(request_id), step=step, epoch=route.epoch, seq=0,
@@ -389,6 +420,15 @@ class DataPlane:
 
 SEEN_FRAMES = 8192
 """How many handled frames each worker remembers to drop duplicates."""
+FORGED_LOGGED_EVERY = 100
+"""Log the first forged frame and then one in this many (a flood must not flood the log)."""
+
+
+def new_pass_id() -> int:
+    """A random pass id in [1, 2**63): a forged result or kv_ack cannot guess the pass it
+    would have to answer (pass ids were a visible counter)."""
+    return secrets.randbits(63) or 1
+
 
 def _embed_and_run(
     serving: Serving,
