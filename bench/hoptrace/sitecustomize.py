@@ -76,9 +76,9 @@ if _path:
         dp.DataPlane.on_frame = on_frame
         orig_enc = dp.encode_frame
 
-        def encode_frame(header, arr):
+        def encode_frame(header, arr, *key):
             t = _pc()
-            out = orig_enc(header, arr)
+            out = orig_enc(header, arr, *key)
             rec(
                 "tx",
                 header.request_id,
