@@ -13,7 +13,7 @@ header. For each genuine frame it sees it injects, as well as it can:
 
 Without the epoch's frame key none authenticates: each request still finishes with the
 tokens of the unsplit model, and the workers count the forged frames (``frames_forged``
-in their telemetry).
+in their telemetry, shown by `edgesplit status`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from services.cli.client import request
+from services.cli.system import collect_status
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.errors import DecodeError
@@ -170,3 +171,5 @@ def test_forged_activation_kv_and_release_frames_change_no_token(llama: System, 
     assert sum(counts.values()) >= sent // 2, (attacker.sent, counts)
     assert all(counts.get(node, 0) > 0 for node in ("car", "rsu", "mec")), counts
     assert "dropped a forged frame" in llama.workers.log_tail("rsu", 400)
+    status = asyncio.run(collect_status(llama.settings, 2.5))  # what `edgesplit status --json` prints
+    assert sum(status["frames_forged"].values()) > 0, status["frames_forged"]
