@@ -91,7 +91,8 @@ def _as_numpy(tensor: Any) -> tuple[np.ndarray, str]:
 def encode_frame(header: FrameHeader, tensor: Any, key: bytes | None = None) -> bytes:
     """Header + raw tensor bytes; copies the tensor once (zero extra for contiguous input).
     With ``key``, the header's ``mac`` is set to `frame_mac` under that key (the epoch's
-    frame key; hashing costs about 1.6 GB/s, so run a large frame off the event loop).
+    frame key; hashing costs about 1.6 GB/s, so run a large frame off the event loop);
+    without, the header's own ``mac`` (usually empty) is sent as it is.
 
     Raises TensorFrameError for a dtype outside ALLOWED_DTYPES or a frame over
     MAX_FRAME_BYTES.
@@ -101,6 +102,8 @@ def encode_frame(header: FrameHeader, tensor: Any, key: bytes | None = None) -> 
     body = array.data.cast("B") if array.size else b""
     if key is not None:
         wire_header["mac"] = _mac(key, wire_header, body)
+    elif header.mac:  # sent as it is (a forwarded or re-encoded frame keeps its MAC)
+        wire_header["mac"] = header.mac
     packed = msgpack.packb(wire_header, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
         raise TensorFrameError(f"frame header of {len(packed)} bytes is over {MAX_HEADER_BYTES}")

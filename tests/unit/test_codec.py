@@ -64,6 +64,8 @@ def _bounded(base: type, metadata: list[Any]) -> st.SearchStrategy[Any]:
         )
     if base is str:
         return st.text(max_size=min(bounds.get("max_length", 40), 40))
+    if base is bytes:  # a frame's mac
+        return st.binary(max_size=min(bounds.get("max_length", 40), 40))
     raise TypeError(f"no strategy for {base}")
 
 
