@@ -23,8 +23,8 @@ import numpy as np
 from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
-from services.worker.errors import FrameForged, FrameRefused, NodeLost, NoPlan
-from services.worker.frame_auth import OFF_LOOP_BYTES, check_origin
+from services.worker.errors import FrameRefused, NodeLost, NoPlan
+from services.worker.frame_auth import FrameAuth
 from services.worker.frame_checks import FrameLimits, check_frame, duplicate_key
 from services.worker.handoff import KvHandoff, WaitKey
 from shared.errors import StageTimedOut
@@ -40,7 +40,7 @@ from shared.frame_headers import (
 )
 from shared.ids import NodeId, RequestId
 from shared.planning.route import Route
-from shared.tensor_frame import Frame, encode_frame
+from shared.tensor_frame import Frame
 
 log = logging.getLogger(__name__)
 __all__ = ["DataPlane", "FrameLimits", "FrameRefused", "NoPlan", "NodeLost"]
@@ -85,6 +85,8 @@ class DataPlane:
         self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
         self._reconnected_at: float | None = None
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
+        self.auth = FrameAuth(node, keeper, self.counters)
+        self.seal = self.auth.seal
         self.handoff = KvHandoff(node, limits, keeper, compute, self.deadline, send,
                                  self._expect_answers, self._forget_answers, self._resolve,
                                  self.down, self._seq, self.counters, self.seal)  # fmt: skip
@@ -174,7 +176,7 @@ class DataPlane:
         key, remembered = duplicate_key(header), False
         try:
             self._check(header, frame.array)
-            if not await self._authentic(header, frame.array, serving):
+            if not await self.auth.authentic(header, frame.array, serving):
                 return
             if self._seen_before(key):
                 self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
@@ -196,33 +198,6 @@ class DataPlane:
             if remembered and key is not None:
                 self._seen.pop(key, None)
             raise
-
-    async def _authentic(self, header: FrameHeader, array: np.ndarray, serving: Serving) -> bool:
-        """True for a frame that authenticates (frame_auth.py); else counts and logs it."""
-        now = time.monotonic()
-        args = (header, array, serving, lambda epoch: self.keeper.for_frame(epoch, now), self.keeper.current)
-        try:
-            if array.nbytes > OFF_LOOP_BYTES:
-                await asyncio.to_thread(check_origin, *args)
-            else:
-                check_origin(*args)
-        except FrameForged as error:
-            self.counters["frames_forged"] += 1
-            if self.counters["frames_forged"] % FORGED_LOGGED_EVERY == 1:
-                log.warning("%s: dropped a forged frame (%d so far): %s", self.node,
-                            self.counters["frames_forged"], error)  # fmt: skip
-            return False
-        return True
-
-    async def seal(self, header: FrameHeader, array: np.ndarray) -> bytes:
-        """``header`` and ``array`` as a frame authenticated with the key of the header's
-        epoch (the committed epoch's when this node no longer holds that one)."""
-        serving = self.keeper.for_frame(header.epoch, time.monotonic()) or self.keeper.current
-        if serving is None:
-            raise FrameRefused(f"no frame key for epoch {header.epoch}: this node serves no epoch")
-        if array.nbytes > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(encode_frame, header, array, serving.frame_key)
-        return encode_frame(header, array, serving.frame_key)
 
     def _check(self, header: FrameHeader, array: np.ndarray) -> None:
         """What needs no compute (frame_checks.py), and a result's rows against its pass.
@@ -420,8 +395,6 @@ class DataPlane:
 
 SEEN_FRAMES = 8192
 """How many handled frames each worker remembers to drop duplicates."""
-FORGED_LOGGED_EVERY = 100
-"""Log the first forged frame and then one in this many (a flood must not flood the log)."""
 
 
 def new_pass_id() -> int:

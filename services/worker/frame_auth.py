@@ -17,12 +17,16 @@ for a decode row, about 3 ms for a 2048-token prefill of a 576-wide model; frame
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 
-from services.worker.epochs import Serving
-from services.worker.errors import FrameForged
+from services.worker.epochs import EpochKeeper, Serving
+from services.worker.errors import FrameForged, FrameRefused
 from shared.errors import InvalidPlan
 from shared.frame_headers import (
     ActivationHeader,
@@ -35,12 +39,55 @@ from shared.frame_headers import (
     ResultHeader,
 )
 from shared.planning.route import Route
-from shared.tensor_frame import mac_ok
+from shared.tensor_frame import encode_frame, mac_ok
 
+log = logging.getLogger(__name__)
 OFF_LOOP_BYTES = 256 * 1024
 """Frames with more tensor bytes than this are hashed on a worker thread."""
+FORGED_LOGGED_EVERY = 100
+"""Log the first forged frame and then one in this many (a flood must not flood the log)."""
 Lookup = Callable[[int], Serving | None]
 """The state that serves an epoch (`EpochKeeper.for_frame` at the current time)."""
+
+
+class FrameAuth:
+    """One worker's side of frame authentication: seal what it sends with the key of the
+    frame's epoch, check what it receives (`check_origin`), count forgeries
+    (``frames_forged`` in ``counters``, the data plane's)."""
+
+    def __init__(self, node: str, keeper: EpochKeeper, counters: Counter[str]) -> None:
+        self.node, self.keeper, self.counters = node, keeper, counters
+
+    async def authentic(self, header: FrameHeader, array: np.ndarray, serving: Serving) -> bool:
+        """True for a frame that authenticates; else counts it, logs the first and every
+        `FORGED_LOGGED_EVERY`-th, and returns False (the frame is dropped)."""
+        now = time.monotonic()
+        args = (header, array, serving, lambda epoch: self.keeper.for_frame(epoch, now), self.keeper.current)
+        try:
+            if array.nbytes > OFF_LOOP_BYTES:
+                await asyncio.to_thread(check_origin, *args)
+            else:
+                check_origin(*args)
+        except FrameForged as error:
+            self.counters["frames_forged"] += 1
+            if self.counters["frames_forged"] % FORGED_LOGGED_EVERY == 1:
+                log.warning("%s: dropped a forged frame (%d so far): %s", self.node,
+                            self.counters["frames_forged"], error)  # fmt: skip
+            return False
+        return True
+
+    async def seal(self, header: FrameHeader, array: np.ndarray) -> bytes:
+        """``header`` and ``array`` as a frame authenticated with the key of the header's
+        epoch (the committed epoch's when this node no longer holds that one).
+
+        Raises FrameRefused when this node serves no epoch at all (it holds no key).
+        """
+        serving = self.keeper.for_frame(header.epoch, time.monotonic()) or self.keeper.current
+        if serving is None:
+            raise FrameRefused(f"no frame key for epoch {header.epoch}: this node serves no epoch")
+        if array.nbytes > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(encode_frame, header, array, serving.frame_key)
+        return encode_frame(header, array, serving.frame_key)
 
 
 def check_origin(header: FrameHeader, array: np.ndarray, serving: Serving, lookup: Lookup,
