@@ -2,13 +2,14 @@
 
 Layout (all little-endian)::
 
-    b"ESF2" | u32 header length | msgpack header | zero padding to 16 bytes | tensor bytes
+    b"ESF3" | u32 header length | msgpack header | zero padding to 16 bytes | tensor bytes
 
-The magic names the frame version (2). The msgpack header is a map: ``dtype`` and
+The magic names the frame version (3: every kind but the probe carries ``mac`` and
+``src``, docs/SECURITY.md "Frames"). The msgpack header is a map: ``dtype`` and
 ``shape`` of the tensor plus the fields of one typed header kind, tagged by ``kind``
 (`shared/frame_headers.py`: activation, result, release, handoff, kv, kv_ack, probe).
-A frame of version 1 (b"ESF1", whose header was an untyped ``extra`` map) is refused
-with an error that names the version. Decoding reads the tensor zero-copy with
+A frame of version 1 (b"ESF1", whose header was an untyped ``extra`` map) or 2
+(b"ESF2", no MAC) is refused with an error that names the version. Decoding reads the tensor zero-copy with
 ``np.frombuffer``; the array is read-only when the payload is ``bytes`` (as received
 from MQTT).
 """
@@ -30,9 +31,9 @@ from shared.codec import unpack_limited
 from shared.errors import DecodeError, TensorFrameError
 from shared.frame_headers import FRAME_KINDS, FrameHeader
 
-MAGIC = b"ESF2"
-FRAME_VERSION = 2
-OLD_MAGICS = {b"ESF1": 1}
+MAGIC = b"ESF3"
+FRAME_VERSION = 3
+OLD_MAGICS = {b"ESF1": 1, b"ESF2": 2}
 """Magics of earlier frame versions, so a peer that speaks one gets a clear error."""
 _PREFIX = struct.Struct("<4sI")
 ALIGN_BYTES = 16
