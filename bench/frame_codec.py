@@ -4,7 +4,9 @@ Times are this process's CPU time (``time.process_time``, so other processes on 
 machine matter less), the best of ``--repeats`` timeit rounds.
 
 The frame is a decode step's activation (float32 [1, hidden]) with the header a worker
-forwards (`services/worker/dataplane.py` `_send`); then a result and a small probe.
+forwards (`services/worker/dataplane.py` `_send`); then a result and a small probe; then
+the cost of authenticating a frame (HMAC-SHA256 under the epoch key, `frame_auth.py`):
+sealing on encode and verifying, for a decode row and a 2048-token prefill.
 
     .venv/bin/python -m bench.frame_codec [--number 50000] [--repeats 7] [--hidden 576]
 """
@@ -20,7 +22,9 @@ import numpy as np
 
 from shared.frame_headers import ActivationHeader, FrameHeader, ProbeHeader, ResultHeader
 from shared.ids import NodeId, RequestId
-from shared.tensor_frame import decode_frame, encode_frame
+from shared.tensor_frame import decode_frame, encode_frame, mac_ok
+
+KEY = bytes(range(32))
 
 
 def activation() -> ActivationHeader:
@@ -58,6 +62,19 @@ def measure(build: Callable[[], FrameHeader], array: np.ndarray, number: int, re
             f"{encode_us + decode_us:6.2f}  all {build_us + encode_us + decode_us:6.2f} us")  # fmt: skip
 
 
+def measure_mac(array: np.ndarray, number: int, repeats: int) -> str:
+    """Sealed encode and MAC verification of one activation carrying ``array``."""
+    header = activation()
+    sealed = decode_frame(encode_frame(header, array, KEY))
+    if not mac_ok(KEY, *sealed):
+        raise RuntimeError("a sealed frame did not verify")
+    plain_us = best_us(lambda: encode_frame(header, array), number, repeats)
+    seal_us = best_us(lambda: encode_frame(header, array, KEY), number, repeats)
+    verify_us = best_us(lambda: mac_ok(KEY, *sealed), number, repeats)
+    return (f"mac {'x'.join(map(str, array.shape)):>9} ({array.nbytes:8} B)  encode {plain_us:8.2f}  "
+            f"sealed encode {seal_us:8.2f} (+{seal_us - plain_us:8.2f})  verify {verify_us:8.2f} us")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--number", type=int, default=50_000, help="calls per timeit round")
@@ -69,6 +86,9 @@ def main() -> None:
     print(measure(activation, hidden_state, args.number, args.repeats))
     print(measure(result, hidden_state, args.number, args.repeats))
     print(measure(probe, padding, args.number, args.repeats))
+    print(measure_mac(hidden_state, args.number // 5, args.repeats))
+    prefill = np.random.default_rng(1).standard_normal((2048, args.hidden), dtype=np.float32)
+    print(measure_mac(prefill, max(1, args.number // 5000), args.repeats))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ kind            sent by -> to                          tensor
 
 Common fields (every kind): ``request_id``, ``step`` (decode step, 0 = prefill; a
 handoff uses steps from ``HANDOFF_STEP`` up, services/worker/handoff.py), ``epoch``
-(the plan epoch that serves the frame) and ``seq`` (the sender's frame counter; a
-probe's id). A block index (``target``, ``blocks``) is in [0, 2**31); counters and
+(the plan epoch that serves the frame), ``seq`` (the sender's frame counter; a
+probe's id) and ``mac`` (the frame's authentication under its epoch's key; see
+docs/SECURITY.md, "Frames"). Every kind but the probe names its sender in ``src``. A block index (``target``, ``blocks``) is in [0, 2**31); counters and
 positions are in [0, 2**63).
 """
 
@@ -36,6 +37,8 @@ Count = Annotated[int, Field(ge=0, lt=2**63)]
 """A non-negative counter, position, step or epoch (msgpack's unsigned 63-bit range)."""
 Block = Annotated[int, Field(ge=0, lt=2**31)]
 """A transformer block index (a segment's first block, or a model's layer count)."""
+MAC_BYTES = 32
+"""Length of a frame's MAC (HMAC-SHA256)."""
 MAX_KV_BLOCKS = 4096
 """The most blocks one kv frame may carry (the frame decoder's array limit)."""
 
@@ -52,6 +55,10 @@ class _Header(BaseModel):
     """The plan epoch whose pipeline serves this frame."""
     seq: Count
     """The sender's frame counter (a probe's id)."""
+    mac: Annotated[bytes, Field(max_length=MAC_BYTES)] = b""
+    """HMAC-SHA256 of the rest of the frame (every other header field, dtype, shape and
+    the tensor bytes) under the key of the frame's epoch (shared/tensor_frame.py
+    `frame_mac`); empty on a probe. A worker drops a frame whose MAC does not verify."""
 
 
 class _Stamped(_Header):
@@ -110,6 +117,8 @@ class HandoffHeader(_Header):
     ack_base: Count
     """The step of the first new owner's acknowledgement (they are numbered from here,
     in the order of the owners' sorted names)."""
+    src: NodeIdField | None = None
+    """The entry that sent it."""
 
 
 class KvHeader(_Header):
@@ -127,6 +136,8 @@ class KvHeader(_Header):
     old_epoch: Count
     """The epoch of the acknowledgement (the entry waits under the old epoch)."""
     pass_id: Count
+    src: NodeIdField | None = None
+    """The old holder that sent it."""
 
 
 class KvAckHeader(_Header):
@@ -136,6 +147,8 @@ class KvAckHeader(_Header):
     kind: Literal["kv_ack"] = "kv_ack"
     pass_id: Count
     failed: bool = False
+    src: NodeIdField | None = None
+    """The old holder or new owner that sent it."""
 
 
 class ProbeHeader(_Header):

@@ -2,19 +2,22 @@
 
 Layout (all little-endian)::
 
-    b"ESF2" | u32 header length | msgpack header | zero padding to 16 bytes | tensor bytes
+    b"ESF3" | u32 header length | msgpack header | zero padding to 16 bytes | tensor bytes
 
-The magic names the frame version (2). The msgpack header is a map: ``dtype`` and
+The magic names the frame version (3: every kind but the probe carries ``mac`` and
+``src``, docs/SECURITY.md "Frames"). The msgpack header is a map: ``dtype`` and
 ``shape`` of the tensor plus the fields of one typed header kind, tagged by ``kind``
 (`shared/frame_headers.py`: activation, result, release, handoff, kv, kv_ack, probe).
-A frame of version 1 (b"ESF1", whose header was an untyped ``extra`` map) is refused
-with an error that names the version. Decoding reads the tensor zero-copy with
+A frame of version 1 (b"ESF1", whose header was an untyped ``extra`` map) or 2
+(b"ESF2", no MAC) is refused with an error that names the version. Decoding reads the tensor zero-copy with
 ``np.frombuffer``; the array is read-only when the payload is ``bytes`` (as received
 from MQTT).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import struct
 from dataclasses import dataclass
@@ -28,9 +31,9 @@ from shared.codec import unpack_limited
 from shared.errors import DecodeError, TensorFrameError
 from shared.frame_headers import FRAME_KINDS, FrameHeader
 
-MAGIC = b"ESF2"
-FRAME_VERSION = 2
-OLD_MAGICS = {b"ESF1": 1}
+MAGIC = b"ESF3"
+FRAME_VERSION = 3
+OLD_MAGICS = {b"ESF1": 1, b"ESF2": 2}
 """Magics of earlier frame versions, so a peer that speaks one gets a clear error."""
 _PREFIX = struct.Struct("<4sI")
 ALIGN_BYTES = 16
@@ -86,16 +89,22 @@ def _as_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     return np.asarray(tensor, dtype=ALLOWED_DTYPES[name], order="C"), name
 
 
-def encode_frame(header: FrameHeader, tensor: Any) -> bytes:
+def encode_frame(header: FrameHeader, tensor: Any, key: bytes | None = None) -> bytes:
     """Header + raw tensor bytes; copies the tensor once (zero extra for contiguous input).
+    With ``key``, the header's ``mac`` is set to `frame_mac` under that key (the epoch's
+    frame key; hashing costs about 1.6 GB/s, so run a large frame off the event loop);
+    without, the header's own ``mac`` (usually empty) is sent as it is.
 
     Raises TensorFrameError for a dtype outside ALLOWED_DTYPES or a frame over
     MAX_FRAME_BYTES.
     """
     array, dtype_name = _as_numpy(tensor)
-    wire_header = header.model_dump()
-    wire_header["dtype"] = dtype_name
-    wire_header["shape"] = array.shape
+    wire_header = _authenticated_fields(header, dtype_name, array.shape)
+    body = array.data.cast("B") if array.size else b""
+    if key is not None:
+        wire_header["mac"] = _mac(key, wire_header, body)
+    elif header.mac:  # sent as it is (a forwarded or re-encoded frame keeps its MAC)
+        wire_header["mac"] = header.mac
     packed = msgpack.packb(wire_header, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
         raise TensorFrameError(f"frame header of {len(packed)} bytes is over {MAX_HEADER_BYTES}")
@@ -103,8 +112,38 @@ def encode_frame(header: FrameHeader, tensor: Any) -> bytes:
     padding = b"\0" * (-start % ALIGN_BYTES)
     if start + len(padding) + array.nbytes > MAX_FRAME_BYTES:
         raise TensorFrameError(f"frame of {array.nbytes} tensor bytes is over {MAX_FRAME_BYTES}")
-    body = array.data.cast("B") if array.size else b""
     return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, padding, body))
+
+
+def frame_mac(key: bytes, header: FrameHeader, array: np.ndarray) -> bytes:
+    """HMAC-SHA256 under ``key`` of everything a frame says but its ``mac``: the msgpack of
+    the other header fields (in the model's field order), dtype and shape, then the
+    tensor bytes. Sender and receiver compute it from the typed header, so it does not
+    depend on how the wire map was ordered.
+
+    Raises TensorFrameError for an array whose dtype is not allowed in frames.
+    """
+    array, dtype_name = _as_numpy(array)
+    body = array.data.cast("B") if array.size else b""
+    return _mac(key, _authenticated_fields(header, dtype_name, array.shape), body)
+
+
+def mac_ok(key: bytes, header: FrameHeader, array: np.ndarray) -> bool:
+    """True when ``header.mac`` is the frame's MAC under ``key`` (constant-time compare)."""
+    return bool(header.mac) and hmac.compare_digest(frame_mac(key, header, array), header.mac)
+
+
+def _authenticated_fields(header: FrameHeader, dtype_name: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    fields = header.model_dump(exclude={"mac"})
+    fields["dtype"] = dtype_name
+    fields["shape"] = shape
+    return fields
+
+
+def _mac(key: bytes, fields: dict[str, Any], body: Any) -> bytes:
+    digest = hmac.new(key, msgpack.packb(fields, use_bin_type=True), hashlib.sha256)
+    digest.update(body)
+    return digest.digest()
 
 
 def decode_frame(payload: bytes | bytearray | memoryview) -> tuple[FrameHeader, np.ndarray]:

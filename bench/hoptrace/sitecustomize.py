@@ -74,11 +74,13 @@ if _path:
             return await orig_on(self, frame)
 
         dp.DataPlane.on_frame = on_frame
-        orig_enc = dp.encode_frame
+        import services.worker.frame_auth as fa  # frames are sealed (encoded) there
 
-        def encode_frame(header, arr):
+        orig_enc = fa.encode_frame
+
+        def encode_frame(header, arr, *key):
             t = _pc()
-            out = orig_enc(header, arr)
+            out = orig_enc(header, arr, *key)
             rec(
                 "tx",
                 header.request_id,
@@ -89,7 +91,7 @@ if _path:
             )
             return out
 
-        dp.encode_frame = encode_frame
+        fa.encode_frame = encode_frame
         import shared.fastpath as fp
 
         orig_pub = fp.FastPath.publish

@@ -33,6 +33,7 @@ from shared.messages import (
     RolloutRequested,
 )
 from shared.planning.route import route_of
+from shared.security.frame_keys import derive_frame_key
 from shared.topics import EPOCH_COMMANDS, PLAN, ROLLOUT_LEDGER, ROLLOUT_RESULTS, Topic
 
 REASON_LIMIT = 1024  # RolloutFinished.reason / AbortEpoch.reason are ShortText
@@ -270,7 +271,9 @@ def _start_next(state: BroadcastState, now_s: float) -> tuple[BroadcastState, Ac
                      ready_timeout_s=request.ready_timeout_s)  # fmt: skip
     ledger = EpochLedger(highest_epoch=epoch, in_progress=epoch, decision_id=request.decision_id,
                          previous_epoch=state.committed_epoch)  # fmt: skip
-    prepare = PrepareEpoch(epoch=epoch, plan=plan, ready_timeout_s=request.ready_timeout_s)
+    frame_key = derive_frame_key(state.config.signing_key, epoch, plan.signature).hex()
+    prepare = PrepareEpoch(epoch=epoch, plan=plan, ready_timeout_s=request.ready_timeout_s,
+                           frame_key=frame_key)  # fmt: skip
     state = replace(state, active=active, queue=queue, highest_epoch=epoch)
     return state, (Publish(ROLLOUT_LEDGER, ledger), Publish(EPOCH_COMMANDS, prepare))
 

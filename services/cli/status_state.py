@@ -18,6 +18,7 @@ from shared.messages import (
     NodeStatus,
     Plan,
     PrivacyPolicySet,
+    Telemetry,
 )
 
 KEPT_DECISIONS = 64
@@ -38,6 +39,9 @@ class StatusSnapshot:
     """Newest version of each decision, by decision id."""
     policy: PrivacyPolicySet | None = None
     emulation: dict[str, EmulationApplied] = field(default_factory=dict)
+    forged: dict[str, int] = field(default_factory=dict)
+    """Frames each node dropped as forged (failed authentication) since it started, from
+    its newest telemetry (nodes that reported none are absent)."""
     connected: bool = True
     """False while the bus is reconnecting (the view then says its data may be stale)."""
     version: int = 0
@@ -75,6 +79,11 @@ class StatusSnapshot:
             changed = message != self.policy
             self.policy = message
             return changed
+        if isinstance(message, Telemetry):
+            if message.frames_forged == self.forged.get(message.node, 0):
+                return False
+            self.forged[message.node] = message.frames_forged
+            return True
         return False
 
     def latest_decisions(self, count: int) -> list[DecisionRecorded]:
@@ -117,7 +126,8 @@ class StatusSnapshot:
         )
         plan = self.plan.model_dump(exclude={"signature"}) if self.plan is not None else None
         policy = self.policy.policy if self.policy is not None else None
-        return (self.connected, nodes, health, plan, decisions, policy, emulation)
+        forged = tuple(sorted(self.forged.items()))
+        return (self.connected, nodes, health, plan, decisions, policy, emulation, forged)
 
 
 def _put(table: dict[Any, Any], key: Any, message: object) -> bool:

@@ -85,6 +85,9 @@ def _nodes_table(snapshot: StatusSnapshot, now_s: float) -> RenderableType:
         )  # fmt: skip
     emulated = [(name, _emulation_text(snapshot, name)) for name in names]
     lines = [Text(f"emulated {name}: {text}", style="yellow") for name, text in emulated if text]
+    forged = ", ".join(f"{name} {count}" for name, count in sorted(snapshot.forged.items()) if count)
+    if forged:  # frames that failed authentication (docs/SECURITY.md, "Frames")
+        lines.append(Text(f"forged frames dropped: {forged}", style="red"))
     return Group(table, *lines) if lines else table
 
 

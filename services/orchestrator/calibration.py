@@ -78,9 +78,9 @@ class OverheadCalibration:
         """A request that finished at ``now_s`` (Unix s), the running plan's model then.
         Skipped: one token (no time per token), or a request that straddled the last plan
         change at ``changed_at_s`` (two plans served it)."""
-        duration_s = reply.ttft_s + reply.tpot_s * (len(reply.token_ids) - 1)
+        duration_s = reply.ttft_s + reply.tpot_s * (reply.generated_tokens - 1)
         one_plan = changed_at_s is None or now_s - duration_s >= changed_at_s
-        if len(reply.token_ids) > 1 and reply.tpot_s > 0 and one_plan:
+        if reply.generated_tokens > 1 and reply.tpot_s > 0 and one_plan:
             self._pending.append((now_s - duration_s, now_s, reply.tpot_s, model))
 
     def update(self, overhead_s: float, now_s: float, tracker: TpotTracker) -> float:

@@ -125,7 +125,7 @@ class TpotTracker:
         self._items: deque[Finished] = deque(maxlen=size)
 
     def add(self, finished: RequestFinished, now_s: float) -> None:
-        tokens = len(finished.token_ids)
+        tokens = finished.generated_tokens
         duration = finished.ttft_s + finished.tpot_s * max(0, tokens - 1)
         self._items.append(Finished(now_s - duration, now_s, finished.tpot_s, tokens))
         while self._items and now_s - self._items[0].finished_at_s > self.keep_s:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +24,7 @@ from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused, NodeLost, NoPlan
+from services.worker.frame_auth import FrameAuth
 from services.worker.frame_checks import FrameLimits, check_frame, duplicate_key
 from services.worker.handoff import KvHandoff, WaitKey
 from shared.errors import StageTimedOut
@@ -38,7 +40,7 @@ from shared.frame_headers import (
 )
 from shared.ids import NodeId, RequestId
 from shared.planning.route import Route
-from shared.tensor_frame import Frame, encode_frame
+from shared.tensor_frame import Frame
 
 log = logging.getLogger(__name__)
 __all__ = ["DataPlane", "FrameLimits", "FrameRefused", "NoPlan", "NodeLost"]
@@ -76,7 +78,6 @@ class DataPlane:
         self._result_rows: dict[WaitKey, tuple[int, int]] = {}  # (pass id, rows of its result)
         self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
-        self._pass_ids = count(1)
         self.withheld: Callable[[Route, tuple[int, int]], str | None] | None = None
         """The privacy guard's `refusal`: a segment the policy in force forbids here is not run."""
         self.down: set[str] = set()
@@ -84,9 +85,11 @@ class DataPlane:
         self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
         self._reconnected_at: float | None = None
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
+        self.auth = FrameAuth(node, keeper, self.counters)
+        self.seal = self.auth.seal
         self.handoff = KvHandoff(node, limits, keeper, compute, self.deadline, send,
                                  self._expect_answers, self._forget_answers, self._resolve,
-                                 self.down, self._seq, self.counters)  # fmt: skip
+                                 self.down, self._seq, self.counters, self.seal)  # fmt: skip
 
     def _seen_before(self, key: tuple[object, ...] | None) -> bool:
         """True for a frame already handled (``key``: `duplicate_key`; None: never a
@@ -157,9 +160,11 @@ class DataPlane:
 
         Raises FrameRefused (counted as ``frames_refused``) for one this node cannot run:
         a layout, position or token count that does not fit the model, a value that is
-        not finite, a block it does not run. A frame is checked before it is remembered
-        as seen, and forgotten when refused later, so a corrupt copy cannot shadow the
-        genuine frame.
+        not finite, a block it does not run. A frame that does not authenticate (no or a
+        bad MAC, a sender the plan does not name for that hop: frame_auth.py) is dropped
+        and counted as ``frames_forged``. A frame is checked before it is remembered as
+        seen, and forgotten when refused later, so a corrupt or forged copy cannot shadow
+        the genuine frame.
         """
         header = frame.header
         if isinstance(header, ProbeHeader):
@@ -171,6 +176,8 @@ class DataPlane:
         key, remembered = duplicate_key(header), False
         try:
             self._check(header, frame.array)
+            if not await self.auth.authentic(header, frame.array, serving):
+                return
             if self._seen_before(key):
                 self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
                 return
@@ -266,7 +273,7 @@ class DataPlane:
 
     def _expect_answers(self, keys: Sequence[WaitKey]) -> tuple[int, list[asyncio.Future[Frame]]]:
         """Wait for one answer per key under a new pass id (`_resolve` accepts them)."""
-        loop, pass_id = asyncio.get_running_loop(), next(self._pass_ids)
+        loop, pass_id = asyncio.get_running_loop(), new_pass_id()
         futures: list[asyncio.Future[Frame]] = [loop.create_future() for _ in keys]
         self._pending.update({key: (pass_id, future) for key, future in zip(keys, futures, strict=True)})
         return pass_id, futures
@@ -278,10 +285,9 @@ class DataPlane:
     async def _send_kv_missing(self, route: Route, header: ActivationHeader) -> None:
         """An empty result straight to the entry, to say this node lacks the KV cache."""
         out = ResultHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                           seq=next(self._seq), pass_id=header.pass_id, kv_missing=True)  # fmt: skip
-        await self._send_payload(
-            route.entry, encode_frame(out, np.zeros((0, self.hidden_size), np.float32))
-        )
+                           seq=next(self._seq), pass_id=header.pass_id, kv_missing=True,
+                           src=NodeId(self.node), sent_at=time.time())  # fmt: skip
+        await self._send_payload(route.entry, await self.seal(out, np.zeros((0, self.hidden_size), np.float32)))
 
     async def _send(
         self, route: Route, header: ActivationHeader | ReleaseHeader, array: np.ndarray, target: int
@@ -302,7 +308,7 @@ class DataPlane:
             out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
                                    sent_at=sent_at, target=target, pos=header.pos,
                                    last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
-        await self._send_payload(route.node_for(target), encode_frame(out, array))
+        await self._send_payload(route.node_for(target), await self.seal(out, array))
 
     async def pipeline_pass(
         self,
@@ -337,7 +343,7 @@ class DataPlane:
             return (hidden[-1:] if last_only else hidden), route.epoch
         key = (request_id, step, route.epoch)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        pass_id = next(self._pass_ids)
+        pass_id = new_pass_id()
         self._pending[key] = (pass_id, future)
         self._result_rows[key] = (pass_id, 1 if last_only else int(token_ids.shape[0]))
         header = ActivationHeader(request_id=RequestId(request_id), step=step, epoch=route.epoch, seq=0,
@@ -389,6 +395,13 @@ class DataPlane:
 
 SEEN_FRAMES = 8192
 """How many handled frames each worker remembers to drop duplicates."""
+
+
+def new_pass_id() -> int:
+    """A random pass id in [1, 2**63): a forged result or kv_ack cannot guess the pass it
+    would have to answer (pass ids were a visible counter)."""
+    return secrets.randbits(63) or 1
+
 
 def _embed_and_run(
     serving: Serving,

@@ -25,6 +25,9 @@ class Serving:
     route: Route
     host: SegmentHost | None
     entry: EntryRole | None
+    frame_key: bytes
+    """The epoch's frame key: what this node's frames of the epoch are authenticated with
+    (services/worker/frame_auth.py)."""
 
     @property
     def epoch(self) -> int:

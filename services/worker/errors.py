@@ -16,3 +16,8 @@ class NoPlan(StageTimedOut):
 
 class FrameRefused(EdgesplitError):
     """A frame this worker will not act on (bad target, shape or position)."""
+
+
+class FrameForged(FrameRefused):
+    """A frame that does not authenticate: no MAC or a wrong one under its epoch's key, or
+    a ``src`` that is not the node the epoch's plan names as the sender of that hop."""

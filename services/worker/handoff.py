@@ -25,13 +25,15 @@ from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused
 from services.worker.frame_checks import FrameLimits, check_kv, require_finite
 from shared.frame_headers import FrameHeader, HandoffHeader, KvAckHeader, KvHeader
-from shared.ids import RequestId
-from shared.tensor_frame import Frame, encode_frame, to_torch
+from shared.ids import NodeId, RequestId
+from shared.tensor_frame import Frame, to_torch
 
 WaitKey = tuple[str, int, int]
 """What an entry's wait for an answer is keyed by: (request id, step, epoch)."""
 ExpectAnswers = Callable[[Sequence[WaitKey]], tuple[int, list[asyncio.Future[Frame]]]]
 """Register one wait per key under a new pass id; returns (pass id, one future per key)."""
+Seal = Callable[[FrameHeader, np.ndarray], Awaitable[bytes]]
+"""Encode a frame authenticated with its epoch's key (`DataPlane.seal`)."""
 
 
 class KvHandoff:
@@ -44,7 +46,8 @@ class KvHandoff:
     payload)``: the (shaped) egress; ``expect``/``forget``/``resolve``: the entry's waits
     for answers, kept by the data plane (register, drop, accept one answer); ``down``: the
     nodes known to be down (read only here); ``seq``: the frame sequence numbers the data
-    plane numbers its frames with; ``counters``: the data plane's counters.
+    plane numbers its frames with; ``counters``: the data plane's counters; ``seal``:
+    encodes a frame with its epoch's MAC.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class KvHandoff:
         down: AbstractSet[str],
         seq: Iterator[int],
         counters: Counter[str],
+        seal: Seal,
     ) -> None:
         self.node = node
         self.limits = limits
@@ -75,6 +79,7 @@ class KvHandoff:
         self._forget = forget
         self._resolve = resolve
         self._seq = seq
+        self._seal = seal
 
     async def move(self, request_id: str, old_epoch: int, length: int) -> bool:
         """Move a request's KV caches from the old epoch's owners to the new ones.
@@ -104,11 +109,11 @@ class KvHandoff:
             for (node, (start, _)), key, base in zip(holders, keys, bases, strict=False):
                 header = HandoffHeader(request_id=RequestId(request_id), step=key[1], epoch=old_epoch, seq=0,
                                        target=start, pos=length, new_epoch=new.epoch, pass_id=pass_id,
-                                       ack_base=base)  # fmt: skip
+                                       ack_base=base, src=NodeId(self.node))  # fmt: skip
                 if node == self.node:
                     await self.on_handoff(header, empty, old)
                 else:
-                    await self._send_payload(node, encode_frame(header, empty))
+                    await self._send_payload(node, await self._seal(header, empty))
             async with asyncio.timeout(self.deadline.timeout_s(1)):  # about one pass; then replay
                 for answered in asyncio.as_completed(futures):
                     if _failed((await answered).header):
@@ -135,10 +140,11 @@ class KvHandoff:
                 out = KvHeader(request_id=header.request_id, step=header.step, epoch=new.epoch,
                                seq=next(self._seq), target=new.route.segment_of(owner)[0],  # type: ignore[index]
                                blocks=blocks, pos=header.pos, ack_step=header.ack_base + owners.index(owner),
-                               old_epoch=route.epoch, pass_id=header.pass_id)  # fmt: skip
-                await self._send_payload(owner, encode_frame(out, tensor))
+                               old_epoch=route.epoch, pass_id=header.pass_id, src=NodeId(self.node))  # fmt: skip
+                await self._send_payload(owner, await self._seal(out, tensor))
         answer = KvAckHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
-                             seq=next(self._seq), pass_id=header.pass_id, failed=failed)  # fmt: skip
+                             seq=next(self._seq), pass_id=header.pass_id, failed=failed,
+                             src=NodeId(self.node))  # fmt: skip
         await self._answer_entry(route.entry, answer, array)
 
     async def on_kv(self, header: KvHeader, array: np.ndarray, serving: Serving) -> None:
@@ -154,7 +160,7 @@ class KvHandoff:
         await self.compute.run(_import_kv, host, header, array)
         self.counters["kv_blocks_received"] += len(header.blocks)
         ack = KvAckHeader(request_id=header.request_id, step=header.ack_step, epoch=header.old_epoch,
-                          seq=next(self._seq), pass_id=header.pass_id)  # fmt: skip
+                          seq=next(self._seq), pass_id=header.pass_id, src=NodeId(self.node))  # fmt: skip
         await self._answer_entry(serving.route.entry, ack, np.zeros((0, self.hidden_size), np.float32))
 
     async def _answer_entry(self, entry: str, answer: KvAckHeader, array: np.ndarray) -> None:
@@ -163,7 +169,7 @@ class KvHandoff:
         if entry == self.node:
             self._resolve(Frame(answer, array))
         else:
-            await self._send_payload(entry, encode_frame(answer, array))
+            await self._send_payload(entry, await self._seal(answer, array))
 
 
 HANDOFF_STEP = 2**62

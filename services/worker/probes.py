@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import statistics
 import time
 from collections import deque
@@ -105,7 +106,7 @@ class LinkProber:
         self._allowed = set(settings.probe_peers) if settings.probe_peers is not None else None
         self._online: set[str] = set()
         self._peers: dict[str, _Peer] = {}
-        self._ids = count(1)
+        self._ids = iter(lambda: secrets.randbits(63), None)  # a forged echo cannot guess one
         self._rounds = count(1)
         self.counters: dict[str, int] = {"echoed": 0}
 

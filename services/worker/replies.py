@@ -3,7 +3,9 @@
 The decode loop queues a reply and goes on; the sender publishes each on the client's
 reply topic (QoS 1) and never lets the loop wait for the broker's acknowledgement. A
 `RequestFinished` goes once more to ``requests/finished``, where the orchestrator reads
-the time per token of every generation without reading every client's token stream.
+the time per token of every generation without reading every client's token stream; that
+copy carries counts and timings only (`RequestFinished.without_content`), never the
+generated tokens or text, which go only to the client's own reply topic.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class ReplySender:
             client, message = await self._queue.get()
             try:
                 await bus.publish(REPLIES, message, client=client)
-                if isinstance(message, RequestFinished):
-                    await bus.publish(FINISHED, message)
+                if isinstance(message, RequestFinished):  # numbers only: no tokens, no text
+                    await bus.publish(FINISHED, message.without_content())
             except EdgesplitError as error:
                 log.warning("%s: reply to %s lost: %s", self.node, client, error)

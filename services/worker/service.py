@@ -47,6 +47,7 @@ from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
 from shared.planning.route import Route, route_of
+from shared.security.frame_keys import derive_frame_key, parse_frame_key
 from shared.topics import (
     ACTIVATIONS,
     EPOCH_ACKS,
@@ -75,7 +76,9 @@ class WorkerService:
         keeper = self.keeper
         self.telemetry = TelemetryReporter(TelemetrySources(
             self.node, settings.telemetry_period_s, self.compute,
-            serving=lambda: keeper.current, links=lambda: self.prober.window(self.shaper.delivery_rates())))  # fmt: skip
+            serving=lambda: keeper.current,
+            links=lambda: self.prober.window(self.shaper.delivery_rates()),
+            frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
@@ -218,7 +221,8 @@ class WorkerService:
         try:
             if command.plan.epoch != epoch:
                 raise PlanRefused(f"PREPARE {epoch} carries a plan of epoch {command.plan.epoch}")
-            serving = await self._build(command.plan)
+            key = parse_frame_key(command.frame_key) if command.frame_key else None
+            serving = await self._build(command.plan, key)
             self.keeper.prepare(serving)
             answer: EpochReady | EpochRejected = EpochReady(epoch=epoch, node=self.node)  # type: ignore[arg-type]
         except Exception as error:  # noqa: BLE001 - every failure becomes a NACK with its reason
@@ -258,8 +262,10 @@ class WorkerService:
         if await self._commit(plan.epoch):
             await self._ack(EpochReady(epoch=plan.epoch, node=self.node))  # type: ignore[arg-type]
 
-    async def _build(self, plan: Plan) -> Serving:
-        """Verify ``plan`` and load what this node needs for it (reusing what it holds)."""
+    async def _build(self, plan: Plan, frame_key: bytes | None = None) -> Serving:
+        """Verify ``plan`` and load what this node needs for it (reusing what it holds).
+        ``frame_key``: the epoch's frame key from its PREPARE; derived from the plan when
+        None (a retained plan)."""
         assert self.store is not None and self.shards is not None
         if not plan.signature_ok(self.settings.plan_signing_key):
             raise PlanRefused(f"plan epoch {plan.epoch} has a bad or missing signature")
@@ -275,7 +281,9 @@ class WorkerService:
         entry = self.entry if route.entry == self.node else None
         if route.entry == self.node and entry is None:
             entry = await asyncio.to_thread(self._make_entry)
-        return Serving(route, host if segment is not None else None, entry)
+        if frame_key is None:
+            frame_key = derive_frame_key(self.settings.plan_signing_key, plan.epoch, plan.signature)
+        return Serving(route, host if segment is not None else None, entry, frame_key)
 
     def _make_entry(self) -> EntryRole:
         assert self.store is not None and self.data is not None

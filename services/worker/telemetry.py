@@ -178,6 +178,8 @@ class TelemetrySources:
     compute: ComputeThread
     serving: Callable[[], Serving | None]
     links: Callable[[], tuple[LinkObservation, ...]]
+    frames_forged: Callable[[], int] = lambda: 0
+    """Frames the data plane dropped as forged since start (services/worker/frame_auth.py)."""
 
 
 @dataclass(frozen=True)
@@ -261,4 +263,5 @@ class TelemetryReporter:
             blocks_held=host.end - host.start if host else 0,
             block_times=times,
             links=sources.links(),
+            frames_forged=sources.frames_forged(),
         )

@@ -100,3 +100,6 @@ class Telemetry(Message):
     blocks_held: NonNegativeInt = 0
     block_times: BlockTimes | None = None
     links: tuple[LinkObservation, ...] = Field(default=(), max_length=1024)
+    frames_forged: NonNegativeInt = 0
+    """Data-plane frames dropped since the node started because they did not authenticate
+    (a missing or bad MAC, or a sender the plan does not name for that hop)."""

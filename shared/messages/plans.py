@@ -47,6 +47,9 @@ class PrepareEpoch(Message):
     epoch: Epoch
     plan: Plan
     ready_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    frame_key: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
+    """Hex key that authenticates the epoch's data-plane frames (shared/security/frame_keys.py);
+    empty from an older broadcaster: the worker derives it from the plan."""
 
 
 class EpochReady(Message):

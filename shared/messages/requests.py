@@ -69,7 +69,9 @@ class TokenGenerated(Message):
 
 
 class RequestFinished(Message):
-    """Event: a generation finished; all its tokens and its timings."""
+    """Event: a generation finished; all its tokens and its timings. The client's own
+    reply carries the tokens and text; the copy on ``requests/finished`` (for the
+    orchestrator's calibration) carries only numbers: see `without_content`."""
 
     request_id: RequestIdField
     token_ids: tuple[TokenId, ...] = Field(max_length=MAX_ITEMS)
@@ -79,6 +81,19 @@ class RequestFinished(Message):
     """Time to first token, from the request's arrival at the entry node."""
     tpot_s: NonNegativeFloat
     """Mean time per output token after the first."""
+    token_count: NonNegativeInt | None = None
+    """Tokens generated, set when ``token_ids`` and ``text`` were withheld (None: count
+    ``token_ids``; older senders never set it)."""
+
+    @property
+    def generated_tokens(self) -> int:
+        """How many tokens the generation produced (with or without its content)."""
+        return self.token_count if self.token_count is not None else len(self.token_ids)
+
+    def without_content(self) -> RequestFinished:
+        """This event with no token ids and no text, only counts and timings: what may go
+        to identities other than the client that sent the prompt."""
+        return self.model_copy(update={"token_ids": (), "text": "", "token_count": self.generated_tokens})
 
 
 class EmbeddingReady(Message):

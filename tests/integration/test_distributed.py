@@ -118,12 +118,15 @@ def test_generate_equals_local_split(name: str, request_fixture: pytest.FixtureR
 
 
 def test_each_finished_generation_is_published_once_more_for_the_orchestrator(llama: System) -> None:
-    """The orchestrator calibrates on `requests/finished`, not on every client's tokens."""
+    """The orchestrator calibrates on `requests/finished`, not on every client's tokens;
+    that copy carries counts and timings only: no prompt, no generated tokens or text
+    (issue #17, item 5). The client's own reply has them."""
+    prompt = "the secret route of the ambulance"
 
     async def scenario() -> tuple[RequestFinished, list[RequestFinished]]:
         async with Bus(llama.settings) as bus, bus.subscribe(FINISHED) as finished:
             result = await request(llama.options(), lambda client: GenerateRequest(
-                request_id="fin1", reply_to=client, token_ids=(5, 17, 42), max_new_tokens=6))  # type: ignore[arg-type]  # fmt: skip
+                request_id="fin1", reply_to=client, prompt=prompt, max_new_tokens=6))  # type: ignore[arg-type]  # fmt: skip
             seen: list[RequestFinished] = []
             async with asyncio.timeout(10):
                 while not seen or seen[-1].request_id != "fin1":
@@ -133,8 +136,14 @@ def test_each_finished_generation_is_published_once_more_for_the_orchestrator(ll
 
     result, seen = asyncio.run(scenario())
     assert [m.request_id for m in seen if m.request_id == "fin1"] == ["fin1"]
-    assert seen[-1] == result
-    assert result.token_ids == llama.local.generate([5, 17, 42], 6).token_ids
+    prompt_ids = llama.local.tokenizer.encode(prompt)
+    assert result.token_ids == llama.local.generate(prompt_ids, 6).token_ids
+    assert result.text and result.text == llama.local.tokenizer.decode(list(result.token_ids))
+    copy = seen[-1]
+    assert copy.token_ids == () and copy.text == "" and copy.token_count == len(result.token_ids)
+    assert copy == result.without_content() and copy.generated_tokens == result.generated_tokens
+    wire = copy.model_dump_json()
+    assert prompt not in wire and "ambulance" not in wire and result.text not in wire
 
 
 def test_embed_equals_local_split(bert: System) -> None:

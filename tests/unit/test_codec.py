@@ -64,6 +64,8 @@ def _bounded(base: type, metadata: list[Any]) -> st.SearchStrategy[Any]:
         )
     if base is str:
         return st.text(max_size=min(bounds.get("max_length", 40), 40))
+    if base is bytes:  # a frame's mac
+        return st.binary(max_size=min(bounds.get("max_length", 40), 40))
     raise TypeError(f"no strategy for {base}")
 
 
@@ -403,8 +405,16 @@ def test_a_version_1_frame_is_refused_as_an_older_version() -> None:
     """A peer still on ESF1 (an untyped ``extra`` map) gets a clear error, not a misread."""
     wire = {"request_id": "r1", "step": 0, "epoch": 1, "seq": 0, "dtype": "float32", "shape": [2, 3],
             "extra": {"target": 3, "pos": 0, "pass": 1}}  # fmt: skip
-    with pytest.raises(TensorFrameError, match=r"peer speaks tensor frame version 1 .*this node speaks version 2"):
+    with pytest.raises(TensorFrameError, match=r"peer speaks tensor frame version 1 .*this node speaks version 3"):
         decode_frame(_wire_frame(wire, magic=b"ESF1"))
+
+
+def test_a_version_2_frame_is_refused_as_an_older_version() -> None:
+    """A peer on ESF2 (no frame MAC, issue #17 item 4) gets a clear error naming the version."""
+    wire = {"request_id": "r1", "step": 0, "epoch": 1, "seq": 0, "dtype": "float32", "shape": [2, 3],
+            "kind": "release", "target": 1}  # fmt: skip
+    with pytest.raises(TensorFrameError, match=r"peer speaks tensor frame version 2 .*run the same release"):
+        decode_frame(_wire_frame(wire, magic=b"ESF2"))
 
 
 def test_frames_with_bad_prefix_or_byte_count_are_rejected() -> None:

@@ -41,6 +41,8 @@ from shared.tensor_frame import Frame, decode_frame, encode_frame
 
 ROUTE = Route(epoch=1, entry="a", num_layers=4, segments=(("a", 0, 2), ("b", 2, 4)))
 PROMPT = np.array([5, 9, 17, 33], np.int64)
+KEY = bytes(range(32))
+"""Epoch 1's frame key (both nodes hold it)."""
 NAN, INF = float("nan"), float("inf")
 
 
@@ -106,8 +108,8 @@ def make_pair(source: Checkpoint) -> Iterator[Callable[[], Pair]]:
         threads.extend((compute_a, compute_b))
         keeper_a, keeper_b = EpochKeeper(), EpochKeeper()
         host_b = SegmentHost(source, 2, 4)
-        keeper_a.prepare(Serving(ROUTE, SegmentHost(source, 0, 2), _Entry(source)))  # type: ignore[arg-type]
-        keeper_b.prepare(Serving(ROUTE, host_b, None))
+        keeper_a.prepare(Serving(ROUTE, SegmentHost(source, 0, 2), _Entry(source), KEY))  # type: ignore[arg-type]
+        keeper_b.prepare(Serving(ROUTE, host_b, None, KEY))
         for keeper in (keeper_a, keeper_b):
             keeper.commit(1, time.monotonic())
         pair = Pair(a=None, b=None, host_b=host_b)  # type: ignore[arg-type]
@@ -140,11 +142,20 @@ def _row(rows: int, value: float | None = None, at: tuple[int, int] = (0, 3)) ->
     return array
 
 
+def sealed(header: FrameHeader, array: np.ndarray, src: str, key: bytes = KEY) -> Frame:
+    """``header`` from ``src``, authenticated with ``key``, as received over MQTT."""
+    return Frame(*decode_frame(encode_frame(header.model_copy(update={"src": src}), array, key)))
+
+
 async def _refuse(pair: Pair, node: str, header: FrameHeader, array: np.ndarray, match: str) -> None:
+    """A frame from the plan's sender of that hop (so it authenticates) that is refused."""
     plane = pair.a if node == "a" else pair.b
     before = plane.counters["frames_refused"]
+    src = "b" if node == "a" else "a"
+    if isinstance(header, KvHeader):  # from the old owner of its blocks
+        src = ROUTE.owner_of_block(header.blocks[0])
     with pytest.raises(FrameRefused, match=match):
-        await plane.on_frame(Frame(*decode_frame(encode_frame(header, array))))
+        await plane.on_frame(sealed(header, array, src))
     assert plane.counters["frames_refused"] == before + 1
 
 
@@ -175,7 +186,7 @@ def test_activations_that_do_not_fit_are_refused_before_compute(
         assert pair.host_b.requests() == 0  # nothing computed, no KV cache made
         assert pair.host_b.export_kv("h1") is None
         # the genuine frame with the key of a refused one is not taken for a duplicate
-        await pair.b.on_frame(Frame(*decode_frame(encode_frame(_activation(step=1), _row(1)))))
+        await pair.b.on_frame(sealed(_activation(step=1), _row(1), "a"))
         assert pair.b.counters["frames_duplicate"] == 0 and pair.host_b.requests() == 1
         await _pass_equals_reference(pair, source)
 
@@ -243,7 +254,7 @@ def test_kv_frames_that_do_not_fit_are_refused_before_import(make_pair: Callable
             (_kv(step=5), _kv_array(heads=4), r"\[2, 2, 2, 3, 16\]"),
             (_kv(step=6), _kv_array(dim=8), r"\[2, 2, 2, 3, 16\]"),
             (_kv(step=7, blocks=(2,)), _kv_array(), r"\[1, 2, 2, 3, 16\]"),
-            (_kv(step=8, blocks=(1, 2)), _kv_array(), r"names blocks \[1, 2\]; this node holds \[2, 4\)"),
+            (_kv(step=8, blocks=(1,)), _kv_array(1), r"names blocks \[1\]; this node holds \[2, 4\)"),
             (_kv(step=9, blocks=(3, 3)), _kv_array(), "each block may come once"),
             (_kv(step=10, pos=0), _kv_array(tokens=0), r"positions 0\.\.-1: it needs at least one token"),
             (_kv(step=11, blocks=(2,), pos=300), _kv_array(blocks=1, tokens=300), "256-token context"),
@@ -254,7 +265,7 @@ def test_kv_frames_that_do_not_fit_are_refused_before_import(make_pair: Callable
         assert pair.sent_by_b == []  # no acknowledgement for a refused frame
 
         genuine = _kv_array()
-        await pair.b.on_frame(Frame(*decode_frame(encode_frame(_kv(step=1), genuine))))
+        await pair.b.on_frame(sealed(_kv(step=1), genuine, "b"))
         assert pair.b.counters["kv_blocks_received"] == 2
         exported = pair.host_b.export_kv("k1")
         assert exported is not None

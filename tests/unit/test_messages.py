@@ -112,6 +112,7 @@ EXAMPLES: list[Message] = [
         ttft_s=0.35,
         tpot_s=0.07,
     ),  # fmt: skip
+    RequestFinished(request_id="r1", token_ids=(), ttft_s=0.35, tpot_s=0.07, token_count=2),  # requests/finished
     EmbeddingReady(request_id="r2", embedding=(0.1, -0.2, 0.3), elapsed_s=0.03),
     RequestFailed(request_id="r3", error="busy", message="8 requests in flight; retry later"),
     CapacityProfile(

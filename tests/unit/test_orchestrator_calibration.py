@@ -79,3 +79,19 @@ def test_the_window_forgets_old_requests() -> None:
     for index, tpot_s in enumerate((0.011, 0.011, 0.011, 0.011, 0.015, 0.015, 0.015, 0.015)):
         calibration.finished(finished(tpot_s), 101.0 + index, None, model(0.010))
     assert abs(calibration.update(0.0, 200.0, tracker) - 0.005) < 1e-12
+
+
+def test_the_copy_without_content_calibrates_like_the_full_reply() -> None:
+    """requests/finished carries no tokens or text (issue #17, item 5), only counts."""
+    full = finished(0.012)
+    bare = full.without_content()
+    assert bare.token_ids == () and bare.text == "" and bare.generated_tokens == 11
+    results = []
+    for reply in (full, bare):
+        calibration, tracker = OverheadCalibration(settle_s=5.0), TpotTracker()
+        calibration.reference_seen(100.0, model(0.010))
+        calibration.reference_seen(106.0, model(0.010))
+        calibration.finished(reply, 101.0, None, model(0.010))
+        tracker.add(reply, 101.0)
+        results.append((calibration.update(0.0, 106.0, tracker), tracker.tokens_per_s(101.0)))
+    assert results[0] == results[1] and results[0][1] > 0

@@ -20,6 +20,7 @@ from shared.messages import (
     PrivacyPolicy,
     PrivacyPolicySet,
     Segment,
+    Telemetry,
 )
 
 NOW_S = 1_800_000_000.0
@@ -149,3 +150,20 @@ def test_structure_ignores_measured_numbers_but_not_link_health() -> None:
     healed = tuple(link.model_copy(update={"health": "ok", "degraded": ()}) for link in profile.links)
     snapshot.apply(profile.model_copy(update={"links": healed}))
     assert snapshot.structure() != before
+
+
+def test_forged_frames_from_telemetry_show_in_the_view() -> None:
+    """Each worker's count of frames that failed authentication (issue #17, item 4)."""
+
+    def telemetry(node: str, forged: int) -> Telemetry:
+        return Telemetry(node=node, window_s=1.0, cpu_utilisation=0.1, memory_used_bytes=1,  # type: ignore[arg-type]
+                         requests_in_flight=0, frames_forged=forged)  # fmt: skip
+
+    snapshot = full_snapshot()
+    assert "forged" not in text_of(snapshot)
+    assert not snapshot.apply(telemetry("car", 0))  # nothing forged: nothing changes
+    before = snapshot.structure()
+    assert snapshot.apply(telemetry("rsu", 7)) and snapshot.apply(telemetry("mec", 2))
+    assert not snapshot.apply(telemetry("rsu", 7))  # the next window, same count
+    assert snapshot.structure() != before
+    assert "forged frames dropped: mec 2, rsu 7" in text_of(snapshot)
