@@ -17,13 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.errors import BrokerUnavailable, EdgesplitError, ServingError
+from shared.errors import BrokerUnavailable, ServingError
 from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
 from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
@@ -93,7 +95,12 @@ class Stack:
     def processes(self) -> dict[str, subprocess.Popen[bytes]]:
         return {**self.workers, **self.services}
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM every process, SIGKILL those still there after ``timeout_s``, reap all.
+
+        Workers and services get ``timeout_s`` together and the broker 2 s more, so the
+        whole stop stays well inside the 10 s a supervisor gives `up` after a signal.
+        """
         for process in self.processes().values():
             if process.poll() is None:
                 process.terminate()
@@ -103,8 +110,10 @@ class Stack:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             if process.poll() is None:
                 process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=1.0)  # reaped, so no zombie outlives `up`
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.stop(timeout_s=2.0)
 
     def dead_worker(self) -> str | None:
         for node, process in self.processes().items():
@@ -301,17 +310,32 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
         say(f"stopped everything it started; logs stay in {run_dir}")
 
 
+async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main``; SIGINT or SIGTERM to this process cancels it (its ``finally`` stops the stack).
+
+    Both handlers are installed explicitly: a shell starts a background job (``up &``) with
+    SIGINT ignored, and Python then leaves it ignored, so a supervisor's ``kill -INT PID``
+    did nothing. Signals that arrive while the stack stops wait in the loop's queue, so a
+    second Ctrl-C cannot interrupt the stop half way and orphan workers.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await main
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
            static: bool = False) -> int:  # fmt: skip
-    """Blocking entry point for the CLI; Ctrl-C or SIGTERM stops everything it started."""
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: no orphaned workers
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    """Blocking entry point for the CLI; SIGINT (Ctrl-C) or SIGTERM stops everything it started."""
     try:
-        asyncio.run(up(settings, topology_file, model, run_dir, static=static))
-    except KeyboardInterrupt:
+        asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     except BaseExceptionGroup as group:
         from shared.process import first_edgesplit_error
@@ -320,8 +344,4 @@ def run_up(settings: BusSettings, topology_file: Path | None, model: str | None,
         if found is None:
             raise
         raise found from None
-    except EdgesplitError:
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
