@@ -179,19 +179,29 @@ class EntryRole:
         return True
 
     def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
-        """None if the request may start now, else the typed refusal to send back."""
+        """None if the request may start now (it is journalled at once, so it counts against
+        ``max_in_flight`` before its serve task runs), else the typed refusal to send back.
+
+        Event loop, no await: a burst taken from the subscription without yielding is
+        counted exactly, one request at a time.
+        """
         if len(self.journal) >= self.max_in_flight:
             return RequestFailed(
                 request_id=request.request_id,
                 error="busy",
                 message=f"entry node has {len(self.journal)} requests in flight (the bound); retry later",
             )
+        self.journal[request.request_id] = JournalEntry(request, [])
         return None
 
     async def serve(self, request: GenerateRequest | EmbedRequest) -> None:
-        """Run one admitted request to completion; every failure becomes RequestFailed."""
+        """Run one request to completion; every failure becomes RequestFailed.
+
+        Admitted by `admit` (its journal entry, made at admission, is the request's slot);
+        a request served without `admit` is journalled here."""
         rid = request.request_id
-        self.journal[rid] = JournalEntry(request, [])
+        if rid not in self.journal:
+            self.journal[rid] = JournalEntry(request, [])
         try:
             async with asyncio.timeout(request.timeout_s):
                 if isinstance(request, GenerateRequest):
