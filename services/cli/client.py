@@ -45,6 +45,7 @@ from shared.errors import (
     ContextTooLong,
     EdgesplitError,
     NoAnswer,
+    Overloaded,
     ServingError,
     StageTimedOut,
 )
@@ -78,6 +79,7 @@ _ERRORS: dict[str, type[ServingError]] = {
     "context_too_long": ContextTooLong,  # type: ignore[dict-item]
     "timeout": StageTimedOut,
     "no_plan": NoFeasiblePlan,
+    "overloaded": Overloaded,
 }
 
 

@@ -20,8 +20,9 @@ import torch
 
 from services.worker.compute import KvMissing
 from services.worker.errors import NodeLost, NoPlan
+from services.worker.kv_budget import KvLedger
 from services.worker.prompt import PromptLimits, prompt_ids
-from shared.errors import BusError, ConfigError, ContextTooLong, StageTimedOut
+from shared.errors import BusError, ConfigError, ContextTooLong, Overloaded, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
@@ -129,6 +130,7 @@ class EntryRole:
         failover_wait_s: float = 10.0,
         max_replays: int = 4,
         max_prompt_chars: int | None = None,
+        kv_ledger: KvLedger | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -147,6 +149,8 @@ class EntryRole:
         self.finished: OrderedDict[str, tuple[tuple[object, ...], ReplyMessage]] = OrderedDict()
         """(what was asked, final reply) of recent requests, by request id."""
         self.counters: Counter[str] = Counter()
+        self.kv_ledger = kv_ledger
+        """KV reservations against the pipeline's budgets (None: not limited at admission)."""
 
     async def repeat(self, request: GenerateRequest | EmbedRequest) -> bool:
         """Handle a request id seen before; False for a new one.
@@ -216,6 +220,9 @@ class EntryRole:
             self._fail(rid, "timeout", str(error))
         except ContextTooLong as error:
             self._fail(rid, "context_too_long", str(error))
+        except Overloaded as error:  # the KV budget: refused at admission, or by a node
+            self.counters["refused_overloaded"] += 1
+            self._fail(rid, "overloaded", str(error))
         except ConfigError as error:
             self._fail(rid, "invalid_request", str(error))
         except Exception as error:  # one request's failure must not stop the node
@@ -223,6 +230,8 @@ class EntryRole:
             self._fail(rid, "internal", f"{type(error).__name__}: {error}")
         finally:
             self.journal.pop(rid, None)
+            if self.kv_ledger is not None:
+                self.kv_ledger.release(rid)
 
     def _fail(self, rid: str, error: str, message: str) -> None:
         entry = self.journal.get(rid)
@@ -257,6 +266,8 @@ class EntryRole:
         sampler = Sampler(SamplingParams(request.temperature, request.top_p, request.seed))
         stream = self.tokenizer.stream()
         resume = list(request.resume_token_ids or ())[: request.max_new_tokens]
+        if self.kv_ledger is not None:  # before any pass: past the budget it is `overloaded`
+            self.kv_ledger.reserve(rid, len(entry.prompt_ids) + len(resume), request.max_new_tokens - len(resume))
         entry.generated = list(resume)
         if resume:  # detokenizing is tokenizer work too: off the loop
             entry.texts = await asyncio.to_thread(lambda: [stream.push(token)[:1024] for token in resume])

@@ -38,6 +38,8 @@ class NodeStatus(Message):
     """Blocks the node holds in that epoch."""
     entry: bool = False
     """True when the node is that epoch's entry."""
+    kv_budget_bytes: NonNegativeInt | None = None
+    """The KV cache bytes the node takes in that epoch (None: not announced, unlimited)."""
 
 
 class BlockTimes(Part):
