@@ -149,3 +149,17 @@ def test_structure_ignores_measured_numbers_but_not_link_health() -> None:
     healed = tuple(link.model_copy(update={"health": "ok", "degraded": ()}) for link in profile.links)
     snapshot.apply(profile.model_copy(update={"links": healed}))
     assert snapshot.structure() != before
+
+
+def test_the_view_shows_kv_in_use_against_each_nodes_budget() -> None:
+    snapshot = full_snapshot()
+    budgeted = status("car", "online", 2, (0, 4)).model_copy(update={"kv_budget_bytes": 900_000_000})
+    assert snapshot.apply(budgeted)
+    assert snapshot.apply(NodeStatus(node="edge", state="online", trust=0, memory_bytes=10**9, threads=1,  # type: ignore[arg-type]
+                                     kv_budget_bytes=50_000_000))  # fmt: skip
+    text = text_of(snapshot)
+    table = text[text.index("nodes (4)"):text.index("measured links")].splitlines()
+    rows = {line.split()[0]: line for line in table[3:] if line.strip()}
+    assert "12.5/900.0" in rows["car"].split()  # KV MB in use / budget
+    assert "12.5" in rows["rsu"].split() and "12.5/" not in rows["rsu"]  # no budget announced
+    assert "-/50.0" in rows["edge"].split()  # a budget, no telemetry yet
