@@ -78,7 +78,8 @@ class WorkerService:
         keeper = self.keeper
         self.telemetry = TelemetryReporter(TelemetrySources(
             self.node, settings.telemetry_period_s, self.compute,
-            serving=lambda: keeper.current, links=self.prober.window, kv_in_use=self.kv_in_use))  # fmt: skip
+            serving=lambda: keeper.current, links=self.prober.window, kv_in_use=self.kv_in_use,
+            overflows=self.overflows))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
@@ -125,6 +126,13 @@ class WorkerService:
             entry=bool(route and route.entry == self.node),
             kv_budget_bytes=self.kv_budget.limit_bytes,
         )
+
+    def overflows(self) -> int:
+        """Items refused or dropped by this node's bounded queues: its bus subscriptions,
+        the reply sender, the compute thread and the egress shaper."""
+        bus = self._bus.counters if self._bus is not None else {}
+        dropped = sum(n for key, n in bus.items() if key.startswith("overflow:"))
+        return dropped + self.replies.dropped + self.compute.refused + self.shaper.dropped
 
     def kv_in_use(self) -> int:
         """KV bytes allocated by every segment host this node keeps (draining epochs too)."""

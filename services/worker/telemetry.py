@@ -180,6 +180,8 @@ class TelemetrySources:
     links: Callable[[], tuple[LinkObservation, ...]]
     kv_in_use: Callable[[], int] | None = None
     """KV bytes allocated on the node (every host; None: the committed host's cached K/V)."""
+    overflows: Callable[[], int] | None = None
+    """Items the node's bounded queues refused or dropped so far."""
 
 
 @dataclass(frozen=True)
@@ -263,4 +265,5 @@ class TelemetryReporter:
             blocks_held=host.end - host.start if host else 0,
             block_times=times,
             links=sources.links(),
+            queue_overflows=sources.overflows() if sources.overflows else 0,
         )

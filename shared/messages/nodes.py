@@ -94,7 +94,10 @@ class Telemetry(Message):
     queue_depth: NonNegativeInt = 0
     """Compute jobs waiting for the compute thread at the end of the window."""
     kv_cache_bytes: NonNegativeInt = 0
+    """KV bytes allocated on the node (every request cache and partial import)."""
     segments_held: NonNegativeInt = 0
     blocks_held: NonNegativeInt = 0
+    queue_overflows: NonNegativeInt = 0
+    """Items its bounded queues refused or dropped since it started (docs/ARCHITECTURE.md)."""
     block_times: BlockTimes | None = None
     links: tuple[LinkObservation, ...] = Field(default=(), max_length=1024)
