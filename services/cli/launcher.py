@@ -16,11 +16,12 @@ import importlib.util
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
@@ -35,6 +36,7 @@ from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+T = TypeVar("T")
 
 
 def say(line: str) -> None:
@@ -256,6 +258,34 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
     return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments).sign(key)  # type: ignore[arg-type]
 
 
+async def _on_daemon_thread(function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` on a daemon thread (``asyncio.to_thread``'s executor threads are
+    joined when the loop closes, so a cancelled call would still hold the process)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def main() -> None:
+        try:
+            result: object = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, None, error)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=main, name="up-prepare", daemon=True).start()
+    return await future
+
+
 def _prepare(settings: BusSettings, model: str | None, run_dir: Path) -> tuple[Path, Path, int]:
     """The run folder, the model's checkpoint and its shard store (prepared if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,8 +299,10 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     """Run the stack until cancelled."""
     topology_path = topology_file or DEFAULT_TOPOLOGY
     topology = load_topology(topology_path)
-    # Model preparation, sharding and the broker start block: run them off the loop.
-    model_dir, shards, num_layers = await asyncio.to_thread(_prepare, settings, model, run_dir)
+    # Model preparation, sharding and the broker start block: run them off the loop. The
+    # preparation (a download, sharding) may take minutes and starts no process: it runs on
+    # a daemon thread, so a signal meanwhile ends `up` at once instead of after it.
+    model_dir, shards, num_layers = await _on_daemon_thread(_prepare, settings, model, run_dir)
     stack = Stack(broker=await asyncio.to_thread(ensure_broker, settings, run_dir / "broker"))
     try:
         async with Bus(settings) as bus:
