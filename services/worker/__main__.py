@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--max-in-flight", type=int, help="entry: requests admitted at once")
     parser.add_argument("--device", help="torch device (cpu, cuda)")
     parser.add_argument("--kv-budget-bytes", type=int,
-                        help="KV caches this node may hold (default: half its memory after its weights)")  # fmt: skip
+                        help="KV caches this node may hold (default: its memory after its weights, >= 64 MiB)")  # fmt: skip
     add_bus_arguments(parser)
     return parser.parse_args(argv)
 

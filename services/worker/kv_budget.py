@@ -1,8 +1,9 @@
 """KV memory budgets: what a request's KV caches cost, and who may still take them.
 
-Every worker has a KV budget (``WorkerSettings.kv_budget_bytes``; by default half of its
-memory left after the weights of the blocks the plan gives it). Two guards keep the
-caches inside it:
+Every worker has a KV budget (``WorkerSettings.kv_budget_bytes``; by default its memory
+left after the weights of the blocks the plan gives it, as the planner counts memory:
+weights + KV <= ``memory_bytes``, docs/cost-model; never below ``KV_FLOOR_BYTES``). Two
+guards keep the caches inside it:
 
 - The entry admits a request only when its KV fits every node of the pipeline
   (`KvLedger`): each admitted request reserves what its caches will hold at their
@@ -29,9 +30,10 @@ from shared.errors import Overloaded
 from shared.model.config import FP32_BYTES, ModelConfig
 from shared.model.kv_cache import INITIAL_CAPACITY
 
-KV_SHARE = 0.5
-"""Share of a node's memory left after its weights that its KV caches may use by default
-(the rest: activations, the runtime, Python, the OS page cache of the shards)."""
+KV_FLOOR_BYTES = 64 * 2**20
+"""The least default KV budget: emulated topologies give tiny models memory figures that
+only steer the planner (deploy/topologies/adaptive-tiny.toml: two blocks' weights, no
+more); a configured ``kv_budget_bytes`` is taken as it is."""
 
 
 class KvOverBudget(Overloaded):
@@ -70,9 +72,10 @@ def request_kv_bytes(kv_bytes_per_token_block: int, prompt_tokens: int, max_new_
 
 
 def default_kv_budget(memory_bytes: int, config: ModelConfig, blocks: int) -> int:
-    """``KV_SHARE`` of the memory a node has left after the weights of ``blocks`` blocks."""
+    """The memory a node has left after the weights of ``blocks`` blocks (the planner fits
+    weights and KV within ``memory_bytes``), at least ``KV_FLOOR_BYTES``."""
     weights = blocks * config.block_parameter_count() * FP32_BYTES
-    return max(0, int((memory_bytes - weights) * KV_SHARE))
+    return max(KV_FLOOR_BYTES, memory_bytes - weights)
 
 
 def over_budget(

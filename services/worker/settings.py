@@ -35,8 +35,8 @@ class WorkerSettings(BusSettings):
         default=10.0, gt=0, description="free K/V moved here whose other blocks never came after"
     )
     kv_budget_bytes: int | None = Field(
-        default=None, ge=0, description="KV caches this node may hold; None: half of its memory "
-        "left after its blocks' weights (services/worker/kv_budget.py)",
+        default=None, ge=0, description="KV caches this node may hold; None: its memory left "
+        "after its blocks' weights, at least 64 MiB (services/worker/kv_budget.py)",
     )
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_prompt_chars: int | None = Field(

@@ -110,4 +110,4 @@ def test_status_shows_kv_in_use_against_each_budget(system: BudgetSystem) -> Non
     assert shown.returncode == 0, shown.stderr
     nodes = {node["node"]: node for node in json.loads(shown.stdout)["nodes"]}
     assert nodes["rsu"]["kv_budget_bytes"] == system.rsu_budget
-    assert nodes["car"]["kv_budget_bytes"] > system.rsu_budget  # the default: half the memory left
+    assert nodes["car"]["kv_budget_bytes"] > system.rsu_budget  # the default: the memory left

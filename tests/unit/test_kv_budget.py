@@ -9,6 +9,7 @@ import torch
 
 from services.worker.compute import SegmentHost, Slowdown
 from services.worker.kv_budget import (
+    KV_FLOOR_BYTES,
     KvBudget,
     KvLedger,
     KvOverBudget,
@@ -72,11 +73,12 @@ def test_request_bytes_bound_a_real_segment_cache(model: Checkpoint) -> None:
     assert host.kv_bytes() == (prompt + new - 1) * per_token * 2  # tokens held, no spare room
 
 
-def test_default_budget_is_half_the_memory_left_after_the_weights(model: Checkpoint) -> None:
+def test_default_budget_is_the_memory_left_after_the_weights_with_a_floor(model: Checkpoint) -> None:
     weights = 3 * model.config.block_parameter_count() * 4
-    assert default_kv_budget(10_000_000, model.config, 3) == (10_000_000 - weights) // 2
-    assert default_kv_budget(weights, model.config, 3) == 0
-    assert default_kv_budget(0, model.config, 3) == 0
+    assert default_kv_budget(4_000_000_000, model.config, 3) == 4_000_000_000 - weights
+    assert default_kv_budget(4_000_000_000, model.config, 0) == 4_000_000_000
+    assert default_kv_budget(weights, model.config, 3) == KV_FLOOR_BYTES  # planner-only figures
+    assert default_kv_budget(0, model.config, 3) == KV_FLOOR_BYTES
 
 
 def test_over_budget_names_the_first_node_that_does_not_fit() -> None:
