@@ -78,8 +78,7 @@ class WorkerService:
         keeper = self.keeper
         self.telemetry = TelemetryReporter(TelemetrySources(
             self.node, settings.telemetry_period_s, self.compute,
-            serving=lambda: keeper.current, links=self.prober.window, kv_in_use=self.kv_in_use,
-            overflows=self.overflows))  # fmt: skip
+            serving=lambda: keeper.current, links=self.prober.window, overflows=self.overflows))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None

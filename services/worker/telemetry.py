@@ -178,8 +178,6 @@ class TelemetrySources:
     compute: ComputeThread
     serving: Callable[[], Serving | None]
     links: Callable[[], tuple[LinkObservation, ...]]
-    kv_in_use: Callable[[], int] | None = None
-    """KV bytes allocated on the node (every host; None: the committed host's cached K/V)."""
     overflows: Callable[[], int] | None = None
     """Items the node's bounded queues refused or dropped so far."""
 
@@ -260,7 +258,7 @@ class TelemetryReporter:
             memory_available_bytes=available,
             compute_busy=min(1.0, max(0.0, busy)),
             queue_depth=max(0, compute.pending - 1),
-            kv_cache_bytes=sources.kv_in_use() if sources.kv_in_use else (host.kv_bytes() if host else 0),
+            kv_cache_bytes=host.kv_bytes() if host else 0,
             segments_held=1 if host else 0,
             blocks_held=host.end - host.start if host else 0,
             block_times=times,

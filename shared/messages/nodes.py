@@ -94,7 +94,7 @@ class Telemetry(Message):
     queue_depth: NonNegativeInt = 0
     """Compute jobs waiting for the compute thread at the end of the window."""
     kv_cache_bytes: NonNegativeInt = 0
-    """KV bytes allocated on the node (every request cache and partial import)."""
+    """Bytes of K/V cached by the committed segment (tokens held; the planner's input)."""
     segments_held: NonNegativeInt = 0
     blocks_held: NonNegativeInt = 0
     queue_overflows: NonNegativeInt = 0
