@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from shared.errors import Overloaded
 from shared.model.config import FP32_BYTES, ModelConfig
 from shared.model.kv_cache import INITIAL_CAPACITY
+from shared.planning.route import Route
 
 KV_FLOOR_BYTES = 64 * 2**20
 """The least default KV budget: emulated topologies give tiny models memory figures that
@@ -95,6 +96,14 @@ def over_budget(
         if held > budget:
             return node, held, budget
     return None
+
+
+def pipeline_blocks(route: Route | None) -> dict[str, int]:
+    """The blocks each node of ``route``'s pipeline holds (none without a route)."""
+    if route is None:
+        return {}
+    return {node: segment[1] - segment[0] for node in route.nodes()
+            if (segment := route.segment_of(node)) is not None}  # fmt: skip
 
 
 @dataclass(frozen=True)

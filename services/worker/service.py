@@ -22,7 +22,7 @@ from services.worker.entry import EntryRole
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.guard import PlanRefused, PrivacyGuard
 from services.worker.health import Health
-from services.worker.kv_budget import KvBudget, KvLedger, default_kv_budget
+from services.worker.kv_budget import KvBudget, KvLedger, default_kv_budget, pipeline_blocks
 from services.worker.probes import LinkProber
 from services.worker.replies import Reply, ReplySender
 from services.worker.settings import WorkerSettings
@@ -315,16 +315,8 @@ class WorkerService:
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,
             max_prompt_chars=self.settings.max_prompt_chars,
-            kv_ledger=KvLedger(self.store.config, self._pipeline_blocks, self._kv_budgets),
+            kv_ledger=KvLedger(self.store.config, lambda: pipeline_blocks(self.route), self._kv_budgets),
         )
-
-    def _pipeline_blocks(self) -> dict[str, int]:
-        """The blocks each node of the committed pipeline holds."""
-        route = self.route
-        if route is None:
-            return {}
-        return {node: end - start for node in route.nodes()
-                if (segment := route.segment_of(node)) is not None for start, end in (segment,)}  # fmt: skip
 
     def _kv_budgets(self) -> dict[str, int | None]:
         """Every node's KV budget as known here: this node's own, the others' announced."""

@@ -18,6 +18,7 @@ from services.worker.kv_budget import (
     default_kv_budget,
     grown_capacity,
     over_budget,
+    pipeline_blocks,
     request_kv_bytes,
 )
 from shared.errors import Overloaded
@@ -165,3 +166,16 @@ def test_sweep_frees_partial_imports_and_idle_caches_on_their_deadlines(model: C
         host.forward("moved", entry.embed(torch.tensor([1]), 4).numpy(), 4, Slowdown())
     assert host.sweep(0.0) == ["live"]
     assert host.kv_allocated_bytes() == 0 and host.requests() == 0
+
+
+def test_pipeline_blocks_counts_each_nodes_segment() -> None:
+    from shared.messages import Plan, Segment
+    from shared.planning.route import route_of
+
+    plan = Plan(epoch=1, model_id="m", entry_node="car",  # type: ignore[arg-type]
+                segments=(Segment(node="car", start=0, end=1), Segment(node="rsu", start=1, end=4)))  # type: ignore[arg-type]
+    assert pipeline_blocks(route_of(plan, 4)) == {"car": 1, "rsu": 3}
+    entry_only = Plan(epoch=2, model_id="m", entry_node="car",  # type: ignore[arg-type]
+                      segments=(Segment(node="rsu", start=0, end=4),))  # type: ignore[arg-type]
+    assert pipeline_blocks(route_of(entry_only, 4)) == {"rsu": 4}  # the entry holds no block
+    assert pipeline_blocks(None) == {}
