@@ -258,7 +258,20 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
     return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments).sign(key)  # type: ignore[arg-type]
 
 
-async def _on_daemon_thread(function: Callable[..., T], *args: object) -> T:
+async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
+    """`ensure_broker` off the loop; a signal meanwhile lets the start finish and stops
+    the broker it started, so none outlives `up`."""
+    starting = asyncio.ensure_future(asyncio.to_thread(ensure_broker, settings, data_dir))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        started = await asyncio.shield(starting)
+        if started is not None:
+            started.stop(timeout_s=2.0)
+        raise
+
+
+async def on_daemon_thread(function: Callable[..., T], *args: object) -> T:
     """``function(*args)`` on a daemon thread (``asyncio.to_thread``'s executor threads are
     joined when the loop closes, so a cancelled call would still hold the process)."""
     loop = asyncio.get_running_loop()
@@ -302,8 +315,8 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     # Model preparation, sharding and the broker start block: run them off the loop. The
     # preparation (a download, sharding) may take minutes and starts no process: it runs on
     # a daemon thread, so a signal meanwhile ends `up` at once instead of after it.
-    model_dir, shards, num_layers = await _on_daemon_thread(_prepare, settings, model, run_dir)
-    stack = Stack(broker=await asyncio.to_thread(ensure_broker, settings, run_dir / "broker"))
+    model_dir, shards, num_layers = await on_daemon_thread(_prepare, settings, model, run_dir)
+    stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
     try:
         async with Bus(settings) as bus:
             for node in topology.nodes:
