@@ -103,6 +103,10 @@ class Busy(ServingError):
     """The entry node has reached its bound of requests in flight."""
 
 
+class Overloaded(ServingError):
+    """The nodes' KV memory budget cannot take the request now (retry later)."""
+
+
 class StageTimedOut(ServingError):
     """A pipeline stage did not answer within its deadline."""
 

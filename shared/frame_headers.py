@@ -94,6 +94,9 @@ class ResultHeader(_Stamped):
     pass_id: Count
     """The pass this answers (a result of an earlier try is dropped)."""
     kv_missing: bool = False
+    kv_over_budget: bool = False
+    """With ``kv_missing``: the node refused to grow the request's KV past its budget
+    (the entry answers ``overloaded`` instead of replaying)."""
 
 
 class ReleaseHeader(_Stamped):

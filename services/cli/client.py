@@ -45,6 +45,7 @@ from shared.errors import (
     ContextTooLong,
     EdgesplitError,
     NoAnswer,
+    Overloaded,
     ServingError,
     StageTimedOut,
 )
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 PLAN_WAIT_S = 3.0
 _RECONNECTED = object()
 """Inbox marker: the client's bus reconnected."""
+INBOX_SIZE = 1024
+"""Messages a request's inbox holds; full, its pumps wait, and the bus subscriptions
+behind them apply their topics' overflow policies (shared/topics.py)."""
 
 
 class NoFeasiblePlan(ServingError):
@@ -78,6 +82,7 @@ _ERRORS: dict[str, type[ServingError]] = {
     "context_too_long": ContextTooLong,  # type: ignore[dict-item]
     "timeout": StageTimedOut,
     "no_plan": NoFeasiblePlan,
+    "overloaded": Overloaded,
 }
 
 
@@ -154,7 +159,7 @@ class _Session:
         self.entry_down_since: float | None = None
         self.tokens: list[int] = []
         self._ahead: dict[int, TokenGenerated] = {}  # tokens after a gap, by index
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=INBOX_SIZE)
         self.deadline = 0.0
         """Loop time (s) by which the request must be answered; `run` sets it."""
         self.resubmissions = 0
@@ -174,7 +179,7 @@ class _Session:
 
     async def _pump(self, subscription: AsyncIterable[Any]) -> None:
         async for _, message in subscription:
-            self._inbox.put_nowait(message)
+            await self._inbox.put(message)
 
     async def _reconnects(self) -> None:
         """After the bus reconnects (the broker restarted), resubmit at once: replies sent
@@ -186,7 +191,7 @@ class _Session:
             except EdgesplitError:
                 continue
             seen = self.bus.sessions
-            self._inbox.put_nowait(_RECONNECTED)
+            await self._inbox.put(_RECONNECTED)
 
     async def _converse(self) -> RequestFinished | EmbeddingReady:
         loop = asyncio.get_running_loop()

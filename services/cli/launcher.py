@@ -17,16 +17,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from services.cli.secure_up import start_secure_broker_for
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.errors import BrokerUnavailable, EdgesplitError, ServingError
+from shared.errors import BrokerUnavailable, ServingError
 from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
 from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
@@ -37,6 +39,7 @@ from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,12 @@ class Stack:
     def processes(self) -> dict[str, subprocess.Popen[bytes]]:
         return {**self.workers, **self.services}
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM every process, SIGKILL those still there after ``timeout_s``, reap all.
+
+        Workers and services get ``timeout_s`` together and the broker 2 s more, so the
+        whole stop stays well inside the 10 s a supervisor gives `up` after a signal.
+        """
         for process in self.processes().values():
             if process.poll() is None:
                 process.terminate()
@@ -115,8 +123,10 @@ class Stack:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             if process.poll() is None:
                 process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=1.0)  # reaped, so no zombie outlives `up`
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.stop(timeout_s=2.0)
 
     def dead_worker(self) -> str | None:
         for node, process in self.processes().items():
@@ -266,6 +276,47 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
     return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments).sign(key)  # type: ignore[arg-type]
 
 
+async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
+    """`ensure_broker` off the loop; a signal meanwhile lets the start finish and stops
+    the broker it started, so none outlives `up`."""
+    starting = asyncio.ensure_future(asyncio.to_thread(ensure_broker, settings, data_dir))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        started = await asyncio.shield(starting)
+        if started is not None:
+            started.stop(timeout_s=2.0)
+        raise
+
+
+async def on_daemon_thread(function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` on a daemon thread (``asyncio.to_thread``'s executor threads are
+    joined when the loop closes, so a cancelled call would still hold the process)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def main() -> None:
+        try:
+            result: object = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, None, error)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=main, name="up-prepare", daemon=True).start()
+    return await future
+
+
 def _prepare(settings: BusSettings, model: str | None, run_dir: Path) -> tuple[Path, Path, int]:
     """The run folder, the model's checkpoint and its shard store (prepared if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -286,11 +337,13 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
         say(OPEN_BROKER)
     topology_path = topology_file or DEFAULT_TOPOLOGY
     topology = load_topology(topology_path)
-    # Model preparation, sharding and the broker start block: run them off the loop.
-    model_dir, shards, num_layers = await asyncio.to_thread(_prepare, settings, model, run_dir)
+    # Model preparation, sharding and the broker start block: run them off the loop. The
+    # preparation (a download, sharding) may take minutes and starts no process: it runs on
+    # a daemon thread, so a signal meanwhile ends `up` at once instead of after it.
+    model_dir, shards, num_layers = await on_daemon_thread(_prepare, settings, model, run_dir)
     environments: dict[str, dict[str, str]] = {}
     if secure is None:
-        stack = Stack(broker=await asyncio.to_thread(ensure_broker, settings, run_dir / "broker"))
+        stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
     else:
         launch = await asyncio.to_thread(start_secure_broker_for, settings, secure.state,
                                          topology, secure.tls_port, run_dir / "broker")  # fmt: skip
@@ -339,17 +392,32 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
         say(f"stopped everything it started; logs stay in {run_dir}")
 
 
+async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main``; SIGINT or SIGTERM to this process cancels it (its ``finally`` stops the stack).
+
+    Both handlers are installed explicitly: a shell starts a background job (``up &``) with
+    SIGINT ignored, and Python then leaves it ignored, so a supervisor's ``kill -INT PID``
+    did nothing. Signals that arrive while the stack stops wait in the loop's queue, so a
+    second Ctrl-C cannot interrupt the stop half way and orphan workers.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await main
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
            static: bool = False, secure: SecureOptions | None = None) -> int:  # fmt: skip
-    """Blocking entry point for the CLI; Ctrl-C or SIGTERM stops everything it started."""
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: no orphaned workers
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    """Blocking entry point for the CLI; SIGINT (Ctrl-C) or SIGTERM stops everything it started."""
     try:
-        asyncio.run(up(settings, topology_file, model, run_dir, static=static, secure=secure))
-    except KeyboardInterrupt:
+        asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static, secure=secure)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     except BaseExceptionGroup as group:
         from shared.process import first_edgesplit_error
@@ -358,8 +426,4 @@ def run_up(settings: BusSettings, topology_file: Path | None, model: str | None,
         if found is None:
             raise
         raise found from None
-    except EdgesplitError:
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0

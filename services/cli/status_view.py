@@ -73,7 +73,7 @@ def _nodes_table(snapshot: StatusSnapshot, now_s: float) -> RenderableType:
     # cpu/busy: the node's CPU and its compute thread's busy fraction (the plan's entry
     # node is marked in the plan bars below, which keeps this table within 80 columns)
     table = _table(f"nodes ({len(names)})", "node", "state", ">trust", ">epoch", "~holds",
-                   ">cpu/busy", ">mem MB", ">KV MB", ">reqs", ">ms/blk", ">seen")  # fmt: skip
+                   ">cpu/busy", ">mem MB", ">KV MB", ">reqs", ">ovf", ">ms/blk", ">seen")  # fmt: skip
     for name in names:
         status, capacity = snapshot.nodes.get(name), measured.get(name)
         state, style = _node_state(status.state if status else None, capacity)
@@ -81,7 +81,8 @@ def _nodes_table(snapshot: StatusSnapshot, now_s: float) -> RenderableType:
         table.add_row(
             name, Text(state, style=style), str(status.trust) if status else "",
             str(status.epoch) if status and status.epoch is not None else "", holds,
-            *_load_cells(status.memory_bytes if status else 0, capacity, now_s),
+            *_load_cells(status.memory_bytes if status else 0, capacity, now_s,
+                         status.kv_budget_bytes if status else None),
         )  # fmt: skip
     emulated = [(name, _emulation_text(snapshot, name)) for name in names]
     lines = [Text(f"emulated {name}: {text}", style="yellow") for name, text in emulated if text]
@@ -115,17 +116,22 @@ def _node_state(state: str | None, capacity: NodeCapacity | None) -> tuple[str, 
     return state or "unknown", "green" if state == "online" else "dim"
 
 
-def _load_cells(memory_bytes: int, capacity: NodeCapacity | None, now_s: float) -> list[str]:
-    """cpu/busy (fractions), memory used/budget (MB), KV cache (MB), requests in flight, decode time
-    (ms per block per token), seen (s ago)."""
+def _load_cells(memory_bytes: int, capacity: NodeCapacity | None, now_s: float,
+                kv_budget_bytes: int | None = None) -> list[str]:  # fmt: skip
+    """cpu/busy (fractions), memory used/budget (MB), KV cache in use/its budget (MB; the
+    budget as the node announces it), requests in flight, decode time (ms per block per
+    token), seen (s ago); ovf: items the node's bounded queues refused or dropped."""
+    budget_kv = f"/{kv_budget_bytes / 1e6:.1f}" if kv_budget_bytes is not None else ""
     if capacity is None:
-        return ["", f"-/{memory_bytes / 1e6:.0f}" if memory_bytes else "", "", "", "", ""]
+        return ["", f"-/{memory_bytes / 1e6:.0f}" if memory_bytes else "", f"-{budget_kv}" if budget_kv else "",
+                "", "", "", ""]  # fmt: skip
     budget = capacity.memory_bytes or memory_bytes
     decode = capacity.decode_s_per_block
     return [
         f"{capacity.cpu_utilisation:.0%}/{capacity.utilisation:.0%}",
         f"{capacity.memory_used_bytes / 1e6:.0f}/{budget / 1e6:.0f}",
-        f"{capacity.kv_cache_bytes / 1e6:.1f}", str(capacity.requests_in_flight),
+        f"{capacity.kv_cache_bytes / 1e6:.1f}{budget_kv}", str(capacity.requests_in_flight),
+        str(capacity.queue_overflows),
         f"{decode * 1e3:.3f}" if decode is not None else "",
         f"{max(0.0, now_s - capacity.last_seen_s):.1f}s" if capacity.last_seen_s else "",
     ]  # fmt: skip

@@ -181,13 +181,16 @@ def run_status(args: argparse.Namespace) -> int:
               f"memory {node['memory_bytes'] / 1e6:.0f} MB  threads {node['threads']}  "
               f"device {node['device']}")  # fmt: skip
         measured = state["measured"].get(node["node"])
+        budget = node.get("kv_budget_bytes")
+        kv_budget = f" of {budget / 1e6:.1f}" if budget is not None else ""
         if measured:
             decode = measured["decode_s_per_block"]
             print(f"  {'':<16} health {measured['health']:<10} busy {measured['utilisation']:.0%}  "
                   f"queue {measured['queue_depth']:.0f}  in flight {measured['requests_in_flight']}  "
                   f"decode {decode * 1e3 if decode is not None else float('nan'):.3f} ms/block "
-                  f"({measured['compute_source']})  KV {measured['kv_cache_bytes'] / 1e6:.1f} MB  "
-                  f"rss {measured['memory_used_bytes'] / 1e6:.0f} MB")  # fmt: skip
+                  f"({measured['compute_source']})  KV {measured['kv_cache_bytes'] / 1e6:.1f}"
+                  f"{kv_budget} MB  rss {measured['memory_used_bytes'] / 1e6:.0f} MB  "
+                  f"overflows {measured.get('queue_overflows', 0)}")  # fmt: skip
     if state["links"]:
         print("links:")
         for link in state["links"]:

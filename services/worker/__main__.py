@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--trusted-level", type=int, help="trust the entry and private blocks need")
     parser.add_argument("--max-in-flight", type=int, help="entry: requests admitted at once")
     parser.add_argument("--device", help="torch device (cpu, cuda)")
+    parser.add_argument("--kv-budget-bytes", type=int,
+                        help="KV caches this node may hold (default: its memory after its weights, >= 64 MiB)")  # fmt: skip
     add_bus_arguments(parser)
     return parser.parse_args(argv)
 
@@ -81,6 +83,7 @@ def settings_from(args: Any) -> WorkerSettings:
         "private_blocks": args.private_blocks,
         "trusted_level": args.trusted_level,
         "device": args.device,
+        "kv_budget_bytes": args.kv_budget_bytes,
     }
     merged = {**from_topology, **{k: v for k, v in cli.items() if v is not None}}
     return load_settings(WorkerSettings, merged)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from services.worker.compute_thread import ComputeThread
+from services.worker.kv_budget import KvBudget, grown_capacity
 from shared.errors import EdgesplitError
 from shared.model.kv_cache import SegmentCache
 from shared.model.runtime import SegmentRuntime
@@ -71,11 +72,16 @@ class _CacheEntry:
 class SegmentHost:
     """A loaded segment [start, end) and the KV caches of the requests passing through it."""
 
-    def __init__(self, source: TensorSource, start: int, end: int, device: str = "cpu") -> None:
+    def __init__(self, source: TensorSource, start: int, end: int, device: str = "cpu",
+                 budget: KvBudget | None = None) -> None:  # fmt: skip
         self.runtime = SegmentRuntime(source, start, end, device=device)
         self.start, self.end = start, end
+        self.budget = budget
+        """The node's KV budget (services/worker/kv_budget.py); None: unlimited."""
+        self._kv_per_token = source.config.kv_bytes_per_token_per_block() * (end - start)
         self._caches: dict[str, _CacheEntry] = {}
         self._incoming: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._incoming_since: dict[str, float] = {}  # monotonic s of a partial import's first blocks
         self._lock = threading.Lock()
         self.on_forward: Callable[[int, int, float], None] | None = None
         """Called after each forward with (tokens, blocks, compute seconds incl. the emulated
@@ -91,16 +97,20 @@ class SegmentHost:
             entry = self._caches.get(request_id)
             if start_position == 0:
                 self._incoming.pop(request_id, None)  # a replay rebuilds everything
+                self._incoming_since.pop(request_id, None)
             if request_id in self._incoming or (entry is None and start_position > 0):
                 raise KvMissing(f"blocks [{self.start}, {self.end}) hold no KV cache for "
                                 f"request {request_id} at position {start_position}")  # fmt: skip
-            if entry is None:
-                entry = _CacheEntry(self.runtime.new_cache(), 0.0)
-                self._caches[request_id] = entry
-            entry.last_used_s = time.monotonic()
-        if 0 < start_position and entry.cache.length < start_position:
+            if entry is not None:
+                entry.last_used_s = time.monotonic()
+        if entry is not None and 0 < start_position and entry.cache.length < start_position:
             raise KvMissing(f"request {request_id}: KV cache holds {entry.cache.length} tokens, "
                             f"the step starts at {start_position}")  # fmt: skip
+        self._check_budget(request_id, entry, start_position + int(hidden.shape[0]))
+        if entry is None:
+            entry = _CacheEntry(self.runtime.new_cache(), time.monotonic())
+            with self._lock:
+                self._caches[request_id] = entry
         if start_position == 0 and entry.cache.length > 0:
             entry.cache.truncate(0)  # a replay from the start rebuilds the cache
         elif entry.cache.length > start_position:
@@ -112,10 +122,20 @@ class SegmentHost:
             self.on_forward(int(hidden.shape[0]), self.end - self.start, compute_s)
         return output.numpy()
 
+    def _check_budget(self, request_id: str, entry: _CacheEntry | None, tokens: int) -> None:
+        """Raise KvOverBudget (nothing allocated yet) when holding ``tokens`` tokens of the
+        request would grow its cache past the node's KV budget."""
+        if self.budget is None:
+            return
+        capacity = entry.cache.capacity if entry is not None else 0
+        extra = (grown_capacity(capacity, tokens) - capacity) * self._kv_per_token
+        self.budget.check(extra, f"request {request_id} on blocks [{self.start}, {self.end})")
+
     def release(self, request_id: str) -> None:
         with self._lock:
             self._caches.pop(request_id, None)
             self._incoming.pop(request_id, None)
+            self._incoming_since.pop(request_id, None)
 
     def export_kv(self, request_id: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
         """Copies of the request's K/V per block, or None without a cache. Compute thread."""
@@ -125,31 +145,57 @@ class SegmentHost:
 
     def import_kv(self, request_id: str, blocks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Take K/V of some of this segment's blocks (moved here from other nodes); the
-        request's cache appears once every block has arrived. True when complete."""
+        request's cache appears once every block has arrived. True when complete.
+        Raises KvOverBudget (nothing kept) when the blocks would pass the node's KV budget;
+        a partial import is swept when the rest does not come (`sweep`)."""
+        mine = {b: kv for b, kv in blocks.items() if self.start <= b < self.end}
+        if self.budget is not None:
+            size = sum(k.nelement() * k.element_size() + v.nelement() * v.element_size() for k, v in mine.values())
+            self.budget.check(size, f"K/V of request {request_id} moved to blocks [{self.start}, {self.end})")
         with self._lock:
             incoming = self._incoming.setdefault(request_id, {})
-            incoming.update({b: kv for b, kv in blocks.items() if self.start <= b < self.end})
+            self._incoming_since.setdefault(request_id, time.monotonic())
+            incoming.update(mine)
             if set(incoming) != set(range(self.start, self.end)):
                 return False
             del self._incoming[request_id]
+            self._incoming_since.pop(request_id, None)
         cache = self.runtime.new_cache()
         cache.import_blocks(incoming)
         with self._lock:
             self._caches[request_id] = _CacheEntry(cache, time.monotonic())
         return True
 
-    def sweep(self, idle_timeout_s: float) -> list[str]:
-        """Free caches unused for `idle_timeout_s`; returns the request ids freed."""
-        cutoff = time.monotonic() - idle_timeout_s
+    def sweep(self, idle_timeout_s: float, partial_timeout_s: float | None = None) -> list[str]:
+        """Free caches unused for ``idle_timeout_s`` and partial imports (K/V of some blocks
+        moved here, the rest never came) older than ``partial_timeout_s`` (default: the
+        same); returns the request ids freed."""
+        now = time.monotonic()
+        cutoff = now - idle_timeout_s
+        partial_cutoff = now - (idle_timeout_s if partial_timeout_s is None else partial_timeout_s)
         with self._lock:
             stale = [rid for rid, entry in self._caches.items() if entry.last_used_s < cutoff]
             for rid in stale:
                 del self._caches[rid]
-        return stale
+            partial = [rid for rid, since in self._incoming_since.items() if since < partial_cutoff]
+            for rid in partial:
+                self._incoming.pop(rid, None)
+                del self._incoming_since[rid]
+        return stale + [rid for rid in partial if rid not in stale]
 
     def kv_bytes(self) -> int:
+        """Bytes of cached K/V (tokens held, not spare capacity)."""
         with self._lock:
             return sum(entry.cache.nbytes for entry in self._caches.values())
+
+    def kv_allocated_bytes(self) -> int:
+        """Bytes the request caches (spare capacity included) and partial imports hold:
+        what counts against the KV budget."""
+        with self._lock:
+            caches = sum(entry.cache.allocated_nbytes for entry in self._caches.values())
+            partial = sum(k.nelement() * k.element_size() + v.nelement() * v.element_size()
+                          for blocks in self._incoming.values() for k, v in blocks.values())  # fmt: skip
+        return caches + partial
 
     def requests(self) -> int:
         with self._lock:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from shared.errors import EdgesplitError
+from shared.errors import EdgesplitError, Overloaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,12 +33,26 @@ class ComputeClosed(EdgesplitError):
     """A job was submitted after `ComputeThread.close`."""
 
 
+class ComputeBusy(Overloaded):
+    """The compute thread's queue is full: the job is refused, not queued."""
+
+
+COMPUTE_QUEUE = 256
+"""Jobs a compute thread holds at most (queued and running): each request in flight has
+at most one pass on a node at a time, so this is far above a healthy load."""
+
+
 class ComputeThread:
     """One thread for all of a worker's compute, so forwards never overlap and the event
-    loop never blocks. ``threads`` sets torch's intra-op threads for that thread."""
+    loop never blocks. ``threads`` sets torch's intra-op threads for that thread. At most
+    ``max_pending`` jobs wait or run; more are refused with ComputeBusy (counted in
+    ``refused``): a frame is then dropped (its pass times out and the entry replays), an
+    entry's own request fails as ``overloaded``."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, max_pending: int = COMPUTE_QUEUE) -> None:
         self._threads = threads
+        self.max_pending = max_pending
+        self.refused = 0
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self.pending = 0
@@ -54,6 +68,9 @@ class ComputeThread:
         Cancelling the caller does not stop a job that already started."""
         if self._closed:
             raise ComputeClosed("the compute thread is closed")
+        if self.pending >= self.max_pending:
+            self.refused += 1
+            raise ComputeBusy(f"the compute queue is full ({self.max_pending} jobs); job refused")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self.pending += 1

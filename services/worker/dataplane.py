@@ -27,6 +27,7 @@ from services.worker.errors import FrameRefused, NodeLost, NoPlan
 from services.worker.frame_auth import FrameAuth
 from services.worker.frame_checks import FrameLimits, check_frame, duplicate_key
 from services.worker.handoff import KvHandoff, WaitKey
+from services.worker.kv_budget import KvOverBudget
 from shared.errors import StageTimedOut
 from shared.frame_headers import (
     ActivationHeader,
@@ -232,6 +233,11 @@ class DataPlane:
             log.info("%s: %s; asking the entry to replay", self.node, error)
             await self._send_kv_missing(route, header)
             return
+        except KvOverBudget as error:  # nothing grew: the request fails, the others go on
+            self.counters["kv_over_budget"] += 1
+            log.info("%s: %s; the request fails as overloaded", self.node, error)
+            await self._send_kv_missing(route, header, over_budget=True)
+            return
         if host.end == route.num_layers and header.last_only:
             hidden = hidden[-1:]
         await self._send(route, header, hidden, host.end)
@@ -282,11 +288,12 @@ class DataPlane:
         for key in keys:
             self._pending.pop(key, None)
 
-    async def _send_kv_missing(self, route: Route, header: ActivationHeader) -> None:
-        """An empty result straight to the entry, to say this node lacks the KV cache."""
+    async def _send_kv_missing(self, route: Route, header: ActivationHeader, over_budget: bool = False) -> None:
+        """An empty result straight to the entry, to say this node lacks the KV cache (or,
+        ``over_budget``, cannot grow it within its KV budget)."""
         out = ResultHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
                            seq=next(self._seq), pass_id=header.pass_id, kv_missing=True,
-                           src=NodeId(self.node), sent_at=time.time())  # fmt: skip
+                           src=NodeId(self.node), sent_at=time.time(), kv_over_budget=over_budget)  # fmt: skip
         await self._send_payload(route.entry, await self.seal(out, np.zeros((0, self.hidden_size), np.float32)))
 
     async def _send(
@@ -360,6 +367,9 @@ class DataPlane:
             await self._send(route, header, hidden, target)
             async with asyncio.timeout(timeout_s):
                 result = await future
+            if isinstance(result.header, ResultHeader) and result.header.kv_over_budget:
+                raise KvOverBudget(f"request {request_id} step {step}: a node of epoch {route.epoch} "
+                                   "has no KV budget left for it")  # fmt: skip
             if isinstance(result.header, ResultHeader) and result.header.kv_missing:
                 raise KvMissing(f"request {request_id} step {step}: a node of epoch "
                                 f"{route.epoch} lacks its KV cache")  # fmt: skip

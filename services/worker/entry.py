@@ -20,8 +20,9 @@ import torch
 
 from services.worker.compute import KvMissing
 from services.worker.errors import NodeLost, NoPlan
+from services.worker.kv_budget import KvLedger
 from services.worker.prompt import PromptLimits, prompt_ids
-from shared.errors import BusError, ConfigError, ContextTooLong, StageTimedOut
+from shared.errors import BusError, ConfigError, ContextTooLong, Overloaded, StageTimedOut
 from shared.messages import (
     EmbeddingReady,
     EmbedRequest,
@@ -129,6 +130,7 @@ class EntryRole:
         failover_wait_s: float = 10.0,
         max_replays: int = 4,
         max_prompt_chars: int | None = None,
+        kv_ledger: KvLedger | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -147,6 +149,8 @@ class EntryRole:
         self.finished: OrderedDict[str, tuple[tuple[object, ...], ReplyMessage]] = OrderedDict()
         """(what was asked, final reply) of recent requests, by request id."""
         self.counters: Counter[str] = Counter()
+        self.kv_ledger = kv_ledger
+        """KV reservations against the pipeline's budgets (None: not limited at admission)."""
 
     async def repeat(self, request: GenerateRequest | EmbedRequest) -> bool:
         """Handle a request id seen before; False for a new one.
@@ -179,19 +183,29 @@ class EntryRole:
         return True
 
     def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
-        """None if the request may start now, else the typed refusal to send back."""
+        """None if the request may start now (it is journalled at once, so it counts against
+        ``max_in_flight`` before its serve task runs), else the typed refusal to send back.
+
+        Event loop, no await: a burst taken from the subscription without yielding is
+        counted exactly, one request at a time.
+        """
         if len(self.journal) >= self.max_in_flight:
             return RequestFailed(
                 request_id=request.request_id,
                 error="busy",
                 message=f"entry node has {len(self.journal)} requests in flight (the bound); retry later",
             )
+        self.journal[request.request_id] = JournalEntry(request, [])
         return None
 
     async def serve(self, request: GenerateRequest | EmbedRequest) -> None:
-        """Run one admitted request to completion; every failure becomes RequestFailed."""
+        """Run one request to completion; every failure becomes RequestFailed.
+
+        Admitted by `admit` (its journal entry, made at admission, is the request's slot);
+        a request served without `admit` is journalled here."""
         rid = request.request_id
-        self.journal[rid] = JournalEntry(request, [])
+        if rid not in self.journal:
+            self.journal[rid] = JournalEntry(request, [])
         try:
             async with asyncio.timeout(request.timeout_s):
                 if isinstance(request, GenerateRequest):
@@ -206,6 +220,9 @@ class EntryRole:
             self._fail(rid, "timeout", str(error))
         except ContextTooLong as error:
             self._fail(rid, "context_too_long", str(error))
+        except Overloaded as error:  # the KV budget: refused at admission, or by a node
+            self.counters["refused_overloaded"] += 1
+            self._fail(rid, "overloaded", str(error))
         except ConfigError as error:
             self._fail(rid, "invalid_request", str(error))
         except Exception as error:  # one request's failure must not stop the node
@@ -213,6 +230,8 @@ class EntryRole:
             self._fail(rid, "internal", f"{type(error).__name__}: {error}")
         finally:
             self.journal.pop(rid, None)
+            if self.kv_ledger is not None:
+                self.kv_ledger.release(rid)
 
     def _fail(self, rid: str, error: str, message: str) -> None:
         entry = self.journal.get(rid)
@@ -247,6 +266,8 @@ class EntryRole:
         sampler = Sampler(SamplingParams(request.temperature, request.top_p, request.seed))
         stream = self.tokenizer.stream()
         resume = list(request.resume_token_ids or ())[: request.max_new_tokens]
+        if self.kv_ledger is not None:  # before any pass: past the budget it is `overloaded`
+            self.kv_ledger.reserve(rid, len(entry.prompt_ids) + len(resume), request.max_new_tokens - len(resume))
         entry.generated = list(resume)
         if resume:  # detokenizing is tokenizer work too: off the loop
             entry.texts = await asyncio.to_thread(lambda: [stream.push(token)[:1024] for token in resume])

@@ -38,6 +38,8 @@ class Health:
         self._changed = asyncio.Event()  # replaced (and the old one set) on each up/down/verdict
         self._no_plan: tuple[float, str] | None = None  # (monotonic s, the orchestrator's reason)
         self._committed_at = 0.0  # monotonic s of the last epoch switch
+        self.kv_budgets: dict[str, int | None] = {}
+        """Other nodes' KV budgets, as their (retained) statuses announce them."""
 
     def epoch_committed(self) -> None:
         self._committed_at = time.monotonic()
@@ -91,6 +93,8 @@ class Health:
             node = getattr(message, "node", None)
             if node is None or node == self.node:
                 continue
+            if isinstance(message, NodeStatus):
+                self.kv_budgets[node] = message.kv_budget_bytes
             if isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline"):
                 failed = self.data.node_down(node)
                 if failed:

@@ -6,12 +6,20 @@ reply topic (QoS 1) and never lets the loop wait for the broker's acknowledgemen
 the time per token of every generation without reading every client's token stream; that
 copy carries counts and timings only (`RequestFinished.without_content`), never the
 generated tokens or text, which go only to the client's own reply topic.
+
+The queue is bounded (``max_queued``; it fills only while the broker takes publishes
+slower than tokens come). Full, it drops a token reply, never a final one: a new
+`TokenGenerated` is dropped, a final reply takes the place of the oldest queued token
+reply (or, with none, of the oldest reply). Safe: a final `RequestFinished` carries
+every token id, a client that sees a gap asks the entry to resend, and the entry keeps
+final replies for a resubmission (entry.py, FINISHED_KEPT). Drops are counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from shared.bus import Bus
 from shared.errors import EdgesplitError
@@ -22,21 +30,50 @@ log = logging.getLogger(__name__)
 Reply = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
 
 
-class ReplySender:
-    """A queue of (client, reply) and the task that publishes it in order."""
+REPLY_QUEUE = 4096
+"""Replies a worker queues for the broker at most (see the module's note on overflow)."""
 
-    def __init__(self, node: str) -> None:
+
+class ReplySender:
+    """A bounded queue of (client, reply) and the task that publishes it in order."""
+
+    def __init__(self, node: str, max_queued: int = REPLY_QUEUE) -> None:
         self.node = node
-        self._queue: asyncio.Queue[tuple[str, Reply]] = asyncio.Queue()
+        self.max_queued = max_queued
+        self.dropped = 0
+        """Replies dropped because the queue was full."""
+        self._queue: deque[tuple[str, Reply]] = deque()
+        self._ready = asyncio.Event()
+
+    def queued(self) -> list[tuple[str, Reply]]:
+        """The replies waiting, oldest first (a copy)."""
+        return list(self._queue)
 
     def queue(self, client: str, message: Reply) -> None:
         """Queue ``message`` for ``client``; returns at once (event loop only)."""
-        self._queue.put_nowait((client, message))
+        if len(self._queue) >= self.max_queued:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("%s: reply queue full (%d): %d replies dropped so far", self.node,
+                            self.max_queued, self.dropped)  # fmt: skip
+            if isinstance(message, TokenGenerated):
+                return
+            oldest_token = next((i for i, (_, queued) in enumerate(self._queue)
+                                 if isinstance(queued, TokenGenerated)), 0)  # fmt: skip
+            del self._queue[oldest_token]
+        self._queue.append((client, message))
+        self._ready.set()
+
+    async def _next(self) -> tuple[str, Reply]:
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
 
     async def run(self, bus: Bus) -> None:
         """Publish queued replies until cancelled; a reply the broker refuses is logged."""
         while True:
-            client, message = await self._queue.get()
+            client, message = await self._next()
             try:
                 await bus.publish(REPLIES, message, client=client)
                 if isinstance(message, RequestFinished):  # numbers only: no tokens, no text

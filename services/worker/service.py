@@ -22,6 +22,7 @@ from services.worker.entry import EntryRole
 from services.worker.epochs import EpochKeeper, Serving
 from services.worker.guard import PlanRefused, PrivacyGuard
 from services.worker.health import Health
+from services.worker.kv_budget import KvBudget, KvLedger, default_kv_budget, pipeline_blocks
 from services.worker.probes import LinkProber
 from services.worker.replies import Reply, ReplySender
 from services.worker.settings import WorkerSettings
@@ -69,6 +70,8 @@ class WorkerService:
         self.compute = ComputeThread(settings.threads)
         self.slowdown = Slowdown(settings.slowdown)
         self.shaper = EgressShaper(self._publish_frame)
+        self.kv_budget = KvBudget(settings.kv_budget_bytes, self.kv_in_use)
+        """The node's KV budget; set for each committed epoch unless configured."""
         self.emulation = Emulation(self.node, self.slowdown, self.shaper.schedule)
         self.emulation.apply(initial_command(settings))  # the same path as run-time commands
         self.prober = LinkProber(self.node, settings, self.shaper.send)
@@ -78,7 +81,8 @@ class WorkerService:
             self.node, settings.telemetry_period_s, self.compute,
             serving=lambda: keeper.current,
             links=lambda: self.prober.window(self.shaper.delivery_rates()),
-            frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0))  # fmt: skip
+            frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0,
+            overflows=self.overflows))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
@@ -123,7 +127,26 @@ class WorkerService:
             epoch=route.epoch if route else None,
             segments=(Segment(node=self.node, start=segment[0], end=segment[1]),) if segment else (),  # type: ignore[arg-type]
             entry=bool(route and route.entry == self.node),
+            kv_budget_bytes=self.kv_budget.limit_bytes,
         )
+
+    def overflows(self) -> int:
+        """Items refused or dropped by this node's bounded queues: its bus subscriptions,
+        the reply sender, the compute thread and the egress shaper."""
+        bus = self._bus.counters if self._bus is not None else {}
+        dropped = sum(n for key, n in bus.items() if key.startswith("overflow:"))
+        return dropped + self.replies.dropped + self.compute.refused + self.shaper.dropped
+
+    def kv_in_use(self) -> int:
+        """KV bytes allocated by every segment host this node keeps (draining epochs too)."""
+        return sum(host.kv_allocated_bytes() for host in self.keeper.hosts())
+
+    def _set_kv_budget(self, serving: Serving) -> None:
+        """The configured budget, or the default for the blocks ``serving`` gives this node."""
+        if self.settings.kv_budget_bytes is not None or self.store is None:
+            return
+        blocks = serving.host.end - serving.host.start if serving.host is not None else 0
+        self.kv_budget.limit_bytes = default_kv_budget(self.settings.memory_bytes, self.store.config, blocks)
 
     async def run(self) -> None:
         self.store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
@@ -242,6 +265,7 @@ class WorkerService:
                 return False
             if serving.host is not None:
                 serving.host.on_forward = self.telemetry.timer.record
+            self._set_kv_budget(serving)
             self._answers = {e: a for e, a in self._answers.items() if e > epoch}
             if self.health is not None:
                 self.health.epoch_committed()
@@ -277,7 +301,7 @@ class WorkerService:
         host = next((h for h in self.keeper.hosts() if (h.start, h.end) == segment), None)
         if segment is not None and host is None:
             host = await asyncio.to_thread(SegmentHost, self.shards, segment[0], segment[1],
-                                           self.settings.device)  # fmt: skip
+                                           self.settings.device, self.kv_budget)  # fmt: skip
         entry = self.entry if route.entry == self.node else None
         if route.entry == self.node and entry is None:
             entry = await asyncio.to_thread(self._make_entry)
@@ -301,7 +325,13 @@ class WorkerService:
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,
             max_prompt_chars=self.settings.max_prompt_chars,
+            kv_ledger=KvLedger(self.store.config, lambda: pipeline_blocks(self.route), self._kv_budgets),
         )
+
+    def _kv_budgets(self) -> dict[str, int | None]:
+        """Every node's KV budget as known here: this node's own, the others' announced."""
+        known = dict(self.health.kv_budgets) if self.health is not None else {}
+        return {**known, self.node: self.kv_budget.limit_bytes}
 
     async def _ack(self, answer: EpochReady | EpochRejected) -> None:
         assert self._bus is not None
@@ -377,13 +407,14 @@ class WorkerService:
         self.replies.queue(client, message)
 
     async def _housekeeping(self) -> None:
-        """Free idle KV caches and the hosts of drained epochs."""
-        interval_s = min(5.0, self.settings.kv_idle_timeout_s / 2)
+        """Free idle KV caches, partial K/V imports and the hosts of drained epochs."""
+        idle_s, partial_s = self.settings.kv_idle_timeout_s, self.settings.kv_partial_timeout_s
+        interval_s = min(5.0, idle_s / 2, partial_s / 2)
         while True:
             await asyncio.sleep(interval_s)
             for serving in self.keeper.expire(time.monotonic()):
                 log.info("%s: epoch %d drained", self.node, serving.epoch)
             for host in self.keeper.hosts():
-                freed = host.sweep(self.settings.kv_idle_timeout_s)
+                freed = host.sweep(idle_s, partial_s)
                 if freed:
                     log.info("%s: freed idle KV caches of %d requests", self.node, len(freed))

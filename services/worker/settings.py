@@ -28,7 +28,16 @@ class WorkerSettings(BusSettings):
     max_in_flight: int = Field(default=8, ge=1, description="entry: requests admitted at once")
     stage_timeout_s: float = Field(default=30.0, gt=0,
                                    description="entry: longest wait for a pipeline pass (cap)")
-    kv_idle_timeout_s: float = Field(default=120.0, gt=0, description="free idle KV caches after")
+    kv_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="free a request's KV cache unused this long (>= a pass)"
+    )
+    kv_partial_timeout_s: float = Field(
+        default=10.0, gt=0, description="free K/V moved here whose other blocks never came after"
+    )
+    kv_budget_bytes: int | None = Field(
+        default=None, ge=0, description="KV caches this node may hold; None: its memory left "
+        "after its blocks' weights, at least 64 MiB (services/worker/kv_budget.py)",
+    )
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_prompt_chars: int | None = Field(
         default=None, ge=1,

@@ -66,19 +66,28 @@ class EgressSchedule:
         return bucket.busy_until_s + shape.latency_s
 
 
+SHAPER_QUEUE = 1024
+"""Frames a shaped link holds at most, per destination."""
+
+
 class EgressShaper:
     """Sends frames through `send` after the delay the schedule gives, in order per destination.
 
-    Unshaped destinations are sent at once, with no task hop.
+    Unshaped destinations are sent at once, with no task hop. A shaped destination holds
+    at most ``max_queued`` frames; a frame past that is dropped (a full router queue's
+    tail drop: its pass times out and the entry replays) and counted in ``dropped``.
     """
 
     def __init__(
         self,
         send: Callable[[str, bytes], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
+        max_queued: int = SHAPER_QUEUE,
     ) -> None:
         self._send = send
         self._clock = clock
+        self.max_queued = max_queued
+        self.dropped = 0
         self.schedule = EgressSchedule()
         self._queues: dict[str, asyncio.Queue[tuple[float, bytes, bool]]] = {}
         self._delivered: dict[str, tuple[int, float]] = {}
@@ -102,10 +111,16 @@ class EgressShaper:
         if shape.bandwidth_bytes_per_s is None and shape.latency_s == 0.0:
             await self._send(destination, frame)
             return
+        queue = self._queues.get(destination)
+        if queue is not None and queue.qsize() >= self.max_queued:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("egress to %s full (%d frames): %d dropped so far", destination,
+                            self.max_queued, self.dropped)  # fmt: skip
+            return
         now_s = self._clock()
         behind = self.schedule.backlogged(destination, now_s)
         release_s = self.schedule.release_time(destination, len(frame), now_s)
-        queue = self._queues.get(destination)
         if queue is None:
             if self._task_group is None:
                 raise RuntimeError("EgressShaper.run() is not running")

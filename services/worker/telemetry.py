@@ -180,6 +180,8 @@ class TelemetrySources:
     links: Callable[[], tuple[LinkObservation, ...]]
     frames_forged: Callable[[], int] = lambda: 0
     """Frames the data plane dropped as forged since start (services/worker/frame_auth.py)."""
+    overflows: Callable[[], int] | None = None
+    """Items the node's bounded queues refused or dropped so far."""
 
 
 @dataclass(frozen=True)
@@ -264,4 +266,5 @@ class TelemetryReporter:
             block_times=times,
             links=sources.links(),
             frames_forged=sources.frames_forged(),
+            queue_overflows=sources.overflows() if sources.overflows else 0,
         )

@@ -31,6 +31,8 @@ class NodeCapacity(Part):
     requests_in_flight: NonNegativeInt = 0
     kv_cache_bytes: NonNegativeInt = 0
     segments_held: NonNegativeInt = 0
+    queue_overflows: NonNegativeInt = 0
+    """Items the node's bounded queues refused or dropped since it started (its telemetry)."""
     decode_s_per_block: NonNegativeFloat | None = None
     prefill_s_per_block_token: NonNegativeFloat | None = None
     compute_source: Literal["none", "benchmark", "forwards"] = "none"

@@ -38,6 +38,8 @@ class NodeStatus(Message):
     """Blocks the node holds in that epoch."""
     entry: bool = False
     """True when the node is that epoch's entry."""
+    kv_budget_bytes: NonNegativeInt | None = None
+    """The KV cache bytes the node takes in that epoch (None: not announced, unlimited)."""
 
 
 class BlockTimes(Part):
@@ -96,8 +98,11 @@ class Telemetry(Message):
     queue_depth: NonNegativeInt = 0
     """Compute jobs waiting for the compute thread at the end of the window."""
     kv_cache_bytes: NonNegativeInt = 0
+    """Bytes of K/V cached by the committed segment (tokens held; the planner's input)."""
     segments_held: NonNegativeInt = 0
     blocks_held: NonNegativeInt = 0
+    queue_overflows: NonNegativeInt = 0
+    """Items its bounded queues refused or dropped since it started (docs/ARCHITECTURE.md)."""
     block_times: BlockTimes | None = None
     links: tuple[LinkObservation, ...] = Field(default=(), max_length=1024)
     frames_forged: NonNegativeInt = 0

@@ -108,5 +108,6 @@ class RequestFailed(Message):
     """Event: a request could not be served; ``error`` is machine-readable."""
 
     request_id: RequestIdField
-    error: Literal["busy", "context_too_long", "timeout", "invalid_request", "internal", "no_plan"]
+    error: Literal["busy", "context_too_long", "timeout", "invalid_request", "internal", "no_plan",
+                   "overloaded"]
     message: ShortText

@@ -14,7 +14,8 @@ import torch
 
 from shared.errors import ModelError
 
-_INITIAL_CAPACITY = 16  # tokens
+INITIAL_CAPACITY = 16
+"""Tokens a block cache first allocates room for (services/worker/kv_budget.py mirrors the growth)."""
 
 
 class CacheMismatch(ModelError):
@@ -40,7 +41,7 @@ class BlockCache:
             )
         needed = self.length + key.shape[1]
         if needed > self._key.shape[1]:
-            self._grow(max(needed, 2 * self._key.shape[1], _INITIAL_CAPACITY))
+            self._grow(max(needed, 2 * self._key.shape[1], INITIAL_CAPACITY))
         self._key[:, self.length : needed] = key
         self._value[:, self.length : needed] = value
         self.length = needed
@@ -61,6 +62,16 @@ class BlockCache:
         """Bytes of the cached tokens' K and V (not of spare capacity)."""
         key, value = self.view()
         return key.nelement() * key.element_size() + value.nelement() * value.element_size()
+
+    @property
+    def capacity(self) -> int:
+        """Tokens there is room for without growing."""
+        return int(self._key.shape[1])
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated for K and V, spare capacity included (what the cache costs)."""
+        return self._key.nelement() * self._key.element_size() + self._value.nelement() * self._value.element_size()
 
     def _grow(self, capacity: int) -> None:
         heads, _, head_dim = self._key.shape
@@ -107,6 +118,16 @@ class SegmentCache:
     def nbytes(self) -> int:
         """Bytes of cached K and V over all blocks."""
         return sum(cache.nbytes for cache in self._blocks.values())
+
+    @property
+    def capacity(self) -> int:
+        """Tokens every block has room for without growing."""
+        return min((cache.capacity for cache in self._blocks.values()), default=0)
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated for K and V over all blocks, spare capacity included."""
+        return sum(cache.allocated_nbytes for cache in self._blocks.values())
 
     def truncate(self, length: int) -> None:
         """Forget every token at position ``length`` and later, in every block."""

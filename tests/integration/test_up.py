@@ -79,3 +79,66 @@ def test_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     assert not mqtt_answers("127.0.0.1", port)
     leftovers = subprocess.run(["pgrep", "-f", f"services.worker.*{port}"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid``, by pid, with its start time (so a reused pid is not it)."""
+    found: dict[int, str] = {}
+    parents = [pid]
+    while parents:
+        listed = subprocess.run(["pgrep", "-P", ",".join(map(str, parents))], capture_output=True, text=True)
+        parents = [int(child) for child in listed.stdout.split()]
+        for child in parents:
+            found[child] = _start_time(child) or ""
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime
+
+
+def _ignore_sigint() -> None:
+    # What a shell does to a background job (`edgesplit up &`): the case that did not stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.flaky(reruns=0)  # a stop that needs a rerun is the bug itself: never rerun
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_up_stops_every_child_on_a_signal_to_its_pid_alone(tmp_path: Path, signum: signal.Signals) -> None:
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    env = {**os.environ, "EDGESPLIT_MODELS_DIR": str(tmp_path / "models"), "EDGESPLIT_CLUSTER": "upsignal"}
+    up = subprocess.Popen(
+        [*EDGESPLIT, "up", "--model", "tiny-llama", "--broker", url, "--run-dir", str(tmp_path / "run")],
+        stdout=open(tmp_path / "up.out", "wb"), stderr=open(tmp_path / "up.err", "wb"), env=env,  # noqa: SIM115
+        start_new_session=True, preexec_fn=_ignore_sigint,
+    )  # fmt: skip
+    children: dict[int, str] = {}
+    try:
+        _wait_for_line(up, tmp_path / "up.out", "edgesplit ready", 120)
+        children = _descendants(up.pid)
+        assert len(children) >= 8, children  # broker, 3 workers, 4 control services
+        os.kill(up.pid, signum)  # the pid alone, not its process group
+        up.wait(timeout=10)
+    finally:
+        if up.poll() is None:  # clean up after a failure: `up` and every child it started
+            children = {**_descendants(up.pid), **children}
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(timeout=10)
+            for pid, started in children.items():
+                if _start_time(pid) == started:
+                    os.kill(pid, signal.SIGKILL)
+    assert up.returncode == 0, (tmp_path / "up.err").read_text()
+    deadline = time.monotonic() + 1.0  # `up` reaps its children itself; allow the kernel a moment
+    while time.monotonic() < deadline and any(_start_time(p) == t for p, t in children.items()):
+        time.sleep(0.05)
+    alive = {p: t for p, t in children.items() if _start_time(p) == t}
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == {}, f"still running after `up` exited: {alive}"
+    assert "stopped everything it started" in (tmp_path / "up.err").read_text()
+    assert not mqtt_answers("127.0.0.1", port)

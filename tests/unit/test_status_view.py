@@ -167,3 +167,17 @@ def test_forged_frames_from_telemetry_show_in_the_view() -> None:
     assert not snapshot.apply(telemetry("rsu", 7))  # the next window, same count
     assert snapshot.structure() != before
     assert "forged frames dropped: mec 2, rsu 7" in text_of(snapshot)
+
+
+def test_the_view_shows_kv_in_use_against_each_nodes_budget() -> None:
+    snapshot = full_snapshot()
+    budgeted = status("car", "online", 2, (0, 4)).model_copy(update={"kv_budget_bytes": 900_000_000})
+    assert snapshot.apply(budgeted)
+    assert snapshot.apply(NodeStatus(node="edge", state="online", trust=0, memory_bytes=10**9, threads=1,  # type: ignore[arg-type]
+                                     kv_budget_bytes=50_000_000))  # fmt: skip
+    text = text_of(snapshot)
+    table = text[text.index("nodes (4)"):text.index("measured links")].splitlines()
+    rows = {line.split()[0]: line for line in table[3:] if line.strip()}
+    assert "12.5/900.0" in rows["car"].split()  # KV MB in use / budget
+    assert "12.5" in rows["rsu"].split() and "12.5/" not in rows["rsu"]  # no budget announced
+    assert "-/50.0" in rows["edge"].split()  # a budget, no telemetry yet
