@@ -5,6 +5,7 @@ into each decoder's validation."""
 from __future__ import annotations
 
 import copy
+from functools import cache
 from typing import Any
 
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ EDGE_TEXT = st.sampled_from(
 )
 
 
+@cache  # one strategy object per variant: building one per example is slow
 def scalars(*, allow_bytes: bool = True) -> st.SearchStrategy[Any]:
     """Any scalar a msgpack or JSON document may hold, weighted to edge values."""
     options = [
@@ -37,8 +39,10 @@ def scalars(*, allow_bytes: bool = True) -> st.SearchStrategy[Any]:
     return st.one_of(options)
 
 
+@cache
 def trees(*, allow_bytes: bool = True, tuples: bool = True) -> st.SearchStrategy[Any]:
-    """Nested lists (or tuples) and str-keyed maps of ``scalars``."""
+    """A scalar (three times in four) or nested lists (or tuples) and str-keyed maps of
+    ``scalars``."""
     leaf = scalars(allow_bytes=allow_bytes)
     keys = st.one_of(EDGE_TEXT, st.text(max_size=12))
 
@@ -46,7 +50,8 @@ def trees(*, allow_bytes: bool = True, tuples: bool = True) -> st.SearchStrategy
         seq = st.lists(children, max_size=4)
         return st.one_of(seq.map(tuple) if tuples else seq, st.dictionaries(keys, children, max_size=4))
 
-    return st.recursive(leaf, extend, max_leaves=12)
+    nested = st.recursive(leaf, extend, max_leaves=8)
+    return st.one_of(leaf, leaf, leaf, nested)
 
 
 def _paths(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

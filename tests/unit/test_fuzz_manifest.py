@@ -59,7 +59,7 @@ def _hostile(data: st.DataObject, valid: bytes) -> bytes:
     float's range or Python's digit limit in the config, config fields of another type."""
     kind = data.draw(st.sampled_from(["nest", "number", "config"]), label="hostile")
     if kind == "nest":
-        size = data.draw(st.integers(1, 6000), label="size")
+        size = data.draw(st.integers(1, 3000), label="size")
         return b'{"config": ' + b"[" * size + b"]" * size + b"}"
     tree = json.loads(valid)
     key = data.draw(
@@ -115,7 +115,7 @@ def test_fuzz_shard_manifest(
     source = data.draw(st.sampled_from(["bytes", "edit", "tree", "hostile"]), label="source")
     valid = data.draw(st.sampled_from(manifests), label="manifest")
     if source == "bytes":
-        content = data.draw(st.binary(max_size=300), label="bytes")
+        content = data.draw(st.binary(max_size=200), label="bytes")
     elif source == "edit":
         content = mutate_bytes(data, valid)
     elif source == "tree":
