@@ -9,16 +9,23 @@ import pytest
 
 from shared.broker import LocalBroker, start_local_broker
 
-INTEGRATION_RERUNS = 2
-"""End-to-end tests run real processes on a shared 2-core machine, where timing varies a
-lot; each may run up to this many more times before it counts as failed. Reruns show in
-the report (``R``), so a test that needs them is visible."""
+RERUNS_ALLOWED: dict[str, tuple[str, str]] = {
+    # node id: (the failure that may be rerun, as a regex on "ExceptionType: message";
+    #           the measured reason it happens)
+}
+"""The only tests that may run a second time, each for one named, measured failure.
+
+Every other test fails on its first failure. A test that asserts token identity (the
+fault and distributed tests) is never listed: a wrong token must fail the run. Prefer a
+fix to an entry; an entry needs the measurement (runs, what failed, why) beside it.
+A rerun shows in the report (``R``)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("integration") is not None:
-            item.add_marker(pytest.mark.flaky(reruns=INTEGRATION_RERUNS, reruns_delay=1))
+        allowed = RERUNS_ALLOWED.get(item.nodeid)
+        if allowed is not None:
+            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=1, only_rerun=[allowed[0]]))
 
 
 @pytest.fixture(scope="session")
