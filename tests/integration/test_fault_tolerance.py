@@ -19,7 +19,7 @@ import torch
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.errors import EdgesplitError
+from shared.errors import EdgesplitError, NoAnswer, StageTimedOut
 from shared.messages import Plan, RequestFinished
 from shared.topics import CAPACITY
 from tests.integration.fullstack import Node, Stack, counters
@@ -131,6 +131,19 @@ class Load:
         return max(waits, default=0.0)
 
 
+def assert_bounded(outcome: tuple[int, int, list[BaseException]], total: int, at_most: int,
+                   allowed: tuple[type[BaseException], ...]) -> None:  # fmt: skip
+    """Every request complete and token-identical to the unsplit model, except at most
+    ``at_most`` that ended in a typed error of an ``allowed`` kind."""
+    good, wrong, typed = outcome
+    assert wrong == 0, f"{wrong} requests completed with other tokens than the unsplit model's"
+    assert good + len(typed) == total, (good, typed)
+    assert all(isinstance(error, allowed) for error in typed), (
+        f"typed errors of kinds not allowed here ({[a.__name__ for a in allowed]}): {typed}"
+    )
+    assert len(typed) <= at_most, f"{len(typed)} typed errors, at most {at_most} allowed: {typed}"
+
+
 async def kill_middle_while_decoding(stack: Stack, requests: int = 4, tokens: int = 60, tag: str = "k",
                                      pick: Callable[[Plan], str] = middle) -> tuple[float, Plan, Plan]:  # fmt: skip
     """Kill -9 the middle node (or ``pick``'s) under load; returns (kill -> next token s,
@@ -234,7 +247,11 @@ def test_broker_restart_during_twenty_requests(own_broker: LocalBroker, tmp_path
         print(f"broker {signal.Signals(how).name} + restart: {good} complete, {wrong} wrong, "
               f"{len(typed)} typed errors {typed[:3]}; client reconnected {reconnect_s:.2f} s and the "
               f"next token came {resumed_s:.2f} s after the restart")  # fmt: skip
-        assert wrong == 0 and good + len(typed) == 20
+        # Measured 2026-12-06 (SIGKILL, 3 runs: 0, 0, 0 typed errors; SIGTERM, 1 run: 0):
+        # requests in flight resubmit after the reconnect. A pass lost with the broker
+        # may still time out at the entry, so up to 2 of 20 may end in StageTimedOut
+        # (NodeLost, NoPlan) or NoAnswer; nothing else, and the rest identical.
+        assert_bounded((good, wrong, typed), 20, at_most=2, allowed=(StageTimedOut, NoAnswer))
         assert reconnect_s < 5.0
         assert resumed_s < 10.0  # requests go on well inside their deadline (60 s)
         plan = asyncio.run(stack.wait_served(lambda p: True, 30))  # converged on the committed plan
