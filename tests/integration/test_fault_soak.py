@@ -219,5 +219,12 @@ def test_soak_random_faults_every_ten_seconds(own_broker: LocalBroker, tmp_path:
     print(f"soak: faults {faults}; outcomes {dict(soak.counts)}; memory after warm-up {growth}")
     assert soak.counts["lost"] == soak.counts["duplicated_or_gapped"] == soak.counts["hung"] == 0, soak.counts
     assert soak.counts["wrong"] == 0 and soak.counts["complete"] > 0
+    # Typed failures, bounded. Measured 2026-12-06 (120 s, 10 faults a run): 0 typed of
+    # 336 complete, and 0 of 484. A request whose pass was in flight at a kill, SIGSTOP or
+    # broker restart may time out at the entry (StageTimedOut, or its NodeLost and NoPlan);
+    # at most 1 in 50 requests, and no other kind.
+    typed = {kind: count for kind, count in soak.counts.items() if kind.startswith("typed:")}
+    assert set(typed) <= {"typed:StageTimedOut", "typed:NodeLost", "typed:NoPlan"}, typed
+    assert sum(typed.values()) <= max(2, soak.counts["complete"] // 50), soak.counts
     for name, (before, after) in memory.items():
         assert after - before < max(50 * 1024, before // 5), (name, before, after)
