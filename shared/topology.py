@@ -119,14 +119,20 @@ class Topology(BaseModel):
 def load_topology(path: Path | str | None = None) -> Topology:
     """Read a TOML topology file (the shipped default when ``path`` is None).
 
-    Raises ConfigError naming the file and the bad field.
+    Raises ConfigError naming the file and the bad field (or, for a file that is no
+    TOML, not UTF-8, nests too deeply or holds an integer too long to convert, what is
+    wrong with it).
     """
     file = Path(path) if path is not None else DEFAULT_TOPOLOGY
     try:
-        data = tomllib.loads(file.read_text())
+        data = tomllib.loads(file.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"topology file {file} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"topology file {file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except RecursionError:
+        raise ConfigError(f"topology file {file}: arrays or tables nest too deeply") from None
+    except (OSError, ValueError) as error:  # TOMLDecodeError, or an integer of 4,300+ digits
         raise ConfigError(f"topology file {file}: {error}") from None
     data.setdefault("name", file.stem)
     try:

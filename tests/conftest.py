@@ -9,16 +9,54 @@ import pytest
 
 from shared.broker import LocalBroker, start_local_broker
 
-INTEGRATION_RERUNS = 2
-"""End-to-end tests run real processes on a shared 2-core machine, where timing varies a
-lot; each may run up to this many more times before it counts as failed. Reruns show in
-the report (``R``), so a test that needs them is visible."""
+RERUNS_ALLOWED: dict[str, tuple[str, int]] = {
+    # node id: (the one failure that may be rerun, a regex on "ExceptionType: message";
+    #           how many reruns), with the measured reason beside it.
+    #
+    # A performance goal, not a correctness check: the TPOT after the re-plan must be
+    # within 20 % of the planner's prediction. Measured 2026-12-06, 3 runs without
+    # reruns on this 2-core box (load average 4-8 from other work): +133.6 % (CPU
+    # reference 1.05: the machine did not slow down measurably, yet the TPOT did), +23.1 %,
+    # +18.1 % (passed). Its token-identity check (check_served) is never rerun.
+    "tests/integration/test_adaptive.py::test_bandwidth_drop_replans_within_5_s_and_the_new_plan_meets_its_prediction": (
+        r"AssertionError: TPOT [0-9.]+ ms vs predicted", 2),
+}
+"""The only tests that may run again, each for one named, measured failure.
+
+Every other test fails on its first failure, and a listed test fails on any other
+failure: a token-identity assertion is never rerun (a wrong token must fail the run).
+Prefer a fix to an entry; an entry needs the measurement (runs, what failed, why)
+beside it. A rerun shows in the report (``R``)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("integration") is not None:
-            item.add_marker(pytest.mark.flaky(reruns=INTEGRATION_RERUNS, reruns_delay=1))
+        allowed = RERUNS_ALLOWED.get(item.nodeid)
+        if allowed is not None:
+            failure, reruns = allowed
+            item.add_marker(pytest.mark.flaky(reruns=reruns, reruns_delay=1, only_rerun=[failure]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """For a listed test, an exception group of one error (a TaskGroup's) is raised as
+    that error, so its only_rerun pattern sees the real failure, not the group."""
+    try:
+        return (yield)
+    except BaseExceptionGroup as group:
+        if item.nodeid not in RERUNS_ALLOWED:
+            raise
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        raise leaves[0] from group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
 
 
 @pytest.fixture(scope="session")

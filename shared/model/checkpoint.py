@@ -21,6 +21,7 @@ from shared.model import bert, gpt2, llama
 from shared.model.config import ModelConfig, load_config
 from shared.model.layers import check_finite
 from shared.model.names import PICKLE_SUFFIXES, block_of, canonical_name, split_names
+from shared.model.safetensors_check import check_file
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -163,6 +164,7 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
 
 
 def _header_names(path: Path) -> list[str]:
+    check_file(str(path))  # a truncated file, a renamed pickle, a repeated tensor name
     try:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys())
@@ -188,4 +190,6 @@ def _indexed_files(model_dir: Path, index: Any) -> dict[str, Path]:
         if not path.is_file():
             raise CheckpointError(f"{model_dir}: {file_name} (holding {name!r}) is missing")
         files[str(name)] = path
+    for path in sorted(set(files.values())):
+        check_file(str(path))
     return files

@@ -7,6 +7,7 @@ helpers (bytes and FLOPs per token) feed the planner; they assume fp32 tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +135,7 @@ def load_config(hf_config: Mapping[str, Any]) -> ModelConfig:
     readers = {"gpt2": _gpt2_config, "llama": _llama_config, "bert": _bert_config}
     try:
         config = readers[architecture](hf_config)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as error:  # e.g. float(10**400)
         raise CheckpointError(
             f"config.json for {architecture} has a missing or bad field: {error}"
         ) from None
@@ -154,20 +155,33 @@ def _int(hf: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
     return default
 
 
+def _token_id(value: Any) -> int:
+    """A token id must be a JSON integer (``int(1e400)`` would raise OverflowError,
+    ``int(1.5)`` silently truncate)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"token ids must be integers, got {value!r}")
+    return value
+
+
 def _optional_id(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return int(value)
+        return _token_id(value[0]) if value else None
+    return _token_id(value)
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     if isinstance(value, list):
-        return tuple(int(item) for item in value)
-    return (int(value),)
+        return tuple(_token_id(item) for item in value)
+    return (_token_id(value),)
+
+
+def _per_head(hidden: int, heads: int) -> int:
+    """hidden // heads, or 0 (refused by ``_validate``) when heads is not positive."""
+    return hidden // heads if heads > 0 else 0
 
 
 def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
@@ -180,7 +194,7 @@ def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
         num_layers=_int(hf, "n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_per_head(hidden, heads),
         intermediate_size=_int(hf, "n_inner", default=4 * hidden),
         max_positions=_int(hf, "n_positions", "max_position_embeddings"),
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
@@ -197,6 +211,8 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
     """Rope base; refuses rope scaling variants (not implemented)."""
     parameters = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or parameters
+    if not isinstance(parameters, Mapping) or not isinstance(scaling, Mapping):
+        raise ValueError("rope_scaling and rope_parameters must be JSON objects")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", None):
         raise UnsupportedArchitecture(f"rope scaling {rope_type!r} is not supported")
@@ -217,7 +233,7 @@ def _llama_config(hf: Mapping[str, Any]) -> ModelConfig:
         num_layers=_int(hf, "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=_int(hf, "num_key_value_heads", default=heads),
-        head_dim=_int(hf, "head_dim", default=hidden // heads),
+        head_dim=_int(hf, "head_dim", default=_per_head(hidden, heads)),
         intermediate_size=_int(hf, "intermediate_size"),
         max_positions=max_positions,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -247,7 +263,7 @@ def _bert_config(hf: Mapping[str, Any]) -> ModelConfig:
         num_layers=_int(hf, "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_per_head(hidden, heads),
         intermediate_size=_int(hf, "intermediate_size"),
         max_positions=_int(hf, "max_position_embeddings"),
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
@@ -277,6 +293,12 @@ def _validate(config: ModelConfig) -> None:
             raise CheckpointError(
                 f"config.json: {field} must be positive, got {getattr(config, field)}"
             )
+    if not (math.isfinite(config.norm_eps) and config.norm_eps > 0):
+        raise CheckpointError(f"config.json: the norm epsilon must be a finite number > 0, got {config.norm_eps}")
+    if not (math.isfinite(config.rope_theta) and config.rope_theta >= 0) or (
+        config.architecture == "llama" and config.rope_theta == 0
+    ):
+        raise CheckpointError(f"config.json: rope_theta must be a finite number > 0, got {config.rope_theta}")
     if config.num_heads % config.num_kv_heads:
         raise CheckpointError(
             f"config.json: num_attention_heads {config.num_heads} is not a multiple of "

@@ -9,13 +9,14 @@ manifest alone (tests/unit/test_imports.py checks it)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import CheckpointError, UnsafeCheckpointError
 from shared.model.config import detect_architecture, load_config
-from shared.model.names import PICKLE_SUFFIXES
+from shared.model.names import PICKLE_SUFFIXES, block_of
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -133,7 +134,28 @@ def _check_manifest(manifest: ShardManifest, origin: str) -> None:
     ):
         if name not in manifest.files:
             raise bad(field, f"{name!r} is not listed in files")
+    _check_tensor_names(manifest, bad)
     if len(set(weight_files)) != len(weight_files) or not all(
         n.endswith(".safetensors") for n in weight_files
     ):
         raise bad("blocks", "weight files must be distinct .safetensors files")
+
+
+def _check_tensor_names(
+    manifest: ShardManifest, bad: Callable[[str, str], CheckpointError]
+) -> None:
+    """Each tensor is listed once in the whole store, and a block's tensors belong to it
+    (a name repeated, or a block file carrying another block's tensor, is refused)."""
+    owner: dict[str, str] = {}
+    shards = [("entry", None, manifest.entry.tensor_names)] + [
+        (f"blocks.{block.index}", block.index, block.tensor_names) for block in manifest.blocks
+    ]
+    for field, index, names in shards:
+        for name in names:
+            if name in owner:
+                raise bad(f"{field}.tensor_names", f"tensor {name!r} is also listed in {owner[name]}")
+            owner[name] = field
+            located = block_of(name)
+            if (located[0] if located else None) != index:
+                where = "outside every block" if located is None else f"in block {located[0]}"
+                raise bad(f"{field}.tensor_names", f"tensor {name!r} is {where}")

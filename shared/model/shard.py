@@ -17,6 +17,7 @@ unpickled).
 from __future__ import annotations
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
@@ -34,6 +35,7 @@ from shared.model.manifest import (
     parse_manifest,
 )
 from shared.model.names import block_of, canonical_name
+from shared.model.safetensors_check import check_file, check_header
 from shared.model.shard_files import ShardFiles, forget_verified
 from shared.model.shard_write import Progress, write_shards
 
@@ -51,7 +53,15 @@ class ShardStore(ShardFiles):
         """Verified entry tensors (fp32), keyed by canonical name."""
         entry = self.manifest.entry
         tensors = self._load(entry.file, entry.tensor_names)
-        return {canonical_name(name): tensor for name, tensor in tensors.items()}
+        canonical: dict[str, torch.Tensor] = {}
+        for name, tensor in sorted(tensors.items()):
+            if canonical_name(name) in canonical:
+                raise CheckpointError(
+                    f"{self.shard_dir / entry.file}: tensor {canonical_name(name)!r} appears "
+                    f"twice (as {name!r} and another name)"
+                )
+            canonical[canonical_name(name)] = tensor
+        return canonical
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Verified tensors (fp32) of block ``index``, keyed by name within the block.
@@ -60,18 +70,41 @@ class ShardStore(ShardFiles):
             raise CheckpointError(f"{self.shard_dir}: no block {index} (the store has {self.manifest.num_blocks})")
         block = self.manifest.blocks[index]
         tensors = self._load(block.file, block.tensor_names)
-        return {_within_block(name): tensor for name, tensor in tensors.items()}
+        within: dict[str, torch.Tensor] = {}
+        for name, tensor in sorted(tensors.items()):
+            located = block_of(name)
+            if located is None or located[0] != index:
+                raise CheckpointError(
+                    f"{self.shard_dir / block.file}: tensor {name!r} is not a tensor of block {index}"
+                )
+            if located[1] in within:
+                raise CheckpointError(
+                    f"{self.shard_dir / block.file}: tensor {located[1]!r} of block {index} "
+                    f"appears twice (as {name!r} and another name)"
+                )
+            within[located[1]] = tensor
+        return within
 
     def _load(self, name: str, tensor_names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Verified tensors of one file (verified bytes are parsed directly, so the
         file cannot change between check and use). Raises CheckpointError naming the file
         and tensor for a tensor list that differs from the manifest's, an integer tensor,
-        or a NaN or infinite weight."""
+        or a NaN or infinite weight, and naming the file for a truncated or corrupt file
+        or a tensor name its header repeats; UnsafeCheckpointError for a pickle named
+        .safetensors (shared/model/safetensors_check.py)."""
         path = self.shard_dir / name
-        if self._verified_before(name):
-            tensors = load_file(str(path))
-        else:
-            tensors = load_safetensors_bytes(self._read_verified(name))
+        try:
+            if self._verified_before(name):
+                check_file(str(path))
+                tensors = load_file(str(path))
+            else:
+                data = self._read_verified(name)
+                check_header(str(path), data)
+                tensors = load_safetensors_bytes(data)
+        except SafetensorError as error:
+            raise CheckpointError(
+                f"{path}: not a valid safetensors file, truncated or corrupt ({error})"
+            ) from None
         if sorted(tensors) != sorted(tensor_names):
             raise CheckpointError(f"{path}: tensors {sorted(tensors)} differ from the manifest's")
         for key, value in tensors.items():
@@ -81,13 +114,6 @@ class ShardStore(ShardFiles):
         for key, value in sorted(loaded.items()):
             check_finite(str(path), key, value)
         return loaded
-
-
-def _within_block(name: str) -> str:
-    located = block_of(name)
-    if located is None:
-        raise CheckpointError(f"tensor {name} is not a block tensor")
-    return located[1]
 
 
 __all__ = [

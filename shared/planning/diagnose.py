@@ -7,13 +7,12 @@ node reuse allowed), and finally "each node at most once" together with the rest
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from shared.planning.objectives import CostTables
-from shared.planning.problem import Problem, layer_memory_bytes
+from shared.planning.problem import Problem, layer_memory_bytes, total
 from shared.planning.solver_exact import SubsetDP, solve_exact
 from shared.planning.solver_fast import relaxed_forward
 
@@ -112,9 +111,9 @@ def reuse_reason(problem: Problem, furthest: int) -> str:
     while last + 1 < len(problem.layers) and problem.layers[last + 1].min_trust >= trust:
         last += 1
     window = problem.layers[first : last + 1]
-    need = math.fsum(layer_memory_bytes(problem, layer) for layer in window)
+    need = total(layer_memory_bytes(problem, layer) for layer in window)
     able = sorted(n.id for n in problem.nodes if n.trust >= trust and n.utilization < 1)
-    free = math.fsum(problem.node(i).memory_bytes for i in able)
+    free = total(problem.node(i).memory_bytes for i in able)
     if trust > 0 and need > free:
         return (f"layers {first}-{last} need trust >= {trust} and {need:.0f} bytes, but "
                 f"the nodes with trust >= {trust} ({', '.join(able)}) have {free:.0f} bytes "

@@ -27,6 +27,7 @@ from shared.planning.problem import (
     effective_flops_per_s,
     evaluate,
     layer_memory_bytes,
+    total,
 )
 
 
@@ -101,7 +102,7 @@ def _segment_sums(values: Sequence[float]) -> np.ndarray:
     out = np.zeros((size + 1, size + 1))
     for start in range(size):
         for end in range(start + 1, size + 1):
-            out[start, end] = math.fsum(values[start:end])
+            out[start, end] = total(values[start:end])
     return out
 
 
@@ -224,14 +225,14 @@ def objective_terms(
     for seg in placement.segments:
         node = nodes[seg.node]
         speed = effective_flops_per_s(node)
-        flops = math.fsum(layer.flops for layer in problem.layers[seg.start : seg.end])
+        flops = total(layer.flops for layer in problem.layers[seg.start : seg.end])
         balance.append(min(node.utilization, 1.0) * flops / speed if speed > 0 else math.inf)
         for index in range(seg.start, seg.end):
             layer = problem.layers[index]
             privacy.append(max(0, (layer.preferred_trust or 0) - node.trust))
             if current_placement is not None:
                 migration.append(layer_migration_s(problem, node, index, current_placement))
-    terms = (math.fsum(balance), math.fsum(privacy), math.fsum(migration))
+    terms = (total(balance), total(privacy), total(migration))
     factors = (weights.balance, weights.privacy_s, weights.migration)
-    weighted = math.fsum([base.latency_s] + [f * t for f, t in zip(factors, terms, strict=True) if f > 0])
+    weighted = total([base.latency_s] + [f * t for f, t in zip(factors, terms, strict=True) if f > 0])
     return ObjectiveTerms(base.latency_s, base.bottleneck_s, *terms, weighted)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -81,8 +82,9 @@ class Problem(BaseModel):
     objective: Objective = "latency"
     source: str
     input_bytes: NonNegative
-    context_tokens: NonNegativeInt = 0
-    concurrent_requests: Annotated[int, Field(ge=1, strict=True)] = 1
+    # At most 2**53 (exact as floats): the KV term multiplies them with floats.
+    context_tokens: Annotated[int, Field(ge=0, le=2**53, strict=True)] = 0
+    concurrent_requests: Annotated[int, Field(ge=1, le=2**53, strict=True)] = 1
     source_min_trust: NonNegativeInt = 0  # set by a privacy policy: embedding and head
     layers: tuple[Layer, ...] = Field(min_length=1)
     nodes: tuple[Node, ...] = Field(min_length=1)
@@ -229,8 +231,9 @@ def load_problem(path: str | Path) -> Problem:
     """Read and validate a problem file.
 
     Raises:
-        ProblemFieldError: the file is missing or unreadable, is not JSON, or a field is
-            invalid (the message names it).
+        ProblemFieldError: the file is missing or unreadable, is not JSON (nesting too
+            deep and integers too long to convert included), or a field is invalid (the
+            message names it).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -245,10 +248,25 @@ def load_problem(path: str | Path) -> Problem:
             f"problem file {str(path)!r}: not valid JSON (line {error.lineno}, "
             f"column {error.colno}: {error.msg})"
         ) from None
+    except RecursionError:
+        raise ProblemFieldError(
+            f"problem file {str(path)!r}: not valid JSON (arrays or objects nest too deeply)"
+        ) from None
+    except ValueError as error:  # an integer of 4,300+ digits (Python's conversion limit)
+        raise ProblemFieldError(f"problem file {str(path)!r}: not valid JSON ({error})") from None
     return parse_problem(data)
 
 
 # --- the cost formulas, shared by the evaluator and the solver's tables -------------
+
+
+def total(values: Iterable[float]) -> float:
+    """``math.fsum(values)``, but ``inf`` where the exact sum overflows a float (fsum
+    raises OverflowError there: two finite terms of 1e308 are a valid problem's)."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return math.inf
 
 
 def layer_memory_bytes(problem: Problem, layer: Layer) -> float:
@@ -300,7 +318,7 @@ def _segment_terms(problem: Problem, index: int, seg: PlacedSegment) -> tuple[fl
     violations: list[str] = []
     if node.utilization >= 1:
         violations.append(f"utilization: {seg.node!r} is at {node.utilization:g} and hosts nothing")
-    need = math.fsum(layer_memory_bytes(problem, layer) for layer in layers)
+    need = total(layer_memory_bytes(problem, layer) for layer in layers)
     if need > node.memory_bytes:
         violations.append(
             f"memory: segments[{index}] needs {need:.0f} bytes, {seg.node!r} has "
@@ -313,7 +331,7 @@ def _segment_terms(problem: Problem, index: int, seg: PlacedSegment) -> tuple[fl
                 f"{seg.node!r} has {node.trust}"
             )
     speed = effective_flops_per_s(node)
-    compute = math.fsum(layer.flops for layer in layers) / speed if speed > 0 else math.inf
+    compute = total(layer.flops for layer in layers) / speed if speed > 0 else math.inf
     return compute, violations
 
 
@@ -356,7 +374,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
         hop, hop_violations = _hop_term(problem, previous, problem.source, num_layers)
         terms.append(hop)
         violations += hop_violations
-    latency = math.fsum(terms) if all(math.isfinite(t) for t in terms) else math.inf
+    latency = total(terms) if all(math.isfinite(t) for t in terms) else math.inf
     return Evaluation(
         latency_s=latency, bottleneck_s=max(terms, default=math.inf), violations=tuple(violations)
     )

@@ -16,13 +16,16 @@ import pytest
 
 from shared.broker import LocalBroker
 from shared.bus import Bus
-from shared.errors import EdgesplitError, NoAnswer
+from shared.errors import EdgesplitError, NoAnswer, StageTimedOut
 from shared.messages import EmulatedLink, EmulationCommand
 from shared.topics import EMULATION
 from tests.integration.fullstack import Stack, topology_text
 from tests.integration.test_fault_tolerance import (
     BLOCKS_2,
+    SPARE,
     Load,
+    a_worker,
+    assert_bounded,
     kill_middle_while_decoding,
     middle,
     stack_for,
@@ -69,13 +72,22 @@ def test_no_spare_node_resplit_with_shard_load(broker: LocalBroker, tmp_path: Pa
     assert resumed_s < 10.0
 
 
+BLOCKS_3 = 570e3
+"""Memory for three blocks of the tiny model (148,920 bytes each) and their caches."""
+
+
 @pytest.mark.timeout(300)
 def test_second_kill_during_recovery(broker: LocalBroker, tmp_path: Path) -> None:
-    stack = stack_for(broker, tmp_path)
+    """Two of four nodes die 0.3 s apart under load. Each node holds three of the six
+    blocks, so the entry and the one survivor can still serve the model (with two
+    blocks per node, as before, no plan was left: measured 2026-12-06, all 4 requests
+    ended in NoFeasiblePlan and the test passed, as it allowed any typed error)."""
+    nodes = tuple((name, trust, speed, BLOCKS_3) for name, trust, speed, _ in SPARE)
+    stack = stack_for(broker, tmp_path, nodes)
 
     async def scenario() -> tuple[int, int, list[BaseException]]:
         plan = await stack.current_plan()
-        first = middle(plan)
+        first = a_worker(plan)
         second = next(n for n, *_ in stack.nodes if n not in {first, plan.entry_node})
         load = Load(stack, 4, 60, timeout_s=30)
         load.start()
@@ -91,7 +103,14 @@ def test_second_kill_during_recovery(broker: LocalBroker, tmp_path: Path) -> Non
     finally:
         stack.stop()
     print(f"second kill during recovery: {good} complete, {len(typed)} typed errors {typed[:2]}")
-    assert wrong == 0 and good + len(typed) == 4
+    # Measured 2026-12-06, three blocks per node, 3 runs: 0, 0 and 4 typed errors. In the
+    # run with 4 (all StageTimedOut: "node rsu went down ...; no new plan within 10.0 s")
+    # the second victim was in the recovery plan: the broadcaster's PrepareEpoch for it
+    # went unanswered for the remaining 10 s of the run, longer than the entry waits for a
+    # new plan. That is a defect of the recovery, not noise, so the bound stays at what
+    # the design promises: at most 1 request (one whose pass was in flight at the second
+    # kill) may time out; the rest complete with the unsplit model's tokens.
+    assert_bounded((good, wrong, typed), 4, at_most=1, allowed=(StageTimedOut, NoAnswer))
 
 
 class Soak:
@@ -200,5 +219,12 @@ def test_soak_random_faults_every_ten_seconds(own_broker: LocalBroker, tmp_path:
     print(f"soak: faults {faults}; outcomes {dict(soak.counts)}; memory after warm-up {growth}")
     assert soak.counts["lost"] == soak.counts["duplicated_or_gapped"] == soak.counts["hung"] == 0, soak.counts
     assert soak.counts["wrong"] == 0 and soak.counts["complete"] > 0
+    # Typed failures, bounded. Measured 2026-12-06 (120 s, 10 faults a run): 0 typed of
+    # 336 complete, and 0 of 484. A request whose pass was in flight at a kill, SIGSTOP or
+    # broker restart may time out at the entry (StageTimedOut, or its NodeLost and NoPlan);
+    # at most 1 in 50 requests, and no other kind.
+    typed = {kind: count for kind, count in soak.counts.items() if kind.startswith("typed:")}
+    assert set(typed) <= {"typed:StageTimedOut", "typed:NodeLost", "typed:NoPlan"}, typed
+    assert sum(typed.values()) <= max(2, soak.counts["complete"] // 50), soak.counts
     for name, (before, after) in memory.items():
         assert after - before < max(50 * 1024, before // 5), (name, before, after)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +19,9 @@ import torch
 from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.config import BusSettings
-from shared.errors import EdgesplitError
+from shared.errors import EdgesplitError, NoAnswer, StageTimedOut
 from shared.messages import Plan, RequestFinished
+from shared.topics import CAPACITY
 from tests.integration.fullstack import Node, Stack, counters
 
 pytestmark = pytest.mark.integration
@@ -53,6 +54,26 @@ def middle(plan: Plan) -> str:
     inner = [s.node for s in plan.segments[1:-1] if s.node != plan.entry_node]
     assert inner, plan.segments
     return inner[0]
+
+
+def a_worker(plan: Plan) -> str:
+    """The middle node if the plan has one, else the last segment's node: a re-plan
+    after a kill may merge the middle away (measured 2026-12-06: 2 runs of 3 re-planned
+    to the entry plus one node)."""
+    inner = [s.node for s in plan.segments[1:-1] if s.node != plan.entry_node]
+    others = [s.node for s in plan.segments if s.node != plan.entry_node]
+    assert others, plan.segments
+    return inner[0] if inner else others[-1]
+
+
+async def wait_alive(stack: Stack, node: str, timeout_s: float = 30.0) -> None:
+    """Until the monitor's capacity profile (what the reviser plans from) has ``node``
+    alive and up again."""
+    async with Bus(stack.settings) as bus, bus.subscribe(CAPACITY) as profiles, asyncio.timeout(timeout_s):
+        while True:
+            _, profile = await profiles.get()
+            if any(n.node == node and n.alive and n.health == "up" for n in profile.nodes):
+                return
 
 
 class Load:
@@ -110,11 +131,25 @@ class Load:
         return max(waits, default=0.0)
 
 
-async def kill_middle_while_decoding(stack: Stack, requests: int = 4, tokens: int = 60,
-                                     tag: str = "k") -> tuple[float, Plan, Plan]:  # fmt: skip
-    """Kill -9 the middle node under load; returns (kill -> next token s, old plan, new plan)."""
+def assert_bounded(outcome: tuple[int, int, list[BaseException]], total: int, at_most: int,
+                   allowed: tuple[type[BaseException], ...]) -> None:  # fmt: skip
+    """Every request complete and token-identical to the unsplit model, except at most
+    ``at_most`` that ended in a typed error of an ``allowed`` kind."""
+    good, wrong, typed = outcome
+    assert wrong == 0, f"{wrong} requests completed with other tokens than the unsplit model's"
+    assert good + len(typed) == total, (good, typed)
+    assert all(isinstance(error, allowed) for error in typed), (
+        f"typed errors of kinds not allowed here ({[a.__name__ for a in allowed]}): {typed}"
+    )
+    assert len(typed) <= at_most, f"{len(typed)} typed errors, at most {at_most} allowed: {typed}"
+
+
+async def kill_middle_while_decoding(stack: Stack, requests: int = 4, tokens: int = 60, tag: str = "k",
+                                     pick: Callable[[Plan], str] = middle) -> tuple[float, Plan, Plan]:  # fmt: skip
+    """Kill -9 the middle node (or ``pick``'s) under load; returns (kill -> next token s,
+    old plan, new plan)."""
     before = await stack.current_plan()
-    victim = middle(before)
+    victim = pick(before)
     load = Load(stack, requests, tokens, tag=tag)
     load.start()
     await load.until_tokens(5)
@@ -132,15 +167,23 @@ def test_kill_middle_worker_then_orchestrator_restart(stack: Stack) -> None:
     print(f"kill -9 {middle(before)}: next token after {resumed_s:.2f} s; epoch {before.epoch} -> {after.epoch}")
     assert resumed_s < 3.5
     stack.start_worker(middle(before))  # the dead node comes back (fresh): spare capacity again
+    # Measured 2026-12-06: killing the second worker before the monitor counted the
+    # revived one alive left no feasible plan (2 runs of 3 ended in NoFeasiblePlan).
+    asyncio.run(wait_alive(stack, middle(before)))
     # The orchestrator restarts: it reads the retained plan and decisions, starts no new
     # epoch sequence of its own, and the next fault continues the broadcaster's numbering.
     stack.kill("orchestrator")
     stack.start_service("orchestrator")
-    time.sleep(6)
+    deadline = time.monotonic() + 30
+    while stack.log("orchestrator").count("orchestrator ready") < 2:
+        assert time.monotonic() < deadline, "the restarted orchestrator did not get ready in 30 s"
+        time.sleep(0.2)
     assert asyncio.run(stack.current_plan()).epoch == after.epoch
     log = stack.log("orchestrator")
-    assert log.count("orchestrator ready") == 2 and "running nothing" not in log.split("orchestrator ready")[-1]
-    resumed_s, _, third = asyncio.run(kill_middle_while_decoding(stack, 2, 40, tag="k2-"))
+    assert "running nothing" not in log.split("orchestrator ready")[-1]
+    # The re-plan may have merged the middle away (measured: 2 of 3 runs planned car +
+    # one node), so the second fault kills whichever worker the plan has.
+    resumed_s, _, third = asyncio.run(kill_middle_while_decoding(stack, 2, 40, tag="k2-", pick=a_worker))
     assert third.epoch == after.epoch + 1, (after.epoch, third.epoch)
 
 
@@ -204,7 +247,11 @@ def test_broker_restart_during_twenty_requests(own_broker: LocalBroker, tmp_path
         print(f"broker {signal.Signals(how).name} + restart: {good} complete, {wrong} wrong, "
               f"{len(typed)} typed errors {typed[:3]}; client reconnected {reconnect_s:.2f} s and the "
               f"next token came {resumed_s:.2f} s after the restart")  # fmt: skip
-        assert wrong == 0 and good + len(typed) == 20
+        # Measured 2026-12-06 (SIGKILL, 3 runs: 0, 0, 0 typed errors; SIGTERM, 1 run: 0):
+        # requests in flight resubmit after the reconnect. A pass lost with the broker
+        # may still time out at the entry, so up to 2 of 20 may end in StageTimedOut
+        # (NodeLost, NoPlan) or NoAnswer; nothing else, and the rest identical.
+        assert_bounded((good, wrong, typed), 20, at_most=2, allowed=(StageTimedOut, NoAnswer))
         assert reconnect_s < 5.0
         assert resumed_s < 10.0  # requests go on well inside their deadline (60 s)
         plan = asyncio.run(stack.wait_served(lambda p: True, 30))  # converged on the committed plan
