@@ -10,6 +10,7 @@ from services.broadcaster.service import BroadcasterService, BroadcasterSettings
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.security.signing import require_control_key
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         num_layers = load_num_layers(settings.shards_dir) if settings.shards_dir else None
+        require_control_key(settings, "broadcaster")
     except EdgesplitError as error:
         print(f"broadcaster: {error}", file=sys.stderr)
         return 2

@@ -38,6 +38,9 @@ class NodeStatus(Message):
     """Blocks the node holds in that epoch."""
     entry: bool = False
     """True when the node is that epoch's entry."""
+    refused: dict[TopicId, NonNegativeInt] = Field(default={}, max_length=64)
+    """Control messages this node refused, by ``{Kind}_{why}`` (unsigned, forged,
+    replayed, private): shared/security/signing.py."""
 
 
 class BlockTimes(Part):

@@ -106,6 +106,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         ROLLOUTS: SUB,
         ROLLOUT_RESULTS: PUB,
         ROLLOUT_LEDGER: BOTH,
+        POLICY: SUB,  # refuses a rollout that breaks the policy in force (signing.py)
     },
     Role.ORCHESTRATOR: {
         PLAN: SUB,
