@@ -176,10 +176,16 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"plan: epoch {plan['epoch']}  model {plan['model_id']}  entry {plan['entry_node']}  {layout}")
     print(f"nodes ({len(state['nodes'])}):")
     for node in state["nodes"]:
-        print(f"  {node['node']:<16} {node['state']:<8} trust {node['trust']}  "
+        measured = state["measured"].get(node["node"])
+        trust = f"{measured['trust']}" if measured else f"{node['trust']}"
+        if measured and measured["trust"] != node["trust"]:
+            trust += f" (claims {node['trust']})"  # placement uses the operator's registry
+        print(f"  {node['node']:<16} {node['state']:<8} trust {trust}  "
               f"memory {node['memory_bytes'] / 1e6:.0f} MB  threads {node['threads']}  "
               f"device {node['device']}")  # fmt: skip
-        measured = state["measured"].get(node["node"])
+        if node.get("refused"):
+            print(f"  {'':<16} refused control messages: "
+                  + ", ".join(f"{name} {count}" for name, count in node["refused"].items()))
         if measured:
             decode = measured["decode_s_per_block"]
             print(f"  {'':<16} health {measured['health']:<10} busy {measured['utilisation']:.0%}  "

@@ -58,6 +58,8 @@ class Stack:
     nodes: Sequence[Node]
     entry: str
     worker_env: dict[str, str] = field(default_factory=dict)
+    service_env: dict[str, str] = field(default_factory=dict)
+    """Extra variables of the control services (e.g. EDGESPLIT_IDENTITIES_FILE)."""
     one_way: Sequence[tuple[str, str]] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -94,7 +96,7 @@ class Stack:
             "orchestrator": ["--shards", str(self.shards), "--entry", self.entry, "--expect-nodes", nodes,
                              "--private-blocks", "1", "--trusted-level", "2"],
         }[name]  # fmt: skip
-        self._spawn(name, ["-m", f"services.{name}", *args])
+        self._spawn(name, ["-m", f"services.{name}", *args], self.service_env)
 
     def start(self, timeout_s: float = 90.0) -> Plan:
         for node, *_ in self.nodes:
