@@ -206,3 +206,20 @@ def test_a_rollout_breaking_the_policy_is_refused_before_it_is_signed() -> None:
     finished = actions[0].message
     assert isinstance(finished, RolloutFinished) and finished.outcome == "aborted"
     assert state.highest_epoch == 0 and state.active is None
+
+
+@pytest.mark.parametrize("service", ["broadcaster", "orchestrator", "monitor", "worker"])
+def test_a_service_on_the_secure_profile_without_a_key_refuses_to_start(
+    service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    for name in ("EDGESPLIT_PLAN_SIGNING_KEY", "EDGESPLIT_PLAN_SIGNING_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    args = {"broadcaster": [], "monitor": [], "orchestrator": ["--shards", str(tmp_path)],
+            "worker": ["--node-id", "car", "--shards", str(tmp_path)]}[service]  # fmt: skip
+    main = importlib.import_module(f"services.{service}.__main__").main
+    code = main([*args, "--broker", "mqtts://127.0.0.1:8883"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "refuses to start: the secure profile" in err[0] and "EDGESPLIT_PLAN_SIGNING_KEY_FILE" in err[0]
