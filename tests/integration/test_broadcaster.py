@@ -66,7 +66,7 @@ class System:
         write_shards(self.model_dir, self.shards)
         self.settings = settings_for(broker.url, "itbroadcast")
         self.broadcaster_settings = BroadcasterSettings(broker_url=broker.url, cluster="itbroadcast",
-                                                        shards_dir=self.shards)  # fmt: skip
+                                                        shards_dir=self.shards, plan_signing_key=KEY)  # fmt: skip
         self.workers = WorkerCluster(broker.url, "itbroadcast", self.shards, root)
         self.root = root
         self.decisions = iter(range(1, 10_000))
