@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument(
         "--max-queued", type=int, help="rollouts waiting behind the active one (default 16)"
     )
+    parser.add_argument("--identities", dest="identities_file", type=Path,
+                        help="the operator's identity registry (STATE/identities.toml): "
+                             "each node's trust comes from it, not from the node")  # fmt: skip
     add_bus_arguments(parser)
     return parser.parse_args(argv)
 
@@ -31,6 +34,7 @@ def settings_from(args: Any) -> BroadcasterSettings:
     """CLI > EDGESPLIT_* environment > defaults."""
     return load_settings(BroadcasterSettings, {
         "broker_url": args.broker_url, "cluster": args.cluster, "shards_dir": args.shards_dir,
+        "identities_file": args.identities_file,
         "max_queued_rollouts": args.max_queued,
     })  # fmt: skip
 

@@ -223,3 +223,14 @@ def test_a_service_on_the_secure_profile_without_a_key_refuses_to_start(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "refuses to start: the secure profile" in err[0] and "EDGESPLIT_PLAN_SIGNING_KEY_FILE" in err[0]
+
+
+def test_an_unreadable_registry_is_one_line_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.broadcaster.__main__ import main
+
+    monkeypatch.setenv("EDGESPLIT_PLAN_SIGNING_KEY", KEY)
+    code = main(["--identities", str(tmp_path / "missing.toml"), "--broker", "mqtt://127.0.0.1:1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "identity registry" in line]
+    assert code != 0 and len(err) == 1 and "missing.toml" in err[0], err
