@@ -170,13 +170,14 @@ class Bus:
 
         Raises InvalidId for a bad parameter, WireError for a message of the wrong kind,
         BusError when not published within publish_timeout_s. A control message that
-        carries a signature and has none yet is signed with the cluster's control key
-        (shared/security/signing.py; ConfigError on mqtts:// without one).
+        carries a signature is (re)signed with the process's control key: a copy of a
+        received message with a changed field (a decision's outcome) must not go out with
+        the old signature (shared/security/signing.py; ConfigError on mqtts:// without a key).
         """
         if topic.plane != "control" or not isinstance(message, topic.kinds):
             raise WireError(f"{type(message).__name__} cannot be published on {topic.pattern}")
         wire: Message = message
-        if is_signed_kind(wire) and not getattr(wire, "signature", ""):
+        if is_signed_kind(wire):
             wire = sign(wire, self._control_key())
         payload = codec.encode(wire, origin=self.origin, seq=next(self._seq))
         await self._connections["control"].publish(
