@@ -40,6 +40,7 @@ from shared.bus import Bus, Subscription
 from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
 from shared.messages import EpochLedger, Plan, PrivacyPolicy, PrivacyPolicySet, RolloutRequested
+from shared.security.reporting import report_refusals
 from shared.security.signing import ControlGate, control_key
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import EPOCH_ACKS, PLAN, POLICY, ROLLOUT_LEDGER, ROLLOUTS
@@ -124,6 +125,7 @@ class BroadcasterService:
                     )
                     task_group.create_task(self._decide(bus), name="decide")
                     task_group.create_task(self._follow_policy(policies), name="policy")
+                    task_group.create_task(report_refusals(bus, origin, self.gate.refusals), name="refusals")
             finally:
                 await asyncio.shield(self._abort_on_exit(bus))
 

@@ -18,6 +18,7 @@ from shared.messages import (
     NodeStatus,
     Plan,
     PrivacyPolicySet,
+    ServiceStatus,
 )
 
 KEPT_DECISIONS = 64
@@ -38,6 +39,8 @@ class StatusSnapshot:
     """Newest version of each decision, by decision id."""
     policy: PrivacyPolicySet | None = None
     emulation: dict[str, EmulationApplied] = field(default_factory=dict)
+    services: dict[str, ServiceStatus] = field(default_factory=dict)
+    """Each control service's refusal counters, by service."""
     connected: bool = True
     """False while the bus is reconnecting (the view then says its data may be stale)."""
     version: int = 0
@@ -58,6 +61,8 @@ class StatusSnapshot:
             return _put(self.nodes, message.node, message)
         if isinstance(message, EmulationApplied):
             return _put(self.emulation, message.node, message)
+        if isinstance(message, ServiceStatus):
+            return _put(self.services, message.service, message)
         if isinstance(message, DecisionRecorded):
             changed = _put(self.decisions, message.decision_id, message)
             for stale in sorted(self.decisions)[:-KEPT_DECISIONS]:

@@ -15,7 +15,7 @@ from services.cli.status_state import StatusSnapshot
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.process import first_edgesplit_error
-from shared.topics import CAPACITY, DECISIONS, NODE_STATUS, PLAN
+from shared.topics import CAPACITY, DECISIONS, NODE_STATUS, PLAN, SERVICE_STATUS
 
 DEFAULT_INTERVAL_S = 1.0
 """Seconds between `status --watch` redraws unless --interval says otherwise."""
@@ -120,7 +120,7 @@ async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]
     """Retained nodes, plan, capacity profile and decisions of the cluster."""
     snapshot = StatusSnapshot(broker=settings.broker.redacted(), cluster=settings.cluster)
     async with Bus(settings) as bus:
-        subscriptions = [bus.subscribe(topic) for topic in (NODE_STATUS, PLAN, CAPACITY, DECISIONS)]
+        subscriptions = [bus.subscribe(topic) for topic in (NODE_STATUS, PLAN, CAPACITY, DECISIONS, SERVICE_STATUS)]
         try:
             await bus.wait_ready()
             loop = asyncio.get_running_loop()
@@ -147,6 +147,8 @@ async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]
         "profile_age_s": max(0.0, time.time() - capacity.as_of_s) if capacity else None,
         "plan": plan.model_dump(mode="json", exclude={"signature"}) if plan else None,
         "decisions": [d.model_dump(mode="json") for d in snapshot.latest_decisions(10)],
+        # control messages each control service refused (a worker's are in its node entry)
+        "refused": {name: dict(s.refused) for name, s in sorted(snapshot.services.items()) if s.refused},
     }
 
 
@@ -204,6 +206,8 @@ def run_status(args: argparse.Namespace) -> int:
                      else f" ({link.get('health', 'unknown')})"))  # fmt: skip
     for decision in state["decisions"]:
         print(_decision_line(decision))
+    for service, refused in state["refused"].items():
+        print(f"{service} refused control messages: " + ", ".join(f"{k} {v}" for k, v in refused.items()))
     if plan is None and not state["nodes"]:
         print(f"edgesplit: nothing of cluster {state['cluster']} at {state['broker']} (no plan, no "
               "nodes); is `edgesplit up` running, with the same --broker and --cluster?",

@@ -26,12 +26,15 @@ from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
 from shared.messages import LayerCost, Message, NodeStatus, Telemetry
+from shared.security.reporting import report_refusals
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import CAPACITY, NODE_STATUS, PROFILE_EVENTS, TELEMETRY, Topic
 
 P = TypeVar("P")
 
 log = logging.getLogger(__name__)
+TRUST_IGNORED = "NodeStatus_trust_ignored"
+"""Counter: statuses whose trust claim differs from the registry (the registry wins)."""
 
 
 class MonitorSettings(BusSettings):
@@ -107,6 +110,8 @@ class MonitorService:
                 task_group.create_task(self._follow_telemetry(bus), name="telemetry")
                 task_group.create_task(self._publish_events(bus), name="events")
                 task_group.create_task(self._publish_profiles(bus), name="profiles")
+                task_group.create_task(report_refusals(bus, self.settings.client_id or "monitor", lambda: {
+                    k: v for k, v in self.counters.items() if k == TRUST_IGNORED}), name="refusals")  # fmt: skip
 
     async def _seed(self, bus: Bus) -> None:
         async with bus.subscribe(CAPACITY) as previous:
@@ -146,7 +151,7 @@ class MonitorService:
     def _on_status(self, message: NodeStatus | Telemetry) -> list[Message]:
         assert isinstance(message, NodeStatus)
         if self.trust is not None and message.trust != self.trust.trust_of(message.node):
-            self.counters["NodeStatus_trust_ignored"] += 1  # the registry's trust is used
+            self.counters[TRUST_IGNORED] += 1  # the registry's trust is used
         return self.state.on_status(message, self.clock())
 
     def _on_telemetry(self, message: NodeStatus | Telemetry) -> list[Message]:

@@ -61,6 +61,7 @@ from shared.messages import (
 )  # fmt: skip
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
+from shared.security.reporting import report_refusals
 from shared.security.signing import ControlGate, control_key
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import (
@@ -149,6 +150,8 @@ class OrchestratorService:
                 tasks.create_task(self._periodic(), name="periodic")
                 tasks.create_task(self._watch(), name="watch")
                 tasks.create_task(self._control(bus, tasks), name="control")
+                tasks.create_task(report_refusals(bus, self.settings.client_id or "orchestrator",
+                                                  self.gate.refusals), name="refusals")  # fmt: skip
 
     # --- state from retained topics ---------------------------------------------------------
 

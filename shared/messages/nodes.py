@@ -43,6 +43,17 @@ class NodeStatus(Message):
     replayed, private): shared/security/signing.py."""
 
 
+class ServiceStatus(Message):
+    """Retained by a control service (broadcaster, orchestrator, monitor): the control
+    messages it refused, so `edgesplit status` shows them (shared/security/signing.py)."""
+
+    service: TopicId
+    at_s: NonNegativeFloat
+    """Unix time of this report."""
+    refused: dict[TopicId, NonNegativeInt] = Field(default={}, max_length=64)
+    """By ``{Kind}_{why}``, e.g. ``RolloutRequested_forged``."""
+
+
 class BlockTimes(Part):
     """Measured compute time of one block on a node (smoothed; emulated slowdown included)."""
 

@@ -189,6 +189,11 @@ def test_a_hostile_client_cannot_steer_the_stack(site: Stack, capsys: pytest.Cap
     assert code == 0
     shown = {node["node"]: node["refused"] for node in state["nodes"]}
     assert shown["car"]["Plan_forged"] >= 1 and shown["car"]["EmulationCommand_forged"] == 1
+    services = state["refused"]  # the control services' own refusals
+    assert {"RolloutRequested_forged", "EpochLedger_forged", "EpochLedger_implausible", "Plan_forged",
+            "PrivacyPolicySet_forged"} <= set(services["broadcaster"]), services  # fmt: skip
+    assert {"PrivacyPolicySet_forged", "NodeDown_forged", "Plan_forged"} <= set(services["orchestrator"]), services
+    assert services["monitor"]["NodeStatus_trust_ignored"] >= 1, services
     site.stop()
     assert "refused RolloutRequested (bad signature" in site.log("broadcaster")
     assert "refused EpochLedger (bad signature" in site.log("broadcaster")
