@@ -82,6 +82,12 @@ class StatusSnapshot:
             return changed
         return False
 
+    def refusals(self) -> dict[str, dict[str, int]]:
+        """Refused control messages by node or service (shared/security/signing.py)."""
+        found = {name: dict(status.refused) for name, status in self.nodes.items() if status.refused}
+        found.update({name: dict(s.refused) for name, s in self.services.items() if s.refused})
+        return dict(sorted(found.items()))
+
     def latest_decisions(self, count: int) -> list[DecisionRecorded]:
         """The newest version of each of the ``count`` newest decisions, oldest first."""
         return [self.decisions[key] for key in sorted(self.decisions)[-count:]] if count else []
@@ -122,7 +128,7 @@ class StatusSnapshot:
         )
         plan = self.plan.model_dump(exclude={"signature"}) if self.plan is not None else None
         policy = self.policy.policy if self.policy is not None else None
-        return (self.connected, nodes, health, plan, decisions, policy, emulation)
+        return (self.connected, nodes, health, plan, decisions, policy, emulation, self.refusals())
 
 
 def _put(table: dict[Any, Any], key: Any, message: object) -> bool:

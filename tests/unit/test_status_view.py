@@ -20,6 +20,7 @@ from shared.messages import (
     PrivacyPolicy,
     PrivacyPolicySet,
     Segment,
+    ServiceStatus,
 )
 
 NOW_S = 1_800_000_000.0
@@ -149,3 +150,16 @@ def test_structure_ignores_measured_numbers_but_not_link_health() -> None:
     healed = tuple(link.model_copy(update={"health": "ok", "degraded": ()}) for link in profile.links)
     snapshot.apply(profile.model_copy(update={"links": healed}))
     assert snapshot.structure() != before
+
+
+def test_refused_control_messages_show_in_the_header() -> None:
+    snapshot = StatusSnapshot(broker="mqtt://127.0.0.1:1883", cluster="site")
+    assert snapshot.refusals() == {}
+    snapshot.apply(ServiceStatus(service="broadcaster", at_s=1.0, refused={"RolloutRequested_forged": 2}))
+    snapshot.apply(NodeStatus(node="car", state="online", trust=2, memory_bytes=1, threads=1,  # type: ignore[arg-type]
+                              refused={"Plan_replayed": 1}))  # fmt: skip
+    assert snapshot.refusals() == {"broadcaster": {"RolloutRequested_forged": 2}, "car": {"Plan_replayed": 1}}
+    console = Console(width=200, record=True, color_system=None, file=io.StringIO())
+    console.print(render_status(snapshot, NOW_S))
+    text = console.export_text()
+    assert "refused control messages: broadcaster RolloutRequested_forged 2; car Plan_replayed 1" in text
