@@ -35,6 +35,8 @@ from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
 from shared.frame_headers import FrameHeader
 from shared.ids import validate_id
 from shared.messages import Message
+from shared.messages.base import is_signed_kind, sign
+from shared.security.signing import require_control_key
 from shared.subscription import Announcement, Delivery, Subscription
 from shared.tensor_frame import Frame, decode_frame, encode_frame
 from shared.topics import Topic
@@ -70,6 +72,7 @@ class Bus:
         self.sessions = 0
         """Successful connects so far, both connections together."""
         self.counters: Counter[str] = Counter()
+        self._signing_key: str | None = None
         """malformed:<pattern>, overflow:<pattern>, unroutable."""
         self._protocol = ProtocolChoice(settings.protocol, self.url)
         self._tls_context = client_tls_context(settings)  # ConfigError now, not per connect
@@ -166,14 +169,26 @@ class Bus:
         """Publish a control message on ``topic`` (filled with ``params``).
 
         Raises InvalidId for a bad parameter, WireError for a message of the wrong kind,
-        BusError when not published within publish_timeout_s.
+        BusError when not published within publish_timeout_s. A control message that
+        carries a signature is (re)signed with the process's control key: a copy of a
+        received message with a changed field (a decision's outcome) must not go out with
+        the old signature (shared/security/signing.py; ConfigError on mqtts:// without a key).
         """
         if topic.plane != "control" or not isinstance(message, topic.kinds):
             raise WireError(f"{type(message).__name__} cannot be published on {topic.pattern}")
-        payload = codec.encode(message, origin=self.origin, seq=next(self._seq))
+        wire: Message = message
+        if is_signed_kind(wire):
+            wire = sign(wire, self._control_key())
+        payload = codec.encode(wire, origin=self.origin, seq=next(self._seq))
         await self._connections["control"].publish(
             topic.topic(self.cluster, **params), payload, topic.qos, topic.retain
         )
+
+    def _control_key(self) -> str:
+        """The key control messages are signed with (shared/security/signing.py)."""
+        if self._signing_key is None:
+            self._signing_key = require_control_key(self.settings, f"publisher {self.origin}")
+        return self._signing_key
 
     async def publish_frame(
         self, topic: Topic[Frame], header: FrameHeader, tensor: Any, **params: str

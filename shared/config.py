@@ -98,7 +98,15 @@ class BusSettings(BaseSettings):
     tls_key_file: Path | None = None
     """The client certificate's private key (PEM); set together with tls_cert_file."""
     models_dir: Path = Path("~/.cache/edgesplit/models").expanduser()
-    plan_signing_key: str = "edgesplit-dev-key"
+    plan_signing_key: str | None = Field(default=None, repr=False)
+    """The cluster's control key (shared/security/signing.py); `up` generates one. Unset:
+    the secure profile's services refuse to start; the open profile warns and uses the
+    public development key."""
+    plan_signing_key_file: Path | None = None
+    identities_file: Path | None = None
+    """The operator's identity registry (STATE/identities.toml): the trust of each node for
+    placement comes from it, not from the node's own status (shared/security/trust.py)."""
+    """A file holding the control key (STATE/signing.key, RUN/signing.key)."""
 
     @field_validator("broker_url")
     @classmethod

@@ -50,6 +50,7 @@ from shared.messages import (
     RequestFinished,
     RolloutFinished,
     RolloutRequested,
+    ServiceStatus,
     Telemetry,
     TokenGenerated,
 )
@@ -213,6 +214,9 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
 
 # --- the registry ---------------------------------------------------------------------------
 # nodes
+# control services' refusal counters (retained; `edgesplit status`)
+SERVICE_STATUS = Topic("services/{service}/status", ServiceStatus, qos=1, retain=True,
+                       overflow=Overflow.DROP_OLDEST)  # fmt: skip
 NODE_STATUS = Topic("nodes/{node}/status", NodeStatus, qos=1, retain=True,
                     overflow=Overflow.DROP_OLDEST)  # fmt: skip
 TELEMETRY = Topic(

@@ -10,6 +10,7 @@ from services.broadcaster.service import BroadcasterService, BroadcasterSettings
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.security.signing import require_control_key
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -22,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument(
         "--max-queued", type=int, help="rollouts waiting behind the active one (default 16)"
     )
+    parser.add_argument("--identities", dest="identities_file", type=Path,
+                        help="the operator's identity registry (STATE/identities.toml): "
+                             "each node's trust comes from it, not from the node")  # fmt: skip
     add_bus_arguments(parser)
     return parser.parse_args(argv)
 
@@ -30,6 +34,7 @@ def settings_from(args: Any) -> BroadcasterSettings:
     """CLI > EDGESPLIT_* environment > defaults."""
     return load_settings(BroadcasterSettings, {
         "broker_url": args.broker_url, "cluster": args.cluster, "shards_dir": args.shards_dir,
+        "identities_file": args.identities_file,
         "max_queued_rollouts": args.max_queued,
     })  # fmt: skip
 
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         num_layers = load_num_layers(settings.shards_dir) if settings.shards_dir else None
+        require_control_key(settings, "broadcaster")
     except EdgesplitError as error:
         print(f"broadcaster: {error}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from shared.messages import (
     RolloutFinished,
     RolloutRequested,
 )
+from shared.messages.base import signing_bytes
 from shared.planning.route import route_of
 from shared.security.frame_keys import derive_frame_key
 from shared.topics import EPOCH_COMMANDS, PLAN, ROLLOUT_LEDGER, ROLLOUT_RESULTS, Topic
@@ -92,6 +93,8 @@ class BroadcastState:
 class Requested:
     request: RolloutRequested
     now_s: float
+    refusal: str | None = None
+    """Why the service refuses it before it is queued (services/broadcaster/checks.py)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ Actions = tuple[Publish, ...]
 def apply(state: BroadcastState, event: Event) -> tuple[BroadcastState, Actions]:
     """The state after ``event`` and what to publish, in order. Never raises."""
     if isinstance(event, Requested):
-        return _on_request(state, event.request, event.now_s)
+        return _on_request(state, event.request, event.now_s, event.refusal)
     if isinstance(event, Acked):
         return _on_ack(state, event.ack, event.now_s)
     if isinstance(event, Deadline):
@@ -213,16 +216,16 @@ def validate(plan: Plan, num_layers: int | None) -> str | None:
 
 def plan_key(plan: Plan) -> bytes:
     """What identifies a plan's content for duplicate detection (epoch and signature aside)."""
-    return plan.model_copy(update={"epoch": 0, "signature": ""}).signing_bytes()
+    return signing_bytes(plan.model_copy(update={"epoch": 0, "signature": ""}))
 
 
 def _on_request(
-    state: BroadcastState, request: RolloutRequested, now_s: float
+    state: BroadcastState, request: RolloutRequested, now_s: float, refusal: str | None = None
 ) -> tuple[BroadcastState, Actions]:
     key = (request.decision_id, plan_key(request.plan))
     if _is_duplicate(state, key):
         return state, ()
-    problem = validate(request.plan, state.config.num_layers)
+    problem = refusal or validate(request.plan, state.config.num_layers)
     if problem is None and len(state.queue) >= state.config.max_queued:
         problem = (
             f"{len(state.queue)} rollouts already wait (the bound is {state.config.max_queued})"

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
+from services.broadcaster.checks import ledger_problem, private_problem
 from services.broadcaster.logic import (
     Acked,
     Actions,
@@ -38,8 +39,11 @@ from services.broadcaster.logic import (
 from shared.bus import Bus, Subscription
 from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
-from shared.messages import EpochLedger, Plan
-from shared.topics import EPOCH_ACKS, PLAN, ROLLOUT_LEDGER, ROLLOUTS
+from shared.messages import EpochLedger, Plan, PrivacyPolicy, PrivacyPolicySet, RolloutRequested
+from shared.security.reporting import report_refusals
+from shared.security.signing import ControlGate, control_key
+from shared.security.trust import TrustRegistry, load_trust
+from shared.topics import EPOCH_ACKS, PLAN, POLICY, ROLLOUT_LEDGER, ROLLOUTS
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +84,26 @@ class BroadcasterService:
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.settings = settings
         self.clock = clock
-        self.config = BroadcastConfig(signing_key=settings.plan_signing_key, num_layers=num_layers,
+        key = control_key(settings) or ""  # __main__ refuses to start without one on mqtts://
+        self.config = BroadcastConfig(signing_key=key, num_layers=num_layers,
                                       max_queued=settings.max_queued_rollouts)  # fmt: skip
         self.state = BroadcastState(self.config)
         self.counters: Counter[str] = Counter()
+        self.gate = ControlGate(key, "broadcaster", self.counters)
+        """Signatures of what it acts on: only signed rollouts are signed (no signing oracle)."""
+        self.trust: TrustRegistry | None = None
+        self.policy: PrivacyPolicy | None = None
+        """The signed privacy policy in force: a rollout breaking it is refused."""
         self.ready = asyncio.Event()
         """Set once the retained state is read and any interrupted rollout is settled."""
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
 
     async def run(self) -> None:
         origin = self.settings.client_id or "broadcaster"
+        self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
         async with (
             Bus(self.settings, origin=origin) as bus,
+            bus.subscribe(POLICY) as policies,
             bus.subscribe(PLAN) as plans,
             bus.subscribe(ROLLOUT_LEDGER) as ledgers,
             bus.subscribe(EPOCH_ACKS) as acks,
@@ -106,12 +118,14 @@ class BroadcasterService:
             try:
                 async with asyncio.TaskGroup() as task_group:
                     task_group.create_task(self._pump(plans, self._plan_event), name="plans")
-                    task_group.create_task(self._pump(ledgers, LedgerSeen), name="ledger")
+                    task_group.create_task(self._pump(ledgers, self._ledger_event), name="ledger")
                     task_group.create_task(self._pump(acks, self._ack_event), name="acks")
                     task_group.create_task(
                         self._pump(rollouts, self._request_event), name="rollouts"
                     )
                     task_group.create_task(self._decide(bus), name="decide")
+                    task_group.create_task(self._follow_policy(policies), name="policy")
+                    task_group.create_task(report_refusals(bus, origin, self.gate.refusals), name="refusals")
             finally:
                 await asyncio.shield(self._abort_on_exit(bus))
 
@@ -132,7 +146,8 @@ class BroadcasterService:
                 break
             plan = candidate if self._signed(candidate) else None
         ledger = await _next_within(ledgers, max(0.0, deadline_s - self.clock()))
-        return plan, ledger
+        committed = plan.epoch if plan is not None else 0
+        return plan, ledger if ledger is not None and self._ledger_ok(ledger, committed) else None
 
     async def _pump(
         self, subscription: Subscription[Any], to_event: Callable[[Any], Event | None]
@@ -148,15 +163,35 @@ class BroadcasterService:
     def _ack_event(self, ack: Any) -> Event:
         return Acked(ack, self.clock())
 
-    def _request_event(self, request: Any) -> Event:
-        return Requested(request, self.clock())
+    def _ledger_event(self, ledger: EpochLedger) -> Event | None:
+        return LedgerSeen(ledger) if self._ledger_ok(ledger, self.state.committed_epoch) else None
+
+    def _ledger_ok(self, ledger: EpochLedger, committed_epoch: int) -> bool:
+        """Signed, and not a 'ledger bomb' (checks.ledger_problem)."""
+        if not self.gate.signed(ledger):
+            return False
+        problem = ledger_problem(ledger, committed_epoch)
+        if problem is not None:
+            self.gate.refuse(ledger, "implausible", problem)
+        return problem is None
+
+    def _request_event(self, request: RolloutRequested) -> Event | None:
+        """A signed request (the orchestrator's); one breaking the policy is answered
+        with an abort, without a signature or an epoch spent on it."""
+        if not self.gate.signed(request):
+            return None
+        refusal = private_problem(request.plan, self.config.num_layers, self.policy, self.trust)
+        if refusal is not None:
+            self.gate.refuse(request, "private", refusal)
+        return Requested(request, self.clock(), refusal)
 
     def _signed(self, plan: Plan) -> bool:
-        if plan.signature_ok(self.settings.plan_signing_key):
-            return True
-        self.counters["plans_unsigned"] += 1
-        log.warning("broadcaster: ignored plan epoch %d with a bad signature", plan.epoch)
-        return False
+        return self.gate.signed(plan)
+
+    async def _follow_policy(self, policies: Subscription[PrivacyPolicySet]) -> None:
+        async for _, message in policies:
+            if self.gate.signed(message):
+                self.policy = message.policy
 
     async def _decide(self, bus: Bus) -> None:
         """The one consumer: events (or the READY deadline) through `apply`, then publish."""

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from services.cli.secure_up import start_secure_broker_for
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
-from shared.config import BusSettings
+from shared.config import BusSettings, load_settings
 from shared.errors import BrokerUnavailable, ServingError
 from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
@@ -35,6 +35,7 @@ from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.planning.static import static_plan
 from shared.security.creds import StateDir
+from shared.security.signing import configured_key, ensure_key_file, require_control_key
 from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
@@ -162,12 +163,15 @@ def start_service(module: str, args: list[str], settings: BusSettings,
                                 env={**os.environ, **env} if env else None)  # fmt: skip
 
 
+CONTROL_SERVICES = ("monitor", "broadcaster", "orchestrator")
+
+
 def start_control_services(stack: Stack, settings: BusSettings, shards: Path, topology: Topology,
                            topology_path: Path, run_dir: Path,
                            environments: Mapping[str, Mapping[str, str]] | None = None) -> None:  # fmt: skip
     """Monitor, broadcaster and orchestrator (the split reviser is started for every mode)."""
     nodes = ",".join(node.id for node in topology.nodes)
-    services = {
+    services = {  # CONTROL_SERVICES
         "monitor": ["--topology", str(topology_path), "--shards", str(shards)],
         "broadcaster": ["--shards", str(shards)],
         "orchestrator": ["--shards", str(shards), "--entry", topology.entry_node().id,
@@ -344,6 +348,13 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     environments: dict[str, dict[str, str]] = {}
     if secure is None:
         stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
+        if configured_key(settings) is None:  # no default key: one per run folder
+            key_file = ensure_key_file(run_dir)
+            settings = load_settings(type(settings), {**settings.model_dump(), "plan_signing_key_file": key_file})
+            names = [*(node.id for node in topology.nodes), "split-reviser", *CONTROL_SERVICES]
+            environments = {name: {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(key_file)} for name in names}
+            say(f"control messages are signed with a new key in {key_file} (give it to other "
+                f"commands that publish control messages: EDGESPLIT_PLAN_SIGNING_KEY_FILE={key_file})")
     else:
         launch = await asyncio.to_thread(start_secure_broker_for, settings, secure.state,
                                          topology, secure.tls_port, run_dir / "broker")  # fmt: skip
@@ -364,7 +375,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                                                                   environments.get("split-reviser"))  # fmt: skip
             if static:
                 epoch = await previous_epoch(bus) + 1
-                plan = make_plan(topology, num_layers, epoch, model_dir.name, settings.plan_signing_key)
+                plan = make_plan(topology, num_layers, epoch, model_dir.name, require_control_key(settings, "up"))
                 await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
             else:
                 await publish_policy(bus, topology)

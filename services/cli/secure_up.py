@@ -25,6 +25,7 @@ from shared.security.creds import (
     init_state,
     load_registry,
 )
+from shared.security.signing import ensure_key_file
 from shared.topology import Topology
 
 LAUNCHER_IDENTITY = "operator"
@@ -70,12 +71,17 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
     broker = start_secure_broker(state, tls_port=tls_port, data_dir=data_dir)
     try:
         names = [*(node.id for node in topology.nodes), *SERVICES]
-        environments = {name: client_environment(state, name, broker.url) for name in names}
+        # One control key per state folder, and the registry every node's trust comes from.
+        control = {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(ensure_key_file(state_root)),
+                   "EDGESPLIT_IDENTITIES_FILE": str(state.registry)}  # fmt: skip
+        environments = {name: {**client_environment(state, name, broker.url), **control} for name in names}
         own = client_environment(state, LAUNCHER_IDENTITY, broker.url)
         launcher = load_settings(type(settings), {
             **settings.model_dump(), "broker_url": broker.url, "client_id": LAUNCHER_IDENTITY,
             "tls_ca_file": own["EDGESPLIT_TLS_CA_FILE"], "tls_cert_file": own["EDGESPLIT_TLS_CERT_FILE"],
-            "tls_key_file": own["EDGESPLIT_TLS_KEY_FILE"],
+            "tls_key_file": own["EDGESPLIT_TLS_KEY_FILE"], "plan_signing_key": None,
+            "plan_signing_key_file": control["EDGESPLIT_PLAN_SIGNING_KEY_FILE"],
+            "identities_file": control["EDGESPLIT_IDENTITIES_FILE"],
         })  # fmt: skip
     except BaseException:
         broker.close()

@@ -18,6 +18,7 @@ from shared.messages import (
     NodeStatus,
     Plan,
     PrivacyPolicySet,
+    ServiceStatus,
     Telemetry,
 )
 
@@ -42,6 +43,8 @@ class StatusSnapshot:
     forged: dict[str, int] = field(default_factory=dict)
     """Frames each node dropped as forged (failed authentication) since it started, from
     its newest telemetry (nodes that reported none are absent)."""
+    services: dict[str, ServiceStatus] = field(default_factory=dict)
+    """Each control service's refusal counters, by service."""
     connected: bool = True
     """False while the bus is reconnecting (the view then says its data may be stale)."""
     version: int = 0
@@ -62,6 +65,8 @@ class StatusSnapshot:
             return _put(self.nodes, message.node, message)
         if isinstance(message, EmulationApplied):
             return _put(self.emulation, message.node, message)
+        if isinstance(message, ServiceStatus):
+            return _put(self.services, message.service, message)
         if isinstance(message, DecisionRecorded):
             changed = _put(self.decisions, message.decision_id, message)
             for stale in sorted(self.decisions)[:-KEPT_DECISIONS]:
@@ -85,6 +90,12 @@ class StatusSnapshot:
             self.forged[message.node] = message.frames_forged
             return True
         return False
+
+    def refusals(self) -> dict[str, dict[str, int]]:
+        """Refused control messages by node or service (shared/security/signing.py)."""
+        found = {name: dict(status.refused) for name, status in self.nodes.items() if status.refused}
+        found.update({name: dict(s.refused) for name, s in self.services.items() if s.refused})
+        return dict(sorted(found.items()))
 
     def latest_decisions(self, count: int) -> list[DecisionRecorded]:
         """The newest version of each of the ``count`` newest decisions, oldest first."""
@@ -127,7 +138,7 @@ class StatusSnapshot:
         plan = self.plan.model_dump(exclude={"signature"}) if self.plan is not None else None
         policy = self.policy.policy if self.policy is not None else None
         forged = tuple(sorted(self.forged.items()))
-        return (self.connected, nodes, health, plan, decisions, policy, emulation, forged)
+        return (self.connected, nodes, health, plan, decisions, policy, emulation, forged, self.refusals())
 
 
 def _put(table: dict[Any, Any], key: Any, message: object) -> bool:

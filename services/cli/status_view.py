@@ -59,6 +59,11 @@ def _header(snapshot: StatusSnapshot, now_s: float) -> Text:
         header.append(f"  profile age {max(0.0, now_s - snapshot.capacity.as_of_s):.1f} s")
     if snapshot.policy is not None and snapshot.policy.policy.trusted_level > 0:
         header.append(f"\nprivacy: {snapshot.policy.policy.describe()}", style="yellow")
+    refusals = snapshot.refusals()
+    if refusals:
+        header.append("\nrefused control messages: " + "; ".join(
+            f"{who} " + ", ".join(f"{kind} {count}" for kind, count in counts.items())
+            for who, counts in refusals.items()), style="bold red")  # fmt: skip
     return header
 
 

@@ -15,7 +15,7 @@ from services.cli.status_state import StatusSnapshot
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.process import first_edgesplit_error
-from shared.topics import CAPACITY, DECISIONS, NODE_STATUS, PLAN, TELEMETRY
+from shared.topics import CAPACITY, DECISIONS, NODE_STATUS, PLAN, SERVICE_STATUS, TELEMETRY
 
 DEFAULT_INTERVAL_S = 1.0
 """Seconds between `status --watch` redraws unless --interval says otherwise."""
@@ -120,7 +120,8 @@ async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]
     """Retained nodes, plan, capacity profile and decisions of the cluster."""
     snapshot = StatusSnapshot(broker=settings.broker.redacted(), cluster=settings.cluster)
     async with Bus(settings) as bus:
-        subscriptions = [bus.subscribe(topic) for topic in (NODE_STATUS, PLAN, CAPACITY, DECISIONS, TELEMETRY)]
+        subscriptions = [bus.subscribe(topic)
+                         for topic in (NODE_STATUS, PLAN, CAPACITY, DECISIONS, TELEMETRY, SERVICE_STATUS)]
         try:
             await bus.wait_ready()
             loop = asyncio.get_running_loop()
@@ -148,6 +149,8 @@ async def collect_status(settings: BusSettings, wait_s: float) -> dict[str, Any]
         "plan": plan.model_dump(mode="json", exclude={"signature"}) if plan else None,
         "decisions": [d.model_dump(mode="json") for d in snapshot.latest_decisions(10)],
         "frames_forged": dict(sorted(snapshot.forged.items())),
+        # control messages each control service refused (a worker's are in its node entry)
+        "refused": {name: dict(s.refused) for name, s in sorted(snapshot.services.items()) if s.refused},
     }
 
 
@@ -177,12 +180,19 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"plan: epoch {plan['epoch']}  model {plan['model_id']}  entry {plan['entry_node']}  {layout}")
     print(f"nodes ({len(state['nodes'])}):")
     for node in state["nodes"]:
-        print(f"  {node['node']:<16} {node['state']:<8} trust {node['trust']}  "
+        measured = state["measured"].get(node["node"])
+        trust = f"{measured['trust']}" if measured else f"{node['trust']}"
+        if measured and measured["trust"] != node["trust"]:
+            trust += f" (claims {node['trust']})"  # placement uses the operator's registry
+        print(f"  {node['node']:<16} {node['state']:<8} trust {trust}  "
               f"memory {node['memory_bytes'] / 1e6:.0f} MB  threads {node['threads']}  "
               f"device {node['device']}")  # fmt: skip
         measured = state["measured"].get(node["node"])
         budget = node.get("kv_budget_bytes")
         kv_budget = f" of {budget / 1e6:.1f}" if budget is not None else ""
+        if node.get("refused"):
+            print(f"  {'':<16} refused control messages: "
+                  + ", ".join(f"{name} {count}" for name, count in node["refused"].items()))
         if measured:
             decode = measured["decode_s_per_block"]
             print(f"  {'':<16} health {measured['health']:<10} busy {measured['utilisation']:.0%}  "
@@ -205,6 +215,8 @@ def run_status(args: argparse.Namespace) -> int:
     forged = ", ".join(f"{node} {count}" for node, count in state["frames_forged"].items() if count)
     if forged:
         print(f"forged frames dropped (failed authentication): {forged}")
+    for service, refused in state["refused"].items():
+        print(f"{service} refused control messages: " + ", ".join(f"{k} {v}" for k, v in refused.items()))
     if plan is None and not state["nodes"]:
         print(f"edgesplit: nothing of cluster {state['cluster']} at {state['broker']} (no plan, no "
               "nodes); is `edgesplit up` running, with the same --broker and --cluster?",

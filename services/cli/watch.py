@@ -25,9 +25,18 @@ from services.cli.status_view import render_status
 from shared.bus import Bus, Subscription
 from shared.config import BusSettings
 from shared.errors import BusError
-from shared.topics import CAPACITY, DECISIONS, EMULATION_STATE, NODE_STATUS, PLAN, POLICY, TELEMETRY
+from shared.topics import (
+    CAPACITY,
+    DECISIONS,
+    EMULATION_STATE,
+    NODE_STATUS,
+    PLAN,
+    POLICY,
+    SERVICE_STATUS,
+    TELEMETRY,
+)
 
-WATCHED_TOPICS = (NODE_STATUS, CAPACITY, PLAN, DECISIONS, POLICY, EMULATION_STATE, TELEMETRY)
+WATCHED_TOPICS = (NODE_STATUS, CAPACITY, PLAN, DECISIONS, POLICY, EMULATION_STATE, TELEMETRY, SERVICE_STATUS)
 SETTLE_S = 0.5
 """Before the first frame, wait up to this long (seconds) for the retained messages."""
 READY_TIMEOUT_S = 10.0

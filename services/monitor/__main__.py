@@ -10,6 +10,7 @@ from services.monitor.service import MonitorService, MonitorSettings, load_layer
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.security.signing import require_control_key
 from shared.topology import load_topology
 
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--heartbeat-timeout-s", type=float, help="a silent node is down after (default 3)")
     parser.add_argument("--profile-period-s", type=float, help="profile publishing period (default 1)")
     parser.add_argument("--persist-s", type=float, help="a change must hold this long (default 3)")
+    parser.add_argument("--identities", dest="identities_file", type=Path,
+                        help="the operator's identity registry (STATE/identities.toml): "
+                             "each node's trust comes from it, not from the node")  # fmt: skip
     add_bus_arguments(parser)
     return parser.parse_args(argv)
 
@@ -36,6 +40,7 @@ def settings_from(args: Any) -> MonitorSettings:
         links = tuple(sorted(topology.directed_links())) if topology.links else None
     return load_settings(MonitorSettings, {
         "broker_url": args.broker_url, "cluster": args.cluster, "links": links,
+        "identities_file": args.identities_file,
         "shards_dir": args.shards_dir, "heartbeat_timeout_s": args.heartbeat_timeout_s,
         "profile_period_s": args.profile_period_s, "persist_s": args.persist_s,
     })  # fmt: skip
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         model_id, layers = load_layer_costs(settings.shards_dir) if settings.shards_dir else ("", ())
+        require_control_key(settings, "monitor")
     except EdgesplitError as error:
         print(f"monitor: {error}", file=sys.stderr)
         return 2

@@ -26,11 +26,15 @@ from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
 from shared.messages import LayerCost, Message, NodeStatus, Telemetry
+from shared.security.reporting import report_refusals
+from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import CAPACITY, NODE_STATUS, PROFILE_EVENTS, TELEMETRY, Topic
 
 P = TypeVar("P")
 
 log = logging.getLogger(__name__)
+TRUST_IGNORED = "NodeStatus_trust_ignored"
+"""Counter: statuses whose trust claim differs from the registry (the registry wins)."""
 
 
 class MonitorSettings(BusSettings):
@@ -91,11 +95,14 @@ class MonitorService:
                                persist_s=settings.persist_s)  # fmt: skip
         self.state = MonitorState(config, settings.links, layers, model_id)
         self.counters: Counter[str] = Counter()
+        self.trust: TrustRegistry | None = None
+        """Each node's trust from the operator's registry (None: as its status claims)."""
         self.ready = asyncio.Event()
         """Set once the first profile is published."""
         self._events: asyncio.Queue[Message] = asyncio.Queue(maxsize=10_000)
 
     async def run(self) -> None:
+        self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
         async with Bus(self.settings, origin=self.settings.client_id or "monitor") as bus:
             await self._seed(bus)
             async with asyncio.TaskGroup() as task_group:
@@ -103,6 +110,8 @@ class MonitorService:
                 task_group.create_task(self._follow_telemetry(bus), name="telemetry")
                 task_group.create_task(self._publish_events(bus), name="events")
                 task_group.create_task(self._publish_profiles(bus), name="profiles")
+                task_group.create_task(report_refusals(bus, self.settings.client_id or "monitor", lambda: {
+                    k: v for k, v in self.counters.items() if k == TRUST_IGNORED}), name="refusals")  # fmt: skip
 
     async def _seed(self, bus: Bus) -> None:
         async with bus.subscribe(CAPACITY) as previous:
@@ -141,6 +150,8 @@ class MonitorService:
 
     def _on_status(self, message: NodeStatus | Telemetry) -> list[Message]:
         assert isinstance(message, NodeStatus)
+        if self.trust is not None and message.trust != self.trust.trust_of(message.node):
+            self.counters[TRUST_IGNORED] += 1  # the registry's trust is used
         return self.state.on_status(message, self.clock())
 
     def _on_telemetry(self, message: NodeStatus | Telemetry) -> list[Message]:
@@ -174,7 +185,8 @@ class MonitorService:
             if now_s >= next_profile_s:
                 next_profile_s = now_s + period_s
                 try:
-                    await publish(bus, CAPACITY, self.state.profile(now_s))
+                    profile = self.state.profile(now_s)
+                    await publish(bus, CAPACITY, self.trust.apply(profile) if self.trust else profile)
                     self.ready.set()
                 except EdgesplitError as error:
                     log.warning("profile not published: %s", error)

@@ -11,6 +11,7 @@ from services.orchestrator.settings import OrchestratorSettings
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.security.signing import require_control_key
 
 _FLOATS = ("period_s", "relative_threshold", "dwell_s", "horizon_s", "switch_overhead_s",
            "shard_load_bytes_per_s", "observe_s", "ready_timeout_s")  # fmt: skip
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     for name in _FLOATS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{name} (see docs/ORCHESTRATOR.md)")
     parser.add_argument("--client-id", help="MQTT client id (default orchestrator-<random>)")
+    parser.add_argument("--identities", dest="identities_file", type=Path,
+                        help="the operator's identity registry (STATE/identities.toml): "
+                             "each node's trust comes from it, not from the node")  # fmt: skip
     add_bus_arguments(parser)
     return parser.parse_args(argv)
 
@@ -41,6 +45,7 @@ def settings_from(args: Any) -> OrchestratorSettings:
     """CLI > EDGESPLIT_* environment > defaults. Raises ConfigError."""
     expect = tuple(n for n in (args.expect_nodes or "").split(",") if n) or None
     values = {"shards_dir": args.shards_dir, "broker_url": args.broker_url, "cluster": args.cluster,
+              "identities_file": args.identities_file,
               "client_id": args.client_id, "entry": args.entry, "expect_nodes": expect,
               "private_blocks": args.private_blocks, "trusted_level": args.trusted_level,
               "policy": args.policy}  # fmt: skip
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, "orchestrator")
     try:
         settings = settings_from(args)
+        require_control_key(settings, "orchestrator")
     except EdgesplitError as error:
         print(f"orchestrator: {error}", file=sys.stderr)
         return 2

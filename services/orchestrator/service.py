@@ -61,6 +61,9 @@ from shared.messages import (
 )  # fmt: skip
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
+from shared.security.reporting import report_refusals
+from shared.security.signing import ControlGate, control_key
+from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import (
     CAPACITY,
     DECISION_SLOTS,
@@ -103,6 +106,10 @@ class OrchestratorService:
         self.ready = asyncio.Event()
         self.decisions: list[DecisionRecorded] = []
         self.counters: Counter[str] = Counter()
+        self.gate = ControlGate(control_key(settings) or "", "orchestrator", self.counters)
+        """Signatures of the plans, policies, events and decisions it acts on."""
+        self.trust: TrustRegistry | None = None
+        """Each node's trust from the operator's registry (None: as the profile says)."""
         self.tracker = records.TpotTracker()
         self._origin = settings.client_id or f"orchestrator-{secrets.token_hex(4)}"
         self._triggers: asyncio.Queue[Trigger] = asyncio.Queue(maxsize=256)
@@ -123,6 +130,7 @@ class OrchestratorService:
     async def run(self) -> None:
         """Serve until cancelled. Raises CheckpointError (bad shard store), BrokerUnavailable."""
         store = await asyncio.to_thread(ShardFiles, self.settings.shards_dir)
+        self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
         self.manifest = store.manifest
         async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
             subs: dict[Any, Subscription[Any]] = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))  # type: ignore[arg-type]
@@ -142,6 +150,8 @@ class OrchestratorService:
                 tasks.create_task(self._periodic(), name="periodic")
                 tasks.create_task(self._watch(), name="watch")
                 tasks.create_task(self._control(bus, tasks), name="control")
+                tasks.create_task(report_refusals(bus, self.settings.client_id or "orchestrator",
+                                                  self.gate.refusals), name="refusals")  # fmt: skip
 
     # --- state from retained topics ---------------------------------------------------------
 
@@ -149,6 +159,9 @@ class OrchestratorService:
                        decisions: Subscription[DecisionRecorded]) -> None:  # fmt: skip
         """Retained plan, policy and decisions: where the last orchestrator left off."""
         plan, policy, seen = await read_retained(plans, policies, decisions, self.settings.retained_wait_s)
+        plan = plan if plan is not None and self.gate.signed(plan) else None
+        policy = policy if policy is not None and self.gate.signed(policy) else None
+        seen = [record for record in seen if self.gate.signed(record)]
         if plan is not None:
             self._on_plan(plan)
         self.policy = policy.policy if policy is not None else self.policy
@@ -160,6 +173,8 @@ class OrchestratorService:
 
     async def _follow(self, subscription: Subscription[Any], handler: Callable[[Any], None]) -> None:
         async for _, message in subscription:
+            if not self.gate.signed(message):
+                continue  # a forged plan, policy or NodeDown never steers the orchestrator
             try:
                 handler(message)
             except Exception:  # one bad message never stops the orchestrator
@@ -189,7 +204,7 @@ class OrchestratorService:
             self._enqueue(trigger)
 
     def _on_profile(self, profile: CapacityProfile) -> None:
-        self.profile = profile
+        self.profile = profile = self.trust.apply(profile) if self.trust is not None else profile
         in_flight = next((n.requests_in_flight for n in profile.nodes if n.node == self.entry), None)
         if in_flight is not None:
             self.calibration.load_seen(profile.as_of_s, in_flight)

@@ -12,6 +12,7 @@ from services.worker.settings import WorkerSettings
 from shared.config import load_settings
 from shared.errors import ConfigError, EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.security.signing import require_control_key
 from shared.topology import load_topology
 
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, f"worker[{args.node_id}]")
     try:
         settings = settings_from(args)
+        require_control_key(settings, "worker")
     except EdgesplitError as error:
         print(f"worker: {error}", file=sys.stderr)
         return 2

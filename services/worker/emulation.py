@@ -28,6 +28,7 @@ from shared.topics import EMULATION, EMULATION_STATE
 if TYPE_CHECKING:
     from services.worker.settings import WorkerSettings
     from shared.bus import Bus
+    from shared.security.signing import ControlGate
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Emulation:
                  rng: random.Random | None = None) -> None:  # fmt: skip
         self.node = node
         self._slowdown, self._schedule = slowdown, schedule
+        self.gate: ControlGate | None = None
+        """Checks each command's signature (None: accept every one)."""
         self._rng = rng or random.Random()
         self.base_slowdown = slowdown.factor
         self.links: dict[str, EmulatedLink] = {}
@@ -108,6 +111,8 @@ class Emulation:
         async with bus.subscribe(EMULATION, node=self.node) as commands:
             await self._publish(bus)
             async for _, command in commands:
+                if self.gate is not None and not self.gate.signed(command):
+                    continue
                 try:
                     self.apply(command)
                 except (ValueError, TypeError) as error:  # e.g. an invalid shape

@@ -17,6 +17,7 @@ from shared.bus import Bus
 from shared.errors import EdgesplitError
 from shared.messages import PrivacyPolicy, PrivacyPolicySet
 from shared.planning.route import Route
+from shared.security.signing import ControlGate
 from shared.topics import POLICY
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class PrivacyGuard:
         self.configured = PrivacyPolicy(trusted_level=settings.trusted_level,
                                         private_blocks=settings.private_blocks)  # fmt: skip
         self._published: PrivacyPolicy | None = None
+        self._published_at_s = 0.0
+        self.gate: ControlGate | None = None
+        """Checks the signature of each published policy (None: accept every one)."""
 
     def in_force(self) -> PrivacyPolicy:
         """The stricter of the configured and the published policy."""
@@ -78,4 +82,17 @@ class PrivacyGuard:
         """Track the retained policy until cancelled."""
         async with bus.subscribe(POLICY) as policies:
             async for _, message in policies:
-                self.published(message)
+                if self.accepts(message):
+                    self.published(message)
+
+    def accepts(self, message: PrivacyPolicySet) -> bool:
+        """Signed, and not older than the policy in force (a replay of an old one)."""
+        if self.gate is None:
+            return True
+        if not self.gate.signed(message):
+            return False
+        if message.set_at_s < self._published_at_s:
+            self.gate.refuse(message, "replayed", f"set at {message.set_at_s} < {self._published_at_s}")
+            return False
+        self._published_at_s = message.set_at_s
+        return True

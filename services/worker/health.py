@@ -21,6 +21,7 @@ from services.worker.dataplane import DataPlane, NoPlan
 from services.worker.epochs import EpochKeeper
 from shared.bus import Bus, Subscription
 from shared.messages import DecisionRecorded, NodeDown, NodeJoined, NodeStatus
+from shared.security.signing import ControlGate
 from shared.topics import DECISIONS, NODE_STATUS, PROFILE_EVENTS
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Health:
         self._committed_at = 0.0  # monotonic s of the last epoch switch
         self.kv_budgets: dict[str, int | None] = {}
         """Other nodes' KV budgets, as their (retained) statuses announce them."""
+        self.gate: ControlGate | None = None
+        """Checks the signatures of NodeDown / NodeJoined and decisions (None: accept all)."""
 
     def epoch_committed(self) -> None:
         self._committed_at = time.monotonic()
@@ -87,6 +90,8 @@ class Health:
     async def _follow(self, subscription: Subscription[Any]) -> None:
         async for delivery in subscription:
             message = delivery.message
+            if self.gate is not None and not self.gate.signed(message):
+                continue  # a forged NodeDown or decision must not fail passes
             if isinstance(message, DecisionRecorded):
                 self._on_decision(message, delivery.retained)
                 continue

@@ -49,6 +49,7 @@ from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
 from shared.planning.route import Route, route_of
 from shared.security.frame_keys import derive_frame_key, parse_frame_key
+from shared.security.signing import ControlGate, require_control_key
 from shared.topics import (
     ACTIVATIONS,
     EPOCH_ACKS,
@@ -87,6 +88,9 @@ class WorkerService:
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
         self.counters: Counter[str] = Counter()
+        self.gate = ControlGate(require_control_key(settings, f"worker {self.node}"), self.node, self.counters)
+        """Signatures and epoch fencing of every control message this node acts on."""
+        self.emulation.gate = self.gate
         self.ready = asyncio.Event()
         """Set once the first plan is loaded and served."""
         self._bus: Bus | None = None
@@ -95,8 +99,10 @@ class WorkerService:
         self._switch_lock = asyncio.Lock()
         self.replies = ReplySender(self.node)
         self.guard = PrivacyGuard(settings)
+        self.guard.gate = self.gate
         self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
+        self._announced_refusals: dict[str, int] = {}
 
     # The committed epoch's state, as telemetry and status read it.
     @property
@@ -128,6 +134,7 @@ class WorkerService:
             segments=(Segment(node=self.node, start=segment[0], end=segment[1]),) if segment else (),  # type: ignore[arg-type]
             entry=bool(route and route.entry == self.node),
             kv_budget_bytes=self.kv_budget.limit_bytes,
+            refused=self.gate.refusals(),
         )
 
     def overflows(self) -> int:
@@ -156,6 +163,7 @@ class WorkerService:
                               self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
         self.data.withheld = self.guard.refusal
         health = self.health = Health(self.node, self.data, self.keeper, self.settings.stall_s, self.counters)
+        health.gate = self.gate
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
         will = Announcement(NODE_STATUS, self.status("offline"), {"node": self.node})
         try:
@@ -193,6 +201,7 @@ class WorkerService:
     async def _announce(self) -> None:
         assert self._bus is not None
         status = self.status("online")
+        self._announced_refusals = status.refused
         self._bus.set_birth(Announcement(NODE_STATUS, status, {"node": self.node}))
         try:
             await self._bus.publish(NODE_STATUS, status, node=self.node)
@@ -206,6 +215,8 @@ class WorkerService:
         missed its PREPARE, e.g. after a restart)."""
         async with bus.subscribe(PLAN) as plans:
             async for _, plan in plans:
+                if not self.gate.accept(plan, plan.epoch):
+                    continue
                 try:
                     await self._commit_plan(plan)
                 except Exception as error:  # noqa: BLE001 - a bad plan never stops the node
@@ -214,6 +225,8 @@ class WorkerService:
     async def _follow_epochs(self, bus: Bus) -> None:
         async with bus.subscribe(EPOCH_COMMANDS) as commands:
             async for _, command in commands:
+                if not self.gate.accept(command, command.epoch):
+                    continue
                 try:
                     if isinstance(command, PrepareEpoch):
                         self._start_prepare(command)
@@ -263,6 +276,7 @@ class WorkerService:
             serving = self.keeper.commit(epoch, time.monotonic())
             if serving is None:
                 return False
+            self.gate.committed(epoch)
             if serving.host is not None:
                 serving.host.on_forward = self.telemetry.timer.record
             self._set_kv_budget(serving)
@@ -291,13 +305,17 @@ class WorkerService:
         ``frame_key``: the epoch's frame key from its PREPARE; derived from the plan when
         None (a retained plan)."""
         assert self.store is not None and self.shards is not None
-        if not plan.signature_ok(self.settings.plan_signing_key):
+        if not self.gate.signed(plan):
             raise PlanRefused(f"plan epoch {plan.epoch} has a bad or missing signature")
         if self.keeper.is_stale(plan.epoch):
             raise PlanRefused(f"plan epoch {plan.epoch} is not newer than epoch {self.keeper.epoch}")
         route = route_of(plan, self.store.config.num_layers)
         segment = route.segment_of(self.node)
-        self.guard.check(route, segment)
+        try:
+            self.guard.check(route, segment)
+        except PlanRefused as error:
+            self.gate.refuse(plan, "private", str(error))
+            raise
         host = next((h for h in self.keeper.hosts() if (h.start, h.end) == segment), None)
         if segment is not None and host is None:
             host = await asyncio.to_thread(SegmentHost, self.shards, segment[0], segment[1],
@@ -306,7 +324,7 @@ class WorkerService:
         if route.entry == self.node and entry is None:
             entry = await asyncio.to_thread(self._make_entry)
         if frame_key is None:
-            frame_key = derive_frame_key(self.settings.plan_signing_key, plan.epoch, plan.signature)
+            frame_key = derive_frame_key(self.gate.key, plan.epoch, plan.signature)
         return Serving(route, host if segment is not None else None, entry, frame_key)
 
     def _make_entry(self) -> EntryRole:
@@ -418,3 +436,5 @@ class WorkerService:
                 freed = host.sweep(idle_s, partial_s)
                 if freed:
                     log.info("%s: freed idle KV caches of %d requests", self.node, len(freed))
+            if self._bus is not None and self.gate.refusals() != self._announced_refusals:
+                await self._announce()  # refusals show in `edgesplit status`

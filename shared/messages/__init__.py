@@ -45,6 +45,7 @@ from shared.messages.nodes import (
     BlockTimes,
     LinkObservation,
     NodeStatus,
+    ServiceStatus,
     Telemetry,
 )
 from shared.messages.plans import (
@@ -112,6 +113,7 @@ __all__ = [
     "NodeOverloadCleared",
     "NodeOverloaded",
     "NodeStatus",
+    "ServiceStatus",
     "NonNegativeFloat",
     "NonNegativeInt",
     "Plan",

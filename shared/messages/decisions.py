@@ -15,6 +15,7 @@ from shared.messages.base import (
     Part,
     Segment,
     ShortText,
+    Signature,
 )
 from shared.messages.monitor import Evidence
 
@@ -81,3 +82,4 @@ class DecisionRecorded(Message):
     realised_tpot_s: NonNegativeFloat | None = None
     """Mean time per output token of requests that started after the commit (measured)."""
     realised_requests: NonNegativeInt = 0
+    signature: Signature = ""

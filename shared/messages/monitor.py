@@ -7,7 +7,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from shared.ids import NodeIdField
-from shared.messages.base import Message, NonNegativeFloat, NonNegativeInt, Part, ShortText
+from shared.messages.base import (
+    Message,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Part,
+    ShortText,
+    Signature,
+)
 
 # --- monitor and orchestrator --------------------------------------------------------------
 
@@ -110,6 +117,7 @@ class NodeJoined(Message):
     at_s: NonNegativeFloat
     reason: Literal["status", "telemetry"]
     evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+    signature: Signature = ""
 
 
 class NodeDown(Message):
@@ -121,6 +129,7 @@ class NodeDown(Message):
     evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
     emergency: bool = True
     """Skip hysteresis: re-plan around the node now."""
+    signature: Signature = ""
 
 
 class NodeOverloaded(Message):
@@ -183,6 +192,7 @@ class EmulationCommand(Message):
     reset_links: bool = False
     noise: Annotated[float, Field(ge=0, le=0.5)] | None = None
     """Random +-fraction applied to every shaped link and to the slowdown (re-drawn often)."""
+    signature: Signature = ""
 
 
 class EmulationApplied(Message):

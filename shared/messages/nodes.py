@@ -40,6 +40,20 @@ class NodeStatus(Message):
     """True when the node is that epoch's entry."""
     kv_budget_bytes: NonNegativeInt | None = None
     """The KV cache bytes the node takes in that epoch (None: not announced, unlimited)."""
+    refused: dict[TopicId, NonNegativeInt] = Field(default={}, max_length=64)
+    """Control messages this node refused, by ``{Kind}_{why}`` (unsigned, forged,
+    replayed, private): shared/security/signing.py."""
+
+
+class ServiceStatus(Message):
+    """Retained by a control service (broadcaster, orchestrator, monitor): the control
+    messages it refused, so `edgesplit status` shows them (shared/security/signing.py)."""
+
+    service: TopicId
+    at_s: NonNegativeFloat
+    """Unix time of this report."""
+    refused: dict[TopicId, NonNegativeInt] = Field(default={}, max_length=64)
+    """By ``{Kind}_{why}``, e.g. ``RolloutRequested_forged``."""
 
 
 class BlockTimes(Part):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Annotated
 
-import msgpack
 from pydantic import Field
 
 from shared.ids import NodeIdField
-from shared.messages.base import Epoch, Message, Segment, ShortText
+from shared.messages.base import Epoch, Message, Segment, ShortText, Signature, sign, signature_ok
 
 # --- plans and epochs ---------------------------------------------------------------------
 
@@ -22,23 +19,16 @@ class Plan(Message):
     model_id: ShortText
     entry_node: NodeIdField
     segments: tuple[Segment, ...] = Field(min_length=1, max_length=1024)
-    signature: str = ""
-    """Hex HMAC-SHA256 of the plan without its signature (see `sign` / `signature_ok`)."""
-
-    def signing_bytes(self) -> bytes:
-        """Canonical bytes the signature covers (everything but the signature)."""
-        packed: bytes = msgpack.packb(self.model_dump(exclude={"signature"}), use_bin_type=True)
-        return packed
+    signature: Signature = ""
+    """Hex HMAC-SHA256 of the plan without its signature (shared.messages.base.sign)."""
 
     def sign(self, key: str) -> Plan:
         """This plan with its signature set for ``key``."""
-        digest = hmac.new(key.encode(), self.signing_bytes(), hashlib.sha256).hexdigest()
-        return self.model_copy(update={"signature": digest})
+        return sign(self, key)
 
     def signature_ok(self, key: str) -> bool:
         """True when the plan is signed with ``key`` (constant-time comparison)."""
-        expected = hmac.new(key.encode(), self.signing_bytes(), hashlib.sha256).hexdigest()
-        return bool(self.signature) and hmac.compare_digest(expected, self.signature)
+        return signature_ok(self, key)
 
 
 class PrepareEpoch(Message):
@@ -50,6 +40,7 @@ class PrepareEpoch(Message):
     frame_key: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
     """Hex key that authenticates the epoch's data-plane frames (shared/security/frame_keys.py);
     empty from an older broadcaster: the worker derives it from the plan."""
+    signature: Signature = ""
 
 
 class EpochReady(Message):
@@ -71,6 +62,7 @@ class CommitEpoch(Message):
     """Command: switch to ``epoch`` at the next token boundary."""
 
     epoch: Epoch
+    signature: Signature = ""
 
 
 class AbortEpoch(Message):
@@ -78,3 +70,4 @@ class AbortEpoch(Message):
 
     epoch: Epoch
     reason: ShortText
+    signature: Signature = ""

@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from shared.messages.base import Message, NonNegativeFloat, Part, ShortText
+from shared.messages.base import Message, NonNegativeFloat, Part, ShortText, Signature
 
 TrustLevel = Annotated[int, Field(ge=0, le=1_000)]
 BlockCount = Annotated[int, Field(ge=0, le=65_536)]
@@ -85,3 +85,4 @@ class PrivacyPolicySet(Message):
     set_at_s: NonNegativeFloat = 0.0
     """Unix time the policy was set."""
     reason: ShortText = ""
+    signature: Signature = ""

@@ -6,7 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from shared.messages.base import Epoch, Message, NonNegativeFloat, NonNegativeInt, ShortText
+from shared.messages.base import (
+    Epoch,
+    Message,
+    NonNegativeFloat,
+    NonNegativeInt,
+    ShortText,
+    Signature,
+)
 from shared.messages.plans import Plan
 
 # --- reconfiguration broadcast -------------------------------------------------------------
@@ -22,6 +29,8 @@ class RolloutRequested(Message):
     plan: Plan
     reason: ShortText = ""
     ready_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    signature: Signature = ""
+    """The orchestrator's signature: the broadcaster rolls out only signed requests."""
 
 
 class RolloutFinished(Message):
@@ -51,3 +60,4 @@ class EpochLedger(Message):
     """The decision of the rollout in progress."""
     previous_epoch: Epoch = 0
     """The committed epoch when the rollout in progress started."""
+    signature: Signature = ""

@@ -44,6 +44,7 @@ from shared.topics import (
     ROLLOUT_RESULTS,
     ROLLOUTS,
     ROOT,
+    SERVICE_STATUS,
     TELEMETRY,
     Topic,
 )
@@ -106,6 +107,8 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         ROLLOUTS: SUB,
         ROLLOUT_RESULTS: PUB,
         ROLLOUT_LEDGER: BOTH,
+        POLICY: SUB,  # refuses a rollout that breaks the policy in force (signing.py)
+        SERVICE_STATUS: Grant(publish=Scope.OWN),  # its refusal counters
     },
     Role.ORCHESTRATOR: {
         PLAN: SUB,
@@ -118,6 +121,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         REVISER_REQUESTS: PUB,
         REVISER_REPLIES: Grant(subscribe=Scope.OWN),
         ROLLOUTS: PUB,
+        SERVICE_STATUS: Grant(publish=Scope.OWN),
     },
     Role.SPLIT_REVISER: {
         REVISER_REQUESTS: SUB,
@@ -129,6 +133,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         EMULATION_STATE: SUB,
         CAPACITY: BOTH,  # reads its own retained profile back after a restart
         PROFILE_EVENTS: PUB,
+        SERVICE_STATUS: Grant(publish=Scope.OWN),
     },
     Role.OPERATOR: {  # and it reads everything: READ_ALL
         POLICY: PUB,
@@ -140,6 +145,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         PLAN: SUB,
         NODE_STATUS: SUB,
         PROFILE_EVENTS: SUB,
+        SERVICE_STATUS: SUB,  # `edgesplit status`
     },
 }
 

@@ -14,8 +14,8 @@ Layout (``STATE``)::
 
 Keys, secrets and the password file are 0600. Nothing existing is overwritten: `init`
 refuses an initialised folder and `add_identity` an existing name (ConfigError). The
-registry is what the orchestrator will read to give authenticated identities their
-trust (issue #17, item 2); today nothing reads trust from it yet.
+registry is what the monitor, the orchestrator and the broadcaster read to give
+authenticated identities their trust (``identities_file``; shared/security/trust.py).
 """
 
 from __future__ import annotations
@@ -146,15 +146,20 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 
 def load_registry(state: StateDir) -> Registry:
     """Read identities.toml; ConfigError naming the file and the problem."""
-    try:
-        data = tomllib.loads(state.registry.read_text())
-    except FileNotFoundError:
+    if not state.registry.exists():
         raise ConfigError(
             f"{state.root} is not an edgesplit state folder (no {REGISTRY_FILE}); "
             "run `edgesplit creds init` first"
-        ) from None
+        )
+    return read_registry(state.registry)
+
+
+def read_registry(path: Path) -> Registry:
+    """Read an identities.toml file; ConfigError naming the file and the problem."""
+    try:
+        data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"{state.registry}: {error}") from None
+        raise ConfigError(f"identity registry {path}: {error}") from None
     try:
         identities = tuple(
             Identity(str(entry["name"]), Role(entry["role"]), int(entry.get("trust", 0)))
@@ -162,7 +167,7 @@ def load_registry(state: StateDir) -> Registry:
         )
         return Registry(validate_id(str(data["cluster"]), "cluster id"), identities)
     except (KeyError, ValueError, TypeError) as error:
-        raise ConfigError(f"{state.registry}: invalid entry ({error})") from None
+        raise ConfigError(f"{path}: invalid entry ({error})") from None
 
 
 def _write_registry(state: StateDir, registry: Registry) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,7 +24,14 @@ DEVICE_ENV = "EDGESPLIT_TEST_DEVICE"
 default (cpu). In-process reference runs stay on the CPU either way."""
 
 
+TEST_SIGNING_KEY = secrets.token_hex(16)
+"""The control key of every process the test helpers start (no public default key)."""
+KEY_ENV = {"EDGESPLIT_PLAN_SIGNING_KEY": TEST_SIGNING_KEY}
+
+
 def settings_for(broker_url: str, cluster: str, **extra: object) -> BusSettings:
+    """Settings of a test's own clients: the helpers' control key unless ``extra`` says."""
+    extra.setdefault("plan_signing_key", TEST_SIGNING_KEY)
     return BusSettings(broker_url=broker_url, cluster=cluster, **extra)  # type: ignore[arg-type]
 
 
@@ -48,7 +56,7 @@ class WorkerCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self, node: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **KEY_ENV, **self.extra_env}
         device = ("--device", os.environ[DEVICE_ENV]) if os.environ.get(DEVICE_ENV) else ()
         log = open(self.log_dir / f"{node}.log", "ab")  # noqa: SIM115 - handed to the process
         process = subprocess.Popen(

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from services.cli.client import ClientOptions, request
 from shared.bus import Bus
-from shared.config import BusSettings
 from shared.messages import GenerateRequest, NodeStatus, Plan, RequestFinished, TokenGenerated
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.topics import NODE_STATUS, PLAN
+from tests.integration.cluster import KEY_ENV, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("monitor", "split_reviser", "broadcaster", "orchestrator")
@@ -58,6 +58,8 @@ class Stack:
     nodes: Sequence[Node]
     entry: str
     worker_env: dict[str, str] = field(default_factory=dict)
+    service_env: dict[str, str] = field(default_factory=dict)
+    """Extra variables of the control services (e.g. EDGESPLIT_IDENTITIES_FILE)."""
     one_way: Sequence[tuple[str, str]] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -67,14 +69,14 @@ class Stack:
         write_shards(self.model_dir, self.shards)
         self.topology = self.root / "topology.toml"
         self.topology.write_text(topology_text(self.nodes, self.entry, one_way=self.one_way))
-        self.settings = BusSettings(broker_url=self.broker_url, cluster=self.cluster)  # type: ignore[arg-type]
+        self.settings = settings_for(self.broker_url, self.cluster)  # the helpers' control key
         self.local = LocalPipeline(self.model_dir, ())
         self._expected: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     # --- processes ------------------------------------------------------------------------
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **KEY_ENV, **(env or {})}
         with open(self.root / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, *command, "--broker", self.broker_url, "--cluster", self.cluster],
@@ -94,7 +96,7 @@ class Stack:
             "orchestrator": ["--shards", str(self.shards), "--entry", self.entry, "--expect-nodes", nodes,
                              "--private-blocks", "1", "--trusted-level", "2"],
         }[name]  # fmt: skip
-        self._spawn(name, ["-m", f"services.{name}", *args])
+        self._spawn(name, ["-m", f"services.{name}", *args], self.service_env)
 
     def start(self, timeout_s: float = 90.0) -> Plan:
         for node, *_ in self.nodes:

@@ -42,13 +42,21 @@ from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.topics import EPOCH_ACKS, EPOCH_COMMANDS, ROLLOUT_RESULTS, ROLLOUTS
-from tests.integration.cluster import ROOT, WorkerCluster, make_plan, publish_plan, settings_for
+from tests.integration.cluster import (
+    KEY_ENV,
+    ROOT,
+    TEST_SIGNING_KEY,
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 START = (("car", 0, 1), ("rsu", 1, 3), ("mec", 3, 4))
 MOVED = (("car", 0, 2), ("rsu", 2, 3), ("mec", 3, 4))
 PROMPTS = ([5, 17, 42], [1, 2, 3, 4, 5, 6])
-KEY = "edgesplit-dev-key"  # BusSettings' default plan_signing_key
+KEY = TEST_SIGNING_KEY  # the control key the helpers give every process
 
 
 class System:
@@ -58,7 +66,7 @@ class System:
         write_shards(self.model_dir, self.shards)
         self.settings = settings_for(broker.url, "itbroadcast")
         self.broadcaster_settings = BroadcasterSettings(broker_url=broker.url, cluster="itbroadcast",
-                                                        shards_dir=self.shards)  # fmt: skip
+                                                        shards_dir=self.shards, plan_signing_key=KEY)  # fmt: skip
         self.workers = WorkerCluster(broker.url, "itbroadcast", self.shards, root)
         self.root = root
         self.decisions = iter(range(1, 10_000))
@@ -328,7 +336,7 @@ def test_a_broadcaster_killed_mid_rollout_is_settled_by_the_next(system: System)
 
 
 def _start_broadcaster(system: System, log_file: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **KEY_ENV}
     with open(log_file, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "services.broadcaster", "--broker", system.settings.broker_url,

@@ -19,7 +19,7 @@ from shared.messages import EmulatedLink, EmulationApplied
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.topics import EMULATION_STATE
-from tests.integration.cluster import WorkerCluster, settings_for
+from tests.integration.cluster import TEST_SIGNING_KEY, WorkerCluster, settings_for
 
 pytestmark = pytest.mark.integration
 WORKER_START_S = 60.0
@@ -50,8 +50,9 @@ def retained_state(
 
 def test_emulate_changes_what_a_running_worker_applies(
     broker: LocalBroker, cluster: str, shards: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
+    monkeypatch.setenv("EDGESPLIT_PLAN_SIGNING_KEY", TEST_SIGNING_KEY)  # the workers' control key
     workers = WorkerCluster(broker.url, cluster, shards, tmp_path)
     common = ["--broker", broker.url, "--cluster", cluster]
     try:

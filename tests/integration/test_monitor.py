@@ -51,7 +51,14 @@ from shared.topics import (
     REQUESTS,
     TELEMETRY,
 )
-from tests.integration.cluster import ROOT, WorkerCluster, make_plan, publish_plan, settings_for
+from tests.integration.cluster import (
+    KEY_ENV,
+    ROOT,
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+)
 
 pytestmark = pytest.mark.integration
 MB = 1e6
@@ -133,7 +140,7 @@ class Stack:
         self.monitor: subprocess.Popen[bytes] | None = None
 
     def start_monitor(self, *args: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **KEY_ENV}
         with open(self.log_dir / "monitor.log", "ab") as log:
             self.monitor = subprocess.Popen(
                 [sys.executable, "-m", "services.monitor", "--broker", self.broker.url,

@@ -120,7 +120,7 @@ def test_settings_defaults() -> None:
     settings = BusSettings()
     assert settings.broker_url == "mqtt://127.0.0.1:1883"
     assert settings.cluster == "default" and settings.keepalive_s == 2
-    assert settings.plan_signing_key == "edgesplit-dev-key"
+    assert settings.plan_signing_key is None  # no default key (shared/security/signing.py)
     assert settings.models_dir == Path.home() / ".cache" / "edgesplit" / "models"
 
 

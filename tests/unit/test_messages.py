@@ -52,6 +52,7 @@ from shared.messages import (
     RolloutFinished,
     RolloutRequested,
     Segment,
+    ServiceStatus,
     Telemetry,
     TokenGenerated,
 )
@@ -235,6 +236,7 @@ EXAMPLES: list[Message] = [
     RolloutFinished(decision_id=3, epoch=8, previous_epoch=7, outcome="aborted",
                     reason="rsu: shard sha256 mismatch", prepare_s=0.4),  # fmt: skip
     EpochLedger(highest_epoch=9, in_progress=9, decision_id=4, previous_epoch=7),
+    ServiceStatus(service="broadcaster", at_s=1.7e9, refused={"RolloutRequested_forged": 2}),
 ]
 
 

@@ -20,6 +20,7 @@ from shared.messages import (
     PrivacyPolicy,
     PrivacyPolicySet,
     Segment,
+    ServiceStatus,
     Telemetry,
 )
 
@@ -181,3 +182,14 @@ def test_the_view_shows_kv_in_use_against_each_nodes_budget() -> None:
     assert "12.5/900.0" in rows["car"].split()  # KV MB in use / budget
     assert "12.5" in rows["rsu"].split() and "12.5/" not in rows["rsu"]  # no budget announced
     assert "-/50.0" in rows["edge"].split()  # a budget, no telemetry yet
+def test_refused_control_messages_show_in_the_header() -> None:
+    snapshot = StatusSnapshot(broker="mqtt://127.0.0.1:1883", cluster="site")
+    assert snapshot.refusals() == {}
+    snapshot.apply(ServiceStatus(service="broadcaster", at_s=1.0, refused={"RolloutRequested_forged": 2}))
+    snapshot.apply(NodeStatus(node="car", state="online", trust=2, memory_bytes=1, threads=1,  # type: ignore[arg-type]
+                              refused={"Plan_replayed": 1}))  # fmt: skip
+    assert snapshot.refusals() == {"broadcaster": {"RolloutRequested_forged": 2}, "car": {"Plan_replayed": 1}}
+    console = Console(width=200, record=True, color_system=None, file=io.StringIO())
+    console.print(render_status(snapshot, NOW_S))
+    text = console.export_text()
+    assert "refused control messages: broadcaster RolloutRequested_forged 2; car Plan_replayed 1" in text

@@ -17,6 +17,7 @@ from services.cli.launcher import start_service, start_worker
 from shared.broker import LocalBroker, free_port, start_local_broker
 from shared.config import BusSettings, load_settings
 from shared.errors import ConfigError, ServingError
+from shared.security.signing import ensure_key_file
 from shared.topology import Topology
 
 # Faster reactions than the interactive defaults: a scenario's events come seconds apart.
@@ -40,6 +41,8 @@ class ScenarioStack:
             BusSettings, {"broker_url": f"mqtt://127.0.0.1:{self.port}", "cluster": f"scenario-{policy}"}
         )
         self.broker: LocalBroker | None = None
+        self.env: dict[str, str] = {}
+        """Every process's control key (EDGESPLIT_PLAN_SIGNING_KEY_FILE), set with the broker."""
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.services: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -50,6 +53,9 @@ class ScenarioStack:
 
     def start_broker(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        key_file = ensure_key_file(self.run_dir)  # no default key: one per run folder
+        self.settings = load_settings(BusSettings, {**self.settings.model_dump(), "plan_signing_key_file": key_file})
+        self.env = {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(key_file)}
         self.broker = start_local_broker(port=self.port, data_dir=self.run_dir / "broker")
 
     def start_workers(self) -> None:
@@ -61,7 +67,8 @@ class ScenarioStack:
         running = self.workers.get(node)
         if running is not None and running.poll() is None:
             raise ServingError(f"node {node} is already running")
-        self.workers[node] = start_worker(node, self.settings, self.shards, self.topology_path, self.log(node))
+        self.workers[node] = start_worker(node, self.settings, self.shards, self.topology_path, self.log(node),
+                                          self.env)  # fmt: skip
 
     def start_control(self) -> None:
         """Split reviser, monitor, broadcaster and the orchestrator under ``policy``."""
@@ -77,7 +84,7 @@ class ScenarioStack:
                              "--policy", self.policy, *ORCHESTRATOR_ARGS],
         }  # fmt: skip
         for name, args in services.items():
-            self.services[name] = start_service(name, args, self.settings, self.log(name))
+            self.services[name] = start_service(name, args, self.settings, self.log(name), self.env)
 
     # --- events -----------------------------------------------------------------------------
 

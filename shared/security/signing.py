@@ -1,0 +1,143 @@
+"""The cluster's control key, and the gate every receiver of control messages passes.
+
+Control messages that change the cluster (plans, epoch commands, the ledger, rollout
+requests, decisions, the privacy policy, emulation commands, NodeDown / NodeJoined)
+carry a ``signature``: HMAC-SHA256 over the canonical encoding of the message
+(shared.messages.base.sign) with one **cluster key per state or run folder**.
+`edgesplit up` generates it (`ensure_key_file`) and passes it to every process it starts
+as ``EDGESPLIT_PLAN_SIGNING_KEY_FILE``; the bus signs what it publishes with it.
+
+No default key: a process on the secure profile (an ``mqtts://`` broker) without a key
+refuses to start (`require_control_key`, one line). On the open laptop profile a process
+without a key uses the public development key and logs a warning once.
+
+`ControlGate` is what a receiver asks before acting on a control message: the signature
+must check out and, for plans and epoch commands, the epoch must not be below the
+highest epoch the receiver has committed (a replay). Every refusal is counted under
+``{Kind}_{why}`` (`REFUSALS`); a worker shows them in its NodeStatus, so
+`edgesplit status` lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections import Counter
+from pathlib import Path
+
+from shared.config import BusSettings
+from shared.errors import ConfigError
+from shared.messages.base import Message, is_signed_kind, signature_ok
+
+log = logging.getLogger(__name__)
+
+DEV_SIGNING_KEY = "edgesplit-dev-key"
+"""Public, in the source: only ever used on the open profile, with a warning."""
+KEY_FILE = "signing.key"
+"""The key's file name in a state folder (`up --secure`) or run folder (`up`)."""
+MIN_KEY_CHARS = 16
+REFUSALS = ("unsigned", "forged", "replayed", "private", "implausible")
+"""Why a control message is refused: the suffix of its counter ``{Kind}_{why}``."""
+_warned_dev_key = False
+
+
+def configured_key(settings: BusSettings) -> str | None:
+    """The key given by settings (``plan_signing_key``, else the contents of
+    ``plan_signing_key_file``), or None. ConfigError for an unreadable or short key."""
+    key = settings.plan_signing_key
+    source = "plan_signing_key"
+    if key is None and settings.plan_signing_key_file is not None:
+        source = str(settings.plan_signing_key_file)
+        try:
+            key = settings.plan_signing_key_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"control signing key file unreadable: {error}") from None
+    if key is None:
+        return None
+    if len(key) < MIN_KEY_CHARS and key != DEV_SIGNING_KEY:
+        raise ConfigError(f"control signing key from {source} is shorter than {MIN_KEY_CHARS} characters")
+    return key
+
+
+def control_key(settings: BusSettings) -> str | None:
+    """The key this process signs and verifies with: the configured one; on the open
+    profile the public development key (warned once); None on the secure profile."""
+    key = configured_key(settings)
+    if key is not None or settings.broker.tls:
+        return key
+    global _warned_dev_key
+    if not _warned_dev_key:
+        _warned_dev_key = True
+        log.warning("no control signing key set (EDGESPLIT_PLAN_SIGNING_KEY[_FILE]): control messages "
+                    "are signed with the PUBLIC development key; anyone on the broker can forge them")  # fmt: skip
+    return DEV_SIGNING_KEY
+
+
+def require_control_key(settings: BusSettings, service: str) -> str:
+    """`control_key`, or ConfigError (one line) for a service on the secure profile."""
+    key = control_key(settings)
+    if key is None:
+        raise ConfigError(
+            f"{service} refuses to start: the secure profile ({settings.broker.redacted()}) needs the "
+            "cluster's control signing key (EDGESPLIT_PLAN_SIGNING_KEY_FILE=STATE/signing.key, as "
+            "`edgesplit up --secure` passes it)"
+        )
+    return key
+
+
+def ensure_key_file(folder: Path) -> Path:
+    """``folder``/signing.key, created (0600, 256 random bits) when absent; reused otherwise."""
+    path = folder / KEY_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+class ControlGate:
+    """Checks control messages for one receiver and counts what it refuses."""
+
+    def __init__(self, key: str, owner: str, counters: Counter[str] | None = None) -> None:
+        self.key, self.owner = key, owner
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.highest_committed = 0
+        """The highest epoch this receiver committed; older plans and commands are replays."""
+
+    def signed(self, message: Message) -> bool:
+        """True when ``message`` carries a valid signature; counts and logs a refusal."""
+        if not is_signed_kind(message):
+            return True
+        if signature_ok(message, self.key):
+            return True
+        why = "forged" if getattr(message, "signature", "") else "unsigned"
+        self.refuse(message, why, "bad signature" if why == "forged" else "no signature")
+        return False
+
+    def fresh(self, message: Message, epoch: int) -> bool:
+        """True unless ``epoch`` is below the highest committed one (a replay)."""
+        if epoch >= self.highest_committed:
+            return True
+        self.refuse(message, "replayed", f"epoch {epoch} < committed {self.highest_committed}")
+        return False
+
+    def accept(self, message: Message, epoch: int | None = None) -> bool:
+        """Signed and (with ``epoch``) not a replay."""
+        return self.signed(message) and (epoch is None or self.fresh(message, epoch))
+
+    def committed(self, epoch: int) -> None:
+        self.highest_committed = max(self.highest_committed, epoch)
+
+    def refuse(self, message: Message, why: str, detail: str) -> None:
+        name = f"{message.kind}_{why}"
+        self.counters[name] += 1
+        if self.counters[name] == 1 or self.counters[name] % 100 == 0:  # bounded logging
+            log.warning("%s: refused %s (%s; %d so far)", self.owner, message.kind, detail,
+                        self.counters[name])  # fmt: skip
+
+    def refusals(self) -> dict[str, int]:
+        """Every refusal counter, for status."""
+        return {name: count for name, count in sorted(self.counters.items())
+                if name.rsplit("_", 1)[-1] in REFUSALS}  # fmt: skip

@@ -1,0 +1,116 @@
+"""Trust from identity and the control key on the secure stack (`edgesplit up --secure`).
+
+A compromised worker (mec's own certificate, registry trust 0) claims trust 10 in its
+status and tries to publish a plan moving every block onto itself. The ACL drops the
+plan (no worker ever sees it: nothing is even refused), the monitor and the orchestrator
+keep mec at the registry's trust 0 (`edgesplit status` shows "claims 10"), the monitor
+counts the ignored claim, and a client still gets the tokens of the unsplit model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import codec
+from shared.bus import Bus
+from shared.config import BusSettings
+from shared.messages import NodeStatus, Plan, Segment
+from shared.model.pipeline import LocalPipeline
+from shared.security.creds import StateDir, client_environment
+from shared.topics import NODE_STATUS, PLAN
+from tests.integration.test_secure_up import EDGESPLIT, _wait_for_line
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+PROMPT = [5, 17, 9]
+
+
+def settings_of(state: Path, name: str, url: str) -> BusSettings:
+    variables = client_environment(StateDir(state), name, url)
+    return BusSettings(broker_url=url, cluster="sectrust", tls_ca_file=variables["EDGESPLIT_TLS_CA_FILE"],  # type: ignore[arg-type]
+                       tls_cert_file=variables["EDGESPLIT_TLS_CERT_FILE"],  # type: ignore[arg-type]
+                       tls_key_file=variables["EDGESPLIT_TLS_KEY_FILE"])  # type: ignore[arg-type]  # fmt: skip
+
+
+async def compromised_mec(state: Path, url: str) -> None:
+    """mec's certificate, another MQTT client id (not a session take-over)."""
+    async with Bus(settings_of(state, "mec", url), origin="mallory") as bus:
+        async with bus.subscribe(NODE_STATUS, node="mec") as statuses, asyncio.timeout(10):
+            real: NodeStatus = (await statuses.get()).message
+        await bus.publish(NODE_STATUS, real.model_copy(update={"trust": 10}), node="mec")
+        forged = Plan(epoch=1_000, model_id="tiny-llama", entry_node="mec",  # type: ignore[arg-type]
+                      segments=(Segment(node="mec", start=0, end=4),), signature="00" * 32)  # type: ignore[arg-type]  # fmt: skip
+        payload = codec.encode(forged, origin=bus.origin, seq=1)
+        await bus.connection("control").publish(PLAN.topic(bus.cluster), payload, PLAN.qos, True)
+
+
+def status(env: dict[str, str]) -> dict[str, Any]:
+    done = subprocess.run([*EDGESPLIT, "status", "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    parsed: dict[str, Any] = json.loads(done.stdout)
+    return parsed
+
+
+def test_a_compromised_worker_can_neither_raise_its_trust_nor_publish_a_plan(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "EDGESPLIT_MODELS_DIR": str(tmp_path / "models"), "EDGESPLIT_CLUSTER": "sectrust"}
+    for key in [k for k in env if k.startswith(("EDGESPLIT_TLS", "EDGESPLIT_PLAN_SIGNING")) or k == "EDGESPLIT_BROKER_URL"]:
+        del env[key]
+    up = subprocess.Popen(
+        [*EDGESPLIT, "up", "--secure", "--state", str(state), "--model", "tiny-llama", "--run-dir", str(tmp_path / "run")],
+        stdout=open(tmp_path / "up.out", "wb"), stderr=open(tmp_path / "up.err", "wb"), env=env,  # noqa: SIM115
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        ready = _wait_for_line(up, tmp_path / "up.out", "edgesplit ready", 150)
+        found = re.search(r"broker (mqtts://127\.0\.0\.1:\d+)", ready)
+        assert found is not None, ready
+        url = found.group(1)
+        key_file = state / "signing.key"  # no default key: one per state folder, 0600
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(key_file.read_text().strip()) == 64
+        before = status({**env, **client_environment(StateDir(state), "operator", url)})["plan"]
+
+        asyncio.run(compromised_mec(state, url))
+        operator = {**env, **client_environment(StateDir(state), "operator", url)}
+        deadline = time.monotonic() + 30
+        while True:  # the claim reaches the monitor; its profile keeps the registry's trust
+            seen = status(operator)
+            claimed = {n["node"]: n["trust"] for n in seen["nodes"]}
+            measured = {name: n["trust"] for name, n in seen["measured"].items()}
+            ignored = seen["refused"].get("monitor", {}).get("NodeStatus_trust_ignored", 0)
+            if (claimed.get("mec") == 10 and ignored >= 1) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        assert claimed["mec"] == 10 and measured["mec"] == 0 and ignored >= 1, seen
+        assert seen["plan"] == before  # the ACL dropped the forged plan: it never arrived
+        assert all("Plan_forged" not in n["refused"] for n in seen["nodes"])  # nobody even saw it
+        placed = {s["node"]: (s["start"], s["end"]) for s in seen["plan"]["segments"]}
+        assert seen["plan"]["entry_node"] == "car" and placed["car"][0] == 0  # private blocks stay
+
+        client = {**env, **client_environment(StateDir(state), "client", url)}
+        generated = subprocess.run(
+            [*EDGESPLIT, "generate", "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6",
+             "--json"],
+            capture_output=True, text=True, timeout=60, env=client,
+        )  # fmt: skip
+        assert generated.returncode == 0, generated.stderr
+        token_ids = json.loads(generated.stdout.splitlines()[-1])["token_ids"]
+        unsplit = LocalPipeline(tmp_path / "models" / "tiny-llama", ()).generate(PROMPT, 6).token_ids
+        assert token_ids == list(unsplit)  # the unsplit model's tokens
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
