@@ -31,9 +31,10 @@ _COMMON = {
     # Generated documents are big by design (whole topologies, manifests).
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
 }
-# CI's examples are derived from the test's name (derandomize), so a CI failure
-# reproduces locally with CI=true; local runs draw new examples each time.
-settings.register_profile("fuzz-ci", max_examples=CI_EXAMPLES, derandomize=True, **_COMMON)
+# Both draw new examples each run and replay what the database holds first: a failure
+# found once (it prints its reproducing seed) is kept in tests/fuzz-db/ and tried first
+# on every later run. (Hypothesis refuses derandomize together with a database.)
+settings.register_profile("fuzz-ci", max_examples=CI_EXAMPLES, **_COMMON)
 settings.register_profile("fuzz-dev", max_examples=DEV_EXAMPLES, **_COMMON)
 
 
