@@ -35,7 +35,12 @@ from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
 from shared.planning.static import static_plan
 from shared.security.creds import StateDir
-from shared.security.signing import configured_key, ensure_key_file, require_control_key
+from shared.security.signing import (
+    configured_key,
+    ensure_key_file,
+    local_key_file,
+    require_control_key,
+)
 from shared.topics import EPOCH_ACKS, NODE_STATUS, PLAN, POLICY
 from shared.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
@@ -348,13 +353,14 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     environments: dict[str, dict[str, str]] = {}
     if secure is None:
         stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
-        if configured_key(settings) is None:  # no default key: one per run folder
-            key_file = ensure_key_file(run_dir)
+        if configured_key(settings) is None:  # no default key: one per broker and cluster
+            local = local_key_file(settings)
+            key_file = ensure_key_file(local.parent, local.name)
             settings = load_settings(type(settings), {**settings.model_dump(), "plan_signing_key_file": key_file})
             names = [*(node.id for node in topology.nodes), "split-reviser", *CONTROL_SERVICES]
             environments = {name: {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(key_file)} for name in names}
-            say(f"control messages are signed with a new key in {key_file} (give it to other "
-                f"commands that publish control messages: EDGESPLIT_PLAN_SIGNING_KEY_FILE={key_file})")
+            say(f"control messages are signed with a new key in {key_file} (your other commands for "
+                f"this broker and cluster, e.g. `edgesplit emulate`, find it there)")
     else:
         launch = await asyncio.to_thread(start_secure_broker_for, settings, secure.state,
                                          topology, secure.tls_port, run_dir / "broker")  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections import Counter
 from pathlib import Path
@@ -53,6 +54,14 @@ def configured_key(settings: BusSettings) -> str | None:
             key = settings.plan_signing_key_file.read_text().strip()
         except OSError as error:
             raise ConfigError(f"control signing key file unreadable: {error}") from None
+    if key is None and not settings.broker.tls:
+        local = local_key_file(settings)
+        if local.is_file():  # the open profile's key `up` keeps for this broker and cluster
+            source = str(local)
+            try:
+                key = local.read_text().strip()
+            except OSError as error:
+                raise ConfigError(f"control signing key file unreadable: {error}") from None
     if key is None:
         return None
     if len(key) < MIN_KEY_CHARS and key != DEV_SIGNING_KEY:
@@ -86,11 +95,21 @@ def require_control_key(settings: BusSettings, service: str) -> str:
     return key
 
 
-def ensure_key_file(folder: Path) -> Path:
-    """``folder``/signing.key, created (0600, 256 random bits) when absent; reused otherwise."""
-    path = folder / KEY_FILE
+def local_key_file(settings: BusSettings) -> Path:
+    """Where `edgesplit up` (open profile) keeps the control key of a broker and cluster,
+    under the user's cache folder (beside the models), so that the same user's other
+    commands (`edgesplit emulate` in another terminal) sign with it without being told."""
+    address = settings.broker
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{address.host}-{address.port}-{settings.cluster}")
+    return settings.models_dir.parent / "keys" / f"{name}.key"
+
+
+def ensure_key_file(folder: Path, name: str = KEY_FILE) -> Path:
+    """``folder``/``name`` (signing.key), created (0600, 256 random bits) when absent;
+    reused otherwise."""
+    path = folder / name
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32) + "\n")

@@ -234,3 +234,23 @@ def test_an_unreadable_registry_is_one_line_at_start(
     code = main(["--identities", str(tmp_path / "missing.toml"), "--broker", "mqtt://127.0.0.1:1"])
     err = [line for line in capsys.readouterr().err.splitlines() if "identity registry" in line]
     assert code != 0 and len(err) == 1 and "missing.toml" in err[0], err
+
+
+def test_the_open_profile_finds_the_key_up_keeps_for_its_broker_and_cluster(tmp_path: Path) -> None:
+    """`edgesplit emulate` in another terminal signs with the running stack's key: `up`
+    keeps it per broker and cluster under the cache folder; the secure profile never
+    looks there, and another broker or cluster has no key."""
+    from shared.config import BusSettings
+    from shared.security.signing import configured_key, ensure_key_file, local_key_file
+
+    def settings(url: str, cluster: str = "default") -> BusSettings:
+        return BusSettings(broker_url=url, cluster=cluster, models_dir=tmp_path / "models")
+
+    mine = settings("mqtt://127.0.0.1:1883")
+    assert configured_key(mine) is None
+    local = local_key_file(mine)
+    ensure_key_file(local.parent, local.name)
+    assert configured_key(mine) == local.read_text().strip() and len(local.read_text().strip()) == 64
+    assert local.stat().st_mode & 0o777 == 0o600
+    assert configured_key(settings("mqtt://127.0.0.1:1884")) is None
+    assert configured_key(settings("mqtt://127.0.0.1:1883", "other")) is None
