@@ -172,7 +172,7 @@ def site(broker: LocalBroker, cluster: str, tmp_path: Path) -> Iterator[Site]:
             stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
         )  # fmt: skip
     settings = BusSettings(broker_url=broker.url, cluster=cluster,  # type: ignore[arg-type]
-                           plan_signing_key_file=tmp_path / "run" / "signing.key")  # `up`'s key  # fmt: skip
+                           models_dir=models)  # finds `up`'s key for this broker and cluster  # fmt: skip
     started = Site(settings, process, out, None)  # type: ignore[arg-type]
     try:
         line = wait_ready(started, 120)

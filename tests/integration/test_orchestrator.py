@@ -100,7 +100,7 @@ def test_up_plans_from_the_live_profile_and_a_policy_change_replans(tmp_path: Pa
         layout = first.group(2)
         assert re.match(r"car\[0,2\) (rsu|mec)\[2,6\)$", layout), layout  # private blocks on car only
         settings = BusSettings(broker_url=url, cluster="orch",  # type: ignore[arg-type]
-                               plan_signing_key_file=tmp_path / "run" / "signing.key")  # `up`'s key  # fmt: skip
+                               models_dir=tmp_path / "models")  # finds `up`'s key for this broker  # fmt: skip
         began = time.monotonic()
         plan, seen = asyncio.run(_change_policy_and_wait(settings, 4, 60))
         replan_s = time.monotonic() - began
