@@ -34,12 +34,14 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 def settings_from(args: Any) -> MonitorSettings:
     """CLI > topology file > EDGESPLIT_* environment > defaults."""
-    links = None
+    links: tuple[tuple[str, str], ...] | None = None
+    symmetric: tuple[tuple[str, str], ...] = ()
     if args.topology is not None:
         topology = load_topology(args.topology)
         links = tuple(sorted(topology.directed_links())) if topology.links else None
+        symmetric = tuple(sorted((link.src, link.dst) for link in topology.links if link.symmetric))
     return load_settings(MonitorSettings, {
-        "broker_url": args.broker_url, "cluster": args.cluster, "links": links,
+        "broker_url": args.broker_url, "cluster": args.cluster, "links": links, "symmetric_links": symmetric,
         "identities_file": args.identities_file,
         "shards_dir": args.shards_dir, "heartbeat_timeout_s": args.heartbeat_timeout_s,
         "profile_period_s": args.profile_period_s, "persist_s": args.persist_s,

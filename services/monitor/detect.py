@@ -74,6 +74,11 @@ class MedianWindow:
         fresh = self._fresh(now_s)
         return statistics.median(fresh) if fresh else None
 
+    def newest_s(self, now_s: float) -> float:
+        """When the newest fresh sample came (-inf without one)."""
+        fresh = [at_s for at_s, _ in self._samples if now_s - at_s <= self._max_age_s]
+        return fresh[-1] if fresh else -math.inf
+
     def latest(self, now_s: float, count: int) -> list[float]:
         """The newest ``count`` fresh samples (fewer when there are fewer)."""
         return self._fresh(now_s)[-count:]
@@ -151,6 +156,15 @@ class TrackedMetric:
         if median is None or self.kind != "bandwidth" or len(newest) < FAST_FALL_SAMPLES:
             return median
         return min(median, max(newest))
+
+    def fresh_fall(self, now_s: float) -> float | None:
+        """The planning value while it is below the median (a fall the newest samples agree
+        on and the median has not followed yet); None otherwise."""
+        value, median = self.planning_value(now_s), self.window.value(now_s)
+        return value if value is not None and median is not None and value < median else None
+
+    def newest_s(self, now_s: float) -> float:
+        return self.window.newest_s(now_s)
 
     def judged(self, now_s: float) -> float | None:
         """The statistic the detector compares with the baseline."""

@@ -89,9 +89,13 @@ class MonitorState:
     """
 
     def __init__(self, config: MonitorConfig, links: Iterable[tuple[str, str]] | None = None,
-                 layers: tuple[LayerCost, ...] = (), model_id: str = "") -> None:  # fmt: skip
+                 layers: tuple[LayerCost, ...] = (), model_id: str = "",
+                 symmetric: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
         self.config = config
         self.declared = sorted(set(links)) if links is not None else None
+        self.symmetric = {frozenset(pair) for pair in symmetric}
+        """Node pairs whose link is one medium both ways (topology ``symmetric``): a fall
+        measured one way is planned for the other way too until that way measures anew."""
         self.layers, self.model_id = layers, model_id
         self.nodes: dict[str, NodeRecord] = {}
         self._links: dict[tuple[str, str], LinkRecord] = {}
@@ -286,6 +290,11 @@ class MonitorState:
     def _link_capacity(self, src: str, dst: str, now_s: float) -> LinkCapacity:
         link = self._link(src, dst)
         probe, passive = link.bandwidth.planning_value(now_s), link.passive.value(now_s)
+        reverse = self._links.get((dst, src))
+        if probe is not None and reverse is not None and frozenset((src, dst)) in self.symmetric:
+            fell = reverse.bandwidth.fresh_fall(now_s)  # e.g. the loaded way's delivery rate
+            if fell is not None and fell < probe and reverse.bandwidth.newest_s(now_s) > link.bandwidth.newest_s(now_s):
+                probe = fell
         rtt, loss = link.rtt.value(now_s), link.loss.value(now_s)
         bandwidth, source = (probe, "probe") if probe is not None else (passive, "passive")
         recent = [(b, w) for at_s, b, w in link.probe_traffic if now_s - at_s <= 60.0]

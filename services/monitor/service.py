@@ -46,6 +46,8 @@ class MonitorSettings(BusSettings):
     links: tuple[tuple[str, str], ...] | None = Field(
         default=None, description="directed node pairs that may exchange activations (None: all)"
     )
+    symmetric_links: tuple[tuple[str, str], ...] = Field(
+        default=(), description="node pairs whose link the topology declares symmetric (one medium)")
     shards_dir: Path | None = Field(default=None, description="shard store: layer costs")
     seed_wait_s: float = Field(default=0.5, ge=0, description="wait for the retained profile")
 
@@ -93,7 +95,7 @@ class MonitorService:
         self.clock = clock
         config = MonitorConfig(heartbeat_timeout_s=settings.heartbeat_timeout_s,
                                persist_s=settings.persist_s)  # fmt: skip
-        self.state = MonitorState(config, settings.links, layers, model_id)
+        self.state = MonitorState(config, settings.links, layers, model_id, settings.symmetric_links)
         self.counters: Counter[str] = Counter()
         self.trust: TrustRegistry | None = None
         """Each node's trust from the operator's registry (None: as its status claims)."""

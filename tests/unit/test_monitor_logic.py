@@ -193,3 +193,25 @@ def test_the_profile_follows_a_fading_link_down_after_two_samples_and_up_slowly(
     for t in (7.0, 8.0):
         metric.add(t, 1e6)  # back up: the median decides, not the newest samples
     assert metric.planning_value(8.0) == metric.value(8.0)
+
+
+def test_a_fall_measured_one_way_of_a_symmetric_link_is_planned_both_ways() -> None:
+    """On a loaded pipeline only the first slow hop queues, so only that way measures the
+    fall at once (its delivery rate); the way back carries one frame per step and keeps its
+    old probe estimate. On a link the topology declares symmetric (one medium), the fresh
+    fall is planned for the way back too, until that way measures anew; an asymmetric
+    link is left alone."""
+
+    def profile_after(symmetric: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        state = MonitorState(CONFIG, links=[("a", "b"), ("b", "a")], symmetric=symmetric)
+        for node in ("a", "b"):
+            state.on_status(status(node), 0.0)
+        for t in range(1, 6):  # both ways at 1 MB/s
+            state.on_telemetry(telemetry("a", b=(1e6, 0.002)), float(t))
+            state.on_telemetry(telemetry("b", a=(1e6, 0.002)), float(t))
+        for t in (6, 7):  # a -> b falls to 8 kB/s; b -> a has nothing new
+            state.on_telemetry(telemetry("a", b=(8e3, 0.002)), float(t))
+        return {(x.src, x.dst): x.bandwidth_bytes_per_s for x in state.profile(7.5).links}
+
+    assert profile_after([("a", "b")]) == {("a", "b"): 8e3, ("b", "a"): 8e3}
+    assert profile_after([]) == {("a", "b"): 8e3, ("b", "a"): 1e6}
