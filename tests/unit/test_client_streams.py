@@ -123,8 +123,9 @@ def test_a_client_needs_async_with_before_requests() -> None:
 
 
 def test_a_request_whose_entry_died_with_no_plan_after_ends_typed_not_lost() -> None:
-    """The entry goes offline and no plan without it comes: after entry_down_wait_s the
-    request fails with NoFeasiblePlan (a typed answer) instead of waiting out its deadline."""
+    """The entry goes offline and no plan without it comes: with entry_down_wait_s set the
+    request fails with NoFeasiblePlan (a typed answer) instead of waiting out its deadline;
+    without it (the default) the request keeps waiting for the entry's return."""
     from pathlib import Path
 
     from services.cli.client import ClientOptions, NoFeasiblePlan, _Session
@@ -156,5 +157,12 @@ def test_a_request_whose_entry_died_with_no_plan_after_ends_typed_not_lost() -> 
             async with asyncio.timeout(5):  # far below the request's 30 s deadline
                 await session.run(events)
         assert len(bus.sent) == 1  # sent once; nothing resubmitted to a dead entry
+        waiting = _Session(bus, ClientOptions(options.settings, timeout_s=30.0, resync_after_s=0.05),  # type: ignore[arg-type]
+                           request, plan, None)  # fmt: skip
+        events.queue.put_nowait(({"node": "car"}, status("car", "offline")))
+        task = asyncio.create_task(waiting.run(events))
+        await asyncio.sleep(0.6)  # twice the limit above: still waiting
+        assert not task.done()
+        task.cancel()
 
     asyncio.run(scenario())

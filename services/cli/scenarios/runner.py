@@ -35,6 +35,9 @@ from shared.topology import Topology, load_topology
 
 REQUEST_TIMEOUT_S = 60.0
 """A request without a terminal answer this long after it was sent is lost."""
+ENTRY_DOWN_WAIT_S = 20.0
+"""A request whose entry is down with no plan after it for this long is recorded failed
+(NoFeasiblePlan, ``no_plan``): the client saw the entry's NodeDown and no plan came."""
 FIRST_PLAN_TIMEOUT_S = 600.0
 INTERRUPTED_DRAIN_S = 5.0
 PROGRESS_EVERY_S = 5.0
@@ -105,7 +108,8 @@ class PolicyRunner:
             return loop.time() - t0
 
         observer = Observer(clock)
-        options = ClientOptions(self.stack.settings, timeout_s=REQUEST_TIMEOUT_S)
+        options = ClientOptions(self.stack.settings, timeout_s=REQUEST_TIMEOUT_S,
+                                entry_down_wait_s=ENTRY_DOWN_WAIT_S)  # fmt: skip
         async with Client(options=options) as client, asyncio.TaskGroup() as group:
             driver = WorkloadDriver(client, scenario.workload, scenario.duration_s, scenario.seed, clock,
                                     REQUEST_TIMEOUT_S, self.prepared.references)  # fmt: skip
