@@ -142,20 +142,33 @@ class TrackedMetric:
         self.window = MedianWindow(config.window, config.max_sample_age_s)
         self.detector = Persistence(config.persist_s)
         self.baseline: float | None = None
+        self._agreed: tuple[float, float] | None = None
+        """(when, bound) of the newest sample when the probes behind it agreed on a change
+        (bandwidth: all at most bound; rtt: all at least bound); None otherwise."""
 
     def value(self, now_s: float) -> float | None:
         return self.window.value(now_s)
 
     def planning_value(self, now_s: float) -> float | None:
-        """What the profile shows (bandwidth): the median, but down at once when the newest
-        ``FAST_FALL_SAMPLES`` samples are all below it (their largest): a link that fades
-        is planned around two samples after, not when the window's median follows; one
-        low outlier moves nothing, and a rise waits for the median (slow up, fast down)."""
+        """What the profile shows: the median, but worse at once (bandwidth down, rtt up)
+        when the newest ``FAST_FALL_SAMPLES`` samples all agree on it (their best), or when
+        the newest sample's own probes did (a window of two or more pairs that agree: the
+        worker sends such a window at once). A link that fades is planned around within a
+        second or two, not when the window's median follows; one outlier moves nothing,
+        and a recovery waits for the median (slow to better, fast to worse)."""
         median = self.window.value(now_s)
-        newest = self.window.latest(now_s, FAST_FALL_SAMPLES)
-        if median is None or self.kind != "bandwidth" or len(newest) < FAST_FALL_SAMPLES:
+        if median is None or self.kind == "loss":
             return median
-        return min(median, max(newest))
+        worse = min if self.kind == "bandwidth" else max
+        best = max if self.kind == "bandwidth" else min
+        newest = self.window.latest(now_s, FAST_FALL_SAMPLES)
+        value = median
+        if len(newest) >= FAST_FALL_SAMPLES:
+            value = worse(value, best(newest))
+        agreed = self._agreed
+        if agreed is not None and agreed[0] == self.window.newest_s(now_s):
+            value = worse(value, agreed[1])
+        return value
 
     def fresh_fall(self, now_s: float) -> float | None:
         """The planning value while it is below the median (a fall the newest samples agree
@@ -170,9 +183,12 @@ class TrackedMetric:
         """The statistic the detector compares with the baseline."""
         return self.window.lower_quartile(now_s) if self.kind == "rtt" else self.window.value(now_s)
 
-    def add(self, now_s: float, sample: float) -> Change | None:
-        """Take one sample; a Change when the metric trips or clears."""
+    def add(self, now_s: float, sample: float, agreed: float | None = None) -> Change | None:
+        """Take one sample (``agreed``: the bound the probes behind it agree on, see
+        ``planning_value``); a Change when the metric trips or clears."""
         self.window.add(now_s, sample)
+        if agreed is not None and math.isfinite(agreed) and math.isfinite(sample):
+            self._agreed = (now_s, agreed)
         value = self.judged(now_s)
         if value is None or self.window.count(now_s) < self.config.min_samples:
             return None

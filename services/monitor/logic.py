@@ -55,6 +55,21 @@ class LinkRecord:
         metrics = (self.bandwidth, self.rtt, self.loss)
         return tuple(metric.kind for metric in metrics if metric.detector.tripped)
 
+    def planning(self, now_s: float) -> tuple[float | None, float | None]:
+        """(bandwidth, rtt) as the profile plans with them."""
+        return self.bandwidth.planning_value(now_s), self.rtt.planning_value(now_s)
+
+
+def worse(before: tuple[float | None, float | None], after: tuple[float | None, float | None],
+          config: MonitorConfig) -> bool:  # fmt: skip
+    """True when a link's planning (bandwidth, rtt) got clearly worse: bandwidth down by the
+    degradation share, or rtt up by its rise and the absolute minimum."""
+    (bw0, rtt0), (bw1, rtt1) = before, after
+    if bw0 is not None and bw1 is not None and bw1 < bw0 * (1 - config.bandwidth_drop):
+        return True
+    return (rtt0 is not None and rtt1 is not None
+            and rtt1 > max(rtt0 * (1 + config.rtt_rise), rtt0 + config.rtt_min_rise_s))  # fmt: skip
+
 
 @dataclass
 class NodeRecord:
@@ -99,6 +114,9 @@ class MonitorState:
         self.layers, self.model_id = layers, model_id
         self.nodes: dict[str, NodeRecord] = {}
         self._links: dict[tuple[str, str], LinkRecord] = {}
+        self.urgent = False
+        """A link's planning values got clearly worse since the last profile: publish now
+        (the service resets it when it publishes)."""
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -130,7 +148,9 @@ class MonitorState:
             if observation.peer == telemetry.node:
                 continue
             outbound = self._link(telemetry.node, observation.peer)
+            before = outbound.planning(now_s)
             events += self._observe(outbound, observation, now_s, telemetry.window_s)
+            self.urgent = self.urgent or worse(before, outbound.planning(now_s), self.config)
             if observation.inbound_bandwidth_bytes_per_s is not None:
                 self._link(observation.peer, telemetry.node).passive.add(
                     now_s, observation.inbound_bandwidth_bytes_per_s)  # fmt: skip
@@ -204,11 +224,14 @@ class MonitorState:
                  window_s: float) -> list[Message]:  # fmt: skip
         link.probe_traffic.append((now_s, observation.probe_bytes, window_s))
         changes: list[tuple[str, Change | None]] = []
-        bandwidth = observation.delivery_bandwidth_bytes_per_s or observation.bandwidth_bytes_per_s
+        delivered = observation.delivery_bandwidth_bytes_per_s
+        bandwidth = delivered or observation.bandwidth_bytes_per_s
+        agreed = None if delivered or observation.bandwidth_samples < 2 else observation.bandwidth_high_bytes_per_s
         if bandwidth is not None:  # the traffic's own delivery rate first, else the probe pair
-            changes.append(("bandwidth", link.bandwidth.add(now_s, bandwidth)))
+            changes.append(("bandwidth", link.bandwidth.add(now_s, bandwidth, agreed)))
         if observation.rtt_s is not None:
-            changes.append(("rtt", link.rtt.add(now_s, observation.rtt_s)))
+            low = observation.rtt_low_s if observation.rtt_samples >= 2 else None
+            changes.append(("rtt", link.rtt.add(now_s, observation.rtt_s, low)))
         if observation.probes_sent or observation.probes_lost:
             sent = max(observation.probes_sent, observation.probes_lost)
             changes.append(("loss", link.loss.add(now_s, observation.probes_lost / sent)))
@@ -295,7 +318,7 @@ class MonitorState:
             fell = reverse.bandwidth.fresh_fall(now_s)  # e.g. the loaded way's delivery rate
             if fell is not None and fell < probe and reverse.bandwidth.newest_s(now_s) > link.bandwidth.newest_s(now_s):
                 probe = fell
-        rtt, loss = link.rtt.value(now_s), link.loss.value(now_s)
+        rtt, loss = link.rtt.planning_value(now_s), link.loss.value(now_s)
         bandwidth, source = (probe, "probe") if probe is not None else (passive, "passive")
         recent = [(b, w) for at_s, b, w in link.probe_traffic if now_s - at_s <= 60.0]
         seconds = math.fsum(w for _, w in recent)

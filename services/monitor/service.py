@@ -184,8 +184,9 @@ class MonitorService:
             now_s = self.clock()
             for event in self.state.tick(now_s):
                 self._emit(event)
-            if now_s >= next_profile_s:
+            if now_s >= next_profile_s or self.state.urgent:  # a link got worse: publish now
                 next_profile_s = now_s + period_s
+                self.state.urgent = False
                 try:
                     profile = self.state.profile(now_s)
                     await publish(bus, CAPACITY, self.trust.apply(profile) if self.trust else profile)

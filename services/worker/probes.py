@@ -60,6 +60,15 @@ _SIZED_MIN_BYTES = 512
 """A sized probe is at least this big: 64 ms of an 8 kB/s link, far above _RESOLUTION_S."""
 _RESOLUTION_S = 1e-3
 """Gaps shorter than this are event-loop jitter: such links are 'at least L / 1 ms' fast."""
+_SCOUT_BYTES = 2048
+"""A round whose sized probe would be bigger first sends one of this size: on a link that
+fell, a probe sized from the old estimate would occupy it for seconds (128 kB at 50 kB/s:
+2.6 s, with every activation queued behind it) and answer only when it is through."""
+FALL = 0.5
+"""A pair measuring under this share of the estimate is a fall: probe again at once to
+confirm it, and restart the window's samples (the earlier ones measured the old link)."""
+RTT_RISE, RTT_MIN_RISE_S = 1.5, 0.02
+"""A round trip above RTT_RISE x the last reported one and RTT_MIN_RISE_S more is a rise."""
 
 
 @dataclass
@@ -84,6 +93,14 @@ class _Peer:
     echoes: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)
     """round -> kind -> (echo arrival, probe frame bytes)"""
     passive: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=64))
+    scouts: set[int] = field(default_factory=set)
+    """Rounds whose sized probe was a scout (_SCOUT_BYTES, not sized from the estimate)."""
+    sized_until_s: float = -1.0
+    """The last scout was under-resolved (the link is fast): a round until then is sized
+    (the one the scout calls at once; a later round scouts again)."""
+    reported_bandwidth: float | None = None
+    reported_rtt: float | None = None
+    """The medians of the last window (what a fall or rise is judged against)."""
 
 
 class LinkProber:
@@ -109,6 +126,9 @@ class LinkProber:
         self._ids = iter(lambda: secrets.randbits(63), None)  # a forged echo cannot guess one
         self._rounds = count(1)
         self.counters: dict[str, int] = {"echoed": 0}
+        self.news = asyncio.Event()
+        """Set when two or more probes of the current window agree that a link fell (or
+        its round trip rose): the telemetry reporter then sends its window at once."""
 
     # --- running ----------------------------------------------------------------------------
 
@@ -188,6 +208,9 @@ class LinkProber:
         settings = self.settings
         peer = self._peer(name, now_s)
         size = self.probe_size(peer)
+        scout = peer.bandwidth is not None and size > _SCOUT_BYTES and now_s > peer.sized_until_s
+        if scout:
+            size = _SCOUT_BYTES
         self._refill(peer, now_s)
         if peer.bandwidth is not None:
             # A round longer than the burst starts once the credit is full: it is charged what it
@@ -197,6 +220,9 @@ class LinkProber:
                 peer.next_round_s = now_s + settings.probe_period_s / 4  # wait for credit
                 return
         round_id = next(self._rounds)
+        peer.sized_until_s = -1.0
+        if scout:
+            peer.scouts.add(round_id)
         small = self._frame("ping", next(self._ids), _SMALL_BYTES)
         large = self._frame("ping", next(self._ids), size)
         for (probe_id, payload), kind in ((small, "small"), (large, "large")):
@@ -224,6 +250,7 @@ class LinkProber:
             if now_s - sent_s > _LATE_ECHO_S or len(peer.late) > _LATE_KEPT:
                 del peer.late[probe_id]
                 peer.echoes.pop(round_id, None)
+                peer.scouts.discard(round_id)
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -260,27 +287,64 @@ class LinkProber:
             return  # not ours, or too late to be of use
         sent_s, kind, nbytes, round_id = found
         if kind == "small":
-            peer.rtts.append(now_s - sent_s)
+            self._rtt_sample(peer, now_s - sent_s)
         arrivals = peer.echoes.setdefault(round_id, {})
         arrivals[kind] = (now_s, nbytes)
         if "small" in arrivals and "large" in arrivals:
             del peer.echoes[round_id]
             (small_s, _), (large_s, large_bytes) = arrivals["small"], arrivals["large"]
             gap_s = max(_RESOLUTION_S, large_s - small_s)
-            first = peer.bandwidth is None
+            if round_id in peer.scouts:
+                peer.scouts.discard(round_id)
+                if gap_s < self.settings.probe_dispersion_s:
+                    # The link is faster than a scout shows: measure it with a sized pair now.
+                    peer.sized_until_s = now_s + self.settings.probe_period_s / 4
+                    peer.next_round_s = min(peer.next_round_s, now_s)
+                    self._charge(peer, gap_s, now_s)
+                    return
+            first, previous = peer.bandwidth is None, peer.bandwidth
             peer.bandwidth = large_bytes / gap_s
             if not first:  # the first round's probe was not sized for the link: it only sizes the next
-                peer.bandwidths.append(peer.bandwidth)
+                self._bandwidth_sample(peer, peer.bandwidth, previous, now_s)
             if large_s - small_s <= 2 * _RESOLUTION_S and large_bytes < self.settings.probe_max_bytes:
                 # Under-resolved: the link is faster than this probe can show (it rose since the
                 # estimate sized it). Probe again at once with the bigger size the new estimate
                 # gives, so a link that came back is known in a few rounds, not a few periods.
                 peer.next_round_s = min(peer.next_round_s, now_s)
-            self._refill(peer, now_s)
-            peer.credit_s -= gap_s
-            if peer.credit_s < 0:  # over budget (the link slowed): wait until it is paid back
-                payback_s = -peer.credit_s / self.settings.probe_budget_fraction
-                peer.next_round_s = max(peer.next_round_s, now_s + payback_s)
+            self._charge(peer, gap_s, now_s)
+
+    def _charge(self, peer: _Peer, gap_s: float, now_s: float) -> None:
+        """Charge ``peer``'s credit the link time a probe occupied."""
+        self._refill(peer, now_s)
+        peer.credit_s -= gap_s
+        if peer.credit_s < 0:  # over budget (the link slowed): wait until it is paid back
+            payback_s = -peer.credit_s / self.settings.probe_budget_fraction
+            peer.next_round_s = max(peer.next_round_s, now_s + payback_s)
+
+    def _bandwidth_sample(self, peer: _Peer, sample: float, previous: float | None, now_s: float) -> None:
+        """Take a pair's bandwidth; a fall restarts the window's samples and is confirmed by
+        another round at once; once two agree, the window is news."""
+        if previous is not None and sample < FALL * previous:
+            peer.bandwidths = []
+            peer.next_round_s = min(peer.next_round_s, now_s)
+        peer.bandwidths.append(sample)
+        reported = peer.reported_bandwidth
+        if reported is not None and len(peer.bandwidths) >= 2 and max(peer.bandwidths) < FALL * reported:
+            self.news.set()
+
+    def _rtt_sample(self, peer: _Peer, rtt_s: float) -> None:
+        """Take a small probe's round trip; two that agree on a rise make the window news
+        (a rise restarts the window's samples: the earlier ones measured the old link)."""
+        reported = peer.reported_rtt
+
+        def risen(value: float) -> bool:
+            return reported is not None and value > max(RTT_RISE * reported, reported + RTT_MIN_RISE_S)
+
+        if risen(rtt_s) and peer.rtts and not risen(max(peer.rtts)):
+            peer.rtts = []
+        peer.rtts.append(rtt_s)
+        if len(peer.rtts) >= 2 and risen(min(peer.rtts)):
+            self.news.set()
 
     def _refill(self, peer: _Peer, now_s: float) -> None:
         settings = self.settings
@@ -298,14 +362,20 @@ class LinkProber:
         for name in sorted(self._peers):
             peer = self._peers[name]
             inbound, samples = passive_bandwidth(peer.passive, now_s - _PASSIVE_WINDOW_S)
+            rtt = statistics.median(peer.rtts) if peer.rtts else None
+            bandwidth = statistics.median(peer.bandwidths) if peer.bandwidths else None
             observations.append(LinkObservation(
                 peer=name,  # type: ignore[arg-type]
-                rtt_s=statistics.median(peer.rtts) if peer.rtts else None,
-                bandwidth_bytes_per_s=statistics.median(peer.bandwidths) if peer.bandwidths else None,
+                rtt_s=rtt, bandwidth_bytes_per_s=bandwidth,
+                bandwidth_samples=len(peer.bandwidths), rtt_samples=len(peer.rtts),
+                bandwidth_high_bytes_per_s=max(peer.bandwidths) if peer.bandwidths else None,
+                rtt_low_s=min(peer.rtts) if peer.rtts else None,
                 probes_sent=peer.sent, probes_lost=peer.lost, probe_bytes=peer.probe_bytes,
                 inbound_bandwidth_bytes_per_s=inbound, inbound_samples=samples,
                 delivery_bandwidth_bytes_per_s=(delivered or {}).get(name),
             ))  # fmt: skip
+            peer.reported_rtt = rtt if rtt is not None else peer.reported_rtt
+            peer.reported_bandwidth = bandwidth if bandwidth is not None else peer.reported_bandwidth
             peer.rtts, peer.bandwidths = [], []
             peer.sent = peer.lost = peer.probe_bytes = 0
         return tuple(observations)

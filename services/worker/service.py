@@ -27,7 +27,7 @@ from services.worker.probes import LinkProber
 from services.worker.replies import Reply, ReplySender
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
-from services.worker.shard_cache import CachedShards
+from services.worker.shard_cache import CachedShards, warm_ahead
 from services.worker.telemetry import StartupBenchmark, TelemetryReporter, TelemetrySources
 from shared.bus import Announcement, Bus
 from shared.errors import EdgesplitError
@@ -83,7 +83,7 @@ class WorkerService:
             serving=lambda: keeper.current,
             links=lambda: self.prober.window(self.shaper.delivery_rates()),
             frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0,
-            overflows=self.overflows))  # fmt: skip
+            overflows=self.overflows, news=self.prober.news))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
@@ -185,6 +185,7 @@ class WorkerService:
                     task_group.create_task(self.telemetry.run(bus, self._benchmark()), name="telemetry")
                     task_group.create_task(self.prober.run(bus), name="probes")
                     task_group.create_task(self.emulation.run(bus), name="emulation")
+                    task_group.create_task(warm_ahead(self.shards, self.settings), name="warm-shards")
         finally:
             self.compute.close()
             counters = self.counters + (self.data.counters if self.data else Counter())

@@ -68,6 +68,11 @@ class WorkerSettings(BusSettings):
     shard_cache_bytes: int = Field(
         default=2_000_000_000, ge=0, description="recently used block weights kept in memory"
     )
+    warm_shard_bytes: int | None = Field(
+        default=None, ge=0,
+        description="block weights loaded into the shard cache ahead of any plan, so a migration "
+        "here loads nothing (None: half of memory_bytes; 0: off)",
+    )
     # monitoring and emulation (docs/MONITOR.md)
     telemetry_period_s: float = Field(default=1.0, gt=0, description="telemetry (heartbeat) period")
     benchmark: bool = Field(default=True, description="time one block at start-up")

@@ -3,14 +3,22 @@ already hold the weights costs no load (and no sha256 pass)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from shared.model.config import ModelConfig
 from shared.model.shard import ShardStore
+
+if TYPE_CHECKING:
+    from services.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 
 class CachedShards:
@@ -57,3 +65,40 @@ class CachedShards:
                 oldest, _ = self._blocks.popitem(last=False)
                 del self._bytes[oldest]
         return tensors
+
+    def warm(self, limit_bytes: int, stop: threading.Event | None = None) -> int:
+        """Load blocks ahead of any plan, the last block first (the early blocks are the
+        private ones a semi-trusted node never hosts), while the cache holds under
+        ``limit_bytes`` (and ``max_bytes``): a later migration to this node then costs no
+        disk read or sha256 pass. Stops early when ``stop`` is set. Returns blocks loaded."""
+        loaded = 0
+        for index in reversed(range(self.store.config.num_layers)):
+            if stop is not None and stop.is_set():
+                break
+            with self._lock:
+                held = sum(self._bytes.values())
+            if held + self.store.manifest.blocks[index].bytes > min(limit_bytes, self.max_bytes):
+                break
+            if not self.holds(index):
+                self.block_tensors(index)
+                loaded += 1
+        return loaded
+
+
+async def warm_ahead(shards: CachedShards, settings: WorkerSettings) -> None:
+    """Load blocks into the shard cache ahead of any plan (a thread of its own, not the
+    compute thread), within ``warm_shard_bytes`` (default half the node's memory); a
+    failure only costs the warm-up: the blocks load again when a plan needs them."""
+    limit = settings.warm_shard_bytes
+    limit = settings.memory_bytes // 2 if limit is None else limit
+    if limit <= 0:
+        return
+    stop = threading.Event()
+    try:
+        loaded = await asyncio.to_thread(shards.warm, limit, stop)
+        log.info("%s: %d blocks loaded ahead into the shard cache", settings.node_id, loaded)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+    except Exception as error:
+        log.warning("%s: shard warm-up stopped: %s: %s", settings.node_id, type(error).__name__, error)

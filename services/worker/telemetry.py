@@ -182,6 +182,9 @@ class TelemetrySources:
     """Frames the data plane dropped as forged since start (services/worker/frame_auth.py)."""
     overflows: Callable[[], int] | None = None
     """Items the node's bounded queues refused or dropped so far."""
+    news: asyncio.Event | None = None
+    """Set by the prober when a link fell (or its round trip rose): the window is sent at
+    once, not at the end of the period, so the monitor plans around it sooner."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,10 @@ class StartupBenchmark:
     store: ShardStore
     slowdown_factor: float
     device: str = "cpu"
+
+
+NEWS_SPACING_S = 0.2
+"""Telemetry is never sent more often than this, news or not."""
 
 
 class TelemetryReporter:
@@ -214,12 +221,27 @@ class TelemetryReporter:
             if benchmark is not None:
                 task_group.create_task(self._calibrate(benchmark), name="calibrate")
             while True:
+                if self.sources.news is not None:
+                    self.sources.news.clear()  # what it announced is in this window
                 try:
                     await bus.publish(TELEMETRY, self.sample(), node=node)
                     self.published += 1
                 except EdgesplitError as error:  # the broker is away: the next one retries
                     log.info("%s: telemetry not published: %s", node, error)
-                await asyncio.sleep(self.sources.period_s)
+                await self._wait_period()
+
+    async def _wait_period(self) -> None:
+        """One period, or less when the prober has news (at least NEWS_SPACING_S apart)."""
+        news, period_s = self.sources.news, self.sources.period_s
+        if news is None:
+            await asyncio.sleep(period_s)
+            return
+        await asyncio.sleep(min(NEWS_SPACING_S, period_s))
+        try:
+            async with asyncio.timeout(max(0.0, period_s - NEWS_SPACING_S)):
+                await news.wait()
+        except TimeoutError:
+            pass
 
     async def _calibrate(self, benchmark: StartupBenchmark) -> None:
         node = self.sources.node

@@ -88,6 +88,15 @@ class LinkObservation(Part):
     """Outbound rate while frames queued for the link (this node's egress delivery rate);
     None when nothing queued in the window. Preferred over the probes: it is measured on
     the traffic itself, every window, where a probe echo may wait behind that traffic."""
+    bandwidth_samples: NonNegativeInt = 0
+    """Probe pairs behind ``bandwidth_bytes_per_s`` (its median) in this window."""
+    bandwidth_high_bytes_per_s: NonNegativeFloat | None = None
+    """The largest of those pairs: with two or more, every pair of the window measured
+    at most this (a fall they agree on, which the monitor plans with at once)."""
+    rtt_samples: NonNegativeInt = 0
+    """Small probes behind ``rtt_s`` (their median) in this window."""
+    rtt_low_s: NonNegativeFloat | None = None
+    """The smallest of those round trips: with two or more, a rise they agree on."""
 
 
 class Telemetry(Message):

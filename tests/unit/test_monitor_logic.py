@@ -215,3 +215,32 @@ def test_a_fall_measured_one_way_of_a_symmetric_link_is_planned_both_ways() -> N
 
     assert profile_after([("a", "b")]) == {("a", "b"): 8e3, ("b", "a"): 8e3}
     assert profile_after([]) == {("a", "b"): 8e3, ("b", "a"): 1e6}
+
+
+def test_a_window_whose_probes_agree_on_a_fall_is_planned_at_once_and_published_now() -> None:
+    """The worker sends a window early when two or more of its probe pairs agree that the
+    link fell (or its round trip rose): the monitor plans with it at once (the bound they
+    agree on, not the median of 5 windows) and publishes the profile without waiting for
+    its period. One window of one pair (an outlier) moves nothing."""
+    state = MonitorState(CONFIG, links=[("a", "b")])
+    state.on_status(status("a"), 0.0)
+    state.on_status(status("b"), 0.0)
+    for t in range(1, 6):
+        state.on_telemetry(telemetry("a", b=(12.5e6, 0.004)), float(t))
+    state.urgent = False
+
+    def observed(bandwidth: float, rtt_s: float, pairs: int) -> Telemetry:
+        link = LinkObservation(peer="b", bandwidth_bytes_per_s=bandwidth, rtt_s=rtt_s,  # type: ignore[arg-type]
+                               probes_sent=2 * pairs, bandwidth_samples=pairs, rtt_samples=pairs,
+                               bandwidth_high_bytes_per_s=bandwidth * 1.02, rtt_low_s=rtt_s * 0.98)  # fmt: skip
+        return telemetry("a").model_copy(update={"links": (link,)})
+
+    state.on_telemetry(observed(50e3, 0.104, pairs=1), 5.5)  # one pair: an outlier so far
+    (link,) = state.profile(5.6).links
+    assert link.bandwidth_bytes_per_s == 12.5e6 and link.latency_s == 0.002 and not state.urgent
+    state.on_telemetry(telemetry("a", b=(12.5e6, 0.004)), 6.0)
+    state.on_telemetry(observed(50e3, 0.104, pairs=2), 6.3)  # two pairs agree
+    (link,) = state.profile(6.4).links
+    assert link.bandwidth_bytes_per_s == 50e3 * 1.02  # the largest of the agreeing pairs
+    assert abs(link.latency_s - 0.104 * 0.98 / 2) < 1e-9  # the smallest round trip of them
+    assert state.urgent

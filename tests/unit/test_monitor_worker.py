@@ -181,6 +181,43 @@ def test_a_late_echo_pair_still_measures_a_saturated_link() -> None:
     asyncio.run(main())
 
 
+class FakeLink:
+    """A prober's probes over a fake link a -> b on a fake clock: each round's frames are
+    serialised at the link's rate, echoed after ``latency_s``, and fed back."""
+
+    def __init__(self, settings: WorkerSettings | None = None) -> None:
+        self.settings = settings or WorkerSettings(node_id="a", shards_dir=Path("/x"), probe_peers=("b",))
+        self.clock = [0.0]
+        self.sent: list[tuple[str, bytes]] = []
+        self.sizes: list[int] = []
+        """Payload bytes of every probe sent, in order."""
+
+        async def send(destination: str, payload: bytes) -> None:
+            self.sent.append((destination, payload))
+
+        self.prober = LinkProber("a", self.settings, send, clock=lambda: self.clock[0], rng=random.Random(0))
+        self.prober.set_online("b", True)
+
+    async def round_at(self, bandwidth: float, latency_s: float = 0.002) -> bool:
+        """The next due round over a link of ``bandwidth``; False when none went out."""
+        clock = self.clock
+        clock[0] = max(clock[0], self.prober.next_round_s("b", clock[0]))
+        await self.prober.start_round("b", clock[0])
+        pair, self.sent[:] = list(self.sent), []
+        if not pair:
+            clock[0] += 0.05
+            return False
+        busy_until = clock[0]
+        for _, payload in pair:
+            self.sizes.append(len(payload))
+            busy_until += len(payload) / bandwidth
+            header, array = decode_frame(payload)
+            clock[0] = busy_until + latency_s
+            await self.prober.on_frame(Frame(header.model_copy(update={"role": "echo", "src": "b"}),
+                                             array[:0]), clock[0], 0.0)  # fmt: skip
+        return True
+
+
 def test_a_link_that_rose_is_re_probed_at_once_until_resolved() -> None:
     """An estimate of 8 kB/s sizes a 512 B probe; once the link is at 12.5 MB/s that
     probe's dispersion is below the clock's resolution, so it only says "faster". The
@@ -188,43 +225,53 @@ def test_a_link_that_rose_is_re_probed_at_once_until_resolved() -> None:
     link within a fraction of a second instead of after several probe periods."""
 
     async def main() -> None:
-        settings = WorkerSettings(node_id="a", shards_dir=Path("/x"), probe_peers=("b",))
-        clock = [0.0]
-        sent: list[tuple[str, bytes]] = []
-
-        async def send(destination: str, payload: bytes) -> None:
-            sent.append((destination, payload))
-
-        prober = LinkProber("a", settings, send, clock=lambda: clock[0], rng=random.Random(0))
-        prober.set_online("b", True)
-
-        async def round_at(bandwidth: float) -> bool:
-            clock[0] = max(clock[0], prober.next_round_s("b", clock[0]))
-            await prober.start_round("b", clock[0])
-            pair, sent[:] = list(sent), []
-            if not pair:
-                clock[0] += 0.05
-                return False
-            busy_until = clock[0]
-            for _, payload in pair:
-                busy_until += len(payload) / bandwidth
-                header, array = decode_frame(payload)
-                clock[0] = busy_until + 0.002
-                await prober.on_frame(Frame(header.model_copy(update={"role": "echo", "src": "b"}),
-                                            array[:0]), clock[0], 0.0)  # fmt: skip
-            return True
-
+        link = FakeLink()
         for _ in range(400):
-            await round_at(8e3)
-        peer = prober._peers["b"]  # noqa: SLF001
+            await link.round_at(8e3)
+        peer = link.prober._peers["b"]  # noqa: SLF001
         assert peer.bandwidth is not None and abs(peer.bandwidth - 8e3) / 8e3 < 0.1
-        while not await round_at(12.5e6):
+        while not await link.round_at(12.5e6):
             pass
-        started = clock[0]
+        started = link.clock[0]
         rounds = 1
         while peer.bandwidth < 0.8 * 12.5e6 and rounds < 20:
-            rounds += await round_at(12.5e6)
+            rounds += await link.round_at(12.5e6)
         assert peer.bandwidth >= 0.8 * 12.5e6
-        assert clock[0] - started < 0.5 * settings.probe_period_s, (rounds, clock[0] - started)
+        assert link.clock[0] - started < 0.5 * link.settings.probe_period_s, (rounds, link.clock[0] - started)
+
+    asyncio.run(main())
+
+
+def test_a_link_that_fell_is_known_from_two_scouts_without_clogging_it() -> None:
+    """At 12.5 MB/s the sized probe is 128 kB; after a fall to 50 kB/s a probe that size
+    would hold the link for 2.6 s with every activation behind it. Rounds start with a 2 kB
+    scout instead: on the slow link it is resolved, measures the fall, a second round
+    confirms it at once, and the prober flags the window as news (sent early)."""
+
+    async def main() -> None:
+        link = FakeLink()
+        for _ in range(30):
+            await link.round_at(12.5e6)
+        prober, peer = link.prober, link.prober._peers["b"]  # noqa: SLF001
+        assert max(link.sizes) > 100_000  # fast links are measured with sized probes
+        (before,) = prober.window()
+        assert before.bandwidth_bytes_per_s is not None and before.bandwidth_bytes_per_s > 5e6
+        assert not prober.news.is_set()
+        link.sizes.clear()
+        link.clock[0] += link.settings.probe_period_s  # the link falls a while after the last round
+        while not await link.round_at(50e3, latency_s=0.05):
+            pass
+        fell_at = link.clock[0]
+        while not prober.news.is_set() and link.clock[0] - fell_at < 5.0:
+            await link.round_at(50e3, latency_s=0.05)
+        assert prober.news.is_set()
+        assert link.clock[0] - fell_at < 0.5, link.clock[0] - fell_at  # confirmed at once
+        assert max(link.sizes) < 4096, link.sizes  # no probe sized for the old link
+        (after,) = prober.window()
+        assert after.bandwidth_samples >= 2 and after.bandwidth_high_bytes_per_s is not None
+        assert abs(after.bandwidth_bytes_per_s - 50e3) / 50e3 < 0.1  # type: ignore[operator]
+        assert after.bandwidth_high_bytes_per_s < 0.5 * before.bandwidth_bytes_per_s
+        assert after.rtt_samples >= 2 and after.rtt_low_s is not None and after.rtt_low_s > 0.05  # the fake round trip: latency + serialisation
+        assert peer.bandwidth is not None
 
     asyncio.run(main())
