@@ -15,6 +15,10 @@ the newest capacity profile (the candidate of kind ``current``) and the alternat
    justify one change cannot justify a second one) and its saving over the horizon
    beats its migration cost. The eligible candidate with the largest net gain wins, but
    only once ``dwell_s`` passed since the last change; else keep.
+4. A ``prediction_missed`` trigger (requests under the running plan took far longer per
+   token than it predicted: the change was decided on a profile that was wrong) waives
+   the dwell and the hysteresis, not the threshold: the next plan is judged on the
+   fresher profile as if no recent change had happened.
 
 Every number is deterministic: candidates are ranked by (value, segments), never by
 arrival order, so the same inputs always give the same decision.
@@ -57,7 +61,8 @@ class Trigger:
 
     kind: str
     """initial, periodic, node_down, node_joined, node_overloaded, node_overload_cleared,
-    link_degraded, link_recovered, policy_changed, profile_event, rollout_aborted."""
+    link_degraded, link_recovered, policy_changed, profile_event, rollout_aborted,
+    plan_degraded, plan_infeasible, prediction_missed, follow_up."""
     at_s: float
     emergency: bool = False
     detail: str = ""
@@ -203,16 +208,21 @@ def _rank_key(candidate: CandidatePlan) -> tuple[float, float, str]:
     return (candidate.latency_s, candidate.migration_cost_s, describe(candidate.segments))
 
 
-def threshold(state: OrchestratorState, now_s: float, config: DecisionConfig) -> float:
-    """The relative saving a non-emergency change needs now (hysteresis after a change)."""
+WAIVES_DWELL = ("prediction_missed",)
+"""Triggers that waive the dwell and the hysteresis (rule 4)."""
+
+
+def threshold(state: OrchestratorState, now_s: float, config: DecisionConfig, *, waive: bool = False) -> float:
+    """The relative saving a non-emergency change needs now (hysteresis after a change,
+    unless ``waive``: the last change was decided on a wrong profile)."""
     changed = state.changed_at_s
-    recent = (changed is not None and changed != state.first_plan_at_s
+    recent = (not waive and changed is not None and changed != state.first_plan_at_s
               and now_s - changed < config.recent_window_s)  # fmt: skip
     return config.relative_threshold * (config.recent_factor if recent else 1.0)
 
 
 def score(state: OrchestratorState, current: CandidatePlan, candidate: CandidatePlan,
-          now_s: float, config: DecisionConfig) -> Scored:  # fmt: skip
+          now_s: float, config: DecisionConfig, *, waive: bool = False) -> Scored:  # fmt: skip
     """``candidate``'s gain over the horizon and cost against the running plan ``current``."""
     tokens = horizon_tokens(state, config)
     if candidate.segments == current.segments:
@@ -222,7 +232,7 @@ def score(state: OrchestratorState, current: CandidatePlan, candidate: Candidate
     per_token = current.latency_s - candidate.latency_s
     gain = per_token * tokens
     cost = candidate.migration_cost_s + config.switch_overhead_s
-    needed = threshold(state, now_s, config)
+    needed = threshold(state, now_s, config, waive=waive)
     total = current.latency_s + state.overhead_s
     relative = per_token / total if total > 0 else 0.0
     if relative < needed:
@@ -253,7 +263,8 @@ def decide(state: OrchestratorState, trigger: Trigger, candidates: tuple[Candida
     if not current.feasible:
         why = f"the running plan is infeasible: {_first(current.violations)}"
         return _forced(state, current, feasible, why, trigger, tokens, emergency=True)
-    scored = tuple(score(state, current, c, now_s, config) for c in others)
+    waive = trigger.kind in WAIVES_DWELL
+    scored = tuple(score(state, current, c, now_s, config, waive=waive) for c in others)
     eligible = sorted((s for s in scored if s.eligible),
                       key=lambda s: (-s.net_s, *_rank_key(s.candidate)))  # fmt: skip
     base = Decision("keep", "", None, current, scored, False, tokens)
@@ -262,7 +273,7 @@ def decide(state: OrchestratorState, trigger: Trigger, candidates: tuple[Candida
         why = f"best alternative {best.note}" if best else "no alternative plan"
         return replace(base, reason=f"keep: {why}")
     winner = eligible[0]
-    if state.changed_at_s is not None and now_s - state.changed_at_s < config.dwell_s:
+    if not waive and state.changed_at_s is not None and now_s - state.changed_at_s < config.dwell_s:
         waited = now_s - state.changed_at_s
         return replace(base, reason=f"keep: dwell ({waited:.1f} s since the last change < "
                                     f"{config.dwell_s:g} s); best {winner.note}")  # fmt: skip

@@ -188,3 +188,31 @@ def watch_trigger(current: CandidatePlan, reference_s: float, threshold: float, 
         detail = f"running plan predicted {current.latency_s * 1e3:.2f} ms/token, was {reference_s * 1e3:.2f}"
         return Trigger("plan_degraded", at_s, False, detail)
     return None
+
+
+MISS_FACTOR = 2.0
+MISS_MIN_S = 0.05
+"""A request missed the prediction when its TPOT exceeds MISS_FACTOR x the predicted one
+and by MISS_MIN_S more (a millisecond-scale plan on a loaded machine easily runs 2x)."""
+MISS_SETTLE_S = 0.5
+"""Only requests that started this long after the commit count (the others ran partly
+under the old plan and through the switch)."""
+
+
+def prediction_missed(finished: RequestFinished, now_s: float, committed_at_s: float | None,
+                      predicted_s: float) -> Trigger | None:  # fmt: skip
+    """The trigger a finished request raises when it ran entirely under the running plan
+    and took far longer per token than the plan predicted (``predicted_s``, overhead
+    included): the profile the plan was chosen on was wrong (a link estimate that had
+    not caught up), so the next decision should not wait for the dwell. None otherwise."""
+    if committed_at_s is None or finished.generated_tokens < 2 or not math.isfinite(predicted_s):
+        return None
+    duration_s = finished.ttft_s + finished.tpot_s * (finished.generated_tokens - 1)
+    if now_s - duration_s < committed_at_s + MISS_SETTLE_S:
+        return None
+    if finished.tpot_s <= max(MISS_FACTOR * predicted_s, predicted_s + MISS_MIN_S):
+        return None
+    detail = (f"a request ran {finished.tpot_s * 1e3:.0f} ms/token under the running plan, "
+              f"predicted {predicted_s * 1e3:.0f}")  # fmt: skip
+    return Trigger("prediction_missed", now_s, False, detail[:TEXT])
+

@@ -117,6 +117,8 @@ class OrchestratorService:
         self._profile_for_watch = asyncio.Event()
         self.exchanges = Exchanges()
         self._reference_latency_s: float | None = None
+        self._missed_epoch: int | None = None
+        """The epoch a prediction_missed trigger was raised for (once per epoch)."""
         self._reference: CandidatePlan | None = None
         """The running plan as last evaluated: the model the overhead is measured against."""
         self.calibration = OverheadCalibration()
@@ -219,10 +221,22 @@ class OrchestratorService:
         if isinstance(reply, RequestFinished):
             now_s = self.clock()
             self.tracker.add(reply, now_s)
+            self._check_prediction(reply, now_s)
             if self._reference is not None:
                 self.calibration.finished(reply, now_s, self.state.changed_at_s, self._reference)
             self.state = replace(self.state, tokens_per_s=self.tracker.tokens_per_s(now_s))
             self._calibrate(now_s)
+
+    def _check_prediction(self, reply: RequestFinished, now_s: float) -> None:
+        """A request far slower than the running plan's prediction re-decides at once, past
+        the dwell (once per epoch: the next decision re-arms it by committing)."""
+        if self._reference_latency_s is None or self._missed_epoch == self.state.epoch:
+            return
+        predicted_s = self._reference_latency_s + self.state.overhead_s
+        trigger = records.prediction_missed(reply, now_s, self.state.changed_at_s, predicted_s)
+        if trigger is not None:
+            self._missed_epoch = self.state.epoch
+            self._enqueue(trigger)
 
     def _calibrate(self, now_s: float) -> None:
         overhead = self.calibration.update(self.state.overhead_s, now_s, self.tracker)

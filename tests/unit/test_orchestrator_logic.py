@@ -24,7 +24,7 @@ from services.orchestrator.logic import (
     classify,
     decide,
 )
-from services.orchestrator.records import TpotTracker, merge, record_of
+from services.orchestrator.records import TpotTracker, merge, prediction_missed, record_of
 from shared.messages import (
     CapacityProfile,
     LinkCapacity,
@@ -144,6 +144,32 @@ def test_recent_change_raises_the_threshold() -> None:
     candidates = (running(0.010), cand(B, 0.0075))  # 25 %: above 15 %, below 30 %
     assert decide(state, PERIODIC, candidates, 1020.0, CONFIG).action == "keep"
     assert decide(state, PERIODIC, candidates, 1130.0, CONFIG).action == "resplit"
+
+
+def test_a_missed_prediction_waives_dwell_and_hysteresis_but_not_the_threshold() -> None:
+    """The last change was decided on a profile that had not caught up (requests ran far
+    slower than predicted): the fresher profile's better plan is taken without waiting."""
+    state = after_commit(STATE, A, 4, 1000.0)
+    missed = Trigger("prediction_missed", 1003.0, detail="650 ms/token, predicted 85")
+    candidates = (running(0.010), cand(B, 0.0075))  # 25 %: held by dwell and by the 30 % hysteresis
+    assert decide(state, PERIODIC, candidates, 1003.0, CONFIG).action == "keep"
+    assert decide(state, missed, candidates, 1003.0, CONFIG).action == "resplit"
+    small = (running(0.010), cand(B, 0.0095))  # 5 %: below the threshold itself
+    assert decide(state, missed, small, 1003.0, CONFIG).action == "keep"
+
+
+def test_a_request_far_slower_than_predicted_under_the_running_plan_is_a_miss() -> None:
+    def finished(tpot_s: float, tokens: int = 12, ttft_s: float = 0.3) -> RequestFinished:
+        return RequestFinished(request_id="r1", token_ids=(), token_count=tokens, ttft_s=ttft_s, tpot_s=tpot_s,
+                               finish_reason="length")  # type: ignore[arg-type]  # fmt: skip
+
+    ran_s = 0.3 + 11 * 0.65  # a 12-token request at 650 ms per token
+    trigger = prediction_missed(finished(0.65), 1000.0 + ran_s + 1.0, 1000.0, 0.085)
+    assert trigger is not None and trigger.kind == "prediction_missed" and "650 ms/token" in trigger.detail
+    assert prediction_missed(finished(0.15), 1010.0, 1000.0, 0.085) is None  # within 2 x
+    assert prediction_missed(finished(0.65), 1000.0 + ran_s, 1000.0, 0.085) is None  # began before the switch settled
+    assert prediction_missed(finished(0.65), 1100.0, None, 0.085) is None  # no change committed
+    assert prediction_missed(finished(0.012), 1100.0, 1000.0, 0.004) is None  # 3 x but only 8 ms more
 
 
 def test_decision_is_independent_of_candidate_order() -> None:
