@@ -151,8 +151,8 @@ class TrackedMetric:
 
     def planning_value(self, now_s: float) -> float | None:
         """What the profile shows: the median, but worse at once (bandwidth down, rtt up)
-        when the newest ``FAST_FALL_SAMPLES`` samples all agree on it (their best), or when
-        the newest sample's own probes did (a window of two or more pairs that agree: the
+        when the newest ``FAST_FALL_SAMPLES`` samples all agree on it (their best; bandwidth
+        only), or when the newest sample's own probes did (a window of two or more pairs that agree: the
         worker sends such a window at once). A link that fades is planned around within a
         second or two, not when the window's median follows; one outlier moves nothing,
         and a recovery waits for the median (slow to better, fast to worse)."""
@@ -163,8 +163,8 @@ class TrackedMetric:
         best = max if self.kind == "bandwidth" else min
         newest = self.window.latest(now_s, FAST_FALL_SAMPLES)
         value = median
-        if len(newest) >= FAST_FALL_SAMPLES:
-            value = worse(value, best(newest))
+        if self.kind == "bandwidth" and len(newest) >= FAST_FALL_SAMPLES:
+            value = worse(value, best(newest))  # rtt: stalls lift whole windows on a loaded machine
         agreed = self._agreed
         if agreed is not None and agreed[0] == self.window.newest_s(now_s):
             value = worse(value, agreed[1])

@@ -38,6 +38,10 @@ from shared.messages import (
     Telemetry,
 )
 
+RTT_AGREE = 3
+"""Round trips of one window that must all have risen for the profile to take the rise at
+once (two may both be event-loop stalls on a loaded machine)."""
+
 
 @dataclass
 class LinkRecord:
@@ -230,7 +234,7 @@ class MonitorState:
         if bandwidth is not None:  # the traffic's own delivery rate first, else the probe pair
             changes.append(("bandwidth", link.bandwidth.add(now_s, bandwidth, agreed)))
         if observation.rtt_s is not None:
-            low = observation.rtt_low_s if observation.rtt_samples >= 2 else None
+            low = observation.rtt_low_s if observation.rtt_samples >= RTT_AGREE else None
             changes.append(("rtt", link.rtt.add(now_s, observation.rtt_s, low)))
         if observation.probes_sent or observation.probes_lost:
             sent = max(observation.probes_sent, observation.probes_lost)

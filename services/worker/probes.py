@@ -67,8 +67,15 @@ fell, a probe sized from the old estimate would occupy it for seconds (128 kB at
 FALL = 0.5
 """A pair measuring under this share of the estimate is a fall: probe again at once to
 confirm it, and restart the window's samples (the earlier ones measured the old link)."""
-RTT_RISE, RTT_MIN_RISE_S = 1.5, 0.02
+JITTER_S = 0.03
+"""A fall must also stretch the pair's dispersion by this much over what the estimate
+predicts: on a loaded 2-core machine event-loop stalls of 10-20 ms are common, and one
+would halve the estimate of a 12.5 MB/s link (128 kB in 10 ms)."""
+RTT_RISE, RTT_MIN_RISE_S = 1.5, JITTER_S
 """A round trip above RTT_RISE x the last reported one and RTT_MIN_RISE_S more is a rise."""
+RTT_AGREE = 3
+"""Round trips of one window that must all have risen for the window to be news (a rise
+calls a round at once, so they come within a fraction of a second)."""
 
 
 @dataclass
@@ -101,6 +108,8 @@ class _Peer:
     reported_bandwidth: float | None = None
     reported_rtt: float | None = None
     """The medians of the last window (what a fall or rise is judged against)."""
+    fallen: int = 0
+    """Pairs of this window that measured a fall (all of its pairs, since a fall restarts it)."""
 
 
 class LinkProber:
@@ -287,7 +296,7 @@ class LinkProber:
             return  # not ours, or too late to be of use
         sent_s, kind, nbytes, round_id = found
         if kind == "small":
-            self._rtt_sample(peer, now_s - sent_s)
+            self._rtt_sample(peer, now_s - sent_s, now_s)
         arrivals = peer.echoes.setdefault(round_id, {})
         arrivals[kind] = (now_s, nbytes)
         if "small" in arrivals and "large" in arrivals:
@@ -305,7 +314,7 @@ class LinkProber:
             first, previous = peer.bandwidth is None, peer.bandwidth
             peer.bandwidth = large_bytes / gap_s
             if not first:  # the first round's probe was not sized for the link: it only sizes the next
-                self._bandwidth_sample(peer, peer.bandwidth, previous, now_s)
+                self._bandwidth_sample(peer, large_bytes, gap_s, previous, now_s)
             if large_s - small_s <= 2 * _RESOLUTION_S and large_bytes < self.settings.probe_max_bytes:
                 # Under-resolved: the link is faster than this probe can show (it rose since the
                 # estimate sized it). Probe again at once with the bigger size the new estimate
@@ -321,29 +330,39 @@ class LinkProber:
             payback_s = -peer.credit_s / self.settings.probe_budget_fraction
             peer.next_round_s = max(peer.next_round_s, now_s + payback_s)
 
-    def _bandwidth_sample(self, peer: _Peer, sample: float, previous: float | None, now_s: float) -> None:
-        """Take a pair's bandwidth; a fall restarts the window's samples and is confirmed by
-        another round at once; once two agree, the window is news."""
-        if previous is not None and sample < FALL * previous:
+    def _bandwidth_sample(self, peer: _Peer, nbytes: int, gap_s: float, previous: float | None,
+                          now_s: float) -> None:  # fmt: skip
+        """Take a pair's bandwidth (``nbytes`` in ``gap_s``). A fall (under FALL x the last
+        window's median, or the estimate before the first window, and JITTER_S more link
+        time than that predicts) restarts the window's samples and is confirmed by another
+        round at once; once two pairs agree on it, the window is news."""
+        sample = nbytes / gap_s
+        reference = peer.reported_bandwidth or previous
+        fell = reference is not None and sample < FALL * reference and gap_s - nbytes / reference >= JITTER_S
+        if fell and peer.fallen == 0:
             peer.bandwidths = []
+        if fell:
+            peer.fallen += 1
             peer.next_round_s = min(peer.next_round_s, now_s)
         peer.bandwidths.append(sample)
-        reported = peer.reported_bandwidth
-        if reported is not None and len(peer.bandwidths) >= 2 and max(peer.bandwidths) < FALL * reported:
+        if peer.fallen >= 2 and peer.fallen == len(peer.bandwidths):
             self.news.set()
 
-    def _rtt_sample(self, peer: _Peer, rtt_s: float) -> None:
-        """Take a small probe's round trip; two that agree on a rise make the window news
-        (a rise restarts the window's samples: the earlier ones measured the old link)."""
+    def _rtt_sample(self, peer: _Peer, rtt_s: float, now_s: float) -> None:
+        """Take a small probe's round trip. A rise restarts the window's samples (the
+        earlier ones measured the old link) and calls another round at once; RTT_AGREE
+        risen round trips make the window news."""
         reported = peer.reported_rtt
 
         def risen(value: float) -> bool:
             return reported is not None and value > max(RTT_RISE * reported, reported + RTT_MIN_RISE_S)
 
-        if risen(rtt_s) and peer.rtts and not risen(max(peer.rtts)):
-            peer.rtts = []
+        if risen(rtt_s):
+            if peer.rtts and not risen(max(peer.rtts)):
+                peer.rtts = []
+            peer.next_round_s = min(peer.next_round_s, now_s)
         peer.rtts.append(rtt_s)
-        if len(peer.rtts) >= 2 and risen(min(peer.rtts)):
+        if len(peer.rtts) >= RTT_AGREE and risen(min(peer.rtts)):
             self.news.set()
 
     def _refill(self, peer: _Peer, now_s: float) -> None:
@@ -376,7 +395,7 @@ class LinkProber:
             ))  # fmt: skip
             peer.reported_rtt = rtt if rtt is not None else peer.reported_rtt
             peer.reported_bandwidth = bandwidth if bandwidth is not None else peer.reported_bandwidth
-            peer.rtts, peer.bandwidths = [], []
+            peer.rtts, peer.bandwidths, peer.fallen = [], [], 0
             peer.sent = peer.lost = peer.probe_bytes = 0
         return tuple(observations)
 

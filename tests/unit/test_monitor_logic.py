@@ -235,12 +235,19 @@ def test_a_window_whose_probes_agree_on_a_fall_is_planned_at_once_and_published_
                                bandwidth_high_bytes_per_s=bandwidth * 1.02, rtt_low_s=rtt_s * 0.98)  # fmt: skip
         return telemetry("a").model_copy(update={"links": (link,)})
 
-    state.on_telemetry(observed(50e3, 0.104, pairs=1), 5.5)  # one pair: an outlier so far
+    state.on_telemetry(observed(50e3, 0.004, pairs=1), 5.5)  # one pair: an outlier so far
     (link,) = state.profile(5.6).links
     assert link.bandwidth_bytes_per_s == 12.5e6 and link.latency_s == 0.002 and not state.urgent
     state.on_telemetry(telemetry("a", b=(12.5e6, 0.004)), 6.0)
-    state.on_telemetry(observed(50e3, 0.104, pairs=2), 6.3)  # two pairs agree
+    state.on_telemetry(observed(50e3, 0.004, pairs=2), 6.3)  # two pairs agree on the fall
     (link,) = state.profile(6.4).links
     assert link.bandwidth_bytes_per_s == 50e3 * 1.02  # the largest of the agreeing pairs
-    assert abs(link.latency_s - 0.104 * 0.98 / 2) < 1e-9  # the smallest round trip of them
+    state.on_telemetry(observed(50e3, 0.104, pairs=2), 6.45)
+    (link,) = state.profile(6.5).links
+    assert link.latency_s == 0.002  # two risen round trips may both be stalls: not yet
+    assert state.urgent
+    state.urgent = False
+    state.on_telemetry(observed(50e3, 0.104, pairs=3), 6.6)  # three round trips agree
+    (link,) = state.profile(6.7).links
+    assert abs(link.latency_s - 0.104 * 0.98 / 2) < 1e-9  # the smallest of them
     assert state.urgent
