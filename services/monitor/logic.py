@@ -228,9 +228,8 @@ class MonitorState:
                  window_s: float) -> list[Message]:  # fmt: skip
         link.probe_traffic.append((now_s, observation.probe_bytes, window_s))
         changes: list[tuple[str, Change | None]] = []
-        delivered = observation.delivery_bandwidth_bytes_per_s
-        bandwidth = delivered or observation.bandwidth_bytes_per_s
-        agreed = None if delivered or observation.bandwidth_samples < 2 else observation.bandwidth_high_bytes_per_s
+        bandwidth = observation.delivery_bandwidth_bytes_per_s or observation.bandwidth_bytes_per_s
+        agreed = observation.bandwidth_high_bytes_per_s if observation.bandwidth_samples >= 2 else None
         if bandwidth is not None:  # the traffic's own delivery rate first, else the probe pair
             changes.append(("bandwidth", link.bandwidth.add(now_s, bandwidth, agreed)))
         if observation.rtt_s is not None:

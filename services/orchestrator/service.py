@@ -232,6 +232,8 @@ class OrchestratorService:
         the dwell (once per epoch: the next decision re-arms it by committing)."""
         if self._reference_latency_s is None or self._missed_epoch == self.state.epoch:
             return
+        if self.calibration.samples == 0:  # the overhead the prediction leaves out is not known yet
+            return
         predicted_s = self._reference_latency_s + self.state.overhead_s
         trigger = records.prediction_missed(reply, now_s, self.state.changed_at_s, predicted_s)
         if trigger is not None:

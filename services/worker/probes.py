@@ -333,12 +333,16 @@ class LinkProber:
     def _bandwidth_sample(self, peer: _Peer, nbytes: int, gap_s: float, previous: float | None,
                           now_s: float) -> None:  # fmt: skip
         """Take a pair's bandwidth (``nbytes`` in ``gap_s``). A fall (under FALL x the last
-        window's median, or the estimate before the first window, and JITTER_S more link
-        time than that predicts) restarts the window's samples and is confirmed by another
-        round at once; once two pairs agree on it, the window is news."""
+        window's median, or the estimate before the first window; the first one also
+        JITTER_S more link time than that predicts) restarts the window's samples and is
+        confirmed by another round at once; once two pairs agree on it, the window is news."""
         sample = nbytes / gap_s
         reference = peer.reported_bandwidth or previous
-        fell = reference is not None and sample < FALL * reference and gap_s - nbytes / reference >= JITTER_S
+        fell = reference is not None and sample < FALL * reference
+        if fell and peer.fallen == 0:
+            # The first must stand out from a stall; a confirming pair is sized from the fallen
+            # estimate, so on a link that did not fall it measures the link and refutes it.
+            fell = reference is not None and gap_s - nbytes / reference >= JITTER_S
         if fell and peer.fallen == 0:
             peer.bandwidths = []
         if fell:
