@@ -69,6 +69,11 @@ class ShardVerificationError(ModelError):
     """A shard's sha256 or size does not match the manifest."""
 
 
+class ManifestMismatch(ShardVerificationError):
+    """A node's shard manifest is not the one a plan (or a setting) pins by sha256:
+    shards of another checkpoint, another cut or another weight format."""
+
+
 class ContextTooLong(ModelError):
     """A prompt plus the tokens to generate exceed the model's context length."""
 

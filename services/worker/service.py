@@ -311,6 +311,8 @@ class WorkerService:
             raise PlanRefused(f"plan epoch {plan.epoch} is not newer than epoch {self.keeper.epoch}")
         route = route_of(plan, self.store.config.num_layers)
         segment = route.segment_of(self.node)
+        if segment is not None or route.entry == self.node:  # a spare node needs no shards
+            self.store.check_manifest_pin(plan.manifest_sha256)  # ManifestMismatch: NACK naming both
         try:
             self.guard.check(route, segment)
         except PlanRefused as error:
