@@ -6,7 +6,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.broadcaster.service import BroadcasterService, BroadcasterSettings, load_manifest_sha256, load_num_layers
+from services.broadcaster.service import (
+    BroadcasterService,
+    BroadcasterSettings,
+    load_manifest_sha256,
+    load_num_layers,
+)
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service

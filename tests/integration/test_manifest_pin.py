@@ -11,7 +11,14 @@ from shared.broker import LocalBroker
 from shared.model.shard import write_shards
 from shared.model.shard_files import ShardFiles
 from shared.model.tiny import write_tiny_checkpoint
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for, two_phase, wait_online
+from tests.integration.cluster import (
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+    two_phase,
+    wait_online,
+)
 
 pytestmark = pytest.mark.integration
 
