@@ -74,6 +74,11 @@ class ManifestMismatch(ShardVerificationError):
     shards of another checkpoint, another cut or another weight format."""
 
 
+class ShardFetchError(CheckpointError):
+    """A shard store's file could not be downloaded (HTTP error, unreachable server,
+    a download cut short after every retry); the message names the URL."""
+
+
 class ContextTooLong(ModelError):
     """A prompt plus the tokens to generate exceed the model's context length."""
 

@@ -141,6 +141,12 @@ def _remember_digest(path: Path, sha256: str) -> None:
             _VERIFIED[key] = sha256
 
 
+def remember_verified(path: Path, sha256: str) -> None:
+    """Record that ``path`` (as it is now) was hashed to ``sha256`` by this process: a
+    downloader that verified a file spares the store a second pass."""
+    _remember_digest(path, sha256)
+
+
 def forget_verified() -> None:
     """Drop every remembered verification (the next load of each file re-hashes)."""
     with _VERIFIED_LOCK:

@@ -61,7 +61,8 @@ class WorkerCluster:
         device = ("--device", os.environ[DEVICE_ENV]) if os.environ.get(DEVICE_ENV) else ()
         log = open(self.log_dir / f"{node}.log", "ab")  # noqa: SIM115 - handed to the process
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(self.shards),
+            [sys.executable, "-m", "services.worker", "--node-id", node,
+             *(() if "--shards-url" in args else ("--shards", str(self.shards))),
              "--broker", self.broker_url, "--cluster", self.cluster, "--threads", "1", *device,
              *args],
             stdout=log, stderr=log, cwd=ROOT, env=env, start_new_session=True,
