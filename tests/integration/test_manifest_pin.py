@@ -12,6 +12,7 @@ from shared.model.shard import write_shards
 from shared.model.shard_files import ShardFiles
 from shared.model.tiny import write_tiny_checkpoint
 from tests.integration.cluster import (
+    TEST_SIGNING_KEY,
     WorkerCluster,
     make_plan,
     publish_plan,
@@ -36,17 +37,17 @@ def test_worker_with_another_checkpoints_shards_refuses_the_pinned_plan(broker: 
         good.start("car")
         stray.start("mec")
         # The retained plan (no race with the workers' subscriptions): mec refuses it.
-        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), settings.plan_signing_key, manifest_sha256=pin)
+        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), TEST_SIGNING_KEY, manifest_sha256=pin)
         assert asyncio.run(publish_plan(settings, plan, timeout_s=60)) == {"mec"}
         assert f"sha256 {foreign} does not match the plan's {pin}" in stray.log_tail("mec", 50)
         # Through PREPARE too, with the reason in the NACK.
         asyncio.run(wait_online(settings, ("car", "mec")))
-        plan = make_plan(2, "car", (("car", 0, 2), ("mec", 2, 4)), settings.plan_signing_key, manifest_sha256=pin)
+        plan = make_plan(2, "car", (("car", 0, 2), ("mec", 2, 4)), TEST_SIGNING_KEY, manifest_sha256=pin)
         answers = asyncio.run(two_phase(settings, plan, timeout_s=60))
         assert answers["car"] == "ready"
         assert f"sha256 {foreign} does not match the plan's {pin}" in answers["mec"], answers
         # The same workers take a plan that keeps the stray node out.
-        alone = make_plan(3, "car", (("car", 0, 4),), settings.plan_signing_key, manifest_sha256=pin)
+        alone = make_plan(3, "car", (("car", 0, 4),), TEST_SIGNING_KEY, manifest_sha256=pin)
         assert not asyncio.run(publish_plan(settings, alone, timeout_s=60))
     finally:
         good.stop()

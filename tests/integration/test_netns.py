@@ -20,7 +20,13 @@ from shared.model.shard import write_shards
 from shared.model.shard_files import ShardFiles
 from shared.model.tiny import write_tiny_checkpoint
 from shared.topics import CAPACITY
-from tests.integration.cluster import KEY_ENV, make_plan, publish_plan, settings_for
+from tests.integration.cluster import (
+    KEY_ENV,
+    TEST_SIGNING_KEY,
+    make_plan,
+    publish_plan,
+    settings_for,
+)
 from tests.integration.fullstack import ROOT
 from tests.integration.netns import Hosts, unavailable_reason
 from tests.integration.netns_stack import BROKER_PORT, NetnsStack, start_broker, start_shard_server
@@ -185,10 +191,10 @@ def test_workers_fetch_shards_from_another_host_and_refuse_a_tampered_one(tmp_pa
             processes.append(hosts.spawn(host, argv, tmp_path / f"{node}.log",
                                          env={**env, "EDGESPLIT_SHARD_CACHE_DIR": str(tmp_path / f"cache-{node}")},
                                          cwd=ROOT))  # fmt: skip
-        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), settings.plan_signing_key, manifest_sha256=pin)
+        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), TEST_SIGNING_KEY, manifest_sha256=pin)
         assert not asyncio.run(publish_plan(settings, plan, timeout_s=120))
         assert "block-003.safetensors" in {p.name for p in (tmp_path / "cache-mec" / pin).iterdir()}
-        refused = make_plan(2, "car", (("car", 0, 2), ("rsu", 2, 4)), settings.plan_signing_key, manifest_sha256=pin)
+        refused = make_plan(2, "car", (("car", 0, 2), ("rsu", 2, 4)), TEST_SIGNING_KEY, manifest_sha256=pin)
         assert asyncio.run(publish_plan(settings, refused, timeout_s=120)) == {"rsu"}
         log = (tmp_path / "rsu.log").read_text(errors="replace")
         assert f"block-003.safetensors from {bad_url}block-003.safetensors" in log, log[-2000:]

@@ -17,7 +17,13 @@ from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.shard_files import ShardFiles
 from shared.model.tiny import write_tiny_checkpoint
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for
+from tests.integration.cluster import (
+    TEST_SIGNING_KEY,
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +54,7 @@ def test_workers_loading_shards_over_http_match_the_local_model(broker: LocalBro
     try:
         for node, cluster in clusters.items():
             cluster.start(node, "--shards-url", url)
-        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), settings.plan_signing_key, manifest_sha256=pin)
+        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), TEST_SIGNING_KEY, manifest_sha256=pin)
         assert not asyncio.run(publish_plan(settings, plan, timeout_s=90))
         prompt = [5, 17, 99, 3]
         assert _generate(settings, prompt, 24).token_ids == LocalPipeline(model, ()).generate(prompt, 24).token_ids
@@ -80,7 +86,7 @@ def test_a_worker_refuses_a_tampered_shard_served_over_http(broker: LocalBroker,
     try:
         cluster.start("car", "--shards-url", url)
         cluster.start("mec", "--shards-url", url)
-        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), settings.plan_signing_key, manifest_sha256=pin)
+        plan = make_plan(1, "car", (("car", 0, 2), ("mec", 2, 4)), TEST_SIGNING_KEY, manifest_sha256=pin)
         assert asyncio.run(publish_plan(settings, plan, timeout_s=90)) == {"mec"}
         assert "block-003.safetensors from http" in cluster.log_tail("mec", 50)
         assert not (tmp_path / "cache" / pin / "block-003.safetensors").exists()
