@@ -126,6 +126,7 @@ def test_tokens_across_hosts_match_local_and_tbf_shaping_is_measured(site: Netns
     plan = asyncio.run(site.current_plan())
     hosts_used = {PLACEMENT[s.node] for s in plan.segments}
     assert len(hosts_used) >= 2, plan  # the pipeline crosses hosts
+    assert plan.manifest_sha256 == ShardFiles(site.shards).manifest_sha256  # pinned by the orchestrator
     result = asyncio.run(_request(site, prompt, 24, None))
     assert result.token_ids == site.expected(prompt, 24)
     assert site.hosts is not None
