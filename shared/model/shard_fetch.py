@@ -24,6 +24,7 @@ import hashlib
 import http.client
 import logging
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -62,14 +63,23 @@ def check_url(url: str) -> str:
 def fetch_manifest(url: str, cache_root: Path, pinned_sha256: str | None = None,
                    options: FetchOptions = DEFAULT_FETCH) -> Path:  # fmt: skip
     """Download ``url``/manifest.json into ``cache_root/<its sha256>/``; return that folder.
+    An unreachable server is tried ``options.attempts`` times, 1, 2, ... s apart.
 
     Raises ConfigError for a bad URL, ShardFetchError when the server cannot be read or
     the manifest passes 64 MiB, ManifestMismatch when ``pinned_sha256`` is given and the
     manifest has another digest (nothing is cached then)."""
     base = check_url(url)
     source = base + MANIFEST_FILE
-    with _open(source, None, options) as response:
-        raw = response.read(MANIFEST_MAX_BYTES + 1)
+    for attempt in range(1, options.attempts + 1):
+        try:
+            with _open(source, None, options) as response:
+                raw = response.read(MANIFEST_MAX_BYTES + 1)
+            break
+        except _Unreachable as error:  # a server still starting (compose, boot order): wait
+            if attempt == options.attempts:
+                raise
+            log.warning("%s (attempt %d); retrying in %d s", error, attempt, attempt)
+            time.sleep(attempt)
     if len(raw) > MANIFEST_MAX_BYTES:
         raise ShardFetchError(f"{source}: manifest larger than {MANIFEST_MAX_BYTES} bytes")
     digest = hashlib.sha256(raw).hexdigest()
@@ -169,6 +179,10 @@ def _digest(path: Path) -> tuple[int, str]:
     return path.stat().st_size, digest.hexdigest()
 
 
+class _Unreachable(ShardFetchError):
+    """No HTTP answer at all (refused, timed out, reset): worth another try."""
+
+
 @contextlib.contextmanager
 def _open(source: str, start: int | None, options: FetchOptions) -> Iterator[http.client.HTTPResponse]:
     """The response to GET ``source`` (from byte ``start`` when given)."""
@@ -180,7 +194,7 @@ def _open(source: str, start: int | None, options: FetchOptions) -> Iterator[htt
         raise ShardFetchError(f"{source}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
-        raise ShardFetchError(f"{source}: cannot fetch ({reason})") from None
+        raise _Unreachable(f"{source}: cannot fetch ({reason})") from None
     with response:
         yield response
 

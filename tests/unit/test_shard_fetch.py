@@ -191,3 +191,18 @@ def test_serve_shards_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.Captur
     assert edgesplit(["serve-shards", str(tmp_path)]) == 1  # no manifest: one line, typed
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("edgesplit: ") and "manifest" in lines[-1]
+
+
+def test_a_shard_server_that_starts_late_is_waited_for(store_dir: Path, tmp_path: Path) -> None:
+    from shared.broker import free_port
+
+    port = free_port()
+    server = ShardServer(store_dir, port=port)
+    starter = threading.Timer(0.5, server.start)
+    starter.start()
+    try:
+        folder = fetch_manifest(f"http://127.0.0.1:{port}/", tmp_path, None, FetchOptions(timeout_s=2, attempts=3))
+        assert (folder / "manifest.json").read_bytes() == (store_dir / "manifest.json").read_bytes()
+    finally:
+        starter.join()
+        server.close()
