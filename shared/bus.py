@@ -30,7 +30,7 @@ from aiomqtt.client import ProtocolVersion
 
 from shared import codec, fastpath, topics
 from shared.config import BusSettings, client_tls_context
-from shared.connection import MQTT_LOG, Connection, ConnectionHooks, Plane, ProtocolChoice
+from shared.connection import MQTT_LOG, PLANES, Connection, ConnectionHooks, Plane, ProtocolChoice
 from shared.errors import BrokerUnavailable, BusError, DecodeError, WireError
 from shared.frame_headers import FrameHeader
 from shared.ids import validate_id
@@ -75,7 +75,10 @@ class Bus:
         self._signing_key: str | None = None
         """malformed:<pattern>, overflow:<pattern>, unroutable."""
         self._protocol = ProtocolChoice(settings.protocol, self.url)
-        self._tls_context = client_tls_context(settings)  # ConfigError now, not per connect
+        self._addresses = {plane: settings.broker_for(plane) for plane in PLANES}
+        """Each plane's broker: one, or a data-plane broker apart (``data_broker_url``)."""
+        # ConfigError now, not per connect
+        self._tls_contexts = {plane: client_tls_context(settings, self._addresses[plane]) for plane in PLANES}
         for announcement in (birth, will):
             if announcement is not None and not announcement.topic.retain:
                 raise WireError(f"birth/will topic {announcement.topic.pattern} must be retained")
@@ -85,8 +88,8 @@ class Bus:
         hooks = ConnectionHooks(self._make_client, self._session_started, self._refresh,
                                 self._dispatch)  # fmt: skip
         self._connections: dict[Plane, Connection] = {
-            plane: Connection(plane, settings, self.url, self._protocol, hooks)
-            for plane in ("control", "data")
+            plane: Connection(plane, settings, self._addresses[plane].redacted(), self._protocol, hooks)
+            for plane in PLANES
         }
         self._changed = asyncio.Event()  # replaced (and the old one set) on every change
         self._task_group: asyncio.TaskGroup | None = None
@@ -115,11 +118,12 @@ class Bus:
                 for connection in self._connections.values():
                     await connection.connected.wait()
         except TimeoutError:
-            reason = self._connections["control"].last_error
+            down = next(c for c in self._connections.values() if not c.connected.is_set())
             await self._shutdown()
+            setting = "data_broker_url" if down.url != self.url else "broker_url"
             raise BrokerUnavailable(
-                f"no MQTT broker answered at {self.url} within {timeout_s} s ({reason}); "
-                "check broker_url and that the broker runs"
+                f"no MQTT broker answered at {down.url} within {timeout_s} s ({down.last_error}); "
+                f"check {setting} and that the broker runs"
             ) from None
         except BaseException:
             await self._shutdown()
@@ -297,7 +301,7 @@ class Bus:
             subscription.offer(delivery)
 
     def _make_client(self, plane: Plane, version: ProtocolVersion) -> aiomqtt.Client:
-        settings, address = self.settings, self.settings.broker
+        settings, address = self.settings, self._addresses[plane]
         will = None
         if plane == "control" and self._will is not None:
             topic, params = self._will.topic, self._will.params
@@ -315,7 +319,7 @@ class Bus:
             will=will,
             keepalive=settings.keepalive_s,
             timeout=settings.connect_timeout_s,
-            tls_context=self._tls_context,
+            tls_context=self._tls_contexts[plane],
             socket_options=_NODELAY,
             logger=MQTT_LOG,
         )

@@ -80,6 +80,10 @@ class BusSettings(BaseSettings):
     environment or on the command line is a ConfigError naming the setting."""
 
     broker_url: str = DEFAULT_BROKER_URL
+    data_broker_url: str | None = None
+    """The data plane's broker (activation frames), when it is not ``broker_url``: a
+    site broker near the workers while control crosses to a regional one
+    (docs/DEPLOY.md). Every process of a cluster must use the same pair."""
     cluster: str = "default"
     client_id: str | None = None
     """MQTT client id prefix and message origin; a random one when not set."""
@@ -108,9 +112,11 @@ class BusSettings(BaseSettings):
     placement comes from it, not from the node's own status (shared/security/trust.py)."""
     """A file holding the control key (STATE/signing.key, RUN/signing.key)."""
 
-    @field_validator("broker_url")
+    @field_validator("broker_url", "data_broker_url")
     @classmethod
-    def _valid_broker_url(cls, value: str) -> str:
+    def _valid_broker_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             parse_broker_url(value)
         except ConfigError as error:
@@ -154,12 +160,19 @@ class BusSettings(BaseSettings):
     def broker(self) -> BrokerAddress:
         return parse_broker_url(self.broker_url)
 
+    def broker_for(self, plane: Literal["control", "data"]) -> BrokerAddress:
+        """The broker of ``plane``: ``data_broker_url`` for data when set, else ``broker_url``."""
+        if plane == "data" and self.data_broker_url is not None:
+            return parse_broker_url(self.data_broker_url)
+        return self.broker
 
-def client_tls_context(settings: BusSettings) -> ssl.SSLContext | None:
-    """The TLS context for ``settings``' broker (None for mqtt://): the CA file (the
-    system's bundle when not set) and the client certificate when one is set.
-    Raises ConfigError when a file cannot be read or the key does not match."""
-    if not settings.broker.tls:
+
+def client_tls_context(settings: BusSettings, address: BrokerAddress | None = None) -> ssl.SSLContext | None:
+    """The TLS context for ``address`` (``settings``' broker by default; None for
+    mqtt://): the CA file (the system's bundle when not set) and the client certificate
+    when one is set. Raises ConfigError when a file cannot be read or the key does not match."""
+    address = address or settings.broker
+    if not address.tls:
         return None
     try:
         context = ssl.create_default_context(
@@ -168,7 +181,7 @@ def client_tls_context(settings: BusSettings) -> ssl.SSLContext | None:
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"TLS files for {settings.broker.redacted()} unusable: {error}") from None
+        raise ConfigError(f"TLS files for {address.redacted()} unusable: {error}") from None
     return context
 
 

@@ -32,6 +32,7 @@ from shared.errors import BusError
 
 log = logging.getLogger("shared.bus")
 Plane = Literal["control", "data"]
+PLANES: tuple[Plane, ...] = ("control", "data")
 VERSIONS = {"5": ProtocolVersion.V5, "3.1.1": ProtocolVersion.V311}
 """The MQTT versions a ``protocol`` setting names ("auto" names none: try both)."""
 MQTT_ERRORS = (aiomqtt.MqttError, OSError, TimeoutError)

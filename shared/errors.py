@@ -69,6 +69,16 @@ class ShardVerificationError(ModelError):
     """A shard's sha256 or size does not match the manifest."""
 
 
+class ManifestMismatch(ShardVerificationError):
+    """A node's shard manifest is not the one a plan (or a setting) pins by sha256:
+    shards of another checkpoint, another cut or another weight format."""
+
+
+class ShardFetchError(CheckpointError):
+    """A shard store's file could not be downloaded (HTTP error, unreachable server,
+    a download cut short after every retry); the message names the URL."""
+
+
 class ContextTooLong(ModelError):
     """A prompt plus the tokens to generate exceed the model's context length."""
 

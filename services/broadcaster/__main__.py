@@ -6,7 +6,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.broadcaster.service import BroadcasterService, BroadcasterSettings, load_num_layers
+from services.broadcaster.service import (
+    BroadcasterService,
+    BroadcasterSettings,
+    load_manifest_sha256,
+    load_num_layers,
+)
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
@@ -45,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         num_layers = load_num_layers(settings.shards_dir) if settings.shards_dir else None
+        digest = load_manifest_sha256(settings.shards_dir) if settings.shards_dir else ""
         require_control_key(settings, "broadcaster")
     except EdgesplitError as error:
         print(f"broadcaster: {error}", file=sys.stderr)
         return 2
-    return run_service("broadcaster", BroadcasterService(settings, num_layers).run)
+    return run_service("broadcaster", BroadcasterService(settings, num_layers, manifest_sha256=digest).run)
 
 
 if __name__ == "__main__":

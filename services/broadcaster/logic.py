@@ -46,6 +46,9 @@ class BroadcastConfig:
 
     signing_key: str
     num_layers: int | None = None
+    manifest_sha256: str = ""
+    """sha256 of the served shard store's manifest.json (empty: unknown). A plan pinning
+    another is refused; a plan pinning none is rolled out pinned to this one."""
     max_queued: int = 16
     """Rollouts waiting behind the active one; more are refused."""
     remembered: int = 64
@@ -226,6 +229,9 @@ def _on_request(
     if _is_duplicate(state, key):
         return state, ()
     problem = refusal or validate(request.plan, state.config.num_layers)
+    pinned, served = request.plan.manifest_sha256, state.config.manifest_sha256
+    if problem is None and pinned and served and pinned != served:
+        problem = f"the plan pins shard manifest sha256 {pinned}; the served store's is {served}"
     if problem is None and len(state.queue) >= state.config.max_queued:
         problem = (
             f"{len(state.queue)} rollouts already wait (the bound is {state.config.max_queued})"
@@ -264,7 +270,8 @@ def _start_next(state: BroadcastState, now_s: float) -> tuple[BroadcastState, Ac
         return state, ()
     request, queue = state.queue[0], state.queue[1:]
     epoch = max(state.highest_epoch, state.committed_epoch) + 1
-    plan = request.plan.model_copy(update={"epoch": epoch, "signature": ""})
+    pin = request.plan.manifest_sha256 or state.config.manifest_sha256
+    plan = request.plan.model_copy(update={"epoch": epoch, "signature": "", "manifest_sha256": pin})
     plan = plan.sign(state.config.signing_key)
     nodes = frozenset({plan.entry_node, *(segment.node for segment in plan.segments)})
     active = Rollout(decision_id=request.decision_id, epoch=epoch,

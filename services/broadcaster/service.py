@@ -11,6 +11,7 @@ a rollout aborts it before leaving. See docs/ARCHITECTURE.md, "Reconfiguration b
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -77,15 +78,25 @@ def load_num_layers(shards_dir: Path) -> int:
     return blocks
 
 
+def load_manifest_sha256(shards_dir: Path) -> str:
+    """The sha256 of a shard store's manifest.json, which the plans it rolls out pin.
+    Raises ConfigError when it cannot be read."""
+    path = Path(shards_dir) / "manifest.json"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+
+
 class BroadcasterService:
     """Constructor does no I/O; ``run()`` serves until cancelled. ``clock``: monotonic seconds."""
 
     def __init__(self, settings: BroadcasterSettings, num_layers: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, manifest_sha256: str = "") -> None:  # fmt: skip
         self.settings = settings
         self.clock = clock
         key = control_key(settings) or ""  # __main__ refuses to start without one on mqtts://
-        self.config = BroadcastConfig(signing_key=key, num_layers=num_layers,
+        self.config = BroadcastConfig(signing_key=key, num_layers=num_layers, manifest_sha256=manifest_sha256,
                                       max_queued=settings.max_queued_rollouts)  # fmt: skip
         self.state = BroadcastState(self.config)
         self.counters: Counter[str] = Counter()

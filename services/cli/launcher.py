@@ -32,6 +32,7 @@ from shared.errors import BrokerUnavailable, ServingError
 from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
 from shared.model.shard import MANIFEST_FILE, ShardStore, write_shards
+from shared.model.shard_files import ShardFiles
 from shared.model.tiny import write_tiny_checkpoint
 from shared.planning.static import static_plan
 from shared.security.creds import StateDir
@@ -276,13 +277,15 @@ async def publish_plan_and_wait(bus: Bus, plan: Plan, stack: Stack, timeout_s: f
             ) from None
 
 
-def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, key: str) -> Plan:
+def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, key: str,
+              manifest_sha256: str = "") -> Plan:  # fmt: skip
     segments = tuple(
         Segment(node=a.node, start=a.start, end=a.end)  # type: ignore[arg-type]
         for a in static_plan(topology, num_layers)
     )
     entry = topology.entry_node().id
-    return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments).sign(key)  # type: ignore[arg-type]
+    return Plan(epoch=epoch, model_id=model_id[:1024], entry_node=entry, segments=segments,  # type: ignore[arg-type]
+                manifest_sha256=manifest_sha256).sign(key)
 
 
 async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
@@ -381,7 +384,9 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                                                                   environments.get("split-reviser"))  # fmt: skip
             if static:
                 epoch = await previous_epoch(bus) + 1
-                plan = make_plan(topology, num_layers, epoch, model_dir.name, require_control_key(settings, "up"))
+                digest = (await asyncio.to_thread(ShardFiles, shards)).manifest_sha256
+                plan = make_plan(topology, num_layers, epoch, model_dir.name, require_control_key(settings, "up"),
+                                 digest)  # fmt: skip
                 await publish_plan_and_wait(bus, plan, stack, ready_timeout_s)
             else:
                 await publish_policy(bus, topology)

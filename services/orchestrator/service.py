@@ -103,6 +103,8 @@ class OrchestratorService:
         self.entry = settings.entry
         self.profile: CapacityProfile | None = None
         self.manifest: ShardManifest | None = None
+        self.manifest_sha256 = ""
+        """sha256 of the shard store's manifest.json: every plan pins it."""
         self.ready = asyncio.Event()
         self.decisions: list[DecisionRecorded] = []
         self.counters: Counter[str] = Counter()
@@ -133,7 +135,7 @@ class OrchestratorService:
         """Serve until cancelled. Raises CheckpointError (bad shard store), BrokerUnavailable."""
         store = await asyncio.to_thread(ShardFiles, self.settings.shards_dir)
         self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
-        self.manifest = store.manifest
+        self.manifest, self.manifest_sha256 = store.manifest, store.manifest_sha256
         async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
             subs: dict[Any, Subscription[Any]] = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))  # type: ignore[arg-type]
                     for topic, params in ((PLAN, {}), (POLICY, {}), (DECISIONS, {}), (CAPACITY, {}),
@@ -422,7 +424,8 @@ class OrchestratorService:
                        reason: str) -> RolloutFinished | None:  # fmt: skip
         assert self.manifest is not None and self.entry is not None
         plan = Plan(epoch=(self.state.epoch or 0) + 1, model_id=self.manifest.model_name[:1024],
-                    entry_node=self.entry, segments=segments)  # type: ignore[arg-type]
+                    entry_node=self.entry, segments=segments,  # type: ignore[arg-type]
+                    manifest_sha256=self.manifest_sha256)
         request = RolloutRequested(decision_id=decision_id, plan=plan, reason=reason[:1024],
                                    ready_timeout_s=min(600.0, self.settings.ready_timeout_s))  # fmt: skip
         return await self.exchanges.rollout(bus, request, self.settings.rollout_timeout_s)

@@ -20,8 +20,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser = OneLineParser(prog="python -m services.worker",
                            description="An edgesplit worker: one edge node hosting a model segment.")  # fmt: skip
     parser.add_argument("--node-id", required=True, help="this node's id ([A-Za-z0-9_-], 1-64)")
-    parser.add_argument("--shards", dest="shards_dir", type=Path, required=True,
+    parser.add_argument("--shards", dest="shards_dir", type=Path,
                         help="folder written by `edgesplit shard`")  # fmt: skip
+    parser.add_argument("--shards-url", help="or: http(s) URL serving such a folder (fetched, verified, cached)")
     parser.add_argument("--topology", type=Path,
                         help="topology file: takes this node's trust, memory, speed, threads and links")  # fmt: skip
     parser.add_argument("--trust", type=int)
@@ -72,6 +73,7 @@ def settings_from(args: Any) -> WorkerSettings:
     cli = {
         "node_id": args.node_id,
         "shards_dir": args.shards_dir,
+        "shards_url": args.shards_url,
         "broker_url": args.broker_url,
         "cluster": args.cluster,
         "client_id": args.node_id,

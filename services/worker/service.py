@@ -28,6 +28,7 @@ from services.worker.replies import Reply, ReplySender
 from services.worker.settings import WorkerSettings
 from services.worker.shaper import EgressShaper
 from services.worker.shard_cache import CachedShards, warm_ahead
+from services.worker.shard_source import open_store
 from services.worker.telemetry import StartupBenchmark, TelemetryReporter, TelemetrySources
 from shared.bus import Announcement, Bus
 from shared.errors import EdgesplitError
@@ -156,7 +157,7 @@ class WorkerService:
         self.kv_budget.limit_bytes = default_kv_budget(self.settings.memory_bytes, self.store.config, blocks)
 
     async def run(self) -> None:
-        self.store = await asyncio.to_thread(ShardStore, self.settings.shards_dir)
+        self.store = await asyncio.to_thread(open_store, self.settings)
         self.shards = CachedShards(self.store, self.settings.shard_cache_bytes)
         deadline = StageDeadline(self.settings.stage_timeout_s, self.settings.stage_min_s, self.settings.stage_factor)
         self.data = DataPlane(self.node, FrameLimits.of(self.store.config), self.keeper, self.compute,
@@ -312,6 +313,8 @@ class WorkerService:
             raise PlanRefused(f"plan epoch {plan.epoch} is not newer than epoch {self.keeper.epoch}")
         route = route_of(plan, self.store.config.num_layers)
         segment = route.segment_of(self.node)
+        if segment is not None or route.entry == self.node:  # a spare node needs no shards
+            self.store.check_manifest_pin(plan.manifest_sha256)  # ManifestMismatch: NACK naming both
         try:
             self.guard.check(route, segment)
         except PlanRefused as error:

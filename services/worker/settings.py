@@ -4,16 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.config import BusSettings
+from shared.errors import ConfigError
+from shared.model.shard_fetch import check_url
 
 
 class WorkerSettings(BusSettings):
     """One worker process (one emulated edge node). Units in field names."""
 
     node_id: str = Field(description="this node's id (a topic level)")
-    shards_dir: Path = Field(description="folder written by `edgesplit shard`")
+    shards_dir: Path | None = Field(default=None, description="folder written by `edgesplit shard`")
+    shards_url: str | None = Field(
+        default=None, description="http(s) URL of such a folder (any static file server; "
+        "`edgesplit serve-shards`): files are fetched, verified against the manifest, cached",
+    )
+    shard_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "edgesplit" / "shards",
+        description="where shards fetched from shards_url are kept, one folder per manifest sha256",
+    )
+    manifest_sha256: str = Field(
+        default="", pattern=r"^([0-9a-f]{64})?$",
+        description="refuse a shard store whose manifest.json has another sha256 (empty: the "
+        "plan's pin alone decides)",
+    )
+    shard_fetch_timeout_s: float = Field(default=30.0, gt=0, description="per socket operation")
+    shard_fetch_attempts: int = Field(default=3, ge=1, le=100,
+                                      description="tries per file, each resuming the last")
     trust: int = Field(default=0, ge=0, le=10)
     memory_bytes: int = Field(default=4_000_000_000, ge=0)
     threads: int = Field(default=1, ge=1, le=64)
@@ -87,3 +105,14 @@ class WorkerSettings(BusSettings):
     probe_peers: tuple[str, ...] | None = Field(
         default=None, description="nodes to probe (None: every online node; a topology: its links)"
     )
+
+    @model_validator(mode="after")
+    def _one_shard_source(self) -> WorkerSettings:
+        if (self.shards_dir is None) == (self.shards_url is None):
+            raise ValueError("give exactly one of shards_dir (--shards) and shards_url (--shards-url)")
+        if self.shards_url is not None:
+            try:
+                check_url(self.shards_url)
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return self

@@ -9,6 +9,9 @@ from pydantic import Field
 from shared.ids import NodeIdField
 from shared.messages.base import Epoch, Message, Segment, ShortText, Signature, sign, signature_ok
 
+ManifestDigest = Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]
+"""A manifest.json sha256 in lower-case hex, or empty (not pinned)."""
+
 # --- plans and epochs ---------------------------------------------------------------------
 
 
@@ -19,6 +22,10 @@ class Plan(Message):
     model_id: ShortText
     entry_node: NodeIdField
     segments: tuple[Segment, ...] = Field(min_length=1, max_length=1024)
+    manifest_sha256: ManifestDigest = ""
+    """Hex sha256 of the shard store's manifest.json this plan was made for: a worker
+    whose shards have another manifest refuses the plan (ManifestMismatch). Empty from an
+    older sender: not pinned."""
     signature: Signature = ""
     """Hex HMAC-SHA256 of the plan without its signature (shared.messages.base.sign)."""
 

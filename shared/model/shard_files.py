@@ -17,7 +17,7 @@ import hashlib
 import threading
 from pathlib import Path
 
-from shared.errors import CheckpointError, ShardVerificationError
+from shared.errors import CheckpointError, ManifestMismatch, ShardVerificationError
 from shared.model.config import ModelConfig, load_config
 from shared.model.manifest import MANIFEST_FILE, MANIFEST_MAX_BYTES, ShardManifest, parse_manifest
 
@@ -42,12 +42,19 @@ class ShardFiles:
         if len(raw) > MANIFEST_MAX_BYTES:
             raise CheckpointError(f"{path}: manifest larger than {MANIFEST_MAX_BYTES} bytes")
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
-        if expected_manifest_sha256 is not None and self.manifest_sha256 != expected_manifest_sha256:
-            raise ShardVerificationError(
-                f"{path}: sha256 {self.manifest_sha256} does not match the expected {expected_manifest_sha256}"
-            )
+        if expected_manifest_sha256 is not None:
+            self.check_manifest_pin(expected_manifest_sha256, "the expected")
         self.manifest: ShardManifest = parse_manifest(raw, origin=str(path))
         self._config = load_config(self.manifest.config)
+
+    def check_manifest_pin(self, pinned_sha256: str, by: str = "the plan's") -> None:
+        """Raise ManifestMismatch unless manifest.json has sha256 ``pinned_sha256``
+        (an empty pin checks nothing: an older sender that pins no manifest)."""
+        if pinned_sha256 and pinned_sha256 != self.manifest_sha256:
+            raise ManifestMismatch(
+                f"{self.shard_dir / MANIFEST_FILE}: sha256 {self.manifest_sha256} does not match "
+                f"{by} {pinned_sha256} (shards of another checkpoint, cut or weight format)"
+            )
 
     @property
     def config(self) -> ModelConfig:
@@ -132,6 +139,12 @@ def _remember_digest(path: Path, sha256: str) -> None:
     if key is not None:
         with _VERIFIED_LOCK:
             _VERIFIED[key] = sha256
+
+
+def remember_verified(path: Path, sha256: str) -> None:
+    """Record that ``path`` (as it is now) was hashed to ``sha256`` by this process: a
+    downloader that verified a file spares the store a second pass."""
+    _remember_digest(path, sha256)
 
 
 def forget_verified() -> None:

@@ -36,10 +36,11 @@ def settings_for(broker_url: str, cluster: str, **extra: object) -> BusSettings:
 
 
 def make_plan(epoch: int, entry: str, segments: Sequence[tuple[str, int, int]], key: str,
-              model_id: str = "test") -> Plan:  # fmt: skip
+              model_id: str = "test", manifest_sha256: str = "") -> Plan:  # fmt: skip
     return Plan(
         epoch=epoch, model_id=model_id, entry_node=entry,  # type: ignore[arg-type]
         segments=tuple(Segment(node=n, start=s, end=e) for n, s, e in segments),  # type: ignore[arg-type]
+        manifest_sha256=manifest_sha256,
     ).sign(key)
 
 
@@ -60,7 +61,8 @@ class WorkerCluster:
         device = ("--device", os.environ[DEVICE_ENV]) if os.environ.get(DEVICE_ENV) else ()
         log = open(self.log_dir / f"{node}.log", "ab")  # noqa: SIM115 - handed to the process
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.worker", "--node-id", node, "--shards", str(self.shards),
+            [sys.executable, "-m", "services.worker", "--node-id", node,
+             *(() if "--shards-url" in args else ("--shards", str(self.shards))),
              "--broker", self.broker_url, "--cluster", self.cluster, "--threads", "1", *device,
              *args],
             stdout=log, stderr=log, cwd=ROOT, env=env, start_new_session=True,
@@ -132,3 +134,16 @@ async def two_phase(settings: BusSettings, plan: Plan, timeout_s: float = 60.0) 
         else:
             await bus.publish(EPOCH_COMMANDS, AbortEpoch(epoch=plan.epoch, reason="a node refused"))
     return answers
+
+
+async def wait_online(settings: BusSettings, nodes: Sequence[str], timeout_s: float = 60.0) -> None:
+    """Wait until every one of ``nodes`` has its retained status online (subscribed and
+    serving control topics); TimeoutError after ``timeout_s``."""
+    from shared.topics import NODE_STATUS
+
+    waiting = set(nodes)
+    async with Bus(settings) as bus, bus.subscribe(NODE_STATUS) as statuses, asyncio.timeout(timeout_s):
+        while waiting:
+            _, status = await statuses.get()
+            if status.state == "online":
+                waiting.discard(status.node)
