@@ -145,12 +145,14 @@ class SecureSite:
     def topic(self, suffix: str) -> str:
         return f"edgesplit/{self.cluster}/{suffix}"
 
-    async def publish(self, name: str, suffix: str, payload: bytes | Message, retain: bool = False,
+    async def publish(self, name: str, topic: str, payload: bytes | Message, retain: bool = False,
                       identifier: str | None = None) -> None:  # fmt: skip
-        """Publish as identity ``name`` (QoS 1: the broker acknowledges, denied or not)."""
-        data = codec.encode(payload, origin=name, seq=1) if isinstance(payload, Message) else payload
+        """Publish on ``topic`` (the full name) as identity ``name`` (QoS 1: the broker
+        acknowledges, denied or not)."""
+        origin = f"forger{secrets.token_hex(4)}"  # a fresh origin: no receiver takes it for a duplicate
+        data = codec.encode(payload, origin=origin, seq=1) if isinstance(payload, Message) else payload
         async with self.raw_client(name, identifier) as client:
-            await client.publish(self.topic(suffix), data, qos=1, retain=retain)
+            await client.publish(topic, data, qos=1, retain=retain)
 
     @contextlib.asynccontextmanager
     async def watch(self, settle_s: float = 1.5) -> AsyncIterator[Watch]:

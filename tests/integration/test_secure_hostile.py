@@ -55,6 +55,7 @@ from shared.topics import (
     REPLIES,
     REQUESTS,
     ROLLOUT_LEDGER,
+    match,
 )
 from tests.integration.secure_site import ATTACKER, VICTIM, WORKER_ATTACKER, SecureSite
 
@@ -104,13 +105,20 @@ def retained_status(site: SecureSite, node: str) -> NodeStatus:
 
 def denied(site: SecureSite, sends: list[tuple[str, str, Any, bool]]) -> None:
     """Each (identity, topic, message or bytes, retain) is published and never delivered."""
+    for _, topic, _, _ in sends:  # real topics of the cluster, not a typo nobody reads
+        found = match(topic)
+        assert found is not None and found[1] == site.cluster, topic
+
+    payloads = [payload if isinstance(payload, bytes) else
+                codec.encode(payload, origin=f"forger{secrets.token_hex(4)}", seq=1)
+                for _, _, payload, _ in sends]  # fmt: skip
 
     async def scenario() -> list[Any]:
         async with site.watch() as watch:
-            for name, topic, payload, retain in sends:
+            for (name, topic, _, retain), payload in zip(sends, payloads, strict=True):
                 await site.publish(name, topic, payload, retain)
-        return [(d.topic, d.retain) for d in watch.seen
-                if any(d.topic == topic for _, topic, _, _ in sends)]  # fmt: skip
+        sent = set(zip((topic for _, topic, _, _ in sends), payloads, strict=True))
+        return [(d.topic, d.retain) for d in watch.seen if (d.topic, d.payload) in sent]
 
     delivered = asyncio.run(scenario())
     assert delivered == [], delivered
@@ -179,7 +187,7 @@ def test_forged_privacy_policy_is_never_delivered(site: SecureSite) -> None:
 
 def test_reading_another_clients_prompts_and_answers_gets_nothing(site: SecureSite) -> None:
     prompt = (7, 31, 2, 99)
-    wildcard = [REQUESTS.topic(site.cluster, node="+"), REPLIES.topic(site.cluster, client=VICTIM),
+    wildcard = [REQUESTS.filter(site.cluster), REPLIES.topic(site.cluster, client=VICTIM),
                 FINISHED.topic(site.cluster), f"edgesplit/{site.cluster}/#"]  # fmt: skip
 
     async def eavesdrop(name: str, seen: list[str], subscribed: asyncio.Event) -> None:
@@ -237,7 +245,7 @@ def forged_frames(plan: Plan, src: str, key: bytes) -> dict[str, list[bytes]]:
                                 src=src, sent_at=time.time())  # type: ignore[arg-type]  # fmt: skip
         frames[str(segment.node)] = [
             encode_frame(activation, rng.standard_normal((3, HIDDEN)).astype(np.float32), key),
-            encode_frame(kv, rng.standard_normal((1, 2, 1, 3, 16)).astype(np.float32), key),
+            encode_frame(kv, rng.standard_normal((1, 2, 2, 3, 16)).astype(np.float32), key),
             encode_frame(release, np.zeros((0, HIDDEN), np.float32), key),
         ]
     return frames
@@ -259,22 +267,26 @@ def test_injected_frames_and_kv_are_refused(site: SecureSite) -> None:
     # it derives the epoch key) it names itself, the wrong sender for every hop it does not feed
     signing_key = (site.state.root / "signing.key").read_text().strip()
     epoch_key = derive_frame_key(signing_key, plan.epoch, plan.signature)
-    sent = 0
+
+    def fed_by_mec(node: str) -> bool:  # mec is the genuine sender of that hop: not a forgery
+        start = next(segment.start for segment in plan.segments if segment.node == node)
+        before_it = [segment.node for segment in plan.segments if segment.end == start]
+        return (before_it[0] if before_it else plan.entry_node) == WORKER_ATTACKER or node == WORKER_ATTACKER
+
+    keyed = {node: frames for node, frames in forged_frames(plan, WORKER_ATTACKER, epoch_key).items()
+             if not fed_by_mec(node)}  # fmt: skip
+    sends = [(to_topic[node], frame) for forgeries in (outsider, keyed) for node, frames in forgeries.items()
+             for frame in frames]  # fmt: skip
 
     async def inject() -> None:
-        nonlocal sent
         async with site.raw_client(WORKER_ATTACKER) as client:
-            for forgeries in (outsider, forged_frames(plan, WORKER_ATTACKER, epoch_key)):
-                for node, frames in forgeries.items():
-                    if node == WORKER_ATTACKER and forgeries is not outsider:
-                        continue  # its own input: nothing to gain
-                    for frame in frames:
-                        await client.publish(to_topic[node], frame, qos=1)
-                        sent += 1
+            for topic, frame in sends:
+                await client.publish(topic, frame, qos=1)
 
     asyncio.run(inject())
-    status = site.wait_status(lambda seen: forged_counts(seen) >= before + sent - 3, timeout_s=20)
-    assert forged_counts(status) - before >= sent - 3, (sent, status["frames_forged"])  # telemetry of each node
+    status = site.wait_status(lambda seen: forged_counts(seen) >= before + len(sends), timeout_s=20)
+    assert forged_counts(status) - before >= len(sends), (len(sends), status["frames_forged"])  # telemetry
+    assert keyed, plan  # some hop where mec is the wrong sender, even with the epoch's key
     site.assert_exact()
 
 
