@@ -33,6 +33,7 @@ from shared.errors import ConfigError
 from shared.ids import validate_id
 from shared.security import pki
 from shared.security.acl import Identity, Role, render_acl
+from shared.security.role_keys import KEYS_DIR, private_key_file
 from shared.topology import Topology
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "secure.conf.template"
@@ -268,10 +269,16 @@ def client_environment(state: StateDir, name: str, broker_url: str) -> dict[str,
     credentials = state.credentials(name)
     if not credentials.cert_file.is_file():
         raise ConfigError(f"no credentials for {name!r} in {state.root}")
-    return {
+    variables = {
         "EDGESPLIT_BROKER_URL": broker_url,
         "EDGESPLIT_TLS_CA_FILE": str(credentials.ca_file),
         "EDGESPLIT_TLS_CERT_FILE": str(credentials.cert_file),
         "EDGESPLIT_TLS_KEY_FILE": str(credentials.key_file),
         "EDGESPLIT_CLIENT_ID": name,
     }
+    keys = state.root / KEYS_DIR  # the roles' keys (`up --secure` creates them)
+    if (keys / "public").is_dir():
+        variables["EDGESPLIT_ROLE_KEYS_DIR"] = str(keys / "public")
+    if private_key_file(keys, name).is_file():  # a signing role's own private key
+        variables["EDGESPLIT_ROLE_KEY_FILE"] = str(private_key_file(keys, name))
+    return variables
