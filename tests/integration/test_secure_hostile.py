@@ -136,6 +136,7 @@ def forged_plan(plan: Plan) -> Plan:
 
 def test_forged_plan_is_never_delivered(site: SecureSite) -> None:
     before = current_plan(site)
+    assert before.signature.startswith("ed25519:")  # the broadcaster's role key, not the cluster key
     forged, topic = forged_plan(before), PLAN.topic(site.cluster)
     denied(site, [(ATTACKER, topic, forged, True), (WORKER_ATTACKER, topic, forged, True)])
     assert current_plan(site) == before
