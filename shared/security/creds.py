@@ -33,7 +33,7 @@ from shared.errors import ConfigError
 from shared.ids import validate_id
 from shared.security import pki
 from shared.security.acl import Identity, Role, render_acl
-from shared.security.role_keys import KEYS_DIR, private_key_file
+from shared.security.role_keys import KEYS_DIR, ensure_role_keys, private_key_file
 from shared.topology import Topology
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "secure.conf.template"
@@ -204,8 +204,9 @@ def _issue(state: StateDir, identity: Identity) -> Credentials:
 
 
 def init_state(root: Path, topology: Topology | None, cluster: str = "default") -> Registry:
-    """Create a state folder: CA, broker certificate, the standard service identities and
-    one worker per topology node (its trust from the topology). ConfigError if ``root``
+    """Create a state folder: CA, broker certificate, the standard service identities,
+    one worker per topology node (its trust from the topology) and the signing roles'
+    Ed25519 keys (shared/security/role_keys.py). ConfigError if ``root``
     already holds a registry or a CA."""
     state = StateDir(root)
     validate_id(cluster, "cluster id")
@@ -227,6 +228,7 @@ def init_state(root: Path, topology: Topology | None, cluster: str = "default") 
     _write_registry(state, registry)
     _write_acl(state, registry)
     write_broker_config(state, DEFAULT_TLS_PORT, DEFAULT_PASSWORD_PORT, state.root / "broker")
+    ensure_role_keys(state.root / KEYS_DIR)  # each signing role's Ed25519 key pair
     return registry
 
 
