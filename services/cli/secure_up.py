@@ -76,7 +76,11 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
         # One control key per state folder, and the registry every node's trust comes from.
         control = {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(ensure_key_file(state_root)),
                    "EDGESPLIT_IDENTITIES_FILE": str(state.registry)}  # fmt: skip
+        # The cluster key derives frame keys: only the workers and the broadcaster get it;
+        # the monitor and the orchestrator sign with their role keys alone.
         environments = {name: {**client_environment(state, name, broker.url), **control} for name in names}
+        for name in ("monitor", "orchestrator"):
+            del environments[name]["EDGESPLIT_PLAN_SIGNING_KEY_FILE"]
         own = client_environment(state, LAUNCHER_IDENTITY, broker.url)
         launcher = load_settings(type(settings), {
             **settings.model_dump(), "broker_url": broker.url, "client_id": LAUNCHER_IDENTITY,

@@ -30,7 +30,7 @@ from pathlib import Path
 from shared.config import BusSettings
 from shared.errors import ConfigError
 from shared.messages.base import Message, is_signed_kind, signature_ok
-from shared.security.role_keys import RoleVerifier
+from shared.security.role_keys import RoleVerifier, load_signer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,17 @@ def require_control_key(settings: BusSettings, service: str) -> str:
             "`edgesplit up --secure` passes it)"
         )
     return key
+
+
+def require_signing_key(settings: BusSettings, service: str) -> None:
+    """For a control service that only signs (the monitor, the orchestrator): its role
+    key (checked now: ConfigError for a bad file) when it has one, else `require_control_key`.
+    With a role key it needs no cluster key (that one derives frame keys, which only the
+    workers and the broadcaster use)."""
+    if settings.role_key_file is not None:
+        load_signer(settings.role_key_file)
+        return
+    require_control_key(settings, service)
 
 
 def local_key_file(settings: BusSettings) -> Path:

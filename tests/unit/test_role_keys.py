@@ -29,7 +29,7 @@ from shared.security.role_keys import (
     public_key_file,
     role_verifier,
 )
-from shared.security.signing import ControlGate
+from shared.security.signing import ControlGate, require_signing_key
 from tests.unit.test_control_signing import CONTROL, KEY, plan
 
 
@@ -101,3 +101,13 @@ def test_bad_key_files_are_config_errors(keys: Path, tmp_path: Path) -> None:
     settings = BusSettings(broker_url="mqtt://127.0.0.1:1", role_keys_dir=keys / "public")
     assert role_verifier(settings) is not None
     assert role_verifier(BusSettings(broker_url="mqtt://127.0.0.1:1")) is None
+
+
+def test_monitor_and_orchestrator_need_only_their_role_key_on_the_secure_profile(keys: Path, tmp_path: Path) -> None:
+    secure = "mqtts://127.0.0.1:8883"
+    require_signing_key(BusSettings(broker_url=secure, role_key_file=private_key_file(keys, "monitor")), "monitor")
+    with pytest.raises(ConfigError, match="refuses to start"):  # neither a role key nor the cluster key
+        require_signing_key(BusSettings(broker_url=secure), "monitor")
+    (tmp_path / "orchestrator.key").write_text("garbage")
+    with pytest.raises(ConfigError, match="unreadable"):
+        require_signing_key(BusSettings(broker_url=secure, role_key_file=tmp_path / "orchestrator.key"), "orchestrator")
