@@ -130,7 +130,7 @@ async def stop(task: asyncio.Task[None], deadline_s: float = 15.0) -> None:
     `asyncio.wait_for` (inside aiomqtt's publish, awaiting the broker's confirmation)
     returns the result instead of raising when the confirmation and the cancellation
     arrive in the same loop iteration, so the cancellation is lost and the attacker
-    loops on forever (this test hung in 1 of 7 runs under load, the event loop idle in
+    loops on forever (this test hung in 2 of 8 runs at load average about 11, the event loop idle in
     ``select`` after both requests had finished)."""
     async with asyncio.timeout(deadline_s):
         while not task.done():
