@@ -36,6 +36,7 @@ from shared.frame_headers import FrameHeader
 from shared.ids import validate_id
 from shared.messages import Message
 from shared.messages.base import is_signed_kind, sign
+from shared.security.role_keys import RoleSigner, load_signer
 from shared.security.signing import require_control_key
 from shared.subscription import Announcement, Delivery, Subscription
 from shared.tensor_frame import Frame, decode_frame, encode_frame
@@ -73,6 +74,7 @@ class Bus:
         """Successful connects so far, both connections together."""
         self.counters: Counter[str] = Counter()
         self._signing_key: str | None = None
+        self._role_signer: RoleSigner | None = None
         """malformed:<pattern>, overflow:<pattern>, unroutable."""
         self._protocol = ProtocolChoice(settings.protocol, self.url)
         self._addresses = {plane: settings.broker_for(plane) for plane in PLANES}
@@ -182,11 +184,20 @@ class Bus:
             raise WireError(f"{type(message).__name__} cannot be published on {topic.pattern}")
         wire: Message = message
         if is_signed_kind(wire):
-            wire = sign(wire, self._control_key())
+            wire = self._sign(wire)
         payload = codec.encode(wire, origin=self.origin, seq=next(self._seq))
         await self._connections["control"].publish(
             topic.topic(self.cluster, **params), payload, topic.qos, topic.retain
         )
+
+    def _sign(self, message: Message) -> Message:
+        """``message`` signed with this process's role key (shared/security/role_keys.py)
+        when it has one, else with the cluster HMAC key."""
+        if self.settings.role_key_file is not None:
+            if self._role_signer is None:
+                self._role_signer = load_signer(self.settings.role_key_file)
+            return self._role_signer.sign(message)
+        return sign(message, self._control_key())
 
     def _control_key(self) -> str:
         """The key control messages are signed with (shared/security/signing.py)."""

@@ -110,6 +110,12 @@ class BusSettings(BaseSettings):
     identities_file: Path | None = None
     """The operator's identity registry (STATE/identities.toml): the trust of each node for
     placement comes from it, not from the node's own status (shared/security/trust.py)."""
+    role_keys_dir: Path | None = None
+    """The signing roles' public keys (STATE/keys): when set, control messages count only
+    when signed by the role allowed for their kind (shared/security/role_keys.py)."""
+    role_key_file: Path | None = None
+    """This process's role private key (STATE/keys/private/{role}.key): it signs the
+    control messages it publishes with it instead of the cluster HMAC key."""
     """A file holding the control key (STATE/signing.key, RUN/signing.key)."""
 
     @field_validator("broker_url", "data_broker_url")

@@ -15,7 +15,7 @@ aborted epoch is burned, the next rollout takes ``highest_epoch + 1``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,6 +53,9 @@ class BroadcastConfig:
     """Rollouts waiting behind the active one; more are refused."""
     remembered: int = 64
     """Finished rollouts remembered to recognise a duplicated RolloutRequested."""
+    plan_signer: Callable[[Plan], Plan] | None = None
+    """Signs each plan with the broadcaster's role key (shared/security/role_keys.py);
+    None: the cluster HMAC key ``signing_key``."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def _start_next(state: BroadcastState, now_s: float) -> tuple[BroadcastState, Ac
     epoch = max(state.highest_epoch, state.committed_epoch) + 1
     pin = request.plan.manifest_sha256 or state.config.manifest_sha256
     plan = request.plan.model_copy(update={"epoch": epoch, "signature": "", "manifest_sha256": pin})
-    plan = plan.sign(state.config.signing_key)
+    signer = state.config.plan_signer
+    plan = signer(plan) if signer is not None else plan.sign(state.config.signing_key)
     nodes = frozenset({plan.entry_node, *(segment.node for segment in plan.segments)})
     active = Rollout(decision_id=request.decision_id, epoch=epoch,
                      previous_epoch=state.committed_epoch, plan=plan, nodes=nodes,

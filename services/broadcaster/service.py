@@ -42,6 +42,7 @@ from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
 from shared.messages import EpochLedger, Plan, PrivacyPolicy, PrivacyPolicySet, RolloutRequested
 from shared.security.reporting import report_refusals
+from shared.security.role_keys import role_signer, role_verifier
 from shared.security.signing import ControlGate, control_key
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import EPOCH_ACKS, PLAN, POLICY, ROLLOUT_LEDGER, ROLLOUTS
@@ -96,11 +97,13 @@ class BroadcasterService:
         self.settings = settings
         self.clock = clock
         key = control_key(settings) or ""  # __main__ refuses to start without one on mqtts://
+        signer = role_signer(settings)  # the broadcaster's own key signs its plans
         self.config = BroadcastConfig(signing_key=key, num_layers=num_layers, manifest_sha256=manifest_sha256,
-                                      max_queued=settings.max_queued_rollouts)  # fmt: skip
+                                      max_queued=settings.max_queued_rollouts,
+                                      plan_signer=signer.sign if signer is not None else None)  # fmt: skip
         self.state = BroadcastState(self.config)
         self.counters: Counter[str] = Counter()
-        self.gate = ControlGate(key, "broadcaster", self.counters)
+        self.gate = ControlGate(key, "broadcaster", self.counters, role_verifier(settings))
         """Signatures of what it acts on: only signed rollouts are signed (no signing oracle)."""
         self.trust: TrustRegistry | None = None
         self.policy: PrivacyPolicy | None = None

@@ -25,6 +25,7 @@ from shared.security.creds import (
     init_state,
     load_registry,
 )
+from shared.security.role_keys import KEYS_DIR, ensure_role_keys
 from shared.security.signing import ensure_key_file
 from shared.topology import Topology
 
@@ -70,11 +71,16 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
                           "`edgesplit creds add-node NAME --trust N --state ...`")  # fmt: skip
     broker = start_secure_broker(state, tls_port=tls_port, data_dir=data_dir)
     try:
+        ensure_role_keys(state_root / KEYS_DIR)  # each signing role's Ed25519 key pair
         names = [*(node.id for node in topology.nodes), *SERVICES]
         # One control key per state folder, and the registry every node's trust comes from.
         control = {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(ensure_key_file(state_root)),
                    "EDGESPLIT_IDENTITIES_FILE": str(state.registry)}  # fmt: skip
+        # The cluster key derives frame keys: only the workers and the broadcaster get it;
+        # the monitor and the orchestrator sign with their role keys alone.
         environments = {name: {**client_environment(state, name, broker.url), **control} for name in names}
+        for name in ("monitor", "orchestrator"):
+            del environments[name]["EDGESPLIT_PLAN_SIGNING_KEY_FILE"]
         own = client_environment(state, LAUNCHER_IDENTITY, broker.url)
         launcher = load_settings(type(settings), {
             **settings.model_dump(), "broker_url": broker.url, "client_id": LAUNCHER_IDENTITY,
@@ -82,6 +88,7 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
             "tls_key_file": own["EDGESPLIT_TLS_KEY_FILE"], "plan_signing_key": None,
             "plan_signing_key_file": control["EDGESPLIT_PLAN_SIGNING_KEY_FILE"],
             "identities_file": control["EDGESPLIT_IDENTITIES_FILE"],
+            "role_keys_dir": own["EDGESPLIT_ROLE_KEYS_DIR"], "role_key_file": own["EDGESPLIT_ROLE_KEY_FILE"],
         })  # fmt: skip
     except BaseException:
         broker.close()

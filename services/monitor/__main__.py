@@ -10,7 +10,7 @@ from services.monitor.service import MonitorService, MonitorSettings, load_layer
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
-from shared.security.signing import require_control_key
+from shared.security.signing import require_signing_key
 from shared.topology import load_topology
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         model_id, layers = load_layer_costs(settings.shards_dir) if settings.shards_dir else ("", ())
-        require_control_key(settings, "monitor")
+        require_signing_key(settings, "monitor")
     except EdgesplitError as error:
         print(f"monitor: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from services.orchestrator.settings import OrchestratorSettings
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
-from shared.security.signing import require_control_key
+from shared.security.signing import require_signing_key
 
 _FLOATS = ("period_s", "relative_threshold", "dwell_s", "horizon_s", "switch_overhead_s",
            "shard_load_bytes_per_s", "observe_s", "ready_timeout_s")  # fmt: skip
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, "orchestrator")
     try:
         settings = settings_from(args)
-        require_control_key(settings, "orchestrator")
+        require_signing_key(settings, "orchestrator")
     except EdgesplitError as error:
         print(f"orchestrator: {error}", file=sys.stderr)
         return 2

@@ -62,6 +62,7 @@ from shared.messages import (
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
 from shared.security.reporting import report_refusals
+from shared.security.role_keys import role_verifier
 from shared.security.signing import ControlGate, control_key
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import (
@@ -108,7 +109,8 @@ class OrchestratorService:
         self.ready = asyncio.Event()
         self.decisions: list[DecisionRecorded] = []
         self.counters: Counter[str] = Counter()
-        self.gate = ControlGate(control_key(settings) or "", "orchestrator", self.counters)
+        self.gate = ControlGate(control_key(settings) or "", "orchestrator", self.counters,
+                                role_verifier(settings))  # fmt: skip
         """Signatures of the plans, policies, events and decisions it acts on."""
         self.trust: TrustRegistry | None = None
         """Each node's trust from the operator's registry (None: as the profile says)."""

@@ -50,6 +50,7 @@ from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
 from shared.planning.route import Route, route_of
 from shared.security.frame_keys import derive_frame_key, parse_frame_key
+from shared.security.role_keys import role_verifier
 from shared.security.signing import ControlGate, require_control_key
 from shared.topics import (
     ACTIVATIONS,
@@ -89,7 +90,8 @@ class WorkerService:
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
         self.counters: Counter[str] = Counter()
-        self.gate = ControlGate(require_control_key(settings, f"worker {self.node}"), self.node, self.counters)
+        self.gate = ControlGate(require_control_key(settings, f"worker {self.node}"), self.node, self.counters,
+                                role_verifier(settings))  # fmt: skip
         """Signatures and epoch fencing of every control message this node acts on."""
         self.emulation.gate = self.gate
         self.ready = asyncio.Event()

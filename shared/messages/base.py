@@ -20,7 +20,8 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 ShortText = Annotated[str, Field(max_length=1024)]
 LongText = Annotated[str, Field(max_length=65_536)]  # <= 256 KiB of UTF-8 (codec limit)
 MAX_ITEMS = 65_536  # the codec's max_array_len
-Signature = Annotated[str, Field(max_length=64)]
+Signature = Annotated[str, Field(max_length=128)]
+"""Hex HMAC-SHA256 (64 chars) or ``ed25519:`` + base64 of an Ed25519 signature (96 chars)."""
 """Hex HMAC-SHA256 of a control message's canonical encoding ("" = unsigned)."""
 
 MESSAGE_KINDS: dict[str, type[Message]] = {}

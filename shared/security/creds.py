@@ -33,6 +33,7 @@ from shared.errors import ConfigError
 from shared.ids import validate_id
 from shared.security import pki
 from shared.security.acl import Identity, Role, render_acl
+from shared.security.role_keys import KEYS_DIR, ensure_role_keys, private_key_file
 from shared.topology import Topology
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "secure.conf.template"
@@ -203,8 +204,9 @@ def _issue(state: StateDir, identity: Identity) -> Credentials:
 
 
 def init_state(root: Path, topology: Topology | None, cluster: str = "default") -> Registry:
-    """Create a state folder: CA, broker certificate, the standard service identities and
-    one worker per topology node (its trust from the topology). ConfigError if ``root``
+    """Create a state folder: CA, broker certificate, the standard service identities,
+    one worker per topology node (its trust from the topology) and the signing roles'
+    Ed25519 keys (shared/security/role_keys.py). ConfigError if ``root``
     already holds a registry or a CA."""
     state = StateDir(root)
     validate_id(cluster, "cluster id")
@@ -226,6 +228,7 @@ def init_state(root: Path, topology: Topology | None, cluster: str = "default") 
     _write_registry(state, registry)
     _write_acl(state, registry)
     write_broker_config(state, DEFAULT_TLS_PORT, DEFAULT_PASSWORD_PORT, state.root / "broker")
+    ensure_role_keys(state.root / KEYS_DIR)  # each signing role's Ed25519 key pair
     return registry
 
 
@@ -268,10 +271,16 @@ def client_environment(state: StateDir, name: str, broker_url: str) -> dict[str,
     credentials = state.credentials(name)
     if not credentials.cert_file.is_file():
         raise ConfigError(f"no credentials for {name!r} in {state.root}")
-    return {
+    variables = {
         "EDGESPLIT_BROKER_URL": broker_url,
         "EDGESPLIT_TLS_CA_FILE": str(credentials.ca_file),
         "EDGESPLIT_TLS_CERT_FILE": str(credentials.cert_file),
         "EDGESPLIT_TLS_KEY_FILE": str(credentials.key_file),
         "EDGESPLIT_CLIENT_ID": name,
     }
+    keys = state.root / KEYS_DIR  # the roles' keys (`up --secure` creates them)
+    if (keys / "public").is_dir():
+        variables["EDGESPLIT_ROLE_KEYS_DIR"] = str(keys / "public")
+    if private_key_file(keys, name).is_file():  # a signing role's own private key
+        variables["EDGESPLIT_ROLE_KEY_FILE"] = str(private_key_file(keys, name))
+    return variables

@@ -30,6 +30,7 @@ from pathlib import Path
 from shared.config import BusSettings
 from shared.errors import ConfigError
 from shared.messages.base import Message, is_signed_kind, signature_ok
+from shared.security.role_keys import RoleVerifier, load_signer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ DEV_SIGNING_KEY = "edgesplit-dev-key"
 KEY_FILE = "signing.key"
 """The key's file name in a state folder (`up --secure`) or run folder (`up`)."""
 MIN_KEY_CHARS = 16
-REFUSALS = ("unsigned", "forged", "replayed", "private", "implausible")
+REFUSALS = ("unsigned", "forged", "role", "replayed", "private", "implausible")
 """Why a control message is refused: the suffix of its counter ``{Kind}_{why}``."""
 _warned_dev_key = False
 
@@ -95,6 +96,17 @@ def require_control_key(settings: BusSettings, service: str) -> str:
     return key
 
 
+def require_signing_key(settings: BusSettings, service: str) -> None:
+    """For a control service that only signs (the monitor, the orchestrator): its role
+    key (checked now: ConfigError for a bad file) when it has one, else `require_control_key`.
+    With a role key it needs no cluster key (that one derives frame keys, which only the
+    workers and the broadcaster use)."""
+    if settings.role_key_file is not None:
+        load_signer(settings.role_key_file)
+        return
+    require_control_key(settings, service)
+
+
 def local_key_file(settings: BusSettings) -> Path:
     """Where `edgesplit up` (open profile) keeps the control key of a broker and cluster,
     under the user's cache folder (beside the models), so that the same user's other
@@ -119,8 +131,12 @@ def ensure_key_file(folder: Path, name: str = KEY_FILE) -> Path:
 class ControlGate:
     """Checks control messages for one receiver and counts what it refuses."""
 
-    def __init__(self, key: str, owner: str, counters: Counter[str] | None = None) -> None:
+    def __init__(self, key: str, owner: str, counters: Counter[str] | None = None,
+                 verifier: RoleVerifier | None = None) -> None:  # fmt: skip
         self.key, self.owner = key, owner
+        self.verifier = verifier
+        """The roles' public keys (role_keys.py): when set, only the role allowed for a kind
+        may sign it, and ``key`` (the cluster HMAC key) signs no control message."""
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.highest_committed = 0
         """The highest epoch this receiver committed; older plans and commands are replays."""
@@ -129,6 +145,12 @@ class ControlGate:
         """True when ``message`` carries a valid signature; counts and logs a refusal."""
         if not is_signed_kind(message):
             return True
+        if self.verifier is not None:
+            refused = self.verifier.why_refused(message)
+            if refused is not None:
+                detail = {"role": "signed by another role's key", "unsigned": "no signature"}
+                self.refuse(message, refused, detail.get(refused, "bad signature"))
+            return refused is None
         if signature_ok(message, self.key):
             return True
         why = "forged" if getattr(message, "signature", "") else "unsigned"

@@ -61,6 +61,9 @@ class Stack:
     service_env: dict[str, str] = field(default_factory=dict)
     """Extra variables of the control services (e.g. EDGESPLIT_IDENTITIES_FILE)."""
     one_way: Sequence[tuple[str, str]] = ()
+    role_keys: Path | None = None
+    """A folder of ensure_role_keys: every process gets the public keys, the broadcaster,
+    orchestrator and monitor their own private key (shared/security/role_keys.py)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,10 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **KEY_ENV, **(env or {})}
+        if self.role_keys is not None:
+            full_env["EDGESPLIT_ROLE_KEYS_DIR"] = str(self.role_keys / "public")
+            if (self.role_keys / "private" / f"{name}.key").is_file():
+                full_env["EDGESPLIT_ROLE_KEY_FILE"] = str(self.role_keys / "private" / f"{name}.key")
         with open(self.root / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, *command, "--broker", self.broker_url, "--cluster", self.cluster],

@@ -1,0 +1,349 @@
+"""Hostile identities against a running SECURE stack (issue #17, acceptance bullet 3).
+
+`edgesplit up --secure` runs the whole stack (three workers car / rsu / mec, monitor,
+split reviser, broadcaster, orchestrator) on its own Mosquitto with the secure profile
+(TLS client certificates, identity = username, per-identity ACLs, a control key per
+state folder). The attackers hold valid identities of that state folder: ``mallory``, a
+client, and ``mec``, a compromised worker (registry trust 0). One test per bullet of the
+issue's list. A publish the ACL denies is shown to reach no one: an operator subscriber
+on the cluster's ``#`` never sees it (Mosquitto acknowledges denied publishes and
+subscribes alike and then delivers nothing). Where a message does reach a receiver (a
+worker's own status, frames a worker may send), the receiver refuses it and status
+counts it. After every case the stack still answers with the unsplit model's tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from shared import codec
+from shared.frame_headers import ActivationHeader, KvHeader, ReleaseHeader
+from shared.messages import (
+    AbortEpoch,
+    EmulationCommand,
+    EpochLedger,
+    NodeDown,
+    NodeStatus,
+    Plan,
+    PrivacyPolicy,
+    PrivacyPolicySet,
+    RequestFinished,
+    Segment,
+    TokenGenerated,
+)
+from shared.messages.base import sign
+from shared.security.frame_keys import derive_frame_key
+from shared.tensor_frame import encode_frame
+from shared.topics import (
+    ACTIVATIONS,
+    EMULATION,
+    EPOCH_COMMANDS,
+    FINISHED,
+    NODE_STATUS,
+    PLAN,
+    POLICY,
+    PROFILE_EVENTS,
+    REPLIES,
+    REQUESTS,
+    ROLLOUT_LEDGER,
+    match,
+)
+from tests.integration.secure_site import ATTACKER, VICTIM, WORKER_ATTACKER, SecureSite
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+HIDDEN = 64
+"""The tiny llama's hidden size (`up --model tiny-llama`)."""
+FAKE_KEY = "f" * 64
+"""A key that is not the cluster's: what an attacker without the key signs with."""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSite]:
+    site = SecureSite(tmp_path_factory.mktemp("hostile"), "hostile" + secrets.token_hex(3))
+    try:
+        site.start()
+        site.assert_exact()  # serving before any attack
+        yield site
+    finally:
+        site.stop()
+
+
+def retained(site: SecureSite, topic: str) -> Any:
+    """The retained message of ``topic``, read as mallory (a client may read plans and
+    node statuses)."""
+
+    async def read() -> Any:
+        async with site.raw_client(ATTACKER) as client, asyncio.timeout(10):
+            await client.subscribe(topic, qos=1)
+            async for message in client.messages:
+                return codec.decode(bytes(message.payload)).message  # type: ignore[arg-type]
+        raise AssertionError(f"nothing retained on {topic}")
+
+    return asyncio.run(read())
+
+
+def current_plan(site: SecureSite) -> Plan:
+    plan = retained(site, PLAN.topic(site.cluster))
+    assert isinstance(plan, Plan)
+    return plan
+
+
+def retained_status(site: SecureSite, node: str) -> NodeStatus:
+    status = retained(site, NODE_STATUS.topic(site.cluster, node=node))
+    assert isinstance(status, NodeStatus)
+    return status
+
+
+def denied(site: SecureSite, sends: list[tuple[str, str, Any, bool]]) -> None:
+    """Each (identity, topic, message or bytes, retain) is published and never delivered."""
+    for _, topic, _, _ in sends:  # real topics of the cluster, not a typo nobody reads
+        found = match(topic)
+        assert found is not None and found[1] == site.cluster, topic
+
+    payloads = [payload if isinstance(payload, bytes) else
+                codec.encode(payload, origin=f"forger{secrets.token_hex(4)}", seq=1)
+                for _, _, payload, _ in sends]  # fmt: skip
+
+    async def scenario() -> list[Any]:
+        async with site.watch() as watch:
+            for (name, topic, _, retain), payload in zip(sends, payloads, strict=True):
+                await site.publish(name, topic, payload, retain)
+        sent = set(zip((topic for _, topic, _, _ in sends), payloads, strict=True))
+        return [(d.topic, d.retain) for d in watch.seen if (d.topic, d.payload) in sent]
+
+    delivered = asyncio.run(scenario())
+    assert delivered == [], delivered
+
+
+def forged_plan(plan: Plan) -> Plan:
+    """Every block, the entry too, on the untrusted mec, far ahead; signed with a wrong key."""
+    return Plan(epoch=plan.epoch + 1000, model_id=plan.model_id, entry_node=WORKER_ATTACKER,  # type: ignore[arg-type]
+                segments=(Segment(node=WORKER_ATTACKER, start=0, end=plan.segments[-1].end),),  # type: ignore[arg-type]
+                ).sign(FAKE_KEY)  # fmt: skip
+
+
+# --- one case per bullet --------------------------------------------------------------
+
+
+def test_forged_plan_is_never_delivered(site: SecureSite) -> None:
+    before = current_plan(site)
+    assert before.signature.startswith("ed25519:")  # the broadcaster's role key, not the cluster key
+    forged, topic = forged_plan(before), PLAN.topic(site.cluster)
+    denied(site, [(ATTACKER, topic, forged, True), (WORKER_ATTACKER, topic, forged, True)])
+    assert current_plan(site) == before
+    site.assert_exact()
+
+
+def test_replayed_plan_is_never_delivered(site: SecureSite) -> None:
+    genuine = current_plan(site)  # correctly signed by the broadcaster: a replay needs no key
+    older = genuine.model_copy(update={"epoch": max(0, genuine.epoch - 1)})
+    topic = PLAN.topic(site.cluster)
+    denied(site, [(ATTACKER, topic, genuine, True), (WORKER_ATTACKER, topic, genuine, True),
+                  (WORKER_ATTACKER, topic, older, True)])  # fmt: skip
+    assert current_plan(site) == genuine
+    site.assert_exact()
+
+
+def test_ledger_bomb_is_never_delivered(site: SecureSite) -> None:
+    bomb, topic = EpochLedger(highest_epoch=2**63 - 2), ROLLOUT_LEDGER.topic(site.cluster)
+    denied(site, [(ATTACKER, topic, sign(bomb, FAKE_KEY), True), (WORKER_ATTACKER, topic, sign(bomb, FAKE_KEY), True)])
+    site.assert_exact()
+
+
+def test_trust_claim_is_ignored_for_placement_and_counted(site: SecureSite) -> None:
+    real = retained_status(site, WORKER_ATTACKER)
+    payload = codec.encode(real.model_copy(update={"trust": 10}), origin=WORKER_ATTACKER, seq=1)
+    # mec may publish its own status (and only its own): the claim arrives, and is ignored
+    asyncio.run(site.publish(WORKER_ATTACKER, NODE_STATUS.topic(site.cluster, node=WORKER_ATTACKER), payload, True))
+    # speaking for another node is refused by the ACL: car's status is not replaced
+    car = NODE_STATUS.topic(site.cluster, node="car")
+    fake = retained_status(site, "car").model_copy(update={"state": "offline", "trust": 0})
+    denied(site, [(WORKER_ATTACKER, car, fake, True), (ATTACKER, car, fake, True)])
+
+    def counted(status: dict[str, Any]) -> bool:
+        return status["refused"].get("monitor", {}).get("NodeStatus_trust_ignored", 0) >= 1
+
+    status = site.wait_status(counted)
+    assert counted(status), status["refused"]
+    assert status["measured"][WORKER_ATTACKER]["trust"] == 0  # the registry's, not the claim
+    assert status["plan"]["entry_node"] == "car" and status["plan"]["segments"][0]["node"] == "car"
+    site.assert_exact()
+
+
+def test_forged_privacy_policy_is_never_delivered(site: SecureSite) -> None:
+    policy = sign(PrivacyPolicySet(policy=PrivacyPolicy(), set_at_s=time.time() + 3600), FAKE_KEY)
+    topic = POLICY.topic(site.cluster)
+    denied(site, [(ATTACKER, topic, policy, True), (WORKER_ATTACKER, topic, policy, True)])
+    site.assert_exact()
+
+
+def test_reading_another_clients_prompts_and_answers_gets_nothing(site: SecureSite) -> None:
+    prompt = (7, 31, 2, 99)
+    wildcard = [REQUESTS.filter(site.cluster), REPLIES.topic(site.cluster, client=VICTIM),
+                FINISHED.topic(site.cluster), f"edgesplit/{site.cluster}/#"]  # fmt: skip
+
+    async def eavesdrop(name: str, seen: list[str], subscribed: asyncio.Event) -> None:
+        async with site.raw_client(name) as client:
+            for topic in wildcard:
+                await client.subscribe(topic, qos=1)
+            subscribed.set()
+            async for message in client.messages:
+                seen.append(str(message.topic))
+
+    async def scenario() -> tuple[dict[str, list[str]], list[str], RequestFinished]:
+        stolen: dict[str, list[str]] = {ATTACKER: [], WORKER_ATTACKER: []}
+        ready = {name: asyncio.Event() for name in stolen}
+        async with site.watch() as watch, asyncio.TaskGroup() as group:
+            spies = [group.create_task(eavesdrop(name, stolen[name], ready[name])) for name in stolen]
+            for event in ready.values():
+                await asyncio.wait_for(event.wait(), 10)
+            result = await site.generate(prompt, 6)
+            await asyncio.sleep(1.0)
+            for spy in spies:
+                spy.cancel()
+        return stolen, [d.topic for d in watch.seen], result
+
+    stolen, published, result = asyncio.run(scenario())
+    assert tuple(result.token_ids) == site.expected(prompt, 6)
+    private = ("/requests", f"/clients/{VICTIM}/replies", "/requests/finished")
+    assert any(topic.endswith(private) for topic in published), published  # they were there to read
+    assert not [t for t in stolen[ATTACKER] if t.endswith((*private, "/activations"))], stolen[ATTACKER]
+    # the compromised worker is not the entry: it reads no prompt, reply or finished report
+    assert not [t for t in stolen[WORKER_ATTACKER] if t.endswith(private)], stolen[WORKER_ATTACKER]
+
+
+def test_injected_reply_into_another_client_is_never_delivered(site: SecureSite) -> None:
+    topic = REPLIES.topic(site.cluster, client=VICTIM)
+    token = TokenGenerated(request_id="feedfacefeedface", index=0, token_id=1, text="pwned")  # type: ignore[arg-type]
+    done = RequestFinished(request_id="feedfacefeedface", finish_reason="length",  # type: ignore[arg-type]
+                           token_ids=(1,), text="pwned",  # type: ignore[arg-type]
+                           ttft_s=0.1, tpot_s=0.1)
+    denied(site, [(ATTACKER, topic, token, False), (ATTACKER, topic, done, False),
+                  (ATTACKER, FINISHED.topic(site.cluster), done, False)])  # fmt: skip
+    site.assert_exact()
+
+
+def forged_frames(plan: Plan, src: str, key: bytes) -> dict[str, list[bytes]]:
+    """Activation, KV and release frames for every node of ``plan``, claiming ``src``."""
+    rng, frames = np.random.default_rng(5), dict[str, list[bytes]]()
+    for segment in plan.segments:
+        request_id, target = secrets.token_hex(8), segment.start
+        activation = ActivationHeader(request_id=request_id, step=0, epoch=plan.epoch, seq=1, target=target,  # type: ignore[arg-type]
+                                      pos=0, last_only=False, pass_id=secrets.randbits(62), src=src,  # type: ignore[arg-type]
+                                      sent_at=time.time())  # fmt: skip
+        kv = KvHeader(request_id=request_id, step=1, epoch=plan.epoch, seq=2, target=target,  # type: ignore[arg-type]
+                      blocks=(target,), pos=3, ack_step=1, old_epoch=plan.epoch, pass_id=1, src=src)  # type: ignore[arg-type]  # fmt: skip
+        release = ReleaseHeader(request_id=request_id, step=0, epoch=plan.epoch, seq=3, target=target,  # type: ignore[arg-type]
+                                src=src, sent_at=time.time())  # type: ignore[arg-type]  # fmt: skip
+        frames[str(segment.node)] = [
+            encode_frame(activation, rng.standard_normal((3, HIDDEN)).astype(np.float32), key),
+            encode_frame(kv, rng.standard_normal((1, 2, 2, 3, 16)).astype(np.float32), key),
+            encode_frame(release, np.zeros((0, HIDDEN), np.float32), key),
+        ]
+    return frames
+
+
+def forged_counts(status: dict[str, Any]) -> int:
+    return sum(status["frames_forged"].values())
+
+
+def test_injected_frames_and_kv_are_refused(site: SecureSite) -> None:
+    plan = current_plan(site)
+    outsider = forged_frames(plan, "car", secrets.token_bytes(32))
+    to_topic = {node: ACTIVATIONS.topic(site.cluster, node=node) for node in outsider}
+    # a client may not publish frames at all
+    denied(site, [(ATTACKER, to_topic[node], frame, False) for node, frames in outsider.items() for frame in frames])
+    before = forged_counts(site.status())
+    # the compromised worker may send frames (the data plane needs it): without the epoch's
+    # key it claims the hop's genuine sender, with the key (it holds the control key, so
+    # it derives the epoch key) it names itself, the wrong sender for every hop it does not feed
+    signing_key = (site.state.root / "signing.key").read_text().strip()
+    epoch_key = derive_frame_key(signing_key, plan.epoch, plan.signature)
+
+    def fed_by_mec(node: str) -> bool:  # mec is the genuine sender of that hop: not a forgery
+        start = next(segment.start for segment in plan.segments if segment.node == node)
+        before_it = [segment.node for segment in plan.segments if segment.end == start]
+        return (before_it[0] if before_it else plan.entry_node) == WORKER_ATTACKER or node == WORKER_ATTACKER
+
+    keyed = {node: frames for node, frames in forged_frames(plan, WORKER_ATTACKER, epoch_key).items()
+             if not fed_by_mec(node)}  # fmt: skip
+    sends = [(to_topic[node], frame) for forgeries in (outsider, keyed) for node, frames in forgeries.items()
+             for frame in frames]  # fmt: skip
+
+    async def inject() -> None:
+        async with site.raw_client(WORKER_ATTACKER) as client:
+            for topic, frame in sends:
+                await client.publish(topic, frame, qos=1)
+
+    asyncio.run(inject())
+    status = site.wait_status(lambda seen: forged_counts(seen) >= before + len(sends), timeout_s=20)
+    assert forged_counts(status) - before >= len(sends), (len(sends), status["frames_forged"])  # telemetry
+    assert keyed, plan  # some hop where mec is the wrong sender, even with the epoch's key
+    site.assert_exact()
+
+
+def test_forged_node_down_abort_epoch_and_emulation_are_never_delivered(site: SecureSite) -> None:
+    plan = current_plan(site)
+    node_down = sign(NodeDown(node="rsu", at_s=time.time(), reason="offline"), FAKE_KEY)  # type: ignore[arg-type]
+    abort = sign(AbortEpoch(epoch=plan.epoch + 1, reason="forged"), FAKE_KEY)
+    slow = sign(EmulationCommand(command_id=99, slowdown=50.0), FAKE_KEY)
+    sends: list[tuple[str, str, Any, bool]] = []
+    for name in (ATTACKER, WORKER_ATTACKER):
+        sends += [(name, PROFILE_EVENTS.topic(site.cluster), node_down, False),
+                  (name, EPOCH_COMMANDS.topic(site.cluster), abort, False),
+                  (name, EMULATION.topic(site.cluster, node="car"), slow, False),
+                  (name, EMULATION.topic(site.cluster, node=WORKER_ATTACKER), slow, False)]  # fmt: skip
+    denied(site, sends)
+    assert current_plan(site) == plan
+    site.assert_exact()
+
+
+@pytest.mark.parametrize("victim", ["broadcaster-control", "car-data", "car-control"])
+def test_session_take_over_gains_nothing_and_the_service_comes_back(site: SecureSite, victim: str) -> None:
+    """mallory connects with a service's MQTT client id, keeping its session (clean start
+    off). Mosquitto hands the session over (the service is disconnected), but checks every
+    delivery and publish against mallory's own identity: it reads nothing of the session's
+    subscriptions and may publish nothing. The service reconnects (taking its id back) and
+    the stack keeps answering exactly."""
+    identifier = f"{site.cluster}-{victim}"
+    plan = current_plan(site)
+    got: list[str] = []
+    kicked = False
+
+    async def take_over() -> None:
+        nonlocal kicked
+        try:
+            async with site.raw_client(ATTACKER, identifier=identifier, clean_start=False) as client:
+                await client.publish(PLAN.topic(site.cluster), codec.encode(forged_plan(plan), origin=ATTACKER, seq=1), qos=1)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(4):
+                        async for message in client.messages:
+                            got.append(str(message.topic))
+        except aiomqtt.MqttError:
+            kicked = True  # the service took its client id back
+
+    async def scenario() -> tuple[list[str], RequestFinished]:
+        async with site.watch() as watch:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(take_over())
+                await asyncio.sleep(0.5)
+                result = await site.generate((3, 1, 4, 1, 5), 6, timeout_s=90)  # during the take-over
+        return [d.topic for d in watch.seen if d.topic == PLAN.topic(site.cluster)], result
+
+    plans, result = asyncio.run(scenario())
+    print(f"take-over of {identifier}: mallory received {len(got)} messages, kicked back: {kicked}")
+    assert got == [], got  # nothing of the service's subscriptions reached mallory
+    assert plans == [], plans  # its publish under the stolen id was denied
+    assert tuple(result.token_ids) == site.expected((3, 1, 4, 1, 5), 6)
+    assert current_plan(site) == plan
+    site.assert_exact()
+
