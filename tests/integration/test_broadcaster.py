@@ -67,7 +67,9 @@ class System:
         self.settings = settings_for(broker.url, "itbroadcast")
         self.broadcaster_settings = BroadcasterSettings(broker_url=broker.url, cluster="itbroadcast",
                                                         shards_dir=self.shards, plan_signing_key=KEY)  # fmt: skip
-        self.workers = WorkerCluster(broker.url, "itbroadcast", self.shards, root)
+        # No warm shard cache: the NACK test needs a worker to read a block from disk on PREPARE.
+        self.workers = WorkerCluster(broker.url, "itbroadcast", self.shards, root,
+                                     extra_env={"EDGESPLIT_WARM_SHARD_BYTES": "0"})  # fmt: skip
         self.root = root
         self.decisions = iter(range(1, 10_000))
 
