@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "services.cli.emulate",
     "services.cli.scenario",
     "services.cli.creds",
+    "services.cli.health",
 )
 
 
