@@ -58,7 +58,7 @@ build_wheels() {
     mkdir -p "$wheels"
     say "wheels for the images into $wheels"
     "$PYTHON" -m pip download -q --only-binary=:all: --no-deps --dest "$wheels" \
-        -r "$HERE/requirements-worker.txt"
+        -r "$HERE/requirements-control.txt" -r "$HERE/requirements-worker.txt" 2> >(grep -v "is ignored: it is neither" >&2)
     rm -f "$wheels"/edgesplit-*.whl
     local out
     out=$(mktemp -d)
