@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build edgesplit's images without any image registry (docs/DEPLOY.md, "Images").
 #
-#   deploy/containers/build.sh [base|wheels|images|all]     (default all)
+#   deploy/containers/build.sh [base|wheels|images|all]...     (default all)
 #
 # base:   a Debian bookworm root file system from Debian packages (debootstrap minbase,
 #         with python3), cached as a tarball and imported as edgesplit-base:bookworm.
@@ -108,7 +108,7 @@ import sys
 from pathlib import Path
 # the project's broker configuration, as shared/broker.py renders it, for a container
 text = Path(sys.argv[1]).read_text().format(
-    port=1883, bind_address="0.0.0.0", user="mosquitto", data_dir="/var/lib/mosquitto")
+    port=1883, bind_address='0.0.0.0', user='mosquitto', data_dir='/var/lib/mosquitto')
 Path(sys.argv[2]).write_text(text)
 PY
     for name in mosquitto control worker; do
@@ -119,11 +119,14 @@ PY
     done
 }
 
-case ${1:-all} in
-    base) build_base ;;
-    wheels) build_wheels ;;
-    images) build_images ;;
-    all) build_base; build_wheels; build_images ;;
-    *) echo "usage: $0 [base|wheels|images|all]" >&2; exit 2 ;;
-esac
-say "done: ${1:-all}"
+[ $# -gt 0 ] || set -- all
+for step in "$@"; do
+    case $step in
+        base) build_base ;;
+        wheels) build_wheels ;;
+        images) build_images ;;
+        all) build_base; build_wheels; build_images ;;
+        *) echo "usage: $0 [base|wheels|images|all]..." >&2; exit 2 ;;
+    esac
+    say "done: $step"
+done

@@ -143,7 +143,8 @@ def run_health(args: argparse.Namespace) -> int:
     except InvalidId as error:
         print(f"edgesplit: error: {error}", file=sys.stderr)
         return 2
-    settings = load_settings(BusSettings, {"broker_url": args.broker, "cluster": args.cluster})
+    settings = load_settings(BusSettings, {"broker_url": args.broker, "cluster": args.cluster,
+                                           "connect_timeout_s": args.wait_s})  # fmt: skip
     try:
         status = asyncio.run(read_status(settings, target, args.wait_s))
     except BaseExceptionGroup as group:
