@@ -114,7 +114,7 @@ PY
     for name in mosquitto control worker; do
         [ "$name" = mosquitto ] || ctx=$(context "$name" "requirements-$name.txt")
         say "building edgesplit-$name:$TAG"
-        DOCKER_BUILDKIT=0 $DOCKER build -q --build-arg BASE="$BASE_IMAGE" \
+        DOCKER_BUILDKIT=0 $DOCKER build -q --network host --build-arg BASE="$BASE_IMAGE" \
             -t "edgesplit-$name:$TAG" "$ctx" >/dev/null
     done
 }
