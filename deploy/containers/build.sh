@@ -44,6 +44,7 @@ build_base() {
             bookworm "$dir" "$(mirror)" >"$CACHE/debootstrap.log" 2>&1 \
             || { say "debootstrap failed; see $CACHE/debootstrap.log"; rm -rf "$dir"; exit 1; }
         rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+        chmod 0755 "$dir"  # mktemp made it 0700: it becomes the image's /, which non-root users must traverse
         tar -C "$dir" -c . >"$BASE_TAR.part" && mv "$BASE_TAR.part" "$BASE_TAR"
         rm -rf "$dir"
     fi
@@ -71,14 +72,15 @@ build_wheels() {
 }
 
 # A build context of its own per image (hard links where possible), so the worker's
-# 190 MB torch wheel is not sent with the other two.
+# 190 MB torch wheel is not sent with the other two. Few instructions per Dockerfile: on
+# vfs storage every step copies the whole file system.
 context() {
     local name=$1 requirements=$2 ctx=$CACHE/context-$1
     rm -rf "$ctx"
     mkdir -p "$ctx/wheels"
     cp "$HERE/Dockerfile.$name" "$ctx/Dockerfile"
     if [ -n "$requirements" ]; then
-        cp "$HERE/$requirements" "$ctx/requirements.txt"
+        cp "$HERE/$requirements" "$ctx/wheels/requirements.txt"
         local spec file
         while read -r spec; do
             spec=${spec%%#*}; spec=${spec// /}

@@ -35,6 +35,7 @@ from shared.ids import validate_id
 from shared.messages import NodeStatus, ServiceStatus
 from shared.process import first_edgesplit_error
 from shared.security.reporting import HEARTBEAT_S
+from shared.subscription import Subscription
 from shared.topics import NODE_STATUS, SERVICE_STATUS
 
 DEFAULT_MAX_AGE_S = 3 * HEARTBEAT_S
@@ -116,6 +117,7 @@ async def read_status(settings: BusSettings, target: Target,
     Raises BusError when the broker does not answer within ``wait_s``."""
     origin = f"health-{secrets.token_hex(4)}"
     async with Bus(settings, origin=origin) as bus:
+        subscription: Subscription[NodeStatus] | Subscription[ServiceStatus]
         if target.kind == "node":
             subscription = bus.subscribe(NODE_STATUS, node=target.name)
         else:
