@@ -67,7 +67,10 @@ build_wheels() {
     mkdir -p "$out/src"
     cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/services" "$ROOT/shared" "$out/src/"
     find "$out/src" -name __pycache__ -prune -exec rm -rf {} +
-    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation --wheel-dir "$wheels" "$out/src"
+    # reproducible (fixed zip timestamps): unchanged sources give the same wheel, so the
+    # image layers that install it come from the build cache
+    SOURCE_DATE_EPOCH=315532800 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation \
+        --wheel-dir "$wheels" "$out/src"
     rm -rf "$out"
 }
 
@@ -77,7 +80,7 @@ build_wheels() {
 context() {
     local name=$1 requirements=$2 ctx=$CACHE/context-$1
     rm -rf "$ctx"
-    mkdir -p "$ctx/wheels"
+    mkdir -p "$ctx/wheels" "$ctx/app"
     cp "$HERE/Dockerfile.$name" "$ctx/Dockerfile"
     if [ -n "$requirements" ]; then
         cp "$HERE/$requirements" "$ctx/wheels/requirements.txt"
@@ -88,7 +91,7 @@ context() {
             file=$(wheel_for "$spec")
             ln "$file" "$ctx/wheels/" 2>/dev/null || cp "$file" "$ctx/wheels/"
         done <"$HERE/$requirements"
-        cp "$CACHE"/wheels/edgesplit-*.whl "$ctx/wheels/"
+        cp "$CACHE"/wheels/edgesplit-*.whl "$ctx/app/"
     fi
     echo "$ctx"
 }
