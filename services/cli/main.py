@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "services.cli.scenario",
     "services.cli.creds",
     "services.cli.serve_shards",
+    "services.cli.health",
 )
 
 

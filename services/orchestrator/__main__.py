@@ -23,8 +23,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
         description="The edgesplit adaptive orchestrator: watches the capacity profile, asks "
         "the split reviser for candidates, and decides keep / migrate / re-split.",
     )
-    parser.add_argument("--shards", dest="shards_dir", type=Path, required=True,
-                        help="shard store of the served model (written by `edgesplit shard`)")  # fmt: skip
+    parser.add_argument("--shards", dest="shards_dir", type=Path,
+                        help="shard store of the served model (written by `edgesplit shard`; "
+                             "env EDGESPLIT_SHARDS_DIR)")  # fmt: skip
     parser.add_argument("--entry", help="entry node (default: the retained plan's entry)")
     parser.add_argument("--expect-nodes", help="comma-separated nodes the first plan waits for")
     parser.add_argument("--policy", choices=("adaptive", "migrate", "static"),

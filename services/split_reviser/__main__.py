@@ -18,8 +18,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
         description="The edgesplit split reviser: answers plan requests (a live capacity "
         "profile, privacy policy and objective) with the best split and its alternatives.",
     )
-    parser.add_argument("--shards", dest="shards_dir", type=Path, required=True,
-                        help="shard store of the served model (written by `edgesplit shard`)")  # fmt: skip
+    parser.add_argument("--shards", dest="shards_dir", type=Path,
+                        help="shard store of the served model (written by `edgesplit shard`; "
+                             "env EDGESPLIT_SHARDS_DIR)")  # fmt: skip
     parser.add_argument("--solve-timeout-s", type=float,
                         help="deadline for one plan request, seconds (default 10)")  # fmt: skip
     parser.add_argument("--max-parallel-solves", type=int,

@@ -32,6 +32,7 @@ from shared.planning.live import LiveProfileError, problem_from_profile
 from shared.planning.objectives import ObjectiveWeights, objective_terms
 from shared.planning.problem import Placement, Problem
 from shared.planning.solver import PlanResult, solve
+from shared.security.reporting import report_refusals
 from shared.topics import REVISER_REPLIES, REVISER_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class SplitReviserService:
         self.manifest = store.manifest
         async with Bus(self.settings, origin=self._origin) as bus, asyncio.TaskGroup() as tasks:
             tasks.create_task(self._serve(bus, tasks), name="plan-requests")
+            # no refusals to count: the retained status is its heartbeat (`edgesplit health`)
+            tasks.create_task(report_refusals(bus, self.settings.client_id or "split-reviser", dict),
+                              name="status")  # fmt: skip
 
     async def _serve(self, bus: Bus, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.settings.max_parallel_solves)

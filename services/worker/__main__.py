@@ -19,9 +19,11 @@ from shared.topology import load_topology
 def parse_args(argv: list[str] | None = None) -> Any:
     parser = OneLineParser(prog="python -m services.worker",
                            description="An edgesplit worker: one edge node hosting a model segment.")  # fmt: skip
-    parser.add_argument("--node-id", required=True, help="this node's id ([A-Za-z0-9_-], 1-64)")
+    # Not required here: EDGESPLIT_NODE_ID and EDGESPLIT_SHARDS_DIR may give them (containers);
+    # missing from both, the settings refuse to load (ConfigError, exit 2).
+    parser.add_argument("--node-id", help="this node's id ([A-Za-z0-9_-], 1-64; env EDGESPLIT_NODE_ID)")
     parser.add_argument("--shards", dest="shards_dir", type=Path,
-                        help="folder written by `edgesplit shard`")  # fmt: skip
+                        help="folder written by `edgesplit shard` (env EDGESPLIT_SHARDS_DIR)")  # fmt: skip
     parser.add_argument("--shards-url", help="or: http(s) URL serving such a folder (fetched, verified, cached)")
     parser.add_argument("--topology", type=Path,
                         help="topology file: takes this node's trust, memory, speed, threads and links")  # fmt: skip
@@ -45,6 +47,8 @@ def settings_from(args: Any) -> WorkerSettings:
     """CLI > topology file > EDGESPLIT_* environment > defaults."""
     from_topology: dict[str, Any] = {}
     if args.topology is not None:
+        if args.node_id is None:
+            raise ConfigError("--topology needs --node-id (the node to take from it)")
         topology = load_topology(args.topology)
         node = topology.node(args.node_id)
         from_topology = {

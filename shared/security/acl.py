@@ -108,7 +108,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         ROLLOUT_RESULTS: PUB,
         ROLLOUT_LEDGER: BOTH,
         POLICY: SUB,  # refuses a rollout that breaks the policy in force (signing.py)
-        SERVICE_STATUS: Grant(publish=Scope.OWN),  # its refusal counters
+        SERVICE_STATUS: Grant(Scope.OWN, Scope.OWN),  # refusal counters; `edgesplit health` reads
     },
     Role.ORCHESTRATOR: {
         PLAN: SUB,
@@ -121,11 +121,12 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         REVISER_REQUESTS: PUB,
         REVISER_REPLIES: Grant(subscribe=Scope.OWN),
         ROLLOUTS: PUB,
-        SERVICE_STATUS: Grant(publish=Scope.OWN),
+        SERVICE_STATUS: Grant(Scope.OWN, Scope.OWN),
     },
     Role.SPLIT_REVISER: {
         REVISER_REQUESTS: SUB,
         REVISER_REPLIES: Grant(publish=Scope.ANY),  # to whoever asked (reply_to)
+        SERVICE_STATUS: Grant(Scope.OWN, Scope.OWN),  # its heartbeat; `edgesplit health` reads
     },
     Role.MONITOR: {
         NODE_STATUS: SUB,
@@ -133,7 +134,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         EMULATION_STATE: SUB,
         CAPACITY: BOTH,  # reads its own retained profile back after a restart
         PROFILE_EVENTS: PUB,
-        SERVICE_STATUS: Grant(publish=Scope.OWN),
+        SERVICE_STATUS: Grant(Scope.OWN, Scope.OWN),
     },
     Role.OPERATOR: {  # and it reads everything: READ_ALL
         POLICY: PUB,

@@ -54,7 +54,8 @@ PUBLISHERS: dict[str, dict[Role, str]] = {
     "policy/privacy": {Role.OPERATOR: "any"},
     "nodes/{node}/emulation": {Role.OPERATOR: "any"},
     "nodes/{node}/requests": {Role.CLIENT: "any"},
-    "services/{service}/status": {Role.BROADCASTER: "own", Role.ORCHESTRATOR: "own", Role.MONITOR: "own"},
+    "services/{service}/status": {Role.BROADCASTER: "own", Role.ORCHESTRATOR: "own", Role.MONITOR: "own",
+                                  Role.SPLIT_REVISER: "own"},
 }
 
 
