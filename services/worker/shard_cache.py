@@ -31,6 +31,11 @@ class CachedShards:
         return self.store.config
 
     @property
+    def weight_precision(self) -> str:
+        """How the store keeps linear weights (the manifest's ``weights``)."""
+        return self.store.weight_precision
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.store.tokenizer_path
 

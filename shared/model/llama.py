@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from shared.errors import ModelError
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache
-from shared.model.layers import activation_fn, attend, merge_heads, rms_norm, split_heads
+from shared.model.layers import activation_fn, attend, linear, merge_heads, rms_norm, split_heads
+from shared.model.quant import Weight
 
 Tensors = Mapping[str, torch.Tensor]
+Linears = Mapping[str, Weight]  # linear weights: tensors or packed kernels (quant.py)
 
 
 def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -36,6 +37,16 @@ def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def is_unused_entry(config: ModelConfig, name: str) -> bool:
     """Entry tensors a checkpoint may carry that are not loaded (a tied head's copy)."""
     return name == "lm_head.weight" and config.tie_word_embeddings
+
+
+def head_source(config: ModelConfig) -> str | None:
+    """The entry tensor the output head multiplies by ([V, H])."""
+    return "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+
+def linear_weights(config: ModelConfig) -> dict[str, bool]:
+    """A block's linear weights (all stored [out, in]: False = not transposed)."""
+    return {name: False for name in block_shapes(config) if name.endswith("proj.weight")}
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -90,15 +101,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaEntry:
-    """Token embedding in; final RMSNorm + (tied or own) head out."""
+    """Token embedding in; final RMSNorm + head out. ``head`` is ``head_source``'s
+    tensor [V, H] (the embedding when tied), or its quantised kernel (runtime.py)."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, head: Weight | None) -> None:
         self.config = config
         self.token_embedding = tensors["embed_tokens.weight"]  # [V, H]
         self.final_norm = tensors["norm.weight"]  # [H]
-        self.head = (
-            self.token_embedding if config.tie_word_embeddings else tensors["lm_head.weight"]
-        )
+        self.head = head if head is not None else tensors[head_source(config) or ""]
 
     def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
         """[T] token ids -> [T, H]; positions enter later, through RoPE in each block."""
@@ -106,7 +116,7 @@ class LlamaEntry:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] next-token logits."""
-        return rms_norm(hidden, self.final_norm, self.config.norm_eps) @ self.head.T
+        return linear(rms_norm(hidden, self.final_norm, self.config.norm_eps), self.head)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """Not defined for a causal language model."""
@@ -116,10 +126,11 @@ class LlamaEntry:
 class LlamaBlock:
     """x + Attn(RMSNorm(x)); then + SwiGLU(RMSNorm(.)). Causal GQA with RoPE."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, linears: Linears) -> None:
         self.config = config
         self.activation = activation_fn(config.activation)
-        self.w = dict(tensors)
+        self.w = dict(tensors)  # norms and biases
+        self.linears = dict(linears)  # "self_attn.q_proj.weight" ... [out, in]
 
     def forward(self, x: torch.Tensor, kv: BlockCache | None, start_position: int) -> torch.Tensor:
         """[T, H] at positions start_position.. -> [T, H]; appends K, V to ``kv``."""
@@ -128,7 +139,7 @@ class LlamaBlock:
         return x + self._mlp(rms_norm(x, w["post_attention_layernorm.weight"], eps))
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
+        return linear(x, self.linears[f"{name}.weight"], self.w.get(f"{name}.bias"))
 
     def _attention(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int

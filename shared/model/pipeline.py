@@ -63,19 +63,23 @@ def segment_ranges(num_layers: int, splits: Sequence[int]) -> list[tuple[int, in
 class LocalPipeline:
     """Entry + segments of one model in this process.
 
-    Raises CheckpointError / UnsafeCheckpointError for a bad folder, ConfigError for bad
-    splits.
+    ``weights`` (fp32, bf16, int8, int4; default: as the source stores them) quantises
+    the linear weights at load (shared/model/quant.py). Raises CheckpointError /
+    UnsafeCheckpointError for a bad folder, ConfigError for bad splits or precision.
     """
 
     def __init__(
-        self, model_dir: Path | str | TensorSource, splits: Sequence[int] = (), device: str = "cpu"
-    ) -> None:
+        self, model_dir: Path | str | TensorSource, splits: Sequence[int] = (), device: str = "cpu",
+        weights: str | None = None,
+    ) -> None:  # fmt: skip
         source = model_dir if isinstance(model_dir, TensorSource) else Checkpoint(Path(model_dir))
         self.source = source
         self.config: ModelConfig = source.config
         self.ranges = segment_ranges(self.config.num_layers, list(splits))
-        self.entry = EntryRuntime(source, device)
-        self.segments = [SegmentRuntime(source, start, end, device) for start, end in self.ranges]
+        self.entry = EntryRuntime(source, device, weights)
+        self.segments = [
+            SegmentRuntime(source, start, end, device, weights) for start, end in self.ranges
+        ]
         self._tokenizer: TextTokenizer | None = None
 
     @property
