@@ -65,7 +65,8 @@ class Int8Linear:
         zero_points = torch.zeros(out_features, dtype=torch.long)
         with warnings.catch_warnings():  # quantised tensor creation is marked deprecated
             warnings.simplefilter("ignore")
-            quantised = torch._make_per_channel_quantized_tensor(
+            # the public quantize_per_channel would need the fp32 weights: build from int8
+            quantised = torch._make_per_channel_quantized_tensor(  # noqa: SLF001
                 values.contiguous(), scales.to(torch.float64), zero_points, 0
             )
             self._packed = torch.ops.quantized.linear_prepack(quantised, None)

@@ -40,7 +40,6 @@ from shared.model.safetensors_check import check_file, check_header
 from shared.model.shard_files import ShardFiles, forget_verified
 from shared.model.shard_write import Progress, write_shards
 
-
 _QUANTISED_DTYPES = (torch.int8, torch.uint8)  # int8 values; int4 packed two a byte
 
 
