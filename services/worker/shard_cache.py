@@ -1,16 +1,24 @@
 """Recently used block weights kept in memory, so a boundary move between nodes that
-already hold the weights costs no load (and no sha256 pass)."""
+already hold the weights costs no load (and no sha256 pass).
+
+The cache keeps blocks as the segment runs them (``loaded_block``: fp32 tensors and
+linear weights, quantised kernels included), so a segment and the cache share one copy:
+an int8 block is held once, packed, not once as stored and once packed."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from shared.model.config import ModelConfig
+from shared.model.quant import Weight, weight_bytes
 from shared.model.shard import ShardStore
+
+LoadedBlock = tuple[dict[str, torch.Tensor], dict[str, Weight]]
 
 
 class CachedShards:
@@ -22,8 +30,8 @@ class CachedShards:
         self.max_bytes = max_bytes
         self.loads = 0
         """Blocks read from the store so far (each verified against the manifest)."""
-        self._blocks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
-        self._bytes: dict[int, int] = {}
+        self._blocks: OrderedDict[tuple[int, str], LoadedBlock] = OrderedDict()
+        self._bytes: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -44,21 +52,30 @@ class CachedShards:
 
     def holds(self, index: int) -> bool:
         with self._lock:
-            return index in self._blocks
+            return any(key[0] == index for key in self._blocks)
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index`` as stored (not cached: segments load through ``loaded_block``)."""
+        return self.store.block_tensors(index)
+
+    def loaded_block(
+        self, index: int, precision: str, load: Callable[[dict[str, torch.Tensor]], LoadedBlock]
+    ) -> LoadedBlock:
+        """Block ``index`` as a segment runs it at ``precision``: cached, or ``load`` applied
+        to the stored tensors (verified against the manifest) and kept."""
+        key = (index, precision)
         with self._lock:
-            cached = self._blocks.get(index)
+            cached = self._blocks.get(key)
             if cached is not None:
-                self._blocks.move_to_end(index)
+                self._blocks.move_to_end(key)
                 return cached
-        tensors = self.store.block_tensors(index)  # verifies sha256; outside the lock
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        loaded = load(self.store.block_tensors(index))  # verifies sha256; outside the lock
+        size = weight_bytes({**loaded[0], **loaded[1]})
         with self._lock:
             self.loads += 1
-            self._blocks[index] = tensors
-            self._bytes[index] = size
+            self._blocks[key] = loaded
+            self._bytes[key] = size
             while sum(self._bytes.values()) > self.max_bytes and len(self._blocks) > 1:
                 oldest, _ = self._blocks.popitem(last=False)
                 del self._bytes[oldest]
-        return tensors
+        return loaded

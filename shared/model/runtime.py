@@ -32,6 +32,7 @@ from shared.model.quant import (
 )
 from shared.model.source import TensorSource
 
+_Loaded = tuple[dict[str, torch.Tensor], dict[str, Weight]]
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "bert": bert}
 
 
@@ -162,15 +163,21 @@ class SegmentRuntime:
         """Bytes the loaded blocks' weights hold (tensors and quantised kernels)."""
         for index in range(start, end):
             where = f"block {index}"
-            tensors, linears = load_weights(
-                where, source.block_tensors(index), linear_names, shapes, self.weights
-            )
-            check_tensors(where, {**tensors, **linears}, shapes)
-            tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
-            linears = {
-                name: weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
-                for name, weight in linears.items()
-            }
+
+            def load(stored: dict[str, torch.Tensor], where: str = where) -> _Loaded:
+                tensors, linears = load_weights(where, stored, linear_names, shapes, self.weights)
+                check_tensors(where, {**tensors, **linears}, shapes)
+                return (
+                    {name: tensor.to(self.device) for name, tensor in tensors.items()},
+                    {name: weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
+                     for name, weight in linears.items()},
+                )  # fmt: skip
+
+            cache = getattr(source, "loaded_block", None)  # a worker's shard cache
+            if cache is not None:
+                tensors, linears = cache(index, self.weights, load)
+            else:
+                tensors, linears = load(source.block_tensors(index))
             self.weight_bytes += weight_bytes({**tensors, **linears})
             self._blocks.append(block_class(self.config, tensors, linears))
 
