@@ -9,6 +9,7 @@ Shapes: T tokens, H hidden, V vocabulary, nh / nkv heads, d head_dim, I MLP widt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -83,9 +84,17 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def rotary_tables(
     config: ModelConfig, start_position: int, count: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions start_position .. + count, each [count, d]."""
-    half = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
-    inverse_frequency = 1.0 / (config.rope_theta**half)  # [d/2]
+    """cos and sin for positions start_position .. + count, each [count, d]. Every block
+    of a step asks for the same tables: they are computed once (read-only, shared)."""
+    return _rotary_tables(config.rope_theta, config.head_dim, start_position, count, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _rotary_tables(
+    theta: float, head_dim: int, start_position: int, count: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    half = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inverse_frequency = 1.0 / (theta**half)  # [d/2]
     positions = torch.arange(
         start_position, start_position + count, dtype=torch.float32, device=device
     )
