@@ -146,3 +146,16 @@ def test_cli_shard_and_local_weights(tiny: dict[str, Path], tmp_path: Path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--weights" in err and "Traceback" not in err
+
+
+def test_planner_counts_held_bytes_per_precision(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from shared.planning.live import layers_from_manifest
+
+    held = {}
+    for weights in ("fp32", "int8"):
+        write_shards(tiny["llama"], tmp_path / weights, weights=weights)
+        manifest = ShardStore(tmp_path / weights).manifest
+        held[weights] = [layer.weight_bytes for layer in layers_from_manifest(manifest)]
+        per_parameter = 4 if weights == "fp32" else 2
+        assert held[weights] == [float(per_parameter * b.parameters) for b in manifest.blocks]
+    assert sum(held["int8"]) == sum(held["fp32"]) / 2
