@@ -1,95 +1,134 @@
-"""One hop over a slow emulated link: fp32 against fp16 and int8 activation frames.
+"""One decode hop over a slow emulated link: fp32 against fp16 and int8 activation frames.
 
-Two real workers on a real Mosquitto hold SmolLM2 ``car [0, 15)`` and ``rsu [15, 30)``;
-``car`` (the entry) shapes its egress to ``rsu`` to ``--rate`` bytes/s (the worker's own
-link emulation, services/worker/shaper.py; default 20 kB/s) and sends its activation
-frames at the precision under test (``--activation-precision``). The result frame back
-to the entry is unshaped and stays fp32. For each variant the workers are started
-afresh, one warm-up request runs, then ``--repeats`` greedy requests of ``--tokens``
-tokens; the median time per output token (TPOT, from the entry's RequestFinished) is
-printed. The hop's time per token is a variant's TPOT minus the unshaped fp32 TPOT of
-the same run (compute, broker and the result hop cancel out); the last column is fp32's
-hop time over the variant's (issue #22 asks int8 >= 3x at 20 kB/s).
+The activation is SmolLM2's real hidden state after block 15 of a greedy decode step
+([1, 576]; ``LocalPipeline`` cut at 15). For each precision the hop runs the data plane's
+own code, one frame at a time as decode does: ``compress_activation``, ``encode_frame``
+with an HMAC key, the worker's egress shaper (services/worker/shaper.py) set to
+``--rate`` bytes/s (default 20 kB/s, no added latency), a QoS 0 publish through a real
+Mosquitto (TCP_NODELAY, the project's config), the subscriber's ``decode_frame``, MAC
+check and ``decompress_activation``. The time from before compression to after
+decompression is the hop's time per token; the table gives its median over
+``--frames`` frames, the frame size, fp32's hop time over each precision's (issue #22
+asks int8 >= 3x at 20 kB/s) and the largest error of the restored activation relative to
+the row's largest value. An unshaped row per precision shows the software cost alone.
 
-    .venv/bin/python -m bench.activation_link [--rate 20000] [--tokens 16] [--repeats 3]
+    .venv/bin/python -m bench.activation_link [--rate 20000] [--frames 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import secrets
+import socket
 import statistics
-import sys
-import tempfile
-from pathlib import Path
+import time
 
-from services.cli.client import ClientOptions, request
-from services.cli.launcher import ensure_shards
+import aiomqtt
+import numpy as np
+import torch
+
+from bench.local import resolve_model
+from services.worker.shaper import EgressShaper, LinkShape
 from shared.broker import start_local_broker
-from shared.messages import GenerateRequest, RequestFinished
-from shared.model.prepare import default_models_dir, prepare_model
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for
+from shared.frame_headers import ActivationHeader
+from shared.model.pipeline import LocalPipeline
+from shared.tensor_frame import (
+    compress_activation,
+    decode_frame,
+    decompress_activation,
+    encode_frame,
+    mac_ok,
+)
 
-PROMPT_IDS = (1, 504, 3458, 282, 4649, 314, 7042, 30)
-LAYOUT = (("car", 0, 15), ("rsu", 15, 30))
-VARIANTS = (("unshaped", "fp32", False), ("fp32", "fp32", True), ("fp16", "fp16", True),
-            ("int8", "int8", True))  # fmt: skip
+PRECISIONS = ("fp32", "fp16", "int8")
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
-def run_variant(shards: Path, broker_url: str, name: str, precision: str, shaped: bool,
-                rate: float, tokens: int, repeats: int) -> list[float]:  # fmt: skip
-    """TPOT (s) of ``repeats`` requests on a fresh pair of workers."""
-    settings = settings_for(broker_url, f"benchlink{name}")
-    root = Path(tempfile.mkdtemp(prefix=f"bench-link-{name}-"))
-    workers = WorkerCluster(broker_url, settings.cluster, shards, root)
-    car_args = ["--trust", "2", "--activation-precision", precision]
-    if shaped:
-        car_args += ["--links", json.dumps({"rsu": [rate, 0.0]})]
-    try:
-        workers.start("car", *car_args)
-        workers.start("rsu", "--trust", "1")
-        plan = make_plan(1, "car", LAYOUT, settings.plan_signing_key)
-        assert not asyncio.run(publish_plan(settings, plan, 300)), workers.log_tail("car")
-        results = []
-        for index in range(repeats + 1):
-            def make(client: str, index: int = index) -> GenerateRequest:
-                return GenerateRequest(request_id=f"{name}{index}", reply_to=client,  # type: ignore[arg-type]
-                                       token_ids=PROMPT_IDS, max_new_tokens=tokens)  # fmt: skip
+def decode_activation(model: str) -> np.ndarray:
+    """SmolLM2's hidden state [1, H] after block 15, at the first decode step."""
+    pipeline = LocalPipeline(resolve_model(model), [15])
+    ids = pipeline.tokenizer.encode(PROMPT)
+    caches = [segment.new_cache() for segment in pipeline.segments]
+    hidden = pipeline.hidden_states(torch.tensor(ids), caches, 0)
+    token = int(pipeline.entry.logits(hidden[-1:])[0].argmax())
+    step = pipeline.entry.embed(torch.tensor([token]), len(ids))
+    out = pipeline.segments[0].forward(step, caches[0], len(ids))
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
-            result = asyncio.run(request(ClientOptions(settings, timeout_s=300), make))
-            assert isinstance(result, RequestFinished)
-            if index:  # the first request warms up
-                results.append(result.tpot_s)
-        return results
-    finally:
-        workers.stop()
+
+async def hop_times(port: int, activation: np.ndarray, precision: str, rate: float | None,
+                    frames: int) -> tuple[list[float], int, float]:  # fmt: skip
+    """(seconds per hop, frame bytes, max relative error) of ``frames`` sequential frames."""
+    key, topic = secrets.token_bytes(32), f"bench/link/{secrets.token_hex(4)}"
+    received: asyncio.Queue[np.ndarray] = asyncio.Queue()
+    hidden = activation.shape[1]
+    async with (
+        aiomqtt.Client("127.0.0.1", port, socket_options=_NODELAY) as sender,
+        aiomqtt.Client("127.0.0.1", port, socket_options=_NODELAY) as receiver,
+    ):
+        await receiver.subscribe(topic, qos=0)
+
+        async def receive() -> None:
+            async for message in receiver.messages:
+                header, array = decode_frame(message.payload)  # type: ignore[arg-type]
+                if not mac_ok(key, header, array):
+                    raise RuntimeError("MAC check failed")
+                received.put_nowait(decompress_activation(array, hidden))
+
+        async def publish(_destination: str, frame: bytes) -> None:
+            await sender.publish(topic, frame, qos=0)
+
+        shaper = EgressShaper(publish)
+        if rate is not None:
+            shaper.schedule.set_shape("rsu", LinkShape(rate, 0.0))
+        times, size, error = [], 0, 0.0
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(receive()), group.create_task(shaper.run())]
+            await asyncio.sleep(0.05)
+            for seq in range(frames + 1):
+                header = ActivationHeader(request_id="bench", step=seq, epoch=1, seq=seq, src="car",  # type: ignore[arg-type]
+                                          sent_at=time.time(), target=15, pos=0, last_only=True,
+                                          pass_id=seq)  # fmt: skip
+                began = time.perf_counter()
+                frame = encode_frame(header, compress_activation(activation, precision), key)
+                await shaper.send("rsu", frame)
+                restored = await asyncio.wait_for(received.get(), timeout=30)
+                if seq:  # the first frame warms the connections up
+                    times.append(time.perf_counter() - began)
+                size = len(frame)
+                row_max = np.abs(activation).max(axis=1, keepdims=True)
+                error = max(error, float((np.abs(restored - activation) / row_max).max()))
+            for task in tasks:
+                task.cancel()
+    return times, size, error
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--rate", type=float, default=20_000.0, help="link bytes/s (car -> rsu)")
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=20_000.0, help="link bytes/s")
+    parser.add_argument("--frames", type=int, default=20)
     args = parser.parse_args()
-    model_dir = prepare_model(args.model, progress=lambda line: print(line, file=sys.stderr))
-    shards = ensure_shards(model_dir, default_models_dir() / f"{model_dir.name}-shards")
+    torch.set_num_threads(1)
+    activation = decode_activation(args.model)
     broker = start_local_broker()
+    port = int(broker.url.rsplit(":", 1)[1])
     try:
-        tpot = {name: statistics.median(run_variant(shards, broker.url, name, precision, shaped,
-                                                    args.rate, args.tokens, args.repeats))
-                for name, precision, shaped in VARIANTS}  # fmt: skip
+        rows = {}
+        for rate in (None, args.rate):
+            for precision in PRECISIONS:
+                times, size, error = asyncio.run(hop_times(port, activation, precision, rate, args.frames))
+                rows[(rate, precision)] = (statistics.median(times), size, error)
     finally:
         broker.close()
-    print(f"{model_dir.name}, car [0,15) -> rsu [15,30), link {args.rate / 1e3:.0f} kB/s, "
-          f"{args.tokens} tokens, median of {args.repeats}")  # fmt: skip
-    print(f"{'frames':10} {'TPOT ms':>9} {'hop ms/token':>13} {'fp32 hop / hop':>15}")
-    fp32_hop = tpot["fp32"] - tpot["unshaped"]
-    for name, _, shaped in VARIANTS:
-        hop = tpot[name] - tpot["unshaped"] if shaped else 0.0
-        ratio = f"{fp32_hop / hop:14.2f}x" if shaped and hop > 0 else f"{'-':>15}"
-        print(f"{name:10} {tpot[name] * 1e3:9.1f} {hop * 1e3:13.1f} {ratio}")
+    print(f"decode activation {list(activation.shape)} after block 15, {args.frames} frames, median")
+    print(f"{'link':>10} {'frames':7} {'bytes':>6} {'hop ms':>8} {'fp32 / this':>12} {'max rel err':>12}")
+    for (rate, precision), (hop_s, size, error) in rows.items():
+        link = "unshaped" if rate is None else f"{rate / 1e3:.0f} kB/s"
+        ratio = rows[(rate, "fp32")][0] / hop_s
+        print(f"{link:>10} {precision:7} {size:6d} {hop_s * 1e3:8.2f} {ratio:11.2f}x {error:12.5f}")
     return 0
 
 

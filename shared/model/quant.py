@@ -10,9 +10,9 @@ Precisions (``--weights``):
 - ``fp32``: as today.
 - ``bf16``: weights held in bfloat16, run with a bf16 ``F.linear`` (half the memory).
 - ``int8``: symmetric int8 per output channel (scale = max|w| / 127, one fp32 scale per
-  row), run with fbgemm's dynamic quantised linear (activations quantised per call,
-  ``reduce_range`` on: this CPU has no VNNI, and 8-bit activations saturate fbgemm's
-  16-bit accumulation). ``_weight_int8pack_mm`` was measured 10x slower than fp32 here.
+  row), run with fbgemm's dynamic quantised linear (activations quantised per call, per
+  row (``Int8Linear``), ``reduce_range`` on: this CPU has no VNNI, and 8-bit
+  activations saturate fbgemm's 16-bit accumulation). ``_weight_int8pack_mm`` was measured 10x slower than fp32 here.
 - ``int4``: symmetric int4 in groups of ``INT4_GROUP_SIZE`` input columns (one fp32
   scale per group), two values a byte. No int4 kernel on this CPU beats fp32
   (``_weight_int4pack_mm_for_cpu`` is 16x slower), so at load the int4 values are
@@ -74,8 +74,15 @@ class Int8Linear:
         self.nbytes = int(values.numel() + scales.numel() * 4)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, in] fp32 -> [T, out] fp32."""
-        return cast(torch.Tensor, torch.ops.quantized.linear_dynamic(x.contiguous(), self._packed, True))
+        """[T, in] fp32 -> [T, out] fp32.
+
+        The kernel quantises its whole input with one scale; rows of a prompt differ in
+        range by orders of magnitude (the first token's hidden state is huge), so each row
+        is brought to max |x| = 1 first and its output scaled back (exact for a linear
+        map): the activations are in effect quantised per row."""
+        row_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # [T, 1]
+        y = torch.ops.quantized.linear_dynamic((x / row_scale).contiguous(), self._packed, True)
+        return cast(torch.Tensor, y * row_scale)
 
 
 class Bf16Linear:
