@@ -19,6 +19,7 @@ from shared.errors import ConfigError, ContextTooLong, ModelError
 from shared.model.checkpoint import Checkpoint
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import SegmentCache
+from shared.model.quant import QUANTISED
 from shared.model.runtime import EntryRuntime, SegmentRuntime
 from shared.model.sampling import Sampler, SamplingParams, check_context, should_stop
 from shared.model.source import TensorSource
@@ -64,7 +65,8 @@ class LocalPipeline:
     """Entry + segments of one model in this process.
 
     ``weights`` (fp32, bf16, int8, int4; default: as the source stores them) quantises
-    the linear weights at load (shared/model/quant.py). Raises CheckpointError /
+    the linear weights at load (shared/model/quant.py), int8 and int4 after one fp32
+    calibration pass (shared/model/calibrate.py) that sets their SmoothQuant factors. Raises CheckpointError /
     UnsafeCheckpointError for a bad folder, ConfigError for bad splits or precision.
     """
 
@@ -76,9 +78,15 @@ class LocalPipeline:
         self.source = source
         self.config: ModelConfig = source.config
         self.ranges = segment_ranges(self.config.num_layers, list(splits))
-        self.entry = EntryRuntime(source, device, weights)
+        ranges, head_amax = None, None
+        stored = str(getattr(source, "weight_precision", "fp32"))
+        if weights in QUANTISED and stored not in QUANTISED:  # calibrate, then quantise
+            from shared.model.calibrate import input_ranges
+
+            ranges, head_amax = input_ranges(LocalPipeline(source, (), device, "fp32"))
+        self.entry = EntryRuntime(source, device, weights, head_amax)
         self.segments = [
-            SegmentRuntime(source, start, end, device, weights) for start, end in self.ranges
+            SegmentRuntime(source, start, end, device, weights, ranges) for start, end in self.ranges
         ]
         self._tokenizer: TextTokenizer | None = None
 

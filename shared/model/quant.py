@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,10 @@ WeightPrecision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[WeightPrecision, ...] = ("fp32", "bf16", "int8", "int4")
 QUANTISED: tuple[WeightPrecision, ...] = ("int8", "int4")
 SCALE_SUFFIX = "_scale"
+SMOOTH_SUFFIX = "_smooth"
+SMOOTH_ALPHA = 0.5
+"""SmoothQuant (Xiao et al., 2023) migration strength: per input channel j the weights
+are multiplied and the activations divided by s_j = max|x_j|^a / max|W_:j|^(1 - a)."""
 INT4_GROUP_SIZE = 32
 _MIN_SCALE = 1e-12  # an all-zero row gets this scale instead of 0 (no division by zero)
 
@@ -59,9 +63,11 @@ class Int8Linear:
     """
 
     def __init__(
-        self, values: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...] | None = None
-    ) -> None:
+        self, values: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...] | None = None,
+        smooth: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         out_features, in_features = values.shape
+        self._inverse_smooth = None if smooth is None else (1.0 / smooth.to(torch.float32))
         zero_points = torch.zeros(out_features, dtype=torch.long)
         with warnings.catch_warnings():  # quantised tensor creation is marked deprecated
             warnings.simplefilter("ignore")
@@ -71,7 +77,7 @@ class Int8Linear:
             )
             self._packed = torch.ops.quantized.linear_prepack(quantised, None)
         self.shape = shape or (int(out_features), int(in_features))  # logical (GPT-2: [in, out])
-        self.nbytes = int(values.numel() + scales.numel() * 4)
+        self.nbytes = int(values.numel() + scales.numel() * 4 + (0 if smooth is None else in_features * 4))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[T, in] fp32 -> [T, out] fp32.
@@ -80,6 +86,8 @@ class Int8Linear:
         range by orders of magnitude (the first token's hidden state is huge), so each row
         is brought to max |x| = 1 first and its output scaled back (exact for a linear
         map): the activations are in effect quantised per row."""
+        if self._inverse_smooth is not None:  # the weights carry the smoothing factors
+            x = x * self._inverse_smooth
         row_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # [T, 1]
         y = torch.ops.quantized.linear_dynamic((x / row_scale).contiguous(), self._packed, True)
         return cast(torch.Tensor, y * row_scale)
@@ -97,7 +105,15 @@ class Bf16Linear:
         return F.linear(x.to(torch.bfloat16), self.weight).to(torch.float32)
 
 
-PackedLinear = Int8Linear | Bf16Linear
+class PackedLinear(Protocol):
+    """What stands in for a linear weight: called on [T, in], gives [T, out]."""
+
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 Weight = torch.Tensor | PackedLinear
 
 
@@ -142,15 +158,30 @@ def dequantise_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(out_features, -1)
 
 
-def stored_form(weight: torch.Tensor, precision: WeightPrecision) -> dict[str, torch.Tensor]:
+def smoothing(weight: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant factors [in] for an ``[out, in]`` weight whose inputs reached
+    ``input_amax`` [in] (max |x_j| over calibration tokens)."""
+    weight_amax = weight.abs().amax(dim=0).clamp_min(1e-5)
+    factors = input_amax.to(torch.float32).clamp_min(1e-5) ** SMOOTH_ALPHA / weight_amax ** (1 - SMOOTH_ALPHA)
+    return factors.clamp(1e-3, 1e3)
+
+
+def stored_form(
+    weight: torch.Tensor, precision: WeightPrecision, input_amax: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """What a shard file keeps for an ``[out, in]`` fp32 linear weight: ``{"": values}``
-    plus ``{SCALE_SUFFIX: scales}`` when quantised (suffixes of the weight's name)."""
+    plus ``{SCALE_SUFFIX: scales}`` when quantised (suffixes of the weight's name), and
+    ``{SMOOTH_SUFFIX: factors}`` when calibration ranges ``input_amax`` are given."""
+    extra: dict[str, torch.Tensor] = {}
+    if precision in QUANTISED and input_amax is not None:
+        factors = smoothing(weight.to(torch.float32), input_amax)
+        weight, extra = weight.to(torch.float32) * factors, {SMOOTH_SUFFIX: factors}
     if precision == "int8":
         values, scales = quantise_int8(weight)
-        return {"": values, SCALE_SUFFIX: scales}
+        return {"": values, SCALE_SUFFIX: scales, **extra}
     if precision == "int4":
         packed, scales = quantise_int4(weight)
-        return {"": packed, SCALE_SUFFIX: scales}
+        return {"": packed, SCALE_SUFFIX: scales, **extra}
     if precision == "bf16":
         return {"": weight.to(torch.bfloat16).contiguous()}
     return {"": weight.to(torch.float32).contiguous()}
@@ -165,6 +196,7 @@ def load_weights(
     linears: Mapping[str, bool],
     shapes: Mapping[str, tuple[int, ...]],
     precision: WeightPrecision,
+    input_amax: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Weight]]:
     """Split one block's stored tensors into fp32 tensors and runtime linear weights.
 
@@ -178,7 +210,7 @@ def load_weights(
     tensors: dict[str, torch.Tensor] = {}
     weights: dict[str, Weight] = {}
     for name, tensor in stored.items():
-        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in linears:
+        if _is_companion(name, linears):
             continue
         logical = shapes.get(name)
         if name not in linears or logical is None:
@@ -189,16 +221,23 @@ def load_weights(
         transposed = linears[name]
         out_in = (logical[1], logical[0]) if transposed else (logical[0], logical[1])
         scales = stored.get(name + SCALE_SUFFIX)
+        smooth = stored.get(name + SMOOTH_SUFFIX)
         if scales is not None:
-            weights[name] = _stored_quantised(where, name, tensor, scales, out_in, logical)
+            weights[name] = _stored_quantised(where, name, tensor, scales, out_in, logical, smooth)
         else:
-            weights[name] = _from_float(where, name, tensor, transposed, logical, precision)
+            amax = None if input_amax is None else input_amax.get(name)
+            weights[name] = _from_float(where, name, tensor, transposed, logical, precision, amax)
     return tensors, weights
+
+
+def _is_companion(name: str, linears: Mapping[str, bool]) -> bool:
+    return any(name.endswith(suffix) and name[: -len(suffix)] in linears
+               for suffix in (SCALE_SUFFIX, SMOOTH_SUFFIX))  # fmt: skip
 
 
 def _from_float(
     where: str, name: str, tensor: torch.Tensor, transposed: bool,
-    logical: tuple[int, ...], precision: WeightPrecision,
+    logical: tuple[int, ...], precision: WeightPrecision, input_amax: torch.Tensor | None = None,
 ) -> Weight:  # fmt: skip
     if not tensor.is_floating_point():
         raise CheckpointError(
@@ -210,14 +249,18 @@ def _from_float(
     weight = weight.T.contiguous() if transposed else weight
     if precision == "bf16":
         return Bf16Linear(weight, logical)
+    factors = None
+    if input_amax is not None and tuple(input_amax.shape) == (weight.shape[1],):
+        factors = smoothing(weight, input_amax)
+        weight = weight * factors
     if precision == "int8":
-        return Int8Linear(*quantise_int8(weight), logical)
-    return Int8Linear(*quantise_int8(dequantise_int4(*quantise_int4(weight))), logical)
+        return Int8Linear(*quantise_int8(weight), logical, factors)
+    return Int8Linear(*quantise_int8(dequantise_int4(*quantise_int4(weight))), logical, factors)
 
 
 def _stored_quantised(
     where: str, name: str, values: torch.Tensor, scales: torch.Tensor,
-    out_in: tuple[int, int], logical: tuple[int, ...],
+    out_in: tuple[int, int], logical: tuple[int, ...], smooth: torch.Tensor | None = None,
 ) -> Int8Linear:  # fmt: skip
     out_features, in_features = out_in
 
@@ -226,11 +269,16 @@ def _stored_quantised(
 
     if scales.dtype != torch.float32 or not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
         raise bad("scales must be finite positive fp32 values")
+    if smooth is not None and (
+        smooth.dtype != torch.float32 or tuple(smooth.shape) != (in_features,)
+        or not bool(torch.isfinite(smooth).all()) or bool((smooth <= 0).any())
+    ):  # fmt: skip
+        raise bad(f"smoothing factors must be finite positive fp32 [{in_features}]")
     if values.dtype == torch.int8:
         if tuple(values.shape) != out_in or tuple(scales.shape) != (out_features,):
             raise bad(f"int8 {tuple(values.shape)} with scales {tuple(scales.shape)}, expected "
                       f"{out_in} and ({out_features},)")  # fmt: skip
-        return Int8Linear(values, scales, logical)
+        return Int8Linear(values, scales, logical, smooth)
     if values.dtype == torch.uint8:
         groups = scales.shape[1] if scales.dim() == 2 else 0
         if (
@@ -242,7 +290,7 @@ def _stored_quantised(
             or (in_features // groups) % 2
         ):
             raise bad(f"int4 {tuple(values.shape)} with scales {tuple(scales.shape)} does not fit {out_in}")
-        return Int8Linear(*quantise_int8(dequantise_int4(values, scales)), logical)
+        return Int8Linear(*quantise_int8(dequantise_int4(values, scales)), logical, smooth)
     raise bad(f"dtype {values.dtype} is neither int8 nor packed int4 (uint8)")
 
 

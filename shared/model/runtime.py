@@ -43,6 +43,8 @@ class _Entry(Protocol):
 
 
 class _Block(Protocol):
+    linears: dict[str, Weight]
+
     def forward(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int
     ) -> torch.Tensor: ...
@@ -82,7 +84,10 @@ class EntryRuntime:
     bf16 (shared/model/quant.py).
     """
 
-    def __init__(self, source: TensorSource, device: str = "cpu", weights: str | None = None) -> None:
+    def __init__(
+        self, source: TensorSource, device: str = "cpu", weights: str | None = None,
+        head_input_amax: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.weights = weight_precision(source, weights, device)
@@ -99,12 +104,25 @@ class EntryRuntime:
         head: Weight | None = None
         if head_name is not None and self.weights != "fp32":
             precision: WeightPrecision = "int8" if self.weights in QUANTISED else self.weights
+            if head_input_amax is None:  # a quantised store's calibration (manifest)
+                stored = getattr(source, "head_input_amax", None)
+                head_input_amax = None if stored is None else torch.tensor(stored, dtype=torch.float32)
+            amax = None if head_input_amax is None else {"head": head_input_amax}
             _, packed = load_weights("entry", {"head": tensors[head_name]}, {"head": False},
-                                     {"head": shapes[head_name]}, precision)  # fmt: skip
+                                     {"head": shapes[head_name]}, precision, amax)  # fmt: skip
             head = packed["head"]
             if head_name == "lm_head.weight":  # its own head: the fp32 copy is not kept
                 del tensors[head_name]
         self._entry = _ENTRIES[self.config.architecture](self.config, tensors, head)
+
+    @property
+    def head(self) -> Weight | None:
+        """The output head's weight [V, H] (or its kernel); None for encoders."""
+        return getattr(self._entry, "head", None)
+
+    @head.setter
+    def head(self, weight: Weight) -> None:
+        self._entry.head = weight  # type: ignore[attr-defined]  # decoders only (calibration)
 
     def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
         """[T] long token ids at positions ``start_position``.. -> [T, H].
@@ -144,7 +162,7 @@ class SegmentRuntime:
 
     def __init__(
         self, source: TensorSource, start: int, end: int, device: str = "cpu",
-        weights: str | None = None,
+        weights: str | None = None, input_amax: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:  # fmt: skip
         self.config: ModelConfig = source.config
         if not 0 <= start < end <= self.config.num_layers:
@@ -165,7 +183,8 @@ class SegmentRuntime:
             where = f"block {index}"
 
             def load(stored: dict[str, torch.Tensor], where: str = where) -> _Loaded:
-                tensors, linears = load_weights(where, stored, linear_names, shapes, self.weights)
+                amax = None if input_amax is None else input_amax.get(int(where.split()[1]))
+                tensors, linears = load_weights(where, stored, linear_names, shapes, self.weights, amax)
                 check_tensors(where, {**tensors, **linears}, shapes)
                 return (
                     {name: tensor.to(self.device) for name, tensor in tensors.items()},
@@ -174,12 +193,17 @@ class SegmentRuntime:
                 )  # fmt: skip
 
             cache = getattr(source, "loaded_block", None)  # a worker's shard cache
-            if cache is not None:
+            if cache is not None and input_amax is None:
                 tensors, linears = cache(index, self.weights, load)
             else:
                 tensors, linears = load(source.block_tensors(index))
             self.weight_bytes += weight_bytes({**tensors, **linears})
             self._blocks.append(block_class(self.config, tensors, linears))
+
+    def linear_layers(self) -> list[tuple[int, dict[str, Weight]]]:
+        """(block index, its linear weights by name) for each block: the dicts the blocks
+        use, so a calibration pass can wrap them (shared/model/calibrate.py)."""
+        return [(index, block.linears) for index, block in enumerate(self._blocks, start=self.start)]
 
     def new_cache(self) -> SegmentCache:
         """An empty KV cache for this segment's blocks."""

@@ -58,6 +58,11 @@ class ShardStore(ShardFiles):
         int8, int4; shared/model/quant.py)."""
         return self.manifest.weights
 
+    @property
+    def head_input_amax(self) -> tuple[float, ...] | None:
+        """Calibration ranges of the head's input (int8 / int4 stores), else None."""
+        return self.manifest.head_input_amax
+
     def entry_tensors(self) -> dict[str, torch.Tensor]:
         """Verified entry tensors (fp32), keyed by canonical name."""
         entry = self.manifest.entry

@@ -74,8 +74,9 @@ def write_shards(
             f"cannot create {out_dir}: {error.strerror or error}; choose another --out"
         ) from None
     try:
+        ranges, head_amax = _calibration(checkpoint, precision, report)
         files, blocks = _write_weights(
-            staging, entry_names, block_names, locations, config, report, precision
+            staging, entry_names, block_names, locations, config, report, precision, ranges
         )
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         files[TOKENIZER_FILE] = _digest(staging / TOKENIZER_FILE)
@@ -91,6 +92,7 @@ def write_shards(
             files=files,
             blocks=tuple(blocks),
             weights=precision,
+            head_input_amax=None if head_amax is None else tuple(float(v) for v in head_amax),
             weight_group_size=INT4_GROUP_SIZE if precision == "int4" else 0,
         )
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -141,6 +143,7 @@ def _write_weights(
     config: ModelConfig,
     report: Progress,
     precision: WeightPrecision = "fp32",
+    ranges: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, FileDigest], list[BlockShard]]:
     """Write entry.safetensors and one file per block; returns their digests and blocks."""
     linears = _FAMILIES[config.architecture].linear_weights(config)
@@ -150,13 +153,27 @@ def _write_weights(
     for index in range(config.num_layers):
         name = f"block-{index:03d}.safetensors"
         files[name], names = _write_block_file(
-            staging / name, block_names[index], locations, linears, precision
-        )
+            staging / name, block_names[index], locations, linears, precision,
+            (ranges or {}).get(index, {}),
+        )  # fmt: skip
         blocks.append(_block_shard(index, name, names, files[name], config))
         report(
             f"wrote block {index + 1}/{config.num_layers} ({100 * (index + 1) // config.num_layers}%)"
         )
     return files, blocks
+
+
+def _calibration(
+    checkpoint: Checkpoint, precision: WeightPrecision, report: Progress
+) -> tuple[dict[int, dict[str, torch.Tensor]] | None, torch.Tensor | None]:
+    """Calibration ranges for an int8 / int4 store (one fp32 pass; shared/model/calibrate.py)."""
+    if precision not in ("int8", "int4"):
+        return None, None
+    from shared.model.calibrate import input_ranges
+    from shared.model.pipeline import LocalPipeline
+
+    report("calibrating the activation ranges (one fp32 pass)")
+    return input_ranges(LocalPipeline(checkpoint))
 
 
 def _read_tensors(names: list[str], locations: Mapping[str, Path]) -> dict[str, torch.Tensor]:
@@ -182,6 +199,7 @@ def _write_tensor_file(path: Path, names: list[str], locations: Mapping[str, Pat
 def _write_block_file(
     path: Path, names: list[str], locations: Mapping[str, Path],
     linears: Mapping[str, bool], precision: WeightPrecision,
+    input_amax: Mapping[str, torch.Tensor],
 ) -> tuple[FileDigest, list[str]]:  # fmt: skip
     """One block's file with its linear weights in ``precision``; returns its digest and
     tensor names (scales included, sorted)."""
@@ -194,7 +212,7 @@ def _write_block_file(
             weight = tensors.pop(name)
             if linears[located[1]] and precision != "bf16":
                 weight = weight.T  # quantised values are always [out, in]
-            for suffix, tensor in stored_form(weight, precision).items():
+            for suffix, tensor in stored_form(weight, precision, input_amax.get(located[1])).items():
                 tensors[name + suffix] = tensor
     return _save(path, tensors), sorted(tensors)
 
