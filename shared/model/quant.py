@@ -19,6 +19,13 @@ Precisions (``--weights``):
   dequantised and re-quantised per output channel to int8 and run with the int8
   kernel: int4 quality at int8 speed and int8 memory; it saves disk and transfer only.
 
+Activations are quantised per row inside the kernel; a few channels of Llama-family
+hidden states are 100x larger than the rest, so int8 and int4 weights are smoothed
+(SmoothQuant): per input channel the weights are multiplied and the inputs divided by
+factors from one fp32 calibration pass (shared/model/calibrate.py), stored as
+``NAME_smooth`` [in]. A worker quantising an fp32 store at load has no calibration and
+runs unsmoothed (lower quality): quantise with ``edgesplit shard --weights``.
+
 Stored form in a shard file (``edgesplit shard --weights int8|int4``): the tensor keeps
 its name and holds the integer values ``[out, in]`` (int8) or ``[out, in / 2]`` (uint8,
 low nibble = even column, values + 8); ``NAME_scale`` holds the fp32 scales ``[out]``
