@@ -11,10 +11,31 @@ channel of their row keeps only a few levels (measured: SmolLM2 perplexity +15 %
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
-from shared.model.pipeline import LocalPipeline
+from shared.model.config import ModelConfig
+from shared.model.kv_cache import SegmentCache
 from shared.model.quant import Weight
+from shared.model.runtime import FAMILIES, EntryRuntime, SegmentRuntime
+from shared.model.tokenizer import TextTokenizer
+
+
+class _Pipeline(Protocol):
+    """What calibration needs of a ``LocalPipeline`` (which imports this module)."""
+
+    config: ModelConfig
+    entry: EntryRuntime
+    segments: list[SegmentRuntime]
+
+    @property
+    def tokenizer(self) -> TextTokenizer: ...
+
+    def hidden_states(
+        self, token_ids: torch.Tensor, caches: Sequence[SegmentCache] | None, start_position: int
+    ) -> torch.Tensor: ...
 
 CALIBRATION_TEXT = (
     "Edge computers sit close to where data is made: a road-side unit at a junction, a "
@@ -47,12 +68,10 @@ class _Recorder:
 
 
 def input_ranges(
-    pipeline: LocalPipeline, text: str = CALIBRATION_TEXT
+    pipeline: _Pipeline, text: str = CALIBRATION_TEXT
 ) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor | None]:
     """(block index -> linear name -> max |x| per input channel, the head's) of one pass
     of ``pipeline`` (fp32) over ``text``. The pipeline is left as it was."""
-    from shared.model.runtime import FAMILIES
-
     transposed = FAMILIES[pipeline.config.architecture].linear_weights(pipeline.config)
     recorders: list[tuple[dict[str, Weight], str, _Recorder, int]] = []
     for segment in pipeline.segments:
