@@ -72,6 +72,10 @@ def test_quantised_store_equals_quantising_at_load(
     store = ShardStore(tmp_path / "store")
     assert (store.manifest.weights, store.manifest.weight_group_size) == (
         weights, INT4_GROUP_SIZE if weights == "int4" else 0)  # fmt: skip
+    quantised = weights in ("int8", "int4")
+    smoothed = [n for b in store.manifest.blocks for n in b.tensor_names if n.endswith("_smooth")]
+    assert bool(smoothed) == quantised  # calibrated SmoothQuant factors beside each weight
+    assert (store.manifest.head_input_amax is not None) == (quantised and arch != "bert")
     from_store = LocalPipeline(store, [2])
     at_load = LocalPipeline(tiny[arch], [1, 3], weights=weights)
     fp32 = LocalPipeline(tiny[arch])
@@ -119,6 +123,7 @@ def _rewrite_block(store: Path, change: dict[str, torch.Tensor]) -> None:
         ({"model.layers.1.mlp.up_proj.weight_scale": torch.ones(7)}, "expected"),
         ({"model.layers.1.mlp.up_proj.weight": torch.zeros(128, 64, dtype=torch.int16)}, "int16"),
         ({"model.layers.1.input_layernorm.weight": torch.zeros(64, dtype=torch.int8)}, "int8"),
+        ({"model.layers.1.mlp.up_proj.weight_smooth": -torch.ones(64)}, "smoothing factors"),
     ],
 )
 def test_malformed_quantised_block_is_a_typed_error(
