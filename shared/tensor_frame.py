@@ -221,6 +221,64 @@ def _checked_layout(dtype: Any, shape: Any) -> tuple[np.dtype[Any], tuple[int, .
     return ALLOWED_DTYPES[dtype], shape
 
 
+# --- compressed activations --------------------------------------------------------------
+
+ACTIVATION_PRECISIONS = ("fp32", "fp16", "int8")
+"""How an activation [T, H] may travel: fp32 (exact, the default), fp16, or int8 with one
+float32 scale per row (symmetric, scale = max|row| / 127). The frame's dtype says which:
+float32 [T, H], float16 [T, H], or int8 [T, H + 4] whose last 4 bytes per row are the
+row's little-endian float32 scale. Bytes per element: 4, 2, 1 (+ 4 per row)."""
+_SCALE_BYTES = 4
+
+
+def activation_bytes_per_element(precision: str) -> float:
+    """Wire bytes per activation element at ``precision`` (per-row scales excluded)."""
+    return {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}[precision]
+
+
+def compress_activation(array: np.ndarray, precision: str) -> np.ndarray:
+    """float32 [T, H] -> the array to frame at ``precision`` (see ACTIVATION_PRECISIONS).
+
+    Raises TensorFrameError for an unknown precision or an array that is not float32
+    [T, H] (fp16 clips to +-65504, int8 to +-127 steps of the row's scale)."""
+    if precision not in ACTIVATION_PRECISIONS:
+        raise TensorFrameError(f"activation precision must be one of {ACTIVATION_PRECISIONS}, got {precision!r}")
+    if array.dtype != np.float32 or array.ndim != 2:
+        raise TensorFrameError(f"activations to compress must be float32 [T, H], got {array.dtype}{list(array.shape)}")
+    if precision == "fp32":
+        return array
+    if precision == "fp16":
+        half: np.ndarray = np.clip(array, -65504.0, 65504.0).astype(np.float16)
+        return half
+    scales = np.maximum(np.abs(array).max(axis=1, initial=0.0) / 127.0, np.float32(1e-30))
+    values = np.clip(np.rint(array / scales[:, None]), -127, 127).astype(np.int8)
+    out = np.empty((array.shape[0], array.shape[1] + _SCALE_BYTES), dtype=np.int8)
+    out[:, : array.shape[1]] = values
+    out[:, array.shape[1] :] = scales.astype("<f4").view(np.int8).reshape(-1, _SCALE_BYTES)
+    return out
+
+
+def decompress_activation(array: np.ndarray, hidden: int) -> np.ndarray:
+    """The float32 [T, hidden] an activation frame's array stands for (a new array unless
+    it was float32 already). Raises TensorFrameError for any other dtype or width, or
+    int8 rows whose scale is not a finite non-negative float."""
+    if array.ndim != 2:
+        raise TensorFrameError(f"activation must be 2-D, got {array.dtype}{list(array.shape)}")
+    if array.dtype == np.float32 and array.shape[1] == hidden:
+        return array
+    if array.dtype == np.float16 and array.shape[1] == hidden:
+        return array.astype(np.float32)
+    if array.dtype == np.int8 and array.shape[1] == hidden + _SCALE_BYTES:
+        scales = np.ascontiguousarray(array[:, hidden:]).view("<f4").reshape(-1)
+        if not bool(np.all(np.isfinite(scales))) or bool(np.any(scales < 0)):
+            raise TensorFrameError("int8 activation frame with a bad row scale")
+        return array[:, :hidden].astype(np.float32) * scales[:, None].astype(np.float32)
+    raise TensorFrameError(
+        f"activation must be float32 or float16 [T, {hidden}] or int8 [T, {hidden + _SCALE_BYTES}], "
+        f"got {array.dtype}{list(array.shape)}"
+    )
+
+
 def to_torch(array: np.ndarray) -> Any:
     """A torch tensor sharing ``array``'s memory, without torch's read-only-array warning.
 

@@ -85,6 +85,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument(
+        "--weights", choices=("fp32", "bf16", "int8", "int4"), default=None,
+        help="with --local: quantise the linear weights at load (default: as stored)",
+    )  # fmt: skip
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -166,7 +170,7 @@ def _local_pipeline(args: argparse.Namespace) -> LocalPipeline:
     if not args.model:
         raise ConfigError("--local needs --model DIR (a Hugging Face checkpoint folder)")
     splits = _parse_ids(args.splits, "--splits") if args.splits else []
-    return LocalPipeline(_model_dir(args.model), splits)
+    return LocalPipeline(_model_dir(args.model), splits, weights=args.weights)
 
 
 def _model_dir(name_or_dir: str) -> Path:

@@ -76,14 +76,15 @@ def resolve_model(name: str, models_dir: Path) -> Path:
     return prepare_model(name, progress=say)
 
 
-def ensure_shards(model_dir: Path, shards_dir: Path) -> Path:
-    """Shard ``model_dir`` into ``shards_dir`` unless an up-to-date store is there."""
+def ensure_shards(model_dir: Path, shards_dir: Path, weights: str = "fp32") -> Path:
+    """Shard ``model_dir`` into ``shards_dir`` (linear weights in ``weights``) unless an
+    up-to-date store is there."""
     manifest = shards_dir / MANIFEST_FILE
     newest = max(p.stat().st_mtime for p in model_dir.iterdir() if p.is_file())
     if manifest.is_file() and manifest.stat().st_mtime >= newest:
         return shards_dir
     say(f"sharding {model_dir} into {shards_dir}")
-    write_shards(model_dir, shards_dir, progress=say, model_name=model_dir.name)
+    write_shards(model_dir, shards_dir, progress=say, model_name=model_dir.name, weights=weights)
     return shards_dir
 
 
@@ -329,11 +330,13 @@ async def on_daemon_thread(function: Callable[..., T], *args: object) -> T:
     return await future
 
 
-def _prepare(settings: BusSettings, model: str | None, run_dir: Path) -> tuple[Path, Path, int]:
+def _prepare(settings: BusSettings, model: str | None, run_dir: Path,
+             weights: str = "fp32") -> tuple[Path, Path, int]:  # fmt: skip
     """The run folder, the model's checkpoint and its shard store (prepared if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(model or default_model(), settings.models_dir)
-    shards = ensure_shards(model_dir, settings.models_dir / f"{model_dir.name}-shards")
+    store = f"{model_dir.name}-shards" if weights == "fp32" else f"{model_dir.name}-{weights}-shards"
+    shards = ensure_shards(model_dir, settings.models_dir / store, weights)
     return model_dir, shards, ShardStore(shards).config.num_layers
 
 
@@ -343,8 +346,9 @@ OPEN_BROKER = ("the broker is OPEN (anonymous, no TLS): anyone who reaches it ca
 
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
              run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False,
-             secure: SecureOptions | None = None) -> None:  # fmt: skip
-    """Run the stack until cancelled; with ``secure``, on the secure profile."""
+             secure: SecureOptions | None = None, weights: str = "fp32") -> None:  # fmt: skip
+    """Run the stack until cancelled; with ``secure``, on the secure profile; the workers
+    load shards whose linear weights are stored in ``weights`` (`up --weights`)."""
     if secure is None:
         say(OPEN_BROKER)
     topology_path = topology_file or DEFAULT_TOPOLOGY
@@ -352,7 +356,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     # Model preparation, sharding and the broker start block: run them off the loop. The
     # preparation (a download, sharding) may take minutes and starts no process: it runs on
     # a daemon thread, so a signal meanwhile ends `up` at once instead of after it.
-    model_dir, shards, num_layers = await on_daemon_thread(_prepare, settings, model, run_dir)
+    model_dir, shards, num_layers = await on_daemon_thread(_prepare, settings, model, run_dir, weights)
     environments: dict[str, dict[str, str]] = {}
     if secure is None:
         stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
@@ -435,10 +439,11 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
-           static: bool = False, secure: SecureOptions | None = None) -> int:  # fmt: skip
+           static: bool = False, secure: SecureOptions | None = None, weights: str = "fp32") -> int:  # fmt: skip
     """Blocking entry point for the CLI; SIGINT (Ctrl-C) or SIGTERM stops everything it started."""
     try:
-        asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static, secure=secure)))
+        asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static,
+                                        secure=secure, weights=weights)))  # fmt: skip
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     except BaseExceptionGroup as group:

@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.errors import ConfigError
 
 _TINY_ARCHITECTURES = ("gpt2", "llama", "bert")
+WEIGHT_CHOICES = ("fp32", "bf16", "int8", "int4")  # shared/model/quant.py (not imported: torch)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="Hugging Face checkpoint folder (or a packaged model name: smollm2, minilm)")
     shard.add_argument("--out", type=Path, required=True, help="shard store folder to write")
     shard.add_argument("--name", default=None, help="model name recorded in the manifest (default: folder name)")
+    shard.add_argument("--weights", choices=WEIGHT_CHOICES, default="fp32",
+                       help="how the blocks' linear weights are stored (default fp32; int8: per "
+                       "output channel, int4: groups of 32; docs/PERFORMANCE.md)")
     shard.set_defaults(handler=_shard)
 
 
@@ -83,9 +87,11 @@ def _shard(args: argparse.Namespace) -> int:
     from shared.model.shard import ShardStore, write_shards
 
     model_dir = prepare_model(str(args.model_dir), progress=_progress)  # a folder, or smollm2/minilm
-    manifest_path = write_shards(model_dir, args.out, progress=_progress, model_name=args.name)
+    manifest_path = write_shards(
+        model_dir, args.out, progress=_progress, model_name=args.name, weights=args.weights
+    )
     manifest = ShardStore(args.out).manifest
     total_bytes = sum(digest.bytes for digest in manifest.files.values())
-    _progress(f"{manifest.num_blocks} blocks, {total_bytes / 1e6:.1f} MB")
+    _progress(f"{manifest.num_blocks} blocks, {manifest.weights} weights, {total_bytes / 1e6:.1f} MB")
     print(manifest_path)
     return 0

@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     up.add_argument("--broker", help="broker URL (default $EDGESPLIT_BROKER_URL or mqtt://127.0.0.1:1883)")
     up.add_argument("--cluster", help="cluster id (default 'default')")
     up.add_argument("--run-dir", type=Path, help="where worker logs go (default a temp folder)")
+    up.add_argument("--weights", choices=("fp32", "bf16", "int8", "int4"), default="fp32",
+                    help="how the workers' shards store linear weights (default fp32; "
+                         "docs/PERFORMANCE.md, 'Quantised weights')")  # fmt: skip
     up.add_argument("--static", action="store_true",
                     help="publish the static proportional plan instead of running the adaptive control loop")  # fmt: skip
     up.add_argument("--secure", action="store_true",
@@ -99,7 +102,8 @@ def run_up(args: argparse.Namespace) -> int:
         print("edgesplit: error: --state needs --secure", file=sys.stderr)
         return 2
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
-    return launch(_settings(args), args.topology, args.model, run_dir, static=args.static, secure=secure)
+    return launch(_settings(args), args.topology, args.model, run_dir, static=args.static,
+                  secure=secure, weights=args.weights)  # fmt: skip
 
 
 def _secure_problem(args: argparse.Namespace) -> str | None:

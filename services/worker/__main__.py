@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--memory-bytes", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--slowdown", type=float, help="emulated compute slowdown factor (>= 1)")
+    parser.add_argument("--activation-precision", choices=("fp32", "fp16", "int8"),
+                        help="how this node's activation frames travel (default fp32, exact)")  # fmt: skip
     parser.add_argument("--links", help='emulated egress as JSON: {"node": [bytes_per_s, latency_s]}')
     parser.add_argument("--private-blocks", type=int,
                         help="privacy policy: blocks [0, k) need --trusted-level (refuse plans otherwise)")  # fmt: skip
@@ -91,6 +93,7 @@ def settings_from(args: Any) -> WorkerSettings:
         "trusted_level": args.trusted_level,
         "device": args.device,
         "kv_budget_bytes": args.kv_budget_bytes,
+        "activation_precision": args.activation_precision,
     }
     merged = {**from_topology, **{k: v for k, v in cli.items() if v is not None}}
     return load_settings(WorkerSettings, merged)

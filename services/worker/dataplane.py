@@ -41,7 +41,7 @@ from shared.frame_headers import (
 )
 from shared.ids import NodeId, RequestId
 from shared.planning.route import Route
-from shared.tensor_frame import Frame
+from shared.tensor_frame import Frame, compress_activation, decompress_activation
 
 log = logging.getLogger(__name__)
 __all__ = ["DataPlane", "FrameLimits", "FrameRefused", "NoPlan", "NodeLost"]
@@ -79,6 +79,8 @@ class DataPlane:
         self._result_rows: dict[WaitKey, tuple[int, int]] = {}  # (pass id, rows of its result)
         self._epoch_of: dict[str, int] = {}  # request -> newest epoch of its frames here (bounded)
         self._seen: dict[tuple[object, ...], None] = {}  # insertion-ordered, bounded
+        self.activation_precision = "fp32"
+        """How this node's activation frames travel (shared/tensor_frame.py: fp32, fp16, int8)."""
         self.withheld: Callable[[Route, tuple[int, int]], str | None] | None = None
         """The privacy guard's `refusal`: a segment the policy in force forbids here is not run."""
         self.down: set[str] = set()
@@ -224,6 +226,7 @@ class DataPlane:
             self.counters["frames_withheld_privacy"] += 1
             log.warning("%s: request %s not run here: %s", self.node, header.request_id, why)
             return
+        array = decompress_activation(array, self.hidden_size)  # O(bytes); fp32 as it is
         try:
             hidden = await self.compute.run(
                 host.forward, header.request_id, array, header.pos, self.slowdown
@@ -315,6 +318,7 @@ class DataPlane:
             out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
                                    sent_at=sent_at, target=target, pos=header.pos,
                                    last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
+            array = compress_activation(array, self.activation_precision)
         await self._send_payload(route.node_for(target), await self.seal(out, array))
 
     async def pipeline_pass(

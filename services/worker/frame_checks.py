@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.worker.errors import FrameRefused
+from shared.errors import TensorFrameError
 from shared.frame_headers import (
     ActivationHeader,
     FrameHeader,
@@ -34,6 +35,7 @@ from shared.frame_headers import (
     ResultHeader,
 )
 from shared.model.config import ModelConfig
+from shared.tensor_frame import decompress_activation
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +90,19 @@ def check_activation(header: ActivationHeader, array: np.ndarray, limits: FrameL
     Raises FrameRefused naming what is wrong.
     """
     hidden = limits.hidden_size
-    if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != hidden or not array.shape[0]:
+    if array.ndim != 2 or not array.shape[0]:
+        raise FrameRefused(f"activation must be float32 [T, {hidden}] with T >= 1 (or compressed), "
+                           f"got {array.dtype}{list(array.shape)}")  # fmt: skip
+    try:  # fp32, or compressed (fp16; int8 with per-row scales): shared/tensor_frame.py
+        values = decompress_activation(array, hidden) if array.dtype != np.float32 else array
+    except TensorFrameError as error:
+        raise FrameRefused(f"activation must be float32 [T, {hidden}] with T >= 1: {error}") from None
+    if values.shape[1] != hidden:
         raise FrameRefused(
             f"activation must be float32 [T, {hidden}] with T >= 1, got {array.dtype}{list(array.shape)}"
         )
     _check_context("activation", header.pos, array.shape[0], limits)
-    require_finite("activation", array)
+    require_finite("activation", values)
 
 
 def check_result(header: ResultHeader, array: np.ndarray, limits: FrameLimits) -> None:

@@ -165,6 +165,7 @@ class WorkerService:
         self.data = DataPlane(self.node, FrameLimits.of(self.store.config), self.keeper, self.compute,
                               self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
         self.data.withheld = self.guard.refusal
+        self.data.activation_precision = self.settings.activation_precision
         health = self.health = Health(self.node, self.data, self.keeper, self.settings.stall_s, self.counters)
         health.gate = self.gate
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})

@@ -56,6 +56,11 @@ class WorkerSettings(BusSettings):
         default=None, ge=0, description="KV caches this node may hold; None: its memory left "
         "after its blocks' weights, at least 64 MiB (services/worker/kv_budget.py)",
     )
+    activation_precision: str = Field(
+        default="fp32", pattern=r"^(fp32|fp16|int8)$",
+        description="how this node's activation frames travel: fp32 (exact), fp16, int8 with a "
+        "scale per row (shared/tensor_frame.py)",
+    )
     max_prompt_tokens: int = Field(default=8192, ge=1)
     max_prompt_chars: int | None = Field(
         default=None, ge=1,

@@ -1,5 +1,9 @@
 """Recently used block weights kept in memory, so a boundary move between nodes that
-already hold the weights costs no load (and no sha256 pass)."""
+already hold the weights costs no load (and no sha256 pass).
+
+The cache keeps blocks as the segment runs them (``loaded_block``: fp32 tensors and
+linear weights, quantised kernels included), so a segment and the cache share one copy:
+an int8 block is held once, packed, not once as stored and once packed."""
 
 from __future__ import annotations
 
@@ -7,18 +11,21 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from shared.model.config import ModelConfig
+from shared.model.quant import Weight, weight_bytes
 from shared.model.shard import ShardStore
 
 if TYPE_CHECKING:
     from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+LoadedBlock = tuple[dict[str, torch.Tensor], dict[str, Weight]]
 
 
 class CachedShards:
@@ -30,13 +37,18 @@ class CachedShards:
         self.max_bytes = max_bytes
         self.loads = 0
         """Blocks read from the store so far (each verified against the manifest)."""
-        self._blocks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
-        self._bytes: dict[int, int] = {}
+        self._blocks: OrderedDict[tuple[int, str], LoadedBlock] = OrderedDict()
+        self._bytes: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
 
     @property
     def config(self) -> ModelConfig:
         return self.store.config
+
+    @property
+    def weight_precision(self) -> str:
+        """How the store keeps linear weights (the manifest's ``weights``)."""
+        return self.store.weight_precision
 
     @property
     def tokenizer_path(self) -> Path:
@@ -47,40 +59,52 @@ class CachedShards:
 
     def holds(self, index: int) -> bool:
         with self._lock:
-            return index in self._blocks
+            return any(key[0] == index for key in self._blocks)
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index`` as stored (not cached: segments load through ``loaded_block``)."""
+        return self.store.block_tensors(index)
+
+    def loaded_block(
+        self, index: int, precision: str, load: Callable[[dict[str, torch.Tensor]], LoadedBlock]
+    ) -> LoadedBlock:
+        """Block ``index`` as a segment runs it at ``precision``: cached, or ``load`` applied
+        to the stored tensors (verified against the manifest) and kept."""
+        key = (index, precision)
         with self._lock:
-            cached = self._blocks.get(index)
+            cached = self._blocks.get(key)
             if cached is not None:
-                self._blocks.move_to_end(index)
+                self._blocks.move_to_end(key)
                 return cached
-        tensors = self.store.block_tensors(index)  # verifies sha256; outside the lock
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        loaded = load(self.store.block_tensors(index))  # verifies sha256; outside the lock
+        size = weight_bytes({**loaded[0], **loaded[1]})
         with self._lock:
             self.loads += 1
-            self._blocks[index] = tensors
-            self._bytes[index] = size
+            self._blocks[key] = loaded
+            self._bytes[key] = size
             while sum(self._bytes.values()) > self.max_bytes and len(self._blocks) > 1:
                 oldest, _ = self._blocks.popitem(last=False)
                 del self._bytes[oldest]
-        return tensors
+        return loaded
 
-    def warm(self, limit_bytes: int, stop: threading.Event | None = None) -> int:
+    def warm(self, limit_bytes: int, stop: threading.Event | None = None, device: str = "cpu") -> int:
         """Load blocks ahead of any plan, the last block first (the early blocks are the
         private ones a semi-trusted node never hosts), while the cache holds under
         ``limit_bytes`` (and ``max_bytes``): a later migration to this node then costs no
         disk read or sha256 pass. Stops early when ``stop`` is set. Returns blocks loaded."""
+        from shared.model.runtime import SegmentRuntime  # the same load path as a segment's
+
         loaded = 0
         for index in reversed(range(self.store.config.num_layers)):
             if stop is not None and stop.is_set():
                 break
             with self._lock:
                 held = sum(self._bytes.values())
-            if held + self.store.manifest.blocks[index].bytes > min(limit_bytes, self.max_bytes):
+                per_block = max(self._bytes.values(), default=self.store.manifest.blocks[index].bytes)
+            if held + per_block > min(limit_bytes, self.max_bytes):
                 break
             if not self.holds(index):
-                self.block_tensors(index)
+                SegmentRuntime(self, index, index + 1, device=device)  # kept by loaded_block
                 loaded += 1
         return loaded
 
@@ -95,10 +119,11 @@ async def warm_ahead(shards: CachedShards, settings: WorkerSettings) -> None:
         return
     stop = threading.Event()
     try:
-        loaded = await asyncio.to_thread(shards.warm, limit, stop)
+        loaded = await asyncio.to_thread(shards.warm, limit, stop, settings.device)
         log.info("%s: %d blocks loaded ahead into the shard cache", settings.node_id, loaded)
     except asyncio.CancelledError:
         stop.set()
         raise
     except Exception as error:
         log.warning("%s: shard warm-up stopped: %s: %s", settings.node_id, type(error).__name__, error)
+

@@ -16,9 +16,18 @@ import torch.nn.functional as F
 from shared.errors import ContextTooLong, ModelError
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache
-from shared.model.layers import activation_fn, attend, layer_norm, merge_heads, split_heads
+from shared.model.layers import (
+    activation_fn,
+    attend,
+    layer_norm,
+    linear,
+    merge_heads,
+    split_heads,
+)
+from shared.model.quant import Weight
 
 Tensors = Mapping[str, torch.Tensor]
+Linears = Mapping[str, Weight]  # linear weights: tensors or packed kernels (quant.py)
 _UNUSED_ENTRY_PREFIXES = ("pooler.", "cls.")  # task heads sentence embeddings do not use
 
 
@@ -37,6 +46,17 @@ def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def is_unused_entry(config: ModelConfig, name: str) -> bool:
     """Pooler and pre-training heads are allowed in a checkpoint but not loaded."""
     return name.startswith(_UNUSED_ENTRY_PREFIXES)
+
+
+def head_source(config: ModelConfig) -> str | None:
+    """No next-token head: sentence embeddings are pooled hidden states."""
+    return None
+
+
+def linear_weights(config: ModelConfig) -> dict[str, bool]:
+    """A block's linear weights (all stored [out, in])."""
+    return {name: False for name in block_shapes(config)
+            if name.endswith(".weight") and "LayerNorm" not in name}  # fmt: skip
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -64,7 +84,7 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 class BertEntry:
     """Embeddings (incl. their LayerNorm) in; mean pooling + L2 normalisation out."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, head: Weight | None) -> None:
         self.config = config
         self.w = dict(tensors)
 
@@ -100,10 +120,11 @@ class BertEntry:
 class BertBlock:
     """LN(x + Attn(x)); then LN(. + MLP(.)). Bidirectional attention, no cache."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, linears: Linears) -> None:
         self.config = config
         self.activation = activation_fn(config.activation)
-        self.w = dict(tensors)
+        self.w = dict(tensors)  # norms and biases
+        self.linears = dict(linears)  # "attention.self.query.weight" ... [out, in]
 
     def forward(self, x: torch.Tensor, kv: BlockCache | None, start_position: int) -> torch.Tensor:
         """[T, H] -> [T, H]. ``kv`` and ``start_position`` are unused (no cache in encoders)."""
@@ -113,7 +134,7 @@ class BertBlock:
         return self._norm(x + self._linear(inner, "output.dense"), "output.LayerNorm", eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
+        return linear(x, self.linears[f"{name}.weight"], self.w[f"{name}.bias"])
 
     def _norm(self, x: torch.Tensor, name: str, eps: float) -> torch.Tensor:
         return layer_norm(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"], eps)

@@ -15,9 +15,19 @@ import torch
 from shared.errors import ContextTooLong, ModelError
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache
-from shared.model.layers import activation_fn, attend, layer_norm, merge_heads, split_heads
+from shared.model.layers import (
+    activation_fn,
+    attend,
+    conv1d,
+    layer_norm,
+    linear,
+    merge_heads,
+    split_heads,
+)
+from shared.model.quant import Weight
 
 Tensors = Mapping[str, torch.Tensor]
+Linears = Mapping[str, Weight]  # linear weights: tensors or packed kernels (quant.py)
 
 
 def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -37,6 +47,17 @@ def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def is_unused_entry(config: ModelConfig, name: str) -> bool:
     """Entry tensors a checkpoint may carry that are not loaded (a tied head's copy)."""
     return name == "lm_head.weight" and config.tie_word_embeddings
+
+
+def head_source(config: ModelConfig) -> str | None:
+    """The entry tensor the output head multiplies by ([V, H])."""
+    return "wte.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+
+def linear_weights(config: ModelConfig) -> dict[str, bool]:
+    """A block's linear weights; True: stored [in, out] (Conv1D)."""
+    return {name: True for name in ("attn.c_attn.weight", "attn.c_proj.weight",
+                                    "mlp.c_fc.weight", "mlp.c_proj.weight")}  # fmt: skip
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,14 +82,13 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 class GPT2Entry:
     """Token + position embedding in; final LayerNorm + tied head out."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, head: Weight | None) -> None:
         self.config = config
         self.token_embedding = tensors["wte.weight"]  # [V, H]
         self.position_embedding = tensors["wpe.weight"]  # [P, H]
         self.final_norm = (tensors["ln_f.weight"], tensors["ln_f.bias"])  # [H], [H]
-        self.head = (
-            self.token_embedding if config.tie_word_embeddings else tensors["lm_head.weight"]
-        )
+        # [V, H]: head_source's tensor (wte when tied), or its quantised kernel (runtime.py)
+        self.head = head if head is not None else tensors[head_source(config) or ""]
 
     def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
         """[T] token ids at positions start_position.. -> [T, H]. Raises ContextTooLong."""
@@ -82,7 +102,7 @@ class GPT2Entry:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] next-token logits."""
-        return layer_norm(hidden, *self.final_norm, self.config.norm_eps) @ self.head.T
+        return linear(layer_norm(hidden, *self.final_norm, self.config.norm_eps), self.head)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """Not defined for a causal language model."""
@@ -92,10 +112,11 @@ class GPT2Entry:
 class GPT2Block:
     """x + Attn(LN(x)); then + MLP(LN(.)). Causal multi-head attention."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, linears: Linears) -> None:
         self.config = config
         self.activation = activation_fn(config.activation)
-        self.w = dict(tensors)
+        self.w = dict(tensors)  # norms and biases
+        self.linears = dict(linears)  # Conv1D weights [in, out] (or packed kernels)
 
     def forward(self, x: torch.Tensor, kv: BlockCache | None, start_position: int) -> torch.Tensor:
         """[T, H] -> [T, H]; appends this block's K, V for the T tokens to ``kv``."""
@@ -105,7 +126,7 @@ class GPT2Block:
 
     def _attention(self, x: torch.Tensor, kv: BlockCache | None) -> torch.Tensor:
         w, heads = self.w, self.config.num_heads
-        qkv = x @ w["attn.c_attn.weight"] + w["attn.c_attn.bias"]  # [T, 3H]
+        qkv = conv1d(x, self.linears["attn.c_attn.weight"], w["attn.c_attn.bias"])  # [T, 3H]
         query, key, value = (
             split_heads(part, heads)
             for part in torch.split(qkv, self.config.hidden_size, dim=-1)
@@ -113,9 +134,9 @@ class GPT2Block:
         if kv is not None:
             key, value = kv.append(key, value)  # [heads, past + T, head_dim]
         context = merge_heads(attend(query, key, value, causal=True))  # [T, H]
-        return context @ w["attn.c_proj.weight"] + w["attn.c_proj.bias"]
+        return conv1d(context, self.linears["attn.c_proj.weight"], w["attn.c_proj.bias"])
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
-        inner = self.activation(x @ w["mlp.c_fc.weight"] + w["mlp.c_fc.bias"])  # [T, I]
-        return inner @ w["mlp.c_proj.weight"] + w["mlp.c_proj.bias"]  # [T, H]
+        inner = self.activation(conv1d(x, self.linears["mlp.c_fc.weight"], w["mlp.c_fc.bias"]))  # [T, I]
+        return conv1d(inner, self.linears["mlp.c_proj.weight"], w["mlp.c_proj.bias"])  # [T, H]

@@ -7,11 +7,13 @@ attention tensors are ``[heads, T, head_dim]``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from shared.errors import CheckpointError, UnsupportedArchitecture
+from shared.model.quant import Weight
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,6 +69,22 @@ def attend(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=grouped)
 
 
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` for a weight ``[out, in]``: a tensor, or a packed quantised kernel
+    that the load-time transform put in its place (shared/model/quant.py); [T, in] -> [T, out]."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    y = weight(x)
+    return y if bias is None else y + bias
+
+
+def conv1d(x: torch.Tensor, weight: Weight, bias: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D ``x W + b`` for a weight stored ``[in, out]`` (or a packed kernel)."""
+    if isinstance(weight, torch.Tensor):
+        return x @ weight + bias
+    return weight(x) + bias
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[T, heads * head_dim] -> [heads, T, head_dim]."""
     return x.view(x.shape[0], heads, -1).transpose(0, 1)
@@ -79,12 +97,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def check_tensors(
     where: str,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Any],
     shapes: Mapping[str, tuple[int, ...]],
 ) -> None:
     """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
 
-    ``where`` says whose tensors these are ("block 3", "entry") for the message.
+    ``where`` says whose tensors these are ("block 3", "entry") for the message. Values
+    are tensors or packed kernels (both have the logical ``shape``).
     """
     for name in sorted(shapes):
         if name not in tensors:

@@ -9,17 +9,19 @@ Shapes: T tokens, H hidden, V vocabulary, nh / nkv heads, d head_dim, I MLP widt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from shared.errors import ModelError
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache
-from shared.model.layers import activation_fn, attend, merge_heads, rms_norm, split_heads
+from shared.model.layers import activation_fn, attend, linear, merge_heads, rms_norm, split_heads
+from shared.model.quant import Weight
 
 Tensors = Mapping[str, torch.Tensor]
+Linears = Mapping[str, Weight]  # linear weights: tensors or packed kernels (quant.py)
 
 
 def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -36,6 +38,16 @@ def entry_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def is_unused_entry(config: ModelConfig, name: str) -> bool:
     """Entry tensors a checkpoint may carry that are not loaded (a tied head's copy)."""
     return name == "lm_head.weight" and config.tie_word_embeddings
+
+
+def head_source(config: ModelConfig) -> str | None:
+    """The entry tensor the output head multiplies by ([V, H])."""
+    return "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+
+def linear_weights(config: ModelConfig) -> dict[str, bool]:
+    """A block's linear weights (all stored [out, in]: False = not transposed)."""
+    return {name: False for name in block_shapes(config) if name.endswith("proj.weight")}
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -72,9 +84,17 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def rotary_tables(
     config: ModelConfig, start_position: int, count: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions start_position .. + count, each [count, d]."""
-    half = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
-    inverse_frequency = 1.0 / (config.rope_theta**half)  # [d/2]
+    """cos and sin for positions start_position .. + count, each [count, d]. Every block
+    of a step asks for the same tables: they are computed once (read-only, shared)."""
+    return _rotary_tables(config.rope_theta, config.head_dim, start_position, count, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _rotary_tables(
+    theta: float, head_dim: int, start_position: int, count: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    half = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inverse_frequency = 1.0 / (theta**half)  # [d/2]
     positions = torch.arange(
         start_position, start_position + count, dtype=torch.float32, device=device
     )
@@ -90,15 +110,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaEntry:
-    """Token embedding in; final RMSNorm + (tied or own) head out."""
+    """Token embedding in; final RMSNorm + head out. ``head`` is ``head_source``'s
+    tensor [V, H] (the embedding when tied), or its quantised kernel (runtime.py)."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, head: Weight | None) -> None:
         self.config = config
         self.token_embedding = tensors["embed_tokens.weight"]  # [V, H]
         self.final_norm = tensors["norm.weight"]  # [H]
-        self.head = (
-            self.token_embedding if config.tie_word_embeddings else tensors["lm_head.weight"]
-        )
+        self.head = head if head is not None else tensors[head_source(config) or ""]
 
     def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
         """[T] token ids -> [T, H]; positions enter later, through RoPE in each block."""
@@ -106,7 +125,7 @@ class LlamaEntry:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] next-token logits."""
-        return rms_norm(hidden, self.final_norm, self.config.norm_eps) @ self.head.T
+        return linear(rms_norm(hidden, self.final_norm, self.config.norm_eps), self.head)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """Not defined for a causal language model."""
@@ -116,10 +135,11 @@ class LlamaEntry:
 class LlamaBlock:
     """x + Attn(RMSNorm(x)); then + SwiGLU(RMSNorm(.)). Causal GQA with RoPE."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, linears: Linears) -> None:
         self.config = config
         self.activation = activation_fn(config.activation)
-        self.w = dict(tensors)
+        self.w = dict(tensors)  # norms and biases
+        self.linears = dict(linears)  # "self_attn.q_proj.weight" ... [out, in]
 
     def forward(self, x: torch.Tensor, kv: BlockCache | None, start_position: int) -> torch.Tensor:
         """[T, H] at positions start_position.. -> [T, H]; appends K, V to ``kv``."""
@@ -128,7 +148,7 @@ class LlamaBlock:
         return x + self._mlp(rms_norm(x, w["post_attention_layernorm.weight"], eps))
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"))
+        return linear(x, self.linears[f"{name}.weight"], self.w.get(f"{name}.bias"))
 
     def _attention(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int

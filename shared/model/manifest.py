@@ -72,6 +72,15 @@ class ShardManifest(_Frozen):
     entry: EntryShard
     files: dict[str, FileDigest]
     blocks: tuple[BlockShard, ...]
+    weights: str = Field(default="fp32", pattern=r"^(fp32|bf16|int8|int4)$")
+    """How the blocks' linear weights are stored (shared/model/quant.py); the entry file
+    (embeddings, norms, head) is always stored as the checkpoint had it."""
+    head_input_amax: tuple[float, ...] | None = None
+    """int8 / int4 stores: max |x| per channel of the head's input on the calibration
+    text (shared/model/calibrate.py), so the entry smooths the head it quantises at load."""
+    weight_group_size: int = Field(default=0, ge=0)
+    """Input columns sharing one scale: 0 = one scale per output channel (int8), else the
+    int4 group (32); 0 for float precisions."""
 
 
 def parse_manifest(raw: bytes | str, origin: str = MANIFEST_FILE) -> ShardManifest:

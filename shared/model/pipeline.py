@@ -19,6 +19,7 @@ from shared.errors import ConfigError, ContextTooLong, ModelError
 from shared.model.checkpoint import Checkpoint
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import SegmentCache
+from shared.model.quant import QUANTISED
 from shared.model.runtime import EntryRuntime, SegmentRuntime
 from shared.model.sampling import Sampler, SamplingParams, check_context, should_stop
 from shared.model.source import TensorSource
@@ -63,19 +64,30 @@ def segment_ranges(num_layers: int, splits: Sequence[int]) -> list[tuple[int, in
 class LocalPipeline:
     """Entry + segments of one model in this process.
 
-    Raises CheckpointError / UnsafeCheckpointError for a bad folder, ConfigError for bad
-    splits.
+    ``weights`` (fp32, bf16, int8, int4; default: as the source stores them) quantises
+    the linear weights at load (shared/model/quant.py), int8 and int4 after one fp32
+    calibration pass (shared/model/calibrate.py) that sets their SmoothQuant factors. Raises CheckpointError /
+    UnsafeCheckpointError for a bad folder, ConfigError for bad splits or precision.
     """
 
     def __init__(
-        self, model_dir: Path | str | TensorSource, splits: Sequence[int] = (), device: str = "cpu"
-    ) -> None:
+        self, model_dir: Path | str | TensorSource, splits: Sequence[int] = (), device: str = "cpu",
+        weights: str | None = None,
+    ) -> None:  # fmt: skip
         source = model_dir if isinstance(model_dir, TensorSource) else Checkpoint(Path(model_dir))
         self.source = source
         self.config: ModelConfig = source.config
         self.ranges = segment_ranges(self.config.num_layers, list(splits))
-        self.entry = EntryRuntime(source, device)
-        self.segments = [SegmentRuntime(source, start, end, device) for start, end in self.ranges]
+        ranges, head_amax = None, None
+        stored = str(getattr(source, "weight_precision", "fp32"))
+        if weights in QUANTISED and stored not in QUANTISED:  # calibrate, then quantise
+            from shared.model.calibrate import input_ranges
+
+            ranges, head_amax = input_ranges(LocalPipeline(source, (), device, "fp32"))
+        self.entry = EntryRuntime(source, device, weights, head_amax)
+        self.segments = [
+            SegmentRuntime(source, start, end, device, weights, ranges) for start, end in self.ranges
+        ]
         self._tokenizer: TextTokenizer | None = None
 
     @property

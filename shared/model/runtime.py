@@ -22,8 +22,17 @@ from shared.model import bert, gpt2, llama
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache, CacheMismatch, SegmentCache
 from shared.model.layers import check_tensors
+from shared.model.quant import (
+    QUANTISED,
+    Weight,
+    WeightPrecision,
+    load_weights,
+    precision_of,
+    weight_bytes,
+)
 from shared.model.source import TensorSource
 
+_Loaded = tuple[dict[str, torch.Tensor], dict[str, Weight]]
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "bert": bert}
 
 
@@ -34,38 +43,86 @@ class _Entry(Protocol):
 
 
 class _Block(Protocol):
+    linears: dict[str, Weight]
+
     def forward(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int
     ) -> torch.Tensor: ...
 
 
-_ENTRIES: dict[str, Callable[[ModelConfig, Mapping[str, torch.Tensor]], _Entry]] = {
+_ENTRIES: dict[str, Callable[[ModelConfig, Mapping[str, torch.Tensor], Weight | None], _Entry]] = {
     "gpt2": gpt2.GPT2Entry,
     "llama": llama.LlamaEntry,
     "bert": bert.BertEntry,
 }
-_BLOCKS: dict[str, Callable[[ModelConfig, Mapping[str, torch.Tensor]], _Block]] = {
+_BLOCKS: dict[
+    str, Callable[[ModelConfig, Mapping[str, torch.Tensor], Mapping[str, Weight]], _Block]
+] = {
     "gpt2": gpt2.GPT2Block,
     "llama": llama.LlamaBlock,
     "bert": bert.BertBlock,
 }
 
 
-class EntryRuntime:
-    """The entry's part of the model: embedding in, logits or sentence embedding out."""
+def weight_precision(source: TensorSource, requested: str | None, device: str) -> WeightPrecision:
+    """The precision linear weights run at: ``requested`` (``--weights``), else what the
+    source stores (a shard store's manifest; fp32 for a checkpoint folder). Raises
+    ConfigError for an unknown name, or a quantised precision on a device other than the
+    CPU (the int8 kernel is fbgemm's)."""
+    stored = getattr(source, "weight_precision", "fp32")
+    precision = precision_of(requested if requested is not None else str(stored))
+    if torch.device(device).type != "cpu" and (precision in QUANTISED or stored in QUANTISED):
+        raise ConfigError(f"{precision} weights run on the CPU only, not on {device}")
+    return precision
 
-    def __init__(self, source: TensorSource, device: str = "cpu") -> None:
+
+class EntryRuntime:
+    """The entry's part of the model: embedding in, logits or sentence embedding out.
+
+    Embeddings and norms stay fp32 as stored; with int8 or int4 ``weights`` the head
+    (the tied embedding's copy, or ``lm_head``) runs with the int8 kernel, with bf16 in
+    bf16 (shared/model/quant.py).
+    """
+
+    def __init__(
+        self, source: TensorSource, device: str = "cpu", weights: str | None = None,
+        head_input_amax: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
+        self.weights = weight_precision(source, weights, device)
         family = FAMILIES[self.config.architecture]
+        shapes = family.entry_shapes(self.config)
         tensors = {
             name: tensor
             for name, tensor in source.entry_tensors().items()
             if not family.is_unused_entry(self.config, name)
         }
-        check_tensors("entry", tensors, family.entry_shapes(self.config))
+        check_tensors("entry", tensors, shapes)
         tensors = {name: tensor.to(self.device, torch.float32) for name, tensor in tensors.items()}
-        self._entry = _ENTRIES[self.config.architecture](self.config, tensors)
+        head_name = family.head_source(self.config)
+        head: Weight | None = None
+        if head_name is not None and self.weights != "fp32":
+            precision: WeightPrecision = "int8" if self.weights in QUANTISED else self.weights
+            if head_input_amax is None:  # a quantised store's calibration (manifest)
+                stored = getattr(source, "head_input_amax", None)
+                head_input_amax = None if stored is None else torch.tensor(stored, dtype=torch.float32)
+            amax = None if head_input_amax is None else {"head": head_input_amax}
+            _, packed = load_weights("entry", {"head": tensors[head_name]}, {"head": False},
+                                     {"head": shapes[head_name]}, precision, amax)  # fmt: skip
+            head = packed["head"]
+            if head_name == "lm_head.weight":  # its own head: the fp32 copy is not kept
+                del tensors[head_name]
+        self._entry = _ENTRIES[self.config.architecture](self.config, tensors, head)
+
+    @property
+    def head(self) -> Weight | None:
+        """The output head's weight [V, H] (or its kernel); None for encoders."""
+        return getattr(self._entry, "head", None)
+
+    @head.setter
+    def head(self, weight: Weight) -> None:
+        self._entry.head = weight  # type: ignore[attr-defined]  # decoders only (calibration)
 
     def embed(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
         """[T] long token ids at positions ``start_position``.. -> [T, H].
@@ -103,7 +160,10 @@ class EntryRuntime:
 class SegmentRuntime:
     """Blocks ``[start, end)`` of a model, applied in order to a hidden state."""
 
-    def __init__(self, source: TensorSource, start: int, end: int, device: str = "cpu") -> None:
+    def __init__(
+        self, source: TensorSource, start: int, end: int, device: str = "cpu",
+        weights: str | None = None, input_amax: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:  # fmt: skip
         self.config: ModelConfig = source.config
         if not 0 <= start < end <= self.config.num_layers:
             raise ConfigError(
@@ -111,16 +171,39 @@ class SegmentRuntime:
             )
         self.start, self.end = start, end
         self.device = torch.device(device)
-        shapes = FAMILIES[self.config.architecture].block_shapes(self.config)
+        self.weights = weight_precision(source, weights, device)
+        family = FAMILIES[self.config.architecture]
+        shapes = family.block_shapes(self.config)
+        linear_names = family.linear_weights(self.config)
         block_class = _BLOCKS[self.config.architecture]
         self._blocks: list[_Block] = []
+        self.weight_bytes = 0
+        """Bytes the loaded blocks' weights hold (tensors and quantised kernels)."""
         for index in range(start, end):
-            tensors = source.block_tensors(index)
-            check_tensors(f"block {index}", tensors, shapes)
-            tensors = {
-                name: tensor.to(self.device, torch.float32) for name, tensor in tensors.items()
-            }
-            self._blocks.append(block_class(self.config, tensors))
+            where = f"block {index}"
+
+            def load(stored: dict[str, torch.Tensor], where: str = where) -> _Loaded:
+                amax = None if input_amax is None else input_amax.get(int(where.split()[1]))
+                tensors, linears = load_weights(where, stored, linear_names, shapes, self.weights, amax)
+                check_tensors(where, {**tensors, **linears}, shapes)
+                return (
+                    {name: tensor.to(self.device) for name, tensor in tensors.items()},
+                    {name: weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
+                     for name, weight in linears.items()},
+                )  # fmt: skip
+
+            cache = getattr(source, "loaded_block", None)  # a worker's shard cache
+            if cache is not None and input_amax is None:
+                tensors, linears = cache(index, self.weights, load)
+            else:
+                tensors, linears = load(source.block_tensors(index))
+            self.weight_bytes += weight_bytes({**tensors, **linears})
+            self._blocks.append(block_class(self.config, tensors, linears))
+
+    def linear_layers(self) -> list[tuple[int, dict[str, Weight]]]:
+        """(block index, its linear weights by name) for each block: the dicts the blocks
+        use, so a calibration pass can wrap them (shared/model/calibrate.py)."""
+        return [(index, block.linears) for index, block in enumerate(self._blocks, start=self.start)]
 
     def new_cache(self) -> SegmentCache:
         """An empty KV cache for this segment's blocks."""

@@ -35,9 +35,12 @@ from shared.model.manifest import (
     parse_manifest,
 )
 from shared.model.names import block_of, canonical_name
+from shared.model.quant import SCALE_SUFFIX
 from shared.model.safetensors_check import check_file, check_header
 from shared.model.shard_files import ShardFiles, forget_verified
 from shared.model.shard_write import Progress, write_shards
+
+_QUANTISED_DTYPES = (torch.int8, torch.uint8)  # int8 values; int4 packed two a byte
 
 
 class ShardStore(ShardFiles):
@@ -48,6 +51,17 @@ class ShardStore(ShardFiles):
     pickle-based file, and (when ``expected_manifest_sha256`` is given)
     ShardVerificationError if manifest.json does not have that digest.
     """
+
+    @property
+    def weight_precision(self) -> str:
+        """How the blocks' linear weights are stored (manifest ``weights``: fp32, bf16,
+        int8, int4; shared/model/quant.py)."""
+        return self.manifest.weights
+
+    @property
+    def head_input_amax(self) -> tuple[float, ...] | None:
+        """Calibration ranges of the head's input (int8 / int4 stores), else None."""
+        return self.manifest.head_input_amax
 
     def entry_tensors(self) -> dict[str, torch.Tensor]:
         """Verified entry tensors (fp32), keyed by canonical name."""
@@ -64,7 +78,9 @@ class ShardStore(ShardFiles):
         return canonical
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        """Verified tensors (fp32) of block ``index``, keyed by name within the block.
+        """Verified tensors of block ``index``, keyed by name within the block: fp32, or as
+        the manifest's ``weights`` stores linear weights (bf16; int8 or packed int4 values
+        with fp32 ``NAME_scale`` scales).
         Raises CheckpointError for an index outside ``[0, num_blocks)``."""
         if not 0 <= index < self.manifest.num_blocks:
             raise CheckpointError(f"{self.shard_dir}: no block {index} (the store has {self.manifest.num_blocks})")
@@ -107,12 +123,20 @@ class ShardStore(ShardFiles):
             ) from None
         if sorted(tensors) != sorted(tensor_names):
             raise CheckpointError(f"{path}: tensors {sorted(tensors)} differ from the manifest's")
+        quantised = self.manifest.weights in ("int8", "int4")
         for key, value in tensors.items():
-            if not value.is_floating_point():
+            integer_ok = quantised and value.dtype in _QUANTISED_DTYPES and key + SCALE_SUFFIX in tensors
+            if not value.is_floating_point() and not integer_ok:
                 raise CheckpointError(f"{path}: tensor {key!r} has dtype {value.dtype}; weights must be floating point")
-        loaded = {key: value.to(torch.float32) for key, value in tensors.items()}
+        keep_bf16 = self.manifest.weights == "bf16"
+        loaded = {
+            key: value if not value.is_floating_point() or (keep_bf16 and value.dtype == torch.bfloat16)
+            else value.to(torch.float32)
+            for key, value in tensors.items()
+        }  # fmt: skip
         for key, value in sorted(loaded.items()):
-            check_finite(str(path), key, value)
+            if value.is_floating_point():
+                check_finite(str(path), key, value)
         return loaded
 
 

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shared.errors import CheckpointError, ConfigError
+from shared.model import bert, gpt2, llama
 from shared.model.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, Checkpoint
 from shared.model.config import ModelConfig
 from shared.model.manifest import (
@@ -29,17 +30,22 @@ from shared.model.manifest import (
     FileDigest,
     ShardManifest,
 )
-from shared.model.names import split_names
+from shared.model.names import block_of, split_names
+from shared.model.quant import INT4_GROUP_SIZE, WeightPrecision, precision_of, stored_form
 
 Progress = Callable[[str], None]
+_FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert}
 
 
 def write_shards(
-    model_dir: Path, out_dir: Path, progress: Progress | None = None, model_name: str | None = None
-) -> Path:
+    model_dir: Path, out_dir: Path, progress: Progress | None = None,
+    model_name: str | None = None, weights: str = "fp32",
+) -> Path:  # fmt: skip
     """Cut the checkpoint in ``model_dir`` into a shard store at ``out_dir``; returns
     the manifest's path. The store is built in a temporary sibling and renamed into
-    place; an existing shard store at ``out_dir`` is replaced.
+    place; an existing shard store at ``out_dir`` is replaced. ``weights`` (fp32, bf16,
+    int8, int4) is how the blocks' linear weights are stored (shared/model/quant.py:
+    int8 / int4 values plus fp32 ``NAME_scale`` tensors); the entry file is copied as is.
 
     Raises CheckpointError for a folder without config.json, tokenizer.json or
     safetensors weights (or with missing blocks), UnsafeCheckpointError when it only
@@ -47,6 +53,7 @@ def write_shards(
     shard store.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    precision = precision_of(weights)
     report = progress or (lambda _line: None)
     checkpoint = Checkpoint(model_dir)  # validates config, tensor names; refuses pickles
     config, tokenizer = checkpoint.config, checkpoint.tokenizer_path
@@ -67,7 +74,10 @@ def write_shards(
             f"cannot create {out_dir}: {error.strerror or error}; choose another --out"
         ) from None
     try:
-        files, blocks = _write_weights(staging, entry_names, block_names, locations, config, report)
+        ranges, head_amax = _calibration(checkpoint, precision, report)
+        files, blocks = _write_weights(
+            staging, entry_names, block_names, locations, config, report, precision, ranges
+        )
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         files[TOKENIZER_FILE] = _digest(staging / TOKENIZER_FILE)
         manifest = ShardManifest(
@@ -81,6 +91,9 @@ def write_shards(
             entry=EntryShard(file=ENTRY_FILE, tensor_names=tuple(entry_names)),
             files=files,
             blocks=tuple(blocks),
+            weights=precision,
+            head_input_amax=None if head_amax is None else tuple(float(v) for v in head_amax),
+            weight_group_size=INT4_GROUP_SIZE if precision == "int4" else 0,
         )
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         staging.chmod(0o755)
@@ -129,31 +142,79 @@ def _write_weights(
     locations: Mapping[str, Path],
     config: ModelConfig,
     report: Progress,
+    precision: WeightPrecision = "fp32",
+    ranges: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, FileDigest], list[BlockShard]]:
     """Write entry.safetensors and one file per block; returns their digests and blocks."""
+    linears = _FAMILIES[config.architecture].linear_weights(config)
     files = {ENTRY_FILE: _write_tensor_file(staging / ENTRY_FILE, entry_names, locations)}
     report(f"wrote {ENTRY_FILE} ({files[ENTRY_FILE].bytes / 1e6:.1f} MB)")
     blocks = []
     for index in range(config.num_layers):
         name = f"block-{index:03d}.safetensors"
-        files[name] = _write_tensor_file(staging / name, block_names[index], locations)
-        blocks.append(_block_shard(index, name, block_names[index], files[name], config))
+        files[name], names = _write_block_file(
+            staging / name, block_names[index], locations, linears, precision,
+            (ranges or {}).get(index, {}),
+        )  # fmt: skip
+        blocks.append(_block_shard(index, name, names, files[name], config))
         report(
             f"wrote block {index + 1}/{config.num_layers} ({100 * (index + 1) // config.num_layers}%)"
         )
     return files, blocks
 
 
-def _write_tensor_file(path: Path, names: list[str], locations: Mapping[str, Path]) -> FileDigest:
+def _calibration(
+    checkpoint: Checkpoint, precision: WeightPrecision, report: Progress
+) -> tuple[dict[int, dict[str, torch.Tensor]] | None, torch.Tensor | None]:
+    """Calibration ranges for an int8 / int4 store (one fp32 pass; shared/model/calibrate.py)."""
+    if precision not in ("int8", "int4"):
+        return None, None
+    from shared.model.calibrate import input_ranges
+    from shared.model.pipeline import LocalPipeline
+
+    report("calibrating the activation ranges (one fp32 pass)")
+    return input_ranges(LocalPipeline(checkpoint))
+
+
+def _read_tensors(names: list[str], locations: Mapping[str, Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted({locations[name] for name in names}):
         with safe_open(str(file), framework="pt") as handle:
             for name in names:
                 if locations[name] == file:
                     tensors[name] = handle.get_tensor(name).contiguous()
+    return tensors
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> FileDigest:
     save_file(tensors, str(path), metadata={"format": "pt"})
     path.chmod(0o644)
     return _digest(path)
+
+
+def _write_tensor_file(path: Path, names: list[str], locations: Mapping[str, Path]) -> FileDigest:
+    return _save(path, _read_tensors(names, locations))
+
+
+def _write_block_file(
+    path: Path, names: list[str], locations: Mapping[str, Path],
+    linears: Mapping[str, bool], precision: WeightPrecision,
+    input_amax: Mapping[str, torch.Tensor],
+) -> tuple[FileDigest, list[str]]:  # fmt: skip
+    """One block's file with its linear weights in ``precision``; returns its digest and
+    tensor names (scales included, sorted)."""
+    tensors = _read_tensors(names, locations)
+    if precision != "fp32":
+        for name in list(tensors):
+            located = block_of(name)
+            if located is None or located[1] not in linears:
+                continue
+            weight = tensors.pop(name)
+            if linears[located[1]] and precision != "bf16":
+                weight = weight.T  # quantised values are always [out, in]
+            for suffix, tensor in stored_form(weight, precision, input_amax.get(located[1])).items():
+                tensors[name + suffix] = tensor
+    return _save(path, tensors), sorted(tensors)
 
 
 def _digest(path: Path) -> FileDigest:

@@ -9,8 +9,10 @@ measurements to the problem's numbers"):
 | problem field                   | taken from                                              |
 |---------------------------------|---------------------------------------------------------|
 | ``layers[l].flops``             | manifest ``blocks[l].flops_per_token`` (FLOP/token)     |
-| ``layers[l].weight_bytes``      | max(``blocks[l].bytes``, 4 x ``parameters``): a worker  |
-|                                 | holds every tensor as fp32, whatever the file's dtype   |
+| ``layers[l].weight_bytes``      | max(``blocks[l].bytes``, b x ``parameters``): a worker  |
+|                                 | holds fp32 tensors (b = 4) unless the manifest's        |
+|                                 | ``weights`` says bf16 (b = 2) or int8 / int4 (b = 2:    |
+|                                 | fbgemm's packed int8 pads rows, measured 1.0-1.8 bytes) |
 | ``layers[l].kv_bytes_per_token``| manifest ``blocks[l].kv_bytes_per_token``               |
 | ``layers[l].out_bytes``         | manifest ``blocks[l].activation_bytes_per_token``       |
 | ``layers[l].min_trust``         | the privacy policy (``apply_policy``)                   |
@@ -55,6 +57,11 @@ UNMEASURED_FLOPS_PER_S = 1.0
 no layers, so this number never enters a cost."""
 
 
+_HELD_BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "int8": 2, "int4": 2}
+"""Resident bytes per parameter of a loaded block, by the store's ``weights``
+(docs/PERFORMANCE.md, "Quantised weights")."""
+
+
 class LiveProfileError(PlanError):
     """A capacity profile cannot be turned into a problem (the message names the field)."""
 
@@ -64,7 +71,8 @@ def layers_from_manifest(manifest: ShardManifest) -> tuple[Layer, ...]:
     return tuple(
         Layer(
             flops=float(block.flops_per_token),
-            weight_bytes=float(max(block.bytes, FP32_BYTES * block.parameters)),
+            weight_bytes=float(max(block.bytes, _HELD_BYTES_PER_PARAMETER.get(
+                manifest.weights, FP32_BYTES) * block.parameters)),  # fmt: skip
             kv_bytes_per_token=float(block.kv_bytes_per_token),
             out_bytes=float(block.activation_bytes_per_token),
         )

@@ -177,7 +177,7 @@ def test_activations_that_do_not_fit_are_refused_before_compute(
             (_activation(pos=255, step=4), _row(2), r"positions 255\.\.256: .*256-token context"),
             (_activation(pos=2**40, step=5), _row(1), "256-token context"),
             (_activation(step=6), _row(0), r"float32 \[T, 64\] with T >= 1"),
-            (_activation(step=7), _row(1).astype(np.float16), r"float32 \[T, 64\]"),
+            (_activation(step=7), _row(1).astype(np.float64), r"float32 \[T, 64\]"),
             (_activation(step=8), _row(1)[:, :32].copy(), r"float32 \[T, 64\]"),
         ]
         for header, array, match in cases:

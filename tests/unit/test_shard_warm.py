@@ -10,6 +10,7 @@ import pytest
 
 from services.worker.settings import WorkerSettings
 from services.worker.shard_cache import CachedShards, warm_ahead
+from shared.model.runtime import SegmentRuntime
 from shared.model.shard import ShardStore, write_shards
 from shared.model.tiny import write_tiny_checkpoint
 
@@ -33,8 +34,7 @@ def test_warm_loads_the_last_blocks_first_within_the_limit_and_a_plan_then_loads
     assert cache.warm(limit_bytes=3 * size) == 3
     assert [cache.holds(i) for i in range(6)] == [False, False, False, True, True, True]
     loads = cache.loads
-    cache.block_tensors(4)  # a segment [3, 6) on this node: already in memory
-    cache.block_tensors(5)
+    SegmentRuntime(cache, 3, 6)  # a segment [3, 6) on this node: already in memory
     assert cache.loads == loads
     assert cache.warm(limit_bytes=3 * size) == 0  # full: nothing more
 
