@@ -3,8 +3,10 @@
 Two-phase rollout of a plan as the next epoch (docs/ARCHITECTURE.md, "Reconfiguration
 broadcast"). Events are `Requested` (a RolloutRequested arrived), `Acked` (an EpochReady
 or EpochRejected), `Deadline` (the clock passed a READY deadline, or any timer tick),
-`PlanSeen` (a retained plan, our own echo included) and `LedgerSeen` (a retained
-EpochLedger). Actions are `Publish(topic, message)`, executed in order by the service.
+`PlanSeen` (a retained plan, our own echo included), `LedgerSeen` (a retained
+EpochLedger) and `NodeLost` (a node's Last Will or the monitor's NodeDown: a rollout
+whose plan needs that node is aborted at once, rather than waiting out its READY
+deadline while the entry's requests time out). Actions are `Publish(topic, message)`, executed in order by the service.
 Times are monotonic seconds supplied by the caller, so the machine is deterministic.
 
 Idempotence: acks are keyed by (epoch, node), so duplicated or reordered acks are
@@ -121,7 +123,16 @@ class LedgerSeen:
     ledger: EpochLedger
 
 
-Event = Requested | Acked | Deadline | PlanSeen | LedgerSeen
+@dataclass(frozen=True)
+class NodeLost:
+    """A node went down: its status is offline (Last Will) or the monitor says NodeDown."""
+
+    node: str
+    how: str
+    now_s: float
+
+
+Event = Requested | Acked | Deadline | PlanSeen | LedgerSeen | NodeLost
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,12 @@ def apply(state: BroadcastState, event: Event) -> tuple[BroadcastState, Actions]
         return _abort(state, reason, event.now_s)
     if isinstance(event, PlanSeen):
         return _on_plan(state, event.plan, event.now_s)
+    if isinstance(event, NodeLost):
+        active = state.active
+        if active is None or event.node not in active.nodes:
+            return state, ()
+        return _abort(state, f"{event.node} went down ({event.how}) during the rollout of epoch {active.epoch}",
+                      event.now_s)  # fmt: skip
     return replace(state, highest_epoch=max(state.highest_epoch, event.ledger.highest_epoch)), ()
 
 
