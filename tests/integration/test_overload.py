@@ -24,7 +24,13 @@ from shared.messages import RequestFinished
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for
+from tests.integration.cluster import (
+    TEST_SIGNING_KEY,
+    WorkerCluster,
+    make_plan,
+    publish_plan,
+    settings_for,
+)
 from tests.integration.pressure import RssSampler, consumer_phase
 
 pytestmark = pytest.mark.integration
@@ -54,7 +60,7 @@ class OverloadSystem:
         for node, _, _ in SEGMENTS:
             self.workers.start(node, "--trust", trust[node], "--max-in-flight", "8",
                                "--kv-budget-bytes", str(self.budgets[node]))  # fmt: skip
-        plan = make_plan(1, "car", SEGMENTS, self.settings.plan_signing_key)
+        plan = make_plan(1, "car", SEGMENTS, TEST_SIGNING_KEY)
         rejected = asyncio.run(publish_plan(self.settings, plan))
         assert not rejected, {node: self.workers.log_tail(node) for node in rejected}
 
@@ -111,9 +117,9 @@ def test_200_requests_at_once_complete_exactly_or_are_refused_typed_within_memor
         assert grew_kb * 1024 <= system.budgets[node] + RSS_MARGIN_KB * 1024, (node, grew_kb, sampler.first[node])
 
     again = asyncio.run(system.at_once([_prompt(500 + i) for i in range(FITS)]))  # then it serves normally
-    for index, result in enumerate(again):
-        assert isinstance(result, RequestFinished), result
-        assert tuple(result.token_ids) == system.expected(_prompt(500 + index)), index
+    for index, outcome in enumerate(again):
+        assert isinstance(outcome, RequestFinished), outcome
+        assert tuple(outcome.token_ids) == system.expected(_prompt(500 + index)), index
 
 
 def test_a_stalled_consumer_bounds_memory_and_the_other_client_is_served_exactly(system: OverloadSystem) -> None:
