@@ -30,6 +30,7 @@ from services.broadcaster.logic import (
     Deadline,
     Event,
     LedgerSeen,
+    NodeBack,
     NodeLost,
     PlanSeen,
     Requested,
@@ -43,6 +44,7 @@ from shared.errors import ConfigError, EdgesplitError
 from shared.messages import (
     EpochLedger,
     NodeDown,
+    NodeJoined,
     NodeStatus,
     Plan,
     PrivacyPolicy,
@@ -184,14 +186,15 @@ class BroadcasterService:
     def _ack_event(self, ack: Any) -> Event:
         return Acked(ack, self.clock())
 
-    def _status_event(self, status: NodeStatus) -> Event | None:
-        """A node's Last Will (or clean stop): abort a rollout waiting for it."""
-        return NodeLost(status.node, "offline", self.clock()) if status.state == "offline" else None
+    def _status_event(self, status: NodeStatus) -> Event:
+        """A node's Last Will (or clean stop) aborts a rollout waiting for it; its birth
+        clears it."""
+        return NodeLost(status.node, "offline", self.clock()) if status.state == "offline" else NodeBack(status.node)
 
     def _profile_event(self, event: Any) -> Event | None:
-        """The monitor's signed NodeDown (a frozen node has no Last Will yet)."""
-        if isinstance(event, NodeDown) and self.gate.signed(event):
-            return NodeLost(event.node, event.reason, self.clock())
+        """The monitor's signed NodeDown (a frozen node has no Last Will yet) or NodeJoined."""
+        if isinstance(event, NodeDown | NodeJoined) and self.gate.signed(event):
+            return NodeLost(event.node, event.reason, self.clock()) if isinstance(event, NodeDown) else NodeBack(event.node)
         return None
 
     def _ledger_event(self, ledger: EpochLedger) -> Event | None:

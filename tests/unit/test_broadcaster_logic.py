@@ -15,6 +15,7 @@ from services.broadcaster.logic import (
     Deadline,
     Event,
     LedgerSeen,
+    NodeBack,
     NodeLost,
     PlanSeen,
     Publish,
@@ -173,6 +174,19 @@ def test_a_node_of_the_rollout_going_down_aborts_at_once() -> None:
     assert state.active is None and state.committed_epoch == 3
     state, actions = run(state, NodeLost("rsu", "heartbeat_timeout", 103.0))
     assert actions == []  # nothing waits any more
+
+
+def test_a_rollout_naming_a_node_already_down_is_refused_until_it_is_back() -> None:
+    """Measured 2026-12-07 (test_second_kill_during_recovery, 1 run in 6 after the fix
+    above): the re-plan around the first victim was requested 45 ms after the second
+    one's Last Will, and its PREPARE waited for the dead node."""
+    state, actions = run(start(3), NodeLost("rsu", "offline", 99.0), request(timeout_s=60.0))
+    (result,) = results(actions)
+    assert kinds(actions) == ["RolloutFinished"] and result.outcome == "aborted"
+    assert result.epoch == result.previous_epoch == 3 and result.reason == "rsu down before the rollout started"
+    assert state.active is None and state.highest_epoch == 3  # no epoch spent
+    state, actions = run(state, NodeBack("rsu"), request(2, OTHER))
+    assert kinds(actions) == ["EpochLedger", "PrepareEpoch"]
 
 
 def test_an_aborted_epoch_is_burned() -> None:
@@ -352,7 +366,7 @@ def test_any_interleaving_of_acks_commits_at_most_once(noise: Any, order: Any, d
                        and isinstance(e.ack, EpochRejected) and e.ack.epoch == 4 and e.ack.node in NODES), None)  # fmt: skip
     readies = [i for i, e in enumerate(events) if isinstance(e, Acked) and isinstance(e.ack, EpochReady)
                and e.ack.epoch == 4 and e.ack.node in NODES]  # fmt: skip
-    all_ready_at = max(min(i for i in readies if events[i].ack.node == n) for n in NODES)  # type: ignore[attr-defined]
+    all_ready_at = max(min(i for i in readies if events[i].ack.node == n) for n in NODES)  # type: ignore[union-attr]
     committed = first_nack is None or first_nack > all_ready_at
     assert ("CommitEpoch" in names) is committed
     assert state.committed_epoch == (4 if committed else 3) and state.active is None
@@ -365,6 +379,7 @@ EVENT = st.one_of(
     st.builds(lambda t: Deadline(t), st.sampled_from([0.0, 1e9])),
     st.builds(lambda e: PlanSeen(plan(("car", 0, 4), epoch=e), 0.0), st.integers(0, 8)),
     st.builds(lambda n: NodeLost(n, "offline", 0.0), st.sampled_from(NODES)),
+    st.builds(lambda n: NodeBack(n), st.sampled_from(NODES)),
 )
 
 
