@@ -124,6 +124,7 @@ def test_200_requests_at_once_complete_exactly_or_are_refused_typed_within_memor
         assert tuple(outcome.token_ids) == system.expected(_prompt(500 + index)), index
 
 
+@pytest.mark.slow  # two 12 s phases
 def test_a_stalled_consumer_bounds_memory_and_the_other_client_is_served_exactly(system: OverloadSystem) -> None:
     """A consumer subscribes to its replies and never reads its socket again while four
     of its generations run at a time; an ordinary client beside it is served exactly.
