@@ -3,8 +3,11 @@
 Two-phase rollout of a plan as the next epoch (docs/ARCHITECTURE.md, "Reconfiguration
 broadcast"). Events are `Requested` (a RolloutRequested arrived), `Acked` (an EpochReady
 or EpochRejected), `Deadline` (the clock passed a READY deadline, or any timer tick),
-`PlanSeen` (a retained plan, our own echo included) and `LedgerSeen` (a retained
-EpochLedger). Actions are `Publish(topic, message)`, executed in order by the service.
+`PlanSeen` (a retained plan, our own echo included), `LedgerSeen` (a retained
+EpochLedger), `NodeLost` (a node's Last Will or the monitor's NodeDown: a rollout whose
+plan needs that node is aborted at once, rather than waiting out its READY deadline
+while the entry's requests time out; one that names a node still down is refused
+before it starts) and `NodeBack` (its birth, or NodeJoined). Actions are `Publish(topic, message)`, executed in order by the service.
 Times are monotonic seconds supplied by the caller, so the machine is deterministic.
 
 Idempotence: acks are keyed by (epoch, node), so duplicated or reordered acks are
@@ -85,6 +88,8 @@ class BroadcastState:
     queue: tuple[RolloutRequested, ...] = ()
     finished: tuple[tuple[int, bytes], ...] = ()
     """(decision id, plan key) of recently finished or refused rollouts, oldest first."""
+    down: frozenset[str] = frozenset()
+    """Nodes last seen down (Last Will, NodeDown) and not back since (online, NodeJoined)."""
 
     @property
     def next_deadline_s(self) -> float | None:
@@ -127,7 +132,23 @@ class LedgerSeen:
     ledger: EpochLedger
 
 
-Event = Requested | Acked | Deadline | PlanSeen | LedgerSeen
+@dataclass(frozen=True)
+class NodeLost:
+    """A node went down: its status is offline (Last Will) or the monitor says NodeDown."""
+
+    node: str
+    how: str
+    now_s: float
+
+
+@dataclass(frozen=True)
+class NodeBack:
+    """A node is up again: its status is online (birth) or the monitor says NodeJoined."""
+
+    node: str
+
+
+Event = Requested | Acked | Deadline | PlanSeen | LedgerSeen | NodeLost | NodeBack
 
 
 @dataclass(frozen=True)
@@ -160,6 +181,15 @@ def apply(state: BroadcastState, event: Event) -> tuple[BroadcastState, Actions]
         return _abort(state, reason, event.now_s)
     if isinstance(event, PlanSeen):
         return _on_plan(state, event.plan, event.now_s)
+    if isinstance(event, NodeBack):
+        return replace(state, down=state.down - {event.node}), ()
+    if isinstance(event, NodeLost):
+        state = replace(state, down=state.down | {event.node})
+        active = state.active
+        if active is None or event.node not in active.nodes:
+            return state, ()
+        return _abort(state, f"{event.node} went down ({event.how}) during the rollout of epoch {active.epoch}",
+                      event.now_s)  # fmt: skip
     return replace(state, highest_epoch=max(state.highest_epoch, event.ledger.highest_epoch)), ()
 
 
@@ -269,8 +299,18 @@ def _remember(state: BroadcastState, key: tuple[int, bytes]) -> BroadcastState:
 
 def _start_next(state: BroadcastState, now_s: float) -> tuple[BroadcastState, Actions]:
     """PREPARE the first queued rollout when none is active."""
+    refused: list[Publish] = []
+    while state.active is None and state.queue:
+        request = state.queue[0]
+        lost = sorted({request.plan.entry_node, *(s.node for s in request.plan.segments)} & state.down)
+        if not lost:
+            break
+        state, refusal = _refuse(replace(state, queue=state.queue[1:]), request.decision_id,
+                                 (request.decision_id, plan_key(request.plan)),
+                                 f"{', '.join(lost)} down before the rollout started")  # fmt: skip
+        refused.extend(refusal)
     if state.active is not None or not state.queue:
-        return state, ()
+        return state, tuple(refused)
     request, queue = state.queue[0], state.queue[1:]
     epoch = max(state.highest_epoch, state.committed_epoch) + 1
     pin = request.plan.manifest_sha256 or state.config.manifest_sha256
@@ -289,7 +329,7 @@ def _start_next(state: BroadcastState, now_s: float) -> tuple[BroadcastState, Ac
     prepare = PrepareEpoch(epoch=epoch, plan=plan, ready_timeout_s=request.ready_timeout_s,
                            frame_key=frame_key)  # fmt: skip
     state = replace(state, active=active, queue=queue, highest_epoch=epoch)
-    return state, (Publish(ROLLOUT_LEDGER, ledger), Publish(EPOCH_COMMANDS, prepare))
+    return state, (*refused, Publish(ROLLOUT_LEDGER, ledger), Publish(EPOCH_COMMANDS, prepare))
 
 
 def _on_ack(

@@ -31,6 +31,8 @@ from services.broadcaster.logic import (
     Deadline,
     Event,
     LedgerSeen,
+    NodeBack,
+    NodeLost,
     PlanSeen,
     Requested,
     apply,
@@ -40,12 +42,29 @@ from services.broadcaster.logic import (
 from shared.bus import Bus, Subscription
 from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
-from shared.messages import EpochLedger, Plan, PrivacyPolicy, PrivacyPolicySet, RolloutRequested
+from shared.messages import (
+    EpochLedger,
+    NodeDown,
+    NodeJoined,
+    NodeStatus,
+    Plan,
+    PrivacyPolicy,
+    PrivacyPolicySet,
+    RolloutRequested,
+)
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_signer, role_verifier
 from shared.security.signing import ControlGate, control_key
 from shared.security.trust import TrustRegistry, load_trust
-from shared.topics import EPOCH_ACKS, PLAN, POLICY, ROLLOUT_LEDGER, ROLLOUTS
+from shared.topics import (
+    EPOCH_ACKS,
+    NODE_STATUS,
+    PLAN,
+    POLICY,
+    PROFILE_EVENTS,
+    ROLLOUT_LEDGER,
+    ROLLOUTS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +141,8 @@ class BroadcasterService:
             bus.subscribe(ROLLOUT_LEDGER) as ledgers,
             bus.subscribe(EPOCH_ACKS) as acks,
             bus.subscribe(ROLLOUTS) as rollouts,
+            bus.subscribe(NODE_STATUS) as statuses,
+            bus.subscribe(PROFILE_EVENTS) as events,
         ):
             plan, ledger = await self._read_retained(plans, ledgers)
             self.state, actions = recover(self.config, plan, ledger)
@@ -137,6 +158,8 @@ class BroadcasterService:
                     task_group.create_task(
                         self._pump(rollouts, self._request_event), name="rollouts"
                     )
+                    task_group.create_task(self._pump(statuses, self._status_event), name="statuses")
+                    task_group.create_task(self._pump(events, self._profile_event), name="events")
                     task_group.create_task(self._decide(bus), name="decide")
                     task_group.create_task(self._follow_policy(policies), name="policy")
                     task_group.create_task(report_refusals(bus, origin, self.gate.refusals), name="refusals")
@@ -176,6 +199,17 @@ class BroadcasterService:
 
     def _ack_event(self, ack: Any) -> Event:
         return Acked(ack, self.clock())
+
+    def _status_event(self, status: NodeStatus) -> Event:
+        """A node's Last Will (or clean stop) aborts a rollout waiting for it; its birth
+        clears it."""
+        return NodeLost(status.node, "offline", self.clock()) if status.state == "offline" else NodeBack(status.node)
+
+    def _profile_event(self, event: Any) -> Event | None:
+        """The monitor's signed NodeDown (a frozen node has no Last Will yet) or NodeJoined."""
+        if isinstance(event, NodeDown | NodeJoined) and self.gate.signed(event):
+            return NodeLost(event.node, event.reason, self.clock()) if isinstance(event, NodeDown) else NodeBack(event.node)
+        return None
 
     def _ledger_event(self, ledger: EpochLedger) -> Event | None:
         return LedgerSeen(ledger) if self._ledger_ok(ledger, self.state.committed_epoch) else None

@@ -109,6 +109,8 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         ROLLOUT_LEDGER: BOTH,
         POLICY: SUB,  # refuses a rollout that breaks the policy in force (signing.py)
         SERVICE_STATUS: Grant(Scope.OWN, Scope.OWN),  # refusal counters; `edgesplit health` reads
+        NODE_STATUS: SUB,  # a node of the rollout went down (Last Will): abort at once
+        PROFILE_EVENTS: SUB,  # the monitor's NodeDown (a frozen node has no Last Will yet)
     },
     Role.ORCHESTRATOR: {
         PLAN: SUB,

@@ -15,6 +15,8 @@ from services.broadcaster.logic import (
     Deadline,
     Event,
     LedgerSeen,
+    NodeBack,
+    NodeLost,
     PlanSeen,
     Publish,
     Requested,
@@ -156,6 +158,35 @@ def test_the_deadline_aborts_naming_the_silent_nodes() -> None:
     assert result.prepare_s == 5.0 and "AbortEpoch" in kinds(actions)
     state, actions = run(state, Deadline(200.0), ready("mec", 4), rejected("rsu", 4))
     assert actions == [] and state.committed_epoch == 3
+
+
+def test_a_node_of_the_rollout_going_down_aborts_at_once() -> None:
+    """Measured 2026-12-06 (test_second_kill_during_recovery, 1 run in 5 failed): a node
+    killed right after a PREPARE that named it left the rollout waiting its 60 s READY
+    deadline while every request timed out; now its Last Will or NodeDown aborts it."""
+    state, _ = run(start(3), request(timeout_s=60.0), ready("car", 4))
+    state, actions = run(state, NodeLost("spare", "offline", 101.5))  # not in the plan
+    assert actions == [] and state.active is not None
+    state, actions = run(state, NodeLost("rsu", "offline", 102.0))
+    assert kinds(actions) == ["AbortEpoch", "EpochLedger", "RolloutFinished"]
+    (result,) = results(actions)
+    assert result.outcome == "aborted" and result.reason == "rsu went down (offline) during the rollout of epoch 4"
+    assert state.active is None and state.committed_epoch == 3
+    state, actions = run(state, NodeLost("rsu", "heartbeat_timeout", 103.0))
+    assert actions == []  # nothing waits any more
+
+
+def test_a_rollout_naming_a_node_already_down_is_refused_until_it_is_back() -> None:
+    """Measured 2026-12-07 (test_second_kill_during_recovery, 1 run in 6 after the fix
+    above): the re-plan around the first victim was requested 45 ms after the second
+    one's Last Will, and its PREPARE waited for the dead node."""
+    state, actions = run(start(3), NodeLost("rsu", "offline", 99.0), request(timeout_s=60.0))
+    (result,) = results(actions)
+    assert kinds(actions) == ["RolloutFinished"] and result.outcome == "aborted"
+    assert result.epoch == result.previous_epoch == 3 and result.reason == "rsu down before the rollout started"
+    assert state.active is None and state.highest_epoch == 3  # no epoch spent
+    state, actions = run(state, NodeBack("rsu"), request(2, OTHER))
+    assert kinds(actions) == ["EpochLedger", "PrepareEpoch"]
 
 
 def test_an_aborted_epoch_is_burned() -> None:
@@ -335,7 +366,7 @@ def test_any_interleaving_of_acks_commits_at_most_once(noise: Any, order: Any, d
                        and isinstance(e.ack, EpochRejected) and e.ack.epoch == 4 and e.ack.node in NODES), None)  # fmt: skip
     readies = [i for i, e in enumerate(events) if isinstance(e, Acked) and isinstance(e.ack, EpochReady)
                and e.ack.epoch == 4 and e.ack.node in NODES]  # fmt: skip
-    all_ready_at = max(min(i for i in readies if events[i].ack.node == n) for n in NODES)  # type: ignore[attr-defined]
+    all_ready_at = max(min(i for i in readies if events[i].ack.node == n) for n in NODES)  # type: ignore[union-attr]
     committed = first_nack is None or first_nack > all_ready_at
     assert ("CommitEpoch" in names) is committed
     assert state.committed_epoch == (4 if committed else 3) and state.active is None
@@ -347,6 +378,8 @@ EVENT = st.one_of(
     st.builds(lambda n, e: rejected(n, e), st.sampled_from(NODES), st.integers(1, 8)),
     st.builds(lambda t: Deadline(t), st.sampled_from([0.0, 1e9])),
     st.builds(lambda e: PlanSeen(plan(("car", 0, 4), epoch=e), 0.0), st.integers(0, 8)),
+    st.builds(lambda n: NodeLost(n, "offline", 0.0), st.sampled_from(NODES)),
+    st.builds(lambda n: NodeBack(n), st.sampled_from(NODES)),
 )
 
 
