@@ -5,7 +5,9 @@ The orchestrator plans for decode time per output token, the number users feel. 
 ways (docs/ORCHESTRATOR.md):
 
 - speed: ``flops_per_s`` = mean block FLOP per token / measured ``decode_s_per_block``
-  (the monitor's own number comes from prefill, which amortises per-step overheads);
+  (the monitor's own number comes from prefill, which amortises per-step overheads); an
+  encoder (BERT: one pass per request, never a decode step) uses the measured
+  ``prefill_s_per_block_token`` instead, or a slowdown of its nodes would never show;
 - utilisation: 0, because the measured block time already includes everything that
   slows the node (emulated slowdown, other work); the compute-thread busy share the
   monitor reports is mostly our own pipeline, and counting it again would push work
@@ -90,17 +92,20 @@ def held_blocks(segments: Iterable[Segment]) -> dict[str, int]:
 
 def planning_view(profile: CapacityProfile, manifest: ShardManifest,
                   running: tuple[Segment, ...]) -> CapacityProfile:  # fmt: skip
-    """The profile the orchestrator plans on (module docstring): decode-time speed,
+    """The profile the orchestrator plans on (module docstring): decode-time speed (an
+    encoder's: prefill-time),
     utilisation 0, the running plan's blocks counted as free on their hosts."""
     layers = layers_from_manifest(manifest)
     mean_flops = math.fsum(layer.flops for layer in layers) / len(layers)
     mean_weights = math.fsum(layer.weight_bytes for layer in layers) / len(layers)
     held = held_blocks(running)
     nodes = []
+    encoder = manifest.architecture == "bert"  # one pass per request: no decode step
     for node in profile.nodes:
         speed = node.flops_per_s
-        if node.decode_s_per_block and mean_flops > 0:
-            speed = mean_flops / node.decode_s_per_block
+        block_s = node.prefill_s_per_block_token if encoder else node.decode_s_per_block
+        if block_s and mean_flops > 0:
+            speed = mean_flops / block_s
         free = node.memory_free_bytes + int(held.get(node.node, 0) * mean_weights)
         nodes.append(node.model_copy(update={"flops_per_s": speed, "utilisation": 0.0,
                                              "memory_free_bytes": free}))  # fmt: skip

@@ -205,12 +205,12 @@ def test_noise_of_ten_percent_replans_at_most_once_a_minute(seed: int) -> None:
 # --- candidates on a live profile -------------------------------------------------------
 
 
-def manifest() -> ShardManifest:
+def manifest(architecture: str = "llama") -> ShardManifest:
     """Only the per-block costs the planner reads (a real manifest has more)."""
     blocks = tuple(SimpleNamespace(index=i, bytes=1000, parameters=250, flops_per_token=1e6,
                                    activation_bytes_per_token=256, kv_bytes_per_token=128)
                    for i in range(6))  # fmt: skip
-    return ShardManifest.model_construct(model_name="tiny", num_blocks=6, blocks=blocks)
+    return ShardManifest.model_construct(model_name="tiny", num_blocks=6, blocks=blocks, architecture=architecture)
 
 
 def node(name: str, trust: int, decode_s: float, alive: bool = True) -> NodeCapacity:
@@ -238,6 +238,18 @@ def test_planning_view_uses_decode_time_and_no_utilisation() -> None:
     speeds = {n.node: (n.flops_per_s, n.utilisation) for n in view.nodes}
     assert speeds["rsu"] == (pytest.approx(1e6 / 0.001), 0.0)
     assert speeds["car"] == (pytest.approx(1e6 / 0.002), 0.0)
+
+
+def test_an_encoders_planning_view_uses_prefill_time() -> None:
+    """BERT serves one pass per request and never decodes: its nodes' decode times stay
+    the start-up benchmark's, so a slowdown shows only in the prefill times."""
+    slowed = profile().model_copy(update={"nodes": tuple(
+        n.model_copy(update={"prefill_s_per_block_token": 0.0002 * (20 if n.node == "rsu" else 1)})
+        for n in profile().nodes)})  # fmt: skip
+    decoder = {n.node: n.flops_per_s for n in planning_view(slowed, manifest(), A).nodes}
+    encoder = {n.node: n.flops_per_s for n in planning_view(slowed, manifest("bert"), A).nodes}
+    assert decoder["rsu"] == pytest.approx(1e6 / 0.001)  # decode time: the slowdown is not seen
+    assert encoder["rsu"] == pytest.approx(1e6 / 0.004) and encoder["mec"] == pytest.approx(1e6 / 0.0002)
 
 
 def test_slow_node_makes_a_migration_win() -> None:
