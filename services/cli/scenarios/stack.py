@@ -8,6 +8,7 @@ methods off the event loop (``asyncio.to_thread``).
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import subprocess
 import time
@@ -52,7 +53,7 @@ class ScenarioStack:
     # --- start ------------------------------------------------------------------------------
 
     def start_broker(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        clear_run_dir(self.run_dir)
         key_file = ensure_key_file(self.run_dir)  # no default key: one per run folder
         self.settings = load_settings(BusSettings, {**self.settings.model_dump(), "plan_signing_key_file": key_file})
         self.env = {"EDGESPLIT_PLAN_SIGNING_KEY_FILE": str(key_file)}
@@ -136,3 +137,15 @@ class ScenarioStack:
                 process.wait(timeout=5)
         if self.broker is not None:
             self.broker.stop()
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` ready for a fresh stack: the broker's persistence of an earlier run
+    into the same folder would hand the new stack that run's retained plan, ledger and
+    decisions (a static run then kept the old run's first plan), and its logs would mix
+    with the new ones. The control key stays (one per run folder)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "broker", ignore_errors=True)
+    for log in run_dir.glob("*.log"):
+        log.unlink(missing_ok=True)
+
