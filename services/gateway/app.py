@@ -161,18 +161,23 @@ class _Api:
 
     async def _events(self, stream: TokenStream, first: TokenGenerated | None, shape: _Shape,
                       sampling: Sampling) -> AsyncIterator[str]:  # fmt: skip
-        count = 0
+        count, sent = 0, []
         try:
             if shape.chat:
                 yield _event(shape.chunk({"role": "assistant", "content": ""}, None))
             token = first
             while token is not None:
                 count += 1
+                sent.append(token.text)
                 yield _event(shape.chunk(shape.delta(token.text), None, [token.token_id]))
                 token = await anext(stream, None)
             final = stream.result
             finish = "stop" if final is not None and final.finish_reason == "eos" else "length"
-            yield _event(shape.chunk(shape.delta(""), finish))
+            # Text a token held back (an incomplete UTF-8 sequence at the end) comes with the
+            # last chunk, so the streamed text adds up to the final text.
+            streamed = "".join(sent)
+            rest = final.text[len(streamed):] if final is not None and final.text.startswith(streamed) else ""
+            yield _event(shape.chunk(shape.delta(rest), finish))
             if sampling.include_usage:
                 yield _event({**shape.chunk(None, None), "choices": [],
                               "usage": {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count}})  # fmt: skip

@@ -1,0 +1,167 @@
+"""The gateway end to end: `edgesplit up --http` over a real broker and real workers, the
+official `openai` client against it, tokens compared with `edgesplit generate --local`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+
+from shared.broker import LocalBroker, free_port
+from tests.integration.test_up import _wait_for_line
+
+pytestmark = pytest.mark.integration
+EDGESPLIT = [sys.executable, "-m", "services.cli"]
+CHAT_PROMPT = "<|im_start|>user\nhello edge<|im_end|>\n<|im_start|>assistant\n"
+"""ChatML, as the tiny checkpoint ships no template, written out here by hand."""
+
+
+@dataclass
+class Site:
+    api: openai.OpenAI
+    model: str
+    model_dir: Path
+    env: dict[str, str]
+    log: Path
+
+
+def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None) -> Iterator[Site]:
+    port = free_port()
+    cluster = "gw" + os.urandom(4).hex()
+    env = {**os.environ, "EDGESPLIT_MODELS_DIR": str(root / "models"), "EDGESPLIT_CLUSTER": cluster}
+    if api_key is not None:
+        env["EDGESPLIT_GATEWAY_API_KEY"] = api_key
+    out = root / "up.out"
+    up = subprocess.Popen(
+        [*EDGESPLIT, "up", "--model", model, "--broker", broker.url, "--run-dir", str(root / "run"),
+         "--http", f"127.0.0.1:{port}"],
+        stdout=open(out, "wb"), stderr=open(root / "up.err", "wb"), env=env, start_new_session=True,  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        ready = _wait_for_line(up, out, "edgesplit ready", 120)
+        served = re.search(r"model (\S+) on", ready)
+        assert served is not None, ready
+        line = _wait_for_line(up, out, "edgesplit gateway:", 10)
+        assert f"http://127.0.0.1:{port}/v1" in line
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key or "none", max_retries=0,
+                            timeout=60)  # fmt: skip
+        deadline = time.monotonic() + 20  # the gateway process binds its port after the ready line
+        while True:
+            try:
+                api.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+            except openai.AuthenticationError:
+                break
+        yield Site(api, served.group(1), root / "models" / served.group(1), env, root / "run" / "gateway.log")
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
+
+
+@pytest.fixture(scope="module")
+def llama(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    yield from _up("tiny-llama", broker, tmp_path_factory.mktemp("gw-llama"))
+
+
+def _local(site: Site, *args: str) -> dict[str, Any]:
+    done = subprocess.run([*EDGESPLIT, *args, "--local", "--model", str(site.model_dir), "--json"],
+                          capture_output=True, text=True, timeout=120, env=site.env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _extra(choice: Any) -> list[int]:
+    return list((choice.model_extra or {}).get("token_ids") or [])
+
+
+def test_streamed_chat_equals_local_generate(llama: Site) -> None:
+    expected = _local(llama, "generate", "--prompt", CHAT_PROMPT, "--max-new-tokens", "12")
+    ids: list[int] = []
+    text, finishes, last = "", [], None
+    for chunk in llama.api.chat.completions.create(model=llama.model, temperature=0, max_tokens=12, stream=True,
+                                                   messages=[{"role": "user", "content": "hello edge"}]):  # fmt: skip
+        assert chunk.object == "chat.completion.chunk" and chunk.model == llama.model
+        choice = chunk.choices[0]
+        ids += _extra(choice)
+        text += choice.delta.content or ""
+        finishes.append(choice.finish_reason)
+        last = chunk
+    assert ids == expected["token_ids"] and len(ids) >= 1
+    assert text == expected["text"]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert last is not None
+
+
+def test_streamed_completion_and_token_id_prompt_equal_local(llama: Site) -> None:
+    expected = _local(llama, "generate", "--prompt", "the road ahead", "--max-new-tokens", "10")
+    ids: list[int] = []
+    text = ""
+    usage = None
+    for chunk in llama.api.completions.create(model=llama.model, prompt="the road ahead", max_tokens=10,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}):  # fmt: skip
+        if chunk.choices:
+            ids += _extra(chunk.choices[0])
+            text += chunk.choices[0].text
+        usage = chunk.usage or usage
+    assert ids == expected["token_ids"] and text == expected["text"]
+    assert usage is not None and usage.completion_tokens == len(ids)
+    prompt_ids = [5, 17, 42, 99, 3]
+    by_ids = _local(llama, "generate", "--prompt-ids", ",".join(map(str, prompt_ids)), "--max-new-tokens", "6")
+    whole = llama.api.completions.create(model=llama.model, prompt=prompt_ids, max_tokens=6, temperature=0)
+    assert _extra(whole.choices[0]) == by_ids["token_ids"] and whole.choices[0].text == by_ids["text"]
+
+
+def test_bad_requests_get_openai_errors(llama: Site) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        llama.api.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert raised.value.status_code == 400 and raised.value.code == "model_not_found"
+    assert raised.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as raised:
+        llama.api.chat.completions.create(model=llama.model, temperature=-1,
+                                          messages=[{"role": "user", "content": "x"}])  # fmt: skip
+    assert raised.value.param == "temperature" and raised.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as raised:  # the entry node refuses it: context_too_long
+        llama.api.completions.create(model=llama.model, prompt=[7] * 300, max_tokens=4, stream=True)
+    assert raised.value.code == "context_length_exceeded", raised.value.body
+    assert [m.id for m in llama.api.models.list()] == [llama.model]
+
+
+@pytest.fixture(scope="module")
+def bert(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    yield from _up("tiny-bert", broker, tmp_path_factory.mktemp("gw-bert"), api_key="sk-edge")
+
+
+def test_embeddings_equal_local_and_the_key_is_required(bert: Site) -> None:
+    texts = ["a car at the junction", "the road is wet"]
+    answer = bert.api.embeddings.create(model=bert.model, input=texts)  # the client asks for base64
+    for index, text in enumerate(texts):
+        expected = np.array(_local(bert, "embed", "--text", text)["embedding"])
+        got = np.array(answer.data[index].embedding)
+        assert got.shape == expected.shape and np.max(np.abs(got - expected)) < 1e-5
+    as_floats = bert.api.embeddings.create(model=bert.model, input=texts[0], encoding_format="float")
+    assert np.max(np.abs(np.array(as_floats.data[0].embedding) - np.array(answer.data[0].embedding))) < 1e-6
+    stranger = openai.OpenAI(base_url=str(bert.api.base_url), api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        stranger.embeddings.create(model=bert.model, input="x")
+    assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
