@@ -9,6 +9,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from services.cli.client import Client, NoFeasiblePlan
+from services.cli.gateway_up import check_http
 from services.gateway.app import Backend, build_app
 from services.gateway.chat import CHATML, ChatTemplate
 from services.gateway.openai_api import (
@@ -19,7 +20,6 @@ from services.gateway.openai_api import (
     parse_embedding,
 )
 from services.gateway.service import parse_http
-from services.cli.gateway_up import check_http
 from shared.errors import (
     BrokerUnavailable,
     Busy,
