@@ -4,13 +4,9 @@ processes `up` starts, after the first plan is served."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from shared.config import BusSettings
+from shared.config import parse_host_port
 from shared.errors import ConfigError
-
-if TYPE_CHECKING:
-    from services.cli.launcher import Stack
 
 DEFAULT_HTTP = "127.0.0.1:8000"
 
@@ -19,22 +15,15 @@ def parse_http_option(text: str) -> tuple[str, int] | None:
     """``--http``: ``HOST:PORT`` -> (host, port); ``off`` -> None. Raises ConfigError."""
     if text.strip().lower() == "off":
         return None
-    from services.gateway.service import parse_http
-
-    return parse_http(text)
+    return parse_host_port(text)
 
 
-def start_gateway(stack: Stack, settings: BusSettings, http: tuple[str, int], model_dir: Path,
-                  run_dir: Path) -> str:  # fmt: skip
-    """Start the gateway on ``http`` with ``model_dir``'s chat template; its API's URL."""
-    from services.cli.launcher import start_service
-
+def gateway_arguments(http: tuple[str, int], model_dir: Path) -> tuple[list[str], str]:
+    """The gateway's arguments for listening on ``http`` with ``model_dir``'s chat
+    template, and its API's URL."""
     host, port = http
     shown = f"[{host}]" if ":" in host else host
-    stack.logs["gateway"] = run_dir / "gateway.log"
-    stack.services["gateway"] = start_service(
-        "gateway", ["--http", f"{shown}:{port}", "--model", str(model_dir)], settings, stack.logs["gateway"])
-    return f"http://{shown}:{port}/v1"
+    return ["--http", f"{shown}:{port}", "--model", str(model_dir)], f"http://{shown}:{port}/v1"
 
 
 def check_http(text: str | None) -> tuple[str, int] | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.cli.gateway_up import start_gateway
+from services.cli.gateway_up import gateway_arguments
 from services.cli.secure_up import start_secure_broker_for
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
@@ -410,7 +410,9 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                   f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
                   f"cluster {settings.cluster}", flush=True)  # fmt: skip
             if http is not None and secure is None:
-                url = start_gateway(stack, settings, http, model_dir, run_dir)
+                arguments, url = gateway_arguments(http, model_dir)
+                stack.logs["gateway"] = run_dir / "gateway.log"
+                stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"])
                 print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']})", flush=True)
             elif http is not None:
                 say("the gateway is not started with --secure (it has no client identity yet)")

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.gateway.service import GatewayService, GatewaySettings, parse_http
-from shared.config import load_settings
+from services.gateway.service import GatewayService, GatewaySettings
+from shared.config import load_settings, parse_host_port
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 def settings_from(args: Any) -> GatewaySettings:
     """CLI > EDGESPLIT_* environment > defaults. Raises ConfigError."""
-    host, port = parse_http(args.http) if args.http else (None, None)
+    host, port = parse_host_port(args.http) if args.http else (None, None)
     return load_settings(GatewaySettings, {
         "broker_url": args.broker_url,
         "cluster": args.cluster,

@@ -102,12 +102,3 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as error:
         raise ConfigError(f"gateway cannot listen on {host}:{port}: {error.strerror or error}") from None
     return listener
-
-
-def parse_http(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8000`` for IPv6) -> (host, port). Raises ConfigError."""
-    host, colon, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not colon or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"--http must be HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}")
-    return host, int(port_text)

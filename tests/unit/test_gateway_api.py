@@ -19,7 +19,7 @@ from services.gateway.openai_api import (
     parse_completion,
     parse_embedding,
 )
-from services.gateway.service import parse_http
+from shared.config import parse_host_port
 from shared.errors import (
     BrokerUnavailable,
     Busy,
@@ -135,8 +135,8 @@ def test_chat_template_from_the_checkpoint_or_chatml(tmp_path: Path) -> None:
 
 
 def test_http_option_forms() -> None:
-    assert parse_http("127.0.0.1:8000") == ("127.0.0.1", 8000)
-    assert parse_http("[::1]:9000") == ("::1", 9000)
+    assert parse_host_port("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert parse_host_port("[::1]:9000") == ("::1", 9000)
     assert check_http(None) == ("127.0.0.1", 8000)
     assert check_http("off") is None
     for text in ("8000", "host:", "host:99999", ":80"):
