@@ -199,5 +199,5 @@ def test_smollm2_chat_and_minilm_embeddings_equal_local(broker: LocalBroker,
     for site in _up("minilm", broker, tmp_path_factory.mktemp("gw-minilm"), models_dir=cache):
         text = "Road-side units relay warnings to nearby cars."
         got = np.array(site.api.embeddings.create(model=site.model, input=text).data[0].embedding)
-        expected = np.array(_local(site, "embed", "--text", text)["embedding"])
-        assert got.shape == expected.shape and np.max(np.abs(got - expected)) < 1e-5
+        reference = np.array(_local(site, "embed", "--text", text)["embedding"])
+        assert got.shape == reference.shape and np.max(np.abs(got - reference)) < 1e-5
