@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,12 @@ def test_api_key_is_checked() -> None:
         assert answer.status_code == 401, headers
         assert answer.json()["error"]["code"] == "invalid_api_key"
     assert http.get("/v1/models", headers={"Authorization": "Bearer sk-test"}).status_code == 503  # past the key
+
+
+@pytest.mark.parametrize("command", [["services.gateway", "--http", "1.2.3:x"],
+                                     ["services.cli", "up", "--http", "nonsense"]])  # fmt: skip
+def test_a_bad_http_option_is_one_line_and_exit_2(command: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "HOST:PORT" in done.stderr
