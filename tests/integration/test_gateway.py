@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class Site:
     model_dir: Path
     env: dict[str, str]
     log: Path
+    broker_url: str
+    cluster: str
 
 
 def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None,
@@ -72,7 +75,8 @@ def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None,
                 time.sleep(0.2)
             except openai.AuthenticationError:
                 break
-        yield Site(api, served.group(1), models_dir / served.group(1), env, root / "run" / "gateway.log")
+        yield Site(api, served.group(1), models_dir / served.group(1), env, root / "run" / "gateway.log",
+                   broker.url, cluster)
     finally:
         up.send_signal(signal.SIGINT)
         try:
@@ -149,6 +153,43 @@ def test_bad_requests_get_openai_errors(llama: Site) -> None:
         llama.api.completions.create(model=llama.model, prompt=[7] * 300, max_tokens=4, stream=True)
     assert raised.value.code == "context_length_exceeded", raised.value.body
     assert [m.id for m in llama.api.models.list()] == [llama.model]
+
+
+@contextmanager
+def _gateway(site: Site, cluster: str, *options: str) -> Iterator[openai.OpenAI]:
+    """One more gateway process (``python -m services.gateway``) on ``cluster``."""
+    port = free_port()
+    log = open(site.log.with_name(f"gateway-{port}.log"), "wb")  # noqa: SIM115
+    process = subprocess.Popen([sys.executable, "-m", "services.gateway", "--broker", site.broker_url,
+                                "--cluster", cluster, "--http", f"127.0.0.1:{port}", *options],
+                               stdout=log, stderr=log, env=site.env)  # fmt: skip
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # it answers once it is connected to the broker
+            try:
+                api.models.list()
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, site.log.read_text()
+                time.sleep(0.2)
+            except openai.APIStatusError:
+                break
+        yield api
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
+
+
+def test_no_plan_is_503_and_a_missed_deadline_is_504(llama: Site) -> None:
+    with _gateway(llama, "gwempty" + os.urandom(3).hex()) as empty, pytest.raises(openai.APIStatusError) as raised:
+        empty.completions.create(model=llama.model, prompt="x", max_tokens=2)
+    assert raised.value.status_code == 503 and raised.value.code == "no_plan"
+    with _gateway(llama, llama.cluster, "--request-timeout-s", "0.05") as hurried:
+        with pytest.raises(openai.APIStatusError) as raised:
+            hurried.completions.create(model=llama.model, prompt="x", max_tokens=200, temperature=0)
+    assert raised.value.status_code == 504 and raised.value.code == "deadline_exceeded", raised.value.body
 
 
 @pytest.fixture(scope="module")
