@@ -118,6 +118,9 @@ def test_streamed_chat_equals_local_generate(llama: Site) -> None:
     assert text == expected["text"]
     assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
     assert last is not None
+    whole = llama.api.chat.completions.create(model=llama.model, temperature=0, max_tokens=12,
+                                              messages=[{"role": "user", "content": "hello edge"}])  # fmt: skip
+    assert _extra(whole.choices[0]) == expected["token_ids"] and whole.choices[0].message.content == expected["text"]
 
 
 def test_streamed_completion_and_token_id_prompt_equal_local(llama: Site) -> None:
