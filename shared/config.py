@@ -211,3 +211,15 @@ def load_settings(
             for item in error.errors()
         )
         raise ConfigError(f"invalid settings for {cls.__name__}: {problems}") from None
+
+
+def parse_host_port(text: str, option: str = "--http") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8000`` for IPv6) -> (host, port), port 0-65535.
+
+    Raises ConfigError naming ``option``.
+    """
+    host, colon, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{option} must be HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}")
+    return host, int(port_text)

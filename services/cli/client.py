@@ -379,6 +379,11 @@ class Client:
         assert isinstance(final, EmbeddingReady)
         return final.embedding
 
+    def current_plan(self) -> Plan | None:
+        """The latest retained plan this connection has seen (None before the first one,
+        or when not connected): what a request would be sent by."""
+        return self._plans.latest("plan") if self._plans is not None else None
+
     def _connected(self) -> Bus:
         if self._bus is None:
             raise ConfigError("the client is not connected: use `async with Client(...)`")

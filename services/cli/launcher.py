@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.cli.gateway_up import gateway_arguments
 from services.cli.secure_up import start_secure_broker_for
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
@@ -346,9 +347,11 @@ OPEN_BROKER = ("the broker is OPEN (anonymous, no TLS): anyone who reaches it ca
 
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
              run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False,
-             secure: SecureOptions | None = None, weights: str = "fp32") -> None:  # fmt: skip
+             secure: SecureOptions | None = None, weights: str = "fp32",
+             http: tuple[str, int] | None = None) -> None:  # fmt: skip
     """Run the stack until cancelled; with ``secure``, on the secure profile; the workers
-    load shards whose linear weights are stored in ``weights`` (`up --weights`)."""
+    load shards whose linear weights are stored in ``weights`` (`up --weights`); with
+    ``http``, the OpenAI-compatible gateway listens there (`up --http`)."""
     if secure is None:
         say(OPEN_BROKER)
     topology_path = topology_file or DEFAULT_TOPOLOGY
@@ -406,6 +409,13 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                   f"nodes{spare_note}, "
                   f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
                   f"cluster {settings.cluster}", flush=True)  # fmt: skip
+            if http is not None and secure is None:
+                arguments, url = gateway_arguments(http, model_dir)
+                stack.logs["gateway"] = run_dir / "gateway.log"
+                stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"])
+                print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']})", flush=True)
+            elif http is not None:
+                say("the gateway is not started with --secure (it has no client identity yet)")
             reported: set[str] = set()
             while True:  # a process that dies is reported once; the system re-plans around it
                 await asyncio.sleep(1.0)
@@ -439,11 +449,12 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
-           static: bool = False, secure: SecureOptions | None = None, weights: str = "fp32") -> int:  # fmt: skip
+           static: bool = False, secure: SecureOptions | None = None, weights: str = "fp32",
+           http: tuple[str, int] | None = None) -> int:  # fmt: skip
     """Blocking entry point for the CLI; SIGINT (Ctrl-C) or SIGTERM stops everything it started."""
     try:
         asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static,
-                                        secure=secure, weights=weights)))  # fmt: skip
+                                        secure=secure, weights=weights, http=http)))  # fmt: skip
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     except BaseExceptionGroup as group:

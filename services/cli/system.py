@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
     up.add_argument("--state", type=Path,
                     help="with --secure: the credentials folder, created when new (default "
                          "$EDGESPLIT_STATE_DIR or ~/.local/state/edgesplit/secure)")  # fmt: skip
+    up.add_argument("--http", metavar="HOST:PORT",
+                    help="where the OpenAI-compatible gateway listens (default 127.0.0.1:8000; "
+                         "'off' starts none)")  # fmt: skip
     up.set_defaults(handler=run_up)
 
     status = subparsers.add_parser(
@@ -101,9 +104,17 @@ def run_up(args: argparse.Namespace) -> int:
     elif args.state is not None:
         print("edgesplit: error: --state needs --secure", file=sys.stderr)
         return 2
+    from services.cli.gateway_up import check_http
+    from shared.errors import ConfigError
+
+    try:
+        http = check_http(args.http)
+    except ConfigError as error:
+        print(f"edgesplit: error: {error}", file=sys.stderr)
+        return 2
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
     return launch(_settings(args), args.topology, args.model, run_dir, static=args.static,
-                  secure=secure, weights=args.weights)  # fmt: skip
+                  secure=secure, weights=args.weights, http=http)  # fmt: skip
 
 
 def _secure_problem(args: argparse.Namespace) -> str | None:
