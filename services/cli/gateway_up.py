@@ -3,6 +3,8 @@ processes `up` starts, after the first plan is served."""
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 from shared.config import parse_host_port
@@ -27,8 +29,36 @@ def gateway_arguments(http: tuple[str, int], model_dir: Path) -> tuple[list[str]
 
 
 def check_http(text: str | None) -> tuple[str, int] | None:
-    """The ``--http`` option of `up` (default 127.0.0.1:8000)."""
+    """The ``--http`` option of `up` (default 127.0.0.1:8000). Left out and the default
+    port taken (another server, another `up`), a free port on the same host is used and
+    said on stderr, so `up` still runs; a port given explicitly is used as given."""
     try:
-        return parse_http_option(text or DEFAULT_HTTP)
+        http = parse_http_option(text or DEFAULT_HTTP)
     except ConfigError as error:
         raise ConfigError(str(error).replace("HOST:PORT", "HOST:PORT or off", 1)) from None
+    if text is None and http is not None and not port_free(*http):
+        host, taken = http
+        http = (host, free_port_on(host))
+        print(f"edgesplit: port {taken} is taken; the gateway listens on {http[1]} instead "
+              f"(--http HOST:PORT chooses, --http off leaves it out)", file=sys.stderr)  # fmt: skip
+    return http
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a TCP server could listen on ``host:port`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_on(host: str) -> int:
+    """A port the system has free on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

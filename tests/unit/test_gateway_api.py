@@ -177,3 +177,24 @@ def test_a_bad_http_option_is_one_line_and_exit_2() -> None:
                           cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "HOST:PORT" in done.stderr
+
+
+def test_a_taken_default_port_moves_the_gateway_and_an_explicit_one_stays(capsys: pytest.CaptureFixture[str]) -> None:
+    """`up` with no --http must still run when 8000 is taken (another server, another up)."""
+    import socket
+
+    from services.cli.gateway_up import check_http, port_free
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            holder.bind(("127.0.0.1", 8000))
+            holder.listen()
+        except OSError:
+            pass  # something else holds 8000 already: the same case
+        host, port = check_http(None) or ("", 0)
+        assert host == "127.0.0.1" and port != 8000 and port_free(host, port)
+        assert "port 8000 is taken" in capsys.readouterr().err
+        assert check_http("127.0.0.1:8000") == ("127.0.0.1", 8000)  # as given: the gateway says if it cannot
+    finally:
+        holder.close()
