@@ -306,6 +306,7 @@ class MonitorState:
             queue_depth=record.queue.value(now_s) or 0.0,
             requests_in_flight=telemetry.requests_in_flight if telemetry else 0,
             kv_cache_bytes=kv, segments_held=telemetry.segments_held if telemetry else 0,
+            blocks_held=held,
             queue_overflows=telemetry.queue_overflows if telemetry else 0,
             decode_s_per_block=decode, prefill_s_per_block_token=prefill, compute_source=source,
             layer_s_per_token=tuple(layer.flops_per_token / flops_per_s for layer in self.layers)

@@ -106,7 +106,11 @@ def planning_view(profile: CapacityProfile, manifest: ShardManifest,
         block_s = node.prefill_s_per_block_token if encoder else node.decode_s_per_block
         if block_s and mean_flops > 0:
             speed = mean_flops / block_s
-        free = node.memory_free_bytes + int(held.get(node.node, 0) * mean_weights)
+        # Add back only blocks the monitor subtracted: just after a commit the node's telemetry
+        # may not hold them yet, and adding them then counted them twice (a 2-block node was
+        # given 4).
+        counted = held.get(node.node, 0) if node.blocks_held is None else min(held.get(node.node, 0), node.blocks_held)
+        free = node.memory_free_bytes + int(counted * mean_weights)
         nodes.append(node.model_copy(update={"flops_per_s": speed, "utilisation": 0.0,
                                              "memory_free_bytes": free}))  # fmt: skip
     return profile.model_copy(update={"nodes": tuple(nodes)})

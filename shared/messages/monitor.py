@@ -38,6 +38,9 @@ class NodeCapacity(Part):
     requests_in_flight: NonNegativeInt = 0
     kv_cache_bytes: NonNegativeInt = 0
     segments_held: NonNegativeInt = 0
+    blocks_held: NonNegativeInt | None = None
+    """Blocks the node's latest telemetry says it holds: what ``memory_free_bytes`` already
+    subtracted for them (None: an older monitor, which did not say)."""
     queue_overflows: NonNegativeInt = 0
     """Items the node's bounded queues refused or dropped since it started (its telemetry)."""
     decode_s_per_block: NonNegativeFloat | None = None

@@ -240,6 +240,21 @@ def test_planning_view_uses_decode_time_and_no_utilisation() -> None:
     assert speeds["car"] == (pytest.approx(1e6 / 0.002), 0.0)
 
 
+def test_held_blocks_count_as_free_only_once_the_node_reports_holding_them() -> None:
+    """Just after a commit a node's telemetry may not show its new blocks yet, so the
+    monitor has not subtracted them: adding them back then counted them twice."""
+    def free_of(blocks_held: int | None) -> int:
+        prof = profile()
+        nodes = tuple(n.model_copy(update={"blocks_held": blocks_held}) if n.node == "rsu" else n
+                      for n in prof.nodes)  # fmt: skip
+        view = planning_view(prof.model_copy(update={"nodes": nodes}), manifest(), A)
+        return next(n.memory_free_bytes for n in view.nodes if n.node == "rsu")
+
+    assert free_of(0) == 10**9  # telemetry lags: nothing added
+    assert free_of(4) == 10**9 + 4 * 1000  # rsu holds [2, 6) and says so
+    assert free_of(None) == 10**9 + 4 * 1000  # an older monitor: the plan's count, as before
+
+
 def test_an_encoders_planning_view_uses_prefill_time() -> None:
     """BERT serves one pass per request and never decodes: its nodes' decode times stay
     the start-up benchmark's, so a slowdown shows only in the prefill times."""
