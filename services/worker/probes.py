@@ -217,7 +217,10 @@ class LinkProber:
         settings = self.settings
         peer = self._peer(name, now_s)
         size = self.probe_size(peer)
-        scout = peer.bandwidth is not None and size > _SCOUT_BYTES and now_s > peer.sized_until_s
+        # No scout before the link's first reported window: there is no fall to catch yet, and
+        # a scout round would put off the first sample the monitor plans with by a round.
+        scout = (peer.reported_bandwidth is not None and size > _SCOUT_BYTES
+                 and now_s > peer.sized_until_s)  # fmt: skip
         if scout:
             size = _SCOUT_BYTES
         self._refill(peer, now_s)

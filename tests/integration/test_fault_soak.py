@@ -31,6 +31,7 @@ from tests.integration.test_fault_tolerance import (
     kill_middle_while_decoding,
     middle,
     stack_for,
+    wait_linked,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,7 +47,7 @@ def test_kill_middle_twenty_times(broker: LocalBroker, tmp_path: Path) -> None:
             resumed_s, before, after = asyncio.run(kill_middle_while_decoding(stack, 4, 40, tag=f"k{round_}-"))
             waits.append(resumed_s)
             stack.start_worker(middle(before))  # back as a fresh spare for the next round
-            time.sleep(4)
+            asyncio.run(wait_linked(stack, middle(before)))
     finally:
         stack.stop()
     print(f"20 kills: 0 lost; kill -> next token median {sorted(waits)[10]:.2f} s, worst {max(waits):.2f} s")

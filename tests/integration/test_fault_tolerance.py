@@ -76,6 +76,20 @@ async def wait_alive(stack: Stack, node: str, timeout_s: float = 30.0) -> None:
                 return
 
 
+async def wait_linked(stack: Stack, node: str, timeout_s: float = 30.0) -> None:
+    """Until the profile has ``node`` alive and its links to and from every other alive
+    node measured: a plan can only use a node whose links it knows (a kill 2 s after a
+    restart used to leave no feasible plan: the revived node's links were not measured)."""
+    async with Bus(stack.settings) as bus, bus.subscribe(CAPACITY) as profiles, asyncio.timeout(timeout_s):
+        while True:
+            _, profile = await profiles.get()
+            alive = {n.node for n in profile.nodes if n.alive and n.health == "up"}
+            measured = {(link.src, link.dst) for link in profile.links if link.bandwidth_bytes_per_s > 0}
+            if node in alive and all((node, other) in measured and (other, node) in measured
+                                     for other in alive - {node}):  # fmt: skip
+                return
+
+
 class Load:
     """Requests decoding while faults happen; records each token's arrival time."""
 
