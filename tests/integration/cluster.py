@@ -29,6 +29,17 @@ TEST_SIGNING_KEY = secrets.token_hex(16)
 KEY_ENV = {"EDGESPLIT_PLAN_SIGNING_KEY": TEST_SIGNING_KEY}
 
 
+def stop_up(up: subprocess.Popen[bytes]) -> None:
+    """Stop an `edgesplit up` process as a user would (Ctrl-C, SIGINT to it alone); kill its
+    process group if it has not stopped within 30 s, and fail the test then."""
+    up.send_signal(signal.SIGINT)
+    try:
+        up.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+
+
 def settings_for(broker_url: str, cluster: str, **extra: object) -> BusSettings:
     """Settings of a test's own clients: the helpers' control key unless ``extra`` says."""
     extra.setdefault("plan_signing_key", TEST_SIGNING_KEY)

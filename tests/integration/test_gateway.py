@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from shared.broker import LocalBroker, free_port
 from shared.config import BusSettings
+from tests.integration.cluster import stop_up
 from tests.integration.test_up import _wait_for_line
 
 pytestmark = pytest.mark.integration
@@ -78,12 +78,7 @@ def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None,
         yield Site(api, served.group(1), models_dir / served.group(1), env, root / "run" / "gateway.log",
                    broker.url, cluster)
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            raise
+        stop_up(up)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 import time
@@ -29,6 +28,7 @@ from shared.messages import NodeStatus, Plan, Segment
 from shared.model.pipeline import LocalPipeline
 from shared.security.creds import StateDir, client_environment
 from shared.topics import NODE_STATUS, PLAN
+from tests.integration.cluster import stop_up
 from tests.integration.test_secure_up import EDGESPLIT, _wait_for_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -108,9 +108,4 @@ def test_a_compromised_worker_can_neither_raise_its_trust_nor_publish_a_plan(tmp
         unsplit = LocalPipeline(tmp_path / "models" / "tiny-llama", ()).generate(PROMPT, 6).token_ids
         assert token_ids == list(unsplit)  # the unsplit model's tokens
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            raise
+        stop_up(up)

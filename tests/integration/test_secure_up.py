@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from shared.security.creds import StateDir, client_environment, load_registry
+from tests.integration.cluster import stop_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 EDGESPLIT = [sys.executable, "-m", "services.cli"]
@@ -91,10 +91,5 @@ def test_up_secure_serves_identified_clients_only(tmp_path: Path) -> None:
         assert refused.returncode != 0 and "Traceback" not in refused.stderr
         assert "token_ids" not in refused.stdout
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            raise
+        stop_up(up)
     assert "stopped everything it started" in (tmp_path / "up.err").read_text()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.broker import free_port, mqtt_answers
+from tests.integration.cluster import stop_up
 
 pytestmark = pytest.mark.integration
 EDGESPLIT = [sys.executable, "-m", "services.cli"]
@@ -69,12 +70,7 @@ def test_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert held["car"][0]["start"] == 0 and held["car"][0]["end"] >= 2  # private blocks
         assert any(d["outcome"] == "committed" for d in state["decisions"])  # the orchestrator's plan
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            raise
+        stop_up(up)
     assert "stopped everything it started" in (tmp_path / "up.err").read_text()
     assert not mqtt_answers("127.0.0.1", port)
     leftovers = subprocess.run(["pgrep", "-f", f"services.worker.*{port}"], capture_output=True, text=True)
