@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from services.orchestrator.service import OrchestratorService
-from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.settings import OrchestratorSettings, parse_layout
 from shared.config import load_settings
 from shared.errors import EdgesplitError
 from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--expect-nodes", help="comma-separated nodes the first plan waits for")
     parser.add_argument("--policy", choices=("adaptive", "migrate", "static"),
                         help="what may change after the first plan (default adaptive)")
+    parser.add_argument("--first-plan", metavar="NODE:START:END,...",
+                        help="start from this plan when the measured profile admits it")
     parser.add_argument("--private-blocks", type=int, help="policy until a retained one arrives")
     parser.add_argument("--trusted-level", type=int, help="policy until a retained one arrives")
     for name in _FLOATS:
@@ -51,6 +53,8 @@ def settings_from(args: Any) -> OrchestratorSettings:
               "private_blocks": args.private_blocks, "trusted_level": args.trusted_level,
               "policy": args.policy}  # fmt: skip
     values |= {name: getattr(args, name) for name in _FLOATS}
+    if args.first_plan is not None:
+        values["first_plan"] = parse_layout(args.first_plan)
     return load_settings(OrchestratorSettings, values)
 
 

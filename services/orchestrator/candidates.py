@@ -258,3 +258,18 @@ def failover_entry(profile: CapacityProfile, entry: str | None, trusted_level: i
         return entry  # alive, or not seen yet (starting): a node never seen is not down
     trusted = sorted((n for n in alive if n.trust >= trusted_level), key=lambda n: (-n.flops_per_s, n.node))
     return trusted[0].node if trusted else None
+
+
+def pinned_first(candidates: tuple[CandidatePlan, ...], pinned: tuple[Segment, ...]) -> tuple[CandidatePlan, ...]:
+    """The first plan's candidates when one was pinned (`--first-plan`): that plan alone
+    if it is feasible on the measured profile, else every candidate (planned as usual,
+    with a warning naming why: a pinned node that is down or too small must not block
+    the first plan)."""
+    chosen = tuple(c for c in candidates if c.segments == pinned and c.feasible)
+    if chosen:
+        return chosen
+    found = next((c for c in candidates if c.segments == pinned), None)
+    why = "not evaluated" if found is None else "; ".join(found.violations) or "not feasible"
+    log.warning("first plan %s is not feasible on the measured profile (%s): planning as usual",
+                " ".join(f"{s.node}[{s.start},{s.end})" for s in pinned), why)  # fmt: skip
+    return candidates

@@ -29,7 +29,13 @@ from typing import Any
 
 from services.orchestrator import records
 from services.orchestrator.calibration import OverheadCalibration, realised_effect
-from services.orchestrator.candidates import CostModel, evaluate_all, failover_entry, planning_view
+from services.orchestrator.candidates import (
+    CostModel,
+    evaluate_all,
+    failover_entry,
+    pinned_first,
+    planning_view,
+)
 from services.orchestrator.exchanges import Exchanges, read_retained
 from services.orchestrator.logic import (
     CandidatePlan,
@@ -349,8 +355,14 @@ class OrchestratorService:
         view = planning_view(profile, self.manifest, running)
         proposal = await self._ask_reviser(bus, view, running)
         options = () if proposal is None or proposal.best is None else (proposal.best, *proposal.alternatives)
+        pinned = self.settings.first_plan if not running else ()
+        if pinned:
+            options = (*options, PlanOption(segments=pinned, latency_s=0.0, bottleneck_s=0.0,
+                                            migration_cost_s=0.0, weighted_cost_s=0.0))  # fmt: skip
         candidates = await asyncio.to_thread(self._candidates, view, running, options)
         candidates = allowed(self.settings.policy, running, candidates)
+        if pinned:
+            candidates = pinned_first(candidates, pinned)
         now_s = self.clock()
         decision = decide(self.state, trigger, candidates, now_s, self.config)
         current = decision.current

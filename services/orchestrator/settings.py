@@ -8,6 +8,8 @@ from pydantic import Field
 
 from services.orchestrator.logic import DecisionConfig, Policy
 from shared.config import BusSettings
+from shared.errors import ConfigError
+from shared.messages import Segment
 
 
 class OrchestratorSettings(BusSettings):
@@ -18,6 +20,9 @@ class OrchestratorSettings(BusSettings):
     expect_nodes: tuple[str, ...] = Field(default=(), description="the first plan waits for these")
     policy: Policy = Field(default="adaptive", description="what may change after the first plan: "
                            "adaptive (anything), migrate (nodes only, same cut points), static (nothing)")  # fmt: skip
+    first_plan: tuple[Segment, ...] = Field(default=(), description="start from this plan when it is "
+                                            "feasible on the measured profile (`edgesplit scenario run` "
+                                            "gives every policy the same one)")  # fmt: skip
     initial_wait_s: float = Field(default=30.0, ge=0, description="the first plan waits at most this long "
                                   "(after every expected node is measured) for every link between them")  # fmt: skip
     period_s: float = Field(default=5.0, gt=0, description="periodic re-evaluation (jittered)")
@@ -44,3 +49,23 @@ class OrchestratorSettings(BusSettings):
     def decision_config(self) -> DecisionConfig:
         return DecisionConfig(self.relative_threshold, self.dwell_s, self.horizon_s,
                               self.min_horizon_tokens, self.switch_overhead_s)  # fmt: skip
+
+
+def parse_layout(text: str) -> tuple[Segment, ...]:
+    """``gateway:0:1,edge1:1:6`` (node:start:end, half-open, in order) as segments.
+    Raises ConfigError naming the part that is not of that form."""
+    segments = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        node, _, rest = part.partition(":")
+        start, _, end = rest.partition(":")
+        try:
+            segments.append(Segment(node=node, start=int(start), end=int(end)))  # type: ignore[arg-type]
+        except ValueError:
+            raise ConfigError(f"--first-plan: {part!r} is not node:start:end with start < end") from None
+    if not segments:
+        raise ConfigError("--first-plan: no segments (expected node:start:end,...)")
+    for before, after in zip(segments, segments[1:], strict=False):
+        if after.start != before.end:
+            raise ConfigError(f"--first-plan: {after.node} starts at {after.start}, not where "
+                              f"{before.node} ends ({before.end})")  # fmt: skip
+    return tuple(segments)

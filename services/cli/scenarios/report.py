@@ -105,6 +105,15 @@ def _reaction_summary(run: PolicyRun) -> dict[str, float | None]:
             "max": _round(max(reactions), 3) if reactions else None}  # fmt: skip
 
 
+def first_layout(run: PolicyRun) -> str | None:
+    """The first plan the run served, e.g. ``gateway[0,1) edge1[1,6)`` (None without one)."""
+    if not run.placements:
+        return None
+    epoch = min(p.epoch for p in run.placements)
+    first = sorted((p for p in run.placements if p.epoch == epoch), key=lambda p: p.start)
+    return " ".join(f"{p.node}[{p.start},{p.end})" for p in first)
+
+
 def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
     """The per-policy metrics of report.json (``kind``: the workload, generate or embed).
 
@@ -132,6 +141,7 @@ def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
         "slo_attainment": _round(len(good) / sent, 4) if sent else None,
         "goodput_tokens_per_s": None if embed else _rate(sum(r.generated_tokens for r in good), run.duration_s),
         "goodput_requests_per_s": _rate(len(good), run.duration_s),
+        "first_plan": first_layout(run),
         "replans": [replan_entry(r) for r in sorted(run.replans, key=lambda r: r.at_s)],
         "privacy_violations": run.privacy_violations,
         "utilisation": {node: _round(busy, 4) for node, busy in run.mean_utilisation().items()},

@@ -60,6 +60,7 @@ def _rows(kind: str, nodes: list[str]) -> list[Row]:
         rows.append(("goodput (tokens/s)", _metric("goodput_tokens_per_s", digits=2)))
     rows += [
         ("goodput (requests/s)", _metric("goodput_requests_per_s", digits=3)),
+        ("first plan", lambda metrics: _cell(metrics.get("first_plan") or "–")),
         ("re-plans", lambda metrics: _num(len(metrics["replans"]))),
         ("reaction p95 (s)", _metric("reaction_s", "p95", digits=2)),
         ("privacy violations", _metric("privacy_violations")),

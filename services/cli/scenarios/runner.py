@@ -20,6 +20,7 @@ from services.cli.client import Client, ClientOptions
 from services.cli.launcher import ensure_shards, resolve_model
 from services.cli.scenarios import analysis
 from services.cli.scenarios.events import EventDriver
+from services.cli.scenarios.first_plan import declared_first_plan, format_layout
 from services.cli.scenarios.observe import Observer, wait_until_served
 from services.cli.scenarios.records import PolicyRun
 from services.cli.scenarios.reference import references
@@ -29,6 +30,7 @@ from services.cli.scenarios.workload import WorkloadDriver
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.messages import PrivacyPolicySet
+from shared.model.shard import ShardStore
 from shared.model.shard_files import ShardFiles
 from shared.topics import POLICY
 from shared.topology import Topology, load_topology
@@ -59,6 +61,11 @@ class Prepared:
         files = ShardFiles(self.shards)
         self.num_layers = files.config.num_layers
         self.block_bytes = [block.bytes for block in files.manifest.blocks]
+        first = [n.id for n in self.topology.nodes
+                 if not any(e.kind == "join" and e.node == n.id for e in scenario.events)]  # fmt: skip
+        self.first_plan = format_layout(declared_first_plan(self.topology, ShardStore(self.shards), first))
+        progress(f"first plan for every policy (the planner's best for the declared topology): "
+                 f"{self.first_plan}")
         progress(f"computing the unsplit reference answers for {scenario.name} in-process")
         self.references = references(self.model_dir, scenario.workload, progress)
 
@@ -73,7 +80,7 @@ class PolicyRunner:
         self.progress = progress
         late = frozenset(e.node for e in self.scenario.events if e.kind == "join" and e.node)
         self.stack = ScenarioStack(policy, prepared.topology, self.scenario.topology, prepared.shards,
-                                   out_dir / "logs" / policy, late)  # fmt: skip
+                                   out_dir / "logs" / policy, late, prepared.first_plan)  # fmt: skip
 
     async def run(self, interrupt: asyncio.Event) -> PolicyRun | None:
         """The measured run, or None when interrupted before its first plan was served."""

@@ -29,8 +29,10 @@ class ScenarioStack:
     """What one policy's run started, so that it can stop exactly that."""
 
     def __init__(self, policy: str, topology: Topology, topology_path: Path, shards: Path,
-                 run_dir: Path, late_nodes: frozenset[str] = frozenset()) -> None:  # fmt: skip
+                 run_dir: Path, late_nodes: frozenset[str] = frozenset(), first_plan: str = "") -> None:  # fmt: skip
         self.policy = policy
+        self.first_plan = first_plan
+        """``node:start:end,...``: every policy's orchestrator starts from it (`first_plan.py`)."""
         self.topology = topology
         self.topology_path = topology_path
         self.shards = shards
@@ -82,7 +84,8 @@ class ScenarioStack:
             "orchestrator": [*shards, "--entry", self.topology.entry_node().id, "--expect-nodes", first,
                              "--private-blocks", str(self.topology.private_blocks),
                              "--trusted-level", str(self.topology.trusted_level),
-                             "--policy", self.policy, *ORCHESTRATOR_ARGS],
+                             "--policy", self.policy, *ORCHESTRATOR_ARGS,
+                             *(["--first-plan", self.first_plan] if self.first_plan else [])],
         }  # fmt: skip
         for name, args in services.items():
             self.services[name] = start_service(name, args, self.settings, self.log(name), self.env)
