@@ -110,7 +110,8 @@ class ServingError(EdgesplitError):
 
 
 class Busy(ServingError):
-    """The entry node has reached its bound of requests in flight."""
+    """The entry node's queue of waiting requests is full, or the request's deadline
+    passed while it waited there for a slot (retry later)."""
 
 
 class Overloaded(ServingError):

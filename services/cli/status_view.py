@@ -124,7 +124,7 @@ def _node_state(state: str | None, capacity: NodeCapacity | None) -> tuple[str, 
 def _load_cells(memory_bytes: int, capacity: NodeCapacity | None, now_s: float,
                 kv_budget_bytes: int | None = None) -> list[str]:  # fmt: skip
     """cpu/busy (fractions), memory used/budget (MB), KV cache in use/its budget (MB; the
-    budget as the node announces it), requests in flight, decode time (ms per block per
+    budget as the node announces it), requests in flight (+ waiting at the entry), decode time (ms per block per
     token), seen (s ago); ovf: items the node's bounded queues refused or dropped."""
     budget_kv = f"/{kv_budget_bytes / 1e6:.1f}" if kv_budget_bytes is not None else ""
     if capacity is None:
@@ -135,11 +135,17 @@ def _load_cells(memory_bytes: int, capacity: NodeCapacity | None, now_s: float,
     return [
         f"{capacity.cpu_utilisation:.0%}/{capacity.utilisation:.0%}",
         f"{capacity.memory_used_bytes / 1e6:.0f}/{budget / 1e6:.0f}",
-        f"{capacity.kv_cache_bytes / 1e6:.1f}{budget_kv}", str(capacity.requests_in_flight),
+        f"{capacity.kv_cache_bytes / 1e6:.1f}{budget_kv}", _requests(capacity),
         str(capacity.queue_overflows),
         f"{decode * 1e3:.3f}" if decode is not None else "",
         f"{max(0.0, now_s - capacity.last_seen_s):.1f}s" if capacity.last_seen_s else "",
     ]  # fmt: skip
+
+
+def _requests(capacity: NodeCapacity) -> str:
+    """Requests in flight, and ``+N`` waiting in the entry's queue when any wait."""
+    queued = f"+{capacity.requests_queued}" if capacity.requests_queued else ""
+    return f"{capacity.requests_in_flight}{queued}"
 
 
 def _emulation_text(snapshot: StatusSnapshot, node: str) -> str:

@@ -212,6 +212,7 @@ def run_status(args: argparse.Namespace) -> int:
             decode = measured["decode_s_per_block"]
             print(f"  {'':<16} health {measured['health']:<10} busy {measured['utilisation']:.0%}  "
                   f"queue {measured['queue_depth']:.0f}  in flight {measured['requests_in_flight']}  "
+                  f"waiting {measured.get('requests_queued', 0)}  "
                   f"decode {decode * 1e3 if decode is not None else float('nan'):.3f} ms/block "
                   f"({measured['compute_source']})  KV {measured['kv_cache_bytes'] / 1e6:.1f}"
                   f"{kv_budget} MB  rss {measured['memory_used_bytes'] / 1e6:.0f} MB  "

@@ -305,6 +305,7 @@ class MonitorState:
             cpu_utilisation=telemetry.cpu_utilisation if telemetry else 0.0,
             queue_depth=record.queue.value(now_s) or 0.0,
             requests_in_flight=telemetry.requests_in_flight if telemetry else 0,
+            requests_queued=telemetry.requests_queued if telemetry else 0,
             kv_cache_bytes=kv, segments_held=telemetry.segments_held if telemetry else 0,
             blocks_held=held,
             queue_overflows=telemetry.queue_overflows if telemetry else 0,

@@ -37,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--private-blocks", type=int,
                         help="privacy policy: blocks [0, k) need --trusted-level (refuse plans otherwise)")  # fmt: skip
     parser.add_argument("--trusted-level", type=int, help="trust the entry and private blocks need")
-    parser.add_argument("--max-in-flight", type=int, help="entry: requests admitted at once")
+    parser.add_argument("--max-in-flight", type=int,
+                        help="entry: requests run at once (default: from the measured speed, 8 until measured)")  # fmt: skip
+    parser.add_argument("--max-queued-requests", type=int,
+                        help="entry: requests that may wait for a slot; more are refused busy "
+                        "(default: sized from the KV budgets, 64-1024)")  # fmt: skip
     parser.add_argument("--device", help="torch device (cpu, cuda)")
     parser.add_argument("--kv-budget-bytes", type=int,
                         help="KV caches this node may hold (default: its memory after its weights, >= 64 MiB)")  # fmt: skip
@@ -89,6 +93,7 @@ def settings_from(args: Any) -> WorkerSettings:
         "slowdown": args.slowdown,
         "link_shapes": links,
         "max_in_flight": args.max_in_flight,
+        "max_queued_requests": args.max_queued_requests,
         "private_blocks": args.private_blocks,
         "trusted_level": args.trusted_level,
         "device": args.device,

@@ -2,8 +2,10 @@
 
 It tokenizes, embeds, runs its own segment, sends the activation down the pipeline,
 receives the final hidden state, runs the head, samples and streams each token to the
-client, and loops. It admits a bounded number of requests and journals each one
-(prompt, tokens so far) so a later replay can rebuild the pipeline's KV caches.
+client, and loops. It runs at most ``max_in_flight`` requests at once; the rest wait in
+a bounded FIFO queue (services/worker/admission.py) and start as slots free. It journals
+each running request (prompt, tokens so far) so a later replay can rebuild the
+pipeline's KV caches.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from services.worker.admission import (
+    QUEUE_FLOOR,
+    EntryDesk,
+    JournalEntry,
+    Reply,
+    ReplyMessage,
+    WaitingQueue,
+    asked_of,
+)
 from services.worker.compute import KvMissing
 from services.worker.errors import NodeLost, NoPlan
 from services.worker.kv_budget import KvLedger
@@ -41,33 +51,7 @@ log = logging.getLogger(__name__)
 # pipeline_pass(request_id, step, token_ids, position, last_only, head) -> (final hidden, epoch used)
 PipelinePass = Callable[[str, int, np.ndarray, int, bool, "NextToken | None"],
                         Awaitable[tuple[np.ndarray, int]]]  # fmt: skip
-ReplyMessage = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
-Reply = Callable[[str, ReplyMessage], None]
-"""Queue a reply for a client (never blocks: one sender task publishes them in order)."""
 Compute = Callable[..., Awaitable[object]]
-
-
-@dataclass
-class JournalEntry:
-    """What the entry must remember to replay a request through a new pipeline."""
-
-    request: GenerateRequest | EmbedRequest
-    prompt_ids: list[int]
-    generated: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    """The text streamed with each generated token (resent on a client's resync)."""
-    arrived_s: float = field(default_factory=time.perf_counter)
-    first_at: float = 0.0
-    """When the first new token was sampled (perf_counter)."""
-    kv_epoch: int | None = None
-    """The epoch whose pipeline holds this request's KV caches (None: none yet)."""
-    replays: int = 0
-
-
-def _asked(request: GenerateRequest | EmbedRequest) -> tuple[object, ...]:
-    """What a request asks for, without its delivery details (reply address, deadline,
-    resumed tokens): a resubmission asks the same; another request reusing the id does not."""
-    return tuple(request.model_dump(exclude={"reply_to", "timeout_s", "resume_token_ids"}).values())
 
 
 class _Finished(Exception):
@@ -112,7 +96,7 @@ BUS_RETRY_S = 0.5
 """Pause before retrying a pass whose frame could not be published (broker away)."""
 
 
-class EntryRole:
+class EntryRole(EntryDesk):
     """Serves requests for one plan epoch's entry node."""
 
     def __init__(
@@ -131,6 +115,7 @@ class EntryRole:
         max_replays: int = 4,
         max_prompt_chars: int | None = None,
         kv_ledger: KvLedger | None = None,
+        max_queued: int = QUEUE_FLOOR,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -139,6 +124,9 @@ class EntryRole:
         self._pass = pipeline_pass
         self._reply = reply
         self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
+        """Requests that may wait for a slot (the worker refreshes both bounds)."""
+        self.waiting = WaitingQueue()
         self.prompt_limits = PromptLimits.of(self.config, max_prompt_tokens, max_prompt_chars)
         self.journal: dict[str, JournalEntry] = {}
         self._current_epoch = current_epoch
@@ -152,62 +140,18 @@ class EntryRole:
         self.kv_ledger = kv_ledger
         """KV reservations against the pipeline's budgets (None: not limited at admission)."""
 
-    async def repeat(self, request: GenerateRequest | EmbedRequest) -> bool:
-        """Handle a request id seen before; False for a new one.
-
-        A QoS 1 redelivery of a request in flight is dropped; a resubmission (the client
-        lost replies) of one in flight gets the tokens after those it holds again; one that
-        already ended gets its final reply again. Each generated token stays one per index.
-        """
-        rid = request.request_id
-        final = self.finished.get(rid)
-        if final is not None and final[0] == _asked(request):
-            self.counters["requests_answered_again"] += 1
-            self._reply(request.reply_to, final[1])
-            return True
-        entry = self.journal.get(rid)
-        if entry is None:
-            return False
-        if _asked(entry.request) != _asked(request):
-            self._reply(request.reply_to, RequestFailed(
-                request_id=rid, error="invalid_request", message=f"request {rid} is already in flight"))  # fmt: skip
-            return True
-        resume = getattr(request, "resume_token_ids", None)
-        if resume is None:
-            self.counters["requests_duplicate"] += 1
-            return True
-        self.counters["requests_resynced"] += 1
-        for index in range(len(resume), len(entry.generated)):
-            self._reply(request.reply_to, TokenGenerated(
-                request_id=rid, index=index, token_id=entry.generated[index], text=entry.texts[index]))  # fmt: skip
-        return True
-
-    def admit(self, request: GenerateRequest | EmbedRequest) -> RequestFailed | None:
-        """None if the request may start now (it is journalled at once, so it counts against
-        ``max_in_flight`` before its serve task runs), else the typed refusal to send back.
-
-        Event loop, no await: a burst taken from the subscription without yielding is
-        counted exactly, one request at a time.
-        """
-        if len(self.journal) >= self.max_in_flight:
-            return RequestFailed(
-                request_id=request.request_id,
-                error="busy",
-                message=f"entry node has {len(self.journal)} requests in flight (the bound); retry later",
-            )
-        self.journal[request.request_id] = JournalEntry(request, [])
-        return None
-
     async def serve(self, request: GenerateRequest | EmbedRequest) -> None:
         """Run one request to completion; every failure becomes RequestFailed.
 
-        Admitted by `admit` (its journal entry, made at admission, is the request's slot);
-        a request served without `admit` is journalled here."""
+        Started by `admit` or `take_waiting` (its journal entry, made then, is the
+        request's slot; the time it waited counts against ``timeout_s``); a request served
+        without them is journalled here."""
         rid = request.request_id
         if rid not in self.journal:
             self.journal[rid] = JournalEntry(request, [])
+        waited_s = time.perf_counter() - self.journal[rid].arrived_s  # in the queue: it counts
         try:
-            async with asyncio.timeout(request.timeout_s):
+            async with asyncio.timeout(max(0.0, request.timeout_s - waited_s)):
                 if isinstance(request, GenerateRequest):
                     await self._generate(request)
                 else:
@@ -241,7 +185,7 @@ class EntryRole:
 
     def _final(self, entry: JournalEntry, reply: ReplyMessage) -> None:
         """Send a request's final reply and keep it for a resubmission that lost it."""
-        self.finished[entry.request.request_id] = (_asked(entry.request), reply)
+        self.finished[entry.request.request_id] = (asked_of(entry.request), reply)
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
         self._reply(entry.request.reply_to, reply)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 
+from services.worker.admission import in_flight_for_speed, queue_bound_for
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
 from services.worker.dataplane import DataPlane, FrameLimits
 from services.worker.deadline import StageDeadline
@@ -62,6 +63,9 @@ from shared.topics import (
 )
 
 log = logging.getLogger(__name__)
+
+WAITING_SWEEP_S = 0.25
+"""How often the entry looks for waiting requests past their deadline (and free slots)."""
 
 
 class WorkerService:
@@ -180,6 +184,7 @@ class WorkerService:
                     task_group.create_task(self._follow_epochs(bus), name="epochs")
                     task_group.create_task(self._serve_frames(bus), name="frames")
                     task_group.create_task(self._serve_requests(bus), name="requests")
+                    task_group.create_task(self._sweep_waiting(), name="waiting")
                     task_group.create_task(self.replies.run(bus), name="replies")
                     task_group.create_task(health.follow(bus), name="health")
                     task_group.create_task(self.guard.follow(bus), name="policy")
@@ -278,9 +283,13 @@ class WorkerService:
     async def _commit(self, epoch: int) -> bool:
         """Switch to prepared ``epoch``; False when it was not prepared here."""
         async with self._switch_lock:
+            previous = self.entry
             serving = self.keeper.commit(epoch, time.monotonic())
             if serving is None:
                 return False
+            if previous is not None and previous is not serving.entry:  # its waiting clients resubmit
+                previous.drop_waiting(f"node {self.node} is not the entry of the current plan "
+                                      f"(epoch {epoch}); resubmit to its entry")  # fmt: skip
             self.gate.committed(epoch)
             if serving.host is not None:
                 serving.host.on_forward = self.telemetry.timer.record
@@ -342,7 +351,7 @@ class WorkerService:
             self.compute.run,
             self.data.pipeline_pass,
             self.replies.queue,
-            self.settings.max_in_flight,
+            self._max_in_flight(),
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
             handoff=self.data.handoff.move if self.settings.kv_handoff else None,
@@ -352,6 +361,23 @@ class WorkerService:
             max_prompt_chars=self.settings.max_prompt_chars,
             kv_ledger=KvLedger(self.store.config, lambda: pipeline_blocks(self.route), self._kv_budgets),
         )
+
+    def _max_in_flight(self) -> int:
+        """The configured bound, else the one this node's measured decode speed gives."""
+        if self.settings.max_in_flight is not None:
+            return self.settings.max_in_flight
+        blocks = self.store.config.num_layers if self.store is not None else 0
+        return in_flight_for_speed(self.telemetry.timer.decode_s_per_block(), blocks,
+                                   self.settings.in_flight_tpot_s)  # fmt: skip
+
+    def _max_queued(self, entry: EntryRole) -> int:
+        """The configured queue bound, else the one the pipeline's KV budgets give."""
+        if self.settings.max_queued_requests is not None:
+            return self.settings.max_queued_requests
+        ledger = entry.kv_ledger
+        if ledger is None:
+            return queue_bound_for({}, {}, 0)
+        return queue_bound_for(self._kv_budgets(), pipeline_blocks(self.route), ledger.per_token_block)
 
     def _kv_budgets(self) -> dict[str, int | None]:
         """Every node's KV budget as known here: this node's own, the others' announced."""
@@ -410,18 +436,37 @@ class WorkerService:
             return
         if await entry.repeat(request):
             return  # a redelivery or a resubmission of a request this entry has seen
-        refusal = entry.admit(request)
-        if refusal is not None:
-            self.counters[f"refused_{refusal.error}"] += 1
-            await self._reply(request.reply_to, refusal)
-            return
+        entry.max_in_flight, entry.max_queued = self._max_in_flight(), self._max_queued(entry)
+        admitted = entry.admit(request)
+        if isinstance(admitted, RequestFailed):
+            self.counters[f"refused_{admitted.error}"] += 1
+            await self._reply(request.reply_to, admitted)
+        elif admitted == "start":
+            self._start(entry, request)
+
+    def _start(self, entry: EntryRole, request: GenerateRequest | EmbedRequest) -> None:
         assert self._task_group is not None
-        self._task_group.create_task(self._serve_one(entry, request))
+        self._task_group.create_task(self._serve_one(entry, request), name=f"request-{request.request_id}")
+
+    def _start_waiting(self, entry: EntryRole) -> None:
+        """Start the waiting requests that free slots take (oldest first); those past their
+        deadline are answered busy."""
+        for request in entry.take_waiting():
+            self._start(entry, request)
+
+    async def _sweep_waiting(self) -> None:
+        """Waiting requests whose deadline passed are answered even when no slot frees."""
+        while True:
+            await asyncio.sleep(WAITING_SWEEP_S)
+            entry = self.entry
+            if entry is not None and len(entry.waiting):
+                self._start_waiting(entry)
 
     async def _serve_one(self, entry: EntryRole, request: GenerateRequest | EmbedRequest) -> None:
         assert self.data is not None
         try:
-            await entry.serve(request)
+            await entry.serve(request)  # every failure but cancellation is answered inside
+            self._start_waiting(entry)  # its slot is free: the oldest waiting request takes it
         finally:
             try:
                 await self.data.release(request.request_id)

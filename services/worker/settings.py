@@ -43,7 +43,20 @@ class WorkerSettings(BusSettings):
     )
     private_blocks: int = Field(default=0, ge=0, le=65_536, description="blocks [0, k) need trusted_level")
     trusted_level: int = Field(default=0, ge=0, le=1_000, description="trust the entry and private blocks need")
-    max_in_flight: int = Field(default=8, ge=1, description="entry: requests admitted at once")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="entry: requests run at once; None: from this node's "
+        "measured decode speed, the streams that each still get a token every in_flight_tpot_s "
+        "(1-64; 8 until measured; services/worker/admission.py)",
+    )
+    in_flight_tpot_s: float = Field(
+        default=0.5, gt=0, description="entry: the time per output token the default "
+        "max_in_flight keeps each stream within",
+    )
+    max_queued_requests: int | None = Field(
+        default=None, ge=0, description="entry: requests that may wait (FIFO) for a slot; more "
+        "are refused busy; None: the typical requests (128 + 64 tokens) the pipeline's KV "
+        "budgets hold at once, 64-1024",
+    )
     stage_timeout_s: float = Field(default=30.0, gt=0,
                                    description="entry: longest wait for a pipeline pass (cap)")
     kv_idle_timeout_s: float = Field(

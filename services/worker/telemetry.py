@@ -95,6 +95,11 @@ class BlockTimer:
             if self._prefill.value is None:
                 self._prefill.value = prefill_s_per_block_token
 
+    def decode_s_per_block(self) -> float | None:
+        """The current decode time per block (None: not measured yet); starts no window."""
+        with self._lock:
+            return self._decode.value
+
     def window(self) -> BlockTimes | None:
         """The values as of this window and the forwards measured in it (starts the next)."""
         with self._lock:
@@ -277,6 +282,7 @@ class TelemetryReporter:
             cpu_utilisation=min(1.0, max(0.0, cpu)),
             memory_used_bytes=resident,
             requests_in_flight=in_flight,
+            requests_queued=len(entry.waiting) if entry is not None else 0,
             ms_per_layer=times.decode_s_per_block * 1e3 if times and times.decode_s_per_block else None,
             epoch=serving.epoch if serving else None,
             memory_available_bytes=available,

@@ -36,6 +36,8 @@ class NodeCapacity(Part):
     cpu_utilisation: Annotated[float, Field(ge=0, le=1)] = 0.0
     queue_depth: NonNegativeFloat = 0.0
     requests_in_flight: NonNegativeInt = 0
+    requests_queued: NonNegativeInt = 0
+    """Requests waiting at the entry for a slot (the node's latest telemetry)."""
     kv_cache_bytes: NonNegativeInt = 0
     segments_held: NonNegativeInt = 0
     blocks_held: NonNegativeInt | None = None

@@ -107,6 +107,8 @@ class Telemetry(Message):
     cpu_utilisation: Annotated[float, Field(ge=0, le=1)]
     memory_used_bytes: NonNegativeInt
     requests_in_flight: NonNegativeInt
+    requests_queued: NonNegativeInt = 0
+    """Requests waiting at the entry for a slot (its admission queue; 0 on other nodes)."""
     ms_per_layer: NonNegativeFloat | None = None
     link_rtt_ms: dict[TopicId, NonNegativeFloat] = Field(default={}, max_length=1024)
     """Measured round trip to each peer node, by node id."""

@@ -57,7 +57,7 @@ class System:
         self.local = LocalPipeline(self.model_dir, SPLITS)
 
     def start(self) -> None:
-        self.workers.start("car", "--trust", "2", "--max-in-flight", "8")
+        self.workers.start("car", "--trust", "2", "--max-in-flight", "8", "--max-queued-requests", "1")
         self.workers.start("rsu", "--trust", "1")
         self.workers.start("mec", "--trust", "0")
         plan = make_plan(1, "car", SEGMENTS, self.settings.plan_signing_key)
@@ -194,8 +194,11 @@ def test_client_library_embeds_like_the_local_model(bert: System) -> None:
     assert np.allclose(asyncio.run(scenario()), local, atol=1e-5)
 
 
-def test_eight_concurrent_requests_and_a_ninth_is_busy(llama: System) -> None:
-    prompts = [[10 + i, 20 + i, 30 + i] for i in range(9)]
+def test_eight_concurrent_requests_a_ninth_waits_and_a_tenth_is_busy(llama: System) -> None:
+    """The entry runs 8 at once and lets 1 wait (``--max-queued-requests 1``): of ten sent
+    at once, one is refused busy at once and nine complete exactly (the burst arrives
+    well within one 48-token generation)."""
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(10)]
 
     async def one(prompt: list[int]) -> RequestFinished | Exception:
         def make(client: str) -> GenerateRequest:
@@ -212,7 +215,8 @@ def test_eight_concurrent_requests_and_a_ninth_is_busy(llama: System) -> None:
     results = asyncio.run(all_at_once())
     busy = [r for r in results if isinstance(r, Busy)]
     finished = {tuple(p): r for p, r in zip(prompts, results, strict=True) if isinstance(r, RequestFinished)}
-    assert len(busy) == 1 and len(finished) == 8, results
+    assert len(busy) == 1 and len(finished) == 9, results
+    assert "1 waiting (the bounds 8 and 1)" in str(busy[0])
     for prompt, result in finished.items():
         assert result.token_ids == llama.local.generate(list(prompt), 48).token_ids
 

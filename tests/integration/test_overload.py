@@ -1,5 +1,6 @@
 """Overload and a stalled consumer, end to end: three real worker processes on a real
-Mosquitto, every node with a small KV budget, the entry admitting 8 requests at once.
+Mosquitto, every node with a small KV budget, the entry running 8 requests at once and
+letting 16 more wait.
 
 car, rsu and mec hold [0,1) [1,3) [3,4) of a 4-block llama; each node's KV budget takes
 FITS (6) requests of 3 + 40 tokens for its blocks. Resident memory (VmRSS from
@@ -36,6 +37,7 @@ from tests.integration.pressure import RssSampler, consumer_phase
 pytestmark = pytest.mark.integration
 SEGMENTS = (("car", 0, 1), ("rsu", 1, 3), ("mec", 3, 4))
 PROMPT_TOKENS, NEW_TOKENS, FITS, BURST = 3, 40, 6, 200
+MAX_IN_FLIGHT, MAX_QUEUED = 8, 16
 RSS_MARGIN_KB = 8 * 1024
 """What a worker's VmRSS may grow past its KV budget (126-252 KiB here) while a burst or
 a stalled consumer runs: decoded messages, journal entries and replies of 200 requests,
@@ -60,7 +62,8 @@ class OverloadSystem:
     def start(self) -> None:
         trust = {"car": "2", "rsu": "1", "mec": "0"}
         for node, _, _ in SEGMENTS:
-            self.workers.start(node, "--trust", trust[node], "--max-in-flight", "8",
+            self.workers.start(node, "--trust", trust[node], "--max-in-flight", str(MAX_IN_FLIGHT),
+                               "--max-queued-requests", str(MAX_QUEUED),
                                "--kv-budget-bytes", str(self.budgets[node]))  # fmt: skip
         plan = make_plan(1, "car", SEGMENTS, TEST_SIGNING_KEY)
         rejected = asyncio.run(publish_plan(self.settings, plan))
@@ -111,7 +114,12 @@ def test_200_requests_at_once_complete_exactly_or_are_refused_typed_within_memor
           f"{ {n: (sampler.first[n], sampler.peak[n]) for n in sampler.peak} } over {sampler.samples} samples; "
           f"budgets {system.budgets}")  # fmt: skip
     assert not others, others[:3]  # every request answered: complete or typed busy/overloaded
-    assert 1 <= len(finished) <= 8, len(finished)  # admission is exact (max_in_flight 8)
+    # admission is exact: at most 8 run and 16 wait while the burst arrives (well within
+    # one 40-token generation). A request whose KV does not fit is `overloaded` as it
+    # starts, which frees its slot at once: the queue drains through those refusals as
+    # fast as the burst arrives (measured: 6 complete, 194 overloaded, 0 busy), so the
+    # queue need not fill here; test_queue.py fills it.
+    assert 1 <= len(finished) <= MAX_IN_FLIGHT + MAX_QUEUED, len(finished)
     assert any(isinstance(r, Overloaded) for r in refused), "the budgets (FITS < 8) were never reached"
     for index, result in finished.items():
         assert tuple(result.token_ids) == system.expected(_prompt(index)), index

@@ -251,3 +251,12 @@ def test_a_window_whose_probes_agree_on_a_fall_is_planned_at_once_and_published_
     (link,) = state.profile(6.7).links
     assert abs(link.latency_s - 0.104 * 0.98 / 2) < 1e-9  # the smallest of them
     assert state.urgent
+
+
+def test_the_profile_carries_the_entrys_requests_in_flight_and_waiting() -> None:
+    state = MonitorState(CONFIG, layers=LAYERS, model_id="m")
+    state.on_status(status("a"), 0.0)
+    sample = telemetry("a").model_copy(update={"requests_in_flight": 8, "requests_queued": 52})
+    state.on_telemetry(sample, 1.0)
+    node = state.profile(1.5).nodes[0]
+    assert (node.requests_in_flight, node.requests_queued) == (8, 52)

@@ -94,7 +94,7 @@ def test_an_entry_whose_compute_queue_is_full_answers_overloaded(tmp_path: Path)
     role = make_role(model_dir, compute, replies)
     request = GenerateRequest(request_id="r1", reply_to="c1", token_ids=(1, 2), max_new_tokens=2)  # type: ignore[arg-type]
     try:
-        assert role.admit(request) is None
+        assert role.admit(request) == "start"
         asyncio.run(role.serve(request))
     finally:
         compute.close()

@@ -193,3 +193,16 @@ def test_refused_control_messages_show_in_the_header() -> None:
     console.print(render_status(snapshot, NOW_S))
     text = console.export_text()
     assert "refused control messages: broadcaster RolloutRequested_forged 2; car Plan_replayed 1" in text
+
+
+def test_requests_waiting_at_the_entry_show_beside_those_in_flight() -> None:
+    snapshot = full_snapshot()
+    profile = capacity()
+    busy_car = profile.nodes[0].model_copy(update={"requests_in_flight": 8, "requests_queued": 52})
+    assert snapshot.apply(profile.model_copy(update={"nodes": (busy_car, *profile.nodes[1:]),
+                                                     "as_of_s": NOW_S - 1.0}))  # fmt: skip
+    text = text_of(snapshot)
+    table = text[text.index("nodes (3)"):text.index("measured links")].splitlines()
+    rows = {line.split()[0]: line for line in table[3:] if line.strip()}
+    assert "8+52" in rows["car"].split()  # in flight + waiting
+    assert "0" in rows["rsu"].split() and "+" not in rows["rsu"]  # nobody waits: the count alone
