@@ -158,3 +158,22 @@ def test_policy_round_trips_through_json() -> None:
     problem = parse_problem(_chain(INT8))
     again = parse_problem(json.loads(json.dumps(problem.model_dump(mode="json", exclude_none=True))))
     assert again == problem and again.policy == PrecisionPolicy(**INT8)
+
+
+def test_plan_command_shows_the_choices_and_savings(tmp_path) -> None:
+    from tests.unit.test_planner import _cli
+
+    path = tmp_path / "problem.json"
+    path.write_text(json.dumps(_chain(INT8)))
+    table = _cli(str(path))
+    assert table.returncode == 0, table.stderr
+    assert "link car -> rsu (before layer 0): int8, 580 of 2304 bytes per token, 0.0862 s per token saved" in table.stdout
+    assert "quality loss 0.01 of budget 0.05" in table.stdout
+    answer = json.loads(_cli(str(path), "--json").stdout)
+    assert answer["segments"][0]["activations"] == "int8" and "activations" not in answer["segments"][1]
+    assert answer["precision"]["link_saved_s"] == pytest.approx(0.0862)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_chain({"activations": ["int8"]})))
+    refused = _cli(str(bad))
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "activation_loss" in refused.stderr and "Traceback" not in refused.stderr
