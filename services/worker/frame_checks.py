@@ -116,7 +116,7 @@ def check_result(header: ResultHeader, array: np.ndarray, limits: FrameLimits) -
         if array.size:
             raise FrameRefused(f"a kv_missing result must be empty, got {array.dtype}{list(array.shape)}")
         return
-    shape = f"float32 [T or 1, {hidden}] (or compressed) with 1 <= T <= {limits.max_positions}"
+    shape = f"float32 [T or 1, {hidden}] with 1 <= T <= {limits.max_positions} (or compressed)"
     if array.ndim != 2 or not 1 <= array.shape[0] <= limits.max_positions:
         raise FrameRefused(f"result must be {shape}, got {array.dtype}{list(array.shape)}")
     try:  # fp32, or compressed like an activation (the plan's precision for the return hop)
