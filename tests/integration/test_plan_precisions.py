@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiomqtt
 import numpy as np

@@ -11,7 +11,7 @@ import pytest
 
 from shared.errors import ProblemFieldError
 from shared.planning.precision import PrecisionPolicy, activation_bytes
-from shared.planning.problem import Placement, PlacedSegment, evaluate, parse_problem
+from shared.planning.problem import PlacedSegment, Placement, evaluate, parse_problem
 from shared.planning.solver import solve
 from tests.unit.planner_instances import random_problem
 
