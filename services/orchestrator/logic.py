@@ -87,6 +87,8 @@ class CandidatePlan:
     serial_s: float = 0.0
     """The longest time one request's step holds a resource that serves one step at a
     time: a node's compute of its segment, or a link's bytes / bandwidth."""
+    link_precisions: tuple[tuple[int, str], ...] = ()
+    """Lossy hops as (block the frames enter, activation precision); the plan carries them."""
 
     def per_token_s(self, concurrency: float) -> float:
         """Predicted time per token with ``concurrency`` requests decoding together."""
