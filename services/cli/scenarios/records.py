@@ -25,6 +25,7 @@ class RequestRecord:
     tokens: tuple[int, ...] = ()  # generated token ids (generate)
     error: str | None = None  # the typed failure's error code (failed)
     mismatched: bool = False  # completed, but differs from the unsplit reference
+    agreement: float | None = None  # completed: analysis.agreement with the reference
 
     @property
     def tpot_s(self) -> float | None:
