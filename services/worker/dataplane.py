@@ -319,8 +319,10 @@ class DataPlane:
                 out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
                                        sent_at=sent_at, target=target, pos=header.pos,
                                        last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
-            # The plan's precision for this hop (docs/ARCHITECTURE.md), else this worker's own.
-            precision = route.activations_for(target) or self.activation_precision
+            # The plan's precision for this hop (docs/ARCHITECTURE.md), else this worker's own
+            # for activations (a result goes back exact unless the plan says otherwise).
+            own = "fp32" if target == route.num_layers else self.activation_precision
+            precision = route.activations_for(target) or own
             array = compress_activation(array, precision)
             self.counters[f"activation_frames_{precision}"] += 1
         await self._send_payload(route.node_for(target), await self.seal(out, array))
