@@ -42,6 +42,10 @@ same int8 kernel at load) hold 1.6 bytes per parameter in fbgemm's packed matric
 SmolLM2's shapes (1.8 for 576-wide inputs, 1.01 for down_proj; docs/PERFORMANCE.md,
 "Memory"): 1.6 / 4 = 0.4, not the 0.25 the count of int8 values suggests."""
 
+LOSS_TOLERANCE = 1e-9
+"""Losses summing to the budget fit it (three hops of 0.01 in a budget of 0.03: their
+float sum may round above it)."""
+
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=False)]
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 

@@ -21,7 +21,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.planning.precision import ActivationPrecision, WeightPrecision, weight_bytes
+from shared.planning.precision import (
+    LOSS_TOLERANCE,
+    ActivationPrecision,
+    WeightPrecision,
+    weight_bytes,
+)
 from shared.planning.problem import (
     Placement,
     Problem,
@@ -85,7 +90,7 @@ def assign_precisions(problem: Problem, placement: Placement) -> Placement:
     hops.sort(key=lambda hop: (-hop[0][0][0] if hop[0] else 0.0, hop[1]))  # most saving first
     for options, index in hops:
         for _, loss, precision in options:
-            if loss <= left + 1e-12:
+            if loss <= left + LOSS_TOLERANCE:
                 choices[index], left = precision, left - loss  # type: ignore[assignment]
                 break
     for index, precision in choices.items():

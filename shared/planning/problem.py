@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.errors import InvalidId, ProblemFieldError
 from shared.ids import validate_id
 from shared.planning.precision import (
+    LOSS_TOLERANCE,
     ActivationPrecision,
     PrecisionPolicy,
     WeightPrecision,
@@ -383,7 +384,7 @@ def _precision_violations(problem: Problem, placement: Placement) -> list[str]:
                               f"the policy allows {list(policy.weights)}")  # fmt: skip
         weight_losses.append(policy.weight_loss_of(seg.weights))
     loss = max(weight_losses) + total(losses)
-    if loss > policy.quality_budget:
+    if loss > policy.quality_budget + LOSS_TOLERANCE:
         violations.append(f"precision: the plan's quality loss {loss:.6g} is over the "
                           f"budget {policy.quality_budget:.6g}")  # fmt: skip
     return violations

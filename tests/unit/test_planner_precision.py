@@ -107,6 +107,10 @@ def test_the_quality_budget_rations_lossy_hops_by_saving() -> None:
     partial = solve(parse_problem(_chain({**INT8, "quality_budget": 0.011}, **both_slow)))
     assert _hop_precisions(partial) == ["int8", "fp16", "fp32"]  # what is left buys fp16
     assert two.predicted.latency_s < partial.predicted.latency_s < one.predicted.latency_s
+    all_slow = _chain({**INT8, "quality_budget": 0.03}, **both_slow)
+    all_slow["links"][2]["bandwidth_bytes_per_s"] = 30e3  # mec -> car too
+    three = solve(parse_problem(all_slow))  # 3 x 0.01 fills the budget exactly: no InvalidPlan
+    assert _hop_precisions(three) == ["int8", "int8", "int8"]
 
 
 def _one_node(memory_bytes: float, precision: dict | None) -> dict:
@@ -177,3 +181,26 @@ def test_plan_command_shows_the_choices_and_savings(tmp_path) -> None:
     refused = _cli(str(bad))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "activation_loss" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.015])
+def test_random_instances_with_a_lossy_policy_stay_valid_and_never_slower(budget: float) -> None:
+    """Every answer passes the evaluator (precisions allowed, loss within the budget,
+    memory at the chosen weights); with a budget that covers every hop, compression
+    never makes the optimum slower than the exact one."""
+    policy = {"activations": ["fp32", "fp16", "int8"], "activation_loss": {"fp16": 0.001, "int8": 0.01},
+              "weights": ["fp32", "bf16", "int8"], "weight_loss": {"bf16": 0.001, "int8": 0.005},
+              "quality_budget": budget, "min_saving_s": 0.0}  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(120):
+        data = random_problem(rng)
+        exact = solve(parse_problem(data), method="exact")
+        problem = parse_problem({**data, "precision": policy})
+        result = solve(problem, method="exact")
+        assert result.feasible or not exact.feasible
+        if not result.feasible:
+            continue
+        assert evaluate(problem, result.placement).violations == ()
+        if exact.feasible and budget == 1.0:
+            key = "latency_s" if problem.objective == "latency" else "bottleneck_s"
+            assert getattr(result.predicted, key) <= getattr(exact.predicted, key) * (1 + 1e-9)
