@@ -36,6 +36,7 @@ bandwidth, which serve one request's step at a time (`logic.per_token_s`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -268,7 +269,20 @@ def build_candidates(problem: Problem, running: tuple[Segment, ...],
                    key=lambda c: (c.latency_s, c.migration_cost_s, str(c.segments)))  # fmt: skip
     for candidate in moved[:keep_migrations]:
         found[candidate.segments] = candidate
-    return tuple(found.values())
+    return tuple(found.values()) + recompressed(problem, running, cost, running_precisions)
+
+
+def recompressed(problem: Problem, running: tuple[Segment, ...], cost: CostModel,
+                 running_precisions: tuple[tuple[int, str], ...]) -> tuple[CandidatePlan, ...]:
+    """The running plan with the hop precisions the policy gives it now, when they differ
+    from those it runs with (a link slowed or recovered): a change that moves no block,
+    decided like a migration (``logic.classify``). None without a precision policy."""
+    if not running or problem.precision is None:
+        return ()
+    candidate = evaluate_candidate(problem, running, running, "migration", cost)
+    if candidate.link_precisions == running_precisions:
+        return ()
+    return (dataclasses.replace(candidate, kind="migrate"),)
 
 
 def evaluate_all(view: CapacityProfile, manifest: ShardManifest, policy: PrivacyPolicy, source: str,

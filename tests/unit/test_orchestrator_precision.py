@@ -55,3 +55,27 @@ def test_settings_take_the_policy_as_json_and_refuse_weights() -> None:
                 json.dumps({"weights": ["int8"], "weight_loss": {"int8": 0.1}, "quality_budget": 0.2})):
         with pytest.raises(ConfigError, match="precision_policy"):
             settings_from(parse_args([*base, "--precision-policy", bad]))
+
+
+def test_a_slow_hop_of_the_running_plan_is_recompressed_without_moving_a_block() -> None:
+    from services.orchestrator.logic import DecisionConfig, OrchestratorState, Trigger, allowed, decide
+
+    problem = parse_problem(_chain(INT8))
+    state = OrchestratorState(segments=RSU_MEC, epoch=3, changed_at_s=0.0)
+    candidates = build_candidates(problem, RSU_MEC, (), CostModel(1e6, 0), keep_migrations=0)
+    assert [(c.kind, c.segments, c.link_precisions) for c in candidates] == [
+        ("current", RSU_MEC, ()), ("migrate", RSU_MEC, ((0, "int8"),))]
+    assert candidates[1].migration_cost_s == 0.0  # no block moves
+    decision = decide(state, Trigger("link_degraded", 1000.0), candidates, 1000.0, DecisionConfig())
+    assert decision.action == "migrate" and decision.chosen is not None
+    assert decision.chosen.segments == RSU_MEC and decision.chosen.link_precisions == ((0, "int8"),)
+    assert allowed("static", RSU_MEC, candidates) == candidates[:1]  # static changes nothing
+    running_int8 = build_candidates(problem, RSU_MEC, (), CostModel(1e6, 0), keep_migrations=0,
+                                    running_precisions=((0, "int8"),))  # fmt: skip
+    assert [c.kind for c in running_int8] == ["current"]  # already as the policy says: nothing to do
+    recovered = parse_problem(_chain(INT8, car_rsu_bps=12.5e6))
+    back = build_candidates(recovered, RSU_MEC, (), CostModel(1e6, 0), keep_migrations=0,
+                            running_precisions=((0, "int8"),))  # fmt: skip
+    assert back[1].link_precisions == ()  # the link recovered: the policy would send it exact
+    keep = decide(state, Trigger("link_recovered", 1000.0), back, 1000.0, DecisionConfig())
+    assert keep.action == "keep"  # but exact is 0.1 ms per token slower: int8 stays (open, see docs)
