@@ -67,3 +67,15 @@ def test_quality_sits_beside_the_latency_in_the_report() -> None:
     table = "\n".join(side_by_side("generate", {"compressed": metrics}))
     assert "| answers equal to fp32 | 50.0 % |" in table
     assert "| agreement with fp32 mean / min | 0.6250 / 0.2500 |" in table
+
+
+def test_a_replans_layout_names_its_lossy_hops() -> None:
+    from services.cli.scenarios.analysis import _layout
+    from shared.messages import LinkPrecision, Plan, Segment
+
+    plan = Plan(epoch=2, model_id="m", entry_node="car",  # type: ignore[arg-type]
+                segments=(Segment(node="car", start=0, end=2), Segment(node="rsu", start=2, end=6)),  # type: ignore[arg-type]
+                link_precisions=(LinkPrecision(target=2, activations="int8"),
+                                 LinkPrecision(target=6, activations="fp16")))  # fmt: skip
+    assert _layout(plan) == "car[0,2) rsu[2,6) (int8 into 2, fp16 into 6)"
+    assert _layout(plan.model_copy(update={"link_precisions": ()})) == "car[0,2) rsu[2,6)"

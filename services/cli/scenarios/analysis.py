@@ -59,7 +59,10 @@ def _cause(changes: Sequence[tuple[float, str]], decided_s: float) -> tuple[floa
 def _layout(plan: Plan | None) -> str:
     if plan is None:
         return ""
-    return " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
+    layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
+    if plan.link_precisions:  # lossy hops, by the block their frames enter
+        layout += " (" + ", ".join(f"{e.activations} into {e.target}" for e in plan.link_precisions) + ")"
+    return layout
 
 
 def moved_bytes(old: Plan | None, new: Plan | None, block_bytes: Sequence[int]) -> int:
