@@ -58,7 +58,13 @@ def test_settings_take_the_policy_as_json_and_refuse_weights() -> None:
 
 
 def test_a_slow_hop_of_the_running_plan_is_recompressed_without_moving_a_block() -> None:
-    from services.orchestrator.logic import DecisionConfig, OrchestratorState, Trigger, allowed, decide
+    from services.orchestrator.logic import (
+        DecisionConfig,
+        OrchestratorState,
+        Trigger,
+        allowed,
+        decide,
+    )
 
     problem = parse_problem(_chain(INT8))
     state = OrchestratorState(segments=RSU_MEC, epoch=3, changed_at_s=0.0)
