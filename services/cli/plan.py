@@ -72,26 +72,51 @@ def format_table(problem: Problem, result: PlanResult) -> str:
     lines = [f"objective {result.objective}, method {result.method} ({proof})"]
     if result.lower_bound is not None:
         lines.append(f"lower bound on the objective: {result.lower_bound:.9g} s")
-    lines.append(f"{'#':>2}  {'node':<16} {'layers':<12} {'compute_s':>12} {'hop_in_s':>12}")
+    chosen = result.precision is not None
+    extra = f" {'weights':>8} {'hop_in':>7}" if chosen else ""
+    lines.append(f"{'#':>2}  {'node':<16} {'layers':<12} {'compute_s':>12} {'hop_in_s':>12}{extra}")
     nodes, links = problem.node_index(), problem.link_index()
     previous = problem.source
     for index, seg in enumerate(result.segments):
         node = nodes[seg.node]
         flops = math.fsum(layer.flops for layer in problem.layers[seg.start : seg.end])
         compute = flops / effective_flops_per_s(node)
-        hop = _hop(problem, links, previous, seg.node, seg.start)
+        hop = _hop(problem, links, previous, seg.node, seg.start, seg.activations)
+        extra = f" {seg.weights:>8} {seg.activations if previous != seg.node else '-':>7}" if chosen else ""
         lines.append(f"{index:>2}  {seg.node:<16} {f'[{seg.start}, {seg.end})':<12} "
-                     f"{compute:>12.6g} {hop:>12.6g}")
+                     f"{compute:>12.6g} {hop:>12.6g}{extra}")
         previous = seg.node
-    back = _hop(problem, links, previous, problem.source, len(problem.layers))
-    lines.append(f"    return {previous} -> {problem.source}: {back:.6g} s")
+    back = _hop(problem, links, previous, problem.source, len(problem.layers), result.return_activations)
+    at = f" ({result.return_activations})" if chosen and previous != problem.source else ""
+    lines.append(f"    return {previous} -> {problem.source}: {back:.6g} s{at}")
     assert result.predicted is not None
     lines.append(f"latency_s {result.predicted.latency_s:.9g}  "
                  f"bottleneck_s {result.predicted.bottleneck_s:.9g}")
+    if result.precision is not None:
+        lines += _savings(result.precision)
     return "\n".join(lines)
 
 
-def _hop(problem: Problem, links: dict, src: str, dst: str, boundary: int) -> float:
+def _savings(summary: dict) -> list[str]:
+    """The precision choices' savings: per compressed hop, then the totals."""
+    lines = []
+    for hop in summary["hops"]:
+        if hop["activations"] != "fp32":
+            lines.append(f"link {hop['src']} -> {hop['dst']} (before layer {hop['before_layer']}): "
+                         f"{hop['activations']}, {hop['bytes_per_token']:.0f} of "
+                         f"{hop['fp32_bytes_per_token']:.0f} bytes per token, "
+                         f"{hop['saved_s']:.6g} s per token saved")  # fmt: skip
+    for seg in summary["segments"]:
+        if seg["weights"] != "fp32":
+            lines.append(f"weights {seg['node']} [{seg['start']}, {seg['end']}): {seg['weights']}, "
+                         f"{seg['weight_bytes']:.0f} of {seg['fp32_weight_bytes']:.0f} bytes held")  # fmt: skip
+    lines.append(f"precision saves {summary['link_saved_s']:.6g} s per token on links and "
+                 f"{summary['memory_saved_bytes']:.0f} bytes of weights; quality loss "
+                 f"{summary['quality_loss']:.4g} of budget {summary['quality_budget']:.4g}")  # fmt: skip
+    return lines
+
+
+def _hop(problem: Problem, links: dict, src: str, dst: str, boundary: int, precision: str = "fp32") -> float:
     if src == dst:
         return 0.0
-    return transfer_s(links[(src, dst)], boundary_bytes(problem, boundary))
+    return transfer_s(links[(src, dst)], boundary_bytes(problem, boundary, precision))

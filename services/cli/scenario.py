@@ -26,7 +26,9 @@ def register(subparsers: Any) -> None:
                     "and DIR/*.png. Ctrl-C stops cleanly and still writes what was measured.")  # fmt: skip
     run.add_argument("file", type=Path, metavar="FILE", help="the scenario file (TOML)")
     run.add_argument("--policy", default="all", metavar="LIST",
-                     help="all (default) or a comma-separated subset of static,migrate,adaptive")  # fmt: skip
+                     help="all (default: static,migrate,adaptive) or a comma-separated subset of "
+                          "static,migrate,adaptive,compressed (compressed: adaptive with each hop's "
+                          "activation precision chosen by the planner)")  # fmt: skip
     run.add_argument("--time-scale", type=float, default=1.0, metavar="F",
                      help="multiply the duration and every event time by F (e.g. 0.5: half as long)")  # fmt: skip
     run.add_argument("--out", type=Path, metavar="DIR",

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         help="what may change after the first plan (default adaptive)")
     parser.add_argument("--first-plan", metavar="NODE:START:END,...",
                         help="start from this plan when the measured profile admits it")
+    parser.add_argument("--precision-policy", help="JSON: the activation precisions hops may use "
+                        "and the quality budget (docs/PLANNER.md, 'Precision'; default exact, fp32)")
     parser.add_argument("--private-blocks", type=int, help="policy until a retained one arrives")
     parser.add_argument("--trusted-level", type=int, help="policy until a retained one arrives")
     for name in _FLOATS:
@@ -51,7 +53,7 @@ def settings_from(args: Any) -> OrchestratorSettings:
               "identities_file": args.identities_file,
               "client_id": args.client_id, "entry": args.entry, "expect_nodes": expect,
               "private_blocks": args.private_blocks, "trusted_level": args.trusted_level,
-              "policy": args.policy}  # fmt: skip
+              "policy": args.policy, "precision_policy": args.precision_policy}  # fmt: skip
     values |= {name: getattr(args, name) for name in _FLOATS}
     if args.first_plan is not None:
         values["first_plan"] = parse_layout(args.first_plan)

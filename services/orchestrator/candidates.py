@@ -36,6 +36,7 @@ bandwidth, which serve one request's step at a time (`logic.per_token_s`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -47,6 +48,8 @@ from shared.errors import EdgesplitError
 from shared.messages import CapacityProfile, PlanOption, PrivacyPolicy, Segment
 from shared.model.manifest import ShardManifest
 from shared.planning.live import layers_from_manifest, problem_from_profile
+from shared.planning.precision import PrecisionPolicy
+from shared.planning.precision_plan import assign_precisions
 from shared.planning.problem import (
     Placement,
     Problem,
@@ -117,13 +120,31 @@ def planning_view(profile: CapacityProfile, manifest: ShardManifest,
 
 
 def planning_problem(view: CapacityProfile, manifest: ShardManifest, policy: PrivacyPolicy,
-                     source: str, cost: CostModel) -> Problem:  # fmt: skip
+                     source: str, cost: CostModel, precision: PrecisionPolicy | None = None) -> Problem:  # fmt: skip
     """The problem of ``view`` (see ``live.problem_from_profile``), each node's shard load
-    rate set for the migration term. Raises LiveProfileError (source missing or down)."""
+    rate set for the migration term, and ``precision`` as its precision policy (None:
+    exact). Raises LiveProfileError (source missing or down)."""
     problem = problem_from_profile(view, manifest, policy, "latency", source=source)
     nodes = tuple(n.model_copy(update={"load_bandwidth_bytes_per_s": cost.shard_load_bytes_per_s})
                   for n in problem.nodes)  # fmt: skip
-    return problem.model_copy(update={"nodes": nodes})
+    return problem.model_copy(update={"nodes": nodes, "precision": precision})
+
+
+def with_precisions(placement: Placement, precisions: tuple[tuple[int, str], ...],
+                    num_layers: int) -> Placement:  # fmt: skip
+    """``placement`` with the hop precisions of a plan's ``link_precisions``."""
+    at = dict(precisions)
+    segments = tuple(seg.model_copy(update={"activations": at.get(seg.start, "fp32")})
+                     for seg in placement.segments)  # fmt: skip
+    return Placement(segments=segments, return_activations=at.get(num_layers, "fp32"))  # type: ignore[arg-type]
+
+
+def link_precisions(placement: Placement, num_layers: int) -> tuple[tuple[int, str], ...]:
+    """The lossy hops of ``placement`` as (block the frames enter, precision), for the
+    plan's ``link_precisions`` (fp32 hops are left out: exact is the default)."""
+    hops = [(seg.start, seg.activations) for seg in placement.segments]
+    hops.append((num_layers, placement.return_activations))
+    return tuple((target, precision) for target, precision in hops if precision != "fp32")
 
 
 def migration_cost_s(problem: Problem, running: tuple[Segment, ...],
@@ -152,18 +173,22 @@ def migration_cost_s(problem: Problem, running: tuple[Segment, ...],
     return math.fsum(terms)
 
 
-def serial_stage_s(problem: Problem, segments: tuple[Segment, ...]) -> float:
+def serial_stage_s(problem: Problem, segments: tuple[Segment, ...],
+                   precisions: tuple[tuple[int, str], ...] = ()) -> float:  # fmt: skip
     """The longest time one request's decode step holds a resource that serves one step at
-    a time: a node's compute of its segment, or a link's bandwidth (bytes / bandwidth; the
+    a time: a node's compute of its segment, or a link's bandwidth (bytes / bandwidth at
+    the hop's activation precision, ``precisions`` as `link_precisions` gives them; the
     latency overlaps with other requests' frames). inf when a node or link is missing."""
     nodes, links, num_layers = problem.node_index(), problem.link_index(), len(problem.layers)
+    at = dict(precisions)
     stages: list[float] = []
     previous = problem.source
     for segment, boundary in [(s, s.start) for s in segments] + [(None, num_layers)]:
         here = problem.source if segment is None else segment.node
         if here != previous:
             link = links.get((previous, here))
-            stages.append(boundary_bytes(problem, boundary) / link.bandwidth_bytes_per_s if link else math.inf)
+            sent = boundary_bytes(problem, boundary, at.get(boundary, "fp32"))
+            stages.append(sent / link.bandwidth_bytes_per_s if link else math.inf)
         if segment is not None:
             node = nodes.get(here)
             speed = effective_flops_per_s(node) if node is not None else 0.0
@@ -175,23 +200,31 @@ def serial_stage_s(problem: Problem, segments: tuple[Segment, ...]) -> float:
 
 def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
                        segments: tuple[Segment, ...], origin: str, cost: CostModel,
-                       *, is_running: bool = False) -> CandidatePlan:  # fmt: skip
+                       *, is_running: bool = False,
+                       running_precisions: tuple[tuple[int, str], ...] = ()) -> CandidatePlan:  # fmt: skip
     """``segments`` evaluated on ``problem``: latency, bottleneck, violations, migration cost.
 
-    The running plan's memory violations are ignored (it is loaded and serving)."""
+    The running plan's memory violations are ignored (it is loaded and serving), and its
+    hops are priced at the precisions it runs with (``running_precisions``); another
+    candidate's at those the problem's precision policy assigns."""
     placement = Placement.of(*((s.node, s.start, s.end) for s in segments))
+    if is_running:
+        placement = with_precisions(placement, running_precisions, len(problem.layers))
+    elif problem.precision is not None:  # each hop's activation precision under the policy
+        placement = assign_precisions(problem, placement)
+    precisions = link_precisions(placement, len(problem.layers))
     evaluation = evaluate(problem, placement)
     violations = evaluation.violations
     if is_running:
         violations = tuple(v for v in violations if not v.startswith("memory:"))
     kind: CandidateKind = "current" if is_running else _kind(running, segments)
-    serial = serial_stage_s(problem, segments)
+    serial = serial_stage_s(problem, segments, precisions)
     return CandidatePlan(
         kind=kind, segments=segments, latency_s=per_token_s(evaluation.latency_s, serial, cost.concurrency),
         bottleneck_s=evaluation.bottleneck_s,
         migration_cost_s=0.0 if is_running else migration_cost_s(problem, running, segments, cost),
         violations=violations, origin=origin,  # type: ignore[arg-type]
-        unloaded_s=evaluation.latency_s, serial_s=serial,
+        unloaded_s=evaluation.latency_s, serial_s=serial, link_precisions=precisions,
     )  # fmt: skip
 
 
@@ -217,12 +250,15 @@ def migrations(problem: Problem, running: tuple[Segment, ...]) -> list[tuple[Seg
 
 def build_candidates(problem: Problem, running: tuple[Segment, ...],
                      options: Iterable[PlanOption], cost: CostModel,
-                     keep_migrations: int = 4) -> tuple[CandidatePlan, ...]:  # fmt: skip
-    """The running plan (if any), the reviser's options and the best ``keep_migrations``
-    feasible migrations, each evaluated on ``problem``; duplicates dropped."""
+                     keep_migrations: int = 4,
+                     running_precisions: tuple[tuple[int, str], ...] = ()) -> tuple[CandidatePlan, ...]:  # fmt: skip
+    """The running plan (if any, at its ``running_precisions``), the reviser's options and
+    the best ``keep_migrations`` feasible migrations, each evaluated on ``problem``;
+    duplicates dropped."""
     found: dict[tuple[Segment, ...], CandidatePlan] = {}
     if running:
-        found[running] = evaluate_candidate(problem, running, running, "running", cost, is_running=True)
+        found[running] = evaluate_candidate(problem, running, running, "running", cost, is_running=True,
+                                            running_precisions=running_precisions)  # fmt: skip
     for option in options:
         segments = tuple(option.segments)
         if segments not in found:
@@ -233,20 +269,37 @@ def build_candidates(problem: Problem, running: tuple[Segment, ...],
                    key=lambda c: (c.latency_s, c.migration_cost_s, str(c.segments)))  # fmt: skip
     for candidate in moved[:keep_migrations]:
         found[candidate.segments] = candidate
-    return tuple(found.values())
+    return tuple(found.values()) + recompressed(problem, running, cost, running_precisions)
+
+
+def recompressed(problem: Problem, running: tuple[Segment, ...], cost: CostModel,
+                 running_precisions: tuple[tuple[int, str], ...]) -> tuple[CandidatePlan, ...]:
+    """The running plan with the hop precisions the policy gives it now, when they differ
+    from those it runs with (a link slowed or recovered): a change that moves no block,
+    decided like a migration (``logic.classify``). None without a precision policy."""
+    if not running or problem.precision is None:
+        return ()
+    candidate = evaluate_candidate(problem, running, running, "migration", cost)
+    if candidate.link_precisions == running_precisions:
+        return ()
+    return (dataclasses.replace(candidate, kind="migrate"),)
 
 
 def evaluate_all(view: CapacityProfile, manifest: ShardManifest, policy: PrivacyPolicy, source: str,
                  running: tuple[Segment, ...], options: Iterable[PlanOption], cost: CostModel,
-                 moves: bool = True) -> tuple[CandidatePlan, ...]:  # fmt: skip
+                 moves: bool = True, precision: PrecisionPolicy | None = None,
+                 running_precisions: tuple[tuple[int, str], ...] = ()) -> tuple[CandidatePlan, ...]:  # fmt: skip
     """Every candidate on the planning ``view`` (`build_candidates`); ``moves=False``: the
-    running plan and ``options`` only. A source missing or down gives none (keep)."""
+    running plan and ``options`` only; ``precision``: each new candidate's hops compressed
+    as that policy allows (the running plan's: ``running_precisions``, what it runs with).
+    A source missing or down gives none (keep)."""
     try:
-        problem = planning_problem(view, manifest, policy, source, cost)
+        problem = planning_problem(view, manifest, policy, source, cost, precision)
     except EdgesplitError as error:
         log.warning("no planning problem: %s", error)
         return ()
-    return build_candidates(problem, running, options, cost, keep_migrations=4 if moves else 0)
+    return build_candidates(problem, running, options, cost, keep_migrations=4 if moves else 0,
+                            running_precisions=running_precisions)  # fmt: skip
 
 
 def failover_entry(profile: CapacityProfile, entry: str | None, trusted_level: int) -> str | None:

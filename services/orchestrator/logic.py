@@ -87,6 +87,8 @@ class CandidatePlan:
     serial_s: float = 0.0
     """The longest time one request's step holds a resource that serves one step at a
     time: a node's compute of its segment, or a link's bytes / bandwidth."""
+    link_precisions: tuple[tuple[int, str], ...] = ()
+    """Lossy hops as (block the frames enter, activation precision); the plan carries them."""
 
     def per_token_s(self, concurrency: float) -> float:
         """Predicted time per token with ``concurrency`` requests decoding together."""
@@ -169,10 +171,13 @@ def boundaries(segments: tuple[Segment, ...]) -> tuple[tuple[int, int], ...]:
     return tuple((segment.start, segment.end) for segment in segments)
 
 
-def classify(current: tuple[Segment, ...], candidate: tuple[Segment, ...]) -> Action:
-    """keep (same plan), migrate (same cut points, other nodes) or resplit (new cuts)."""
+def classify(current: tuple[Segment, ...], candidate: tuple[Segment, ...],
+             current_precisions: tuple[tuple[int, str], ...] = (),
+             candidate_precisions: tuple[tuple[int, str], ...] = ()) -> Action:  # fmt: skip
+    """keep (same plan), migrate (same cut points, other nodes; or the same segments with
+    other hop precisions, ``link_precisions``) or resplit (new cuts)."""
     if tuple(candidate) == tuple(current):
-        return "keep"
+        return "keep" if candidate_precisions == current_precisions else "migrate"
     if current and boundaries(current) == boundaries(candidate):
         return "migrate"
     return "resplit"
@@ -225,7 +230,7 @@ def score(state: OrchestratorState, current: CandidatePlan, candidate: Candidate
           now_s: float, config: DecisionConfig, *, waive: bool = False) -> Scored:  # fmt: skip
     """``candidate``'s gain over the horizon and cost against the running plan ``current``."""
     tokens = horizon_tokens(state, config)
-    if candidate.segments == current.segments:
+    if candidate.segments == current.segments and candidate.link_precisions == current.link_precisions:
         return Scored(candidate, 0.0, 0.0, 0.0, 0.0, False, "the running plan")
     if not candidate.feasible:
         return Scored(candidate, 0.0, 0.0, 0.0, 0.0, False, _first(candidate.violations))
@@ -277,7 +282,8 @@ def decide(state: OrchestratorState, trigger: Trigger, candidates: tuple[Candida
         waited = now_s - state.changed_at_s
         return replace(base, reason=f"keep: dwell ({waited:.1f} s since the last change < "
                                     f"{config.dwell_s:g} s); best {winner.note}")  # fmt: skip
-    action = classify(state.segments, winner.candidate.segments)
+    action = classify(state.segments, winner.candidate.segments, current.link_precisions,
+                      winner.candidate.link_precisions)  # fmt: skip
     return replace(base, action=action, chosen=winner.candidate, gain_s=winner.gain_s,
                    cost_s=winner.cost_s, reason=f"{action}: {winner.note}")  # fmt: skip
 
@@ -291,7 +297,8 @@ def _forced(state: OrchestratorState, current: CandidatePlan | None,
         return Decision("keep", f"{why}; no feasible plan to move to", None, current, scored,
                         emergency, tokens)  # fmt: skip
     chosen = feasible[0]
-    action = classify(state.segments, chosen.segments)
+    action = classify(state.segments, chosen.segments, current.link_precisions if current else (),
+                      chosen.link_precisions)  # fmt: skip
     if action == "keep":  # the running plan came back as the best: nothing to do
         return Decision("keep", f"{why}; the best plan is the running one", None, current,
                         scored, emergency, tokens)  # fmt: skip

@@ -54,6 +54,7 @@ from shared.ids import NodeId, RequestId
 from shared.messages import (
     CapacityProfile,
     DecisionRecorded,
+    LinkPrecision,
     Plan,
     PlanOption,
     PlanProposed,
@@ -67,6 +68,7 @@ from shared.messages import (
 )  # fmt: skip
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
+from shared.planning.precision import PrecisionPolicy
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_verifier
 from shared.security.signing import ControlGate, control_key
@@ -130,6 +132,7 @@ class OrchestratorService:
         self._missed_epoch: int | None = None
         """The epoch a prediction_missed trigger was raised for (once per epoch)."""
         self._reference: CandidatePlan | None = None
+        self._running_precisions: tuple[tuple[int, str], ...] = ()  # the running plan's link_precisions
         """The running plan as last evaluated: the model the overhead is measured against."""
         self.calibration = OverheadCalibration()
         self._initial_queued = False
@@ -204,6 +207,7 @@ class OrchestratorService:
         if plan.segments != self.state.segments:
             self._reference_latency_s, self._reference = None, None
         self.state = replace(self.state, segments=plan.segments, epoch=plan.epoch)
+        self._running_precisions = tuple((e.target, e.activations) for e in plan.link_precisions)
 
     def _on_policy(self, message: PrivacyPolicySet) -> None:
         old, policy = self.policy, message.policy
@@ -393,7 +397,10 @@ class OrchestratorService:
         assert self.manifest is not None and self.entry is not None
         cost = CostModel.at_load(view, self.entry, self.settings.shard_load_bytes_per_s,
                                  self.settings.rebuild_context_tokens)  # fmt: skip
-        return evaluate_all(view, self.manifest, self.policy, self.entry, running, options, cost, moves)
+        precision = self.settings.precision_policy
+        return evaluate_all(view, self.manifest, self.policy, self.entry, running, options, cost, moves,
+                            precision if precision != PrecisionPolicy.exact() else None,
+                            self._running_precisions)  # fmt: skip
 
     async def _ask_reviser(self, bus: Bus, view: CapacityProfile,
                            running: tuple[Segment, ...]) -> PlanProposed | None:  # fmt: skip
@@ -423,7 +430,7 @@ class OrchestratorService:
         await self._publish(bus, record)
         if not decision.changes_plan or decision.chosen is None:
             return
-        result = await self._rollout(bus, decision_id, decision.chosen.segments, decision.reason)
+        result = await self._rollout(bus, decision_id, decision.chosen, decision.reason)
         if result is None:
             await self._publish(bus, record.model_copy(update={"outcome": "failed",
                                 "outcome_detail": "no RolloutFinished before the deadline"}))  # fmt: skip
@@ -435,15 +442,18 @@ class OrchestratorService:
             committed_s = self.clock()
             self.state = after_commit(self.state, decision.chosen.segments, result.epoch, committed_s,
                                       initial=decision.current is None)  # fmt: skip
+            self._running_precisions = decision.chosen.link_precisions
             self._reference_latency_s, self._reference = decision.chosen.latency_s, decision.chosen
             tasks.create_task(self._realise(bus, record, committed_s), name=f"realise-{decision_id}")
 
-    async def _rollout(self, bus: Bus, decision_id: int, segments: tuple[Segment, ...],
+    async def _rollout(self, bus: Bus, decision_id: int, chosen: CandidatePlan,
                        reason: str) -> RolloutFinished | None:  # fmt: skip
         assert self.manifest is not None and self.entry is not None
+        precisions = tuple(LinkPrecision(target=target, activations=precision)  # type: ignore[arg-type]
+                           for target, precision in chosen.link_precisions)  # fmt: skip
         plan = Plan(epoch=(self.state.epoch or 0) + 1, model_id=self.manifest.model_name[:1024],
-                    entry_node=self.entry, segments=segments,  # type: ignore[arg-type]
-                    manifest_sha256=self.manifest_sha256)
+                    entry_node=self.entry, segments=chosen.segments,  # type: ignore[arg-type]
+                    manifest_sha256=self.manifest_sha256, link_precisions=precisions)
         request = RolloutRequested(decision_id=decision_id, plan=plan, reason=reason[:1024],
                                    ready_timeout_s=min(600.0, self.settings.ready_timeout_s))  # fmt: skip
         return await self.exchanges.rollout(bus, request, self.settings.rollout_timeout_s)

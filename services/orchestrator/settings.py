@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from services.orchestrator.logic import DecisionConfig, Policy
 from shared.config import BusSettings
 from shared.errors import ConfigError
 from shared.messages import Segment
+from shared.planning.precision import PrecisionPolicy
 
 
 class OrchestratorSettings(BusSettings):
@@ -45,6 +48,28 @@ class OrchestratorSettings(BusSettings):
     profile_wait_s: float = Field(default=3.0, ge=0, description="wait for a profile newer than an event")
     observe_s: float = Field(default=10.0, gt=0, description="realised-effect window after a commit")
     retained_wait_s: float = Field(default=0.5, ge=0)
+    precision_policy: PrecisionPolicy = Field(
+        default_factory=PrecisionPolicy.exact,
+        description="activation precisions each hop may use, as JSON (docs/PLANNER.md, "
+        "'Precision'); default exact: fp32 on every hop")  # fmt: skip
+
+    @field_validator("precision_policy", mode="before")
+    @classmethod
+    def _policy_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not JSON ({error.msg})") from None
+        return value
+
+    @field_validator("precision_policy")
+    @classmethod
+    def _activations_only(cls, value: PrecisionPolicy) -> PrecisionPolicy:
+        if set(value.weights) != {"fp32"}:
+            raise ValueError("weights: a running system holds its shard store's precision "
+                             "(edgesplit shard --weights); the policy may choose activations only")  # fmt: skip
+        return value
 
     def decision_config(self) -> DecisionConfig:
         return DecisionConfig(self.relative_threshold, self.dwell_s, self.horizon_s,

@@ -311,14 +311,20 @@ class DataPlane:
         if isinstance(header, ReleaseHeader):
             out = ReleaseHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
                                 sent_at=sent_at, target=target)  # fmt: skip
-        elif target == route.num_layers:
-            out = ResultHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
-                               sent_at=sent_at, pass_id=header.pass_id)  # fmt: skip
         else:
-            out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
-                                   sent_at=sent_at, target=target, pos=header.pos,
-                                   last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
-            array = compress_activation(array, self.activation_precision)
+            if target == route.num_layers:
+                out = ResultHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
+                                   sent_at=sent_at, pass_id=header.pass_id)  # fmt: skip
+            else:
+                out = ActivationHeader(request_id=request_id, step=step, epoch=epoch, seq=seq, src=src,
+                                       sent_at=sent_at, target=target, pos=header.pos,
+                                       last_only=header.last_only, pass_id=header.pass_id)  # fmt: skip
+            # The plan's precision for this hop (docs/ARCHITECTURE.md), else this worker's own
+            # for activations (a result goes back exact unless the plan says otherwise).
+            own = "fp32" if target == route.num_layers else self.activation_precision
+            precision = route.activations_for(target) or own
+            array = compress_activation(array, precision)
+            self.counters[f"activation_frames_{precision}"] += 1
         await self._send_payload(route.node_for(target), await self.seal(out, array))
 
     async def pipeline_pass(
@@ -378,7 +384,7 @@ class DataPlane:
                 raise KvMissing(f"request {request_id} step {step}: a node of epoch "
                                 f"{route.epoch} lacks its KV cache")  # fmt: skip
             self.deadline.observe(tokens, time.monotonic() - began)
-            return result.array, route.epoch
+            return decompress_activation(result.array, self.hidden_size), route.epoch
         except TimeoutError:
             self.counters["passes_timed_out"] += 1
             raise StageTimedOut(

@@ -116,17 +116,14 @@ def check_result(header: ResultHeader, array: np.ndarray, limits: FrameLimits) -
         if array.size:
             raise FrameRefused(f"a kv_missing result must be empty, got {array.dtype}{list(array.shape)}")
         return
-    if (
-        array.dtype != np.float32
-        or array.ndim != 2
-        or array.shape[1] != hidden
-        or not 1 <= array.shape[0] <= limits.max_positions
-    ):
-        raise FrameRefused(
-            f"result must be float32 [T or 1, {hidden}] with 1 <= T <= "
-            f"{limits.max_positions}, got {array.dtype}{list(array.shape)}"
-        )
-    require_finite("result", array)
+    shape = f"float32 [T or 1, {hidden}] with 1 <= T <= {limits.max_positions} (or compressed)"
+    if array.ndim != 2 or not 1 <= array.shape[0] <= limits.max_positions:
+        raise FrameRefused(f"result must be {shape}, got {array.dtype}{list(array.shape)}")
+    try:  # fp32, or compressed like an activation (the plan's precision for the return hop)
+        values = decompress_activation(array, hidden)
+    except TensorFrameError as error:
+        raise FrameRefused(f"result must be {shape}: {error}") from None
+    require_finite("result", values)
 
 
 def check_kv(header: KvHeader, array: np.ndarray, limits: FrameLimits, start: int, end: int) -> None:

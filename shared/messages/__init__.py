@@ -53,6 +53,7 @@ from shared.messages.plans import (
     CommitEpoch,
     EpochReady,
     EpochRejected,
+    LinkPrecision,
     Plan,
     PrepareEpoch,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "RequestFinished",
     "RolloutFinished",
     "RolloutRequested",
+    "LinkPrecision",
     "Segment",
     "ShortText",
     "Telemetry",

@@ -9,7 +9,7 @@ without a broker. It is the reference the distributed path is tested against, an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from shared.model.runtime import EntryRuntime, SegmentRuntime
 from shared.model.sampling import Sampler, SamplingParams, check_context, should_stop
 from shared.model.source import TensorSource
 from shared.model.tokenizer import TextTokenizer
+from shared.tensor_frame import compress_activation, decompress_activation
 
 GREEDY = SamplingParams()  # the default decoding: arg-max, no randomness
 
@@ -64,6 +65,8 @@ def segment_ranges(num_layers: int, splits: Sequence[int]) -> list[tuple[int, in
 class LocalPipeline:
     """Entry + segments of one model in this process.
 
+    ``activation_precisions`` maps a block to the precision of the frames entering it
+    (the layer count: the final hidden state), as a plan's ``link_precisions`` do.
     ``weights`` (fp32, bf16, int8, int4; default: as the source stores them) quantises
     the linear weights at load (shared/model/quant.py), int8 and int4 after one fp32
     calibration pass (shared/model/calibrate.py) that sets their SmoothQuant factors. Raises CheckpointError /
@@ -72,9 +75,10 @@ class LocalPipeline:
 
     def __init__(
         self, model_dir: Path | str | TensorSource, splits: Sequence[int] = (), device: str = "cpu",
-        weights: str | None = None,
+        weights: str | None = None, activation_precisions: Mapping[int, str] | None = None,
     ) -> None:  # fmt: skip
         source = model_dir if isinstance(model_dir, TensorSource) else Checkpoint(Path(model_dir))
+        self.activation_precisions = dict(activation_precisions or {})
         self.source = source
         self.config: ModelConfig = source.config
         self.ranges = segment_ranges(self.config.num_layers, list(splits))
@@ -103,8 +107,20 @@ class LocalPipeline:
         """Embed [T] token ids and run them through every segment -> [T, H]."""
         hidden = self.entry.embed(token_ids, start_position)
         for index, segment in enumerate(self.segments):
+            hidden = self._hop(hidden, self.ranges[index][0])
             hidden = segment.forward(hidden, caches[index] if caches else None, start_position)
-        return hidden
+        return self._hop(hidden, self.config.num_layers)
+
+    def _hop(self, hidden: torch.Tensor, target: int) -> torch.Tensor:
+        """``hidden`` as a frame entering block ``target`` carries it: compressed to the
+        precision ``activation_precisions`` names for that block and restored, row by row
+        as the data plane does (unchanged where none is named, or fp32)."""
+        precision = self.activation_precisions.get(target, "fp32")
+        if precision == "fp32":
+            return hidden
+        values = hidden.detach().to("cpu", torch.float32).numpy()
+        restored = decompress_activation(compress_activation(values, precision), values.shape[1])
+        return torch.from_numpy(restored).to(hidden.device)
 
     def generate(
         self,

@@ -20,6 +20,7 @@ import numpy as np
 
 from shared.errors import PlanError
 from shared.planning.problem import (
+    Link,
     Node,
     Placement,
     Problem,
@@ -28,6 +29,7 @@ from shared.planning.problem import (
     evaluate,
     layer_memory_bytes,
     total,
+    transfer_s,
 )
 
 
@@ -162,7 +164,11 @@ def build_tables(
     layers = problem.layers
     num_layers = len(layers)
     seg_flops = _segment_sums([layer.flops for layer in layers])
-    seg_memory = _segment_sums([layer_memory_bytes(problem, layer) for layer in layers])
+    # The most exact usable weight precision that fits decides (precision.py); fp32 alone
+    # without a policy: the contract's memory rule.
+    seg_memory = np.minimum.reduce([
+        _segment_sums([layer_memory_bytes(problem, layer, weights) for layer in layers])
+        for weights in problem.policy.usable_weights()])
     max_trust = np.full((num_layers + 1, num_layers + 1), np.iinfo(np.int64).max)
     for start in range(num_layers):
         running = 0
@@ -190,15 +196,28 @@ def build_tables(
 def _hop_table(problem: Problem, node_ids: list[str]) -> np.ndarray:
     num_layers = len(problem.layers)
     position = {node_id: index for index, node_id in enumerate(node_ids)}
-    sizes = np.array([boundary_bytes(problem, j) for j in range(num_layers + 1)])
     hop = np.full((len(node_ids), len(node_ids), num_layers + 1), np.inf)
     for link in problem.links:
-        hop[position[link.src], position[link.dst]] = (
-            link.latency_s + sizes / link.bandwidth_bytes_per_s
-        )
+        hop[position[link.src], position[link.dst]] = [
+            transfer_s(link, boundary_bytes(problem, j, hop_precision(problem, link, j)))
+            for j in range(num_layers + 1)]
     for index in range(len(node_ids)):
         hop[index, index] = 0.0
     return hop
+
+
+def hop_precision(problem: Problem, link: Link, boundary: int) -> str:
+    """The activation precision for the hop before layer ``boundary`` over ``link`` when
+    the quality budget does not bind: the one with the least transfer time among the
+    usable ones, a lossy one only where it saves at least ``min_saving_s`` (pure)."""
+    policy = problem.policy
+    exact_s = transfer_s(link, boundary_bytes(problem, boundary))
+    best, best_s = "fp32", exact_s
+    for precision in policy.usable_activations()[1:]:
+        seconds = transfer_s(link, boundary_bytes(problem, boundary, precision))
+        if seconds < best_s and exact_s - seconds >= policy.min_saving_s:
+            best, best_s = precision, seconds
+    return best
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import InvalidId, ProblemFieldError
 from shared.ids import validate_id
+from shared.planning.precision import (
+    LOSS_TOLERANCE,
+    ActivationPrecision,
+    PrecisionPolicy,
+    WeightPrecision,
+    activation_bytes,
+    weight_bytes,
+)
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
@@ -89,6 +97,7 @@ class Problem(BaseModel):
     layers: tuple[Layer, ...] = Field(min_length=1)
     nodes: tuple[Node, ...] = Field(min_length=1)
     links: tuple[Link, ...] = ()
+    precision: PrecisionPolicy | None = None  # None: exact (fp32 only), precision.py
 
     @model_validator(mode="after")
     def _cross_fields(self) -> Problem:
@@ -125,6 +134,11 @@ class Problem(BaseModel):
     def link_index(self) -> dict[tuple[str, str], Link]:
         return {(link.src, link.dst): link for link in self.links}
 
+    @property
+    def policy(self) -> PrecisionPolicy:
+        """The precision policy (the exact one when the problem names none)."""
+        return self.precision or PrecisionPolicy.exact()
+
 
 class PlacedSegment(BaseModel):
     """Layers ``[start, end)`` on one node (the wire's `shared.messages.Segment` is the
@@ -135,6 +149,8 @@ class PlacedSegment(BaseModel):
     node: str
     start: NonNegativeInt
     end: NonNegativeInt
+    weights: WeightPrecision = "fp32"  # the precision its blocks are held at
+    activations: ActivationPrecision = "fp32"  # of the frames entering it
 
 
 class Placement(BaseModel):
@@ -143,6 +159,7 @@ class Placement(BaseModel):
 
     model_config = _FROZEN
     segments: tuple[PlacedSegment, ...]
+    return_activations: ActivationPrecision = "fp32"  # of the frames back to the source
 
     @classmethod
     def of(cls, *triples: tuple[str, int, int]) -> Placement:
@@ -269,10 +286,11 @@ def total(values: Iterable[float]) -> float:
         return math.inf
 
 
-def layer_memory_bytes(problem: Problem, layer: Layer) -> float:
-    """Bytes one layer needs on its host: weights + KV cache for the context."""
+def layer_memory_bytes(problem: Problem, layer: Layer, weights: str = "fp32") -> float:
+    """Bytes one layer needs on its host: weights (held at ``weights``) + KV cache for
+    the context."""
     kv = layer.kv_bytes_per_token * problem.context_tokens * problem.concurrent_requests
-    return layer.weight_bytes + kv
+    return weight_bytes(layer.weight_bytes, weights) + kv
 
 
 def effective_flops_per_s(node: Node) -> float:
@@ -280,9 +298,11 @@ def effective_flops_per_s(node: Node) -> float:
     return node.flops_per_s * (1.0 - node.utilization)
 
 
-def boundary_bytes(problem: Problem, boundary: int) -> float:
-    """Bytes crossing the hop before layer ``boundary`` (``L`` = the return hop)."""
-    return problem.input_bytes if boundary == 0 else problem.layers[boundary - 1].out_bytes
+def boundary_bytes(problem: Problem, boundary: int, precision: str = "fp32") -> float:
+    """Bytes crossing the hop before layer ``boundary`` (``L`` = the return hop), with
+    the activation at ``precision``."""
+    fp32 = problem.input_bytes if boundary == 0 else problem.layers[boundary - 1].out_bytes
+    return activation_bytes(fp32, precision)
 
 
 def transfer_s(link: Link, num_bytes: float) -> float:
@@ -318,7 +338,7 @@ def _segment_terms(problem: Problem, index: int, seg: PlacedSegment) -> tuple[fl
     violations: list[str] = []
     if node.utilization >= 1:
         violations.append(f"utilization: {seg.node!r} is at {node.utilization:g} and hosts nothing")
-    need = total(layer_memory_bytes(problem, layer) for layer in layers)
+    need = total(layer_memory_bytes(problem, layer, seg.weights) for layer in layers)
     if need > node.memory_bytes:
         violations.append(
             f"memory: segments[{index}] needs {need:.0f} bytes, {seg.node!r} has "
@@ -335,13 +355,39 @@ def _segment_terms(problem: Problem, index: int, seg: PlacedSegment) -> tuple[fl
     return compute, violations
 
 
-def _hop_term(problem: Problem, src: str, dst: str, boundary: int) -> tuple[float, list[str]]:
+def _hop_term(
+    problem: Problem, src: str, dst: str, boundary: int, precision: str = "fp32"
+) -> tuple[float, list[str]]:
     if src == dst:
         return 0.0, []
     link = problem.link_index().get((src, dst))
     if link is None:
         return math.inf, [f"links: no link {src!r} -> {dst!r} (hop before layer {boundary})"]
-    return transfer_s(link, boundary_bytes(problem, boundary)), []
+    return transfer_s(link, boundary_bytes(problem, boundary, precision)), []
+
+
+def _precision_violations(problem: Problem, placement: Placement) -> list[str]:
+    """Precisions the policy does not allow, and a plan loss over its quality budget."""
+    policy, violations = problem.policy, []
+    previous, losses, weight_losses = problem.source, [], [0.0]
+    hops = [(seg.node, seg.activations) for seg in placement.segments]
+    for index, (node, precision) in enumerate(hops + [(problem.source, placement.return_activations)]):
+        if precision != "fp32" and precision not in policy.activations:
+            violations.append(f"precision: hop {index} carries {precision} activations, "
+                              f"the policy allows {list(policy.activations)}")  # fmt: skip
+        if node != previous:
+            losses.append(policy.activation_loss_of(precision))
+        previous = node
+    for index, seg in enumerate(placement.segments):
+        if seg.weights != "fp32" and seg.weights not in policy.weights:
+            violations.append(f"precision: segments[{index}] holds {seg.weights} weights, "
+                              f"the policy allows {list(policy.weights)}")  # fmt: skip
+        weight_losses.append(policy.weight_loss_of(seg.weights))
+    loss = max(weight_losses) + total(losses)
+    if loss > policy.quality_budget + LOSS_TOLERANCE:
+        violations.append(f"precision: the plan's quality loss {loss:.6g} is over the "
+                          f"budget {policy.quality_budget:.6g}")  # fmt: skip
+    return violations
 
 
 def evaluate(problem: Problem, placement: Placement) -> Evaluation:
@@ -365,15 +411,18 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
         if seg.node in seen:
             violations.append(f"nodes: {seg.node!r} hosts more than one segment")
         seen.add(seg.node)
-        hop, hop_violations = _hop_term(problem, previous, seg.node, min(seg.start, num_layers))
+        hop, hop_violations = _hop_term(problem, previous, seg.node, min(seg.start, num_layers),
+                                        seg.activations)  # fmt: skip
         compute, seg_violations = _segment_terms(problem, index, seg)
         terms += [hop, compute]
         violations += hop_violations + seg_violations
         previous = seg.node
     if placement.segments:
-        hop, hop_violations = _hop_term(problem, previous, problem.source, num_layers)
+        hop, hop_violations = _hop_term(problem, previous, problem.source, num_layers,
+                                        placement.return_activations)  # fmt: skip
         terms.append(hop)
         violations += hop_violations
+    violations += _precision_violations(problem, placement)
     latency = total(terms) if all(math.isfinite(t) for t in terms) else math.inf
     return Evaluation(
         latency_s=latency, bottleneck_s=max(terms, default=math.inf), violations=tuple(violations)

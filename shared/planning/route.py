@@ -20,6 +20,7 @@ class Route:
     entry: str
     num_layers: int
     segments: tuple[tuple[str, int, int], ...]  # (node, start, end) in pipeline order
+    precisions: tuple[tuple[int, str], ...] = ()  # (target block, activation precision)
 
     def segment_of(self, node: str) -> tuple[int, int] | None:
         """[start, end) that ``node`` runs, or None."""
@@ -36,6 +37,11 @@ class Route:
             if start == target:
                 return owner
         raise InvalidPlan(f"epoch {self.epoch}: no segment starts at block {target}")
+
+    def activations_for(self, target: int) -> str | None:
+        """The activation precision the plan names for frames entering block ``target``
+        (None: the plan names none for that hop)."""
+        return next((precision for block, precision in self.precisions if block == target), None)
 
     def owner_of_block(self, block: int) -> str:
         """The node that runs ``block``."""
@@ -75,4 +81,5 @@ def route_of(plan: Plan, num_layers: int) -> Route:
         entry=plan.entry_node,
         num_layers=num_layers,
         segments=tuple((s.node, s.start, s.end) for s in plan.segments),
+        precisions=tuple((e.target, e.activations) for e in plan.link_precisions),
     )

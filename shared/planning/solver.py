@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict
 from shared.errors import InvalidPlan, PlanError
 from shared.planning.diagnose import explain
 from shared.planning.objectives import CostTables, ObjectiveWeights, build_tables
+from shared.planning.precision import ActivationPrecision
+from shared.planning.precision_plan import assign_precisions, precision_summary
 from shared.planning.problem import (
     Objective,
     PlacedSegment,
@@ -56,22 +58,27 @@ class PlanResult(BaseModel):
     weighted_cost: float | None = None  # latency + weighted extra terms (s)
     lower_bound: float | None = None  # on the primary objective (s), fast method only
     alternatives: tuple[PlanResult, ...] = ()
+    return_activations: ActivationPrecision = "fp32"
+    precision: dict[str, Any] | None = None  # precision_summary, when the problem has a policy
 
     @property
     def placement(self) -> Placement:
         """The answer's segments as a `Placement` (for ``evaluate`` and the objectives)."""
-        return Placement(segments=self.segments)
+        return Placement(segments=self.segments, return_activations=self.return_activations)
 
     def to_json(self) -> dict[str, Any]:
         """``{"feasible": true, "segments": [...], "predicted": {...}}`` or the reason."""
         if not self.feasible:
             return {"feasible": False, "reason": self.reason}
         assert self.predicted is not None
-        return {
+        answer = {
             "feasible": True,
-            "segments": [seg.model_dump() for seg in self.segments],
+            "segments": [seg.model_dump(exclude_defaults=True) for seg in self.segments],
             "predicted": self.predicted.model_dump(),
         }
+        if self.precision is not None:  # only for a problem with a precision policy
+            answer["precision"] = self.precision
+        return answer
 
 
 def usable_nodes(tables: CostTables) -> list[int]:
@@ -110,12 +117,15 @@ def _choose_method(
 
 def _result(problem: Problem, tables: CostTables, path: Path, **extra: Any) -> PlanResult:
     segments = tuple(PlacedSegment(node=tables.node_ids[w], start=s, end=e) for w, s, e in path.steps)
-    evaluation = evaluate(problem, Placement(segments=segments))
+    placement = assign_precisions(problem, Placement(segments=segments))
+    evaluation = evaluate(problem, placement)
     if evaluation.violations:  # a solver bug, never user input
         raise InvalidPlan("planner produced an invalid plan: " + "; ".join(evaluation.violations))
     predicted = Predicted(latency_s=evaluation.latency_s, bottleneck_s=evaluation.bottleneck_s)
-    return PlanResult(feasible=True, segments=segments, predicted=predicted,
-                      objective=problem.objective, weighted_cost=path.cost, **extra)
+    summary = None if problem.precision is None else precision_summary(problem, placement)
+    return PlanResult(feasible=True, segments=placement.segments, predicted=predicted,
+                      objective=problem.objective, weighted_cost=path.cost,
+                      return_activations=placement.return_activations, precision=summary, **extra)
 
 
 def solve(

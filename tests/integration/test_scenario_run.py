@@ -195,3 +195,22 @@ def test_a_shipped_scenario_shortened(tmp_path: Path, name: str) -> None:
                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     _check_report(json.loads((out / "report.json").read_text()), ["static", "migrate", "adaptive"])
+
+
+@pytest.mark.slow
+def test_the_compressed_policy_sends_int8_on_the_slow_hops_and_reports_its_quality(tmp_path: Path) -> None:
+    """compressed-links: both of the entry's links fall to 20 kB/s at 10 s; the compressed
+    policy's orchestrator commits a plan that names int8 for the slow hops, and the report
+    puts the answers' agreement with the unsplit fp32 model beside the latency."""
+    out = tmp_path / "report"
+    run = subprocess.run([*EDGESPLIT, "scenario", "run", str(ROOT / "deploy" / "scenarios" / "compressed-links.toml"),
+                          "--policy", "compressed", "--out", str(out)],
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "report.json").read_text())["policies"]["compressed"]
+    layouts = [replan["layout"] for replan in metrics["replans"]]
+    assert any("int8 into" in layout for layout in layouts), (layouts, run.stderr[-2000:])
+    quality = metrics["quality"]
+    assert quality["compared"] == metrics["requests"]["completed"] > 0
+    assert quality["measure"] == "token prefix" and 0.0 <= quality["agreement_min"] <= 1.0
+    assert "answers equal to fp32" in (out / "report.md").read_text()

@@ -65,3 +65,21 @@ def test_bad_layouts_and_scales_are_typed_errors() -> None:
         compress_activation(_activations(), "int4")
     with pytest.raises(TensorFrameError):
         decompress_activation(np.zeros((2, HIDDEN + 4), dtype=np.int16), HIDDEN)
+
+
+def test_compressed_results_pass_the_checks_and_bad_ones_are_refused() -> None:
+    """A plan may compress the hop back to the entry too (Plan.link_precisions)."""
+    from services.worker.frame_checks import check_result
+    from shared.frame_headers import ResultHeader
+
+    limits = FrameLimits(hidden_size=HIDDEN, max_positions=128, num_kv_heads=2, head_dim=16)
+    header = ResultHeader(request_id="r1", step=0, epoch=1, seq=0, src="a", sent_at=0.0, pass_id=0)  # type: ignore[arg-type]
+    for precision in ("fp32", "fp16", "int8"):
+        check_result(header, compress_activation(_activations(), precision), limits)
+    bad_scale = compress_activation(_activations(), "int8")
+    bad_scale[0, HIDDEN:] = np.array([np.inf], dtype="<f4").view(np.int8)
+    infinite = compress_activation(_activations(), "fp16")
+    infinite[0, 0] = np.inf
+    for array in (bad_scale, infinite, bad_scale[:, :HIDDEN]):
+        with pytest.raises(FrameRefused):
+            check_result(header, array, limits)

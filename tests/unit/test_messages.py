@@ -363,3 +363,25 @@ def test_every_float_field_refuses_nan_and_infinity(message: Message, bad: float
         raw["body"] = body
         with pytest.raises(DecodeError, match=f"invalid {message.kind}"):
             codec.decode(msgpack.packb(raw))
+
+
+def test_plan_link_precisions_round_trip_and_old_plans_decode() -> None:
+    from shared.messages import LinkPrecision
+    from shared.planning.route import route_of
+
+    lossy = PLAN.model_copy(update={"link_precisions": (
+        LinkPrecision(target=4, activations="int8"), LinkPrecision(target=30, activations="fp16"))})
+    lossy = Plan.model_validate(lossy.model_dump()).sign("edgesplit-dev-key")
+    decoded = codec.decode(codec.encode(lossy, origin="svc-1", seq=6)).message
+    assert decoded == lossy and decoded.signature_ok("edgesplit-dev-key")
+    assert (decoded.activations_for(4), decoded.activations_for(30), decoded.activations_for(0)) == ("int8", "fp16", None)
+    route = route_of(decoded, 30)
+    assert (route.activations_for(4), route.activations_for(30), route.activations_for(0)) == ("int8", "fp16", None)
+    old = PLAN.model_dump()
+    del old["link_precisions"]  # a plan from a sender that predates the field
+    assert Plan.model_validate(old).link_precisions == ()
+    for bad in ([{"target": 5, "activations": "int8"}],  # starts no segment
+                [{"target": 4, "activations": "int8"}, {"target": 4, "activations": "fp16"}],
+                [{"target": 4, "activations": "int4"}]):
+        with pytest.raises(pydantic.ValidationError):
+            Plan.model_validate({**old, "link_precisions": bad})

@@ -457,7 +457,7 @@ def test_a_time_scaled_scenario_keeps_its_story_faster() -> None:
         time_scaled(scenario, 0)
 
 
-@pytest.mark.parametrize("name", ["v2x-handover", "smart-city", "industrial-privacy"])
+@pytest.mark.parametrize("name", ["v2x-handover", "smart-city", "industrial-privacy", "compressed-links"])
 def test_the_shipped_scenarios_load(name: str) -> None:
     folder = Path(__file__).resolve().parents[2] / "deploy" / "scenarios"
     scenario = load_scenario(folder / f"{name}.toml")

@@ -4,6 +4,7 @@ against the unsplit reference; privacy violations. Pure functions over what was 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from services.cli.scenarios.events import PolicyChange
@@ -58,7 +59,10 @@ def _cause(changes: Sequence[tuple[float, str]], decided_s: float) -> tuple[floa
 def _layout(plan: Plan | None) -> str:
     if plan is None:
         return ""
-    return " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
+    layout = " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.segments)
+    if plan.link_precisions:  # lossy hops, by the block their frames enter
+        layout += " (" + ", ".join(f"{e.activations} into {e.target}" for e in plan.link_precisions) + ")"
+    return layout
 
 
 def moved_bytes(old: Plan | None, new: Plan | None, block_bytes: Sequence[int]) -> int:
@@ -89,6 +93,22 @@ def mismatched(kind: str, got: Sequence[float] | Sequence[int], want: Sequence[f
     if kind == "generate":
         return tuple(got) != tuple(want)
     return len(got) != len(want) or any(abs(a - b) > EMBED_TOLERANCE for a, b in zip(got, want, strict=True))
+
+
+def agreement(kind: str, got: Sequence[float] | Sequence[int],
+              want: Sequence[float] | Sequence[int] | None) -> float | None:
+    """How close a completed answer is to the unsplit fp32 reference (the quality a lossy
+    precision costs): generate, the share of the reference's tokens matched before the
+    first difference (greedy decoding diverges after it); embed, the cosine similarity.
+    None without a reference."""
+    if want is None:
+        return None
+    if kind == "generate":
+        same = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+        return same / len(want) if want else 1.0
+    dot = math.fsum(float(a) * float(b) for a, b in zip(got, want, strict=False))
+    norms = math.sqrt(math.fsum(float(a) ** 2 for a in got)) * math.sqrt(math.fsum(float(b) ** 2 for b in want))
+    return dot / norms if norms > 0 and len(got) == len(want) else 0.0
 
 
 def privacy_violations(plans: Sequence[tuple[float, Plan]], policies: Sequence[PolicyChange],

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from services.cli.scenarios.records import Placement, PolicyRun
 from services.cli.scenarios.spec import Scenario
 
-POLICY_COLOURS = {"static": "tab:red", "migrate": "tab:orange", "adaptive": "tab:blue"}
+POLICY_COLOURS = {"static": "tab:red", "migrate": "tab:orange", "adaptive": "tab:blue",
+                  "compressed": "tab:green"}
 OTHER_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 DPI = 100
 

@@ -25,6 +25,7 @@ class RequestRecord:
     tokens: tuple[int, ...] = ()  # generated token ids (generate)
     error: str | None = None  # the typed failure's error code (failed)
     mismatched: bool = False  # completed, but differs from the unsplit reference
+    agreement: float | None = None  # completed: analysis.agreement with the reference
 
     @property
     def tpot_s(self) -> float | None:
@@ -60,7 +61,7 @@ class Replan:
     stall_ms: float  # the longest gap between two tokens of one request across the switch
     bytes_moved: int  # shard bytes the newly placed segments had to load
     epoch: int
-    layout: str  # e.g. "car[0,2) rsu[2,30)"
+    layout: str  # e.g. "car[0,2) rsu[2,30)", "car[0,2) rsu[2,6) (int8 into 2, int8 into 6)"
     predicted_tpot_s: float | None = None
     realised_tpot_s: float | None = None
     cause: str | None = None  # the event's description

@@ -99,6 +99,20 @@ def request_counts(run: PolicyRun) -> dict[str, int]:
             "mismatched": sum(1 for r in run.requests if r.outcome == "completed" and r.mismatched)}  # fmt: skip
 
 
+def quality(run: PolicyRun, kind: str) -> dict[str, Any]:
+    """What the answers lost against the unsplit fp32 reference (a lossy precision's
+    cost, reported beside the latency): over completed requests with a reference, the
+    share equal to it and the mean / min agreement (generate: the share of the
+    reference's tokens matched before the first difference; embed: cosine similarity)."""
+    compared = [r for r in run.requests if r.outcome == "completed" and r.agreement is not None]
+    scores = [r.agreement for r in compared if r.agreement is not None]
+    return {"compared": len(compared),
+            "exact_share": _round(sum(not r.mismatched for r in compared) / len(compared), 4) if compared else None,
+            "agreement_mean": _round(math.fsum(scores) / len(scores), 6) if scores else None,
+            "agreement_min": _round(min(scores), 6) if scores else None,
+            "measure": "cosine" if kind == "embed" else "token prefix"}  # fmt: skip
+
+
 def _reaction_summary(run: PolicyRun) -> dict[str, float | None]:
     reactions = [r.reaction_s for r in run.replans if r.reaction_s is not None]
     return {"p50": _round(percentile(reactions, 50), 3), "p95": _round(percentile(reactions, 95), 3),
@@ -144,6 +158,7 @@ def policy_metrics(run: PolicyRun, slo: Slo, kind: str) -> dict[str, Any]:
         "first_plan": first_layout(run),
         "replans": [replan_entry(r) for r in sorted(run.replans, key=lambda r: r.at_s)],
         "privacy_violations": run.privacy_violations,
+        "quality": quality(run, kind),
         "utilisation": {node: _round(busy, 4) for node, busy in run.mean_utilisation().items()},
         "duration_s": _round(run.duration_s, 3),
         "interrupted": run.interrupted,

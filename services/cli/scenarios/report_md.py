@@ -64,6 +64,10 @@ def _rows(kind: str, nodes: list[str]) -> list[Row]:
         ("re-plans", lambda metrics: _num(len(metrics["replans"]))),
         ("reaction p95 (s)", _metric("reaction_s", "p95", digits=2)),
         ("privacy violations", _metric("privacy_violations")),
+        ("answers equal to fp32", _metric("quality", "exact_share", percent=True)),
+        ("agreement with fp32 mean / min", lambda metrics: (
+            f"{_num(metrics['quality']['agreement_mean'], 4)} / {_num(metrics['quality']['agreement_min'], 4)}"
+            if metrics.get("quality") else "–")),
     ]
     rows += [(f"utilisation {node}", _metric("utilisation", node, percent=True)) for node in nodes]
     return rows

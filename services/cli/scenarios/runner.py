@@ -198,17 +198,18 @@ def _on_signal(interrupt: asyncio.Event, progress: Callable[[str], None]) -> Cal
 
 
 def policies_from(text: str) -> tuple[str, ...]:
-    """``all`` or a comma-separated subset of static,migrate,adaptive (in that order)."""
-    from services.cli.scenarios.spec import POLICIES, ScenarioError
+    """``all`` (static,migrate,adaptive) or a comma-separated subset of
+    static,migrate,adaptive,compressed (in that order)."""
+    from services.cli.scenarios.spec import NAMED_POLICIES, POLICIES, ScenarioError
 
     if text.strip() == "all":
         return POLICIES
     chosen = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [p for p in chosen if p not in POLICIES]
+    unknown = [p for p in chosen if p not in NAMED_POLICIES]
     if unknown or not chosen:
         raise ScenarioError(f"--policy: unknown policy {unknown[0] if unknown else text!r} "
-                            f"(use all or a comma-separated subset of {','.join(POLICIES)})")  # fmt: skip
-    return tuple(p for p in POLICIES if p in chosen)
+                            f"(use all or a comma-separated subset of {','.join(NAMED_POLICIES)})")  # fmt: skip
+    return tuple(p for p in NAMED_POLICIES if p in chosen)
 
 
 def summary(runs: list[PolicyRun]) -> list[str]:

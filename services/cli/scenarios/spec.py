@@ -35,6 +35,11 @@ from services.cli.scenarios.spec_fields import (
 from services.cli.scenarios.trace_file import read_trace
 
 POLICIES: tuple[str, ...] = ("static", "migrate", "adaptive")
+"""What ``--policy all`` runs."""
+NAMED_POLICIES: tuple[str, ...] = (*POLICIES, "compressed")
+"""Every policy ``--policy LIST`` may name: ``compressed`` is adaptive with the planner
+choosing each hop's activation precision (services/cli/scenarios/stack.py,
+``COMPRESSED_PRECISION``)."""
 EventKind = Literal["link", "link_trace", "slowdown", "kill", "restart", "join", "leave", "privacy"]
 EVENT_KINDS: tuple[str, ...] = ("link", "link_trace", "slowdown", "kill", "restart", "join", "leave",
                                 "privacy")  # fmt: skip

@@ -8,6 +8,7 @@ methods off the event loop (``asyncio.to_thread``).
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,20 @@ from shared.topology import Topology
 
 # Faster reactions than the interactive defaults: a scenario's events come seconds apart.
 ORCHESTRATOR_ARGS = ("--period-s", "2", "--dwell-s", "5", "--observe-s", "5")
+COMPRESSED_PRECISION = {"activations": ["fp32", "fp16", "int8"],
+                        "activation_loss": {"fp16": 0.001, "int8": 0.01}, "quality_budget": 0.03}
+"""The ``compressed`` policy's precision policy (docs/PLANNER.md, "Precision"): fp16 or
+int8 on a hop where it saves at least 1 ms per token, at most three int8 hops. The losses
+are the policy's assumptions, not measurements: the report measures what the answers
+lost against the unsplit fp32 reference (report.json ``quality``)."""
+
+
+def orchestrator_policy_args(policy: str) -> list[str]:
+    """The orchestrator's options for a scenario policy (``compressed``: adaptive with
+    ``COMPRESSED_PRECISION``)."""
+    if policy == "compressed":
+        return ["--policy", "adaptive", "--precision-policy", json.dumps(COMPRESSED_PRECISION)]
+    return ["--policy", policy]
 
 
 class ScenarioStack:
@@ -84,7 +99,7 @@ class ScenarioStack:
             "orchestrator": [*shards, "--entry", self.topology.entry_node().id, "--expect-nodes", first,
                              "--private-blocks", str(self.topology.private_blocks),
                              "--trusted-level", str(self.topology.trusted_level),
-                             "--policy", self.policy, *ORCHESTRATOR_ARGS,
+                             *orchestrator_policy_args(self.policy), *ORCHESTRATOR_ARGS,
                              *(["--first-plan", self.first_plan] if self.first_plan else [])],
         }  # fmt: skip
         for name, args in services.items():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.cli.client import Client
-from services.cli.scenarios.analysis import mismatched
+from services.cli.scenarios.analysis import agreement, mismatched
 from services.cli.scenarios.records import RequestRecord
 from services.cli.scenarios.spec import Workload
 from shared.errors import EdgesplitError, NoAnswer
@@ -146,8 +146,9 @@ class WorkloadDriver:
                 vector = await self.client.embed(self.workload.prompts[prompt_index],
                                                  timeout_s=self.request_timeout_s)  # fmt: skip
                 state.token_times_s.append(self.clock())
-                self._record(number, state, "completed", differs=mismatched("embed", vector,
-                             self.references.get(prompt_index)))  # fmt: skip
+                want = self.references.get(prompt_index)
+                self._record(number, state, "completed", differs=mismatched("embed", vector, want),
+                             agreed=agreement("embed", vector, want))  # fmt: skip
                 return
             prompt = (self.workload.prompts[prompt_index] if self.workload.prompts
                       else list(self.workload.prompt_ids[prompt_index]))  # fmt: skip
@@ -156,15 +157,16 @@ class WorkloadDriver:
             async for token in stream:
                 state.token_times_s.append(self.clock())
                 state.tokens.append(token.token_id)
-            self._record(number, state, "completed",
-                         differs=mismatched("generate", state.tokens, self.references.get(prompt_index)))
+            want = self.references.get(prompt_index)
+            self._record(number, state, "completed", differs=mismatched("generate", state.tokens, want),
+                         agreed=agreement("generate", state.tokens, want))  # fmt: skip
         except NoAnswer as error:
             self._record(number, state, "lost", error=str(error)[:200])
         except EdgesplitError as error:
             self._record(number, state, "failed", error=error_code(error))
 
     def _record(self, number: int, state: _Open, outcome: str, error: str | None = None,
-                differs: bool = False) -> None:  # fmt: skip
+                differs: bool = False, agreed: float | None = None) -> None:  # fmt: skip
         if self.open.pop(number, None) is None and outcome != "lost":
             return
         self.records.append(RequestRecord(
@@ -173,7 +175,7 @@ class WorkloadDriver:
             first_token_at_s=state.token_times_s[0] if state.token_times_s else None,
             finished_at_s=self.clock() if outcome != "lost" else None,
             token_times_s=tuple(state.token_times_s), tokens=tuple(state.tokens), error=error,
-            mismatched=differs,
+            mismatched=differs, agreement=agreed,
         ))  # fmt: skip
 
     def done(self) -> int:
