@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from services.cli.client import Client, ClientOptions
 from shared import codec
 from shared.frame_headers import ActivationHeader, KvHeader, ReleaseHeader
 from shared.messages import (
@@ -354,4 +355,39 @@ def test_session_take_over_is_impossible_and_the_service_keeps_its_session(site:
     assert site.log(victim).count(f"{plane} connection to") == lost_before  # never disconnected
     assert tuple(result.token_ids) == site.expected((3, 1, 4, 1, 5), 6)
     assert current_plan(site) == plan
+    site.assert_exact()
+
+
+def test_a_compromised_worker_writing_into_a_clients_replies_is_not_believed(site: SecureSite) -> None:
+    """eve (a worker: the ACL must let workers answer any client) writes a forged final
+    answer and forged tokens for alice's running request into alice's reply topic, once
+    unsealed and once with a made-up MAC. They are delivered (the watcher sees them), and
+    alice's client drops them: only its entry knows the request's reply key. Without that
+    check the forged RequestFinished would end the request with eve's tokens."""
+    prompt, length = (2, 7, 1, 8), 40
+    forged_ids = (0,) * length
+
+    async def scenario() -> tuple[tuple[int, ...], dict[str, int], int]:
+        async with site.watch() as watch, site.raw_client(WORKER_ATTACKER) as eve:
+            options = ClientOptions(site.settings(VICTIM), timeout_s=90)
+            async with Client(options=options) as client:
+                stream = client.generate(prompt, max_new_tokens=length)
+                async for token in stream:
+                    if token.index == 0:  # the request is running: forge its answer now
+                        rid, topic = token.request_id, REPLIES.topic(site.cluster, client=VICTIM)
+                        finished = RequestFinished(request_id=rid, token_ids=forged_ids, text="pwned",
+                                                   finish_reason="length", ttft_s=0.1, tpot_s=0.1)  # fmt: skip
+                        fake = TokenGenerated(request_id=rid, index=1, token_id=0, text="pwned")
+                        for reply in (fake, finished, fake.model_copy(update={"mac": "ab" * 32}),
+                                      finished.model_copy(update={"mac": "ab" * 32})):  # fmt: skip
+                            await eve.publish(topic, codec.encode(reply, origin="car", seq=1), qos=1)
+                assert stream.result is not None
+                refusals = client.refusals()
+            delivered = len(watch.carrying(b"pwned"))
+        return tuple(stream.result.token_ids), refusals, delivered
+
+    tokens, refusals, delivered = asyncio.run(scenario())
+    assert delivered == 4  # the ACL let them through to alice's topic
+    assert tokens == site.expected(prompt, length)  # alice got her entry's answer, not eve's
+    assert refusals.get("Reply_forged", 0) >= 1, refusals
     site.assert_exact()
