@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 import msgpack
 from pydantic import Field, model_validator
@@ -135,7 +135,6 @@ class RequestFailed(Message):
 
 
 Reply = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
-ReplyT = TypeVar("ReplyT", TokenGenerated, RequestFinished, EmbeddingReady, RequestFailed)
 
 
 def reply_mac(reply: Reply, key: str) -> str:
@@ -145,7 +144,7 @@ def reply_mac(reply: Reply, key: str) -> str:
     return hmac.new(bytes.fromhex(key), body, hashlib.sha256).hexdigest()
 
 
-def seal_reply(reply: ReplyT, key: str) -> ReplyT:
+def seal_reply(reply: Reply, key: str) -> Reply:
     """``reply`` with its ``mac`` set for the request's ``key`` (what the entry sends)."""
     return reply.model_copy(update={"mac": reply_mac(reply, key)})
 
