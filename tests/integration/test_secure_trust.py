@@ -30,8 +30,8 @@ from shared.messages import NodeStatus, Plan, Segment
 from shared.model.pipeline import LocalPipeline
 from shared.security.acl import Role
 from shared.security.creds import StateDir, add_identity, client_environment, init_state
-from shared.topology import load_topology
 from shared.topics import NODE_STATUS, PLAN
+from shared.topology import load_topology
 from tests.integration.cluster import stop_up
 from tests.integration.secure_site import ROOT_DIR
 from tests.integration.test_secure_up import EDGESPLIT, _wait_for_line
