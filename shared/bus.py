@@ -336,4 +336,5 @@ class Bus:
         )
         client.pending_calls_threshold = 10_000  # we pipeline publishes; 10 warns constantly
         fastpath.set_connect_timeout(client, settings.connect_timeout_s)
+        fastpath.guard_write_registration(client)
         return client

@@ -48,6 +48,31 @@ def abandon(client: aiomqtt.Client) -> None:
         client._client._sock_close()  # noqa: SLF001 - aiomqtt has no public way to close it
 
 
+def guard_write_registration(client: aiomqtt.Client) -> None:
+    """Register paho's socket for writing only while it is open. aiomqtt schedules
+    ``add_writer(fd)`` from paho's connect thread with the descriptor read then; when the
+    connect fails first (a TLS listener refusing a client without a certificate) the socket
+    is closed before the loop runs it, and asyncio prints an OSError traceback. Here the
+    descriptor is read on the loop, and a closed socket (-1) is not registered."""
+    loop, paho = client._loop, client._client  # noqa: SLF001 - aiomqtt has no hook for it
+
+    def register(_paho: Any, _userdata: Any, sock: Any) -> None:
+        def write() -> None:  # what aiomqtt's own callback does
+            try:
+                paho.loop_write()
+            except Exception as error:  # noqa: BLE001 - a broken connection: aiomqtt's way to end it
+                if not client._disconnected.done():  # noqa: SLF001
+                    client._disconnected.set_exception(error)  # noqa: SLF001
+
+        def add() -> None:
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                loop.add_writer(sock.fileno(), write)
+
+        loop.call_soon_threadsafe(add)
+
+    paho.on_socket_register_write = register
+
+
 def set_connect_timeout(client: aiomqtt.Client, timeout_s: float) -> None:
     """Bound paho's TCP connect to ``timeout_s`` seconds (paho's own default is 5 s;
     aiomqtt does not pass its ``timeout`` on to it)."""

@@ -22,6 +22,14 @@ the client resubmits the request with the tokens it already has (``resume_token_
 to the entry of the current plan: a live entry that still runs the request resends what
 the client misses, one that finished it resends the final reply, a new one continues
 after the client's tokens. Duplicate and out-of-order tokens are put right by index.
+
+Plans are checked before they are followed (`signing.receiver_gate`): on the secure
+profile (``role_keys_dir``) only a plan the broadcaster's key signed, with a configured
+cluster key only one that key signed; a refused plan (``Plan_unsigned``, ``Plan_forged``,
+``Plan_role``) is counted (`Client.refusals`), logged once, and never used to pick an entry.
+Each request carries a fresh reply key (``reply_key``) that only its entry reads; a reply
+without a valid MAC under it (another identity writing into this client's reply topic)
+is dropped and counted as ``Reply_forged``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -62,6 +71,8 @@ from shared.messages import (
     RequestFinished,
     TokenGenerated,
 )
+from shared.messages.requests import Reply, reply_sealed
+from shared.security.signing import ControlGate, receiver_gate
 from shared.topics import NODE_STATUS, PLAN, PROFILE_EVENTS, REPLIES, REQUESTS
 
 log = logging.getLogger(__name__)
@@ -107,14 +118,19 @@ def _no_system(bus: Bus, wait_s: float) -> NoAnswer:
     )
 
 
-async def current_plan(bus: Bus, wait_s: float = PLAN_WAIT_S) -> Plan:
-    """The retained plan of the bus's cluster; NoAnswer if none arrives within ``wait_s``."""
+async def current_plan(bus: Bus, wait_s: float = PLAN_WAIT_S, gate: ControlGate | None = None) -> Plan:
+    """The retained plan of the bus's cluster (one ``gate`` accepts); NoAnswer if none
+    arrives within ``wait_s``."""
     async with bus.subscribe(PLAN) as plans:
         try:
             async with asyncio.timeout(wait_s):
-                return (await plans.get()).message
+                while True:
+                    plan: Plan = (await plans.get()).message
+                    if gate is None or gate.signed(plan):
+                        return plan
         except TimeoutError:
-            raise _no_system(bus, wait_s) from None
+            refused = f"; refused: {gate.refusals()}" if gate is not None and gate.refusals() else ""
+            raise NoAnswer(f"{_no_system(bus, wait_s)}{refused}") from None
 
 
 async def request(
@@ -127,8 +143,9 @@ async def request(
     Raises Busy, ContextTooLong, StageTimedOut or ServingError for a typed refusal,
     NoAnswer when nothing answers within the deadline, BrokerUnavailable without a broker.
     """
+    gate = receiver_gate(options.settings, "client")
     async with Bus(options.settings) as bus:
-        plan = await current_plan(bus)
+        plan = await current_plan(bus, gate=gate)
         message = make_request(bus.origin)
         async with (
             bus.subscribe(REPLIES, client=bus.origin) as replies,
@@ -136,8 +153,13 @@ async def request(
             bus.subscribe(NODE_STATUS) as statuses,
             bus.subscribe(PROFILE_EVENTS) as events,
         ):
-            session = _Session(bus, options, message, plan, on_token)
-            return await session.run(replies, plans, statuses, events)
+            session = _Session(bus, options, message, plan, on_token, gate)
+            try:
+                return await session.run(replies, plans, statuses, events)
+            except NoAnswer as error:
+                if session.counters:
+                    raise NoAnswer(f"{error}; refused: {dict(session.counters)}") from None
+                raise
 
 
 def _validated(build: Callable[[], Any]) -> Any:
@@ -154,9 +176,14 @@ class _Session:
     """One request's conversation with whichever entry serves it."""
 
     def __init__(self, bus: Bus, options: ClientOptions, message: GenerateRequest | EmbedRequest,
-                 plan: Plan, on_token: Callable[[TokenGenerated], None] | None) -> None:  # fmt: skip
+                 plan: Plan, on_token: Callable[[TokenGenerated], None] | None,
+                 gate: ControlGate | None = None, counters: Counter[str] | None = None) -> None:  # fmt: skip
+        if message.reply_key is None:  # a fresh key per request: only its entry will read it
+            message = message.model_copy(update={"reply_key": secrets.token_hex(32)})
         self.bus, self.options, self.message = bus, options, message
-        self.plan, self.on_token = plan, on_token
+        self.plan, self.on_token, self.gate = plan, on_token, gate
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        """``Reply_forged``: replies to this request without a valid MAC under its key."""
         self.entry_down = False
         self.entry_down_since: float | None = None
         self.tokens: list[int] = []
@@ -225,7 +252,7 @@ class _Session:
     async def handle(self, message: Any) -> RequestFinished | EmbeddingReady | None:
         """One incoming message; the final answer when it is one."""
         if isinstance(message, Plan):
-            if message.epoch > self.plan.epoch:
+            if message.epoch > self.plan.epoch and (self.gate is None or self.gate.signed(message)):
                 moved = message.entry_node != self.plan.entry_node
                 self.plan = message
                 if moved or self.entry_down:
@@ -242,6 +269,8 @@ class _Session:
                 self.entry_down = down
         elif getattr(message, "request_id", None) != self.message.request_id:
             pass
+        elif isinstance(message, Reply) and not self._sealed(message):
+            pass
         elif isinstance(message, TokenGenerated):
             await self._token(message)
         elif isinstance(message, RequestFailed):
@@ -256,6 +285,18 @@ class _Session:
         elif isinstance(message, EmbeddingReady):
             return message
         return None
+
+    def _sealed(self, reply: Reply) -> bool:
+        """True when ``reply`` carries a valid MAC under this request's key; counts and logs
+        (first, then every 100th) one that does not."""
+        assert self.message.reply_key is not None
+        if reply_sealed(reply, self.message.reply_key):
+            return True
+        self.counters["Reply_forged"] += 1
+        if self.counters["Reply_forged"] % 100 == 1:
+            log.warning("request %s: dropped a %s without its entry's MAC (%d so far)", self.message.request_id,
+                        reply.kind, self.counters["Reply_forged"])  # fmt: skip
+        return False
 
     async def _token(self, token: TokenGenerated) -> None:
         """Deliver tokens in index order, each once; a gap asks the entry to resend."""
@@ -312,6 +353,9 @@ class Client:
             settings = load_settings(BusSettings, {"broker_url": broker_url, "cluster": cluster})
             options = ClientOptions(settings, timeout_s=timeout_s, resync_after_s=resync_after_s)
         self.options = options
+        self._gate = receiver_gate(options.settings, "client")
+        self._counters: Counter[str] = Counter()
+        """Replies refused (``Reply_forged``), all requests of this client together."""
         self._exit = AsyncExitStack()
         self._bus: Bus | None = None
         self._plans: RetainedFeed[Plan] | None = None
@@ -326,7 +370,8 @@ class Client:
         except BaseException:
             await self._exit.aclose()
             raise
-        self._plans = RetainedFeed(plans, lambda _params, _plan: "plan")
+        self._plans = RetainedFeed(plans, lambda _params, _plan: "plan",
+                                   accept=self._gate.signed if self._gate is not None else None)  # fmt: skip
         self._statuses = RetainedFeed(statuses, lambda params, _status: params["node"])
         for feed in (self._plans, self._statuses):
             self._track(asyncio.get_running_loop().create_task(feed.run(), name="retained-feed"))
@@ -384,6 +429,12 @@ class Client:
         or when not connected): what a request would be sent by."""
         return self._plans.latest("plan") if self._plans is not None else None
 
+    def refusals(self) -> dict[str, int]:
+        """Plans (``Plan_unsigned``, ``Plan_forged``, ``Plan_role``) and replies
+        (``Reply_forged``) refused so far: counts."""
+        plans = self._gate.refusals() if self._gate is not None else {}
+        return {**plans, **self._counters}
+
     def _connected(self) -> Bus:
         if self._bus is None:
             raise ConfigError("the client is not connected: use `async with Client(...)`")
@@ -411,7 +462,7 @@ class Client:
             if plan is None:
                 raise _no_system(bus, PLAN_WAIT_S)
             with self._plans.listen() as plans, self._statuses.listen() as statuses:
-                session = _Session(bus, options, message, plan, on_token)
+                session = _Session(bus, options, message, plan, on_token, counters=self._counters)
                 return await session.run(replies, plans, statuses, events)
 
 

@@ -2,14 +2,17 @@
 
 ``creds init`` creates a development CA, the broker's certificate and the identities of
 the standard roles plus one worker per node of a topology; ``creds add-node NAME --trust
-N`` and ``creds add-client NAME`` issue credentials for one more identity and add it to
-the registry and the ACL; ``creds list`` prints the registry. Bad input is one line on
-stderr and exit status 2; existing files are never overwritten.
+N``, ``creds add-client NAME`` and ``creds add-operator NAME`` issue credentials for one
+more identity and add it to the registry and the ACL; ``creds rotate ROLE`` replaces a
+signing role's key pair (the old one kept under keys/retired); ``creds list`` prints the
+registry. Bad input is one line on stderr and exit status 2; existing files are never
+overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -25,6 +28,7 @@ from shared.security.creds import (
     init_state,
     load_registry,
 )
+from shared.security.role_keys import KEYS_DIR, SIGNING_ROLES, rotate_role_key
 from shared.topology import DEFAULT_TOPOLOGY, load_topology
 
 
@@ -66,6 +70,17 @@ def register(subparsers: Any) -> None:
     client.add_argument("name", help="the client id (its identity; its replies topic)")
     client.add_argument("--state", type=Path, help=state_help)
     client.set_defaults(handler=run_add, role=Role.CLIENT, trust=0)
+
+    operator = commands.add_parser("add-operator", help="issue credentials for another operator identity "
+                                   "(e.g. for `edgesplit status` while `up --secure` holds 'operator')")  # fmt: skip
+    operator.add_argument("name", help="the identity's name")
+    operator.add_argument("--state", type=Path, help=state_help)
+    operator.set_defaults(handler=run_add, role=Role.OPERATOR, trust=0)
+
+    rotate = commands.add_parser("rotate", help="replace a signing role's key pair (then restart every process)")
+    rotate.add_argument("role", help=f"the signing role ({', '.join(SIGNING_ROLES)})")
+    rotate.add_argument("--state", type=Path, help=state_help)
+    rotate.set_defaults(handler=run_rotate)
 
     listing = commands.add_parser("list", help="the identities, their roles and trust")
     listing.add_argument("--state", type=Path, help=state_help)
@@ -118,6 +133,20 @@ def _print_credentials(role: Role, name: str, trust: int, credentials: Credentia
     print(f"  CA          {credentials.ca_file}")
     print(f"added to {state.registry} and {state.acl}; a running broker reads them again on "
           "SIGHUP (kill -HUP <mosquitto pid>)")  # fmt: skip
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    root = _state(args)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    try:
+        load_registry(StateDir(root))  # a state folder, not any folder
+        public = rotate_role_key(root / KEYS_DIR, args.role, stamp)
+    except ConfigError as error:
+        return _refuse(error)
+    print(f"rotated the {args.role} key: new public key {public}, the old pair in {root / KEYS_DIR / 'retired'}")
+    print("restart every process of the cluster (they read the public keys at start; `edgesplit up --secure` "
+          "does on its next start); until then they refuse what the new key signs")  # fmt: skip
+    return 0
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -14,7 +14,11 @@ Without either option it checks the process its environment describes: the node
 ``EDGESPLIT_NODE_ID`` names, else the service ``EDGESPLIT_CLIENT_ID`` names. The broker and
 cluster come from ``--broker``/``--cluster`` or EDGESPLIT_* as for every command. The
 check connects with a client id of its own (``health-<random>``), so it never takes over
-the session of the process it checks. Bad arguments: one line on stderr, exit 2.
+the session of the process it checks. On the secure profile the broker makes the
+certificate's identity the client id whatever is asked, so the check needs an identity of
+its own (``--tls-cert``/``--tls-key``, e.g. a client identity from `creds add-client`):
+with the checked process's own certificate it would take over that process's session, and
+it refuses to. Bad arguments: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
-from shared.errors import EdgesplitError, InvalidId
+from shared.errors import ConfigError, EdgesplitError, InvalidId
 from shared.ids import validate_id
 from shared.messages import NodeStatus, ServiceStatus
 from shared.process import first_edgesplit_error
+from shared.security.pki import common_name
 from shared.security.reporting import HEARTBEAT_S
 from shared.subscription import Subscription
 from shared.topics import NODE_STATUS, SERVICE_STATUS
@@ -68,7 +74,27 @@ def register(subparsers: Any) -> None:
                         help=f"wait this long for the status (default {DEFAULT_WAIT_S:g})")  # fmt: skip
     health.add_argument("--broker", help="broker URL (default $EDGESPLIT_BROKER_URL)")
     health.add_argument("--cluster", help="cluster id (default $EDGESPLIT_CLUSTER or 'default')")
+    health.add_argument("--tls-cert", type=Path, help="secure profile: the check's own client certificate "
+                        "(default $EDGESPLIT_TLS_CERT_FILE; not the checked process's: the broker would "
+                        "hand the check that process's session)")  # fmt: skip
+    health.add_argument("--tls-key", type=Path, help="its key (default $EDGESPLIT_TLS_KEY_FILE)")
     health.set_defaults(handler=run_health)
+
+
+def own_session_taken(settings: BusSettings, target: Target) -> str | None:
+    """Why connecting with ``settings`` would take the checked process's session (the
+    secure broker makes a certificate's identity the client id), or None."""
+    if settings.tls_cert_file is None:
+        return None
+    try:
+        identity = common_name(Path(settings.tls_cert_file))
+    except (OSError, ValueError):
+        return None  # unreadable: the connection reports it
+    if identity in (target.name, settings.client_id):
+        return (f"the certificate {settings.tls_cert_file} is {identity!r}'s own: on the secure profile the "
+                f"check would take over that process's session; give the check an identity of its own "
+                f"(--tls-cert/--tls-key, e.g. `edgesplit creds add-client health-{target.name}`)")
+    return None
 
 
 def _positive_s(text: str) -> float:
@@ -145,8 +171,17 @@ def run_health(args: argparse.Namespace) -> int:
     except InvalidId as error:
         print(f"edgesplit: error: {error}", file=sys.stderr)
         return 2
-    settings = load_settings(BusSettings, {"broker_url": args.broker, "cluster": args.cluster,
-                                           "connect_timeout_s": args.wait_s})  # fmt: skip
+    try:
+        settings = load_settings(BusSettings, {"broker_url": args.broker, "cluster": args.cluster,
+                                               "connect_timeout_s": args.wait_s, "tls_cert_file": args.tls_cert,
+                                               "tls_key_file": args.tls_key})  # fmt: skip
+    except ConfigError as error:
+        print(f"edgesplit: error: {error}", file=sys.stderr)
+        return 2
+    taken = own_session_taken(settings, target)
+    if taken is not None:
+        print(f"edgesplit: error: {taken}", file=sys.stderr)
+        return 2
     try:
         status = asyncio.run(read_status(settings, target, args.wait_s))
     except BaseExceptionGroup as group:

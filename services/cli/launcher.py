@@ -376,7 +376,8 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                                          topology, secure.tls_port, run_dir / "broker")  # fmt: skip
         stack, settings, environments = Stack(broker=launch.broker), launch.settings, launch.environments
         say(f"{'created' if launch.created else 'using'} credentials in {secure.state}; started the "
-            f"secure Mosquitto: TLS with client certificates at {launch.broker.url}, passwords on "
+            f"secure Mosquitto: TLS with client certificates at {launch.broker.url} (data plane at "
+            f"{launch.broker.data_url}), passwords on "
             f"loopback at {launch.broker.password_url}; as the client identity: "
             f"{launch.client_hint(StateDir(secure.state))} edgesplit generate ...")  # fmt: skip
     try:

@@ -5,7 +5,8 @@ with the topology's nodes) or reuses it, checks that it covers the cluster and e
 node, starts Mosquitto with its secure config, and returns what the launcher needs: the
 broker, the launcher's own settings (it connects as the ``operator`` identity, which may
 publish the privacy policy and read everything) and the EDGESPLIT_* variables of each
-worker and service (its certificate, key, the CA and its identity as client id).
+worker and service (its certificate, key, the CA, the data listener and its identity as
+origin; the broker makes the identity each connection's client id).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
         own = client_environment(state, LAUNCHER_IDENTITY, broker.url)
         launcher = load_settings(type(settings), {
             **settings.model_dump(), "broker_url": broker.url, "client_id": LAUNCHER_IDENTITY,
+            "data_broker_url": own["EDGESPLIT_DATA_BROKER_URL"],
             "tls_ca_file": own["EDGESPLIT_TLS_CA_FILE"], "tls_cert_file": own["EDGESPLIT_TLS_CERT_FILE"],
             "tls_key_file": own["EDGESPLIT_TLS_KEY_FILE"], "plan_signing_key": None,
             "plan_signing_key_file": control["EDGESPLIT_PLAN_SIGNING_KEY_FILE"],

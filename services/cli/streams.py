@@ -49,9 +49,11 @@ class RetainedFeed(Generic[P]):
     leave synchronously, so no message falls between the snapshot and the live feed.
     """
 
-    def __init__(self, subscription: Subscription[P],
-                 key: Callable[[dict[str, str], P], str]) -> None:  # fmt: skip
-        self._subscription, self._key = subscription, key
+    def __init__(self, subscription: Subscription[P], key: Callable[[dict[str, str], P], str],
+                 accept: Callable[[P], bool] | None = None) -> None:  # fmt: skip
+        """``accept`` (e.g. a plan's signature check, which counts what it refuses) drops a
+        message before anyone sees it."""
+        self._subscription, self._key, self._accept = subscription, key, accept
         self._latest: dict[str, P] = {}
         self._listeners: set[FeedListener[P]] = set()
         self._arrived = asyncio.Event()
@@ -59,6 +61,8 @@ class RetainedFeed(Generic[P]):
     async def run(self) -> None:
         """Follow the topic until cancelled or the subscription closes."""
         async for params, message in self._subscription:
+            if self._accept is not None and not self._accept(message):
+                continue
             self._latest[self._key(params, message)] = message
             for listener in self._listeners:
                 listener.put(message)

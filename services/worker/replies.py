@@ -13,17 +13,22 @@ slower than tokens come). Full, it drops a token reply, never a final one: a new
 reply (or, with none, of the oldest reply). Safe: a final `RequestFinished` carries
 every token id, a client that sees a gap asks the entry to resend, and the entry keeps
 final replies for a resubmission (entry.py, FINISHED_KEPT). Drops are counted.
+
+Each reply is sealed (``mac``) with the reply key its request carried (`remember`, called
+when a request arrives): only the entry that read the request knows that key, so the
+client can tell its entry's replies from anyone else's (docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 
 from shared.bus import Bus
 from shared.errors import EdgesplitError
 from shared.messages import EmbeddingReady, RequestFailed, RequestFinished, TokenGenerated
+from shared.messages.requests import seal_reply
 from shared.topics import FINISHED, REPLIES
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,8 @@ Reply = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
 
 REPLY_QUEUE = 4096
 """Replies a worker queues for the broker at most (see the module's note on overflow)."""
+REPLY_KEYS_KEPT = 4096
+"""Reply keys of the latest requests a worker remembers (the oldest is forgotten first)."""
 
 
 class ReplySender:
@@ -44,6 +51,18 @@ class ReplySender:
         """Replies dropped because the queue was full."""
         self._queue: deque[tuple[str, Reply]] = deque()
         self._ready = asyncio.Event()
+        self._keys: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, request_id: str, reply_key: str | None) -> None:
+        """Seal the replies of ``request_id`` with ``reply_key`` (None: send them unsealed).
+        The first key given for a request stays (a client keeps one key per request; a
+        later key under the same id cannot redirect the seal)."""
+        if reply_key is None:
+            return
+        self._keys.setdefault(request_id, reply_key)
+        self._keys.move_to_end(request_id)
+        while len(self._keys) > REPLY_KEYS_KEPT:
+            self._keys.popitem(last=False)
 
     def queued(self) -> list[tuple[str, Reply]]:
         """The replies waiting, oldest first (a copy)."""
@@ -74,6 +93,9 @@ class ReplySender:
         """Publish queued replies until cancelled; a reply the broker refuses is logged."""
         while True:
             client, message = await self._next()
+            key = self._keys.get(message.request_id)
+            if key is not None:
+                message = seal_reply(message, key)
             try:
                 await bus.publish(REPLIES, message, client=client)
                 if isinstance(message, RequestFinished):  # numbers only: no tokens, no text

@@ -428,6 +428,7 @@ class WorkerService:
                     log.exception("%s: request %s not handled", self.node, request.request_id)
 
     async def _on_request(self, request: GenerateRequest | EmbedRequest) -> None:
+        self.replies.remember(request.request_id, request.reply_key)  # every reply is sealed with it
         entry = self.entry
         if entry is None:
             await self._reply(request.reply_to, RequestFailed(

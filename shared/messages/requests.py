@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Annotated, Literal
 
+import msgpack
 from pydantic import Field, model_validator
 
 from shared.ids import RequestIdField, TopicId
@@ -16,6 +19,11 @@ from shared.messages.base import (
     ShortText,
     TokenId,
 )
+
+ReplyKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""A request's reply key: 256 random bits, hex. The client chooses it; only the entry
+the request goes to reads it (``nodes/{entry}/requests``), and MACs its replies with it."""
+ReplyMac = Annotated[str, Field(max_length=64)]
 
 # --- requests -------------------------------------------------------------------------------
 
@@ -40,6 +48,8 @@ class GenerateRequest(Message):
     resume_token_ids: Annotated[tuple[TokenId, ...], Field(max_length=MAX_ITEMS)] | None = None
     """A resubmission (the client lost its entry or some replies): the tokens the client
     already has. The entry continues after them (or resends what it has beyond them)."""
+    reply_key: ReplyKey | None = None
+    """When set, every reply carries ``mac`` under this key (`seal_reply`)."""
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -56,6 +66,8 @@ class EmbedRequest(Message):
     text: LongText
     normalize: bool = True
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    reply_key: ReplyKey | None = None
+    """When set, every reply carries ``mac`` under this key (`seal_reply`)."""
 
 
 class TokenGenerated(Message):
@@ -66,6 +78,8 @@ class TokenGenerated(Message):
     token_id: TokenId
     text: ShortText
     """The text this token adds (may be empty for a partial UTF-8 sequence)."""
+    mac: ReplyMac = ""
+    """HMAC-SHA256 under the request's ``reply_key`` (hex; empty when it had none)."""
 
 
 class RequestFinished(Message):
@@ -84,6 +98,8 @@ class RequestFinished(Message):
     token_count: NonNegativeInt | None = None
     """Tokens generated, set when ``token_ids`` and ``text`` were withheld (None: count
     ``token_ids``; older senders never set it)."""
+    mac: ReplyMac = ""
+    """HMAC-SHA256 under the request's ``reply_key`` (hex; empty when it had none)."""
 
     @property
     def generated_tokens(self) -> int:
@@ -93,7 +109,8 @@ class RequestFinished(Message):
     def without_content(self) -> RequestFinished:
         """This event with no token ids and no text, only counts and timings: what may go
         to identities other than the client that sent the prompt."""
-        return self.model_copy(update={"token_ids": (), "text": "", "token_count": self.generated_tokens})
+        return self.model_copy(update={"token_ids": (), "text": "", "token_count": self.generated_tokens,
+                                       "mac": ""})
 
 
 class EmbeddingReady(Message):
@@ -102,6 +119,8 @@ class EmbeddingReady(Message):
     request_id: RequestIdField
     embedding: tuple[float, ...] = Field(max_length=MAX_ITEMS)
     elapsed_s: NonNegativeFloat
+    mac: ReplyMac = ""
+    """HMAC-SHA256 under the request's ``reply_key`` (hex; empty when it had none)."""
 
 
 class RequestFailed(Message):
@@ -111,3 +130,25 @@ class RequestFailed(Message):
     error: Literal["busy", "context_too_long", "timeout", "invalid_request", "internal", "no_plan",
                    "overloaded"]
     message: ShortText
+    mac: ReplyMac = ""
+    """HMAC-SHA256 under the request's ``reply_key`` (hex; empty when it had none)."""
+
+
+Reply = TokenGenerated | RequestFinished | EmbeddingReady | RequestFailed
+
+
+def reply_mac(reply: Reply, key: str) -> str:
+    """Hex HMAC-SHA256 under ``key`` (a ReplyKey) of the reply's kind and every field but
+    its ``mac``."""
+    body = msgpack.packb([reply.kind, reply.model_dump(exclude={"mac"})], use_bin_type=True)
+    return hmac.new(bytes.fromhex(key), body, hashlib.sha256).hexdigest()
+
+
+def seal_reply(reply: Reply, key: str) -> Reply:
+    """``reply`` with its ``mac`` set for the request's ``key`` (what the entry sends)."""
+    return reply.model_copy(update={"mac": reply_mac(reply, key)})
+
+
+def reply_sealed(reply: Reply, key: str) -> bool:
+    """True when ``reply`` carries a valid MAC under ``key`` (constant-time comparison)."""
+    return bool(reply.mac) and hmac.compare_digest(reply_mac(reply, key), reply.mac)

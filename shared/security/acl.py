@@ -11,6 +11,12 @@ Mosquitto's ``pattern`` lines apply to every user, so a role-scoped ``%u`` rule 
 written as one; `render_acl` therefore writes one ``user`` block per identity with the
 identity substituted, which is what ``%u`` would have matched. Rules are bound to one
 cluster (``edgesplit/{cluster}/...``). `rules_for` is pure and is what the unit tests read.
+
+Each identity has two usernames, one per listener of the secure profile: its name (the
+certificate's common name, the control listener) and its certificate's subject
+(``CN=NAME,O=edgesplit``, the data listener; `pki.subject_username`). Both get the same
+rules. The broker makes each username its MQTT client id, so an identity holds one
+session per listener and can take over no one else's (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Literal
 
 from shared.errors import ConfigError
 from shared.ids import validate_id
+from shared.security.pki import subject_username
 from shared.topics import (
     ACTIVATIONS,
     CAPACITY,
@@ -227,6 +234,7 @@ def render_acl(identities: Iterable[Identity], cluster: str) -> str:
         if identity.name in seen:
             raise ConfigError(f"identity {identity.name!r} is listed twice")
         seen.add(identity.name)
-        lines += ["", f"# {identity.role.value}, trust {identity.trust}", f"user {identity.name}"]
-        lines += [f"topic {rule.access} {rule.filter}" for rule in rules_for(identity, cluster)]
+        rules = [f"topic {rule.access} {rule.filter}" for rule in rules_for(identity, cluster)]
+        for username in (identity.name, subject_username(identity.name)):  # control, data listener
+            lines += ["", f"# {identity.role.value}, trust {identity.trust}", f"user {username}", *rules]
     return "\n".join(lines) + "\n"

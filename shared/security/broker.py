@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.broker import LocalBroker, free_port
-from shared.security.creds import StateDir, render_broker_config
+from shared.errors import BrokerUnavailable
+from shared.security.creds import DATA_PORT_OFFSET, StateDir, render_broker_config
 
 
 def connack_arrives(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -29,7 +31,8 @@ def connack_arrives(host: str, port: int, timeout_s: float = 0.5) -> bool:
 @dataclass
 class SecureBroker(LocalBroker):
     """Mosquitto with STATE's certificates, password file and ACL. ``port`` is the TLS
-    listener (client certificates); ``password_port`` the loopback password listener."""
+    control listener (client certificates), ``port`` + 1 the TLS data listener;
+    ``password_port`` the loopback password listener."""
 
     state: StateDir | None = None
     password_port: int = 0
@@ -37,6 +40,14 @@ class SecureBroker(LocalBroker):
     @property
     def url(self) -> str:
         return f"mqtts://127.0.0.1:{self.port}"
+
+    @property
+    def data_port(self) -> int:
+        return self.port + DATA_PORT_OFFSET
+
+    @property
+    def data_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.data_port}"
 
     @property
     def password_url(self) -> str:
@@ -50,6 +61,17 @@ class SecureBroker(LocalBroker):
         return connack_arrives("127.0.0.1", self.password_port)
 
 
+def free_pair() -> int:
+    """A free port whose next port is free too (the control and the data listener)."""
+    for _ in range(100):
+        port = free_port()
+        if port < 65535:
+            with contextlib.suppress(OSError), socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + DATA_PORT_OFFSET))
+                return port
+    raise BrokerUnavailable("no two consecutive free ports on 127.0.0.1 for the secure broker")
+
+
 def start_secure_broker(state: StateDir, tls_port: int | None = None,
                         password_port: int | None = None, data_dir: Path | None = None
                         ) -> SecureBroker:  # fmt: skip
@@ -57,9 +79,9 @@ def start_secure_broker(state: StateDir, tls_port: int | None = None,
     default); returns once it answers. Raises BrokerUnavailable."""
     own = data_dir is None
     directory = data_dir or Path(tempfile.mkdtemp(prefix="edgesplit-secure-mosquitto-"))
-    tls = tls_port or free_port()
+    tls = tls_port or free_pair()
     password = password_port or free_port()
-    while password == tls:
+    while password in (tls, tls + DATA_PORT_OFFSET):
         password = free_port()
     broker = SecureBroker(port=tls, data_dir=directory, _own_dir=own, state=state,
                           password_port=password)  # fmt: skip

@@ -12,6 +12,10 @@ Layout (``STATE``)::
     acl                     Mosquitto's acl_file (acl.py, from the topic registry)
     mosquitto-secure.conf   deploy/mosquitto/secure.conf.template rendered for this folder
 
+The broker has a control listener (TLS, username = the certificate's common name), a
+data listener on the next port (TLS, username = the certificate's subject) and a loopback
+password listener; on each the client id is the username (`data_broker_url`).
+
 Keys, secrets and the password file are 0600. Nothing existing is overwritten: `init`
 refuses an initialised folder and `add_identity` an existing name (ConfigError). The
 registry is what the monitor, the orchestrator and the broadcaster read to give
@@ -53,6 +57,8 @@ BROKER_CERT_NAME = "broker"
 """Reserved: the broker's own certificate (certs/broker.crt), not an identity."""
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 DEFAULT_TLS_PORT, DEFAULT_PASSWORD_PORT = 8883, 1884
+DATA_PORT_OFFSET = 1
+"""The data-plane listener is the TLS port + 1 (8884 by default)."""
 PBKDF2_ITERATIONS = 101
 """Mosquitto 2.0's own default for "$7$" hashes (mosquitto_passwd)."""
 SERVICE_IDENTITIES = (
@@ -246,11 +252,21 @@ def add_identity(root: Path, name: str, role: Role, trust: int) -> Credentials:
     return credentials
 
 
+def data_broker_url(broker_url: str) -> str:
+    """The data listener's URL for the control listener's ``mqtts://HOST:PORT`` (PORT + 1)."""
+    head, _, port = broker_url.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"secure broker URL {broker_url!r} has no port")
+    return f"{head}:{int(port) + DATA_PORT_OFFSET}"
+
+
 def render_broker_config(state: StateDir, tls_port: int, password_port: int, data_dir: Path,
                          bind_address: str = "127.0.0.1") -> str:  # fmt: skip
-    """deploy/mosquitto/secure.conf.template filled in for ``state``."""
+    """deploy/mosquitto/secure.conf.template filled in for ``state`` (the data listener on
+    ``tls_port`` + 1)."""
     return TEMPLATE.read_text().format(
-        tls_port=tls_port, password_port=password_port, bind_address=bind_address,
+        tls_port=tls_port, data_port=tls_port + DATA_PORT_OFFSET, password_port=password_port,
+        bind_address=bind_address,
         data_dir=data_dir, user=getpass.getuser(), ca_file=state.ca.cert_file,
         cert_file=state.server.cert_file, key_file=state.server.key_file,
         password_file=state.passwords, acl_file=state.acl,
@@ -267,12 +283,14 @@ def write_broker_config(state: StateDir, tls_port: int, password_port: int, data
 
 def client_environment(state: StateDir, name: str, broker_url: str) -> dict[str, str]:
     """EDGESPLIT_* variables that make a process connect as ``name`` (certificate and
-    key for mqtts://, the identity as client id so its reply topics are its own)."""
+    key for mqtts://, the data plane on the data listener, the identity as origin so its
+    reply topics are its own)."""
     credentials = state.credentials(name)
     if not credentials.cert_file.is_file():
         raise ConfigError(f"no credentials for {name!r} in {state.root}")
     variables = {
         "EDGESPLIT_BROKER_URL": broker_url,
+        "EDGESPLIT_DATA_BROKER_URL": data_broker_url(broker_url),
         "EDGESPLIT_TLS_CA_FILE": str(credentials.ca_file),
         "EDGESPLIT_TLS_CERT_FILE": str(credentials.cert_file),
         "EDGESPLIT_TLS_KEY_FILE": str(credentials.key_file),

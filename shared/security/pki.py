@@ -63,9 +63,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+ORGANIZATION = "edgesplit"
+
+
+def subject_username(common_name: str) -> str:
+    """The username Mosquitto takes from a client certificate of this CA on a listener with
+    ``use_subject_as_username`` (the subject in RFC 2253 form): the data-plane listener's
+    name for the identity ``common_name``."""
+    return f"CN={common_name},O={ORGANIZATION}"
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgesplit"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])  # fmt: skip
 

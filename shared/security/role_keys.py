@@ -59,24 +59,51 @@ def public_key_file(keys: Path, role: str) -> Path:
     return keys / "public" / f"{role}.pub"
 
 
+def _create_pair(keys: Path, role: str) -> None:
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())  # fmt: skip
+    fd = os.open(private_key_file(keys, role), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    public_key_file(keys, role).write_text(raw.hex() + "\n")
+
+
 def ensure_role_keys(keys: Path) -> Path:
     """Create the key pair of every signing role under ``keys`` (private/ 0700 with 0600
     files, public/ readable); existing keys are kept. Returns ``keys``."""
     (keys / "private").mkdir(parents=True, exist_ok=True, mode=0o700)
     (keys / "public").mkdir(parents=True, exist_ok=True, mode=0o755)
     for role in SIGNING_ROLES:
-        private = private_key_file(keys, role)
-        if private.exists():
-            continue
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())  # fmt: skip
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        public_key_file(keys, role).write_text(raw.hex() + "\n")
+        if not private_key_file(keys, role).exists():
+            _create_pair(keys, role)
     return keys
+
+
+def rotate_role_key(keys: Path, role: str, stamp: str) -> Path:
+    """Replace ``role``'s key pair under ``keys`` by a new one. The old pair moves to
+    ``keys/retired/{role}-{stamp}.key|.pub`` (0700 folder, the key 0600), never deleted
+    and never overwritten. Returns the new public key file. ConfigError for a role that
+    signs nothing, a folder without that role's key, or a ``stamp`` already used.
+
+    Receivers read the public keys when they start: a process started before the rotation
+    refuses what the new key signs (``forged``) and a restarted one what the old key
+    signed, so restart every process with the new public keys (docs/SECURITY.md)."""
+    if role not in SIGNING_ROLES:
+        raise ConfigError(f"{role!r} has no signing key; the signing roles are {', '.join(SIGNING_ROLES)}")
+    private, public = private_key_file(keys, role), public_key_file(keys, role)
+    if not private.is_file() or not public.is_file():
+        raise ConfigError(f"no key of {role} in {keys} to rotate (`edgesplit up --secure` creates them)")
+    retired = keys / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    old_private, old_public = retired / f"{role}-{stamp}.key", retired / f"{role}-{stamp}.pub"
+    if old_private.exists() or old_public.exists():
+        raise ConfigError(f"{old_private} exists already; not overwriting it")
+    private.rename(old_private)
+    public.rename(old_public)
+    _create_pair(keys, role)
+    return public
 
 
 @dataclass(frozen=True)

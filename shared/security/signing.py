@@ -30,7 +30,7 @@ from pathlib import Path
 from shared.config import BusSettings
 from shared.errors import ConfigError
 from shared.messages.base import Message, is_signed_kind, signature_ok
-from shared.security.role_keys import RoleVerifier, load_signer
+from shared.security.role_keys import RoleVerifier, load_signer, role_verifier
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,20 @@ def require_signing_key(settings: BusSettings, service: str) -> None:
         load_signer(settings.role_key_file)
         return
     require_control_key(settings, service)
+
+
+def receiver_gate(settings: BusSettings, owner: str) -> ControlGate | None:
+    """A gate for a process that only receives control messages (a client checking plans):
+    the roles' public keys when given (the secure profile), else the cluster key when one
+    is configured explicitly (``plan_signing_key[_file]``), else None: on the open profile
+    without a key there is nothing to check with. ConfigError for unreadable keys."""
+    verifier = role_verifier(settings)
+    if verifier is not None:
+        return ControlGate("", owner, verifier=verifier)
+    if settings.plan_signing_key is not None or settings.plan_signing_key_file is not None:
+        key = configured_key(settings)
+        return ControlGate(key, owner) if key is not None else None
+    return None
 
 
 def local_key_file(settings: BusSettings) -> Path:

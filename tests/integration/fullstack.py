@@ -72,7 +72,10 @@ class Stack:
         write_shards(self.model_dir, self.shards)
         self.topology = self.root / "topology.toml"
         self.topology.write_text(topology_text(self.nodes, self.entry, one_way=self.one_way))
-        self.settings = settings_for(self.broker_url, self.cluster)  # the helpers' control key
+        # the helpers' control key, and the roles' public keys when the stack signs with them
+        # (the client then checks that the broadcaster signed the plan it follows)
+        keys = {"role_keys_dir": self.role_keys / "public"} if self.role_keys is not None else {}
+        self.settings = settings_for(self.broker_url, self.cluster, **keys)
         self.local = LocalPipeline(self.model_dir, ())
         self._expected: dict[tuple[int, ...], tuple[int, ...]] = {}
 

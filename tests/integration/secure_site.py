@@ -7,6 +7,12 @@ client certificates, per-identity ACLs) and waits for "edgesplit ready". Attacke
 connect with real identities of that folder over TLS (`raw_client`); an operator
 subscriber on ``edgesplit/{cluster}/#`` (`Watch`) records what the broker delivered, so a
 publish the ACL denied is shown to reach no one.
+
+The broker makes each identity's username its client id (one session per identity and
+listener), so the test's own connections use identities nothing else runs as: the
+compromised worker is ``eve`` (a registered worker, trust 0, whose process the attacker
+is), the watcher ``auditor`` and the status reader ``inspector`` (operator role; `up`
+itself connects as ``operator``).
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from shared.security.creds import StateDir, add_identity, client_environment, in
 from shared.topology import load_topology
 from tests.integration.test_secure_up import EDGESPLIT, _wait_for_line
 
-VICTIM, ATTACKER, WORKER_ATTACKER = "alice", "mallory", "mec"
+VICTIM, ATTACKER, WORKER_ATTACKER = "alice", "mallory", "eve"
 """The client whose prompts are attacked, the hostile client, the compromised worker."""
+WATCHER, INSPECTOR = "auditor", "inspector"
+"""Operator-role identities of the test: the '#' watcher and the status reader."""
 ROOT_DIR = Path(__file__).resolve().parents[2]
 
 
@@ -92,6 +100,9 @@ class SecureSite:
         init_state(self.state.root, load_topology(ROOT_DIR / "deploy/topologies/default.toml"), cluster=self.cluster)
         add_identity(self.state.root, VICTIM, Role.CLIENT, trust=0)
         add_identity(self.state.root, ATTACKER, Role.CLIENT, trust=0)
+        add_identity(self.state.root, WORKER_ATTACKER, Role.WORKER, trust=0)
+        for name in (WATCHER, INSPECTOR):
+            add_identity(self.state.root, name, Role.OPERATOR, trust=0)
         out = self.root / "up.out"
         self.process = subprocess.Popen(
             [*EDGESPLIT, "up", "--secure", "--state", str(self.state.root), "--model", "tiny-llama",
@@ -123,7 +134,8 @@ class SecureSite:
     def settings(self, name: str) -> BusSettings:
         """Bus settings of identity ``name`` (its certificate; its name as client id)."""
         variables = client_environment(self.state, name, self.url)
-        return BusSettings(broker_url=self.url, cluster=self.cluster, client_id=name,
+        return BusSettings(broker_url=self.url, data_broker_url=variables["EDGESPLIT_DATA_BROKER_URL"],
+                           cluster=self.cluster, client_id=name,
                            tls_ca_file=variables["EDGESPLIT_TLS_CA_FILE"],  # type: ignore[arg-type]
                            tls_cert_file=variables["EDGESPLIT_TLS_CERT_FILE"],  # type: ignore[arg-type]
                            tls_key_file=variables["EDGESPLIT_TLS_KEY_FILE"])  # type: ignore[arg-type]  # fmt: skip
@@ -134,10 +146,12 @@ class SecureSite:
         context.load_cert_chain(credentials.cert_file, credentials.key_file)
         return context
 
-    def raw_client(self, name: str, identifier: str | None = None, clean_start: bool = True) -> aiomqtt.Client:
-        """A plain MQTT v5 client with ``name``'s certificate (the broker makes ``name`` its
-        username); ``identifier`` the MQTT client id (random by default)."""
-        port = int(self.url.rsplit(":", 1)[1])
+    def raw_client(self, name: str, identifier: str | None = None, clean_start: bool = True,
+                   data: bool = False) -> aiomqtt.Client:  # fmt: skip
+        """A plain MQTT v5 client with ``name``'s certificate on the control listener (the
+        data listener with ``data``); the broker makes ``name`` (the certificate's subject
+        on the data listener) its username and its client id, whatever ``identifier`` asks."""
+        port = int(self.url.rsplit(":", 1)[1]) + (1 if data else 0)
         return aiomqtt.Client("127.0.0.1", port, identifier=identifier or f"{name}-{secrets.token_hex(4)}",
                               tls_context=self.tls(name), protocol=ProtocolVersion.V5, timeout=5,
                               clean_start=clean_start)  # fmt: skip
@@ -158,7 +172,7 @@ class SecureSite:
     async def watch(self, settle_s: float = 1.5) -> AsyncIterator[Watch]:
         """An operator on ``#`` for the block's duration (plus ``settle_s`` after it)."""
         watch = Watch()
-        async with self.raw_client("operator") as client:
+        async with self.raw_client(WATCHER) as client:
             await client.subscribe(self.topic("#"), qos=1)
 
             async def collect() -> None:
@@ -204,8 +218,8 @@ class SecureSite:
         assert tuple(result.token_ids) == self.expected(prompt, tokens), result
 
     def status(self, wait_s: float = 2.5) -> dict[str, Any]:
-        """What `edgesplit status --json` prints, read as the operator."""
-        return asyncio.run(collect_status(self.settings("operator"), wait_s))
+        """What `edgesplit status --json` prints, read by an operator identity."""
+        return asyncio.run(collect_status(self.settings(INSPECTOR), wait_s))
 
     def wait_status(self, done: Any, timeout_s: float = 30.0) -> dict[str, Any]:
         """`status` until ``done(status)`` holds (or the deadline: the last one)."""

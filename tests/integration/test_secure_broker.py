@@ -15,6 +15,7 @@ published on that topic reaches the subscriber.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -42,7 +43,7 @@ from shared.security.creds import (
     init_state,
     load_registry,
 )
-from shared.topics import NODE_STATUS, REGISTRY, ROOT, Topic
+from shared.topics import NODE_STATUS, REGISTRY, REQUESTS, ROOT, Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -88,10 +89,15 @@ def tls_for(state: StateDir, name: str, ca: pki.CertPair | None = None,
     return context
 
 
-def tls_client(state: StateDir, broker: SecureBroker, name: str, suffix: str = "") -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", broker.port, identifier=f"{name}{suffix}-{secrets.token_hex(3)}",
+def tls_client(state: StateDir, broker: SecureBroker, name: str, suffix: str = "", *,
+               port: int | None = None, identifier: str | None = None,
+               clean_start: bool = True) -> aiomqtt.Client:  # fmt: skip
+    """``name``'s certificate on the control listener (or ``port``). The broker ignores
+    ``identifier``: the client id is the username."""
+    return aiomqtt.Client("127.0.0.1", port or broker.port,
+                          identifier=identifier or f"{name}{suffix}-{secrets.token_hex(3)}",
                           tls_context=tls_for(state, name), protocol=ProtocolVersion.V5,
-                          timeout=CONNECT_TIMEOUT_S)  # fmt: skip
+                          timeout=CONNECT_TIMEOUT_S, clean_start=clean_start)  # fmt: skip
 
 
 async def connects(**kwargs: Any) -> None:
@@ -149,6 +155,61 @@ def test_plaintext_mqtt_on_the_tls_listener_is_refused(secure: Any) -> None:
         run(lambda: connects(port=broker.port, username=WORKER, password=password))
 
 
+# --- sessions: the client id is the identity ----------------------------------------------
+
+
+async def receives(client: aiomqtt.Client, payload: bytes, timeout_s: float = 5.0) -> bool:
+    """True when ``payload`` arrives on ``client`` within the deadline."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            async for message in client.messages:
+                if bytes(message.payload) == payload:  # type: ignore[arg-type]
+                    return True
+    return False
+
+
+def test_no_identity_can_take_over_another_identitys_session(secure: Any) -> None:
+    """w1 holds a session on the control and on the data listener. The client identity
+    connects with w1's client ids on both (and on the password listener),
+    keeping the session (clean start off): the broker makes each taker's client id its own
+    username, so w1 stays connected and keeps receiving, and the takers read nothing of
+    w1's subscriptions. A second connection of w1 itself does take w1's session: the id
+    really is the identity."""
+    state, broker = secure
+    cluster = load_registry(state).cluster
+    own = REQUESTS.topic(cluster, node=WORKER)  # only w1 may read it
+    password = state.credentials("client").password()
+
+    def taker(port: int, identifier: str) -> aiomqtt.Client:
+        if port == broker.password_port:
+            return aiomqtt.Client("127.0.0.1", port, username="client", password=password, identifier=identifier,
+                                  protocol=ProtocolVersion.V5, timeout=CONNECT_TIMEOUT_S, clean_start=False)  # fmt: skip
+        return tls_client(state, broker, "client", port=port, identifier=identifier, clean_start=False)
+
+    victim_ids = {broker.port: WORKER, broker.data_port: pki.subject_username(WORKER), broker.password_port: WORKER}
+
+    async def scenario() -> None:
+        async with tls_client(state, broker, WORKER) as control, \
+                tls_client(state, broker, WORKER, port=broker.data_port) as data, \
+                tls_client(state, broker, FEEDER) as feeder:  # fmt: skip
+            for victim in (control, data):
+                await victim.subscribe(own, qos=1)
+            for port, identifier in victim_ids.items():
+                async with taker(port, identifier) as thief:
+                    await thief.subscribe(own, qos=1)  # the client may not read it anyway
+                    marker = f"after taker on {port}".encode()
+                    await feeder.publish(own, marker, qos=1)
+                    for victim in (control, data):  # still connected, still subscribed
+                        assert await receives(victim, marker), (port, identifier)
+                    assert not await receives(thief, marker, timeout_s=1.0)
+            # w1 again, any id asked for: the broker gives it the id w1, and w1's first session goes
+            async with tls_client(state, broker, WORKER, identifier="anything-else"):
+                with pytest.raises(aiomqtt.MqttError):
+                    await receives(control, b"never", timeout_s=5.0)
+
+    run(scenario)
+
+
 # --- the ACL matrix -----------------------------------------------------------------------
 
 Cell = tuple[str, str]
@@ -204,7 +265,8 @@ def test_acl_matrix_publish(secure: Any) -> None:
     delivered: list[bytes] = []
 
     async def scenario() -> None:
-        async with tls_client(state, broker, "operator", "-admin") as admin:
+        # on the data listener: its own session, apart from the operator's control session below
+        async with tls_client(state, broker, "operator", port=broker.data_port) as admin:
             await admin.subscribe([(admin_filter, SubscribeOptions(qos=1))])
             for role in Role:
                 name = identity_of(role, state)
@@ -261,30 +323,31 @@ def test_acl_matrix_subscribe(secure: Any) -> None:
 # --- the project's own Bus on the secure profile ----------------------------------------------
 
 
-def test_the_bus_connects_with_a_client_certificate_or_a_password_url(secure: Any) -> None:
-    """BusSettings' tls_* files (as `up --secure` passes them in EDGESPLIT_* variables) and
-    a user:password URL reach the connection; the worker identity serves its own status."""
+def test_the_bus_connects_with_a_client_certificate(secure: Any) -> None:
+    """BusSettings' tls_* files and the data listener (as `up --secure` passes them in
+    EDGESPLIT_* variables) reach both connections; the worker identity serves its own
+    status. (A password URL suits one-connection tools only: the password listener makes
+    the username the client id, so a Bus's two planes there would take each other's
+    session.)"""
     state, broker = secure
     cluster = load_registry(state).cluster
     environment = client_environment(state, WORKER, broker.url)
+    assert environment["EDGESPLIT_DATA_BROKER_URL"] == broker.data_url
     by_certificate = BusSettings(
-        broker_url=broker.url, cluster=cluster, client_id=WORKER,
+        broker_url=broker.url, data_broker_url=broker.data_url, cluster=cluster, client_id=WORKER,
         tls_ca_file=Path(environment["EDGESPLIT_TLS_CA_FILE"]),
         tls_cert_file=Path(environment["EDGESPLIT_TLS_CERT_FILE"]),
         tls_key_file=Path(environment["EDGESPLIT_TLS_KEY_FILE"]),
     )  # fmt: skip
-    password = state.credentials(WORKER).password()
-    by_password = BusSettings(broker_url=f"mqtt://{WORKER}:{password}@127.0.0.1:{broker.password_port}",
-                              cluster=cluster, client_id=WORKER)  # fmt: skip
     status = NodeStatus(node=NodeId(WORKER), state="online", trust=2, memory_bytes=10**9, threads=1)
 
     async def scenario() -> None:
-        for settings in (by_certificate, by_password):
-            async with Bus(settings) as bus, bus.subscribe(NODE_STATUS, node=WORKER) as statuses:
-                await bus.wait_ready()
-                await bus.publish(NODE_STATUS, status, node=WORKER)
-                _, received = await statuses.get()
-                assert received.node == WORKER
+        async with Bus(by_certificate) as bus, bus.subscribe(NODE_STATUS, node=WORKER) as statuses:
+            await bus.wait_ready()
+            await bus.publish(NODE_STATUS, status, node=WORKER)
+            _, received = await statuses.get()
+            assert received.node == WORKER
+            assert bus.sessions == 2  # one per plane, neither taken over by the other
 
     run(scenario, timeout_s=30)
 

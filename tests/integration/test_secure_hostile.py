@@ -2,9 +2,10 @@
 
 `edgesplit up --secure` runs the whole stack (three workers car / rsu / mec, monitor,
 split reviser, broadcaster, orchestrator) on its own Mosquitto with the secure profile
-(TLS client certificates, identity = username, per-identity ACLs, a control key per
-state folder). The attackers hold valid identities of that state folder: ``mallory``, a
-client, and ``mec``, a compromised worker (registry trust 0). One test per bullet of the
+(TLS client certificates, identity = username = client id, per-identity ACLs, a control
+key per state folder). The attackers hold valid identities of that state folder:
+``mallory``, a client, and ``eve``, a compromised worker (registry trust 0; the attacker
+is its process, since the broker gives each identity one session). One test per bullet of the
 issue's list. A publish the ACL denies is shown to reach no one: an operator subscriber
 on the cluster's ``#`` never sees it (Mosquitto acknowledges denied publishes and
 subscribes alike and then delivers nothing). Where a message does reach a receiver (a
@@ -21,10 +22,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import aiomqtt
 import numpy as np
 import pytest
 
+from services.cli.client import Client, ClientOptions
 from shared import codec
 from shared.frame_headers import ActivationHeader, KvHeader, ReleaseHeader
 from shared.messages import (
@@ -42,6 +43,7 @@ from shared.messages import (
 )
 from shared.messages.base import sign
 from shared.security.frame_keys import derive_frame_key
+from shared.security.pki import subject_username
 from shared.tensor_frame import encode_frame
 from shared.topics import (
     ACTIVATIONS,
@@ -125,7 +127,7 @@ def denied(site: SecureSite, sends: list[tuple[str, str, Any, bool]]) -> None:
 
 
 def forged_plan(plan: Plan) -> Plan:
-    """Every block, the entry too, on the untrusted mec, far ahead; signed with a wrong key."""
+    """Every block, the entry too, on the untrusted eve, far ahead; signed with a wrong key."""
     return Plan(epoch=plan.epoch + 1000, model_id=plan.model_id, entry_node=WORKER_ATTACKER,  # type: ignore[arg-type]
                 segments=(Segment(node=WORKER_ATTACKER, start=0, end=plan.segments[-1].end),),  # type: ignore[arg-type]
                 ).sign(FAKE_KEY)  # fmt: skip
@@ -160,9 +162,12 @@ def test_ledger_bomb_is_never_delivered(site: SecureSite) -> None:
 
 
 def test_trust_claim_is_ignored_for_placement_and_counted(site: SecureSite) -> None:
-    real = retained_status(site, WORKER_ATTACKER)
-    payload = codec.encode(real.model_copy(update={"trust": 10}), origin=WORKER_ATTACKER, seq=1)
-    # mec may publish its own status (and only its own): the claim arrives, and is ignored
+    # eve announces itself like mec, claiming trust 10 (memory for no block: eve has no process
+    # to serve one, and the claim, not a ghost node, is what is tested)
+    real = retained_status(site, "mec").model_copy(update={"node": WORKER_ATTACKER, "trust": 10, "memory_bytes": 1,
+                                                           "segments": (), "epoch": None})  # fmt: skip
+    payload = codec.encode(real, origin=WORKER_ATTACKER, seq=1)
+    # eve may publish its own status (and only its own): the claim arrives, and is ignored
     asyncio.run(site.publish(WORKER_ATTACKER, NODE_STATUS.topic(site.cluster, node=WORKER_ATTACKER), payload, True))
     # speaking for another node is refused by the ACL: car's status is not replaced
     car = NODE_STATUS.topic(site.cluster, node="car")
@@ -264,30 +269,30 @@ def test_injected_frames_and_kv_are_refused(site: SecureSite) -> None:
     denied(site, [(ATTACKER, to_topic[node], frame, False) for node, frames in outsider.items() for frame in frames])
     before = forged_counts(site.status())
     # the compromised worker may send frames (the data plane needs it): without the epoch's
-    # key it claims the hop's genuine sender, with the key (it holds the control key, so
-    # it derives the epoch key) it names itself, the wrong sender for every hop it does not feed
+    # key it claims the hop's genuine sender, with the key (a worker holds the cluster secret,
+    # so it derives the epoch key) it names itself, the wrong sender for every hop it does not feed
     signing_key = (site.state.root / "signing.key").read_text().strip()
     epoch_key = derive_frame_key(signing_key, plan.epoch, plan.signature)
 
-    def fed_by_mec(node: str) -> bool:  # mec is the genuine sender of that hop: not a forgery
+    def fed_by_attacker(node: str) -> bool:  # the genuine sender of that hop: not a forgery
         start = next(segment.start for segment in plan.segments if segment.node == node)
         before_it = [segment.node for segment in plan.segments if segment.end == start]
         return (before_it[0] if before_it else plan.entry_node) == WORKER_ATTACKER or node == WORKER_ATTACKER
 
     keyed = {node: frames for node, frames in forged_frames(plan, WORKER_ATTACKER, epoch_key).items()
-             if not fed_by_mec(node)}  # fmt: skip
+             if not fed_by_attacker(node)}  # fmt: skip
     sends = [(to_topic[node], frame) for forgeries in (outsider, keyed) for node, frames in forgeries.items()
              for frame in frames]  # fmt: skip
 
     async def inject() -> None:
-        async with site.raw_client(WORKER_ATTACKER) as client:
+        async with site.raw_client(WORKER_ATTACKER, data=True) as client:  # frames: the data listener
             for topic, frame in sends:
                 await client.publish(topic, frame, qos=1)
 
     asyncio.run(inject())
     status = site.wait_status(lambda seen: forged_counts(seen) >= before + len(sends), timeout_s=20)
     assert forged_counts(status) - before >= len(sends), (len(sends), status["frames_forged"])  # telemetry
-    assert keyed, plan  # some hop where mec is the wrong sender, even with the epoch's key
+    assert keyed, plan  # some hop where eve is the wrong sender, even with the epoch's key
     site.assert_exact()
 
 
@@ -307,43 +312,82 @@ def test_forged_node_down_abort_epoch_and_emulation_are_never_delivered(site: Se
     site.assert_exact()
 
 
-@pytest.mark.parametrize("victim", ["broadcaster-control", "car-data", "car-control"])
-def test_session_take_over_gains_nothing_and_the_service_comes_back(site: SecureSite, victim: str) -> None:
-    """mallory connects with a service's MQTT client id, keeping its session (clean start
-    off). Mosquitto hands the session over (the service is disconnected), but checks every
-    delivery and publish against mallory's own identity: it reads nothing of the session's
-    subscriptions and may publish nothing. The service reconnects (taking its id back) and
+@pytest.mark.parametrize("victim, data", [("broadcaster", False), ("car", False), ("car", True)])
+def test_session_take_over_is_impossible_and_the_service_keeps_its_session(site: SecureSite, victim: str,
+                                                                         data: bool) -> None:  # fmt: skip
+    """mallory connects asking for a service's MQTT client ids, the one the service's bus
+    asks for (``{cluster}-{origin}-{plane}``) and the one the broker gives it (on the
+    control listener the identity, on the data listener the certificate's subject),
+    keeping the session (clean start off). The broker makes mallory's own username its client id: mallory gets a
+    session of its own, the service is not disconnected (no "connection lost" in its log,
+    no Last Will), mallory reads nothing and its forged plan is delivered to no one, and
     the stack keeps answering exactly."""
-    identifier = f"{site.cluster}-{victim}"
+    plane = "data" if data else "control"
+    identifiers = (f"{site.cluster}-{victim}-{plane}", subject_username(victim) if data else victim)
     plan = current_plan(site)
     got: list[str] = []
-    kicked = False
+    lost_before = site.log(victim).count(f"{plane} connection to")
 
     async def take_over() -> None:
-        nonlocal kicked
-        try:
-            async with site.raw_client(ATTACKER, identifier=identifier, clean_start=False) as client:
-                await client.publish(PLAN.topic(site.cluster), codec.encode(forged_plan(plan), origin=ATTACKER, seq=1), qos=1)
+        for identifier in identifiers:
+            async with site.raw_client(ATTACKER, identifier=identifier, clean_start=False, data=data) as client:
+                await client.publish(PLAN.topic(site.cluster), codec.encode(forged_plan(plan), origin=ATTACKER, seq=1),
+                                     qos=1)  # fmt: skip
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(4):
+                    async with asyncio.timeout(2.5):
                         async for message in client.messages:
                             got.append(str(message.topic))
-        except aiomqtt.MqttError:
-            kicked = True  # the service took its client id back
 
-    async def scenario() -> tuple[list[str], RequestFinished]:
+    async def scenario() -> tuple[list[Any], RequestFinished]:
         async with site.watch() as watch:
             async with asyncio.TaskGroup() as group:
                 group.create_task(take_over())
                 await asyncio.sleep(0.5)
-                result = await site.generate((3, 1, 4, 1, 5), 6, timeout_s=90)  # during the take-over
-        return [d.topic for d in watch.seen if d.topic == PLAN.topic(site.cluster)], result
+                result = await site.generate((3, 1, 4, 1, 5), 6, timeout_s=90)  # during the attempt
+        status_topic = NODE_STATUS.topic(site.cluster, node=victim)
+        return [d.topic for d in watch.seen if d.topic == PLAN.topic(site.cluster)
+                or (d.topic == status_topic and b"offline" in d.payload)], result  # fmt: skip
 
-    plans, result = asyncio.run(scenario())
-    print(f"take-over of {identifier}: mallory received {len(got)} messages, kicked back: {kicked}")
+    seen, result = asyncio.run(scenario())
+    print(f"take-over of {identifiers}: mallory received {len(got)} messages")
     assert got == [], got  # nothing of the service's subscriptions reached mallory
-    assert plans == [], plans  # its publish under the stolen id was denied
+    assert seen == [], seen  # its publish was denied, and the service left no Last Will
+    assert site.log(victim).count(f"{plane} connection to") == lost_before  # never disconnected
     assert tuple(result.token_ids) == site.expected((3, 1, 4, 1, 5), 6)
     assert current_plan(site) == plan
     site.assert_exact()
 
+
+def test_a_compromised_worker_writing_into_a_clients_replies_is_not_believed(site: SecureSite) -> None:
+    """eve (a worker: the ACL must let workers answer any client) writes a forged final
+    answer and forged tokens for alice's running request into alice's reply topic, once
+    unsealed and once with a made-up MAC. They are delivered (the watcher sees them), and
+    alice's client drops them: only its entry knows the request's reply key. Without that
+    check the forged RequestFinished would end the request with eve's tokens."""
+    prompt, length = (2, 7, 1, 8), 40
+    forged_ids = (0,) * length
+
+    async def scenario() -> tuple[tuple[int, ...], dict[str, int], int]:
+        async with site.watch() as watch, site.raw_client(WORKER_ATTACKER) as eve:
+            options = ClientOptions(site.settings(VICTIM), timeout_s=90)
+            async with Client(options=options) as client:
+                stream = client.generate(prompt, max_new_tokens=length)
+                async for token in stream:
+                    if token.index == 0:  # the request is running: forge its answer now
+                        rid, topic = token.request_id, REPLIES.topic(site.cluster, client=VICTIM)
+                        finished = RequestFinished(request_id=rid, token_ids=forged_ids, text="pwned",
+                                                   finish_reason="length", ttft_s=0.1, tpot_s=0.1)  # fmt: skip
+                        fake = TokenGenerated(request_id=rid, index=1, token_id=0, text="pwned")
+                        for reply in (fake, finished, fake.model_copy(update={"mac": "ab" * 32}),
+                                      finished.model_copy(update={"mac": "ab" * 32})):  # fmt: skip
+                            await eve.publish(topic, codec.encode(reply, origin="car", seq=1), qos=1)
+                assert stream.result is not None
+                refusals = client.refusals()
+            delivered = len(watch.carrying(b"pwned"))
+        return tuple(stream.result.token_ids), refusals, delivered
+
+    tokens, refusals, delivered = asyncio.run(scenario())
+    assert delivered == 4  # the ACL let them through to alice's topic
+    assert tokens == site.expected(prompt, length)  # alice got her entry's answer, not eve's
+    assert refusals.get("Reply_forged", 0) >= 1, refusals
+    site.assert_exact()

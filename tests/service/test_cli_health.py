@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
 from services.cli import main
 from services.cli.health import Target, target_from, verdict
-from shared.broker import LocalBroker
+from shared.broker import LocalBroker, free_port
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.messages import NodeStatus, ServiceStatus
+from shared.security import pki
 from shared.security.reporting import report_refusals
 from shared.topics import NODE_STATUS, SERVICE_STATUS
 
@@ -123,3 +125,27 @@ def test_verdict_and_target_rules() -> None:
     assert target_from(None, None, {"EDGESPLIT_CLIENT_ID": "monitor"}) == service
     assert target_from(None, None, {"EDGESPLIT_CLIENT_ID": "x", "EDGESPLIT_NODE_ID": "car"}) == node
     assert target_from("monitor", None, {"EDGESPLIT_NODE_ID": "car"}) == service
+
+
+def test_the_checked_processs_own_certificate_is_refused_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the secure profile the broker makes a certificate's identity the client id: a
+    check with the orchestrator's certificate would take the orchestrator's session. It is
+    refused before connecting (exit 2, one line); another identity's certificate is not."""
+    ca = pki.create_ca(tmp_path / "ca")
+    for name in ("orchestrator", "health-orchestrator"):
+        pki.issue(ca, tmp_path / "certs", name)
+    own = ["--tls-cert", str(tmp_path / "certs/orchestrator.crt"), "--tls-key", str(tmp_path / "certs/orchestrator.key")]
+    broker = f"mqtts://127.0.0.1:{free_port()}"  # nothing listens: only a refusal can be quick and exit 2
+    assert main(["health", "--broker", broker, "--service", "orchestrator", "--wait-s", "1", *own]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "take over that process's session" in err and "Traceback" not in err
+    monkeypatch.setenv("EDGESPLIT_CLIENT_ID", "orchestrator")  # a container's own identity, checking another
+    assert main(["health", "--broker", broker, "--service", "monitor", "--wait-s", "1", *own]) == 2
+    capsys.readouterr()
+    other = ["--tls-cert", str(tmp_path / "certs/health-orchestrator.crt"),
+             "--tls-key", str(tmp_path / "certs/health-orchestrator.key")]  # fmt: skip
+    monkeypatch.delenv("EDGESPLIT_CLIENT_ID")
+    assert main(["health", "--broker", broker, "--service", "orchestrator", "--wait-s", "1", *other]) == 1  # unreachable
+    assert "take over" not in capsys.readouterr().err

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from services.broadcaster.logic import BroadcastConfig, BroadcastState, Requested, apply
+from services.cli import main
 from shared.config import BusSettings
 from shared.errors import ConfigError
 from shared.messages import Message, PrepareEpoch, RolloutRequested
 from shared.messages.base import sign
+from shared.security.creds import init_state
 from shared.security.role_keys import (
     SIGNER_OF,
     SIGNING_ROLES,
@@ -111,3 +113,36 @@ def test_monitor_and_orchestrator_need_only_their_role_key_on_the_secure_profile
     (tmp_path / "orchestrator.key").write_text("garbage")
     with pytest.raises(ConfigError, match="unreadable"):
         require_signing_key(BusSettings(broker_url=secure, role_key_file=tmp_path / "orchestrator.key"), "orchestrator")
+
+
+def test_rotating_a_role_key_retires_the_old_pair_and_receivers_follow_on_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`creds rotate broadcaster`: a new pair, the old one kept under keys/retired. A
+    receiver started with the old public keys refuses the new key's plans; one started
+    (restarted) with the new public keys accepts them and refuses the old key's."""
+    root = tmp_path / "state"
+    init_state(root, None, cluster="rot")
+    keys = root / "keys"
+    old_signer, before = load_signer(private_key_file(keys, "broadcaster")), load_verifier(keys)
+    old_public = public_key_file(keys, "broadcaster").read_text()
+    assert main(["creds", "rotate", "broadcaster", "--state", str(root)]) == 0
+    assert "restart every process" in capsys.readouterr().out
+    retired = sorted((keys / "retired").iterdir())
+    assert [path.suffix for path in retired] == [".key", ".pub"] and retired[1].read_text() == old_public
+    assert stat.S_IMODE(retired[0].stat().st_mode) == 0o600 and stat.S_IMODE((keys / "retired").stat().st_mode) == 0o700
+    assert public_key_file(keys, "broadcaster").read_text() != old_public
+    new_signer, after = load_signer(private_key_file(keys, "broadcaster")), load_verifier(keys)
+    old_plan, new_plan = old_signer.sign(plan(4)), new_signer.sign(plan(5))
+    running = ControlGate(KEY, "not restarted", verifier=before)
+    assert running.accept(old_plan) and not running.accept(new_plan)
+    restarted = ControlGate(KEY, "restarted", verifier=after)
+    assert restarted.accept(new_plan) and not restarted.accept(old_plan)
+    assert restarted.counters == Counter({"Plan_forged": 1})
+    # the other roles' keys are untouched
+    assert load_signer(private_key_file(keys, "orchestrator")).role == "orchestrator"
+    # a role that signs nothing, or a folder that is no state folder: one line, exit 2
+    assert main(["creds", "rotate", "worker", "--state", str(root)]) == 2
+    assert main(["creds", "rotate", "broadcaster", "--state", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err and "signing roles" in err

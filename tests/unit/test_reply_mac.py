@@ -1,0 +1,39 @@
+"""Replies sealed with the request's reply key (shared/messages/requests.py)."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from shared import codec
+from shared.messages import EmbeddingReady, RequestFailed, RequestFinished, TokenGenerated
+from shared.messages.requests import Reply, reply_sealed, seal_reply
+
+KEY = secrets.token_hex(32)
+REPLIES: tuple[Reply, ...] = (
+    TokenGenerated(request_id="a1b2c3d4e5f60718", index=3, token_id=42, text=" Berlin"),  # type: ignore[arg-type]
+    RequestFinished(request_id="a1b2c3d4e5f60718", token_ids=(1, 2, 3), text="abc",  # type: ignore[arg-type]
+                    ttft_s=0.25, tpot_s=0.0625),  # fmt: skip
+    EmbeddingReady(request_id="a1b2c3d4e5f60718", embedding=(0.1, -0.5, 1e-9), elapsed_s=0.01),  # type: ignore[arg-type]
+    RequestFailed(request_id="a1b2c3d4e5f60718", error="busy", message="queue full"),  # type: ignore[arg-type]
+)
+
+
+@pytest.mark.parametrize("reply", REPLIES, ids=lambda reply: reply.kind)
+def test_a_sealed_reply_verifies_after_the_wire_and_nothing_else_does(reply: Reply) -> None:
+    sealed = seal_reply(reply, KEY)
+    received = codec.decode(codec.encode(sealed, origin="car", seq=1)).message
+    assert reply_sealed(received, KEY)  # type: ignore[arg-type]
+    assert not reply_sealed(reply, KEY)  # unsealed
+    assert not reply_sealed(sealed, secrets.token_hex(32))  # another key
+    assert not reply_sealed(sealed.model_copy(update={"mac": "ab" * 32}), KEY)  # a made-up MAC
+    field = next(name for name in ("index", "token_ids", "embedding", "message") if name in type(reply).model_fields)
+    changed = {"index": 4, "token_ids": (9,), "embedding": (0.2,), "message": "other"}[field]
+    assert not reply_sealed(sealed.model_copy(update={field: changed}), KEY)  # any field changed
+
+
+def test_the_finished_copy_for_the_orchestrator_carries_no_mac() -> None:
+    sealed = seal_reply(REPLIES[1], KEY)
+    assert isinstance(sealed, RequestFinished)
+    assert sealed.without_content().mac == ""
