@@ -53,12 +53,16 @@ class ReplySender:
         self._ready = asyncio.Event()
         self._keys: OrderedDict[str, str] = OrderedDict()
 
-    def remember(self, request_id: str, reply_key: str | None) -> None:
+    def remember(self, request_id: str, reply_key: str | None, *, new: bool = False) -> None:
         """Seal the replies of ``request_id`` with ``reply_key`` (None: send them unsealed).
         The first key given for a request stays (a client keeps one key per request; a
-        later key under the same id cannot redirect the seal)."""
+        later key under the same id cannot redirect the seal of a request in flight)
+        unless ``new``: the entry took it as a new request under an id that ended before
+        (a client may reuse its ids; that request's replies go to its own key)."""
         if reply_key is None:
             return
+        if new:
+            self._keys[request_id] = reply_key
         self._keys.setdefault(request_id, reply_key)
         self._keys.move_to_end(request_id)
         while len(self._keys) > REPLY_KEYS_KEPT:

@@ -437,6 +437,7 @@ class WorkerService:
             return
         if await entry.repeat(request):
             return  # a redelivery or a resubmission of a request this entry has seen
+        self.replies.remember(request.request_id, request.reply_key, new=True)
         entry.max_in_flight, entry.max_queued = self._max_in_flight(), self._max_queued(entry)
         admitted = entry.admit(request)
         if isinstance(admitted, RequestFailed):

@@ -37,3 +37,42 @@ def test_the_finished_copy_for_the_orchestrator_carries_no_mac() -> None:
     sealed = seal_reply(REPLIES[1], KEY)
     assert isinstance(sealed, RequestFinished)
     assert sealed.without_content().mac == ""
+
+
+class _Recorder:
+    """The one Bus method ReplySender uses, recording what it publishes."""
+
+    def __init__(self) -> None:
+        self.sent: list[Reply] = []
+
+    async def publish(self, topic: object, message: Reply, **_: str) -> None:
+        self.sent.append(message)
+
+
+def test_a_request_in_flight_keeps_its_first_key_and_a_new_request_under_an_old_id_gets_its_own() -> None:
+    import asyncio
+
+    from services.worker.replies import ReplySender
+
+    first, second = secrets.token_hex(32), secrets.token_hex(32)
+    reply = REPLIES[2]
+
+    async def send_one(sender: ReplySender, recorder: _Recorder) -> Reply:
+        sender.queue("alice", reply)
+        task = asyncio.create_task(sender.run(recorder))  # type: ignore[arg-type]
+        while not recorder.sent:
+            await asyncio.sleep(0)
+        task.cancel()
+        return recorder.sent.pop()
+
+    async def scenario() -> tuple[Reply, Reply]:
+        sender, recorder = ReplySender("car"), _Recorder()
+        sender.remember(reply.request_id, first)
+        sender.remember(reply.request_id, second)  # a resubmission cannot redirect the seal
+        kept = await send_one(sender, recorder)
+        sender.remember(reply.request_id, second, new=True)  # the entry took a new request
+        return kept, await send_one(sender, recorder)
+
+    kept, renewed = asyncio.run(scenario())
+    assert reply_sealed(kept, first) and not reply_sealed(kept, second)
+    assert reply_sealed(renewed, second) and not reply_sealed(renewed, first)
