@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 import pytest
@@ -44,14 +45,14 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.sent: list[Reply] = []
+        self.published = asyncio.Event()
 
     async def publish(self, topic: object, message: Reply, **_: str) -> None:
         self.sent.append(message)
+        self.published.set()
 
 
 def test_a_request_in_flight_keeps_its_first_key_and_a_new_request_under_an_old_id_gets_its_own() -> None:
-    import asyncio
-
     from services.worker.replies import ReplySender
 
     first, second = secrets.token_hex(32), secrets.token_hex(32)
@@ -59,9 +60,9 @@ def test_a_request_in_flight_keeps_its_first_key_and_a_new_request_under_an_old_
 
     async def send_one(sender: ReplySender, recorder: _Recorder) -> Reply:
         sender.queue("alice", reply)
+        recorder.published.clear()
         task = asyncio.create_task(sender.run(recorder))  # type: ignore[arg-type]
-        while not recorder.sent:
-            await asyncio.sleep(0)
+        await asyncio.wait_for(recorder.published.wait(), 5.0)
         task.cancel()
         return recorder.sent.pop()
 
