@@ -25,7 +25,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -34,6 +40,7 @@ from shared.errors import ConfigError
 from shared.messages import CapacityProfile
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` series: Prometheus does not need them
 
 READ_TIMEOUT_S = 2.0
 """How long a scrape waits for the service's event loop to read its state."""
@@ -45,6 +52,9 @@ Kind = Literal["counter", "gauge"]
 READ_SERIES: dict[str, tuple[Kind, str, tuple[str, ...]]] = {
     "edgesplit_messages": (
         "counter", "Messages or frames this process dropped, found duplicate or refused, since it started",
+        ("disposition",)),
+    "edgesplit_message_reasons": (
+        "counter", "edgesplit_messages by the counter that counted them (a bus queue, a check)",
         ("disposition", "reason")),
     "edgesplit_node_utilisation": ("gauge", "CPU utilisation of a node, 0-1", ("node",)),
     "edgesplit_node_compute_busy": ("gauge", "Share of time a node's compute thread was busy, 0-1", ("node",)),
@@ -74,36 +84,49 @@ class Reading:
 Reader = Callable[[], Iterable[Reading]]
 
 
-class ServiceMetrics:
-    """The series of one process. Feed the event series directly (thread-safe); add
-    readers for the rest. Constructor does no I/O."""
+EventSeries = Literal["latency", "tokens", "requests", "replans", "replan_stall", "rollouts", "proposals"]
 
-    def __init__(self, service: str) -> None:
+
+class ServiceMetrics:
+    """The series of one process. ``fed``: the event series it feeds (the others exist,
+    count nothing and are not exported): ``latency`` (time to first token, time per output
+    token), ``tokens``, ``requests``, ``replans``, ``replan_stall``, ``rollouts``,
+    ``proposals``. Feed them directly (thread-safe); add readers for the rest.
+    Constructor does no I/O."""
+
+    def __init__(self, service: str, fed: Iterable[EventSeries] = ()) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
         self.time_to_first_token_s = Histogram(
             "edgesplit_time_to_first_token_seconds", "Time from a request to its first token",
-            buckets=LATENCY_BUCKETS_S, registry=registry)  # fmt: skip
+            buckets=LATENCY_BUCKETS_S, registry=None)  # fmt: skip
         self.time_per_output_token_s = Histogram(
             "edgesplit_time_per_output_token_seconds", "Time between consecutive output tokens",
-            buckets=LATENCY_BUCKETS_S, registry=registry)  # fmt: skip
-        self.tokens = Counter("edgesplit_tokens_generated", "Output tokens delivered", registry=registry)
-        self.requests = Counter("edgesplit_requests", "Requests by outcome (ok or the error kind)",
-                                ["kind", "outcome"], registry=registry)  # fmt: skip
+            buckets=LATENCY_BUCKETS_S, registry=None)  # fmt: skip
+        self.tokens = Counter("edgesplit_tokens_generated", "Output tokens delivered", registry=None)
+        self.requests = Counter("edgesplit_requests", "Requests by kind (generate, embed) and outcome "
+                                "(ok, cancelled, or OpenAI's error code)", ["kind", "outcome"], registry=None)  # fmt: skip
         self.replans = Counter("edgesplit_replans", "Re-plans decided, by trigger and kind (migrate, resplit)",
-                               ["trigger", "kind"], registry=registry)  # fmt: skip
+                               ["trigger", "kind"], registry=None)  # fmt: skip
         self.replan_stall_s = Histogram(
             "edgesplit_replan_stall_seconds",
             "Stall of a re-plan: prepare (PREPARE to COMMIT, broadcaster) or kv_handoff (a request's "
             "wait at the token boundary, entry worker)", ["phase"], buckets=LATENCY_BUCKETS_S,
-            registry=registry)  # fmt: skip
-        self.rollouts = Counter("edgesplit_rollouts", "Epoch roll-outs by outcome", ["outcome"], registry=registry)
+            registry=None)  # fmt: skip
+        self.rollouts = Counter("edgesplit_rollouts", "Epoch roll-outs by outcome", ["outcome"], registry=None)
         self.proposals = Counter("edgesplit_plan_proposals", "Plans the split reviser answered, by outcome",
-                                 ["outcome"], registry=registry)  # fmt: skip
+                                 ["outcome"], registry=None)  # fmt: skip
+        groups: dict[EventSeries, tuple[Collector, ...]] = {
+            "latency": (self.time_to_first_token_s, self.time_per_output_token_s), "tokens": (self.tokens,),
+            "requests": (self.requests,), "replans": (self.replans,), "replan_stall": (self.replan_stall_s,),
+            "rollouts": (self.rollouts,), "proposals": (self.proposals,),
+        }  # fmt: skip
+        for name in dict.fromkeys(fed):
+            for collector in groups[name]:
+                self.registry.register(collector)
         self._readers: list[Reader] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        registry.register(_ReadCollector(self))
+        self.registry.register(_ReadCollector(self))
 
     def add_reader(self, reader: Reader) -> None:
         self._readers.append(reader)
@@ -187,22 +210,28 @@ def families(readings: Iterable[Reading]) -> list[Metric]:
     return list(built.values())
 
 
+DISPOSITIONS = ("dropped", "duplicate", "refused")
+
+
 def message_readings(bus_counters: Mapping[str, int], refusals: Mapping[str, int] | None = None,
                      counters: Mapping[str, int] | None = None) -> list[Reading]:  # fmt: skip
-    """``edgesplit_messages`` from a bus's counters (overflow:* and unroutable dropped,
+    """``edgesplit_messages`` (always one per disposition, 0 included) and
+    ``edgesplit_message_reasons`` from a bus's counters (overflow:* and unroutable dropped,
     malformed:* refused), signature refusals (``{Kind}_{why}``, refused) and a service's
     own counters (see `disposition_of`)."""
-    readings = []
+    counted: list[tuple[str, str, int]] = []
     for key, count in sorted(bus_counters.items()):
-        disposition = "refused" if key.startswith("malformed:") else "dropped"
-        readings.append(Reading("edgesplit_messages", float(count), (disposition, key)))
-    for key, count in sorted((refusals or {}).items()):
-        readings.append(Reading("edgesplit_messages", float(count), ("refused", key)))
+        counted.append(("refused" if key.startswith("malformed:") else "dropped", key, count))
+    counted += [("refused", key, count) for key, count in sorted((refusals or {}).items())]
     for key, count in sorted((counters or {}).items()):
-        kind = disposition_of(key)
-        if kind is not None:
-            readings.append(Reading("edgesplit_messages", float(count), (kind, key)))
-    return readings
+        meaning = disposition_of(key)
+        if meaning is not None:
+            counted.append((meaning, key, count))
+    totals = dict.fromkeys(DISPOSITIONS, 0)
+    for kind, _key, count in counted:
+        totals[kind] += count
+    return [*(Reading("edgesplit_messages", float(total), (name,)) for name, total in totals.items()),
+            *(Reading("edgesplit_message_reasons", float(count), (kind, key)) for kind, key, count in counted)]
 
 
 def disposition_of(counter: str) -> Literal["dropped", "duplicate", "refused"] | None:

@@ -132,7 +132,7 @@ class BroadcasterService:
         self.ready = asyncio.Event()
         """Set once the retained state is read and any interrupted rollout is settled."""
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
-        self.metrics = ServiceMetrics("broadcaster")
+        self.metrics = ServiceMetrics("broadcaster", ("replan_stall", "rollouts"))
         self._bus: Bus | None = None
 
     async def run(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.cli.gateway_up import gateway_arguments
+from services.cli.metrics_up import assign_metrics_ports, write_targets
 from services.cli.secure_up import start_secure_broker_for
 from shared.broker import LocalBroker, mqtt_answers, start_local_broker
 from shared.bus import Bus
@@ -348,10 +349,11 @@ OPEN_BROKER = ("the broker is OPEN (anonymous, no TLS): anyone who reaches it ca
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
              run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False,
              secure: SecureOptions | None = None, weights: str = "fp32",
-             http: tuple[str, int] | None = None) -> None:  # fmt: skip
+             http: tuple[str, int] | None = None, metrics: bool = False) -> None:  # fmt: skip
     """Run the stack until cancelled; with ``secure``, on the secure profile; the workers
     load shards whose linear weights are stored in ``weights`` (`up --weights`); with
-    ``http``, the OpenAI-compatible gateway listens there (`up --http`)."""
+    ``http``, the OpenAI-compatible gateway listens there (`up --http`); with ``metrics``,
+    every process serves Prometheus /metrics on a free port (`up --metrics`)."""
     if secure is None:
         say(OPEN_BROKER)
     topology_path = topology_file or DEFAULT_TOPOLOGY
@@ -379,6 +381,14 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             f"secure Mosquitto: TLS with client certificates at {launch.broker.url}, passwords on "
             f"loopback at {launch.broker.password_url}; as the client identity: "
             f"{launch.client_hint(StateDir(secure.state))} edgesplit generate ...")  # fmt: skip
+    if metrics:
+        names = [*(node.id for node in topology.nodes), "split-reviser"]
+        names += [] if static else list(CONTROL_SERVICES)
+        names += ["gateway"] if http is not None and secure is None else []
+        targets = assign_metrics_ports(names, environments)
+        targets_file = write_targets(run_dir, targets, settings.cluster)
+        say(f"Prometheus metrics: http://{targets[names[0]]}/metrics and {len(names) - 1} more "
+            f"(one port per process), listed in {targets_file}")  # fmt: skip
     try:
         async with Bus(settings) as bus:
             for node in topology.nodes:
@@ -412,7 +422,8 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             if http is not None and secure is None:
                 arguments, url = gateway_arguments(http, model_dir)
                 stack.logs["gateway"] = run_dir / "gateway.log"
-                stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"])
+                stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"],
+                                                          environments.get("gateway"))  # fmt: skip
                 print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']})", flush=True)
             elif http is not None:
                 say("the gateway is not started with --secure (it has no client identity yet)")
@@ -450,11 +461,11 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
            static: bool = False, secure: SecureOptions | None = None, weights: str = "fp32",
-           http: tuple[str, int] | None = None) -> int:  # fmt: skip
+           http: tuple[str, int] | None = None, metrics: bool = False) -> int:  # fmt: skip
     """Blocking entry point for the CLI; SIGINT (Ctrl-C) or SIGTERM stops everything it started."""
     try:
         asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static,
-                                        secure=secure, weights=weights, http=http)))  # fmt: skip
+                                        secure=secure, weights=weights, http=http, metrics=metrics)))  # fmt: skip
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     except BaseExceptionGroup as group:

@@ -41,9 +41,11 @@ from services.gateway.openai_api import (
     unknown_model,
 )
 from shared.messages import Plan, TokenGenerated
-from shared.metrics import ServiceMetrics
+from shared.metrics import EventSeries, ServiceMetrics
 
 Handler = Callable[[Request], Awaitable[Response]]
+GATEWAY_SERIES: tuple[EventSeries, ...] = ("latency", "tokens", "requests")
+"""The Prometheus series the gateway feeds (shared/metrics.py)."""
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Backend:
     chat_template: ChatTemplate
     api_key: str | None = None
     request_timeout_s: float = 120.0
-    metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics("gateway"))
+    metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics("gateway", GATEWAY_SERIES))
     dashboard: DashboardState = field(default_factory=DashboardState)
 
 

@@ -20,7 +20,7 @@ import uvicorn
 from pydantic import Field
 
 from services.cli.client import Client, ClientOptions
-from services.gateway.app import Backend, build_app
+from services.gateway.app import GATEWAY_SERIES, Backend, build_app
 from services.gateway.chat import ChatTemplate
 from services.gateway.dashboard import DashboardState
 from shared.config import BusSettings
@@ -61,7 +61,7 @@ class GatewayService:
         self.settings = settings
         self.ready = asyncio.Event()
         self.address: tuple[str, int] | None = None
-        self.metrics = ServiceMetrics("gateway")
+        self.metrics = ServiceMetrics("gateway", GATEWAY_SERIES)
         self.dashboard = DashboardState()
 
     async def run(self) -> None:

@@ -117,7 +117,7 @@ class OrchestratorService:
         """Each node's trust from the operator's registry (None: as the profile says)."""
         self.tracker = records.TpotTracker()
         self._origin = settings.client_id or f"orchestrator-{secrets.token_hex(4)}"
-        self.metrics = ServiceMetrics("orchestrator")
+        self.metrics = ServiceMetrics("orchestrator", ("replans",))
         self._triggers: asyncio.Queue[Trigger] = asyncio.Queue(maxsize=256)
         self._profile_seen = asyncio.Event()
         self._profile_for_watch = asyncio.Event()

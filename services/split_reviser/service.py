@@ -62,7 +62,7 @@ class SplitReviserService:
         self.ready = asyncio.Event()
         self.counters: Counter[str] = Counter()
         self._origin = settings.client_id or f"split-reviser-{secrets.token_hex(4)}"
-        self.metrics = ServiceMetrics("split-reviser")
+        self.metrics = ServiceMetrics("split-reviser", ("proposals",))
 
     async def run(self) -> None:
         """Load the manifest, then answer requests until cancelled.

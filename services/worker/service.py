@@ -107,7 +107,7 @@ class WorkerService:
         self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
         self._announced_refusals: dict[str, int] = {}
-        self.metrics = ServiceMetrics(f"worker {self.node}")
+        self.metrics = ServiceMetrics(f"worker {self.node}", ("replan_stall",))
         self.metrics.add_reader(self._readings)
 
     # The committed epoch's state, as telemetry and status read it.
