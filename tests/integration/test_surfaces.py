@@ -113,7 +113,7 @@ def _browser() -> object:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1280,1000"):  # fmt: skip
+                     "--window-size=1280,1150"):  # fmt: skip
         options.add_argument(argument)
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
