@@ -44,7 +44,17 @@ def mqtt_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
     return len(reply) == 4 and reply[0] == 0x20 and reply[3] == 0
 
 
+MOSQUITTO_ENV = "EDGESPLIT_MOSQUITTO"
+"""The Mosquitto binary to run (a path), or ``none``: behave as on a machine without one
+(`edgesplit up` then runs the embedded broker, shared/embedded_broker.py)."""
+
+
 def find_mosquitto() -> str | None:
+    chosen = os.environ.get(MOSQUITTO_ENV, "").strip()
+    if chosen.lower() == "none":
+        return None
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
     return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
         None,

@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 from services.cli.gateway_up import gateway_arguments
 from services.cli.metrics_up import assign_metrics_ports, write_targets
 from services.cli.secure_up import start_secure_broker_for
-from shared.broker import LocalBroker, mqtt_answers, start_local_broker
+from shared.broker import LocalBroker, find_mosquitto, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
+from shared.embedded_broker import LIMITS, EmbeddedBroker
 from shared.errors import BrokerUnavailable, ServingError
 from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
@@ -90,8 +91,9 @@ def ensure_shards(model_dir: Path, shards_dir: Path, weights: str = "fp32") -> P
     return shards_dir
 
 
-def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
-    """Start Mosquitto on the URL's port when nothing answers there and the host is local."""
+def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | EmbeddedBroker | None:
+    """Start Mosquitto on the URL's port when nothing answers there and the host is local;
+    without a Mosquitto binary, the embedded broker (amqtt) instead, saying its limits."""
     address = settings.broker
     if mqtt_answers(address.host, address.port):
         say(f"using the MQTT broker already at {address.redacted()} (cluster {settings.cluster}); "
@@ -99,6 +101,12 @@ def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
         return None
     if address.host not in LOCAL_HOSTS or address.tls:
         raise BrokerUnavailable(f"no MQTT broker answers at {settings.broker.redacted()}")
+    if find_mosquitto() is None:
+        embedded = EmbeddedBroker(port=address.port).start()
+        say(f"no broker answered at {address.redacted()} and no Mosquitto is installed; started the "
+            f"embedded broker (amqtt) on port {address.port}: {LIMITS}. For real use install Mosquitto "
+            f"(Debian: apt-get install mosquitto)")  # fmt: skip
+        return embedded
     broker = start_local_broker(port=address.port, data_dir=data_dir)
     say(f"no broker answered at {address.redacted()}; started Mosquitto on port {address.port} "
         f"(config deploy/mosquitto/mosquitto.conf, log {data_dir / 'mosquitto.log'})")  # fmt: skip
@@ -109,7 +117,7 @@ def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
 class Stack:
     """What `up` started, so it can stop exactly that."""
 
-    broker: LocalBroker | None = None
+    broker: LocalBroker | EmbeddedBroker | None = None
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     """Control-plane services (the split reviser), by name."""
@@ -291,7 +299,7 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
                 manifest_sha256=manifest_sha256).sign(key)
 
 
-async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
+async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | EmbeddedBroker | None:
     """`ensure_broker` off the loop; a signal meanwhile lets the start finish and stops
     the broker it started, so none outlives `up`."""
     starting = asyncio.ensure_future(asyncio.to_thread(ensure_broker, settings, data_dir))
@@ -381,6 +389,10 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             f"secure Mosquitto: TLS with client certificates at {launch.broker.url}, passwords on "
             f"loopback at {launch.broker.password_url}; as the client identity: "
             f"{launch.client_hint(StateDir(secure.state))} edgesplit generate ...")  # fmt: skip
+    if isinstance(stack.broker, EmbeddedBroker):  # MQTT 3.1.1 only: no MQTT 5 attempt first
+        settings = load_settings(type(settings), {**settings.model_dump(), "protocol": "3.1.1"})
+        for name in [*(node.id for node in topology.nodes), "split-reviser", *CONTROL_SERVICES, "gateway"]:
+            environments.setdefault(name, {})["EDGESPLIT_PROTOCOL"] = "3.1.1"
     if metrics:
         names = [*(node.id for node in topology.nodes), "split-reviser"]
         names += [] if static else list(CONTROL_SERVICES)
