@@ -15,7 +15,10 @@ from pathlib import Path
 
 from shared.errors import BrokerUnavailable
 
-CONFIG_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf"
+_CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf"
+CONFIG_TEMPLATE = (_CHECKOUT_CONFIG if _CHECKOUT_CONFIG.is_file()
+                   else Path(__file__).resolve().parent / "packaged" / "mosquitto.conf")  # fmt: skip
+"""deploy/mosquitto/mosquitto.conf, or in an installed package its copy in shared/packaged/."""
 
 
 def free_port() -> int:

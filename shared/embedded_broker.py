@@ -49,6 +49,7 @@ class EmbeddedBroker:
                                     "mosquitto) or `pip install amqtt`") from None  # fmt: skip
         for noisy in ("amqtt", "transitions"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger("amqtt.broker").addFilter(_quiet_mqtt5_attempts)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 0}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
@@ -89,3 +90,11 @@ class EmbeddedBroker:
                 log.warning("embedded broker did not shut down cleanly: %s", error)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=timeout_s)
+
+
+def _quiet_mqtt5_attempts(record: logging.LogRecord) -> bool:
+    """False for amqtt's two warnings about a client trying MQTT 5 first (every edgesplit
+    command with ``protocol`` auto does, then falls back to 3.1.1): expected, not news."""
+    text = record.getMessage()
+    return not (text.startswith("Invalid connection from")
+                or (text.startswith("Failed to initialize client session: Invalid protocol") and text.endswith(": 5")))

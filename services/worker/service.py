@@ -372,7 +372,8 @@ class WorkerService:
         counters += self.entry.counters if self.entry else Counter()
         bus = self._bus.counters if self._bus is not None else {}
         node = (self.node,)
-        readings = message_readings(bus, self.gate.refusals(), counters)
+        refusals = self.gate.refusals()  # counted in self.counters too: once here
+        readings = message_readings(bus, refusals, {k: n for k, n in counters.items() if k not in refusals})
         latest = self.telemetry.latest
         if latest is not None:
             readings += [Reading("edgesplit_node_utilisation", latest.cpu_utilisation, node),

@@ -88,10 +88,12 @@ def test_every_process_serves_metrics_that_move_with_generation_and_a_replan(sit
     try:
         how = provoke_replan(plan, site.cluster, site.broker_url, site.env)
         replanned, _ = watch.after(plan.epoch, REPLAN_TIMEOUT_S)
+        completed = traffic.completed
+        _until(lambda: traffic.completed > completed, 60, "a generation after the re-plan")
+        gone = {how.removeprefix("killed ")} if how.startswith("killed") else set()
+        after = _scrape_all(targets, gone)  # while generations run
     finally:
         traffic.close()
-    gone = {how.removeprefix("killed ")} if how.startswith("killed") else set()
-    after = _scrape_all(targets, gone)
     assert total(after["orchestrator"], "edgesplit_replans_total") > total(before["orchestrator"], "edgesplit_replans_total"), how
     assert total(after["broadcaster"], "edgesplit_rollouts_total", outcome="committed") > total(
         before["broadcaster"], "edgesplit_rollouts_total", outcome="committed")
