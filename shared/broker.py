@@ -15,7 +15,10 @@ from pathlib import Path
 
 from shared.errors import BrokerUnavailable
 
-CONFIG_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf"
+_CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf"
+CONFIG_TEMPLATE = (_CHECKOUT_CONFIG if _CHECKOUT_CONFIG.is_file()
+                   else Path(__file__).resolve().parent / "packaged" / "mosquitto.conf")  # fmt: skip
+"""deploy/mosquitto/mosquitto.conf, or in an installed package its copy in shared/packaged/."""
 
 
 def free_port() -> int:
@@ -44,7 +47,17 @@ def mqtt_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
     return len(reply) == 4 and reply[0] == 0x20 and reply[3] == 0
 
 
+MOSQUITTO_ENV = "EDGESPLIT_MOSQUITTO"
+"""The Mosquitto binary to run (a path), or ``none``: behave as on a machine without one
+(`edgesplit up` then runs the embedded broker, shared/embedded_broker.py)."""
+
+
 def find_mosquitto() -> str | None:
+    chosen = os.environ.get(MOSQUITTO_ENV, "").strip()
+    if chosen.lower() == "none":
+        return None
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
     return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
         None,

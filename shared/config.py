@@ -102,6 +102,10 @@ class BusSettings(BaseSettings):
     tls_key_file: Path | None = None
     """The client certificate's private key (PEM); set together with tls_cert_file."""
     models_dir: Path = Path("~/.cache/edgesplit/models").expanduser()
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on http://metrics_host:metrics_port/metrics (shared/metrics.py);
+    None: no metrics endpoint. `edgesplit up` gives each process a free port of its own."""
+    metrics_host: str = "127.0.0.1"
     plan_signing_key: str | None = Field(default=None, repr=False)
     """The cluster's control key (shared/security/signing.py); `up` generates one. Unset:
     the secure profile's services refuse to start; the open profile warns and uses the

@@ -16,7 +16,11 @@ from shared.errors import ConfigError
 from shared.ids import TopicId
 from shared.messages import PrivacyPolicy
 
-DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "deploy" / "topologies" / "default.toml"
+_CHECKOUT_TOPOLOGY = Path(__file__).resolve().parent.parent / "deploy" / "topologies" / "default.toml"
+DEFAULT_TOPOLOGY = (_CHECKOUT_TOPOLOGY if _CHECKOUT_TOPOLOGY.is_file()
+                    else Path(__file__).resolve().parent / "packaged" / "default.toml")  # fmt: skip
+"""deploy/topologies/default.toml; in an installed package (no deploy/), the copy that
+ships in shared/packaged/ (a link to it in the checkout)."""
 
 
 class TopologyNode(BaseModel):

@@ -50,8 +50,10 @@ from shared.messages import (
     Plan,
     PrivacyPolicy,
     PrivacyPolicySet,
+    RolloutFinished,
     RolloutRequested,
 )
+from shared.metrics import Reading, ServiceMetrics, message_readings
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_signer, role_verifier
 from shared.security.signing import ControlGate, control_key
@@ -130,11 +132,15 @@ class BroadcasterService:
         self.ready = asyncio.Event()
         """Set once the retained state is read and any interrupted rollout is settled."""
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
+        self.metrics = ServiceMetrics("broadcaster", ("replan_stall", "rollouts"))
+        self._bus: Bus | None = None
 
     async def run(self) -> None:
         origin = self.settings.client_id or "broadcaster"
         self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
+        self.metrics.add_reader(self._readings)
         async with (
+            self.metrics.served(self.settings),
             Bus(self.settings, origin=origin) as bus,
             bus.subscribe(POLICY) as policies,
             bus.subscribe(PLAN) as plans,
@@ -144,6 +150,7 @@ class BroadcasterService:
             bus.subscribe(NODE_STATUS) as statuses,
             bus.subscribe(PROFILE_EVENTS) as events,
         ):
+            self._bus = bus
             plan, ledger = await self._read_retained(plans, ledgers)
             self.state, actions = recover(self.config, plan, ledger)
             log.info("broadcaster: committed epoch %d, highest epoch used %d",
@@ -268,6 +275,8 @@ class BroadcasterService:
         """Publish each action in order; a publish is retried ``publish_attempts`` times."""
         for action in actions:
             self.counters[f"sent_{action.message.kind}"] += 1
+            if isinstance(action.message, RolloutFinished):
+                self._observe(action.message)
             log.info("broadcaster: %s %s", action.message.kind, _brief(action.message))
             for attempt in range(1, self.settings.publish_attempts + 1):
                 try:
@@ -277,6 +286,18 @@ class BroadcasterService:
                     self.counters["publish_failed"] += 1
                     log.error("broadcaster: %s not published (attempt %d): %s",
                               action.message.kind, attempt, error)  # fmt: skip
+
+    def _observe(self, finished: RolloutFinished) -> None:
+        """A finished rollout into the metrics: its outcome, and how long PREPARE to the
+        outcome took (the re-plan's stall before the switch)."""
+        self.metrics.rollouts.labels(finished.outcome).inc()
+        if finished.outcome == "committed":
+            self.metrics.replan_stall_s.labels("prepare").observe(finished.prepare_s)
+
+    def _readings(self) -> list[Reading]:
+        bus = self._bus.counters if self._bus is not None else {}
+        return [*message_readings(bus, self.gate.refusals()),
+                Reading("edgesplit_plan_epoch", float(self.state.committed_epoch))]
 
     async def _abort_on_exit(self, bus: Bus) -> None:
         """Leaving with a rollout in flight: abort it so no worker stays half-prepared."""

@@ -49,6 +49,7 @@ from services.cli.streams import RetainedFeed, TokenStream
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.errors import (
+    BusError,
     Busy,
     ConfigError,
     ContextTooLong,
@@ -376,6 +377,14 @@ class Client:
         for feed in (self._plans, self._statuses):
             self._track(asyncio.get_running_loop().create_task(feed.run(), name="retained-feed"))
         return self
+
+    @property
+    def bus(self) -> Bus:
+        """The client's broker connection (inside ``async with``), for a caller that
+        follows more topics over it (the gateway's dashboard)."""
+        if self._bus is None:
+            raise BusError("the client is not connected (use it inside `async with`)")
+        return self._bus
 
     async def __aexit__(self, *exc: object) -> None:
         tasks = list(self._running)

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.cli.gateway_up import gateway_arguments
+from services.cli.metrics_up import assign_metrics_ports, write_targets
 from services.cli.secure_up import start_secure_broker_for
-from shared.broker import LocalBroker, mqtt_answers, start_local_broker
+from shared.broker import LocalBroker, find_mosquitto, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
+from shared.embedded_broker import LIMITS, EmbeddedBroker
 from shared.errors import BrokerUnavailable, ServingError
 from shared.messages import EpochReady, EpochRejected, NodeStatus, Plan, PrivacyPolicySet, Segment
 from shared.model.prepare import prepare_model
@@ -89,8 +91,9 @@ def ensure_shards(model_dir: Path, shards_dir: Path, weights: str = "fp32") -> P
     return shards_dir
 
 
-def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
-    """Start Mosquitto on the URL's port when nothing answers there and the host is local."""
+def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | EmbeddedBroker | None:
+    """Start Mosquitto on the URL's port when nothing answers there and the host is local;
+    without a Mosquitto binary, the embedded broker (amqtt) instead, saying its limits."""
     address = settings.broker
     if mqtt_answers(address.host, address.port):
         say(f"using the MQTT broker already at {address.redacted()} (cluster {settings.cluster}); "
@@ -98,6 +101,12 @@ def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
         return None
     if address.host not in LOCAL_HOSTS or address.tls:
         raise BrokerUnavailable(f"no MQTT broker answers at {settings.broker.redacted()}")
+    if find_mosquitto() is None:
+        embedded = EmbeddedBroker(port=address.port).start()
+        say(f"no broker answered at {address.redacted()} and no Mosquitto is installed; started the "
+            f"embedded broker (amqtt) on port {address.port}: {LIMITS}. For real use install Mosquitto "
+            f"(Debian: apt-get install mosquitto)")  # fmt: skip
+        return embedded
     broker = start_local_broker(port=address.port, data_dir=data_dir)
     say(f"no broker answered at {address.redacted()}; started Mosquitto on port {address.port} "
         f"(config deploy/mosquitto/mosquitto.conf, log {data_dir / 'mosquitto.log'})")  # fmt: skip
@@ -108,7 +117,7 @@ def ensure_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
 class Stack:
     """What `up` started, so it can stop exactly that."""
 
-    broker: LocalBroker | None = None
+    broker: LocalBroker | EmbeddedBroker | None = None
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     """Control-plane services (the split reviser), by name."""
@@ -290,7 +299,7 @@ def make_plan(topology: Topology, num_layers: int, epoch: int, model_id: str, ke
                 manifest_sha256=manifest_sha256).sign(key)
 
 
-async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | None:
+async def start_broker(settings: BusSettings, data_dir: Path) -> LocalBroker | EmbeddedBroker | None:
     """`ensure_broker` off the loop; a signal meanwhile lets the start finish and stops
     the broker it started, so none outlives `up`."""
     starting = asyncio.ensure_future(asyncio.to_thread(ensure_broker, settings, data_dir))
@@ -348,10 +357,11 @@ OPEN_BROKER = ("the broker is OPEN (anonymous, no TLS): anyone who reaches it ca
 async def up(settings: BusSettings, topology_file: Path | None, model: str | None,
              run_dir: Path, ready_timeout_s: float = 300.0, static: bool = False,
              secure: SecureOptions | None = None, weights: str = "fp32",
-             http: tuple[str, int] | None = None) -> None:  # fmt: skip
+             http: tuple[str, int] | None = None, metrics: bool = False) -> None:  # fmt: skip
     """Run the stack until cancelled; with ``secure``, on the secure profile; the workers
     load shards whose linear weights are stored in ``weights`` (`up --weights`); with
-    ``http``, the OpenAI-compatible gateway listens there (`up --http`)."""
+    ``http``, the OpenAI-compatible gateway listens there (`up --http`); with ``metrics``,
+    every process serves Prometheus /metrics on a free port (`up --metrics`)."""
     if secure is None:
         say(OPEN_BROKER)
     topology_path = topology_file or DEFAULT_TOPOLOGY
@@ -380,6 +390,18 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             f"{launch.broker.data_url}), passwords on "
             f"loopback at {launch.broker.password_url}; as the client identity: "
             f"{launch.client_hint(StateDir(secure.state))} edgesplit generate ...")  # fmt: skip
+    if isinstance(stack.broker, EmbeddedBroker):  # MQTT 3.1.1 only: no MQTT 5 attempt first
+        settings = load_settings(type(settings), {**settings.model_dump(), "protocol": "3.1.1"})
+        for name in [*(node.id for node in topology.nodes), "split-reviser", *CONTROL_SERVICES, "gateway"]:
+            environments.setdefault(name, {})["EDGESPLIT_PROTOCOL"] = "3.1.1"
+    if metrics:
+        names = [*(node.id for node in topology.nodes), "split-reviser"]
+        names += [] if static else list(CONTROL_SERVICES)
+        names += ["gateway"] if http is not None and secure is None else []
+        targets = assign_metrics_ports(names, environments)
+        targets_file = write_targets(run_dir, targets, settings.cluster)
+        say(f"Prometheus metrics: http://{targets[names[0]]}/metrics and {len(names) - 1} more "
+            f"(one port per process), listed in {targets_file}")  # fmt: skip
     try:
         async with Bus(settings) as bus:
             for node in topology.nodes:
@@ -413,7 +435,8 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
             if http is not None and secure is None:
                 arguments, url = gateway_arguments(http, model_dir)
                 stack.logs["gateway"] = run_dir / "gateway.log"
-                stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"])
+                stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"],
+                                                          environments.get("gateway"))  # fmt: skip
                 print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']})", flush=True)
             elif http is not None:
                 say("the gateway is not started with --secure (it has no client identity yet)")
@@ -451,11 +474,11 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 def run_up(settings: BusSettings, topology_file: Path | None, model: str | None, run_dir: Path,
            static: bool = False, secure: SecureOptions | None = None, weights: str = "fp32",
-           http: tuple[str, int] | None = None) -> int:  # fmt: skip
+           http: tuple[str, int] | None = None, metrics: bool = False) -> int:  # fmt: skip
     """Blocking entry point for the CLI; SIGINT (Ctrl-C) or SIGTERM stops everything it started."""
     try:
         asyncio.run(_until_signalled(up(settings, topology_file, model, run_dir, static=static,
-                                        secure=secure, weights=weights, http=http)))  # fmt: skip
+                                        secure=secure, weights=weights, http=http, metrics=metrics)))  # fmt: skip
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     except BaseExceptionGroup as group:

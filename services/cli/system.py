@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     up.add_argument("--http", metavar="HOST:PORT",
                     help="where the OpenAI-compatible gateway listens (default 127.0.0.1:8000; "
                          "'off' starts none)")  # fmt: skip
+    up.add_argument("--metrics", choices=("on", "off"), default="on",
+                    help="Prometheus /metrics on a free port of each process, listed in "
+                         "RUN/metrics-targets.json (default on)")  # fmt: skip
     up.set_defaults(handler=run_up)
 
     status = subparsers.add_parser(
@@ -114,7 +117,7 @@ def run_up(args: argparse.Namespace) -> int:
         return 2
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="edgesplit-up-"))
     return launch(_settings(args), args.topology, args.model, run_dir, static=args.static,
-                  secure=secure, weights=args.weights, http=http)  # fmt: skip
+                  secure=secure, weights=args.weights, http=http, metrics=args.metrics == "on")  # fmt: skip
 
 
 def _secure_problem(args: argparse.Namespace) -> str | None:

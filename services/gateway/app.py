@@ -18,17 +18,18 @@ import secrets
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.cli.client import Client
-from services.cli.streams import TokenStream
 from services.gateway.chat import ChatTemplate
+from services.gateway.dashboard import DashboardState, dashboard_page, dashboard_view
+from services.gateway.observe import TimedStream, outcome_of
 from services.gateway.openai_api import (
     ApiError,
     Sampling,
@@ -40,8 +41,11 @@ from services.gateway.openai_api import (
     unknown_model,
 )
 from shared.messages import Plan, TokenGenerated
+from shared.metrics import EventSeries, ServiceMetrics
 
 Handler = Callable[[Request], Awaitable[Response]]
+GATEWAY_SERIES: tuple[EventSeries, ...] = ("latency", "tokens", "requests")
+"""The Prometheus series the gateway feeds (shared/metrics.py)."""
 
 
 @dataclass
@@ -53,6 +57,8 @@ class Backend:
     chat_template: ChatTemplate
     api_key: str | None = None
     request_timeout_s: float = 120.0
+    metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics("gateway", GATEWAY_SERIES))
+    dashboard: DashboardState = field(default_factory=DashboardState)
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -67,6 +73,9 @@ def build_app(backend: Backend) -> Starlette:
         Route("/v1/completions", api.guarded(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
         Route("/v1/embeddings", api.guarded(api.embeddings), methods=["POST"]),
+        Route("/dashboard", api.guarded(api.dashboard), methods=["GET"]),
+        Route("/dashboard/state", api.guarded(api.dashboard_state), methods=["GET"]),
+        Route("/dashboard/events", api.guarded(api.dashboard_events), methods=["GET"]),
     ]
     return Starlette(routes=routes)
 
@@ -93,6 +102,8 @@ class _Api:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" and request.url.path.startswith("/dashboard"):
+            scheme, token = "bearer", request.query_params.get("key", "")  # a browser's EventSource sends no header
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                            "invalid_request_error", None, "invalid_api_key")  # fmt: skip
@@ -123,12 +134,22 @@ class _Api:
         stream = self._generate(prompt, call.sampling)
         return await self._answer(stream, call.model, call.sampling, "chat.completion")
 
+    async def dashboard(self, request: Request) -> Response:
+        return HTMLResponse(dashboard_page(), headers={"Cache-Control": "no-cache"})
+
+    async def dashboard_state(self, request: Request) -> Response:
+        return JSONResponse(dashboard_view(self.backend.dashboard))
+
+    async def dashboard_events(self, request: Request) -> Response:
+        return StreamingResponse(self.backend.dashboard.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+
     async def embeddings(self, request: Request) -> Response:
         call = parse_embedding(await _json(request))
         self._served(call.model)
         data = []
         for index, text in enumerate(call.texts):
-            vector = await self.backend.client.embed(text, timeout_s=self.backend.request_timeout_s)
+            vector = await self._embed(text)
             encoded: Any = list(vector)
             if call.base64:
                 encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -136,12 +157,23 @@ class _Api:
         return JSONResponse({"object": "list", "data": data, "model": call.model,
                              "usage": {"prompt_tokens": 0, "total_tokens": 0}})  # fmt: skip
 
-    def _generate(self, prompt: str | tuple[int, ...], sampling: Sampling) -> TokenStream:
-        return self.backend.client.generate(
+    async def _embed(self, text: str) -> tuple[float, ...]:
+        requests = self.backend.metrics.requests
+        try:
+            vector = await self.backend.client.embed(text, timeout_s=self.backend.request_timeout_s)
+        except Exception as error:
+            requests.labels("embed", outcome_of(error)).inc()
+            raise
+        requests.labels("embed", "ok").inc()
+        return vector
+
+    def _generate(self, prompt: str | tuple[int, ...], sampling: Sampling) -> TimedStream:
+        stream = self.backend.client.generate(
             prompt, max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, seed=sampling.seed, timeout_s=self.backend.request_timeout_s)  # fmt: skip
+        return TimedStream(stream, self.backend.metrics, self.backend.dashboard.record_tpot)
 
-    async def _answer(self, stream: TokenStream, model: str, sampling: Sampling, kind: str) -> Response:
+    async def _answer(self, stream: TimedStream, model: str, sampling: Sampling, kind: str) -> Response:
         shape = _Shape(kind, model)
         if not sampling.stream:
             try:
@@ -159,7 +191,7 @@ class _Api:
         return StreamingResponse(self._events(stream, first, shape, sampling), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})  # fmt: skip
 
-    async def _events(self, stream: TokenStream, first: TokenGenerated | None, shape: _Shape,
+    async def _events(self, stream: TimedStream, first: TokenGenerated | None, shape: _Shape,
                       sampling: Sampling) -> AsyncIterator[str]:  # fmt: skip
         count, sent = 0, []
         try:

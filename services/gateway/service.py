@@ -20,10 +20,12 @@ import uvicorn
 from pydantic import Field
 
 from services.cli.client import Client, ClientOptions
-from services.gateway.app import Backend, build_app
+from services.gateway.app import GATEWAY_SERIES, Backend, build_app
 from services.gateway.chat import ChatTemplate
+from services.gateway.dashboard import DashboardState
 from shared.config import BusSettings
 from shared.errors import ConfigError
+from shared.metrics import ServiceMetrics, message_readings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class GatewayService:
         self.settings = settings
         self.ready = asyncio.Event()
         self.address: tuple[str, int] | None = None
+        self.metrics = ServiceMetrics("gateway", GATEWAY_SERIES)
+        self.dashboard = DashboardState()
 
     async def run(self) -> None:
         settings = self.settings
@@ -67,9 +71,12 @@ class GatewayService:
         self.address = listener.getsockname()[:2]
         options = ClientOptions(settings, timeout_s=settings.gateway_request_timeout_s)
         try:
-            async with Client(options=options) as client, asyncio.TaskGroup() as group:
+            async with (Client(options=options) as client, self.metrics.served(settings),
+                        asyncio.TaskGroup() as group):  # fmt: skip
                 backend = Backend(client, client.current_plan, chat_template, settings.gateway_api_key,
-                                  settings.gateway_request_timeout_s)  # fmt: skip
+                                  settings.gateway_request_timeout_s, self.metrics, self.dashboard)  # fmt: skip
+                self.metrics.add_reader(lambda: message_readings(client.bus.counters))
+                group.create_task(self.dashboard.follow(client.bus), name="dashboard")
                 config = uvicorn.Config(build_app(backend), log_level="warning", lifespan="off",
                                         timeout_graceful_shutdown=2)  # fmt: skip
                 server = _Server(config)

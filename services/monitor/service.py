@@ -25,7 +25,8 @@ from services.monitor.logic import MonitorState
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import ConfigError, EdgesplitError
-from shared.messages import LayerCost, Message, NodeStatus, Telemetry
+from shared.messages import CapacityProfile, LayerCost, Message, NodeStatus, Telemetry
+from shared.metrics import ServiceMetrics, message_readings, profile_readings
 from shared.security.reporting import report_refusals
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import CAPACITY, NODE_STATUS, PROFILE_EVENTS, TELEMETRY, Topic
@@ -102,10 +103,15 @@ class MonitorService:
         self.ready = asyncio.Event()
         """Set once the first profile is published."""
         self._events: asyncio.Queue[Message] = asyncio.Queue(maxsize=10_000)
+        self.metrics = ServiceMetrics("monitor")
+        self.profile: CapacityProfile | None = None
+        """The newest profile published (its metrics)."""
 
     async def run(self) -> None:
         self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
-        async with Bus(self.settings, origin=self.settings.client_id or "monitor") as bus:
+        async with (self.metrics.served(self.settings),
+                    Bus(self.settings, origin=self.settings.client_id or "monitor") as bus):  # fmt: skip
+            self.metrics.add_reader(lambda: [*message_readings(bus.counters), *profile_readings(self.profile)])
             await self._seed(bus)
             async with asyncio.TaskGroup() as task_group:
                 task_group.create_task(self._follow_statuses(bus), name="statuses")
@@ -189,7 +195,9 @@ class MonitorService:
                 self.state.urgent = False
                 try:
                     profile = self.state.profile(now_s)
-                    await publish(bus, CAPACITY, self.trust.apply(profile) if self.trust else profile)
+                    profile = self.trust.apply(profile) if self.trust else profile
+                    await publish(bus, CAPACITY, profile)
+                    self.profile = profile
                     self.ready.set()
                 except EdgesplitError as error:
                     log.warning("profile not published: %s", error)

@@ -66,6 +66,7 @@ from shared.messages import (
     RolloutRequested,
     Segment,
 )  # fmt: skip
+from shared.metrics import Reading, ServiceMetrics, message_readings
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
 from shared.planning.precision import PrecisionPolicy
@@ -124,6 +125,7 @@ class OrchestratorService:
         """Each node's trust from the operator's registry (None: as the profile says)."""
         self.tracker = records.TpotTracker()
         self._origin = settings.client_id or f"orchestrator-{secrets.token_hex(4)}"
+        self.metrics = ServiceMetrics("orchestrator", ("replans",))
         self._triggers: asyncio.Queue[Trigger] = asyncio.Queue(maxsize=256)
         self._profile_seen = asyncio.Event()
         self._profile_for_watch = asyncio.Event()
@@ -147,7 +149,10 @@ class OrchestratorService:
         store = await asyncio.to_thread(ShardFiles, self.settings.shards_dir)
         self.trust = await asyncio.to_thread(load_trust, self.settings.identities_file)
         self.manifest, self.manifest_sha256 = store.manifest, store.manifest_sha256
-        async with Bus(self.settings, origin=self._origin) as bus, contextlib.AsyncExitStack() as stack:
+        async with (self.metrics.served(self.settings), Bus(self.settings, origin=self._origin) as bus,
+                    contextlib.AsyncExitStack() as stack):  # fmt: skip
+            self.metrics.add_reader(lambda: [*message_readings(bus.counters, self.gate.refusals()),
+                                             Reading("edgesplit_plan_epoch", float(self.state.epoch or 0))])
             subs: dict[Any, Subscription[Any]] = {topic: await stack.enter_async_context(bus.subscribe(topic, **params))  # type: ignore[arg-type]
                     for topic, params in ((PLAN, {}), (POLICY, {}), (DECISIONS, {}), (CAPACITY, {}),
                                           (PROFILE_EVENTS, {}), (ROLLOUT_RESULTS, {}), (FINISHED, {}),
@@ -430,6 +435,7 @@ class OrchestratorService:
         await self._publish(bus, record)
         if not decision.changes_plan or decision.chosen is None:
             return
+        self.metrics.replans.labels(trigger.kind, record.action).inc()
         result = await self._rollout(bus, decision_id, decision.chosen, decision.reason)
         if result is None:
             await self._publish(bus, record.model_copy(update={"outcome": "failed",

@@ -26,6 +26,7 @@ from shared.bus import Bus
 from shared.config import BusSettings
 from shared.errors import EdgesplitError
 from shared.messages import PlanOption, PlanProposed, PlanRequested, Segment
+from shared.metrics import ServiceMetrics, message_readings
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
 from shared.planning.live import LiveProfileError, problem_from_profile
@@ -61,6 +62,7 @@ class SplitReviserService:
         self.ready = asyncio.Event()
         self.counters: Counter[str] = Counter()
         self._origin = settings.client_id or f"split-reviser-{secrets.token_hex(4)}"
+        self.metrics = ServiceMetrics("split-reviser", ("proposals",))
 
     async def run(self) -> None:
         """Load the manifest, then answer requests until cancelled.
@@ -71,7 +73,9 @@ class SplitReviserService:
         """
         store = await asyncio.to_thread(ShardFiles, self.settings.shards_dir)
         self.manifest = store.manifest
-        async with Bus(self.settings, origin=self._origin) as bus, asyncio.TaskGroup() as tasks:
+        async with (self.metrics.served(self.settings), Bus(self.settings, origin=self._origin) as bus,
+                    asyncio.TaskGroup() as tasks):  # fmt: skip
+            self.metrics.add_reader(lambda: message_readings(bus.counters))
             tasks.create_task(self._serve(bus, tasks), name="plan-requests")
             # no refusals to count: the retained status is its heartbeat (`edgesplit health`)
             tasks.create_task(report_refusals(bus, self.settings.client_id or "split-reviser", dict),
@@ -91,7 +95,9 @@ class SplitReviserService:
     async def _handle(self, bus: Bus, request: PlanRequested, slots: asyncio.Semaphore) -> None:
         try:
             answer = await self.answer(request)
-            self.counters[answer.error or ("feasible" if answer.feasible else "infeasible")] += 1
+            outcome = answer.error or ("feasible" if answer.feasible else "infeasible")
+            self.counters[outcome] += 1
+            self.metrics.proposals.labels(outcome).inc()
             await bus.publish(REVISER_REPLIES, answer, client=request.reply_to)
         except EdgesplitError as error:  # BusError: broker gone past the publish deadline
             self.counters["unsent"] += 1

@@ -159,6 +159,7 @@ class KvHandoff:
         check_kv(header, array, self.limits, host.start, host.end)
         await self.compute.run(_import_kv, host, header, array)
         self.counters["kv_blocks_received"] += len(header.blocks)
+        self.counters["kv_bytes_received"] += int(array.nbytes)
         ack = KvAckHeader(request_id=header.request_id, step=header.ack_step, epoch=header.old_epoch,
                           seq=next(self._seq), pass_id=header.pass_id, src=NodeId(self.node))  # fmt: skip
         await self._answer_entry(serving.route.entry, ack, np.zeros((0, self.hidden_size), np.float32))

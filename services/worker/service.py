@@ -46,6 +46,7 @@ from shared.messages import (
     RequestFailed,
     Segment,
 )
+from shared.metrics import Reading, ServiceMetrics, message_readings
 from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
@@ -110,6 +111,8 @@ class WorkerService:
         self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
         self._announced_refusals: dict[str, int] = {}
+        self.metrics = ServiceMetrics(f"worker {self.node}", ("replan_stall",))
+        self.metrics.add_reader(self._readings)
 
     # The committed epoch's state, as telemetry and status read it.
     @property
@@ -175,7 +178,8 @@ class WorkerService:
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
         will = Announcement(NODE_STATUS, self.status("offline"), {"node": self.node})
         try:
-            async with Bus(self.settings, origin=self.node, birth=birth, will=will) as bus:
+            async with (self.metrics.served(self.settings),
+                        Bus(self.settings, origin=self.node, birth=birth, will=will) as bus):  # fmt: skip
                 self._bus = bus
                 async with asyncio.TaskGroup() as task_group:
                     self._task_group = task_group
@@ -354,7 +358,7 @@ class WorkerService:
             self._max_in_flight(),
             self.settings.max_prompt_tokens,
             current_epoch=lambda: self.keeper.epoch,
-            handoff=self.data.handoff.move if self.settings.kv_handoff else None,
+            handoff=self._timed_handoff if self.settings.kv_handoff else None,
             wait_for_epoch=self.health.wait_for_epoch_after if self.health else None,
             failover_wait_s=self.settings.failover_wait_s,
             max_replays=self.settings.max_replays,
@@ -378,6 +382,33 @@ class WorkerService:
         if ledger is None:
             return queue_bound_for({}, {}, 0)
         return queue_bound_for(self._kv_budgets(), pipeline_blocks(self.route), ledger.per_token_block)
+
+    async def _timed_handoff(self, request_id: str, old_epoch: int, length: int) -> bool:
+        """The KV handoff at a token boundary, its wait observed as a re-plan's stall."""
+        assert self.data is not None
+        started_s = time.monotonic()
+        moved = await self.data.handoff.move(request_id, old_epoch, length)
+        self.metrics.replan_stall_s.labels("kv_handoff" if moved else "kv_handoff_failed").observe(
+            time.monotonic() - started_s)
+        return moved
+
+    def _readings(self) -> list[Reading]:
+        """This node's message counters, utilisation, KV bytes, weights and KV moved."""
+        counters = self.counters + (self.data.counters if self.data else Counter())
+        counters += self.entry.counters if self.entry else Counter()
+        bus = self._bus.counters if self._bus is not None else {}
+        node = (self.node,)
+        refusals = self.gate.refusals()  # counted in self.counters too: once here
+        readings = message_readings(bus, refusals, {k: n for k, n in counters.items() if k not in refusals})
+        latest = self.telemetry.latest
+        if latest is not None:
+            readings += [Reading("edgesplit_node_utilisation", latest.cpu_utilisation, node),
+                         Reading("edgesplit_node_compute_busy", latest.compute_busy, node)]  # fmt: skip
+        loaded = self.shards.loaded_bytes if self.shards is not None else 0
+        return [*readings, Reading("edgesplit_node_kv_cache_bytes", float(self.kv_in_use()), node),
+                Reading("edgesplit_weights_moved_bytes", float(loaded), node),
+                Reading("edgesplit_kv_moved_bytes", float(counters["kv_bytes_received"]), node),
+                Reading("edgesplit_plan_epoch", float(self.keeper.epoch or 0))]  # fmt: skip
 
     def _kv_budgets(self) -> dict[str, int | None]:
         """Every node's KV budget as known here: this node's own, the others' announced."""

@@ -35,6 +35,8 @@ class CachedShards:
     def __init__(self, store: ShardStore, max_bytes: int) -> None:
         self.store = store
         self.max_bytes = max_bytes
+        self.loaded_bytes = 0
+        """Bytes of block weights loaded into memory since start (warming included)."""
         self.loads = 0
         """Blocks read from the store so far (each verified against the manifest)."""
         self._blocks: OrderedDict[tuple[int, str], LoadedBlock] = OrderedDict()
@@ -80,6 +82,7 @@ class CachedShards:
         size = weight_bytes({**loaded[0], **loaded[1]})
         with self._lock:
             self.loads += 1
+            self.loaded_bytes += size
             self._blocks[key] = loaded
             self._bytes[key] = size
             while sum(self._bytes.values()) > self.max_bytes and len(self._blocks) > 1:

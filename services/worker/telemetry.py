@@ -216,6 +216,8 @@ class TelemetryReporter:
         self._last_wall_s = time.monotonic()
         self._last_cpu_s = time.process_time()
         self._last_busy_s = 0.0
+        self.latest: Telemetry | None = None
+        """The newest sample (its metrics)."""
 
     async def run(self, bus: Bus, benchmark: StartupBenchmark | None = None) -> None:
         """Calibrate with ``benchmark`` (on the compute thread; None skips it) and publish
@@ -276,7 +278,7 @@ class TelemetryReporter:
         entry = serving.entry if serving else None
         in_flight = len(entry.journal) if entry is not None else (host.requests() if host else 0)
         times = self.timer.window()
-        return Telemetry(
+        self.latest = Telemetry(
             node=sources.node,  # type: ignore[arg-type]
             window_s=window_s,
             cpu_utilisation=min(1.0, max(0.0, cpu)),
@@ -296,3 +298,4 @@ class TelemetryReporter:
             frames_forged=sources.frames_forged(),
             queue_overflows=sources.overflows() if sources.overflows else 0,
         )
+        return self.latest

@@ -202,8 +202,9 @@ IMAGE_MODULES = {
     "worker": ["services.worker.__main__", "shared.model.shard", "shared.model.tokenizer"],
 }  # fmt: skip
 """What each image runs (and `edgesplit health`, `status`: the CLI's parser, in both)."""
-OPTIONAL = {"tqdm"}
-"""Imported only when installed, with a fallback otherwise (torch.hub)."""
+OPTIONAL = {"tqdm", "pysocks"}
+"""Imported only when installed, with a fallback otherwise (torch.hub; paho-mqtt's proxy
+support, present in a test environment because selenium depends on it)."""
 
 
 def requirements(image: str) -> dict[str, str]:
