@@ -29,13 +29,7 @@ from typing import Any
 
 from services.orchestrator import records
 from services.orchestrator.calibration import OverheadCalibration, realised_effect
-from services.orchestrator.candidates import (
-    CostModel,
-    evaluate_all,
-    failover_entry,
-    pinned_first,
-    planning_view,
-)
+from services.orchestrator.candidates import evaluate_all, failover_entry, pinned_first
 from services.orchestrator.exchanges import Exchanges, read_retained
 from services.orchestrator.logic import (
     CandidatePlan,
@@ -70,6 +64,7 @@ from shared.metrics import Reading, ServiceMetrics, message_readings
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
 from shared.planning.precision import PrecisionPolicy
+from shared.planning.view import CostModel, planning_view
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_verifier
 from shared.security.signing import ControlGate, control_key

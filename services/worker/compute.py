@@ -19,6 +19,7 @@ import torch
 from services.worker.compute_thread import ComputeThread
 from services.worker.kv_budget import KvBudget, grown_capacity
 from shared.errors import EdgesplitError
+from shared.model.benchmark import compute_clock
 from shared.model.kv_cache import SegmentCache
 from shared.model.runtime import SegmentRuntime
 from shared.model.source import TensorSource
@@ -48,14 +49,6 @@ class Slowdown:
         if extra_s > 0:
             time.sleep(extra_s)
         return max(0.0, extra_s)
-
-
-def compute_clock() -> Callable[[], float]:
-    """The clock that times a forward on the calling (compute) thread: its CPU time when
-    torch runs single-threaded there, so waiting for a core or the GIL on a shared machine
-    is not counted as compute (that is load: busy share and queue report it); wall time
-    when torch spreads a forward over several threads."""
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 class KvMissing(EdgesplitError):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from shared.errors import EdgesplitError
 from shared.messages import BlockTimes, LinkObservation, Telemetry
+from shared.model.benchmark import benchmark_block
 from shared.topics import TELEMETRY
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BENCHMARK_PREFILL_TOKENS = 16
-BENCHMARK_REPEATS = 5
 
 
 MAX_FORWARDS_PER_WINDOW = 4096
@@ -113,37 +112,6 @@ class BlockTimer:
                 prefill_samples=prefill_samples,
                 source="forwards" if self._measured else "benchmark",
             )
-
-
-def benchmark_block(store: ShardStore, slowdown_factor: float, device: str = "cpu") -> tuple[float, float]:
-    """Time one real block of the model: (decode s per block, prefill s per block-token).
-
-    Runs on the compute thread (it imports and runs torch) and times with the clock real
-    forwards use (`compute_clock`: the thread's CPU time). The emulated slowdown is
-    applied by scaling, not by sleeping. Raises what loading the block raises
-    (CheckpointError for a bad shard).
-    """
-    import torch
-
-    from services.worker.compute import compute_clock
-    from shared.model.runtime import SegmentRuntime
-
-    runtime = SegmentRuntime(store, 0, 1, device=device)
-    hidden_size = runtime.config.hidden_size
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randn(BENCHMARK_PREFILL_TOKENS, hidden_size, generator=generator) * 0.1
-    step = torch.randn(1, hidden_size, generator=generator) * 0.1
-    clock = compute_clock()
-    prefill, decode = [], []
-    for _ in range(BENCHMARK_REPEATS):
-        cache = runtime.new_cache()
-        began = clock()
-        runtime.forward(prompt, cache, 0)
-        prefill.append((clock() - began) / BENCHMARK_PREFILL_TOKENS)
-        began = clock()
-        runtime.forward(step, cache, BENCHMARK_PREFILL_TOKENS)
-        decode.append(clock() - began)
-    return statistics.median(decode) * slowdown_factor, statistics.median(prefill) * slowdown_factor
 
 
 def read_memory() -> tuple[int, int | None]:

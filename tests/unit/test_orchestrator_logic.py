@@ -8,13 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.orchestrator.candidates import (
-    CostModel,
-    build_candidates,
-    migration_cost_s,
-    planning_problem,
-    planning_view,
-)
+from services.orchestrator.candidates import build_candidates, migration_cost_s
 from services.orchestrator.logic import (
     CandidatePlan,
     DecisionConfig,
@@ -35,6 +29,7 @@ from shared.messages import (
     Segment,
 )
 from shared.model.shard import ShardManifest
+from shared.planning.view import CostModel, planning_problem, planning_view
 
 CONFIG = DecisionConfig(relative_threshold=0.15, dwell_s=15.0, min_horizon_tokens=100.0,
                         switch_overhead_s=0.1)  # fmt: skip

@@ -9,11 +9,12 @@ import json
 import pytest
 
 from services.orchestrator.__main__ import parse_args, settings_from
-from services.orchestrator.candidates import CostModel, build_candidates, serial_stage_s
+from services.orchestrator.candidates import build_candidates, serial_stage_s
 from shared.errors import ConfigError
 from shared.messages import Segment
 from shared.planning.precision import PrecisionPolicy
 from shared.planning.problem import parse_problem
+from shared.planning.view import CostModel
 from tests.unit.test_planner_precision import INT8, _chain
 
 RSU_MEC = (Segment(node="rsu", start=0, end=4), Segment(node="mec", start=4, end=8))  # type: ignore[arg-type]

@@ -20,11 +20,11 @@ from __future__ import annotations
 import time
 
 from services.cli.client import NoFeasiblePlan
-from services.orchestrator.candidates import CostModel, planning_problem, planning_view
 from shared.ids import NodeId
 from shared.messages import CapacityProfile, LinkCapacity, NodeCapacity, Segment
 from shared.model.shard import ShardStore
 from shared.planning.solver import solve
+from shared.planning.view import CostModel, planning_problem, planning_view
 from shared.topology import Topology
 
 
@@ -79,7 +79,7 @@ def declared_first_plan(topology: Topology, store: ShardStore, present: list[str
     })  # fmt: skip
     import torch
 
-    from services.worker.telemetry import benchmark_block
+    from shared.model.benchmark import benchmark_block
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a worker with threads = 1 times it
