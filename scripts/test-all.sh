@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite, with the container test (tests/integration/test_containers.py:
 # install an engine, build three images, run the compose stack) in a second pytest beside
-# the rest. That test waits on apt, debootstrap and image layers far more than on the CPU
-# (dockerd used 2.6 CPU-minutes over its first 18 minutes, measured 2026-12-07), so beside
-# the others it costs little and takes its 20-odd minutes out of the serial total.
+# the rest. That test waits on apt, debootstrap and image layers more than on the CPU: on
+# 2026-12-07, with a cold cache on a loaded machine, it took 28 minutes (engine install
+# about 5, image builds about 23) while dockerd used 5.8 CPU-minutes, so beside the others
+# it costs them a little CPU and takes its half hour out of the serial total.
 # Its output goes to $LOG and is printed when both are done; either failing fails the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
