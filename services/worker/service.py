@@ -85,6 +85,8 @@ class WorkerService:
             serving=lambda: keeper.current,
             links=lambda: self.prober.window(self.shaper.delivery_rates()),
             frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0,
+            decode_batches=lambda: (self.data.counters["decode_batches"],
+                                    self.data.counters["decode_batched_rows"]) if self.data else (0, 0),
             overflows=self.overflows, news=self.prober.news))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None

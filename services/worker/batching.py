@@ -1,0 +1,143 @@
+"""Continuous batching of decode steps on a worker's compute thread.
+
+Each decode step (one new token of one request) that reaches a stage is queued under
+its (epoch, segment) and one compute job is submitted for it, as before batching. The
+first such job to run on the compute thread takes every step queued under that key at
+that moment and runs them as ONE batched forward (`SegmentHost.forward_batch`: the
+linear layers and MLP on the stacked rows, attention per request against its own KV
+cache); the jobs of the steps it took then find nothing left and return at once. A batch
+is therefore exactly what was waiting when the compute thread became free: no step
+waits for a batch to fill, and a request joins or leaves between any two steps.
+
+Prefill (more than one token, or position 0) never comes here: a prompt of T tokens is
+already a [T, H] matrix product, compute-bound, and stacking it with decode rows would
+only make those decodes wait for it (`DataPlane._on_activation` runs it alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.worker.compute import ComputeThread, DecodeStep, SegmentHost, Slowdown
+
+BatchKey = tuple[int, SegmentHost]
+"""(epoch, segment host): steps batch only with steps of the same epoch and segment."""
+
+MAX_BATCH = 64
+"""Decode steps one batched forward takes at most; the rest wait for the next one."""
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A queued decode step. ``rows`` runs on the compute thread and gives its [1, H]
+    input (the entry samples the previous token and embeds it there); its errors are
+    that request's alone."""
+
+    request_id: str
+    position: int
+    rows: Callable[[], np.ndarray]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = self.loop.create_future()
+
+
+class DecodeBatcher:
+    """Batches the decode steps of one worker (all its epochs and segments).
+
+    ``counters`` (the data plane's) gets ``decode_batches`` (batched forwards of two or
+    more requests) and ``decode_batched_rows`` (the requests they carried)."""
+
+    def __init__(self, compute: ComputeThread, slowdown: Slowdown, counters: Counter[str],
+                 max_batch: int = MAX_BATCH) -> None:  # fmt: skip
+        self.compute = compute
+        self.slowdown = slowdown
+        self.counters = counters
+        self.max_batch = max_batch
+        self._queued: dict[BatchKey, list[_Waiting]] = {}
+        self._lock = threading.Lock()  # the loop queues, the compute thread takes
+
+    async def forward(
+        self, key: BatchKey, request_id: str, position: int, rows: Callable[[], np.ndarray]
+    ) -> np.ndarray:
+        """Run one request's decode step at ``position`` through ``key``'s segment, in a
+        batch with whatever else is queued for it; its [1, H] output. Raises what the
+        step raises for this request (KvMissing, KvOverBudget, an error of ``rows``) or
+        what fails the whole batch; ComputeBusy when the compute queue is full."""
+        waiting = _Waiting(request_id, position, rows, asyncio.get_running_loop())
+        with self._lock:
+            self._queued.setdefault(key, []).append(waiting)
+        try:
+            await self.compute.run(self._run_queued, key)
+            # a batch (this job's, or an earlier job's that took this step) settled the
+            # future before this job's own completion was delivered: the loop runs
+            # call_soon_threadsafe callbacks in order
+            return await waiting.future
+        finally:
+            with self._lock:
+                queued = self._queued.get(key)
+                if queued is not None and waiting in queued:  # refused or cancelled first
+                    queued.remove(waiting)
+                if not queued:
+                    self._queued.pop(key, None)
+
+    def _run_queued(self, key: BatchKey) -> None:
+        """Compute thread: one batched forward of the steps queued under ``key`` now."""
+        with self._lock:
+            queued = self._queued.get(key, [])
+            taken, queued[:] = queued[: self.max_batch], queued[self.max_batch :]
+        if not taken:
+            return  # an earlier job took this one's step
+        steps: list[DecodeStep] = []
+        joined: list[_Waiting] = []
+        for waiting in taken:
+            if waiting.future.cancelled():
+                continue
+            try:
+                steps.append(DecodeStep(waiting.request_id, waiting.rows(), waiting.position))
+            except BaseException as error:  # noqa: BLE001 - that request's error, handed to it
+                _settle(waiting, None, error)
+            else:
+                joined.append(waiting)
+        if not steps:
+            return
+        host = key[1]
+        try:
+            results = host.forward_batch(steps, self.slowdown)
+        except BaseException as error:  # noqa: BLE001 - every request of the batch gets it
+            for waiting in joined:
+                _settle(waiting, None, error)
+            return
+        ran = sum(1 for result in results if not isinstance(result, BaseException))
+        if ran > 1:
+            self.counters["decode_batches"] += 1
+            self.counters["decode_batched_rows"] += ran
+        for waiting, result in zip(joined, results, strict=True):
+            if isinstance(result, BaseException):
+                _settle(waiting, None, result)
+            else:
+                _settle(waiting, result, None)
+
+
+def _settle(waiting: _Waiting, result: np.ndarray | None, error: BaseException | None) -> None:
+    """Hand a step's result (or error) to its waiting coroutine (from the compute thread)."""
+
+    def settle() -> None:
+        if waiting.future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            waiting.future.set_exception(error)
+        else:
+            waiting.future.set_result(result)  # type: ignore[arg-type]
+
+    try:
+        waiting.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
