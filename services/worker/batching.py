@@ -21,10 +21,20 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+import torch
 
 from services.worker.compute import ComputeThread, DecodeStep, SegmentHost, Slowdown
+from shared.frame_headers import ActivationHeader, FrameHeader
+
+def is_decode_step(header: FrameHeader, rows: int) -> bool:
+    """True for an activation of one token (``rows``) past position 0: a decode step,
+    which may run batched with other requests' (prefill, position 0 or several rows,
+    runs alone)."""
+    return isinstance(header, ActivationHeader) and header.pos > 0 and rows == 1
+
 
 BatchKey = tuple[int, SegmentHost]
 """(epoch, segment host): steps batch only with steps of the same epoch and segment."""
@@ -33,15 +43,32 @@ MAX_BATCH = 64
 """Decode steps one batched forward takes at most; the rest wait for the next one."""
 
 
+class SampleHead(Protocol):
+    """The entry's pending sampling at the start of a decode step (entry.py `NextToken`)."""
+
+    def head_input(self) -> np.ndarray | None: ...
+    def __call__(self, logits: torch.Tensor | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Head:
+    """A step's head to run first, batched: ``logits`` maps stacked [R, H] final hidden
+    states to [R, V] (the entry's head); ``rows`` are this step's (None: nothing to run)."""
+
+    logits: Callable[[np.ndarray], torch.Tensor]
+    rows: np.ndarray | None
+
+
 @dataclass(eq=False)
 class _Waiting:
     """A queued decode step. ``rows`` runs on the compute thread and gives its [1, H]
-    input (the entry samples the previous token and embeds it there); its errors are
-    that request's alone."""
+    input from the logits of ``head`` (None without one): the entry samples the previous
+    token and embeds it there. Its errors are that request's alone."""
 
     request_id: str
     position: int
-    rows: Callable[[], np.ndarray]
+    rows: Callable[[torch.Tensor | None], np.ndarray]
+    head: Head | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray] = field(init=False)
 
@@ -65,13 +92,16 @@ class DecodeBatcher:
         self._lock = threading.Lock()  # the loop queues, the compute thread takes
 
     async def forward(
-        self, key: BatchKey, request_id: str, position: int, rows: Callable[[], np.ndarray]
-    ) -> np.ndarray:
+        self, key: BatchKey, request_id: str, position: int,
+        rows: Callable[[torch.Tensor | None], np.ndarray], head: Head | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """Run one request's decode step at ``position`` through ``key``'s segment, in a
-        batch with whatever else is queued for it; its [1, H] output. Raises what the
-        step raises for this request (KvMissing, KvOverBudget, an error of ``rows``) or
-        what fails the whole batch; ComputeBusy when the compute queue is full."""
-        waiting = _Waiting(request_id, position, rows, asyncio.get_running_loop())
+        batch with whatever else is queued for it; its [1, H] output. ``head``: the entry's
+        head on the previous pass's state, run for the whole batch in one call first, its
+        logits handed to ``rows``. Raises what the step raises for this request
+        (KvMissing, KvOverBudget, an error of ``rows``) or what fails the whole batch;
+        ComputeBusy when the compute queue is full."""
+        waiting = _Waiting(request_id, position, rows, head, asyncio.get_running_loop())
         with self._lock:
             self._queued.setdefault(key, []).append(waiting)
         try:
@@ -95,13 +125,15 @@ class DecodeBatcher:
             taken, queued[:] = queued[: self.max_batch], queued[self.max_batch :]
         if not taken:
             return  # an earlier job took this one's step
+        taken = [waiting for waiting in taken if not waiting.future.cancelled()]
+        logits = _heads(taken)
         steps: list[DecodeStep] = []
         joined: list[_Waiting] = []
         for waiting in taken:
-            if waiting.future.cancelled():
-                continue
             try:
-                steps.append(DecodeStep(waiting.request_id, waiting.rows(), waiting.position))
+                if isinstance(logits.get(waiting), BaseException):
+                    raise logits[waiting]  # type: ignore[misc]
+                steps.append(DecodeStep(waiting.request_id, waiting.rows(logits.get(waiting)), waiting.position))  # type: ignore[arg-type]
             except BaseException as error:  # noqa: BLE001 - that request's error, handed to it
                 _settle(waiting, None, error)
             else:
@@ -124,6 +156,29 @@ class DecodeBatcher:
                 _settle(waiting, None, result)
             else:
                 _settle(waiting, result, None)
+
+
+def _heads(taken: list[_Waiting]) -> dict[_Waiting, torch.Tensor | BaseException]:
+    """The logits of every step with a head to run, one head call per head function on
+    its steps' stacked rows (the head is the costliest single layer of a small model:
+    SmolLM2's is 49152 x 576). A failed call is the error of each of its steps."""
+    groups: dict[Callable[[np.ndarray], torch.Tensor], list[_Waiting]] = {}
+    for waiting in taken:
+        if waiting.head is not None and waiting.head.rows is not None:
+            groups.setdefault(waiting.head.logits, []).append(waiting)
+    found: dict[_Waiting, torch.Tensor | BaseException] = {}
+    for head, group in groups.items():
+        try:
+            logits = head(np.concatenate([w.head.rows for w in group]))  # type: ignore[union-attr, misc]
+        except BaseException as error:  # noqa: BLE001 - handed to each step of the group
+            found.update({waiting: error for waiting in group})
+            continue
+        offset = 0
+        for waiting in group:
+            count = waiting.head.rows.shape[0]  # type: ignore[union-attr]
+            found[waiting] = logits[offset : offset + count]
+            offset += count
+    return found
 
 
 def _settle(waiting: _Waiting, result: np.ndarray | None, error: BaseException | None) -> None:

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from itertools import count
 
 import numpy as np
+import torch
 
-from services.worker.batching import DecodeBatcher
+from services.worker.batching import DecodeBatcher, Head, SampleHead, is_decode_step
 from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
@@ -231,9 +232,9 @@ class DataPlane:
             return
         array = decompress_activation(array, self.hidden_size)  # O(bytes); fp32 as it is
         try:
-            if header.pos > 0 and array.shape[0] == 1:  # a decode step: batched with its peers
+            if is_decode_step(header, array.shape[0]):  # batched with other requests' steps
                 hidden = await self.batcher.forward((route.epoch, host), header.request_id,
-                                                    header.pos, lambda: array)  # fmt: skip
+                                                    header.pos, lambda _: array)  # fmt: skip
             else:  # prefill runs alone (batching.py says why)
                 hidden = await self.compute.run(
                     host.forward, header.request_id, array, header.pos, self.slowdown
@@ -335,7 +336,7 @@ class DataPlane:
         token_ids: np.ndarray,
         position: int,
         last_only: bool,
-        head: Callable[[], np.ndarray] | None = None,
+        head: SampleHead | None = None,
     ) -> tuple[np.ndarray, int]:
         """Entry side of one pass under the committed epoch: embed, run local blocks, send
         on, await the final state. Returns (hidden, epoch used); StageTimedOut after the
@@ -353,10 +354,12 @@ class DataPlane:
             assert serving.host is not None and serving.entry is not None
             entry, ids = serving.entry, token_ids
 
-            def embedded() -> np.ndarray:
-                return entry.embed_tokens(head() if head is not None else ids, position)
+            def embedded(logits: torch.Tensor | None) -> np.ndarray:
+                return entry.embed_tokens(head(logits) if head is not None else ids, position)
 
-            hidden = await self.batcher.forward((route.epoch, serving.host), request_id, position, embedded)
+            head_input = Head(entry.head_logits, head.head_input()) if head is not None else None
+            hidden = await self.batcher.forward((route.epoch, serving.host), request_id, position,
+                                                embedded, head_input)  # fmt: skip
             token_ids = np.zeros(1, np.int64)  # one token: only its count matters below
         else:  # one hand-off to the compute thread for the embedding and the entry's own blocks
             token_ids, hidden = await self.compute.run(_embed_and_run, serving, request_id, token_ids, position,
@@ -441,7 +444,7 @@ def _embed_and_run(
     token_ids: np.ndarray,
     position: int,
     slowdown: Slowdown | None,
-    head: Callable[[], np.ndarray] | None,
+    head: SampleHead | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compute thread: (``head`` for the token ids,) embed, then (when ``slowdown`` is
     given) run the entry's first segment on the result. Returns (token ids, hidden)."""

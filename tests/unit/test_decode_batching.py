@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from services.worker.batching import DecodeBatcher
+from services.worker.batching import DecodeBatcher, Head
 from services.worker.compute import ComputeThread, KvMissing, SegmentHost, Slowdown
 from shared.model.checkpoint import Checkpoint
 from shared.model.tiny import write_tiny_checkpoint
@@ -67,7 +68,7 @@ def test_steps_queued_while_busy_run_as_one_batch_equal_to_one_forward_each(mode
             async with asyncio.timeout(30):
                 steps = [
                     asyncio.ensure_future(batcher.forward((1, batched_host), f"r{n}", PROMPT_LENGTHS[n],
-                                                          lambda row=row: row))  # fmt: skip
+                                                          lambda _, row=row: row))  # fmt: skip
                     for n, row in enumerate(rows)
                 ]
                 await asyncio.sleep(0.05)  # every step queued behind the busy thread
@@ -93,7 +94,7 @@ def test_one_requests_error_does_not_fail_its_batch(model: Path) -> None:
     rows = _rows(4)
     counters: Counter[str] = Counter()
 
-    def broken() -> np.ndarray:
+    def broken(_: object) -> np.ndarray:
         raise ValueError("no token to embed")
 
     async def scenario() -> list[np.ndarray | BaseException]:
@@ -103,10 +104,10 @@ def test_one_requests_error_does_not_fail_its_batch(model: Path) -> None:
             release, held = await _while_busy(compute)
             async with asyncio.timeout(30):
                 steps = [
-                    asyncio.ensure_future(batcher.forward((1, host), "r0", 3, lambda: rows[0])),
-                    asyncio.ensure_future(batcher.forward((1, host), "r1", 9, lambda: rows[1])),
+                    asyncio.ensure_future(batcher.forward((1, host), "r0", 3, lambda _: rows[0])),
+                    asyncio.ensure_future(batcher.forward((1, host), "r1", 9, lambda _: rows[1])),
                     asyncio.ensure_future(batcher.forward((1, host), "r2", 1, broken)),
-                    asyncio.ensure_future(batcher.forward((1, host), "r3", 5, lambda: rows[3])),
+                    asyncio.ensure_future(batcher.forward((1, host), "r3", 5, lambda _: rows[3])),
                 ]
                 await asyncio.sleep(0.05)
                 release.set()
@@ -134,7 +135,7 @@ def test_steps_of_another_epoch_or_segment_do_not_join(model: Path) -> None:
             release, held = await _while_busy(compute)
             async with asyncio.timeout(30):
                 keys = [(1, host), (2, host), (1, other), (1, host)]
-                steps = [asyncio.ensure_future(batcher.forward(key, f"r{n}", PROMPT_LENGTHS[n], lambda r=row: r))
+                steps = [asyncio.ensure_future(batcher.forward(key, f"r{n}", PROMPT_LENGTHS[n], lambda _, r=row: r))
                          for n, (key, row) in enumerate(zip(keys, rows, strict=True))]  # fmt: skip
                 await asyncio.sleep(0.05)
                 release.set()
@@ -145,3 +146,48 @@ def test_steps_of_another_epoch_or_segment_do_not_join(model: Path) -> None:
 
     asyncio.run(scenario())
     assert (counters["decode_batches"], counters["decode_batched_rows"]) == (1, 2)
+
+
+def test_the_heads_of_a_batch_run_as_one_call_on_the_stacked_rows(model: Path) -> None:
+    """At the entry a step first samples the previous pass's token: the head runs once
+    for the batch, and each step gets its own rows' logits."""
+    torch.set_num_threads(1)
+    host = _prefilled(model)
+    rows = _rows(4)
+    head_weight = torch.randn(64, 10)
+    calls: list[int] = []
+
+    def head(hidden: np.ndarray) -> torch.Tensor:
+        calls.append(hidden.shape[0])
+        return torch.from_numpy(hidden) @ head_weight
+
+    seen: dict[int, torch.Tensor] = {}
+
+    def rows_from(number: int) -> Callable[[torch.Tensor | None], np.ndarray]:
+        def make(logits: torch.Tensor | None) -> np.ndarray:
+            assert logits is not None
+            seen[number] = logits
+            return rows[number]
+
+        return make
+
+    async def scenario() -> None:
+        compute = ComputeThread()
+        batcher = DecodeBatcher(compute, Slowdown(), Counter())
+        try:
+            release, held = await _while_busy(compute)
+            async with asyncio.timeout(30):
+                steps = [asyncio.ensure_future(batcher.forward((1, host), f"r{n}", PROMPT_LENGTHS[n], rows_from(n),
+                                                               Head(head, rows[n])))  # fmt: skip
+                         for n in range(4)]  # fmt: skip
+                await asyncio.sleep(0.05)
+                release.set()
+                await held
+                await asyncio.gather(*steps)
+        finally:
+            compute.close()
+
+    asyncio.run(scenario())
+    assert calls == [4]
+    for number in range(4):
+        torch.testing.assert_close(seen[number], torch.from_numpy(rows[number]) @ head_weight)
