@@ -29,6 +29,7 @@ import torch
 from services.worker.compute import ComputeThread, DecodeStep, SegmentHost, Slowdown
 from shared.frame_headers import ActivationHeader, FrameHeader
 
+
 def is_decode_step(header: FrameHeader, rows: int) -> bool:
     """True for an activation of one token (``rows``) past position 0: a decode step,
     which may run batched with other requests' (prefill, position 0 or several rows,

@@ -94,6 +94,6 @@ def test_concurrent_requests_batch_at_every_stage_and_keep_the_unsplit_tokens(sy
     for prompt, tokens, result in zip(PROMPTS, NEW_TOKENS, results, strict=True):
         assert result.token_ids == unsplit.generate(prompt, tokens, stop_at_eos=True).token_ids
     assert set(batches) == set(NODES), {node: workers.log_tail(node) for node in NODES}
-    for node, (forwards, steps) in batches.items():
+    for forwards, steps in batches.values():
         # eight streams share each stage: many decode steps ran two or more at a time
         assert forwards > 0 and steps >= 2 * forwards, batches
