@@ -52,6 +52,10 @@ TOPICS = ["The capital of France is", "Once upon a time, a robot", "Edge computi
           "Python is a language that", "The weather tomorrow will be"]  # fmt: skip
 
 
+REQUEST_TIMEOUT_S = 900.0
+"""A whole stream's deadline: 16 streams of SmolLM2 on a loaded 2-core machine take minutes."""
+
+
 @dataclass(frozen=True)
 class Stream:
     """One stream's tokens and timings (s): TTFT from its start; TPOT after the first."""
@@ -116,12 +120,13 @@ async def distributed(settings: BusSettings, prompts: list[list[int]], tokens: i
 
         def make(client: str) -> GenerateRequest:
             return GenerateRequest(request_id=f"{tag}-{number}", reply_to=client,  # type: ignore[arg-type]
-                                   token_ids=tuple(prompts[number]), max_new_tokens=tokens)  # fmt: skip
+                                   token_ids=tuple(prompts[number]), max_new_tokens=tokens,
+                                   timeout_s=REQUEST_TIMEOUT_S)  # fmt: skip
 
         def on_token(_: TokenGenerated) -> None:
             arrivals.append(time.perf_counter())
 
-        result = await request(ClientOptions(settings, timeout_s=600), make, on_token)
+        result = await request(ClientOptions(settings, timeout_s=REQUEST_TIMEOUT_S), make, on_token)
         if not isinstance(result, RequestFinished):
             raise EdgesplitError(f"stream {number}: {result}")
         first = arrivals[0] if arrivals else time.perf_counter()
@@ -167,8 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     layouts = {"w1": (("car", 0, layers),),
                "w3": (("car", 0, layers // 3), ("rsu", layers // 3, 2 * layers // 3), ("mec", 2 * layers // 3, layers))}  # fmt: skip
     results: dict[tuple[str, int], Run] = {}
+    print(f"model {model.name} ({layers} blocks), {args.tokens} greedy tokens per stream, 1 torch thread "
+          "per process; shared machine: compare ratios within this run")  # fmt: skip
+    print(f"{'variant':<7} {'streams':>7} {'tok/s':>8} {'TPOT p50':>9} {'p95':>8} {'TTFT p50':>9} {'tokens':>7}", flush=True)
+
+    def measured(name: str, c: int, run: Run) -> None:
+        results[(name, c)] = run
+        same = all(s.tokens == e for s, e in zip(run.streams, full if name == "local" else eos, strict=False))
+        print(f"{name:<7} {c:>7} {run.tokens_per_s:8.1f} {run.tpot_ms(0.5):9.1f} {run.tpot_ms(0.95):8.1f} "
+              f"{run.ttft_ms():9.1f} {'same' if same else 'DIFFER':>7}", flush=True)  # fmt: skip
+
     for c in concurrencies:
-        results[("local", c)] = local_batched(unsplit, prompts[:c], args.tokens)
+        measured("local", c, local_batched(unsplit, prompts[:c], args.tokens))
     broker = start_local_broker()
     try:
         for name, layout in layouts.items():
@@ -183,18 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise EdgesplitError(f"{name}: the workers refused the plan; logs in {root}")
                 asyncio.run(distributed(settings, prompts[:1], 2, f"warm{name}"))
                 for c in concurrencies:
-                    results[(name, c)] = asyncio.run(distributed(settings, prompts[:c], args.tokens, f"{name}{c}"))
+                    measured(name, c, asyncio.run(distributed(settings, prompts[:c], args.tokens, f"{name}{c}")))
             finally:
                 workers.stop()
     finally:
         broker.stop()
-    print(f"model {model.name} ({layers} blocks), {args.tokens} greedy tokens per stream, 1 torch thread "
-          "per process; shared machine: compare ratios within this run")  # fmt: skip
-    print(f"{'variant':<7} {'streams':>7} {'tok/s':>8} {'TPOT p50':>9} {'p95':>8} {'TTFT p50':>9} {'tokens':>7}")
-    for (name, c), run in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
-        same = all(s.tokens == e for s, e in zip(run.streams, full if name == "local" else eos, strict=False))
-        print(f"{name:<7} {c:>7} {run.tokens_per_s:8.1f} {run.tpot_ms(0.5):9.1f} {run.tpot_ms(0.95):8.1f} "
-              f"{run.ttft_ms():9.1f} {'same' if same else 'DIFFER':>7}")  # fmt: skip
     print("ratios (same concurrency): w3/local tok/s, w3 TPOT p50 / local, per-hop overhead (ms/token/hop)")
     for c in concurrencies:
         local, w3 = results[("local", c)], results[("w3", c)]
