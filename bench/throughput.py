@@ -5,7 +5,7 @@ Variants, each at every concurrency of ``--streams``:
 
 - ``local``: the unsplit model in this process with the same batching as the workers:
   each stream's prefill alone, then every decode step of the streams in flight as one
-  batched forward (`SegmentRuntime.forward_batch`), the head per stream;
+  batched forward (`SegmentRuntime.forward_batch`), the heads as one call;
 - ``w1``: one worker process (entry, all blocks) on a broker of its own;
 - ``w3``: three worker processes (car, rsu, mec: a third of the blocks each; 3 hops per
   token: car -> rsu -> mec -> car).
@@ -103,8 +103,9 @@ def local_batched(pipeline: LocalPipeline, prompts: list[list[int]], tokens: int
     for _ in range(tokens - 1):
         rows = torch.cat([entry.embed(torch.tensor(o[-1:]), p) for o, p in zip(out, positions, strict=True)])
         hidden = segment.forward_batch(rows, caches, positions)
-        for number in range(len(prompts)):  # the head per stream, as the entry runs it
-            out[number].append(int(torch.argmax(entry.logits(hidden[number : number + 1])[0])))
+        logits = entry.logits(hidden)  # the heads as one call, as the entry runs them
+        for number in range(len(prompts)):
+            out[number].append(int(torch.argmax(logits[number])))
         positions = [p + 1 for p in positions]
     done = time.perf_counter()
     streams = [Stream(tuple(o), f - began, (done - f) / max(1, tokens - 1)) for o, f in zip(out, first, strict=True)]

@@ -6,8 +6,9 @@ first such job to run on the compute thread takes every step queued under that k
 that moment and runs them as ONE batched forward (`SegmentHost.forward_batch`: the
 linear layers and MLP on the stacked rows, attention per request against its own KV
 cache); the jobs of the steps it took then find nothing left and return at once. A batch
-is therefore exactly what was waiting when the compute thread became free: no step
-waits for a batch to fill, and a request joins or leaves between any two steps.
+is therefore exactly what was waiting when the compute thread became free (plus the
+steps that became ready in the same turn of the event loop): no step waits for a batch
+to fill, and a request joins or leaves between any two steps.
 
 Prefill (more than one token, or position 0) never comes here: a prompt of T tokens is
 already a [T, H] matrix product, compute-bound, and stacking it with decode rows would
@@ -106,6 +107,10 @@ class DecodeBatcher:
         with self._lock:
             self._queued.setdefault(key, []).append(waiting)
         try:
+            # one turn of the event loop, no more: the steps that became ready in the same
+            # turn (the entry's requests, all woken by one batch's results) queue first,
+            # instead of the first of them starting alone on an idle compute thread
+            await asyncio.sleep(0)
             await self.compute.run(self._run_queued, key)
             # a batch (this job's, or an earlier job's that took this step) settled the
             # future before this job's own completion was delivered: the loop runs
