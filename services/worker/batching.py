@@ -1,11 +1,12 @@
 """Continuous batching of decode steps on a worker's compute thread.
 
 Each decode step (one new token of one request) that reaches a stage is queued under
-its (epoch, segment) and one compute job is submitted for it, as before batching. The
-first such job to run on the compute thread takes every step queued under that key at
-that moment and runs them as ONE batched forward (`SegmentHost.forward_batch`: the
-linear layers and MLP on the stacked rows, attention per request against its own KV
-cache); the jobs of the steps it took then find nothing left and return at once. A batch
+its (epoch, segment); when no job of that key waits for the compute thread, it submits
+one. The job takes every step queued under the key when it starts and runs them as ONE
+batched forward (`SegmentHost.forward_batch`: the linear layers and MLP on the stacked
+rows, attention per request against its own KV cache); steps queued while it runs
+submit the next job. The batch size is bounded by the steps in flight (the entry's
+admitted requests; COMPUTE_QUEUE decode frames per worker). A batch
 is therefore exactly what was waiting when the compute thread became free (plus the
 steps that became ready in the same turn of the event loop): no step waits for a batch
 to fill, and a request joins or leaves between any two steps.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from services.worker.compute import ComputeThread, DecodeStep, SegmentHost, Slowdown
+from shared.errors import EdgesplitError
 from shared.frame_headers import ActivationHeader, FrameHeader
 
 
@@ -40,10 +42,6 @@ def is_decode_step(header: FrameHeader, rows: int) -> bool:
 
 BatchKey = tuple[int, SegmentHost]
 """(epoch, segment host): steps batch only with steps of the same epoch and segment."""
-
-MAX_BATCH = 64
-"""Decode steps one batched forward takes at most; the rest wait for the next one."""
-
 
 class SampleHead(Protocol):
     """The entry's pending sampling at the start of a decode step (entry.py `NextToken`)."""
@@ -84,13 +82,12 @@ class DecodeBatcher:
     ``counters`` (the data plane's) gets ``decode_batches`` (batched forwards of two or
     more requests) and ``decode_batched_rows`` (the requests they carried)."""
 
-    def __init__(self, compute: ComputeThread, slowdown: Slowdown, counters: Counter[str],
-                 max_batch: int = MAX_BATCH) -> None:  # fmt: skip
+    def __init__(self, compute: ComputeThread, slowdown: Slowdown, counters: Counter[str]) -> None:
         self.compute = compute
         self.slowdown = slowdown
         self.counters = counters
-        self.max_batch = max_batch
         self._queued: dict[BatchKey, list[_Waiting]] = {}
+        self._scheduled: set[BatchKey] = set()  # keys with a job submitted and not started
         self._lock = threading.Lock()  # the loop queues, the compute thread takes
 
     async def forward(
@@ -106,31 +103,59 @@ class DecodeBatcher:
         waiting = _Waiting(request_id, position, rows, head, asyncio.get_running_loop())
         with self._lock:
             self._queued.setdefault(key, []).append(waiting)
+            start = key not in self._scheduled
+            self._scheduled.add(key)
         try:
-            # one turn of the event loop, no more: the steps that became ready in the same
-            # turn (the entry's requests, all woken by one batch's results) queue first,
-            # instead of the first of them starting alone on an idle compute thread
-            await asyncio.sleep(0)
-            await self.compute.run(self._run_queued, key)
-            # a batch (this job's, or an earlier job's that took this step) settled the
-            # future before this job's own completion was delivered: the loop runs
-            # call_soon_threadsafe callbacks in order
+            if start:  # no job of this key waits for the compute thread yet: submit one
+                await self._submit(key)
+            # each step waits for its own result, not for a job: a step another job took
+            # goes on as soon as that batch ends (waiting for its own job, queued behind
+            # other requests' steps, held requests apart and batches never formed)
             return await waiting.future
         finally:
             with self._lock:
                 queued = self._queued.get(key)
-                if queued is not None and waiting in queued:  # refused or cancelled first
+                if queued is not None and waiting in queued:  # cancelled before it ran
                     queued.remove(waiting)
-                if not queued:
-                    self._queued.pop(key, None)
+
+    async def _submit(self, key: BatchKey) -> None:
+        """Submit the job that runs ``key``'s queued steps, after one turn of the event
+        loop (the steps that became ready in the same turn, e.g. the entry's requests woken
+        by one batch's results, queue first instead of the job starting alone on an idle
+        thread). The job is submitted and runs even when this step is cancelled meanwhile
+        (the others of its batch wait for it); when the compute thread refuses it, every
+        step queued under the key fails so."""
+        job: asyncio.Future[None] | None = None
+        try:
+            await asyncio.sleep(0)
+            job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if job is None:
+                job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
+            job.add_done_callback(lambda done: self._refused(key, done))
+            raise
+        finally:
+            if job is not None and job.done():
+                self._refused(key, job)
+
+    def _refused(self, key: BatchKey, job: asyncio.Future[None]) -> None:
+        """After ``key``'s job: when the compute thread refused it (ComputeBusy,
+        ComputeClosed: nothing ran), every step still queued under the key fails so."""
+        if job.cancelled() or not isinstance(job.exception(), EdgesplitError):
+            return
+        with self._lock:
+            refused = self._queued.pop(key, [])
+            self._scheduled.discard(key)
+        for waiting in refused:
+            if not waiting.future.done():
+                waiting.future.set_exception(job.exception())  # type: ignore[arg-type]
 
     def _run_queued(self, key: BatchKey) -> None:
         """Compute thread: one batched forward of the steps queued under ``key`` now."""
-        with self._lock:
-            queued = self._queued.get(key, [])
-            taken, queued[:] = queued[: self.max_batch], queued[self.max_batch :]
-        if not taken:
-            return  # an earlier job took this one's step
+        with self._lock:  # a step queued from now on submits the next job
+            taken = self._queued.pop(key, [])
+            self._scheduled.discard(key)
         taken = [waiting for waiting in taken if not waiting.future.cancelled()]
         logits = _heads(taken)
         steps: list[DecodeStep] = []
