@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from services.worker.compute_thread import ComputeThread
-from services.worker.kv_budget import KvBudget, grown_capacity
+from services.worker.kv_budget import KvBudget, KvOverBudget, grown_capacity
 from shared.errors import EdgesplitError
 from shared.model.benchmark import compute_clock
 from shared.model.kv_cache import SegmentCache
@@ -25,7 +25,7 @@ from shared.model.runtime import SegmentRuntime
 from shared.model.source import TensorSource
 from shared.tensor_frame import to_torch
 
-__all__ = ["ComputeThread", "KvMissing", "SegmentHost", "Slowdown"]
+__all__ = ["ComputeThread", "DecodeStep", "KvMissing", "SegmentHost", "Slowdown"]
 
 T = TypeVar("T")
 
@@ -56,6 +56,18 @@ class KvMissing(EdgesplitError):
     and has not arrived, or was lost): the entry must replay the request."""
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One request's row of a batched decode step: its [1, H] activation at ``position``."""
+
+    request_id: str
+    hidden: np.ndarray
+    position: int
+
+
+_NOT_RUN = np.zeros((0, 0), np.float32)  # a placeholder filled by the batched forward
+
+
 @dataclass
 class _CacheEntry:
     cache: SegmentCache
@@ -83,9 +95,53 @@ class SegmentHost:
     def forward(
         self, request_id: str, hidden: np.ndarray, start_position: int, slowdown: Slowdown
     ) -> np.ndarray:
-        """Run the segment on [T, H] activations; keeps the request's KV cache. Compute thread."""
+        """Run the segment on [T, H] activations; keeps the request's KV cache. Compute thread.
+        Raises KvMissing, KvOverBudget (nothing allocated)."""
         clock = compute_clock()
         began = clock()
+        entry = self._cache_for(request_id, start_position, int(hidden.shape[0]))
+        output = self.runtime.forward(to_torch(hidden), entry.cache, start_position)
+        compute_s = clock() - began
+        compute_s += slowdown.apply(compute_s)
+        if self.on_forward is not None:
+            self.on_forward(int(hidden.shape[0]), self.end - self.start, compute_s)
+        return output.numpy()
+
+    def forward_batch(
+        self, steps: Sequence[DecodeStep], slowdown: Slowdown
+    ) -> list[np.ndarray | EdgesplitError]:
+        """One decode step of several requests as ONE batched forward (the linear layers
+        and MLP on the stacked rows, attention per request: SegmentRuntime.forward_batch).
+        Compute thread. Returns, per step in order, its [1, H] output, or the error that
+        concerns that request alone (KvMissing, KvOverBudget: it does not join the batch).
+        A failure of the batched forward itself raises (every cache is rolled back)."""
+        clock = compute_clock()
+        began = clock()
+        results: list[np.ndarray | EdgesplitError] = []
+        joined: list[tuple[int, _CacheEntry]] = []
+        for number, step in enumerate(steps):
+            try:
+                joined.append((number, self._cache_for(step.request_id, step.position, 1)))
+                results.append(_NOT_RUN)
+            except (KvMissing, KvOverBudget) as error:
+                results.append(error)
+        if joined:
+            rows = torch.cat([to_torch(steps[number].hidden) for number, _ in joined])  # [B, H]
+            caches = [entry.cache for _, entry in joined]
+            output = self.runtime.forward_batch(rows, caches, [steps[n].position for n, _ in joined]).numpy()
+            for row, (number, _) in enumerate(joined):
+                results[number] = output[row : row + 1]
+        compute_s = clock() - began
+        compute_s += slowdown.apply(compute_s)
+        if self.on_forward is not None and joined:
+            self.on_forward(len(joined), self.end - self.start, compute_s)
+        return results
+
+    def _cache_for(self, request_id: str, start_position: int, tokens: int) -> _CacheEntry:
+        """The request's cache, ready to take ``tokens`` tokens at ``start_position``
+        (created for a pass from position 0; cut back for a replayed step). Raises
+        KvMissing when it is not here (yet), KvOverBudget when growing it would pass the
+        node's KV budget (nothing allocated)."""
         with self._lock:
             entry = self._caches.get(request_id)
             if start_position == 0:
@@ -99,7 +155,7 @@ class SegmentHost:
         if entry is not None and 0 < start_position and entry.cache.length < start_position:
             raise KvMissing(f"request {request_id}: KV cache holds {entry.cache.length} tokens, "
                             f"the step starts at {start_position}")  # fmt: skip
-        self._check_budget(request_id, entry, start_position + int(hidden.shape[0]))
+        self._check_budget(request_id, entry, start_position + tokens)
         if entry is None:
             entry = _CacheEntry(self.runtime.new_cache(), time.monotonic())
             with self._lock:
@@ -108,12 +164,7 @@ class SegmentHost:
             entry.cache.truncate(0)  # a replay from the start rebuilds the cache
         elif entry.cache.length > start_position:
             entry.cache.truncate(start_position)  # a replayed step: drop what follows it
-        output = self.runtime.forward(to_torch(hidden), entry.cache, start_position)
-        compute_s = clock() - began
-        compute_s += slowdown.apply(compute_s)
-        if self.on_forward is not None:
-            self.on_forward(int(hidden.shape[0]), self.end - self.start, compute_s)
-        return output.numpy()
+        return entry
 
     def _check_budget(self, request_id: str, entry: _CacheEntry | None, tokens: int) -> None:
         """Raise KvOverBudget (nothing allocated yet) when holding ``tokens`` tokens of the

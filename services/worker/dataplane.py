@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from itertools import count
 
 import numpy as np
+import torch
 
+from services.worker.batching import DecodeBatcher, Head, SampleHead, is_decode_step
 from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
 from services.worker.epochs import EpochKeeper, Serving
@@ -88,6 +90,8 @@ class DataPlane:
         self._announced: dict[str, float] = {}  # node -> when it last announced itself (Unix s)
         self._reconnected_at: float | None = None
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
+        self.batcher = DecodeBatcher(compute, slowdown, self.counters)
+        """Decode steps of different requests at this stage run as one batched forward."""
         self.auth = FrameAuth(node, keeper, self.counters)
         self.seal = self.auth.seal
         self.handoff = KvHandoff(node, limits, keeper, compute, self.deadline, send,
@@ -228,9 +232,13 @@ class DataPlane:
             return
         array = decompress_activation(array, self.hidden_size)  # O(bytes); fp32 as it is
         try:
-            hidden = await self.compute.run(
-                host.forward, header.request_id, array, header.pos, self.slowdown
-            )
+            if is_decode_step(header, array.shape[0]):  # batched with other requests' steps
+                hidden = await self.batcher.forward((route.epoch, host), header.request_id,
+                                                    header.pos, lambda _: array)  # fmt: skip
+            else:  # prefill runs alone (batching.py says why)
+                hidden = await self.compute.run(
+                    host.forward, header.request_id, array, header.pos, self.slowdown
+                )
         except KvMissing as error:
             self.counters["kv_missing"] += 1
             log.info("%s: %s; asking the entry to replay", self.node, error)
@@ -334,7 +342,7 @@ class DataPlane:
         token_ids: np.ndarray,
         position: int,
         last_only: bool,
-        head: Callable[[], np.ndarray] | None = None,
+        head: SampleHead | None = None,
     ) -> tuple[np.ndarray, int]:
         """Entry side of one pass under the committed epoch: embed, run local blocks, send
         on, await the final state. Returns (hidden, epoch used); StageTimedOut after the
@@ -346,9 +354,22 @@ class DataPlane:
             raise StageTimedOut(f"node {self.node} is no longer the entry")
         route = serving.route
         local_blocks = route.node_for(0) == self.node and serving.host is not None
-        # One hand-off to the compute thread for the embedding and the entry's own blocks.
-        token_ids, hidden = await self.compute.run(_embed_and_run, serving, request_id, token_ids, position,
-                                                   self.slowdown if local_blocks else None, head)  # fmt: skip
+        if local_blocks and position > 0 and (head is not None or token_ids.shape[0] == 1):
+            # a decode step: sampled, embedded and run through the entry's blocks in one
+            # batched compute job with the other requests' steps (batching.py)
+            assert serving.host is not None and serving.entry is not None
+            entry, ids = serving.entry, token_ids
+
+            def embedded(logits: torch.Tensor | None) -> np.ndarray:
+                return entry.embed_tokens(head(logits) if head is not None else ids, position)
+
+            head_input = Head(entry.head_logits, head.head_input()) if head is not None else None
+            hidden = await self.batcher.forward((route.epoch, serving.host), request_id, position,
+                                                embedded, head_input)  # fmt: skip
+            token_ids = np.zeros(1, np.int64)  # one token: only its count matters below
+        else:  # one hand-off to the compute thread for the embedding and the entry's own blocks
+            token_ids, hidden = await self.compute.run(_embed_and_run, serving, request_id, token_ids, position,
+                                                       self.slowdown if local_blocks else None, head)  # fmt: skip
         target = serving.host.end if local_blocks and serving.host is not None else 0
         while target < route.num_layers and route.node_for(target) == self.node:
             assert serving.host is not None
@@ -429,7 +450,7 @@ def _embed_and_run(
     token_ids: np.ndarray,
     position: int,
     slowdown: Slowdown | None,
-    head: Callable[[], np.ndarray] | None,
+    head: SampleHead | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compute thread: (``head`` for the token ids,) embed, then (when ``slowdown`` is
     given) run the entry's first segment on the result. Returns (token ids, hidden)."""

@@ -74,10 +74,16 @@ class NextToken:
         self.token: int | None = None
         self._last = False
 
-    def __call__(self) -> np.ndarray:
-        """Compute thread."""
+    def head_input(self) -> np.ndarray | None:
+        """The final hidden state whose logits this step samples; None once sampled (a
+        retried pass). A batched decode step stacks these for one head call."""
+        return None if self.token is not None else self._hidden
+
+    def __call__(self, logits: torch.Tensor | None = None) -> np.ndarray:
+        """Compute thread. ``logits``: the head's output for `head_input`, when a batched
+        step computed it already (else the head runs here)."""
         if self.token is None:
-            token = self._role.sample_token(self._hidden, self._sampler)
+            token = self._role.sample_token(self._hidden, self._sampler, logits)
             text = self._stream.push(token)[:1024]
             request = self._entry.request
             assert isinstance(request, GenerateRequest)
@@ -331,13 +337,19 @@ class EntryRole(EntryDesk):
                      entry.kv_epoch, epoch)  # fmt: skip
         return moved
 
-    def sample_token(self, hidden: np.ndarray, sampler: Sampler) -> int:
+    def sample_token(self, hidden: np.ndarray, sampler: Sampler, logits: torch.Tensor | None = None) -> int:
         """Head + sampling on each row of the final hidden state, in order (rows before
         the last advance a seeded sampler over resumed tokens); the last row's token.
-        Compute thread."""
-        logits = self.runtime.logits(to_torch(np.ascontiguousarray(hidden)))
+        ``logits``: the head's output for ``hidden`` when already computed. Compute thread."""
+        if logits is None:
+            logits = self.head_logits(hidden)
         tokens = [sampler.next_token(row) for row in logits]
         return tokens[-1]
+
+    def head_logits(self, hidden: np.ndarray) -> torch.Tensor:
+        """[R, H] final hidden states -> [R, V] logits (rows of several requests may be
+        stacked: the head is linear per row). Compute thread."""
+        return self.runtime.logits(to_torch(np.ascontiguousarray(hidden)))
 
     async def _embed(self, request: EmbedRequest) -> None:
         if self.config.is_decoder:

@@ -15,7 +15,9 @@ import time
 from collections import Counter
 
 from services.worker.admission import in_flight_for_speed, queue_bound_for
+from services.worker.batching import is_decode_step
 from services.worker.compute import ComputeThread, SegmentHost, Slowdown
+from services.worker.compute_thread import COMPUTE_QUEUE
 from services.worker.dataplane import DataPlane, FrameLimits
 from services.worker.deadline import StageDeadline
 from services.worker.emulation import Emulation, initial_command
@@ -54,6 +56,7 @@ from shared.planning.route import Route, route_of
 from shared.security.frame_keys import derive_frame_key, parse_frame_key
 from shared.security.role_keys import role_verifier
 from shared.security.signing import ControlGate, require_control_key
+from shared.tensor_frame import Frame
 from shared.topics import (
     ACTIVATIONS,
     EPOCH_ACKS,
@@ -90,6 +93,8 @@ class WorkerService:
             serving=lambda: keeper.current,
             links=lambda: self.prober.window(self.shaper.delivery_rates()),
             frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0,
+            decode_batches=lambda: (self.data.counters["decode_batches"],
+                                    self.data.counters["decode_batched_rows"]) if self.data else (0, 0),
             overflows=self.overflows, news=self.prober.news))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
@@ -432,17 +437,34 @@ class WorkerService:
     # --- data plane and requests ----------------------------------------------------------
 
     async def _serve_frames(self, bus: Bus) -> None:
+        """Frames in arrival order, one at a time, except decode steps: each runs in a task
+        of its own (at most COMPUTE_QUEUE at once), so the steps of other requests that
+        arrive meanwhile join its batch on the compute thread (batching.py). One request
+        has one step in flight at a time, so its own frames still come in order."""
         assert self.data is not None
-        async with bus.subscribe(ACTIVATIONS, node=self.node) as frames:
+        room = asyncio.Semaphore(COMPUTE_QUEUE)
+        async with asyncio.TaskGroup() as steps, bus.subscribe(ACTIVATIONS, node=self.node) as frames:
             async for _, frame in frames:
-                try:
-                    await self.data.on_frame(frame)
-                except EdgesplitError as error:
-                    self.counters["frames_failed"] += 1
-                    log.warning("%s: frame of %s dropped: %s", self.node, frame.header.request_id, error)
-                except Exception:  # one bad frame must never stop the node
-                    self.counters["frames_failed"] += 1
-                    log.exception("%s: frame of %s failed", self.node, frame.header.request_id)
+                if not is_decode_step(frame.header, frame.array.shape[0]):
+                    await self._on_frame(frame)
+                    continue
+                await room.acquire()
+                steps.create_task(self._on_frame(frame, room), name="decode-step")
+
+    async def _on_frame(self, frame: Frame, room: asyncio.Semaphore | None = None) -> None:
+        """Handle one frame; never raises (a bad frame must never stop the node)."""
+        assert self.data is not None
+        try:
+            await self.data.on_frame(frame)
+        except EdgesplitError as error:
+            self.counters["frames_failed"] += 1
+            log.warning("%s: frame of %s dropped: %s", self.node, frame.header.request_id, error)
+        except Exception:  # one bad frame must never stop the node
+            self.counters["frames_failed"] += 1
+            log.exception("%s: frame of %s failed", self.node, frame.header.request_id)
+        finally:
+            if room is not None:
+                room.release()
 
     async def _publish_frame(self, destination: str, payload: bytes) -> None:
         assert self._bus is not None

@@ -153,6 +153,9 @@ class TelemetrySources:
     links: Callable[[], tuple[LinkObservation, ...]]
     frames_forged: Callable[[], int] = lambda: 0
     """Frames the data plane dropped as forged since start (services/worker/frame_auth.py)."""
+    decode_batches: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    """(batched forwards of two or more decode steps, steps they carried) since start
+    (services/worker/batching.py)."""
     overflows: Callable[[], int] | None = None
     """Items the node's bounded queues refused or dropped so far."""
     news: asyncio.Event | None = None
@@ -246,6 +249,7 @@ class TelemetryReporter:
         entry = serving.entry if serving else None
         in_flight = len(entry.journal) if entry is not None else (host.requests() if host else 0)
         times = self.timer.window()
+        batches, batched_steps = sources.decode_batches()
         self.latest = Telemetry(
             node=sources.node,  # type: ignore[arg-type]
             window_s=window_s,
@@ -264,6 +268,8 @@ class TelemetryReporter:
             block_times=times,
             links=sources.links(),
             frames_forged=sources.frames_forged(),
+            decode_batches=batches,
+            decode_batched_steps=batched_steps,
             queue_overflows=sources.overflows() if sources.overflows else 0,
         )
         return self.latest

@@ -133,3 +133,8 @@ class Telemetry(Message):
     frames_forged: NonNegativeInt = 0
     """Data-plane frames dropped since the node started because they did not authenticate
     (a missing or bad MAC, or a sender the plan does not name for that hop)."""
+    decode_batches: NonNegativeInt = 0
+    """Batched forwards of two or more requests' decode steps since the node started
+    (continuous batching: services/worker/batching.py)."""
+    decode_batched_steps: NonNegativeInt = 0
+    """Decode steps those batched forwards carried (over ``decode_batches``: mean batch)."""

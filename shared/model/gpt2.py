@@ -8,7 +8,7 @@ Shapes: T tokens, H hidden, V vocabulary, P positions, I MLP width.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ from shared.model.kv_cache import BlockCache
 from shared.model.layers import (
     activation_fn,
     attend,
+    attend_each,
     conv1d,
     layer_norm,
     linear,
@@ -124,17 +125,30 @@ class GPT2Block:
         x = x + self._attention(layer_norm(x, w["ln_1.weight"], w["ln_1.bias"], eps), kv)
         return x + self._mlp(layer_norm(x, w["ln_2.weight"], w["ln_2.bias"], eps))
 
+    def forward_batch(
+        self, x: torch.Tensor, caches: Sequence[BlockCache], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """A decode step of B requests: [B, H], row i request i's new token (its position
+        is already in the embedding), its K, V appended to ``caches[i]`` -> [B, H]. Norms,
+        projections and the MLP run once on the stacked rows; attention per request."""
+        w, eps = self.w, self.config.norm_eps
+        query, key, value = self._projections(layer_norm(x, w["ln_1.weight"], w["ln_1.bias"], eps))
+        context = merge_heads(attend_each(query, key, value, caches))  # [B, H]
+        x = x + conv1d(context, self.linears["attn.c_proj.weight"], w["attn.c_proj.bias"])
+        return x + self._mlp(layer_norm(x, w["ln_2.weight"], w["ln_2.bias"], eps))
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Query, key, value [heads, T, head_dim] of [T, H] rows (one fused Conv1D)."""
+        qkv = conv1d(x, self.linears["attn.c_attn.weight"], self.w["attn.c_attn.bias"])  # [T, 3H]
+        heads = self.config.num_heads
+        return tuple(split_heads(part, heads) for part in torch.split(qkv, self.config.hidden_size, dim=-1))
+
     def _attention(self, x: torch.Tensor, kv: BlockCache | None) -> torch.Tensor:
-        w, heads = self.w, self.config.num_heads
-        qkv = conv1d(x, self.linears["attn.c_attn.weight"], w["attn.c_attn.bias"])  # [T, 3H]
-        query, key, value = (
-            split_heads(part, heads)
-            for part in torch.split(qkv, self.config.hidden_size, dim=-1)
-        )
+        query, key, value = self._projections(x)
         if kv is not None:
             key, value = kv.append(key, value)  # [heads, past + T, head_dim]
         context = merge_heads(attend(query, key, value, causal=True))  # [T, H]
-        return conv1d(context, self.linears["attn.c_proj.weight"], w["attn.c_proj.bias"])
+        return conv1d(context, self.linears["attn.c_proj.weight"], self.w["attn.c_proj.bias"])
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w

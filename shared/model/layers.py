@@ -1,18 +1,21 @@
 """Building blocks shared by the model families: norms, activations, attention.
 
 Tensors carry no batch dimension: a hidden state is ``[T, H]`` (tokens, hidden size),
-attention tensors are ``[heads, T, head_dim]``.
+attention tensors are ``[heads, T, head_dim]``. A batched decode step stacks one new
+token of each of B requests as the rows of ``[B, H]``: norms, linear layers and the MLP
+run on the stacked rows at once, attention runs per request (`attend_each`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from shared.errors import CheckpointError, UnsupportedArchitecture
+from shared.model.kv_cache import BlockCache
 from shared.model.quant import Weight
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -67,6 +70,25 @@ def attend(
         mask = mask.tril(diagonal=total_tokens - new_tokens)
     grouped = key.shape[0] != query.shape[0]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=grouped)
+
+
+def attend_each(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    caches: Sequence[BlockCache],
+) -> torch.Tensor:
+    """Attention of a batched decode step: row i is request i's one new token, which
+    attends to its own cache ``caches[i]`` (lengths differ; nothing is padded).
+
+    query [heads, B, head_dim]; key, value [kv_heads, B, head_dim]: row i's K, V are
+    appended to ``caches[i]`` first. Returns [heads, B, head_dim].
+    """
+    contexts = []
+    for row, cache in enumerate(caches):
+        cached_key, cached_value = cache.append(key[:, row : row + 1], value[:, row : row + 1])
+        contexts.append(attend(query[:, row : row + 1], cached_key, cached_value, causal=True))
+    return torch.cat(contexts, dim=1)
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,14 +10,22 @@ Shapes: T tokens, H hidden, V vocabulary, nh / nkv heads, d head_dim, I MLP widt
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from shared.errors import ModelError
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache
-from shared.model.layers import activation_fn, attend, linear, merge_heads, rms_norm, split_heads
+from shared.model.layers import (
+    activation_fn,
+    attend,
+    attend_each,
+    linear,
+    merge_heads,
+    rms_norm,
+    split_heads,
+)
 from shared.model.quant import Weight
 
 Tensors = Mapping[str, torch.Tensor]
@@ -93,11 +101,25 @@ def rotary_tables(
 def _rotary_tables(
     theta: float, head_dim: int, start_position: int, count: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    half = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    inverse_frequency = 1.0 / (theta**half)  # [d/2]
     positions = torch.arange(
         start_position, start_position + count, dtype=torch.float32, device=device
     )
+    return _angles(theta, head_dim, positions)
+
+
+def rotary_rows(
+    config: ModelConfig, positions: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for the given positions, one row each ([B, d]): a batched decode
+    step, whose rows are different requests at their own positions."""
+    rows = torch.tensor(list(positions), dtype=torch.float32, device=device)
+    return _angles(config.rope_theta, config.head_dim, rows)
+
+
+def _angles(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, d] of the rotation angles at ``positions`` [T] (float32)."""
+    half = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    inverse_frequency = 1.0 / (theta**half)  # [d/2]
     angles = torch.outer(positions, inverse_frequency)  # [T, d/2]
     angles = torch.cat((angles, angles), dim=-1)  # [T, d]: halves rotate together
     return angles.cos(), angles.sin()
@@ -147,22 +169,46 @@ class LlamaBlock:
         x = x + self._attention(rms_norm(x, w["input_layernorm.weight"], eps), kv, start_position)
         return x + self._mlp(rms_norm(x, w["post_attention_layernorm.weight"], eps))
 
+    def forward_batch(
+        self, x: torch.Tensor, caches: Sequence[BlockCache], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """A decode step of B requests: [B, H], row i request i's new token at
+        ``positions[i]``, its K, V appended to ``caches[i]`` -> [B, H]. Norms, projections
+        and the MLP run once on the stacked rows; attention per request (`attend_each`)."""
+        w, eps = self.w, self.config.norm_eps
+        x = x + self._attention_batch(rms_norm(x, w["input_layernorm.weight"], eps), caches, positions)
+        return x + self._mlp(rms_norm(x, w["post_attention_layernorm.weight"], eps))
+
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return linear(x, self.linears[f"{name}.weight"], self.w.get(f"{name}.bias"))
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query [nh, T, d], key and value [nkv, T, d] of [T, H] rows, before RoPE."""
+        config = self.config
+        query = split_heads(self._linear(x, "self_attn.q_proj"), config.num_heads)
+        key = split_heads(self._linear(x, "self_attn.k_proj"), config.num_kv_heads)
+        value = split_heads(self._linear(x, "self_attn.v_proj"), config.num_kv_heads)
+        return query, key, value
 
     def _attention(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int
     ) -> torch.Tensor:
-        config = self.config
-        query = split_heads(self._linear(x, "self_attn.q_proj"), config.num_heads)  # [nh, T, d]
-        key = split_heads(self._linear(x, "self_attn.k_proj"), config.num_kv_heads)  # [nkv, T, d]
-        value = split_heads(self._linear(x, "self_attn.v_proj"), config.num_kv_heads)  # [nkv, T, d]
-        cos, sin = rotary_tables(config, start_position, x.shape[0], x.device)
+        query, key, value = self._projections(x)
+        cos, sin = rotary_tables(self.config, start_position, x.shape[0], x.device)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if kv is not None:
             key, value = kv.append(key, value)  # [nkv, past + T, d]
         context = merge_heads(attend(query, key, value, causal=True))  # [T, nh * d]
         return self._linear(context, "self_attn.o_proj")  # [T, H]
+
+    def _attention_batch(
+        self, x: torch.Tensor, caches: Sequence[BlockCache], positions: Sequence[int]
+    ) -> torch.Tensor:
+        query, key, value = self._projections(x)  # one row per request
+        cos, sin = rotary_rows(self.config, positions, x.device)  # [B, d]
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        context = merge_heads(attend_each(query, key, value, caches))  # [B, nh * d]
+        return self._linear(context, "self_attn.o_proj")  # [B, H]
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.activation(self._linear(x, "mlp.gate_proj"))  # [T, I]

@@ -4,20 +4,22 @@
 pooling); ``SegmentRuntime`` holds blocks ``[start, end)`` and loads only their
 tensors. Both take tensors from any ``TensorSource``, check every name and shape
 against the model family, and compute under ``torch.inference_mode()`` on one
-sequence without a batch dimension: hidden states are ``[T, H]``. Weights and KV caches
+sequence without a batch dimension: hidden states are ``[T, H]``; a batched decode step
+(`SegmentRuntime.forward_batch`) stacks one new token of each of B requests as ``[B, H]``.
+Weights and KV caches
 live on the runtime's device; inputs may come from any device and results always come
 back on the CPU (callers turn them into numpy arrays, wire frames and sampled tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
-from shared.errors import ConfigError, ContextTooLong
+from shared.errors import ConfigError, ContextTooLong, ModelError
 from shared.model import bert, gpt2, llama
 from shared.model.config import ModelConfig
 from shared.model.kv_cache import BlockCache, CacheMismatch, SegmentCache
@@ -47,6 +49,12 @@ class _Block(Protocol):
 
     def forward(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int
+    ) -> torch.Tensor: ...
+
+
+class _DecoderBlock(_Block, Protocol):
+    def forward_batch(
+        self, x: torch.Tensor, caches: Sequence[BlockCache], positions: Sequence[int]
     ) -> torch.Tensor: ...
 
 
@@ -238,4 +246,40 @@ class SegmentRuntime:
         except BaseException:
             if cache is not None:  # undo a half-applied step so the cache stays consistent
                 cache.truncate(start_position)
+            raise
+
+    def forward_batch(
+        self, hidden: torch.Tensor, caches: Sequence[SegmentCache], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """One decode step of B requests at once: [B, H], row i the new token of the
+        request whose cache is ``caches[i]``, at position ``positions[i]`` -> [B, H].
+
+        Equal to B calls of `forward` with one row each (within float rounding: the
+        linear layers see B rows). Each cache must hold exactly ``positions[i]`` tokens
+        and appear once (CacheMismatch otherwise); ModelError for an encoder. On any
+        failure every cache is truncated back to its position.
+        """
+        if not self.config.is_decoder:
+            raise ModelError(f"{self.config.architecture} is an encoder: it has no decode steps")
+        if hidden.shape[0] != len(caches) or len(caches) != len(positions):
+            raise CacheMismatch(f"{hidden.shape[0]} rows, {len(caches)} caches and "
+                                f"{len(positions)} positions: a batch needs one of each per request")  # fmt: skip
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise CacheMismatch("a batched step holds each request's cache once")
+        for cache, position in zip(caches, positions, strict=True):
+            if cache.length != position:
+                raise CacheMismatch(
+                    f"segment [{self.start}, {self.end}): cache holds {cache.length} tokens, "
+                    f"but the batched row starts at position {position}"
+                )
+        try:
+            with torch.inference_mode():
+                hidden = hidden.to(self.device, torch.float32)
+                for index, block in enumerate(self._blocks, start=self.start):
+                    decoder = cast(_DecoderBlock, block)
+                    hidden = decoder.forward_batch(hidden, [c.block(index) for c in caches], positions)
+                return hidden.cpu()
+        except BaseException:
+            for cache, position in zip(caches, positions, strict=True):
+                cache.truncate(position)  # undo a half-applied step in every cache
             raise

@@ -1,0 +1,229 @@
+"""Continuous batching of decode steps on a worker's compute thread.
+
+Each decode step (one new token of one request) that reaches a stage is queued under
+its (epoch, segment); when no job of that key waits for the compute thread, it submits
+one. The job takes every step queued under the key when it starts and runs them as ONE
+batched forward (`SegmentHost.forward_batch`: the linear layers and MLP on the stacked
+rows, attention per request against its own KV cache); steps queued while it runs
+submit the next job. The batch size is bounded by the steps in flight (the entry's
+admitted requests; COMPUTE_QUEUE decode frames per worker). A batch
+is therefore exactly what was waiting when the compute thread became free (plus the
+steps that became ready in the same turn of the event loop): no step waits for a batch
+to fill, and a request joins or leaves between any two steps.
+
+Prefill (more than one token, or position 0) never comes here: a prompt of T tokens is
+already a [T, H] matrix product, compute-bound, and stacking it with decode rows would
+only make those decodes wait for it (`DataPlane._on_activation` runs it alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from services.worker.compute import ComputeThread, DecodeStep, SegmentHost, Slowdown
+from shared.errors import EdgesplitError
+from shared.frame_headers import ActivationHeader, FrameHeader
+
+
+def is_decode_step(header: FrameHeader, rows: int) -> bool:
+    """True for an activation of one token (``rows``) past position 0: a decode step,
+    which may run batched with other requests' (prefill, position 0 or several rows,
+    runs alone)."""
+    return isinstance(header, ActivationHeader) and header.pos > 0 and rows == 1
+
+
+BatchKey = tuple[int, SegmentHost]
+"""(epoch, segment host): steps batch only with steps of the same epoch and segment."""
+
+class SampleHead(Protocol):
+    """The entry's pending sampling at the start of a decode step (entry.py `NextToken`)."""
+
+    def head_input(self) -> np.ndarray | None: ...
+    def __call__(self, logits: torch.Tensor | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Head:
+    """A step's head to run first, batched: ``logits`` maps stacked [R, H] final hidden
+    states to [R, V] (the entry's head); ``rows`` are this step's (None: nothing to run)."""
+
+    logits: Callable[[np.ndarray], torch.Tensor]
+    rows: np.ndarray | None
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A queued decode step. ``rows`` runs on the compute thread and gives its [1, H]
+    input from the logits of ``head`` (None without one): the entry samples the previous
+    token and embeds it there. Its errors are that request's alone."""
+
+    request_id: str
+    position: int
+    rows: Callable[[torch.Tensor | None], np.ndarray]
+    head: Head | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = self.loop.create_future()
+
+
+class DecodeBatcher:
+    """Batches the decode steps of one worker (all its epochs and segments).
+
+    ``counters`` (the data plane's) gets ``decode_batches`` (batched forwards of two or
+    more requests) and ``decode_batched_rows`` (the requests they carried)."""
+
+    def __init__(self, compute: ComputeThread, slowdown: Slowdown, counters: Counter[str]) -> None:
+        self.compute = compute
+        self.slowdown = slowdown
+        self.counters = counters
+        self._queued: dict[BatchKey, list[_Waiting]] = {}
+        self._scheduled: set[BatchKey] = set()  # keys with a job submitted and not started
+        self._lock = threading.Lock()  # the loop queues, the compute thread takes
+
+    async def forward(
+        self, key: BatchKey, request_id: str, position: int,
+        rows: Callable[[torch.Tensor | None], np.ndarray], head: Head | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Run one request's decode step at ``position`` through ``key``'s segment, in a
+        batch with whatever else is queued for it; its [1, H] output. ``head``: the entry's
+        head on the previous pass's state, run for the whole batch in one call first, its
+        logits handed to ``rows``. Raises what the step raises for this request
+        (KvMissing, KvOverBudget, an error of ``rows``) or what fails the whole batch;
+        ComputeBusy when the compute queue is full."""
+        waiting = _Waiting(request_id, position, rows, head, asyncio.get_running_loop())
+        with self._lock:
+            self._queued.setdefault(key, []).append(waiting)
+            start = key not in self._scheduled
+            self._scheduled.add(key)
+        try:
+            if start:  # no job of this key waits for the compute thread yet: submit one
+                await self._submit(key)
+            # each step waits for its own result, not for a job: a step another job took
+            # goes on as soon as that batch ends (waiting for its own job, queued behind
+            # other requests' steps, held requests apart and batches never formed)
+            return await waiting.future
+        finally:
+            with self._lock:
+                queued = self._queued.get(key)
+                if queued is not None and waiting in queued:  # cancelled before it ran
+                    queued.remove(waiting)
+
+    async def _submit(self, key: BatchKey) -> None:
+        """Submit the job that runs ``key``'s queued steps, after one turn of the event
+        loop (the steps that became ready in the same turn, e.g. the entry's requests woken
+        by one batch's results, queue first instead of the job starting alone on an idle
+        thread). The job is submitted and runs even when this step is cancelled meanwhile
+        (the others of its batch wait for it); when the compute thread refuses it, every
+        step queued under the key fails so."""
+        job: asyncio.Future[None] | None = None
+        try:
+            await asyncio.sleep(0)
+            job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if job is None:
+                job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
+            job.add_done_callback(lambda done: self._refused(key, done))
+            raise
+        finally:
+            if job is not None and job.done():
+                self._refused(key, job)
+
+    def _refused(self, key: BatchKey, job: asyncio.Future[None]) -> None:
+        """After ``key``'s job: when the compute thread refused it (ComputeBusy,
+        ComputeClosed: nothing ran), every step still queued under the key fails so."""
+        if job.cancelled() or not isinstance(job.exception(), EdgesplitError):
+            return
+        with self._lock:
+            refused = self._queued.pop(key, [])
+            self._scheduled.discard(key)
+        for waiting in refused:
+            if not waiting.future.done():
+                waiting.future.set_exception(job.exception())  # type: ignore[arg-type]
+
+    def _run_queued(self, key: BatchKey) -> None:
+        """Compute thread: one batched forward of the steps queued under ``key`` now."""
+        with self._lock:  # a step queued from now on submits the next job
+            taken = self._queued.pop(key, [])
+            self._scheduled.discard(key)
+        taken = [waiting for waiting in taken if not waiting.future.cancelled()]
+        logits = _heads(taken)
+        steps: list[DecodeStep] = []
+        joined: list[_Waiting] = []
+        for waiting in taken:
+            try:
+                if isinstance(logits.get(waiting), BaseException):
+                    raise logits[waiting]  # type: ignore[misc]
+                steps.append(DecodeStep(waiting.request_id, waiting.rows(logits.get(waiting)), waiting.position))  # type: ignore[arg-type]
+            except BaseException as error:  # noqa: BLE001 - that request's error, handed to it
+                _settle(waiting, None, error)
+            else:
+                joined.append(waiting)
+        if not steps:
+            return
+        host = key[1]
+        try:
+            results = host.forward_batch(steps, self.slowdown)
+        except BaseException as error:  # noqa: BLE001 - every request of the batch gets it
+            for waiting in joined:
+                _settle(waiting, None, error)
+            return
+        ran = sum(1 for result in results if not isinstance(result, BaseException))
+        if ran > 1:
+            self.counters["decode_batches"] += 1
+            self.counters["decode_batched_rows"] += ran
+        for waiting, result in zip(joined, results, strict=True):
+            if isinstance(result, BaseException):
+                _settle(waiting, None, result)
+            else:
+                _settle(waiting, result, None)
+
+
+def _heads(taken: list[_Waiting]) -> dict[_Waiting, torch.Tensor | BaseException]:
+    """The logits of every step with a head to run, one head call per head function on
+    its steps' stacked rows (the head is the costliest single layer of a small model:
+    SmolLM2's is 49152 x 576). A failed call is the error of each of its steps."""
+    groups: dict[Callable[[np.ndarray], torch.Tensor], list[_Waiting]] = {}
+    for waiting in taken:
+        if waiting.head is not None and waiting.head.rows is not None:
+            groups.setdefault(waiting.head.logits, []).append(waiting)
+    found: dict[_Waiting, torch.Tensor | BaseException] = {}
+    for head, group in groups.items():
+        try:
+            logits = head(np.concatenate([w.head.rows for w in group]))  # type: ignore[union-attr, misc]
+        except BaseException as error:  # noqa: BLE001 - handed to each step of the group
+            found.update({waiting: error for waiting in group})
+            continue
+        offset = 0
+        for waiting in group:
+            count = waiting.head.rows.shape[0]  # type: ignore[union-attr]
+            found[waiting] = logits[offset : offset + count]
+            offset += count
+    return found
+
+
+def _settle(waiting: _Waiting, result: np.ndarray | None, error: BaseException | None) -> None:
+    """Hand a step's result (or error) to its waiting coroutine (from the compute thread)."""
+
+    def settle() -> None:
+        if waiting.future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            waiting.future.set_exception(error)
+        else:
+            waiting.future.set_result(result)  # type: ignore[arg-type]
+
+    try:
+        waiting.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
