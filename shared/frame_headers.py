@@ -161,6 +161,11 @@ class ProbeHeader(_Header):
     kind: Literal["probe"] = "probe"
     role: Literal["ping", "echo"]
     src: NodeIdField
+    held_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    """An echo: how long it waited in its sender's egress queue behind earlier frames
+    before its link was free (0 on an unshaped link). The prober takes it off the echo's
+    arrival, so a pair's gap is the sized probe's time on the link, not that plus the
+    activation frames the peer happened to be sending back."""
 
 
 FrameHeader = Annotated[

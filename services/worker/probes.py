@@ -5,7 +5,12 @@ frame and, right behind it, a sized one, both through its EgressShaper on the da
 connection, so the emulated link is what gets measured. The peer echoes each with a
 header-only frame through its own shaper. The small probe's round trip is the RTT; the
 gap between the two echoes is the time the sized probe occupied the link (packet-pair
-dispersion), so bandwidth = sized frame bytes / gap, from the sender's clock alone.
+dispersion), so bandwidth = sized frame bytes / gap, from the sender's clock alone. An
+echo says how long it waited in the peer's egress queue behind frames the peer was
+sending back (``held_s``): the prober takes that off the echo's arrival. Without it, on
+a link carrying traffic the echo of the sized probe could wait behind a result frame, the
+gap grew by that frame's time on the link, and a busy link measured slower than an idle
+one beside it (smart-city, 2026-12-07: the migrate policy moved off a link for that).
 The first round to a peer has no estimate to size its probe (``probe_min_bytes``, a few
 ms of link time, no more than event-loop jitter at start-up): it only sizes the next
 round and is not reported. An echo missing after ``probe_timeout_s`` counts as lost.
@@ -126,8 +131,11 @@ class LinkProber:
         send: Callable[[str, bytes], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        queue_wait: Callable[[str], float] | None = None,
     ) -> None:
         self.node, self.settings, self._send, self._clock = node, settings, send, clock
+        self._queue_wait = queue_wait
+        """The shaper's wait behind earlier frames to a destination (an echo says it)."""
         self._rng = rng or random.Random()
         self._allowed = set(settings.probe_peers) if settings.probe_peers is not None else None
         self._online: set[str] = set()
@@ -245,11 +253,12 @@ class LinkProber:
         jitter = self._rng.uniform(0.7, 1.3)
         peer.next_round_s = now_s + settings.probe_period_s * jitter
 
-    def _frame(self, role: Literal["ping", "echo"], probe_id: int, size: int) -> tuple[int, bytes]:
+    def _frame(self, role: Literal["ping", "echo"], probe_id: int, size: int,
+               held_s: float = 0.0) -> tuple[int, bytes]:  # fmt: skip
         """A probe frame from this node: ``probe_id`` travels as its seq; ``size`` bytes of
-        padding."""
+        padding; an echo's ``held_s`` (see ProbeHeader)."""
         header = ProbeHeader(request_id=RequestId("probe"), step=0, epoch=0, seq=probe_id,
-                             role=role, src=NodeId(self.node))  # fmt: skip
+                             role=role, src=NodeId(self.node), held_s=float(min(held_s, 3600.0)))  # fmt: skip
         return probe_id, encode_frame(header, np.zeros(size, np.uint8))
 
     def _expire(self, peer: _Peer, now_s: float) -> None:
@@ -281,19 +290,20 @@ class LinkProber:
             return
         src, probe_id = header.src, header.seq
         if header.role == "ping":
-            _, echo = self._frame("echo", probe_id, 0)
+            held_s = self._queue_wait(src) if self._queue_wait is not None else 0.0
+            _, echo = self._frame("echo", probe_id, 0, held_s)
             self.counters["echoed"] += 1
             echoed_to = self._peers.get(src)
             if echoed_to is not None:
                 echoed_to.probe_bytes += len(echo)
             await self._send(src, echo)
         elif src in self._peers:  # an echo of one of ours
-            self._on_echo(self._peers[src], probe_id, now_s)
+            self._on_echo(self._peers[src], probe_id, now_s, header.held_s)
 
     def _allowed_peer(self, name: str) -> bool:
         return self._allowed is None or name in self._allowed
 
-    def _on_echo(self, peer: _Peer, probe_id: int, now_s: float) -> None:
+    def _on_echo(self, peer: _Peer, probe_id: int, now_s: float, held_s: float = 0.0) -> None:
         found = peer.outstanding.pop(probe_id, None) or peer.late.pop(probe_id, None)
         if found is None:
             return  # not ours, or too late to be of use
@@ -301,7 +311,7 @@ class LinkProber:
         if kind == "small":
             self._rtt_sample(peer, now_s - sent_s, now_s)
         arrivals = peer.echoes.setdefault(round_id, {})
-        arrivals[kind] = (now_s, nbytes)
+        arrivals[kind] = (now_s - held_s, nbytes)  # as if the echo had not queued at the peer
         if "small" in arrivals and "large" in arrivals:
             del peer.echoes[round_id]
             (small_s, _), (large_s, large_bytes) = arrivals["small"], arrivals["large"]

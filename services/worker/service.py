@@ -85,7 +85,7 @@ class WorkerService:
         """The node's KV budget; set for each committed epoch unless configured."""
         self.emulation = Emulation(self.node, self.slowdown, self.shaper.schedule)
         self.emulation.apply(initial_command(settings))  # the same path as run-time commands
-        self.prober = LinkProber(self.node, settings, self.shaper.send)
+        self.prober = LinkProber(self.node, settings, self.shaper.send, queue_wait=self.shaper.queue_wait_s)
         self.keeper = EpochKeeper(drain_s=settings.stage_timeout_s)
         keeper = self.keeper
         self.telemetry = TelemetryReporter(TelemetrySources(

@@ -55,6 +55,11 @@ class EgressSchedule:
         bucket = self._buckets.get(destination)
         return bucket is not None and bucket.busy_until_s > now_s
 
+    def wait_s(self, destination: str, now_s: float) -> float:
+        """How long a frame queued now would wait for earlier frames to leave the link."""
+        bucket = self._buckets.get(destination)
+        return max(0.0, bucket.busy_until_s - now_s) if bucket is not None else 0.0
+
     def release_time(self, destination: str, nbytes: int, now_s: float) -> float:
         """Absolute time at which the frame arrives: serialisation behind earlier frames
         at the link's bandwidth, then the link's latency. Updates the bucket."""
@@ -128,6 +133,10 @@ class EgressShaper:
             self._queues[destination] = queue
             self._task_group.create_task(self._drain(destination, queue))
         queue.put_nowait((release_s, frame, behind))
+
+    def queue_wait_s(self, destination: str) -> float:
+        """How long a frame sent to ``destination`` now would wait behind earlier ones."""
+        return self.schedule.wait_s(destination, self._clock())
 
     def delivery_rates(self) -> dict[str, float]:
         """Bytes/s each link delivered while backlogged since the last call (then reset):
