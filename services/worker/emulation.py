@@ -59,6 +59,20 @@ class Emulation:
         self.noise = 0.0
         self.command_id = 0
 
+    def fresh(self, command: EmulationCommand) -> bool:
+        """Replay fencing: a command is applied only if its ``command_id`` is above the
+        last one applied (`edgesplit emulate` sends the node's current id + 1); an older
+        or repeated one, a genuine command replayed, is refused and counted
+        (``EmulationCommand_replayed`` in the node's status)."""
+        if command.command_id > self.command_id:
+            return True
+        if self.gate is not None:
+            self.gate.refuse(command, "replayed", f"command {command.command_id} <= applied {self.command_id}")
+        else:
+            log.warning("%s: emulation command %d refused: not above %d (a replay)", self.node,
+                        command.command_id, self.command_id)  # fmt: skip
+        return False
+
     def apply(self, command: EmulationCommand) -> EmulationApplied:
         """Apply ``command`` now; returns the resulting state."""
         if command.reset_links:
@@ -112,6 +126,8 @@ class Emulation:
             await self._publish(bus)
             async for _, command in commands:
                 if self.gate is not None and not self.gate.signed(command):
+                    continue
+                if not self.fresh(command):
                     continue
                 try:
                     self.apply(command)

@@ -5,6 +5,7 @@ steady load (lost = duplicated = hung = 0; long-lived services' memory stays fla
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -205,14 +206,18 @@ class MemoryLog:
         return flat
 
 
+COMMAND_IDS = itertools.count(1)
+"""Emulation command ids, rising across the run (a worker refuses one not above the last)."""
+
+
 async def cut_link(stack: Stack, src: str, dst: str, seconds: float) -> None:
     """Frames src -> dst are held 5 s (later than any pass deadline) for ``seconds``."""
     async with Bus(stack.settings) as bus:
         cut = EmulatedLink(dst=dst, latency_s=5.0)  # type: ignore[arg-type]
-        await bus.publish(EMULATION, EmulationCommand(command_id=1, links=(cut,)), node=src)
+        await bus.publish(EMULATION, EmulationCommand(command_id=next(COMMAND_IDS), links=(cut,)), node=src)
         await asyncio.sleep(seconds)
         restore = EmulatedLink(dst=dst, bandwidth_bytes_per_s=50e6, latency_s=0.001)  # type: ignore[arg-type]
-        await bus.publish(EMULATION, EmulationCommand(command_id=2, links=(restore,)), node=src)
+        await bus.publish(EMULATION, EmulationCommand(command_id=next(COMMAND_IDS), links=(restore,)), node=src)
 
 
 SOAK_S_ENV = "EDGESPLIT_SOAK_S"

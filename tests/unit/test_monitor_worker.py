@@ -275,3 +275,22 @@ def test_a_link_that_fell_is_known_from_two_scouts_without_clogging_it() -> None
         assert peer.bandwidth is not None
 
     asyncio.run(main())
+
+
+def test_an_emulation_command_not_above_the_last_applied_is_refused_as_a_replay() -> None:
+    """Replay fencing (docs/SECURITY.md): a genuine command sent again, or an older one,
+    changes nothing and is counted ``EmulationCommand_replayed``."""
+    from collections import Counter
+
+    from shared.security.signing import ControlGate
+
+    emulation = Emulation("car", Slowdown(1.0), EgressSchedule())
+    emulation.gate = ControlGate("00" * 32, "car", Counter())
+    first = EmulationCommand(command_id=3, slowdown=4.0)
+    assert emulation.fresh(first)
+    emulation.apply(first)
+    assert not emulation.fresh(first)  # the same command again
+    assert not emulation.fresh(EmulationCommand(command_id=2, slowdown=50.0))  # an older one
+    assert emulation.fresh(EmulationCommand(command_id=4, slowdown=1.0))
+    assert emulation.gate.refusals() == {"EmulationCommand_replayed": 2}
+    assert emulation.state().slowdown == 4.0
