@@ -214,7 +214,7 @@ class BroadcasterService:
 
     def _profile_event(self, event: Any) -> Event | None:
         """The monitor's signed NodeDown (a frozen node has no Last Will yet) or NodeJoined."""
-        if isinstance(event, NodeDown | NodeJoined) and self.gate.signed(event):
+        if isinstance(event, NodeDown | NodeJoined) and self.gate.signed(event) and self.gate.current(event):
             return NodeLost(event.node, event.reason, self.clock()) if isinstance(event, NodeDown) else NodeBack(event.node)
         return None
 

@@ -192,8 +192,8 @@ class OrchestratorService:
 
     async def _follow(self, subscription: Subscription[Any], handler: Callable[[Any], None]) -> None:
         async for _, message in subscription:
-            if not self.gate.signed(message):
-                continue  # a forged plan, policy or NodeDown never steers the orchestrator
+            if not (self.gate.signed(message) and self.gate.current(message)):
+                continue  # a forged plan, policy or NodeDown, or a replayed NodeDown, never steers it
             try:
                 handler(message)
             except Exception:  # one bad message never stops the orchestrator

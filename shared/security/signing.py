@@ -154,6 +154,8 @@ class ControlGate:
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.highest_committed = 0
         """The highest epoch this receiver committed; older plans and commands are replays."""
+        self._node_event_s: dict[str, float] = {}
+        """Per node, the newest ``at_s`` of a NodeDown or NodeJoined accepted."""
 
     def signed(self, message: Message) -> bool:
         """True when ``message`` carries a valid signature; counts and logs a refusal."""
@@ -177,6 +179,22 @@ class ControlGate:
             return True
         self.refuse(message, "replayed", f"epoch {epoch} < committed {self.highest_committed}")
         return False
+
+    def current(self, message: Message) -> bool:
+        """Replay fencing of the monitor's node events, which carry no epoch: a NodeDown or
+        NodeJoined older (``at_s``) than the newest of either accepted for the same node is
+        a replay (an old NodeDown sent again after the node came back would fail its
+        passes) and is refused. The same event again (a QoS 1 redelivery) is accepted: it
+        says what is already known. Other kinds pass."""
+        if message.kind not in ("NodeDown", "NodeJoined"):
+            return True
+        node, at_s = str(getattr(message, "node", "")), float(getattr(message, "at_s", 0.0))
+        newest = self._node_event_s.get(node)
+        if newest is not None and at_s < newest:
+            self.refuse(message, "replayed", f"{message.kind} of {node} older than the newest event of it")
+            return False
+        self._node_event_s[node] = at_s
+        return True
 
     def accept(self, message: Message, epoch: int | None = None) -> bool:
         """Signed and (with ``epoch``) not a replay."""
