@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from shared.bus import Bus
 from shared.config import BusSettings
@@ -27,6 +28,28 @@ default (cpu). In-process reference runs stay on the CPU either way."""
 TEST_SIGNING_KEY = secrets.token_hex(16)
 """The control key of every process the test helpers start (no public default key)."""
 KEY_ENV = {"EDGESPLIT_PLAN_SIGNING_KEY": TEST_SIGNING_KEY}
+
+
+class _Startable(Protocol):
+    workers: WorkerCluster
+
+    def start(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+def started(system: S) -> Iterator[S]:
+    """A module fixture's body: torch on one thread (the in-process references), start
+    ``system``, yield it, and stop its workers whatever happens."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        system.start()
+        yield system
+    finally:
+        system.workers.stop()
 
 
 def stop_up(up: subprocess.Popen[bytes]) -> None:

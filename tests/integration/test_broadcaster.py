@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from services.broadcaster.service import BroadcasterService, BroadcasterSettings, load_num_layers
 from services.cli.client import ClientOptions, current_plan, request
@@ -50,6 +49,7 @@ from tests.integration.cluster import (
     make_plan,
     publish_plan,
     settings_for,
+    started,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -102,13 +102,7 @@ class System:
 
 @pytest.fixture(scope="module")
 def system(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    torch.set_num_threads(1)
-    built = System(broker, tmp_path_factory.mktemp("broadcast"))
-    try:
-        built.start()
-        yield built
-    finally:
-        built.workers.stop()
+    yield from started(System(broker, tmp_path_factory.mktemp("broadcast")))
 
 
 @dataclass

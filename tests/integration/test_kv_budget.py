@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from services.cli.client import ClientOptions, request
 from services.worker.kv_budget import request_kv_bytes
@@ -30,7 +29,7 @@ from shared.messages import GenerateRequest, RequestFinished
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
 from shared.model.tiny import write_tiny_checkpoint
-from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for
+from tests.integration.cluster import WorkerCluster, make_plan, publish_plan, settings_for, started
 
 pytestmark = pytest.mark.integration
 SEGMENTS = (("car", 0, 1), ("rsu", 1, 3), ("mec", 3, 4))
@@ -58,13 +57,7 @@ class BudgetSystem:
 
 @pytest.fixture(scope="module")
 def system(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BudgetSystem]:
-    built = BudgetSystem(broker, tmp_path_factory.mktemp("kvbudget"))
-    torch.set_num_threads(1)
-    try:
-        built.start()
-        yield built
-    finally:
-        built.workers.stop()
+    yield from started(BudgetSystem(broker, tmp_path_factory.mktemp("kvbudget")))
 
 
 def _prompt(index: int) -> list[int]:

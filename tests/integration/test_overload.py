@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-import torch
 
 from services.cli.client import Client, ClientOptions
 from services.worker.kv_budget import request_kv_bytes
@@ -31,6 +30,7 @@ from tests.integration.cluster import (
     make_plan,
     publish_plan,
     settings_for,
+    started,
 )
 from tests.integration.pressure import RssSampler, consumer_phase
 
@@ -87,13 +87,7 @@ class OverloadSystem:
 
 @pytest.fixture(scope="module")
 def system(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OverloadSystem]:
-    built = OverloadSystem(broker, tmp_path_factory.mktemp("overload"))
-    torch.set_num_threads(1)
-    try:
-        built.start()
-        yield built
-    finally:
-        built.workers.stop()
+    yield from started(OverloadSystem(broker, tmp_path_factory.mktemp("overload")))
 
 
 def _prompt(index: int) -> list[int]:

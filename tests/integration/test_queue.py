@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-import torch
 
 from services.cli.client import Client, ClientOptions
 from shared.broker import LocalBroker
@@ -30,6 +29,7 @@ from tests.integration.cluster import (
     make_plan,
     publish_plan,
     settings_for,
+    started,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 45-90 s each on a loaded 2-core box
@@ -71,13 +71,7 @@ class QueueSystem:
 
 @pytest.fixture(scope="module")
 def system(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueSystem]:
-    built = QueueSystem(broker, tmp_path_factory.mktemp("queue"))
-    torch.set_num_threads(1)
-    try:
-        built.start()
-        yield built
-    finally:
-        built.workers.stop()
+    yield from started(QueueSystem(broker, tmp_path_factory.mktemp("queue")))
 
 
 def _prompt(index: int) -> list[int]:
