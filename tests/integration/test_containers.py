@@ -210,8 +210,11 @@ def test_the_compose_stack_from_the_images_generates_what_local_generates(tmp_pa
             remote = json.loads(_run([*EDGESPLIT, "generate", "--broker", url, "--prompt", PROMPT,
                                       "--max-new-tokens", str(NEW_TOKENS), "--json"], env=stack).stdout)  # fmt: skip
             assert remote["token_ids"] == local["token_ids"], (remote, local)
-            nodes = {segment["node"] for segment in status["plan"]["segments"]}  # type: ignore[index]
-            assert len(nodes) >= 2 and "car" in nodes, status["plan"]  # split across containers
+            plan = status["plan"]
+            # split across containers: the entry (embedding, head, sampling) and the block hosts;
+            # the entry may hold no block itself when another trusted node is faster
+            nodes = {segment["node"] for segment in plan["segments"]} | {plan["entry_node"]}  # type: ignore[index]
+            assert len(nodes) >= 2 and plan["entry_node"] == "car", plan  # type: ignore[index]
             assert len(local["token_ids"]) == NEW_TOKENS
             deadline = time.monotonic() + HEALTHY_WITHIN_S
             while True:  # every container's own health check (edgesplit health) passes
@@ -221,7 +224,6 @@ def test_the_compose_stack_from_the_images_generates_what_local_generates(tmp_pa
                 time.sleep(3)
             assert len(health) == 8 and all(state.startswith("healthy") for state in health.values()), health
             assert all(not state.endswith(" as ") and " as root" not in state for state in health.values()), health
-            plan = status["plan"]
             print(f"\ncontainers: images built in {built - started:.0f} s; first plan served "
                   f"{served - built:.0f} s after that (epoch {plan['epoch']}: "  # type: ignore[index]
                   f"{[(s['node'], s['start'], s['end']) for s in plan['segments']]}); "  # type: ignore[index]
