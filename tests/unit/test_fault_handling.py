@@ -10,6 +10,7 @@ from services.cli.client import ClientOptions, _Session
 from services.worker.deadline import StageDeadline
 from shared.config import BusSettings
 from shared.messages import GenerateRequest, Plan, RequestFinished, Segment, TokenGenerated
+from shared.messages.requests import Reply, seal_reply
 
 
 def test_deadline_is_the_cap_until_a_pass_answered() -> None:
@@ -52,19 +53,25 @@ def _token(index: int) -> TokenGenerated:
     return TokenGenerated(request_id="r1", index=index, token_id=10 + index, text=f"t{index}")  # type: ignore[arg-type]
 
 
+def _sealed(session: _Session, reply: Reply) -> Reply:
+    """``reply`` as its entry sends it: sealed with the request's reply key (a client drops
+    an unsealed one, tests/unit/test_reply_mac.py)."""
+    assert session.message.reply_key is not None
+    return seal_reply(reply, session.message.reply_key)
+
+
 def test_tokens_are_delivered_once_in_order_and_a_gap_asks_for_a_resend() -> None:
     async def scenario() -> None:
         session, bus, seen = _session()
         for index in (0, 1, 1, 0, 3):  # a duplicate, a stale copy, then a gap (2 lost)
-            await session.handle(_token(index))
+            await session.handle(_sealed(session, _token(index)))
         assert seen == [0, 1] and len(bus.sent) == 1
         resend, params = bus.sent[0]
         assert resend.resume_token_ids == (10, 11) and params == {"node": "car"}
-        await session.handle(_token(2))
+        await session.handle(_sealed(session, _token(2)))
         assert seen == [0, 1, 2, 3]
-        finished = RequestFinished(request_id="r1", token_ids=(10, 11, 12, 13, 14), text="",  # type: ignore[arg-type]
-                                   finish_reason="length",
-                                   ttft_s=0.1, tpot_s=0.01)  # type: ignore[arg-type]
+        finished = _sealed(session, RequestFinished(request_id="r1", token_ids=(10, 11, 12, 13, 14), text="",  # type: ignore[arg-type]
+                                                    finish_reason="length", ttft_s=0.1, tpot_s=0.01))  # type: ignore[arg-type]
         assert await session.handle(finished) is finished
         assert seen == [0, 1, 2, 3, 4]  # the token lost with the broker comes from the final reply
 
@@ -74,7 +81,7 @@ def test_tokens_are_delivered_once_in_order_and_a_gap_asks_for_a_resend() -> Non
 def test_a_new_entry_in_the_plan_gets_the_request_with_the_tokens_held() -> None:
     async def scenario() -> None:
         session, bus, _ = _session()
-        await session.handle(_token(0))
+        await session.handle(_sealed(session, _token(0)))
         moved = Plan(epoch=2, model_id="m", entry_node="car2", segments=(Segment(node="car2", start=0, end=2),))  # type: ignore[arg-type]
         await session.handle(moved)
         resend, params = bus.sent[-1]
