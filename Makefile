@@ -28,8 +28,10 @@ setup:
 test:
 	BIN=$(BIN) PYTEST_FLAGS="$(PYTEST_FLAGS)" scripts/test-all.sh
 
+# The fast tier: unit tests and service tests (these start their own Mosquitto), about
+# 2 minutes; the integration tests (real worker processes) run in `make test`.
 test-fast:
-	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow"
+	$(BIN)/pytest $(PYTEST_FLAGS) -m "not slow" tests/unit tests/service
 
 test-slow:
 	$(BIN)/pytest $(PYTEST_FLAGS) -m slow
