@@ -65,7 +65,6 @@ class DecodeStep:
     position: int
 
 
-_NOT_RUN = np.zeros((0, 0), np.float32)  # a placeholder filled by the batched forward
 
 
 @dataclass
@@ -117,20 +116,22 @@ class SegmentHost:
         A failure of the batched forward itself raises (every cache is rolled back)."""
         clock = compute_clock()
         began = clock()
-        results: list[np.ndarray | EdgesplitError] = []
+        refused: dict[int, EdgesplitError] = {}
         joined: list[tuple[int, _CacheEntry]] = []
         for number, step in enumerate(steps):
             try:
                 joined.append((number, self._cache_for(step.request_id, step.position, 1)))
-                results.append(_NOT_RUN)
             except (KvMissing, KvOverBudget) as error:
-                results.append(error)
+                refused[number] = error
+        outputs: dict[int, np.ndarray] = {}
         if joined:
             rows = torch.cat([to_torch(steps[number].hidden) for number, _ in joined])  # [B, H]
             caches = [entry.cache for _, entry in joined]
             output = self.runtime.forward_batch(rows, caches, [steps[n].position for n, _ in joined]).numpy()
-            for row, (number, _) in enumerate(joined):
-                results[number] = output[row : row + 1]
+            outputs = {number: output[row : row + 1] for row, (number, _) in enumerate(joined)}
+        results: list[np.ndarray | EdgesplitError] = [
+            refused[number] if number in refused else outputs[number] for number in range(len(steps))
+        ]
         compute_s = clock() - began
         compute_s += slowdown.apply(compute_s)
         if self.on_forward is not None and joined:
