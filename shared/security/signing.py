@@ -156,8 +156,6 @@ class ControlGate:
         """The highest epoch this receiver committed; older plans and commands are replays."""
         self._node_event_s: dict[str, float] = {}
         """Per node, the newest ``at_s`` of a NodeDown or NodeJoined accepted."""
-        self._decision_s: float | None = None
-        """The newest ``at_s`` of a DecisionRecorded seen."""
 
     def signed(self, message: Message) -> bool:
         """True when ``message`` carries a valid signature; counts and logs a refusal."""
@@ -182,23 +180,12 @@ class ControlGate:
         self.refuse(message, "replayed", f"epoch {epoch} < committed {self.highest_committed}")
         return False
 
-    def current(self, message: Message, retained: bool = False) -> bool:
-        """Replay fencing of the kinds that carry no epoch, by their time (``at_s``): a
-        NodeDown or NodeJoined older than the newest of either accepted for the same node
-        (an old NodeDown sent again after the node came back would fail its passes), and
-        a DecisionRecorded older than the newest record seen (an old "no feasible plan"
-        would fail the passes waiting for a plan), are replays and are refused. The same
-        one again (a QoS 1 redelivery, a record's outcome update) is accepted: it says
-        what is already known. A ``retained`` record (delivered at subscription, in any
-        order) only moves the mark. Other kinds pass."""
-        if message.kind == "DecisionRecorded":
-            at_s = float(getattr(message, "at_s", 0.0))
-            newest = self._decision_s
-            if not retained and newest is not None and at_s < newest:
-                self.refuse(message, "replayed", "a decision record older than the newest seen")
-                return False
-            self._decision_s = at_s if newest is None else max(newest, at_s)
-            return True
+    def current(self, message: Message) -> bool:
+        """Replay fencing of the monitor's node events, which carry no epoch: a NodeDown or
+        NodeJoined older (``at_s``) than the newest of either accepted for the same node is
+        a replay (an old NodeDown sent again after the node came back would fail its
+        passes) and is refused. The same event again (a QoS 1 redelivery) is accepted: it
+        says what is already known. Other kinds pass."""
         if message.kind not in ("NodeDown", "NodeJoined"):
             return True
         node, at_s = str(getattr(message, "node", "")), float(getattr(message, "at_s", 0.0))

@@ -134,23 +134,6 @@ def test_a_node_event_older_than_the_newest_for_its_node_is_a_replay() -> None:
     assert gate.refusals() == {"NodeDown_replayed": 1}
 
 
-def test_a_decision_record_older_than_the_newest_seen_is_a_replay() -> None:
-    from shared.messages import DecisionRecorded
-
-    def record(decision_id: int, at_s: float) -> DecisionRecorded:
-        return sign(DecisionRecorded.model_validate({
-            "decision_id": decision_id, "at_s": at_s, "trigger": "node_down", "action": "keep",
-            "reason": "no feasible plan", "emergency": True}), KEY)  # fmt: skip
-
-    gate = ControlGate(KEY, "w1")
-    assert gate.current(record(3, 30.0), retained=True)
-    assert gate.current(record(1, 10.0), retained=True)  # retained ones come in any order
-    assert gate.current(record(4, 40.0))
-    assert gate.current(record(4, 40.0))  # the same record again (its outcome update)
-    assert not gate.current(record(3, 30.0))  # replayed live
-    assert gate.refusals() == {"DecisionRecorded_replayed": 1}
-
-
 def test_unsigned_kinds_pass_the_gate() -> None:
     gate = ControlGate(KEY, "w1")
     finished = RolloutFinished(decision_id=1, epoch=1, previous_epoch=0, outcome="committed")
