@@ -24,7 +24,8 @@ setup:
 	@echo "setup done: $(BIN)/edgesplit"
 
 # The whole suite: fast tier and slow tier (real models, long scenarios), with the
-# container build-and-compose test in a second pytest beside the rest (scripts/test-all.sh).
+# container build-and-compose test and the fresh-install test in a second pytest beside the
+# rest (scripts/test-all.sh).
 test:
 	BIN=$(BIN) PYTEST_FLAGS="$(PYTEST_FLAGS)" scripts/test-all.sh
 

@@ -18,7 +18,13 @@ first; the CPU columns say which (1 core = 100 %; the broker is single-threaded,
 its limit is one core, the load processes' is the machine's cores).
 
     .venv/bin/python -m bench.broker_capacity [--nodes 4,8,16,32,64,128,256] [--rate 50]
-        [--seconds 5] [--procs 2]
+        [--seconds 5] [--procs 2] [--broker-cpus 0.25,0.5 [--cpu-period-ms 10]]
+
+``--broker-cpus`` runs the whole sweep once per value with the broker (a fresh one each
+time) under that CPU quota (bench/cpu_quota.py: cgroup v2 cpu.max, or v1's CFS quota;
+root only), so the broker saturates before the load processes do on a small machine; the
+"throttled" column is the share of the quota's periods in which the kernel stopped the
+broker because its quota ran out (near 100 %: the quota is the limit).
 
 A token through a pipeline of k hops costs k activation frames plus one reply, so
 tokens/s carried is about delivered / (k + 1) (the table shows k = 3).
@@ -27,6 +33,7 @@ tokens/s carried is about delivered / (k + 1) (the table shows k = 3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -41,6 +48,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from bench.cpu_quota import CpuQuota, QuotaUnavailable, Throttling
 from shared.broker import start_local_broker
 
 FRAME_BYTES = 2304
@@ -59,6 +67,8 @@ class Step:
     broker_cpu: float
     load_cpu: float
     """CPU of the load processes together (1.0 = one core), over the step."""
+    throttled: float | None = None
+    """Share of the broker's quota periods that ran out of quota (None: no quota)."""
 
 
 def _nodelay(client: mqtt.Client) -> None:
@@ -152,7 +162,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_step(port: int, broker_pid: int, nodes: int, rate: float, seconds: float, procs: int) -> Step:
+def run_step(port: int, broker_pid: int, nodes: int, rate: float, seconds: float, procs: int,
+             quota: CpuQuota | None = None) -> Step:  # fmt: skip
     results: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 2.0 + nodes * 0.01  # every process connected and subscribed
     shares = [range(i, nodes, procs) for i in range(min(procs, nodes))]
@@ -162,8 +173,13 @@ def run_step(port: int, broker_pid: int, nodes: int, rate: float, seconds: float
         worker.start()
     time.sleep(max(0.0, start_at - time.time()))
     cpu_before, wall_before = _cpu_seconds(broker_pid), time.monotonic()
+    throttled_before = quota.throttling() if quota else None
     time.sleep(seconds)
     cpu = (_cpu_seconds(broker_pid) - cpu_before) / (time.monotonic() - wall_before)
+    throttled: float | None = None
+    if quota is not None and throttled_before is not None:
+        window: Throttling = quota.throttling().since(throttled_before)
+        throttled = window.throttled / window.periods if window.periods else 0.0
     sent, latencies, load_cpu_s = 0, [], 0.0
     for _ in workers:
         part_sent, part_latencies, part_cpu_s = results.get(timeout=120)
@@ -177,7 +193,37 @@ def run_step(port: int, broker_pid: int, nodes: int, rate: float, seconds: float
     return Step(nodes=nodes, offered_per_s=sent / seconds, delivered_per_s=len(latencies) / seconds,
                 loss=1 - len(latencies) / sent if sent else 0.0,
                 p50_ms=statistics.median(latencies) * 1e3 if latencies else float("inf"),
-                p99_ms=p99 * 1e3, broker_cpu=cpu, load_cpu=load_cpu_s / seconds)  # fmt: skip
+                p99_ms=p99 * 1e3, broker_cpu=cpu, load_cpu=load_cpu_s / seconds, throttled=throttled)  # fmt: skip
+
+
+def sweep(args: argparse.Namespace, counts: list[int], cores: float | None) -> None:
+    """One broker (under ``cores`` of CPU when given), every node count; prints the table."""
+    with tempfile.TemporaryDirectory(prefix="edgesplit-capacity-") as data_dir:
+        broker = start_local_broker(data_dir=Path(data_dir))
+        try:
+            assert broker.process is not None
+            quota = CpuQuota(broker.process.pid, cores, args.cpu_period_ms / 1e3) if cores else None
+            limit = quota.describe() if quota else "no CPU quota"
+            print(f"\n# Mosquitto {broker.url}, {os.cpu_count()} CPUs, {limit}; {args.rate:g} frames/s/node of "
+                  f"{FRAME_BYTES} B + 1 telemetry/s, {args.seconds:g} s per step, {args.procs} load processes")
+            print("| nodes | offered msg/s | delivered msg/s | loss | p50 ms | p99 ms | broker CPU | throttled "
+                  "| load CPU | tokens/s (3 hops) |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            with quota if quota else contextlib.nullcontext():
+                for nodes in counts:
+                    step = run_step(broker.port, broker.process.pid, nodes, args.rate, args.seconds, args.procs,
+                                    quota)  # fmt: skip
+                    saturated = (step.delivered_per_s < 0.95 * step.offered_per_s
+                                 or step.p99_ms > args.p99_limit_ms)  # fmt: skip
+                    throttled = "-" if step.throttled is None else f"{step.throttled:.0%}"
+                    print(f"| {nodes} | {step.offered_per_s:,.0f} | {step.delivered_per_s:,.0f} | {step.loss:.1%} | "
+                          f"{step.p50_ms:.2f} | {step.p99_ms:.2f} | {step.broker_cpu:.0%} | {throttled} | "
+                          f"{step.load_cpu:.0%} | {step.delivered_per_s / 4:,.0f} |{' saturated' if saturated else ''}",
+                          flush=True)  # fmt: skip
+                    if saturated and not args.keep_going:
+                        break
+        finally:
+            broker.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,33 +234,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="load processes")
     parser.add_argument("--p99-limit-ms", type=float, default=50.0)
     parser.add_argument("--keep-going", action="store_true")
+    parser.add_argument("--broker-cpus", default="",
+                        help="comma-separated CPU quotas for the broker, in cores (e.g. 0.25,0.5): one sweep each")
+    parser.add_argument("--cpu-period-ms", type=float, default=10.0, help="the quota's period (default 10)")
     args = parser.parse_args(argv)
     try:
         counts = [int(n) for n in args.nodes.split(",")]
+        quotas: list[float | None] = [float(c) for c in args.broker_cpus.split(",") if c.strip()] or [None]
     except ValueError:
-        print(f"broker_capacity: --nodes {args.nodes!r}: expected comma-separated integers", file=sys.stderr)
+        print(f"broker_capacity: --nodes {args.nodes!r} / --broker-cpus {args.broker_cpus!r}: expected "
+              "comma-separated numbers", file=sys.stderr)  # fmt: skip
         return 2
     if any(n < 2 for n in counts) or args.rate <= 0 or args.seconds <= 0 or args.procs < 1:
         print("broker_capacity: --nodes >= 2 each, --rate, --seconds > 0, --procs >= 1", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="edgesplit-capacity-") as data_dir:
-        broker = start_local_broker(data_dir=Path(data_dir))
-        try:
-            assert broker.process is not None
-            print(f"# Mosquitto {broker.url}, {os.cpu_count()} CPUs, {args.rate:g} frames/s/node of "
-                  f"{FRAME_BYTES} B + 1 telemetry/s, {args.seconds:g} s per step, {args.procs} load processes")
-            print("| nodes | offered msg/s | delivered msg/s | loss | p50 ms | p99 ms | broker CPU | load CPU | tokens/s (3 hops) |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for nodes in counts:
-                step = run_step(broker.port, broker.process.pid, nodes, args.rate, args.seconds, args.procs)
-                saturated = step.delivered_per_s < 0.95 * step.offered_per_s or step.p99_ms > args.p99_limit_ms
-                print(f"| {nodes} | {step.offered_per_s:,.0f} | {step.delivered_per_s:,.0f} | {step.loss:.1%} | "
-                      f"{step.p50_ms:.2f} | {step.p99_ms:.2f} | {step.broker_cpu:.0%} | {step.load_cpu:.0%} | "
-                      f"{step.delivered_per_s / 4:,.0f} |{' saturated' if saturated else ''}", flush=True)
-                if saturated and not args.keep_going:
-                    break
-        finally:
-            broker.close()
+    try:
+        for cores in quotas:
+            if cores is not None:
+                CpuQuota(os.getpid(), cores, args.cpu_period_ms / 1e3)  # checks the values and the controller
+        for cores in quotas:
+            sweep(args, counts, cores)
+    except QuotaUnavailable as error:
+        print(f"broker_capacity: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

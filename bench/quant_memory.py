@@ -3,7 +3,8 @@
 For each precision, writes (once, cached under ``--stores``) a shard store of the model
 with ``edgesplit shard --weights P`` and starts a fresh process that loads blocks
 ``[start, end)`` the way a worker does: ``SegmentHost`` over ``CachedShards`` over a
-``ShardStore`` (services/worker), then runs one forward. It reads ``VmRSS`` from
+``ShardStore`` (services/worker), with the worker's allocator setting
+(``shared.process.fix_mmap_threshold``), then runs one forward. It reads ``VmRSS`` from
 /proc/self/status after the imports and the store's manifest (baseline) and after the
 load (glibc's ``malloc_trim(0)`` first, so freed load buffers are not counted), and
 prints the growth (the blocks' resident cost) per precision, the int8 / fp32 ratio
@@ -31,6 +32,8 @@ def rss():
     raise RuntimeError("no VmRSS")
 import numpy as np, torch
 torch.set_num_threads(1)
+from shared.process import fix_mmap_threshold
+fix_mmap_threshold()  # as services/worker/__main__.py does
 from services.worker.compute import SegmentHost, Slowdown
 from services.worker.shard_cache import CachedShards
 from shared.model.shard import ShardStore

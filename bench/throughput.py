@@ -8,7 +8,10 @@ Variants, each at every concurrency of ``--streams``:
   batched forward (`SegmentRuntime.forward_batch`), the heads as one call;
 - ``w1``: one worker process (entry, all blocks) on a broker of its own;
 - ``w3``: three worker processes (car, rsu, mec: a third of the blocks each; 3 hops per
-  token: car -> rsu -> mec -> car).
+  token: car -> rsu -> mec -> car); the decode steps of a batch cross each hop as one
+  batch frame (services/worker/batch_frames.py);
+- ``w3-1f`` (with ``--frames-too``): the same three workers with ``--no-batch-frames``,
+  every decode step in a frame of its own (the wire before batch frames), side by side.
 
 For each it prints aggregate tokens/s, per-stream time per output token (TPOT) p50/p95,
 time to first token (TTFT) p50, and, for w3, the busy-mode per-hop overhead
@@ -16,7 +19,7 @@ time to first token (TTFT) p50, and, for w3, the busy-mode per-hop overhead
 Every variant's tokens are checked against the unsplit model run one stream at a time.
 
     .venv/bin/python -m bench.throughput [--model smollm2|DIR | --tiny] [--streams 1,2,4,8,16]
-                                         [--tokens 32]
+                                         [--tokens 32] [--frames-too]
 
 On a shared 2-core machine the processes compete for the cores: read numbers as
 measured under that load, and compare only ratios from one run.
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny random 12-block llama instead")
     parser.add_argument("--streams", default="1,2,4,8,16", help="concurrencies (default 1,2,4,8,16)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per stream (default 32)")
+    parser.add_argument("--frames-too", action="store_true",
+                        help="also w3-1f: three workers sending one frame per decode step (no batch frames)")
     args = parser.parse_args(argv)
     try:
         concurrencies = [int(c) for c in args.streams.split(",")]
@@ -170,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     # the local loop runs every stream its full length; a request ends at EOS
     full = [unsplit.generate(p, args.tokens, stop_at_eos=False).token_ids for p in prompts]
     eos = [unsplit.generate(p, args.tokens).token_ids for p in prompts]
-    layouts = {"w1": (("car", 0, layers),),
-               "w3": (("car", 0, layers // 3), ("rsu", layers // 3, 2 * layers // 3), ("mec", 2 * layers // 3, layers))}  # fmt: skip
+    thirds = (("car", 0, layers // 3), ("rsu", layers // 3, 2 * layers // 3), ("mec", 2 * layers // 3, layers))
+    layouts: dict[str, tuple[tuple[tuple[str, int, int], ...], tuple[str, ...]]] = {
+        "w1": ((("car", 0, layers),), ()), "w3": (thirds, ())}  # fmt: skip
+    if args.frames_too:
+        layouts["w3-1f"] = (thirds, ("--no-batch-frames",))
     results: dict[tuple[str, int], Run] = {}
     print(f"model {model.name} ({layers} blocks), {args.tokens} greedy tokens per stream, 1 torch thread "
           "per process; shared machine: compare ratios within this run")  # fmt: skip
@@ -187,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         measured("local", c, local_batched(unsplit, prompts[:c], args.tokens))
     broker = start_local_broker()
     try:
-        for name, layout in layouts.items():
-            settings = settings_for(broker.url, f"benchtp{name}")
+        for name, (layout, extra) in layouts.items():
+            settings = settings_for(broker.url, f"benchtp{name.replace('-', '')}")
             root = Path(tempfile.mkdtemp(prefix=f"bench-tp-{name}-"))
             workers = WorkerCluster(broker.url, settings.cluster, shards, root)
             try:
                 for node, _, _ in layout:
-                    workers.start(node, *(("--max-in-flight", str(max(concurrencies))) if node == "car" else ()))
+                    workers.start(node, *extra, *(("--max-in-flight", str(max(concurrencies))) if node == "car" else ()))
                 plan = make_plan(1, "car", layout, settings.plan_signing_key or "")
                 if asyncio.run(publish_plan(settings, plan, 300)):
                     raise EdgesplitError(f"{name}: the workers refused the plan; logs in {root}")
@@ -204,12 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                 workers.stop()
     finally:
         broker.stop()
-    print("ratios (same concurrency): w3/local tok/s, w3 TPOT p50 / local, per-hop overhead (ms/token/hop)")
-    for c in concurrencies:
-        local, w3 = results[("local", c)], results[("w3", c)]
-        hop_ms = (w3.tpot_ms(0.5) - local.tpot_ms(0.5)) / 3
-        print(f"  {c:>2} streams: {w3.tokens_per_s / local.tokens_per_s:6.3f}  "
-              f"{w3.tpot_ms(0.5) / local.tpot_ms(0.5):6.3f}  {hop_ms:7.2f}")  # fmt: skip
+    for three in [name for name in layouts if name.startswith("w3")]:
+        print(f"ratios (same concurrency): {three}/local tok/s, {three} TPOT p50 / local, per-hop overhead (ms/token/hop)")
+        for c in concurrencies:
+            local, w3 = results[("local", c)], results[(three, c)]
+            hop_ms = (w3.tpot_ms(0.5) - local.tpot_ms(0.5)) / 3
+            print(f"  {c:>2} streams: {w3.tokens_per_s / local.tokens_per_s:6.3f}  "
+                  f"{w3.tpot_ms(0.5) / local.tpot_ms(0.5):6.3f}  {hop_ms:7.2f}")  # fmt: skip
+    if "w3-1f" in layouts:
+        print("batch frames against one frame per step (same run): w3 / w3-1f tok/s")
+        for c in concurrencies:
+            print(f"  {c:>2} streams: {results[('w3', c)].tokens_per_s / results[('w3-1f', c)].tokens_per_s:6.3f}")
     one = results[("w3", concurrencies[0])]
     for c in concurrencies[1:]:
         print(f"  w3 {c:>2} streams / {concurrencies[0]}: tok/s x{results[('w3', c)].tokens_per_s / one.tokens_per_s:.2f}, "

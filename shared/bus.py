@@ -21,6 +21,7 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections import Counter
 from itertools import count
 from typing import Any, TypeVar
@@ -93,6 +94,8 @@ class Bus:
             plane: Connection(plane, settings, self._addresses[plane].redacted(), self._protocol, hooks)
             for plane in PLANES
         }
+        for connection in self._connections.values():  # what tells a take-over from a broker restart
+            connection.peers = tuple(c for c in self._connections.values() if c is not connection)
         self._changed = asyncio.Event()  # replaced (and the old one set) on every change
         self._task_group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +104,13 @@ class Bus:
     def protocol(self) -> ProtocolVersion | None:
         """The MQTT version in use (None under "auto" before the first connect)."""
         return self._protocol.version
+
+    def refusals(self) -> dict[str, int]:
+        """What the broker connections refused to lose quietly, for a service's status:
+        ``Session_takenover``, the sessions another connection of this identity took over
+        (shared/connection.py; absent while none)."""
+        takeovers = sum(connection.takeovers for connection in self._connections.values())
+        return {"Session_takenover": takeovers} if takeovers else {}
 
     def connection(self, plane: Plane) -> Connection:
         """The connection of ``plane`` (its state: connected, client, fast path)."""
@@ -179,11 +189,16 @@ class Bus:
         carries a signature is (re)signed with the process's control key: a copy of a
         received message with a changed field (a decision's outcome) must not go out with
         the old signature (shared/security/signing.py; ConfigError on mqtts:// without a key).
+        A kind with an ``issued_at_s`` (NodeDown, NodeJoined, EmulationCommand,
+        DecisionRecorded) is stamped with the time now before it is signed: receivers
+        refuse one older than ``max_message_age_s`` (`ControlGate.timely`).
         """
         if topic.plane != "control" or not isinstance(message, topic.kinds):
             raise WireError(f"{type(message).__name__} cannot be published on {topic.pattern}")
         wire: Message = message
         if is_signed_kind(wire):
+            if "issued_at_s" in type(wire).model_fields:
+                wire = wire.model_copy(update={"issued_at_s": time.time()})
             wire = self._sign(wire)
         payload = codec.encode(wire, origin=self.origin, seq=next(self._seq))
         await self._connections["control"].publish(

@@ -70,6 +70,10 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+DEFAULT_MAX_MESSAGE_AGE_S = 30.0
+"""`BusSettings.max_message_age_s` when not set (and `ControlGate`'s default)."""
+
+
 class BusSettings(BaseSettings):
     """What every process needs to reach the broker. Frozen; units in field names."""
 
@@ -95,6 +99,11 @@ class BusSettings(BaseSettings):
     reconnect_initial_s: float = Field(default=0.1, gt=0)
     reconnect_max_s: float = Field(default=2.0, gt=0)
     """Cap of the reconnect backoff: edge links drop often; come back within seconds."""
+    max_message_age_s: float = Field(default=DEFAULT_MAX_MESSAGE_AGE_S, gt=0)
+    """Receivers refuse a signed NodeDown, NodeJoined, EmulationCommand or live
+    DecisionRecorded issued longer ago than this (``{Kind}_stale``): the replay fence that
+    survives a receiver's restart. Assumes the hosts' clocks agree to well within it
+    (NTP, or GPS time on V2X units); docs/SECURITY.md."""
     tls_ca_file: Path | None = None
     """CA bundle for mqtts:// (the system's when not set)."""
     tls_cert_file: Path | None = None

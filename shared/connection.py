@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiomqtt
 from aiomqtt.client import ProtocolVersion
@@ -122,6 +124,13 @@ class Connection:
         self._acked: set[str] = set()
         self._dirty = asyncio.Event()
         self._closing = False
+        self.takeovers = 0
+        """Sessions of this connection another connection of the same identity took over."""
+        self.dropped_at_s: float | None = None
+        """Monotonic time of the last drop of a session (any cause)."""
+        self.peers: tuple[Connection, ...] = ()
+        """The bus's other connections (set by the bus): a broker restart or a stall of this
+        process drops them too, a session take-over only this one."""
 
     # --- what the bus asks of it ------------------------------------------------------------
 
@@ -154,20 +163,61 @@ class Connection:
     # --- its own loops ----------------------------------------------------------------------
 
     async def maintain(self) -> None:
-        """Connect, read until the connection drops, back off, repeat (until cancelled)."""
+        """Connect, read until the connection drops, back off, repeat (until cancelled).
+
+        A session taken over by another connection of this identity is counted
+        (``takeovers``) and logged: see `_alone_dropped`. Consecutive take-overs back off like
+        failed connects, so two processes of one identity do not replace each other in a
+        tight loop."""
         settings = self.settings
-        failures = 0
+        failures, streak = 0, 0
+        closed_by_broker = False
         while not self._closing:
+            dropped: int | None = None
             try:
                 client = await self._connect()
                 failures = 0
-                await self._session(client)
+                if closed_by_broker and self._alone_dropped():
+                    streak = self._taken_over("the broker closed it alone, and is up", streak)
+                closed_by_broker = False
+                dropped = await self._session(client)
             except MQTT_ERRORS as error:
                 self.last_error = str(error) or type(error).__name__
+                closed_by_broker = False
                 log.info("%s connection to %s lost: %s", self.plane, self.url, self.last_error)
+            if dropped == SESSION_TAKEN_OVER:
+                streak = self._taken_over("DISCONNECT 142, session taken over", streak)
+                failures = streak
+            elif dropped == CONNECTION_LOST and not self._closing:
+                closed_by_broker = True  # Mosquitto 2.0 closes a taken-over session with no reason
+                failures = streak
+            else:
+                streak = 0
             delay_s = min(settings.reconnect_max_s, settings.reconnect_initial_s * 2**failures)
             failures = min(failures + 1, 30)
             await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))  # jitter: no herds
+
+    def _alone_dropped(self) -> bool:
+        """True when this connection's last drop was its own: some other connection of the
+        bus to the same broker host (the secure profile's data plane has a listener of its
+        own on the same broker) stayed up through it (within DROP_WINDOW_S either side).
+        A broker restart, a network cut or a stall of this process (the broker drops a
+        silent client) ends every connection to that broker at once; a take-over (Mosquitto
+        2.0 closes the old session's socket with no reason) ends one."""
+        if self.dropped_at_s is None:
+            return False
+        same = [peer for peer in self.peers if _host(peer.url) == _host(self.url)]
+        return bool(same) and all(peer.dropped_at_s is None or abs(peer.dropped_at_s - self.dropped_at_s)
+                                  > DROP_WINDOW_S for peer in same)  # fmt: skip
+
+    def _taken_over(self, how: str, streak: int) -> int:
+        """Count one take-over of this connection's session, log it (the first and every
+        100th), and return the streak of consecutive ones."""
+        self.takeovers += 1
+        if self.takeovers == 1 or self.takeovers % 100 == 0:
+            log.warning("%s session on %s taken over by another connection of this identity (%s; %d so "
+                        "far); reconnecting", self.plane, self.url, how, self.takeovers)  # fmt: skip
+        return min(streak + 1, 30)
 
     async def _connect(self) -> aiomqtt.Client:
         errors = []
@@ -184,16 +234,28 @@ class Connection:
             return client
         raise aiomqtt.MqttError("; ".join(errors))
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: aiomqtt.Client) -> int | None:
+        """Serve one connection until it drops; the reason code it dropped with (see
+        `drop_reason`), raised as an MqttError otherwise."""
         try:
             self.client = client
             self.fast = fastpath.FastPath(client, self._received, qos0_only=self.plane == "data")
             self.connected.set()
             self._dirty.set()
             await self._hooks.session_started(self.plane)
-            async for _ in client.messages:  # nothing is queued there: this waits for a disconnect
-                pass
+            try:
+                async for _ in client.messages:  # nothing is queued there: this waits for a disconnect
+                    pass
+            except aiomqtt.MqttError as error:
+                reason = drop_reason(client)
+                if reason is None:
+                    raise
+                self.last_error = str(error)
+                log.info("%s connection to %s lost: reason code %d", self.plane, self.url, reason)
+                return reason
+            return None
         finally:
+            self.dropped_at_s = time.monotonic()
             self.client, self.fast = None, None
             self.connected.clear()
             self._acked.clear()
@@ -261,6 +323,32 @@ class Connection:
             ) from None
         except aiomqtt.MqttError as error:
             raise BusError(f"publish to {topic} failed: {error}") from error
+
+
+DROP_WINDOW_S = 2.0
+"""Drops of two connections this close together share a cause (not a take-over)."""
+SESSION_TAKEN_OVER = 142
+"""MQTT 5 DISCONNECT reason: another connection with this client id replaced the session."""
+CONNECTION_LOST = 128
+"""What paho reports when the socket closed without a DISCONNECT ("Unspecified error")."""
+
+
+def _host(url: str) -> str:
+    """The host of a broker URL (two listeners of one broker share it)."""
+    return urlsplit(url).hostname or url
+
+
+def drop_reason(client: aiomqtt.Client) -> int | None:
+    """The reason code a connection that dropped ended with: the broker's DISCONNECT
+    reason (MQTT 5), CONNECTION_LOST for a socket the broker closed (paho's conversion of
+    a lost connection), None when it is not known (a socket error on our side)."""
+    disconnected = client._disconnected  # noqa: SLF001 - aiomqtt keeps the reason only there
+    if not disconnected.done() or disconnected.cancelled():
+        return None
+    error = disconnected.exception()
+    code = getattr(error, "rc", None)
+    value = getattr(code, "value", None)
+    return value if isinstance(value, int) else None
 
 
 def _reraise_lost_cancellation() -> None:

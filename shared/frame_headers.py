@@ -15,6 +15,8 @@ kind            sent by -> to                          tensor
 ``kv``          an old holder -> a new owner           the cache's [n, 2, heads, T, head_dim]
 ``kv_ack``      an old holder or new owner -> entry    empty: the handoff's answers
 ``probe``       a worker -> a peer (ping), and back    uint8 padding that sizes the probe
+``batch``       a stage -> the next (decode steps of   the rows' activations or results
+                several requests that travel together) stacked: [R, hidden] (or compressed)
 ==============  =====================================  ==========================================
 
 Common fields (every kind): ``request_id``, ``step`` (decode step, 0 = prefill; a
@@ -23,6 +25,13 @@ handoff uses steps from ``HANDOFF_STEP`` up, services/worker/handoff.py), ``epoc
 probe's id) and ``mac`` (the frame's authentication under its epoch's key; see
 docs/SECURITY.md, "Frames"). Every kind but the probe names its sender in ``src``. A block index (``target``, ``blocks``) is in [0, 2**31); counters and
 positions are in [0, 2**63).
+
+A ``batch`` frame carries R >= 2 decode steps (one row each) bound for the same node,
+epoch and segment: one frame, one MAC, one hop for the whole batch (issue #21). Each
+row's own fields (request, step, pass, position, ``last_only``) are a `BatchRow`; the
+receiver splits it into one activation (or result) per row, in row order. Its
+``request_id`` and ``step`` are those of its first row, so that code which names a
+frame's request names a real one.
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ MAC_BYTES = 32
 """Length of a frame's MAC (HMAC-SHA256)."""
 MAX_KV_BLOCKS = 4096
 """The most blocks one kv frame may carry (the frame decoder's array limit)."""
+MAX_BATCH_ROWS = 256
+"""The most decode steps one batch frame may carry: a row's header fields take at most
+about 130 bytes of msgpack (a 64-character request id), so 256 rows stay well inside the
+frame decoder's 64 KB header limit (shared/tensor_frame.py); a larger batch is sent as
+several frames."""
 
 
 class _Header(BaseModel):
@@ -168,6 +182,34 @@ class ProbeHeader(_Header):
     activation frames the peer happened to be sending back."""
 
 
+class BatchRow(BaseModel):
+    """One decode step of a batch frame: the per-request fields of the activation (or
+    result) it stands for. A result row's ``pos`` is 0 and its ``last_only`` False."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=False)
+
+    request_id: RequestIdField
+    step: Count
+    pass_id: Count
+    pos: Count = 0
+    last_only: bool = False
+
+
+class BatchHeader(_Stamped):
+    """Several requests' decode steps for the same node, epoch and segment in one frame:
+    row i of the tensor is ``rows[i]``'s activation (``of`` "activation", for the segment
+    starting at block ``target``) or final state (``of`` "result", for the entry, whose
+    ``target`` is the model's layer count). The MAC covers every row. The receiver
+    refuses a frame whose ``request_id`` and ``step`` are not its first row's, that
+    names a request twice, or whose result rows have a position or ``last_only``
+    (services/worker/frame_checks.py `check_batch`)."""
+
+    kind: Literal["batch"] = "batch"
+    of: Literal["activation", "result"]
+    target: Block
+    rows: Annotated[tuple[BatchRow, ...], Field(min_length=2, max_length=MAX_BATCH_ROWS)]
+
+
 FrameHeader = Annotated[
     ActivationHeader
     | ResultHeader
@@ -175,7 +217,8 @@ FrameHeader = Annotated[
     | HandoffHeader
     | KvHeader
     | KvAckHeader
-    | ProbeHeader,
+    | ProbeHeader
+    | BatchHeader,
     Field(discriminator="kind"),
 ]
 """Any frame's header: a union tagged by ``kind``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import signal
 import sys
@@ -81,3 +82,23 @@ def first_edgesplit_error(error: BaseException) -> EdgesplitError | None:
             if found is not None:
                 return found
     return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES = 128 * 1024
+"""glibc's initial mmap threshold, made static by ``fix_mmap_threshold``."""
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc serving allocations of ``MMAP_THRESHOLD_BYTES`` and more with mmap, for a
+    process that loads model blocks. glibc raises the threshold (up to 32 MB) the first
+    time such a chunk is freed; after that a block's load-time buffers (the file's bytes,
+    the int8 values before packing) come from the heap, and the packed weights allocated
+    between them pin pages that ``malloc_trim`` cannot return: 20 MB of SmolLM2's 30
+    int8 blocks (docs/PERFORMANCE.md, "Memory"). Measured without a cost in time per
+    token or a 128-token prefill. Returns False where libc is not glibc (nothing done)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False

@@ -7,7 +7,8 @@ Layout (all little-endian)::
 The magic names the frame version (3: every kind but the probe carries ``mac`` and
 ``src``, docs/SECURITY.md "Frames"). The msgpack header is a map: ``dtype`` and
 ``shape`` of the tensor plus the fields of one typed header kind, tagged by ``kind``
-(`shared/frame_headers.py`: activation, result, release, handoff, kv, kv_ack, probe).
+(`shared/frame_headers.py`: activation, result, release, handoff, kv, kv_ack, probe,
+batch: several requests' decode steps, one row each).
 A frame of version 1 (b"ESF1", whose header was an untyped ``extra`` map) or 2
 (b"ESF2", no MAC) is refused with an error that names the version. Decoding reads the tensor zero-copy with
 ``np.frombuffer``; the array is read-only when the payload is ``bytes`` (as received

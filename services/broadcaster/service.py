@@ -124,7 +124,8 @@ class BroadcasterService:
                                       plan_signer=signer.sign if signer is not None else None)  # fmt: skip
         self.state = BroadcastState(self.config)
         self.counters: Counter[str] = Counter()
-        self.gate = ControlGate(key, "broadcaster", self.counters, role_verifier(settings))
+        self.gate = ControlGate(key, "broadcaster", self.counters, role_verifier(settings),
+                                settings.max_message_age_s)  # fmt: skip
         """Signatures of what it acts on: only signed rollouts are signed (no signing oracle)."""
         self.trust: TrustRegistry | None = None
         self.policy: PrivacyPolicy | None = None

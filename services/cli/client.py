@@ -27,6 +27,11 @@ Plans are checked before they are followed (`signing.receiver_gate`): on the sec
 profile (``role_keys_dir``) only a plan the broadcaster's key signed, with a configured
 cluster key only one that key signed; a refused plan (``Plan_unsigned``, ``Plan_forged``,
 ``Plan_role``) is counted (`Client.refusals`), logged once, and never used to pick an entry.
+The monitor's NodeDown / NodeJoined pass the same gate (only the monitor's key, or the
+cluster key), one issued more than ``max_message_age_s`` ago is stale, and one older
+than the newest seen for its node is a replay: a refused one (``NodeDown_forged``,
+``NodeDown_role``, ``NodeDown_stale``, ``NodeDown_replayed``, ...) is counted and
+neither makes a request wait for its entry nor resubmits it.
 Each request carries a fresh reply key (``reply_key``) that only its entry reads; a reply
 without a valid MAC under it (another identity writing into this client's reply topic)
 is dropped and counted as ``Reply_forged``.
@@ -96,6 +101,14 @@ _ERRORS: dict[str, type[ServingError]] = {
     "no_plan": NoFeasiblePlan,
     "overloaded": Overloaded,
 }
+
+
+DEADLINE_GRACE_S = 3.0
+"""After the request's deadline, how long the client still waits for the entry's own
+answer: the entry enforces the same deadline (counted from when it received the request,
+a little later) and answers with a typed ``timeout``; a client that gave up first called
+a request the system did answer lost (seen in a scenario run: 10 typed timeouts and one
+NoAnswer at the same deadline)."""
 
 
 @dataclass(frozen=True)
@@ -233,11 +246,11 @@ class _Session:
                 raise NoFeasiblePlan(f"no_plan: entry node {self.plan.entry_node} is down and no plan "
                                      f"without it came within {limit_s:g} s "
                                      f"(request {self.message.request_id})")  # fmt: skip
-            if left_s <= 0:
+            if left_s <= -DEADLINE_GRACE_S:
                 raise NoAnswer(f"no answer from entry node {self.plan.entry_node} within "
                                f"{self.options.timeout_s} s (request {self.message.request_id})")  # fmt: skip
             try:
-                async with asyncio.timeout(min(left_s, self.options.resync_after_s)):
+                async with asyncio.timeout(min(left_s + DEADLINE_GRACE_S, self.options.resync_after_s)):
                     message = await self._inbox.get()
             except TimeoutError:
                 if loop.time() < self.deadline:
@@ -260,6 +273,8 @@ class _Session:
                     self.entry_down = False
                     await self._send()
         elif isinstance(message, NodeStatus | NodeDown | NodeJoined):
+            if self.gate is not None and not (self.gate.signed(message) and self.gate.current(message)):
+                return None  # a forged or replayed NodeDown of the entry must not make it wait or fail
             if message.node == self.plan.entry_node:
                 down = isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline")
                 if down and not self.entry_down:
@@ -439,8 +454,9 @@ class Client:
         return self._plans.latest("plan") if self._plans is not None else None
 
     def refusals(self) -> dict[str, int]:
-        """Plans (``Plan_unsigned``, ``Plan_forged``, ``Plan_role``) and replies
-        (``Reply_forged``) refused so far: counts."""
+        """Plans (``Plan_unsigned``, ``Plan_forged``, ``Plan_role``), node events
+        (``NodeDown_forged``, ``NodeDown_stale``, ``NodeDown_replayed``, ...) and replies (``Reply_forged``)
+        refused so far: counts."""
         plans = self._gate.refusals() if self._gate is not None else {}
         return {**plans, **self._counters}
 
@@ -471,7 +487,7 @@ class Client:
             if plan is None:
                 raise _no_system(bus, PLAN_WAIT_S)
             with self._plans.listen() as plans, self._statuses.listen() as statuses:
-                session = _Session(bus, options, message, plan, on_token, counters=self._counters)
+                session = _Session(bus, options, message, plan, on_token, self._gate, self._counters)
                 return await session.run(replies, plans, statuses, events)
 
 

@@ -5,8 +5,9 @@ the standard roles plus one worker per node of a topology; ``creds add-node NAME
 N``, ``creds add-client NAME`` and ``creds add-operator NAME`` issue credentials for one
 more identity and add it to the registry and the ACL; ``creds rotate ROLE`` replaces a
 signing role's key pair (the old one kept under keys/retired); ``creds list`` prints the
-registry. Bad input is one line on stderr and exit status 2; existing files are never
-overwritten.
+registry; ``creds compose --out DIR`` writes what deploy/containers/compose.secure.yaml
+mounts (shared/security/compose_export.py). Bad input is one line on stderr and exit
+status 2; existing files are never overwritten.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from services.cli.secure_up import gateway_api_key
 from shared.errors import ConfigError
 from shared.security.acl import Role
+from shared.security.compose_export import BROKER_UID, CONTROL_SERVICES, IMAGE_UID, export_compose
 from shared.security.creds import (
     Credentials,
     StateDir,
@@ -82,10 +86,35 @@ def register(subparsers: Any) -> None:
     rotate.add_argument("--state", type=Path, help=state_help)
     rotate.set_defaults(handler=run_rotate)
 
+    compose = commands.add_parser(
+        "compose", help="write what deploy/containers/compose.secure.yaml mounts",
+        description="One folder per container of compose.secure.yaml with only its own secrets, "
+                    "the broker's TLS config, and the gateway's API key (docs/DEPLOY.md).")  # fmt: skip
+    compose.add_argument("--state", type=Path, help=state_help)
+    compose.add_argument("--out", type=Path, required=True, help="a new or empty folder (EDGESPLIT_SECURE_DIR)")
+    compose.add_argument("--broker-host", default="mosquitto",
+                         help="the broker's name on the containers' network, put in its certificate "
+                              "(default mosquitto; localhost is always in it)")  # fmt: skip
+    compose.add_argument("--uid", type=_uid, default=IMAGE_UID,
+                         help=f"owner of the services' folders (default {IMAGE_UID}, the images' user)")
+    compose.add_argument("--broker-uid", type=_uid, default=BROKER_UID,
+                         help=f"owner of the broker's folder (default {BROKER_UID}, Mosquitto's image user)")
+    compose.set_defaults(handler=run_compose)
+
     listing = commands.add_parser("list", help="the identities, their roles and trust")
     listing.add_argument("--state", type=Path, help=state_help)
     listing.add_argument("--json", action="store_true", help="print one JSON object")
     listing.set_defaults(handler=run_list)
+
+
+def _uid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a user id: {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is no user id")
+    return value
 
 
 def _state(args: argparse.Namespace) -> Path:
@@ -146,6 +175,26 @@ def run_rotate(args: argparse.Namespace) -> int:
     print(f"rotated the {args.role} key: new public key {public}, the old pair in {root / KEYS_DIR / 'retired'}")
     print("restart every process of the cluster (they read the public keys at start; `edgesplit up --secure` "
           "does on its next start); until then they refuse what the new key signs")  # fmt: skip
+    return 0
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    root = _state(args)
+    try:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}", args.broker_host):
+            raise ConfigError(f"--broker-host {args.broker_host!r} is no host name or address")
+        load_registry(StateDir(root))  # a state folder, before any key is made in it
+        api_key, _ = gateway_api_key(root)
+        done = export_compose(root, Path(args.out).expanduser(), api_key, args.broker_host,
+                              args.uid, args.broker_uid)  # fmt: skip
+    except ConfigError as error:
+        return _refuse(error)
+    print(f"wrote {done.out} for cluster {done.cluster}: mosquitto, {', '.join(CONTROL_SERVICES)}, "
+          f"gateway, workers {', '.join(done.workers) or '(none)'}")  # fmt: skip
+    if done.added:
+        print(f"added to {root}: {', '.join(done.added)}")
+    print(f"run: EDGESPLIT_SECURE_DIR={done.out} EDGESPLIT_CLUSTER={done.cluster} EDGESPLIT_SHARDS_HOST_DIR=... "
+          "docker-compose -f deploy/containers/compose.secure.yaml up -d")  # fmt: skip
     return 0
 
 

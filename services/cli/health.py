@@ -19,6 +19,9 @@ certificate's identity the client id whatever is asked, so the check needs an id
 its own (``--tls-cert``/``--tls-key``, e.g. a client identity from `creds add-client`):
 with the checked process's own certificate it would take over that process's session, and
 it refuses to. Bad arguments: one line on stderr, exit 2.
+
+The gateway (``--gateway URL``) is checked over HTTP instead: ``GET URL/health``
+answers 200 while its broker connection is up (services/gateway/app.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import os
 import secrets
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +73,8 @@ def register(subparsers: Any) -> None:
     which = health.add_mutually_exclusive_group()
     which.add_argument("--service", help="control service name (monitor, orchestrator, ...)")
     which.add_argument("--node", help="worker node id")
+    which.add_argument("--gateway", metavar="URL",
+                       help="the gateway at URL (e.g. http://127.0.0.1:8000): GET URL/health answers 200")
     health.add_argument("--max-age-s", type=_positive_s, default=DEFAULT_MAX_AGE_S,
                         help=f"a service status older than this is stale (default {DEFAULT_MAX_AGE_S:g})")  # fmt: skip
     health.add_argument("--wait-s", type=_positive_s, default=DEFAULT_WAIT_S,
@@ -160,7 +167,28 @@ async def read_status(settings: BusSettings, target: Target,
             subscription.close()
 
 
+def gateway_health(url: str, wait_s: float) -> tuple[bool, str]:
+    """(healthy, why) of the gateway at ``url``: its ``/health`` answers 200 within ``wait_s``."""
+    address = f"{url.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(address, timeout=wait_s) as answer:  # noqa: S310 - http(s) only, checked
+            return True, f"gateway {url}: {answer.status} {answer.read(200).decode(errors='replace')}"
+    except urllib.error.HTTPError as error:
+        return False, f"gateway {url}: {error.code} {error.read(200).decode(errors='replace')}"
+    except (urllib.error.URLError, OSError) as error:
+        return False, f"gateway {url}: {getattr(error, 'reason', error)}"
+
+
 def run_health(args: argparse.Namespace) -> int:
+    if args.gateway is not None:
+        if not args.gateway.startswith(("http://", "https://")):
+            print(f"edgesplit: error: --gateway takes an http:// or https:// URL, not {args.gateway!r}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        healthy, why = gateway_health(args.gateway, args.wait_s)
+        print(f"edgesplit: {'healthy' if healthy else 'unhealthy'}: {why}",
+              file=sys.stdout if healthy else sys.stderr)  # fmt: skip
+        return 0 if healthy else 1
     target = target_from(args.service, args.node, dict(os.environ))
     if target is None:
         print("edgesplit: error: health needs --service NAME or --node NODE "

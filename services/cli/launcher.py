@@ -371,6 +371,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     # a daemon thread, so a signal meanwhile ends `up` at once instead of after it.
     model_dir, shards, num_layers = await on_daemon_thread(_prepare, settings, model, run_dir, weights)
     environments: dict[str, dict[str, str]] = {}
+    api_key_source = None  # where the gateway's API key is (None: it needs none)
     if secure is None:
         stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
         if configured_key(settings) is None:  # no default key: one per broker and cluster
@@ -385,6 +386,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
         launch = await asyncio.to_thread(start_secure_broker_for, settings, secure.state,
                                          topology, secure.tls_port, run_dir / "broker")  # fmt: skip
         stack, settings, environments = Stack(broker=launch.broker), launch.settings, launch.environments
+        api_key_source = launch.api_key_source
         say(f"{'created' if launch.created else 'using'} credentials in {secure.state}; started the "
             f"secure Mosquitto: TLS with client certificates at {launch.broker.url} (data plane at "
             f"{launch.broker.data_url}), passwords on "
@@ -397,7 +399,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     if metrics:
         names = [*(node.id for node in topology.nodes), "split-reviser"]
         names += [] if static else list(CONTROL_SERVICES)
-        names += ["gateway"] if http is not None and secure is None else []
+        names += ["gateway"] if http is not None else []
         targets = assign_metrics_ports(names, environments)
         targets_file = write_targets(run_dir, targets, settings.cluster)
         say(f"Prometheus metrics: http://{targets[names[0]]}/metrics and {len(names) - 1} more "
@@ -432,14 +434,14 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                   f"nodes{spare_note}, "
                   f"epoch {plan.epoch}: {layout}; broker {settings.broker.redacted()} "
                   f"cluster {settings.cluster}", flush=True)  # fmt: skip
-            if http is not None and secure is None:
+            if http is not None:  # with --secure: as the gateway identity, with an API key
                 arguments, url = gateway_arguments(http, model_dir)
                 stack.logs["gateway"] = run_dir / "gateway.log"
                 stack.services["gateway"] = start_service("gateway", arguments, settings, stack.logs["gateway"],
                                                           environments.get("gateway"))  # fmt: skip
-                print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']})", flush=True)
-            elif http is not None:
-                say("the gateway is not started with --secure (it has no client identity yet)")
+                keyed = f"; it needs Authorization: Bearer KEY, the key in {api_key_source}" if api_key_source else ""
+                print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']}){keyed}",
+                      flush=True)  # fmt: skip
             reported: set[str] = set()
             while True:  # a process that dies is reported once; the system re-plans around it
                 await asyncio.sleep(1.0)

@@ -15,7 +15,7 @@ import math
 from shared.planning.problem import (
     Problem,
     boundary_bytes,
-    effective_flops_per_s,
+    compute_s,
     load_problem,
     transfer_s,
 )
@@ -80,7 +80,7 @@ def format_table(problem: Problem, result: PlanResult) -> str:
     for index, seg in enumerate(result.segments):
         node = nodes[seg.node]
         flops = math.fsum(layer.flops for layer in problem.layers[seg.start : seg.end])
-        compute = flops / effective_flops_per_s(node)
+        compute = compute_s(problem, node, flops)  # its share of a batch at expected_batch
         hop = _hop(problem, links, previous, seg.node, seg.start, seg.activations)
         extra = f" {seg.weights:>8} {seg.activations if previous != seg.node else '-':>7}" if chosen else ""
         lines.append(f"{index:>2}  {seg.node:<16} {f'[{seg.start}, {seg.end})':<12} "

@@ -7,10 +7,17 @@ broker, the launcher's own settings (it connects as the ``operator`` identity, w
 publish the privacy policy and read everything) and the EDGESPLIT_* variables of each
 worker and service (its certificate, key, the CA, the data listener and its identity as
 origin; the broker makes the identity each connection's client id).
+
+The gateway connects as the ``gateway`` identity (Role.GATEWAY: it may send requests to
+any entry, read its own replies and what the dashboard draws) and needs an API key: the
+one in $EDGESPLIT_GATEWAY_API_KEY, else STATE/gateway-api-key, made on first use (0600).
+A state folder made before the gateway identity existed gets it added.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,7 @@ from shared.security.broker import SecureBroker, start_secure_broker
 from shared.security.creds import (
     SERVICE_IDENTITIES,
     StateDir,
+    add_identity,
     client_environment,
     init_state,
     load_registry,
@@ -31,8 +39,11 @@ from shared.security.signing import ensure_key_file
 from shared.topology import Topology
 
 LAUNCHER_IDENTITY = "operator"
-SERVICES = ("monitor", "broadcaster", "orchestrator", "split-reviser")
-"""The launcher's process names of the control services; each is also their identity."""
+SERVICES = ("monitor", "broadcaster", "orchestrator", "split-reviser", "gateway")
+"""The launcher's process names of the services; each is also their identity."""
+GATEWAY_IDENTITY = "gateway"
+API_KEY_FILE = "gateway-api-key"
+API_KEY_ENV = "EDGESPLIT_GATEWAY_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class SecureLaunch:
     environments: dict[str, dict[str, str]]
     created: bool
     """True when this run created the state folder."""
+    api_key_source: str
+    """Where the gateway's API key comes from (a file, or the environment variable)."""
 
     def client_hint(self, state: StateDir) -> str:
         """How a user connects as the ``client`` identity (shell variables)."""
@@ -66,6 +79,9 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
                           f"{settings.cluster!r}; give --cluster {registry.cluster} or another --state")  # fmt: skip
     workers = {identity.name for identity in registry.of_role(Role.WORKER)}
     missing = [node.id for node in topology.nodes if node.id not in workers]
+    if registry.get(GATEWAY_IDENTITY) is None:  # a state folder older than the gateway's role
+        add_identity(state_root, GATEWAY_IDENTITY, Role.GATEWAY, trust=0)
+        registry = load_registry(state)
     missing += [name for name, _ in SERVICE_IDENTITIES if registry.get(name) is None]
     if missing:
         raise ConfigError(f"{state_root} has no identity for {', '.join(missing)}; add nodes with "
@@ -80,8 +96,10 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
         # The cluster key derives frame keys: only the workers and the broadcaster get it;
         # the monitor and the orchestrator sign with their role keys alone.
         environments = {name: {**client_environment(state, name, broker.url), **control} for name in names}
-        for name in ("monitor", "orchestrator"):
+        for name in ("monitor", "orchestrator", GATEWAY_IDENTITY):
             del environments[name]["EDGESPLIT_PLAN_SIGNING_KEY_FILE"]
+        api_key, api_key_source = gateway_api_key(state_root)
+        environments[GATEWAY_IDENTITY][API_KEY_ENV] = api_key
         own = client_environment(state, LAUNCHER_IDENTITY, broker.url)
         launcher = load_settings(type(settings), {
             **settings.model_dump(), "broker_url": broker.url, "client_id": LAUNCHER_IDENTITY,
@@ -95,4 +113,22 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
     except BaseException:
         broker.close()
         raise
-    return SecureLaunch(broker, launcher, environments, created)
+    return SecureLaunch(broker, launcher, environments, created, api_key_source)
+
+
+def gateway_api_key(state_root: Path) -> tuple[str, str]:
+    """The key the gateway of `up --secure` requires, and where it comes from: the
+    environment's EDGESPLIT_GATEWAY_API_KEY, else STATE/gateway-api-key (made, 0600,
+    with 256 random bits when missing). Raises ConfigError on an empty key file."""
+    given = os.environ.get(API_KEY_ENV, "").strip()
+    if given:
+        return given, f"${API_KEY_ENV}"
+    path = state_root / API_KEY_FILE
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(secrets.token_urlsafe(32) + "\n")
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise ConfigError(f"{path} is empty; delete it for a new key, or set ${API_KEY_ENV}")
+    return key, str(path)

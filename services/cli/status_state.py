@@ -68,6 +68,9 @@ class StatusSnapshot:
         if isinstance(message, ServiceStatus):
             return _put(self.services, message.service, message)
         if isinstance(message, DecisionRecorded):
+            shown = self.decisions.get(message.decision_id)
+            if shown is not None and message.revision < shown.revision:
+                return False  # an older revision of a record shown (a replay): keep the newer
             changed = _put(self.decisions, message.decision_id, message)
             for stale in sorted(self.decisions)[:-KEPT_DECISIONS]:
                 del self.decisions[stale]

@@ -40,6 +40,7 @@ from services.gateway.openai_api import (
     parse_embedding,
     unknown_model,
 )
+from shared.errors import BusError
 from shared.messages import Plan, TokenGenerated
 from shared.metrics import EventSeries, ServiceMetrics
 
@@ -69,6 +70,7 @@ def build_app(backend: Backend) -> Starlette:
     """The ASGI app over ``backend``."""
     api = _Api(backend)
     routes = [
+        Route("/health", api.health, methods=["GET"]),  # no key: a container's health check
         Route("/v1/models", api.guarded(api.models), methods=["GET"]),
         Route("/v1/completions", api.guarded(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
@@ -115,6 +117,17 @@ class _Api:
         if model is not None and model != plan.model_id:
             raise unknown_model(model, plan.model_id)
         return plan
+
+    async def health(self, request: Request) -> Response:
+        """200 while the broker connection is up (whether a plan is served or not), else
+        503. Unauthenticated, so it says nothing but that."""
+        try:
+            up = self.backend.client.bus.ready.is_set()
+        except BusError:  # not connected (yet)
+            up = False
+        body = {"status": "ok" if up else "unavailable", "broker": up,
+                "plan": self.backend.current_plan() is not None}  # fmt: skip
+        return JSONResponse(body, status_code=200 if up else 503)
 
     async def models(self, request: Request) -> Response:
         plan = self._served()

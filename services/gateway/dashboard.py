@@ -59,6 +59,9 @@ class DashboardState:
         elif isinstance(message, CapacityProfile):
             self.profile = message
         elif isinstance(message, DecisionRecorded):
+            shown = self.decisions.get(message.decision_id)
+            if shown is not None and message.revision < shown.revision:
+                return  # an older revision of a record shown (a replay): keep the newer
             self.decisions[message.decision_id] = message
             for stale in sorted(self.decisions)[:-KEPT_DECISIONS]:
                 del self.decisions[stale]

@@ -125,6 +125,22 @@ class Change:
 
 
 FAST_FALL_SAMPLES = 2
+FAST_RISE_FACTOR = 1.5
+"""The newest FAST_FALL_SAMPLES samples all this much better than the median (bandwidth
+above it by the factor, rtt below it by the factor) are planned with at once (their
+worst), as a fall is: a link that fades in is used within a second or two, not when the
+window's median follows three samples later. Noise (+-10 %) stays far below the factor,
+and a stall only ever lengthens a round trip, never shortens it."""
+
+
+def _fast_rise(kind: MetricKind, value: float, newest_worst: float) -> float:
+    """``value``, or ``newest_worst`` when it is better by FAST_RISE_FACTOR (see above)."""
+    if kind == "bandwidth" and newest_worst >= FAST_RISE_FACTOR * value:
+        return newest_worst
+    if kind == "rtt" and newest_worst * FAST_RISE_FACTOR <= value:
+        return newest_worst
+    return value
+
 
 _METRIC_NAMES = {"bandwidth": "bandwidth_bytes_per_s", "rtt": "rtt_s", "loss": "loss"}
 
@@ -154,8 +170,9 @@ class TrackedMetric:
         when the newest ``FAST_FALL_SAMPLES`` samples all agree on it (their best; bandwidth
         only), or when the newest sample's own probes did (a window of two or more pairs that agree: the
         worker sends such a window at once). A link that fades is planned around within a
-        second or two, not when the window's median follows; one outlier moves nothing,
-        and a recovery waits for the median (slow to better, fast to worse)."""
+        second or two, not when the window's median follows; one outlier moves nothing.
+        Better at once too, but only when the newest samples all are better by
+        FAST_RISE_FACTOR (their worst): a link fading in, not noise."""
         median = self.window.value(now_s)
         if median is None or self.kind == "loss":
             return median
@@ -163,8 +180,10 @@ class TrackedMetric:
         best = max if self.kind == "bandwidth" else min
         newest = self.window.latest(now_s, FAST_FALL_SAMPLES)
         value = median
-        if self.kind == "bandwidth" and len(newest) >= FAST_FALL_SAMPLES:
-            value = worse(value, best(newest))  # rtt: stalls lift whole windows on a loaded machine
+        if len(newest) >= FAST_FALL_SAMPLES:
+            if self.kind == "bandwidth":  # rtt: stalls lift whole windows on a loaded machine
+                value = worse(value, best(newest))
+            value = _fast_rise(self.kind, value, worse(newest))
         agreed = self._agreed
         if agreed is not None and agreed[0] == self.window.newest_s(now_s):
             value = worse(value, agreed[1])

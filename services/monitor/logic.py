@@ -294,7 +294,8 @@ class MonitorState:
         if available is not None:
             free = min(free, available)
         health = "down" if not record.up else ("overloaded" if record.overload.tripped else "up")
-        source = telemetry.block_times.source if telemetry and telemetry.block_times else "none"
+        times = telemetry.block_times if telemetry else None
+        source = times.source if times else "none"
         return NodeCapacity(
             node=record.node, alive=record.up, trust=status.trust if status else 0,  # type: ignore[arg-type]
             memory_free_bytes=free, flops_per_s=flops_per_s,
@@ -310,6 +311,7 @@ class MonitorState:
             blocks_held=held,
             queue_overflows=telemetry.queue_overflows if telemetry else 0,
             decode_s_per_block=decode, prefill_s_per_block_token=prefill, compute_source=source,
+            decode_batch_scaling=times.decode_batch_scaling if times else None,
             layer_s_per_token=tuple(layer.flops_per_token / flops_per_s for layer in self.layers)
             if flops_per_s > 0 else (),
             last_seen_s=record.last_seen_s,

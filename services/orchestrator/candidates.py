@@ -28,10 +28,11 @@ where a block *moves* when its host changes and ``rebuild_tokens`` is the KV sta
 handed over from the old host (the workers' KV handoff, services/worker/handoff.py) when
 the old host is still in the problem with a link to the new one.
 
-A candidate's time per token is taken under the load now (``concurrency`` = requests in
-flight at the entry): max(the planner's latency of one request, concurrency x the plan's
-slowest serial stage), a stage being a node's compute of its segment or a link's bytes /
-bandwidth, which serve one request's step at a time (`logic.per_token_s`).
+A candidate's time per token is taken under the load now (``concurrency`` C = requests in
+flight at the entry): max(the planner's latency of one request, the longest round of C
+steps on one serial stage), a stage being a node's compute of its segment or a link's
+bytes / bandwidth: C x one step, or t x (1 + s (C - 1)) on a node whose batch scaling s
+is measured, which runs the C steps as one batched forward (`logic.per_token_s`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import logging
 import math
 from collections.abc import Iterable
 
-from services.orchestrator.logic import CandidateKind, CandidatePlan, classify, per_token_s
+from services.orchestrator.logic import CandidateKind, CandidatePlan, Stage, classify, per_token_s
 from shared.errors import EdgesplitError
 from shared.messages import CapacityProfile, PlanOption, PrivacyPolicy, Segment
 from shared.model.manifest import ShardManifest
@@ -115,23 +116,31 @@ def serial_stage_s(problem: Problem, segments: tuple[Segment, ...],
     a time: a node's compute of its segment, or a link's bandwidth (bytes / bandwidth at
     the hop's activation precision, ``precisions`` as `link_precisions` gives them; the
     latency overlaps with other requests' frames). inf when a node or link is missing."""
+    return max((seconds for seconds, _ in serial_stages(problem, segments, precisions)), default=0.0)
+
+
+def serial_stages(problem: Problem, segments: tuple[Segment, ...],
+                  precisions: tuple[tuple[int, str], ...] = ()) -> tuple[Stage, ...]:  # fmt: skip
+    """Each stage of `serial_stage_s` as (seconds of one request's step, batch scaling):
+    a node's measured ``batch_scaling`` (None: not measured), None for a link (a batch's
+    frame carries every request's bytes)."""
     nodes, links, num_layers = problem.node_index(), problem.link_index(), len(problem.layers)
     at = dict(precisions)
-    stages: list[float] = []
+    stages: list[Stage] = []
     previous = problem.source
     for segment, boundary in [(s, s.start) for s in segments] + [(None, num_layers)]:
         here = problem.source if segment is None else segment.node
         if here != previous:
             link = links.get((previous, here))
             sent = boundary_bytes(problem, boundary, at.get(boundary, "fp32"))
-            stages.append(sent / link.bandwidth_bytes_per_s if link else math.inf)
+            stages.append((sent / link.bandwidth_bytes_per_s if link else math.inf, None))
         if segment is not None:
             node = nodes.get(here)
             speed = effective_flops_per_s(node) if node is not None else 0.0
             flops = math.fsum(layer.flops for layer in problem.layers[segment.start : min(segment.end, num_layers)])
-            stages.append(flops / speed if speed > 0 else math.inf)
+            stages.append((flops / speed if speed > 0 else math.inf, node.batch_scaling if node else None))
         previous = here
-    return max(stages, default=0.0)
+    return tuple(stages)
 
 
 def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
@@ -154,9 +163,11 @@ def evaluate_candidate(problem: Problem, running: tuple[Segment, ...],
     if is_running:
         violations = tuple(v for v in violations if not v.startswith("memory:"))
     kind: CandidateKind = "current" if is_running else _kind(running, segments)
-    serial = serial_stage_s(problem, segments, precisions)
+    stages = serial_stages(problem, segments, precisions)
+    serial = max((seconds for seconds, _ in stages), default=0.0)
     return CandidatePlan(
-        kind=kind, segments=segments, latency_s=per_token_s(evaluation.latency_s, serial, cost.concurrency),
+        kind=kind, segments=segments, stages=stages,
+        latency_s=per_token_s(evaluation.latency_s, serial, cost.concurrency, stages),
         bottleneck_s=evaluation.bottleneck_s,
         migration_cost_s=0.0 if is_running else migration_cost_s(problem, running, segments, cost),
         violations=violations, origin=origin,  # type: ignore[arg-type]
@@ -211,14 +222,20 @@ def build_candidates(problem: Problem, running: tuple[Segment, ...],
 def recompressed(problem: Problem, running: tuple[Segment, ...], cost: CostModel,
                  running_precisions: tuple[tuple[int, str], ...]) -> tuple[CandidatePlan, ...]:
     """The running plan with the hop precisions the policy gives it now, when they differ
-    from those it runs with (a link slowed or recovered): a change that moves no block,
-    decided like a migration (``logic.classify``). None without a precision policy."""
+    from those it runs with (a link slowed or recovered), and, when it runs lossy hops,
+    the running plan all exact: changes that move no block, decided like a migration
+    (``logic.classify``; going back to exact needs no time saving, ``logic.score``).
+    None without a precision policy."""
     if not running or problem.precision is None:
         return ()
+    found: dict[tuple[tuple[int, str], ...], CandidatePlan] = {}
     candidate = evaluate_candidate(problem, running, running, "migration", cost)
-    if candidate.link_precisions == running_precisions:
-        return ()
-    return (dataclasses.replace(candidate, kind="migrate"),)
+    found[candidate.link_precisions] = dataclasses.replace(candidate, kind="migrate")
+    if running_precisions:
+        exact = evaluate_candidate(problem, running, running, "migration", cost, is_running=True)
+        found.setdefault((), dataclasses.replace(exact, kind="migrate", origin="migration"))
+    found.pop(running_precisions, None)
+    return tuple(found.values())
 
 
 def evaluate_all(view: CapacityProfile, manifest: ShardManifest, policy: PrivacyPolicy, source: str,

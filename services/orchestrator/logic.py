@@ -69,6 +69,10 @@ class Trigger:
     evidence: tuple[Evidence, ...] = ()
 
 
+Stage = tuple[float, float | None]
+"""A serial stage of a plan: (seconds one request's decode step holds it, batch scaling)."""
+
+
 @dataclass(frozen=True)
 class CandidatePlan:
     """A plan evaluated on the current profile. Times are seconds (per token, except the
@@ -89,22 +93,39 @@ class CandidatePlan:
     time: a node's compute of its segment, or a link's bytes / bandwidth."""
     link_precisions: tuple[tuple[int, str], ...] = ()
     """Lossy hops as (block the frames enter, activation precision); the plan carries them."""
+    stages: tuple[Stage, ...] = ()
+    """Every serial stage as (seconds of one request's step, batch scaling or None), what
+    ``serial_s`` is the largest of; empty: ``serial_s`` alone, no batching gain."""
 
     def per_token_s(self, concurrency: float) -> float:
         """Predicted time per token with ``concurrency`` requests decoding together."""
         return per_token_s(self.latency_s if self.unloaded_s is None else self.unloaded_s,
-                           self.serial_s, concurrency)  # fmt: skip
+                           self.serial_s, concurrency, self.stages)  # fmt: skip
 
     @property
     def feasible(self) -> bool:
         return not self.violations and math.isfinite(self.latency_s)
 
 
-def per_token_s(latency_s: float, serial_s: float, concurrency: float) -> float:
+def per_token_s(latency_s: float, serial_s: float, concurrency: float,
+                stages: tuple[Stage, ...] = ()) -> float:  # fmt: skip
     """Time per output token of each of ``concurrency`` requests decoding together: the
-    latency of one request alone, unless the busiest serial resource (one step of every
-    request in turn) takes longer per round."""
-    return max(latency_s, max(1.0, concurrency) * serial_s)
+    latency of one request alone, unless the busiest serial resource takes longer per
+    round (one step of every request: ``concurrency`` x ``serial_s``; with ``stages``,
+    a node whose batch scaling s is measured runs the round as one batched step,
+    t x (1 + s x (concurrency - 1)): `batched_round_s`)."""
+    load = max(1.0, concurrency)
+    if all(scaling is None for _, scaling in stages):
+        return max(latency_s, load * serial_s)
+    return max(latency_s, batched_round_s(stages, load))
+
+
+def batched_round_s(stages: tuple[Stage, ...], concurrency: float) -> float:
+    """The longest round of ``concurrency`` requests' steps over ``stages`` (seconds of one
+    request's step, batch scaling s): t x (1 + s x (B - 1)) as one batched step, or B x t
+    where s is None (a link's bytes, a node not measured: no gain assumed)."""
+    load = max(1.0, concurrency)
+    return max((load * t if s is None else t * (1.0 + s * (load - 1.0)) for t, s in stages), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,8 @@ def score(state: OrchestratorState, current: CandidatePlan, candidate: Candidate
     needed = threshold(state, now_s, config, waive=waive)
     total = current.latency_s + state.overhead_s
     relative = per_token / total if total > 0 else 0.0
+    if candidate.segments == current.segments and more_exact(current.link_precisions, candidate.link_precisions):
+        return _back_to_exact(candidate, per_token, gain, cost, relative, config.relative_threshold)
     if relative < needed:
         note = f"saves {relative:.1%} per token, below the {needed:.0%} threshold"
         return Scored(candidate, per_token, gain, cost, needed, False, note)
@@ -248,6 +271,33 @@ def score(state: OrchestratorState, current: CandidatePlan, candidate: Candidate
         return Scored(candidate, per_token, gain, cost, needed, False, note)
     note = f"saves {relative:.1%} per token, net {gain - cost:.3f} s"
     return Scored(candidate, per_token, gain, cost, needed, True, note)
+
+
+EXACTNESS = {"fp32": 0, "fp16": 1, "bf16": 1, "int8": 2}
+"""Loss rank of an activation precision (0: exact); an unknown one ranks lossiest."""
+
+
+def more_exact(current: tuple[tuple[int, str], ...], candidate: tuple[tuple[int, str], ...]) -> bool:
+    """True when ``candidate``'s hop precisions (``link_precisions``: lossy hops only) are
+    at least as exact as ``current``'s on every hop and more exact on one."""
+    now, then = dict(current), dict(candidate)
+    ranks = [(EXACTNESS.get(now.get(hop, "fp32"), 3), EXACTNESS.get(then.get(hop, "fp32"), 3))
+             for hop in now.keys() | then.keys()]  # fmt: skip
+    return all(new <= old for old, new in ranks) and any(new < old for old, new in ranks)
+
+
+def _back_to_exact(candidate: CandidatePlan, per_token: float, gain: float, cost: float,
+                   relative: float, base_threshold: float) -> Scored:  # fmt: skip
+    """The running plan with more exact hops (a link recovered): answers then lose less, a
+    gain no time prices, so it needs no time saving, only that it costs less than the
+    base threshold per token; compressing needs a saving of that share of the exact
+    plan's time, going back a cost below that share of the compressed plan's, so the
+    two never flap between each other on one profile."""
+    if -relative >= base_threshold:
+        note = f"more exact hops would cost {-relative:.1%} per token, at or over the {base_threshold:.0%} threshold"
+        return Scored(candidate, per_token, gain, cost, base_threshold, False, note)
+    note = f"back to more exact hops: costs {max(0.0, -relative):.1%} per token, under the {base_threshold:.0%} threshold"
+    return Scored(candidate, per_token, gain, cost, base_threshold, True, note)
 
 
 def _first(violations: tuple[str, ...]) -> str:

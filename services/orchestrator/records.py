@@ -81,9 +81,10 @@ def _candidate(scored: Scored) -> Candidate:
 
 def record_of(decision_id: int, trigger: Trigger, decision: Decision, now_s: float,
               epoch: int | None, running_nodes: tuple[str, ...],
-              overhead_s: float = 0.0) -> DecisionRecorded:  # fmt: skip
+              overhead_s: float = 0.0, load: float | None = None) -> DecisionRecorded:  # fmt: skip
     """The record of a decision as decided (before any rollout). Predicted times per token
-    include the measured ``overhead_s`` the plan model does not cover."""
+    include the measured ``overhead_s`` the plan model does not cover; ``load`` (the
+    requests in flight the candidates were priced for) is named in the reason."""
     entries: list[Scored] = []
     if decision.current is not None:
         entries.append(Scored(decision.current, 0.0, 0.0, 0.0, 0.0, False, "the running plan"))
@@ -98,7 +99,9 @@ def record_of(decision_id: int, trigger: Trigger, decision: Decision, now_s: flo
         decision_id=decision_id, trigger=trigger.kind[:TEXT], trigger_detail=trigger.detail[:TEXT],
         evidence=trigger.evidence[:16], candidates=candidates, action=decision.action,
         predicted_gain_s=decision.gain_s if math.isfinite(decision.gain_s) else 0.0,
-        from_epoch=epoch, at_s=now_s, emergency=decision.emergency, reason=decision.reason[:TEXT],
+        from_epoch=epoch, at_s=now_s, emergency=decision.emergency,
+        reason=(decision.reason if load is None else f"{decision.reason} [planned for {load:g} "
+                f"request{'' if load == 1 else 's'} in flight]")[:TEXT],
         chosen=chosen,
         current_latency_s=current.latency_s + overhead_s if current is not None and current.feasible else None,
         predicted_latency_s=_finite(decision.chosen.latency_s) + overhead_s if decision.chosen else None,
@@ -159,6 +162,20 @@ def _mean(items: list[Finished]) -> tuple[float | None, int]:
     if not items:
         return None, 0
     return math.fsum(f.tpot_s for f in items) / len(items), len(items)
+
+
+DECISION_IDS_PER_S = 1000
+"""`first_decision_id`: the clock floor counts milliseconds."""
+
+
+def first_decision_id(now_s: float) -> int:
+    """The first decision id of an orchestrator that found no retained records (the broker
+    lost them, they did not arrive within ``retained_wait_s``, a failover elsewhere): the
+    Unix time in milliseconds. Ids are consecutive from there, so any id an earlier
+    orchestrator issued is below it unless that one decided more than once per
+    millisecond on average over its whole life; receivers that lived through the restart
+    accept the new records instead of refusing them as replays (docs/SECURITY.md)."""
+    return max(1, int(now_s * DECISION_IDS_PER_S))
 
 
 def restored(state: OrchestratorState, seen: list[DecisionRecorded]) -> OrchestratorState:

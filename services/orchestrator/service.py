@@ -31,6 +31,7 @@ from services.orchestrator import records
 from services.orchestrator.calibration import OverheadCalibration, realised_effect
 from services.orchestrator.candidates import evaluate_all, failover_entry, pinned_first
 from services.orchestrator.exchanges import Exchanges, read_retained
+from services.orchestrator.improvement import improvement
 from services.orchestrator.logic import (
     CandidatePlan,
     Decision,
@@ -64,7 +65,7 @@ from shared.metrics import Reading, ServiceMetrics, message_readings
 from shared.model.manifest import ShardManifest
 from shared.model.shard_files import ShardFiles
 from shared.planning.precision import PrecisionPolicy
-from shared.planning.view import CostModel, planning_view
+from shared.planning.view import CostModel, expected_load, planning_view
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_verifier
 from shared.security.signing import ControlGate, control_key
@@ -89,6 +90,9 @@ MONITOR_KINDS = {"node_down", "node_joined", "node_overloaded", "node_overload_c
 """Triggers from monitor events: decided on a profile at least as new as the event."""
 FOLLOW_UP = "follow_up"
 """The trigger of the one re-evaluation after a change trigger that decided keep."""
+IMPROVED = "profile_improved"
+"""A link or node much better than the last evaluation saw (`improvement.py`): routine
+like the period (a keep without a held-back alternative leaves no record)."""
 __all__ = ["OrchestratorService", "OrchestratorSettings"]
 
 
@@ -114,7 +118,7 @@ class OrchestratorService:
         self.decisions: list[DecisionRecorded] = []
         self.counters: Counter[str] = Counter()
         self.gate = ControlGate(control_key(settings) or "", "orchestrator", self.counters,
-                                role_verifier(settings))  # fmt: skip
+                                role_verifier(settings), settings.max_message_age_s)  # fmt: skip
         """Signatures of the plans, policies, events and decisions it acts on."""
         self.trust: TrustRegistry | None = None
         """Each node's trust from the operator's registry (None: as the profile says)."""
@@ -129,6 +133,8 @@ class OrchestratorService:
         self._missed_epoch: int | None = None
         """The epoch a prediction_missed trigger was raised for (once per epoch)."""
         self._reference: CandidatePlan | None = None
+        self._decided_on: CapacityProfile | None = None
+        """The profile the last evaluation saw (what ``profile_improved`` compares with)."""
         self._running_precisions: tuple[tuple[int, str], ...] = ()  # the running plan's link_precisions
         """The running plan as last evaluated: the model the overhead is measured against."""
         self.calibration = OverheadCalibration()
@@ -180,13 +186,17 @@ class OrchestratorService:
         plan, policy, seen = await read_retained(plans, policies, decisions, self.settings.retained_wait_s)
         plan = plan if plan is not None and self.gate.signed(plan) else None
         policy = policy if policy is not None and self.gate.signed(policy) else None
-        seen = [record for record in seen if self.gate.signed(record)]
+        seen = sorted(seen, key=lambda r: r.decision_id, reverse=True)  # the newest sets the window
+        seen = [record for record in seen if self.gate.signed(record) and self.gate.current(record, retained=True)]
         if plan is not None:
             self._on_plan(plan)
         self.policy = policy.policy if policy is not None else self.policy
         if seen:
             self.state = records.restored(self.state, seen)
             self.decisions = sorted(seen, key=lambda r: r.decision_id)
+        else:  # no records: never reuse an id an earlier orchestrator may have issued
+            self.state = replace(self.state, next_decision_id=records.first_decision_id(self.clock()))
+        log.info("first decision id %d (%d retained records)", self.state.next_decision_id, len(seen))
 
     # --- followers --------------------------------------------------------------------------
 
@@ -317,6 +327,9 @@ class OrchestratorService:
                 self._enqueue(trigger)
                 self._reference_latency_s = None if trigger.emergency else current.latency_s
                 self._reference = None if trigger.emergency else self._reference
+            elif self._decided_on is not None and (better := improvement(self._decided_on, profile)):
+                self._decided_on = profile  # once per improvement, until the evaluation sees it
+                self._enqueue(Trigger(IMPROVED, profile.as_of_s, False, better[:1024]))
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -356,8 +369,10 @@ class OrchestratorService:
         if not self.state.segments and not self._initial_ready(profile):
             return  # the first plan waits until every expected node is measured
         running = self.state.segments
+        self._decided_on = profile
         view = planning_view(profile, self.manifest, running)
-        proposal = await self._ask_reviser(bus, view, running)
+        load = expected_load(view, self.entry)  # what _candidates prices too (CostModel.at_load)
+        proposal = await self._ask_reviser(bus, view, running, load)
         options = () if proposal is None or proposal.best is None else (proposal.best, *proposal.alternatives)
         pinned = self.settings.first_plan if not running else ()
         if pinned:
@@ -373,13 +388,13 @@ class OrchestratorService:
         feasible = current is not None and current.feasible
         self._reference_latency_s = current.latency_s if current is not None and feasible else None
         self._reference = current if feasible else None
-        routine = trigger.kind in ("periodic", FOLLOW_UP)
+        routine = all(kind in ("periodic", FOLLOW_UP, IMPROVED) for kind in trigger.kind.split("+"))
         if decision.action == "keep" and not routine and not trigger.emergency and not self._follow_up_armed:
             self._follow_up_armed = True
             tasks.create_task(self._follow_up(trigger), name="follow-up")
         if routine and decision.action == "keep" and not records.held_back(decision):
             return  # nothing worth a record: the plan is best or no alternative is close
-        await self._record_and_execute(bus, tasks, trigger, decision, now_s)
+        await self._record_and_execute(bus, tasks, trigger, decision, now_s, load)
 
     def _fail_over_entry(self, profile: CapacityProfile) -> None:
         """When the entry is down, the fastest alive node trusted enough to hold the
@@ -397,18 +412,22 @@ class OrchestratorService:
         assert self.manifest is not None and self.entry is not None
         cost = CostModel.at_load(view, self.entry, self.settings.shard_load_bytes_per_s,
                                  self.settings.rebuild_context_tokens)  # fmt: skip
-        precision = self.settings.precision_policy
         return evaluate_all(view, self.manifest, self.policy, self.entry, running, options, cost, moves,
-                            precision if precision != PrecisionPolicy.exact() else None,
-                            self._running_precisions)  # fmt: skip
+                            self._precision_policy(), self._running_precisions)  # fmt: skip
 
-    async def _ask_reviser(self, bus: Bus, view: CapacityProfile,
-                           running: tuple[Segment, ...]) -> PlanProposed | None:  # fmt: skip
+    def _precision_policy(self) -> PrecisionPolicy | None:
+        """The activation precision policy the plans are searched and priced with (None: exact)."""
+        precision = self.settings.precision_policy
+        return precision if precision != PrecisionPolicy.exact() else None
+
+    async def _ask_reviser(self, bus: Bus, view: CapacityProfile, running: tuple[Segment, ...],
+                           load: float = 1.0) -> PlanProposed | None:  # fmt: skip
         assert self.manifest is not None and self.entry is not None
         request = PlanRequested(
             request_id=RequestId(f"o{secrets.token_hex(6)}"), reply_to=self._origin,
             model_id=self.manifest.model_name[:1024], source=NodeId(self.entry), profile=view,
             privacy=self.policy, current_segments=running, alternatives=self.settings.alternatives,
+            precision=self._precision_policy(), expected_batch=min(load, 65_536.0),
         )  # fmt: skip
         proposal = await self.exchanges.plan(bus, request, self.settings.reviser_timeout_s)
         if proposal is None:
@@ -416,12 +435,12 @@ class OrchestratorService:
         return proposal
 
     async def _record_and_execute(self, bus: Bus, tasks: asyncio.TaskGroup, trigger: Trigger,
-                                  decision: Decision, now_s: float) -> None:  # fmt: skip
+                                  decision: Decision, now_s: float, load: float | None = None) -> None:  # fmt: skip
         decision_id = self.state.next_decision_id
         self.state = replace(self.state, next_decision_id=decision_id + 1)
         running_nodes = tuple(dict.fromkeys(s.node for s in self.state.segments))
         record = records.record_of(decision_id, trigger, decision, now_s, self.state.epoch, running_nodes,
-                                   self.state.overhead_s)
+                                   self.state.overhead_s, load)
         baseline, _ = self.tracker.before(now_s, 3 * self.settings.observe_s)
         record = record.model_copy(update={"baseline_tpot_s": baseline})
         log.info("decision %d on %s: %s (overhead %.1f ms from %d requests, %d skipped)", decision_id,
@@ -466,8 +485,17 @@ class OrchestratorService:
             await self._publish(bus, record.model_copy(update=update))
 
     async def _publish(self, bus: Bus, record: DecisionRecorded) -> None:
+        """Publish ``record`` with the next revision of its decision (receivers refuse a
+        revision not above the one they saw: docs/SECURITY.md). A record of a decision
+        DECISION_SLOTS or more below the newest is kept here only: its slot holds a newer
+        decision, and receivers would refuse it."""
+        previous = next((d.revision for d in self.decisions if d.decision_id == record.decision_id), 0)
+        record = record.model_copy(update={"revision": max(previous, record.revision) + 1})
         kept = [d for d in self.decisions if d.decision_id != record.decision_id] + [record]
         self.decisions = kept[-KEPT_DECISIONS:]  # bounded: a long run must not grow memory
+        if record.decision_id < self.state.next_decision_id - DECISION_SLOTS:
+            log.info("decision %d: record not republished (its slot holds a newer decision)", record.decision_id)
+            return
         try:
             await bus.publish(DECISIONS, record, slot=str(record.decision_id % DECISION_SLOTS))
         except EdgesplitError as error:

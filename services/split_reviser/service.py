@@ -145,10 +145,14 @@ def problem_for(request: PlanRequested, manifest: ShardManifest) -> Problem:
             f"model_id: {request.model_id!r} is not served by this reviser (it plans "
             f"{manifest.model_name!r})"
         )
-    return problem_from_profile(
+    problem = problem_from_profile(
         request.profile, manifest, request.privacy, request.objective, source=request.source,
         context_tokens=request.context_tokens, concurrent_requests=request.concurrent_requests,
+        expected_batch=request.expected_batch,
     )  # fmt: skip
+    if request.precision is None:
+        return problem
+    return problem.model_copy(update={"precision": request.precision})
 
 
 def propose(request: PlanRequested, manifest: ShardManifest) -> PlanProposed:

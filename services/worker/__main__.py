@@ -11,7 +11,13 @@ from services.worker.service import WorkerService
 from services.worker.settings import WorkerSettings
 from shared.config import load_settings
 from shared.errors import ConfigError, EdgesplitError
-from shared.process import OneLineParser, add_bus_arguments, configure_logging, run_service
+from shared.process import (
+    OneLineParser,
+    add_bus_arguments,
+    configure_logging,
+    fix_mmap_threshold,
+    run_service,
+)
 from shared.security.signing import require_control_key
 from shared.topology import load_topology
 
@@ -30,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--trust", type=int)
     parser.add_argument("--memory-bytes", type=int)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-batch-frames", dest="batch_frames", action="store_const", const=False,
+                        help="send each decode step in a frame of its own (no batch frames)")
     parser.add_argument("--slowdown", type=float, help="emulated compute slowdown factor (>= 1)")
     parser.add_argument("--activation-precision", choices=("fp32", "fp16", "int8"),
                         help="how this node's activation frames travel (default fp32, exact)")  # fmt: skip
@@ -99,6 +107,7 @@ def settings_from(args: Any) -> WorkerSettings:
         "device": args.device,
         "kv_budget_bytes": args.kv_budget_bytes,
         "activation_precision": args.activation_precision,
+        "batch_frames": args.batch_frames,
     }
     merged = {**from_topology, **{k: v for k, v in cli.items() if v is not None}}
     return load_settings(WorkerSettings, merged)
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     # The compute thread gets the GIL back within 0.5 ms after an emulated sleep (the 5 ms
     # default made a 4x slowdown of sub-ms forwards measure as 9x; docs/MONITOR.md).
     sys.setswitchinterval(0.0005)
+    fix_mmap_threshold()  # int8 blocks: load buffers go back to the OS (shared/process.py)
     configure_logging(args.log_level, f"worker[{args.node_id}]")
     try:
         settings = settings_from(args)

@@ -159,6 +159,8 @@ class JournalEntry:
     arrived_s: float = field(default_factory=time.perf_counter)
     first_at: float = 0.0
     """When the first new token was sampled (perf_counter)."""
+    last_token_at: float | None = None
+    """When the latest token was streamed (perf_counter; None: none yet)."""
     kv_epoch: int | None = None
     """The epoch whose pipeline holds this request's KV caches (None: none yet)."""
     replays: int = 0

@@ -89,6 +89,7 @@ class DecodeBatcher:
         self._queued: dict[BatchKey, list[_Waiting]] = {}
         self._scheduled: set[BatchKey] = set()  # keys with a job submitted and not started
         self._lock = threading.Lock()  # the loop queues, the compute thread takes
+        self._jobs: set[asyncio.Future[None]] = set()  # submitted jobs, referenced until done
 
     async def forward(
         self, key: BatchKey, request_id: str, position: int,
@@ -122,26 +123,23 @@ class DecodeBatcher:
         """Submit the job that runs ``key``'s queued steps, after one turn of the event
         loop (the steps that became ready in the same turn, e.g. the entry's requests woken
         by one batch's results, queue first instead of the job starting alone on an idle
-        thread). The job is submitted and runs even when this step is cancelled meanwhile
-        (the others of its batch wait for it); when the compute thread refuses it, every
-        step queued under the key fails so."""
-        job: asyncio.Future[None] | None = None
+        thread). The submitting step then waits for its own result like every other step,
+        not for the job: the job's end comes back in a callback after its results, so a
+        step waiting for it woke a turn after the rest of its batch and its frame left
+        alone (batch_frames.py). The job is submitted even when this step is cancelled
+        meanwhile (the others of its batch wait for it); when the compute thread refuses
+        it, every step queued under the key fails so (`_refused`)."""
         try:
             await asyncio.sleep(0)
-            job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            if job is None:
-                job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
-            job.add_done_callback(lambda done: self._refused(key, done))
-            raise
         finally:
-            if job is not None and job.done():
-                self._refused(key, job)
+            job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
+            self._jobs.add(job)
+            job.add_done_callback(lambda done: self._refused(key, done))
 
     def _refused(self, key: BatchKey, job: asyncio.Future[None]) -> None:
         """After ``key``'s job: when the compute thread refused it (ComputeBusy,
         ComputeClosed: nothing ran), every step still queued under the key fails so."""
+        self._jobs.discard(job)
         if job.cancelled() or not isinstance(job.exception(), EdgesplitError):
             return
         with self._lock:
@@ -152,11 +150,21 @@ class DecodeBatcher:
                 waiting.future.set_exception(job.exception())  # type: ignore[arg-type]
 
     def _run_queued(self, key: BatchKey) -> None:
-        """Compute thread: one batched forward of the steps queued under ``key`` now."""
+        """Compute thread: one batched forward of the steps queued under ``key`` now. Every
+        step's result (or error) is handed to the loop in ONE callback, so the steps of a
+        batch wake in the same turn and their frames leave together (batch_frames.py)."""
         with self._lock:  # a step queued from now on submits the next job
             taken = self._queued.pop(key, [])
             self._scheduled.discard(key)
         taken = [waiting for waiting in taken if not waiting.future.cancelled()]
+        settled: list[_Settled] = []
+        try:
+            self._forward(key[1], taken, settled)
+        finally:
+            _settle(settled)
+
+    def _forward(self, host: SegmentHost, taken: list[_Waiting], settled: list[_Settled]) -> None:
+        """The batched forward of ``taken`` on ``host``; each step's outcome into ``settled``."""
         logits = _heads(taken)
         steps: list[DecodeStep] = []
         joined: list[_Waiting] = []
@@ -166,17 +174,15 @@ class DecodeBatcher:
                     raise logits[waiting]  # type: ignore[misc]
                 steps.append(DecodeStep(waiting.request_id, waiting.rows(logits.get(waiting)), waiting.position))  # type: ignore[arg-type]
             except BaseException as error:  # noqa: BLE001 - that request's error, handed to it
-                _settle(waiting, None, error)
+                settled.append((waiting, None, error))
             else:
                 joined.append(waiting)
         if not steps:
             return
-        host = key[1]
         try:
             results = host.forward_batch(steps, self.slowdown)
         except BaseException as error:  # noqa: BLE001 - every request of the batch gets it
-            for waiting in joined:
-                _settle(waiting, None, error)
+            settled.extend((waiting, None, error) for waiting in joined)
             return
         ran = sum(1 for result in results if not isinstance(result, BaseException))
         if ran > 1:
@@ -184,9 +190,9 @@ class DecodeBatcher:
             self.counters["decode_batched_rows"] += ran
         for waiting, result in zip(joined, results, strict=True):
             if isinstance(result, BaseException):
-                _settle(waiting, None, result)
+                settled.append((waiting, None, result))
             else:
-                _settle(waiting, result, None)
+                settled.append((waiting, result, None))
 
 
 def _heads(taken: list[_Waiting]) -> dict[_Waiting, torch.Tensor | BaseException]:
@@ -212,18 +218,28 @@ def _heads(taken: list[_Waiting]) -> dict[_Waiting, torch.Tensor | BaseException
     return found
 
 
-def _settle(waiting: _Waiting, result: np.ndarray | None, error: BaseException | None) -> None:
-    """Hand a step's result (or error) to its waiting coroutine (from the compute thread)."""
+_Settled = tuple[_Waiting, np.ndarray | None, BaseException | None]
+"""A step, and its result or its error."""
 
-    def settle() -> None:
-        if waiting.future.done():  # cancelled meanwhile
-            return
-        if error is not None:
-            waiting.future.set_exception(error)
-        else:
-            waiting.future.set_result(result)  # type: ignore[arg-type]
 
-    try:
-        waiting.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
+def _settle(settled: list[_Settled]) -> None:
+    """Hand each step its result (or error), from the compute thread: one callback per
+    event loop for the whole batch, so its steps wake together."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Settled]] = {}
+    for item in settled:
+        by_loop.setdefault(item[0].loop, []).append(item)
+
+    def settle(items: list[_Settled]) -> None:
+        for waiting, result, error in items:
+            if waiting.future.done():  # cancelled meanwhile
+                continue
+            if error is not None:
+                waiting.future.set_exception(error)
+            else:
+                waiting.future.set_result(result)  # type: ignore[arg-type]
+
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(settle, items)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass

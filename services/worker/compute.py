@@ -87,9 +87,10 @@ class SegmentHost:
         self._incoming: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._incoming_since: dict[str, float] = {}  # monotonic s of a partial import's first blocks
         self._lock = threading.Lock()
-        self.on_forward: Callable[[int, int, float], None] | None = None
-        """Called after each forward with (tokens, blocks, compute seconds incl. the emulated
-        slowdown; see `compute_clock`); telemetry."""
+        self.on_forward: Callable[[int, int, float, int], None] | None = None
+        """Called after each forward with (tokens per request, blocks, compute seconds incl.
+        the emulated slowdown, see `compute_clock`; requests batched: 1, or a batched
+        decode's); telemetry."""
 
     def forward(
         self, request_id: str, hidden: np.ndarray, start_position: int, slowdown: Slowdown
@@ -103,7 +104,7 @@ class SegmentHost:
         compute_s = clock() - began
         compute_s += slowdown.apply(compute_s)
         if self.on_forward is not None:
-            self.on_forward(int(hidden.shape[0]), self.end - self.start, compute_s)
+            self.on_forward(int(hidden.shape[0]), self.end - self.start, compute_s, 1)
         return output.numpy()
 
     def forward_batch(
@@ -135,7 +136,7 @@ class SegmentHost:
         compute_s = clock() - began
         compute_s += slowdown.apply(compute_s)
         if self.on_forward is not None and joined:
-            self.on_forward(len(joined), self.end - self.start, compute_s)
+            self.on_forward(1, self.end - self.start, compute_s, len(joined))  # B decode steps, not a prefill
         return results
 
     def _cache_for(self, request_id: str, start_position: int, tokens: int) -> _CacheEntry:

@@ -21,6 +21,7 @@ from itertools import count
 import numpy as np
 import torch
 
+from services.worker.batch_frames import OutboundBatches, split_batch
 from services.worker.batching import DecodeBatcher, Head, SampleHead, is_decode_step
 from services.worker.compute import ComputeThread, KvMissing, Slowdown
 from services.worker.deadline import StageDeadline
@@ -33,6 +34,7 @@ from services.worker.kv_budget import KvOverBudget
 from shared.errors import StageTimedOut
 from shared.frame_headers import (
     ActivationHeader,
+    BatchHeader,
     FrameHeader,
     HandoffHeader,
     KvAckHeader,
@@ -94,6 +96,8 @@ class DataPlane:
         """Decode steps of different requests at this stage run as one batched forward."""
         self.auth = FrameAuth(node, keeper, self.counters)
         self.seal = self.auth.seal
+        self.batches = OutboundBatches(self.seal, send, self._seq, self.counters)
+        """Decode steps leaving for the same next hop in the same turn go as one batch frame."""
         self.handoff = KvHandoff(node, limits, keeper, compute, self.deadline, send,
                                  self._expect_answers, self._forget_answers, self._resolve,
                                  self.down, self._seq, self.counters, self.seal)  # fmt: skip
@@ -162,8 +166,36 @@ class DataPlane:
         if self._reconnected_at == since:
             self._reconnected_at = None
 
-    async def on_frame(self, frame: Frame) -> None:
-        """Handle one received frame.
+    async def open_batch(self, frame: Frame) -> list[Frame]:
+        """A received batch frame (batch_frames.py) as one activation or result frame per
+        row, to hand to `on_frame` with ``trusted``; empty when the frame's epoch is fenced
+        or it does not authenticate (counted as ``frames_fenced``, ``frames_forged``).
+
+        Raises FrameRefused (counted as ``frames_refused`` and ``batched_frames_refused``)
+        for a frame whose tensor does not fit its rows or the model.
+        """
+        header = frame.header
+        if not isinstance(header, BatchHeader):
+            return [frame]
+        serving = self.keeper.for_frame(header.epoch, time.monotonic())
+        if serving is None:
+            self.counters["frames_fenced"] += 1
+            return []
+        try:
+            check_frame(header, frame.array, self.limits)
+        except FrameRefused:
+            self.counters["frames_refused"] += 1
+            self.counters["batched_frames_refused"] += 1
+            raise
+        if not await self.auth.authentic(header, frame.array, serving):
+            return []
+        self.counters["batched_frames_received"] += 1
+        self.counters["batched_frames_received_rows"] += len(header.rows)
+        return split_batch(header, frame.array)
+
+    async def on_frame(self, frame: Frame, trusted: bool = False) -> None:
+        """Handle one received frame (``trusted``: a row of a batch frame that
+        authenticated as a whole, `open_batch`).
 
         Raises FrameRefused (counted as ``frames_refused``) for one this node cannot run:
         a layout, position or token count that does not fit the model, a value that is
@@ -183,7 +215,9 @@ class DataPlane:
         key, remembered = duplicate_key(header), False
         try:
             self._check(header, frame.array)
-            if not await self.auth.authentic(header, frame.array, serving):
+            if isinstance(header, BatchHeader):
+                raise FrameRefused("a batch frame must be opened first (open_batch)")
+            if not trusted and not await self.auth.authentic(header, frame.array, serving):
                 return
             if self._seen_before(key):
                 self.counters["frames_duplicate"] += 1  # QoS redelivery or a duplicating link
@@ -333,6 +367,9 @@ class DataPlane:
             precision = route.activations_for(target) or own
             array = compress_activation(array, precision)
             self.counters[f"activation_frames_{precision}"] += 1
+            if is_decode_step(header, array.shape[0]):  # may travel with other requests' steps
+                await self.batches.send(route.node_for(target), out, array, target)
+                return
         await self._send_payload(route.node_for(target), await self.seal(out, array))
 
     async def pipeline_pass(

@@ -63,7 +63,9 @@ class Emulation:
         """Replay fencing: a command is applied only if its ``command_id`` is above the
         last one applied (`edgesplit emulate` sends the node's current id + 1); an older
         or repeated one, a genuine command replayed, is refused and counted
-        (``EmulationCommand_replayed`` in the node's status)."""
+        (``EmulationCommand_replayed`` in the node's status). This memory ends with the
+        process; what survives a restart is the gate's age bound, checked before
+        (``EmulationCommand_stale``: issued more than ``max_message_age_s`` ago)."""
         if command.command_id > self.command_id:
             return True
         if self.gate is not None:
@@ -125,8 +127,8 @@ class Emulation:
         async with bus.subscribe(EMULATION, node=self.node) as commands:
             await self._publish(bus)
             async for _, command in commands:
-                if self.gate is not None and not self.gate.signed(command):
-                    continue
+                if self.gate is not None and not (self.gate.signed(command) and self.gate.current(command)):
+                    continue  # unsigned, forged, or issued longer ago than max_message_age_s
                 if not self.fresh(command):
                     continue
                 try:

@@ -41,6 +41,7 @@ from shared.messages import (
     RequestFinished,
     TokenGenerated,
 )
+from shared.metrics import ServiceMetrics
 from shared.model.runtime import EntryRuntime
 from shared.model.sampling import Sampler, SamplingParams, check_context, should_stop
 from shared.model.tokenizer import StreamDecoder, TextTokenizer
@@ -122,6 +123,7 @@ class EntryRole(EntryDesk):
         max_prompt_chars: int | None = None,
         kv_ledger: KvLedger | None = None,
         max_queued: int = QUEUE_FLOOR,
+        latency: ServiceMetrics | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config
@@ -145,6 +147,9 @@ class EntryRole(EntryDesk):
         self.counters: Counter[str] = Counter()
         self.kv_ledger = kv_ledger
         """KV reservations against the pipeline's budgets (None: not limited at admission)."""
+        self.latency = latency
+        """Where each streamed token's timing goes: time to first token from the request's
+        arrival here, then the gap since the previous token (None: not measured)."""
 
     async def serve(self, request: GenerateRequest | EmbedRequest) -> None:
         """Run one request to completion; every failure becomes RequestFailed.
@@ -259,8 +264,16 @@ class EntryRole(EntryDesk):
             return  # the request ended meanwhile (timeout): nothing more is sent
         entry.generated.append(token)
         entry.texts.append(text)
-        if index == len(getattr(entry.request, "resume_token_ids", None) or ()):
-            entry.first_at = time.perf_counter()
+        now_s = time.perf_counter()
+        first = index == len(getattr(entry.request, "resume_token_ids", None) or ())
+        if first:
+            entry.first_at = now_s
+        if self.latency is not None:  # a histogram observation: cheap, fine on the loop
+            if first:
+                self.latency.time_to_first_token_s.observe(now_s - entry.arrived_s)
+            elif entry.last_token_at is not None:
+                self.latency.time_per_output_token_s.observe(now_s - entry.last_token_at)
+        entry.last_token_at = now_s
         self._reply(entry.request.reply_to, TokenGenerated(
             request_id=entry.request.request_id, index=index, token_id=token, text=text))  # fmt: skip
 

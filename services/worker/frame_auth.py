@@ -10,6 +10,12 @@ move a genuine frame to another epoch (the epoch is under the MAC and each epoch
 own key). A node that holds the key (a worker of the epoch) could still claim another
 member's ``src``: the key is shared by the epoch's workers, not per pair.
 
+A batch frame (several requests' decode steps, shared/frame_headers.py `BatchHeader`)
+has one MAC over all its rows under the same epoch key: a per-row MAC would prove
+nothing more, since every row of an epoch is sealed with that one key, and the whole
+frame has one sender, the node the plan names for its hop. Its rows are trusted once
+the frame is (the data plane splits it only after `check_origin`).
+
 Costs: HMAC-SHA256 hashes about 1.6 GB/s on the dev box (SHA-NI): a few microseconds
 for a decode row, about 3 ms for a 2048-token prefill of a 576-wide model; frames over
 `OFF_LOOP_BYTES` are hashed on a thread (hashlib releases the GIL).
@@ -30,6 +36,7 @@ from services.worker.errors import FrameForged, FrameRefused
 from shared.errors import InvalidPlan
 from shared.frame_headers import (
     ActivationHeader,
+    BatchHeader,
     FrameHeader,
     HandoffHeader,
     KvAckHeader,
@@ -123,6 +130,7 @@ def expected_senders(header: FrameHeader, route: Route, lookup: Lookup,
     """The nodes that may send ``header`` under ``route`` (its epoch's route): an
     activation or release for block t, the owner of block t - 1 (the entry for t = 0); a
     result, the owner of the last block (any node of the route for ``kv_missing``); a
+    batch frame, the sender its rows' activations or results would have; a
     handoff, the entry of the old or new epoch; a kv frame, the old epoch's owner of its
     blocks; a kv_ack, a node of the old or the committed epoch. Empty when the plan has no
     such sender (a block outside the model, an epoch this node no longer knows)."""
@@ -133,6 +141,13 @@ def expected_senders(header: FrameHeader, route: Route, lookup: Lookup,
                 if target > route.num_layers:
                     return frozenset()
                 return frozenset({route.entry if target == 0 else route.owner_of_block(target - 1)})
+            case BatchHeader():  # one MAC over every row; one sender for the whole hop
+                if header.of == "result":
+                    last = route.num_layers
+                    return frozenset({route.owner_of_block(last - 1)}) if header.target == last else frozenset()
+                if not 0 < header.target < route.num_layers:
+                    return frozenset()
+                return frozenset({route.owner_of_block(header.target - 1)})
             case ResultHeader():
                 if header.kv_missing:
                     return frozenset(route.nodes())

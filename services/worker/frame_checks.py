@@ -26,6 +26,7 @@ from services.worker.errors import FrameRefused
 from shared.errors import TensorFrameError
 from shared.frame_headers import (
     ActivationHeader,
+    BatchHeader,
     FrameHeader,
     HandoffHeader,
     KvAckHeader,
@@ -72,14 +73,16 @@ def check_frame(header: FrameHeader, array: np.ndarray, limits: FrameLimits) -> 
                                    f"model's {limits.max_positions}-token context")  # fmt: skip
         case ReleaseHeader() | KvAckHeader():
             check_empty(header.kind, array)
+        case BatchHeader():
+            check_batch(header, array, limits)
 
 
 def duplicate_key(header: FrameHeader) -> tuple[object, ...] | None:
     """What makes a frame a duplicate of one already handled: same kind, request, step,
-    epoch, pass and hop target. None for a release (no pass; releasing twice is harmless)
-    and a probe: never deduplicated."""
-    if isinstance(header, ReleaseHeader | ProbeHeader):
-        return None
+    epoch, pass and hop target. None for a release (no pass; releasing twice is harmless),
+    a probe and a batch frame: never deduplicated as a whole."""
+    if isinstance(header, ReleaseHeader | ProbeHeader | BatchHeader):
+        return None  # a batch frame's rows are deduplicated one by one, once split
     target = header.target if isinstance(header, ActivationHeader | HandoffHeader | KvHeader) else None
     return (header.kind, header.request_id, header.step, header.epoch, header.pass_id, target)
 
@@ -103,6 +106,39 @@ def check_activation(header: ActivationHeader, array: np.ndarray, limits: FrameL
         )
     _check_context("activation", header.pos, array.shape[0], limits)
     require_finite("activation", values)
+
+
+def check_batch(header: BatchHeader, array: np.ndarray, limits: FrameLimits) -> None:
+    """The header's request and step are its first row's, each request once (a result row
+    with no position or ``last_only``); one row per `BatchRow` (the rows' activations or
+    results, float32 [R, hidden] or compressed), each row's position within the context
+    and past 0, all finite. (Each row is checked
+    again as its own activation or result once the frame is split.)
+
+    Raises FrameRefused naming what is wrong.
+    """
+    hidden, first = limits.hidden_size, header.rows[0]
+    if (first.request_id, first.step) != (header.request_id, header.step):
+        raise FrameRefused(f"batch frame says request {header.request_id} step {header.step}; its first "
+                           f"row is request {first.request_id} step {first.step}")  # fmt: skip
+    if len({row.request_id for row in header.rows}) != len(header.rows):
+        raise FrameRefused("batch frame names a request twice (one row per request)")
+    if header.of == "result" and any(row.pos or row.last_only for row in header.rows):
+        raise FrameRefused("batch frame of results has a row with a position or last_only")
+    if array.ndim != 2 or array.shape[0] != len(header.rows):
+        raise FrameRefused(f"batch frame of {len(header.rows)} rows must be [{len(header.rows)}, {hidden}] "
+                           f"(or compressed), got {array.dtype}{list(array.shape)}")  # fmt: skip
+    try:
+        values = decompress_activation(array, hidden)
+    except TensorFrameError as error:
+        raise FrameRefused(f"batch frame of {len(header.rows)} rows: {error}") from None
+    if header.of == "activation":
+        for row in header.rows:
+            _check_context("batch", row.pos, 1, limits)
+            if row.pos == 0:
+                raise FrameRefused(f"batch frame row of request {row.request_id} is at position 0: "
+                                   "a prefill travels in a frame of its own")  # fmt: skip
+    require_finite("batch", values)
 
 
 def check_result(header: ResultHeader, array: np.ndarray, limits: FrameLimits) -> None:

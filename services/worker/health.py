@@ -90,8 +90,9 @@ class Health:
     async def _follow(self, subscription: Subscription[Any]) -> None:
         async for delivery in subscription:
             message = delivery.message
-            if self.gate is not None and not (self.gate.signed(message) and self.gate.current(message)):
-                continue  # a forged or replayed NodeDown, or a forged decision, must not fail passes
+            if self.gate is not None and not (self.gate.signed(message)
+                                              and self.gate.current(message, delivery.retained)):
+                continue  # a forged or replayed NodeDown or decision record must not fail passes
             if isinstance(message, DecisionRecorded):
                 self._on_decision(message, delivery.retained)
                 continue

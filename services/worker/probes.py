@@ -44,7 +44,13 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from shared.errors import EdgesplitError
-from shared.frame_headers import ActivationHeader, ProbeHeader, ReleaseHeader, ResultHeader
+from shared.frame_headers import (
+    ActivationHeader,
+    BatchHeader,
+    ProbeHeader,
+    ReleaseHeader,
+    ResultHeader,
+)
 from shared.ids import NodeId, RequestId
 from shared.messages import LinkObservation
 from shared.tensor_frame import Frame, encode_frame
@@ -69,6 +75,12 @@ _SCOUT_BYTES = 2048
 """A round whose sized probe would be bigger first sends one of this size: on a link that
 fell, a probe sized from the old estimate would occupy it for seconds (128 kB at 50 kB/s:
 2.6 s, with every activation queued behind it) and answer only when it is through."""
+_SCOUT_RESOLVED_S = 4 * _RESOLUTION_S
+"""A scout whose dispersion is at least this measures the link, though it is shorter than
+probe_dispersion_s: under FALL x the estimate it is the first sign of a fall (300 kB/s
+after 11 MB/s: 6.8 ms), and the pair it calls is sized from it (CONFIRM_S), not from the
+old estimate (128 kB at 300 kB/s: 0.44 s of the link, and at 60 kB/s over 2 s: V2X,
+2026-12-07)."""
 FALL = 0.5
 """A pair measuring under this share of the estimate is a fall: probe again at once to
 confirm it, and restart the window's samples (the earlier ones measured the old link)."""
@@ -76,6 +88,11 @@ JITTER_S = 0.03
 """A fall must also stretch the pair's dispersion by this much over what the estimate
 predicts: on a loaded 2-core machine event-loop stalls of 10-20 ms are common, and one
 would halve the estimate of a 12.5 MB/s link (128 kB in 10 ms)."""
+CONFIRM_S = 2 * JITTER_S
+"""A pair called by a scout that showed a fall targets this much link time at the scout's
+rate: if the fall is real it stretches JITTER_S past what the old estimate predicts and
+passes the same guard as any first fall; if the scout only met an event-loop stall, the
+pair is a fraction of a millisecond on the real link (under-resolved: never a fall)."""
 RTT_RISE, RTT_MIN_RISE_S = 1.5, JITTER_S
 """A round trip above RTT_RISE x the last reported one and RTT_MIN_RISE_S more is a rise."""
 RTT_AGREE = 3
@@ -115,6 +132,14 @@ class _Peer:
     """The medians of the last window (what a fall or rise is judged against)."""
     fallen: int = 0
     """Pairs of this window that measured a fall (all of its pairs, since a fall restarts it)."""
+    scout_fell: bool = False
+    """The last scout was resolved and measured the link under FALL x the estimate: the
+    pair it calls is sized from the scout, for CONFIRM_S of link time at its rate."""
+
+    @property
+    def confirming(self) -> bool:
+        """A fall was seen and awaits its confirming pair (which then waits for no credit)."""
+        return self.scout_fell or self.fallen == 1
 
 
 class LinkProber:
@@ -215,7 +240,7 @@ class LinkProber:
         settings = self.settings
         if peer.bandwidth is None:
             return settings.probe_min_bytes
-        wanted = int(peer.bandwidth * settings.probe_dispersion_s)
+        wanted = int(peer.bandwidth * (CONFIRM_S if peer.scout_fell else settings.probe_dispersion_s))
         return max(_SIZED_MIN_BYTES, min(settings.probe_max_bytes, wanted))
 
     async def start_round(self, name: str, now_s: float) -> None:
@@ -232,7 +257,7 @@ class LinkProber:
         if scout:
             size = _SCOUT_BYTES
         self._refill(peer, now_s)
-        if peer.bandwidth is not None:
+        if peer.bandwidth is not None and not peer.confirming:
             # A round longer than the burst starts once the credit is full: it is charged what it
             # occupied and pays that back before the next, so a slow link is still measured.
             needed_s = min((size + _SMALL_BYTES) / peer.bandwidth, settings.probe_burst_s)
@@ -279,7 +304,7 @@ class LinkProber:
         """Echo a ping, account an echo, or take a passive sample of a forwarded frame
         (``now_s``: the prober's clock; ``wall_s``: Unix s, to compare with its ``sent_at``)."""
         header = frame.header
-        if isinstance(header, ActivationHeader | ResultHeader | ReleaseHeader):
+        if isinstance(header, ActivationHeader | ResultHeader | ReleaseHeader | BatchHeader):
             src, sent_at = header.src, header.sent_at
             if src is not None and src != self.node and sent_at is not None and self._allowed_peer(src):
                 peer = self._peer(src, now_s)
@@ -319,7 +344,13 @@ class LinkProber:
             if round_id in peer.scouts:
                 peer.scouts.discard(round_id)
                 if gap_s < self.settings.probe_dispersion_s:
-                    # The link is faster than a scout shows: measure it with a sized pair now.
+                    # Too short to measure the link by: a sized pair now, sized from the estimate,
+                    # or from the scout when the scout already shows the link well under it.
+                    reference = peer.reported_bandwidth or peer.bandwidth
+                    scouted = large_bytes / gap_s
+                    if (reference is not None and large_s - small_s >= _SCOUT_RESOLVED_S
+                            and scouted < FALL * reference):  # fmt: skip
+                        peer.bandwidth, peer.scout_fell = scouted, True
                     peer.sized_until_s = now_s + self.settings.probe_period_s / 4
                     peer.next_round_s = min(peer.next_round_s, now_s)
                     self._charge(peer, gap_s, now_s)
@@ -327,7 +358,8 @@ class LinkProber:
             first, previous = peer.bandwidth is None, peer.bandwidth
             peer.bandwidth = large_bytes / gap_s
             if not first:  # the first round's probe was not sized for the link: it only sizes the next
-                self._bandwidth_sample(peer, large_bytes, gap_s, previous, now_s)
+                self._bandwidth_sample(peer, large_bytes, gap_s, previous, now_s,
+                                       resolved=large_s - small_s > 2 * _RESOLUTION_S)  # fmt: skip
             if large_s - small_s <= 2 * _RESOLUTION_S and large_bytes < self.settings.probe_max_bytes:
                 # Under-resolved: the link is faster than this probe can show (it rose since the
                 # estimate sized it). Probe again at once with the bigger size the new estimate
@@ -339,23 +371,26 @@ class LinkProber:
         """Charge ``peer``'s credit the link time a probe occupied."""
         self._refill(peer, now_s)
         peer.credit_s -= gap_s
-        if peer.credit_s < 0:  # over budget (the link slowed): wait until it is paid back
+        if peer.credit_s < 0 and not peer.confirming:  # over budget (the link slowed): wait until paid back
             payback_s = -peer.credit_s / self.settings.probe_budget_fraction
             peer.next_round_s = max(peer.next_round_s, now_s + payback_s)
 
     def _bandwidth_sample(self, peer: _Peer, nbytes: int, gap_s: float, previous: float | None,
-                          now_s: float) -> None:  # fmt: skip
+                          now_s: float, resolved: bool = True) -> None:  # fmt: skip
         """Take a pair's bandwidth (``nbytes`` in ``gap_s``). A fall (under FALL x the last
         window's median, or the estimate before the first window; the first one also
         JITTER_S more link time than that predicts) restarts the window's samples and is
-        confirmed by another round at once; once two pairs agree on it, the window is news."""
+        confirmed by another round at once, which waits for no probe credit; once two pairs
+        agree on it, the window is news. An under-resolved pair (``resolved`` False) only
+        says "at least this fast": never a fall."""
         sample = nbytes / gap_s
         reference = peer.reported_bandwidth or previous
-        fell = reference is not None and sample < FALL * reference
+        fell = resolved and reference is not None and sample < FALL * reference
         if fell and peer.fallen == 0:
             # The first must stand out from a stall; a confirming pair is sized from the fallen
             # estimate, so on a link that did not fall it measures the link and refutes it.
             fell = reference is not None and gap_s - nbytes / reference >= JITTER_S
+        peer.scout_fell = False
         if fell and peer.fallen == 0:
             peer.bandwidths = []
         if fell:

@@ -35,6 +35,7 @@ from services.worker.shard_source import open_store
 from services.worker.telemetry import StartupBenchmark, TelemetryReporter, TelemetrySources
 from shared.bus import Announcement, Bus
 from shared.errors import EdgesplitError
+from shared.frame_headers import BatchHeader
 from shared.messages import (
     AbortEpoch,
     CommitEpoch,
@@ -95,13 +96,15 @@ class WorkerService:
             frames_forged=lambda: self.data.counters["frames_forged"] if self.data else 0,
             decode_batches=lambda: (self.data.counters["decode_batches"],
                                     self.data.counters["decode_batched_rows"]) if self.data else (0, 0),
+            batched_frames=lambda: (self.data.counters["batched_frames_sent"],
+                                    self.data.counters["batched_frames_rows"]) if self.data else (0, 0),
             overflows=self.overflows, news=self.prober.news))  # fmt: skip
         self.store: ShardStore | None = None
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
         self.counters: Counter[str] = Counter()
         self.gate = ControlGate(require_control_key(settings, f"worker {self.node}"), self.node, self.counters,
-                                role_verifier(settings))  # fmt: skip
+                                role_verifier(settings), settings.max_message_age_s)  # fmt: skip
         """Signatures and epoch fencing of every control message this node acts on."""
         self.emulation.gate = self.gate
         self.ready = asyncio.Event()
@@ -116,7 +119,7 @@ class WorkerService:
         self.health: Health | None = None
         self._task_group: asyncio.TaskGroup | None = None
         self._announced_refusals: dict[str, int] = {}
-        self.metrics = ServiceMetrics(f"worker {self.node}", ("replan_stall",))
+        self.metrics = ServiceMetrics(f"worker {self.node}", ("replan_stall", "latency"))
         self.metrics.add_reader(self._readings)
 
     # The committed epoch's state, as telemetry and status read it.
@@ -149,8 +152,13 @@ class WorkerService:
             segments=(Segment(node=self.node, start=segment[0], end=segment[1]),) if segment else (),  # type: ignore[arg-type]
             entry=bool(route and route.entry == self.node),
             kv_budget_bytes=self.kv_budget.limit_bytes,
-            refused=self.gate.refusals(),
+            refused=self.refusals(),
         )
+
+    def refusals(self) -> dict[str, int]:
+        """Control messages refused (``{Kind}_{why}``) and sessions taken over
+        (``Session_takenover``): what its status shows."""
+        return {**self.gate.refusals(), **(self._bus.refusals() if self._bus is not None else {})}
 
     def overflows(self) -> int:
         """Items refused or dropped by this node's bounded queues: its bus subscriptions,
@@ -178,6 +186,7 @@ class WorkerService:
                               self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
         self.data.withheld = self.guard.refusal
         self.data.activation_precision = self.settings.activation_precision
+        self.data.batches.enabled = self.settings.batch_frames
         health = self.health = Health(self.node, self.data, self.keeper, self.settings.stall_s, self.counters)
         health.gate = self.gate
         birth = Announcement(NODE_STATUS, self.status("online"), {"node": self.node})
@@ -369,6 +378,7 @@ class WorkerService:
             max_replays=self.settings.max_replays,
             max_prompt_chars=self.settings.max_prompt_chars,
             kv_ledger=KvLedger(self.store.config, lambda: pipeline_blocks(self.route), self._kv_budgets),
+            latency=self.metrics,  # the entry's TTFT and TPOT, with or without a gateway
         )
 
     def _max_in_flight(self) -> int:
@@ -403,7 +413,7 @@ class WorkerService:
         counters += self.entry.counters if self.entry else Counter()
         bus = self._bus.counters if self._bus is not None else {}
         node = (self.node,)
-        refusals = self.gate.refusals()  # counted in self.counters too: once here
+        refusals = self.refusals()  # counted in self.counters too: once here
         readings = message_readings(bus, refusals, {k: n for k, n in counters.items() if k not in refusals})
         latest = self.telemetry.latest
         if latest is not None:
@@ -440,22 +450,41 @@ class WorkerService:
         """Frames in arrival order, one at a time, except decode steps: each runs in a task
         of its own (at most COMPUTE_QUEUE at once), so the steps of other requests that
         arrive meanwhile join its batch on the compute thread (batching.py). One request
-        has one step in flight at a time, so its own frames still come in order."""
+        has one step in flight at a time, so its own frames still come in order. A batch
+        frame's rows (batch_frames.py) are started in one turn: they run as one batch."""
         assert self.data is not None
         room = asyncio.Semaphore(COMPUTE_QUEUE)
         async with asyncio.TaskGroup() as steps, bus.subscribe(ACTIVATIONS, node=self.node) as frames:
             async for _, frame in frames:
-                if not is_decode_step(frame.header, frame.array.shape[0]):
-                    await self._on_frame(frame)
-                    continue
-                await room.acquire()
-                steps.create_task(self._on_frame(frame, room), name="decode-step")
+                rows, trusted = await self._open(frame)
+                for row in rows:
+                    if not is_decode_step(row.header, row.array.shape[0]):
+                        await self._on_frame(row, trusted=trusted)
+                        continue
+                    await room.acquire()
+                    steps.create_task(self._on_frame(row, room, trusted), name="decode-step")
 
-    async def _on_frame(self, frame: Frame, room: asyncio.Semaphore | None = None) -> None:
+    async def _open(self, frame: Frame) -> tuple[list[Frame], bool]:
+        """A batch frame's rows, authenticated (True), or ``frame`` itself (False); never
+        raises (a bad batch frame is dropped and counted, `DataPlane.open_batch`)."""
+        assert self.data is not None
+        if not isinstance(frame.header, BatchHeader):
+            return [frame], False
+        try:
+            return await self.data.open_batch(frame), True
+        except EdgesplitError as error:
+            self.counters["frames_failed"] += 1
+            log.warning("%s: batch frame of %s dropped: %s", self.node, frame.header.request_id, error)
+        except Exception:  # one bad frame must never stop the node
+            self.counters["frames_failed"] += 1
+            log.exception("%s: batch frame of %s failed", self.node, frame.header.request_id)
+        return [], False
+
+    async def _on_frame(self, frame: Frame, room: asyncio.Semaphore | None = None, trusted: bool = False) -> None:
         """Handle one frame; never raises (a bad frame must never stop the node)."""
         assert self.data is not None
         try:
-            await self.data.on_frame(frame)
+            await self.data.on_frame(frame, trusted)
         except EdgesplitError as error:
             self.counters["frames_failed"] += 1
             log.warning("%s: frame of %s dropped: %s", self.node, frame.header.request_id, error)
@@ -543,5 +572,5 @@ class WorkerService:
                 freed = host.sweep(idle_s, partial_s)
                 if freed:
                     log.info("%s: freed idle KV caches of %d requests", self.node, len(freed))
-            if self._bus is not None and self.gate.refusals() != self._announced_refusals:
+            if self._bus is not None and self.refusals() != self._announced_refusals:
                 await self._announce()  # refusals show in `edgesplit status`

@@ -98,6 +98,10 @@ class WorkerSettings(BusSettings):
     duplicate_frames: bool = Field(
         default=False, description="fault injection for tests: send every activation frame twice"
     )
+    batch_frames: bool = Field(
+        default=True, description="decode steps of several requests bound for the same next hop "
+        "travel as one batch frame (False: one frame per step)",
+    )
     kv_handoff: bool = Field(
         default=True, description="move KV caches when split points move (else replay)"
     )

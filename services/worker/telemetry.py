@@ -16,13 +16,14 @@ import os
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared.errors import EdgesplitError
 from shared.messages import BlockTimes, LinkObservation, Telemetry
-from shared.model.benchmark import benchmark_block
+from shared.model.benchmark import benchmark_batch_scaling, benchmark_block
 from shared.topics import TELEMETRY
 
 if TYPE_CHECKING:
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 
 
 MAX_FORWARDS_PER_WINDOW = 4096
+MAX_BATCH_SCALING = 2.0
+SCALING_WINDOWS = 5
+"""The batch scaling reported is the median of the last this many windows' estimates."""
+"""A batched decode measured slower than this (per extra request, relative to one alone)
+is clipped: a noisy single-step value, not a property of the node."""
 
 
 @dataclass
@@ -64,6 +70,13 @@ class BlockTimer:
     telemetry window reports the median of its forwards' times (a window without
     forwards keeps the previous value; the monitor takes the median of 3 windows).
 
+    A batched decode step of B requests counts for the decode time too, scaled back to
+    one request by the node's batch scaling (``t / (1 + scaling x (B - 1))``): on a busy
+    node nearly every step is batched, and a node slowed under load must show it. The
+    scaling itself is measured only against lone steps of the same window (against an
+    older single-step value a slowdown would pass for worse scaling and hide itself);
+    the start-up benchmark seeds it.
+
     The times are compute-thread CPU seconds plus the emulated slowdown
     (`compute_clock`), not wall time: on a shared machine a forward's wall time also
     holds the time it waited for a core or the GIL, which grows with load, not with the
@@ -72,45 +85,78 @@ class BlockTimer:
     def __init__(self) -> None:
         self._decode = _WindowedTime()
         self._prefill = _WindowedTime()
+        self._scaling: float | None = None
+        self._scalings: deque[float] = deque(maxlen=SCALING_WINDOWS)  # the last windows' estimates
+        self._batched: list[tuple[float, int]] = []  # (seconds per block, requests) this window
         self._measured = False
         self._lock = threading.Lock()
 
-    def record(self, tokens: int, blocks: int, seconds: float) -> None:
-        """One forward of ``tokens`` tokens through ``blocks`` blocks that took ``seconds``."""
-        if tokens <= 0 or blocks <= 0 or seconds < 0:
+    def record(self, tokens: int, blocks: int, seconds: float, batch: int = 1) -> None:
+        """One forward of ``tokens`` tokens through ``blocks`` blocks that took ``seconds``;
+        ``batch`` > 1: a batched decode step of that many requests (one token each), which
+        is not a prefill: see the class."""
+        if tokens <= 0 or blocks <= 0 or seconds < 0 or batch <= 0:
             return
         with self._lock:
             self._measured = True
-            if tokens == 1:
+            if batch > 1:
+                if len(self._batched) < MAX_FORWARDS_PER_WINDOW:
+                    self._batched.append((seconds / blocks, batch))
+            elif tokens == 1:
                 self._decode.add(seconds / blocks)
             else:
                 self._prefill.add(seconds / blocks / tokens)
 
-    def calibrate(self, decode_s_per_block: float, prefill_s_per_block_token: float) -> None:
+    def calibrate(
+        self, decode_s_per_block: float, prefill_s_per_block_token: float, batch_scaling: float | None = None
+    ) -> None:
         """Seed the values from the start-up benchmark (real forwards then take over)."""
         with self._lock:
             if self._decode.value is None:
                 self._decode.value = decode_s_per_block
             if self._prefill.value is None:
                 self._prefill.value = prefill_s_per_block_token
+            if self._scaling is None and batch_scaling is not None:
+                self._scaling = min(MAX_BATCH_SCALING, batch_scaling)
 
     def decode_s_per_block(self) -> float | None:
         """The current decode time per block (None: not measured yet); starts no window."""
         with self._lock:
             return self._decode.value
 
+    def _close_batched(self) -> int:
+        """Fold this window's batched steps in: the scaling from the window's lone steps
+        (or, never measured before, from the previous single-step value), then each batched
+        step as the single step it implies. Lock held."""
+        batched, self._batched = self._batched, []
+        lone = self._decode.samples
+        single = statistics.median(lone) if lone else (self._decode.value if self._scaling is None else None)
+        if batched and single:
+            ratios = [(seconds / single - 1.0) / (batch - 1) for seconds, batch in batched]
+            self._scalings.append(min(MAX_BATCH_SCALING, max(0.0, statistics.median(ratios))))
+            self._scaling = statistics.median(self._scalings)  # windows with few lone steps are noisy
+        if self._scaling is not None:
+            for seconds, batch in batched:
+                self._decode.add(seconds / (1.0 + self._scaling * (batch - 1)))
+        return len(batched)
+
     def window(self) -> BlockTimes | None:
         """The values as of this window and the forwards measured in it (starts the next)."""
         with self._lock:
-            decode_samples, prefill_samples = self._decode.close(), self._prefill.close()
+            lone = len(self._decode.samples)
+            batched_samples = self._close_batched()
+            self._decode.close()
+            prefill_samples = self._prefill.close()
             if self._decode.value is None and self._prefill.value is None:
                 return None
             return BlockTimes(
                 decode_s_per_block=self._decode.value,
                 prefill_s_per_block_token=self._prefill.value,
-                decode_samples=decode_samples,
+                decode_samples=lone,
                 prefill_samples=prefill_samples,
                 source="forwards" if self._measured else "benchmark",
+                decode_batch_scaling=self._scaling,
+                batched_samples=batched_samples,
             )
 
 
@@ -156,6 +202,8 @@ class TelemetrySources:
     decode_batches: Callable[[], tuple[int, int]] = lambda: (0, 0)
     """(batched forwards of two or more decode steps, steps they carried) since start
     (services/worker/batching.py)."""
+    batched_frames: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    """(batch frames sent, decode steps they carried) since start (services/worker/batch_frames.py)."""
     overflows: Callable[[], int] | None = None
     """Items the node's bounded queues refused or dropped so far."""
     news: asyncio.Event | None = None
@@ -227,12 +275,13 @@ class TelemetryReporter:
             decode_s, prefill_s = await self.sources.compute.run(
                 benchmark_block, benchmark.store, benchmark.slowdown_factor, benchmark.device
             )
+            scaling = await self.sources.compute.run(benchmark_batch_scaling, benchmark.store, benchmark.device)
         except Exception as error:  # a node without numbers still serves
             log.warning("%s: start-up benchmark failed: %s", node, error)
             return
-        self.timer.calibrate(decode_s, prefill_s)
-        log.info("%s: benchmark: decode %.3f ms/block, prefill %.3f ms/block-token",
-                 node, decode_s * 1e3, prefill_s * 1e3)  # fmt: skip
+        self.timer.calibrate(decode_s, prefill_s, scaling)
+        log.info("%s: benchmark: decode %.3f ms/block, prefill %.3f ms/block-token, batch scaling %s",
+                 node, decode_s * 1e3, prefill_s * 1e3, "-" if scaling is None else f"{scaling:.2f}")  # fmt: skip
 
     def sample(self) -> Telemetry:
         """The telemetry of the window since the previous sample (resets the window)."""
@@ -250,6 +299,7 @@ class TelemetryReporter:
         in_flight = len(entry.journal) if entry is not None else (host.requests() if host else 0)
         times = self.timer.window()
         batches, batched_steps = sources.decode_batches()
+        frames_sent, frame_rows = sources.batched_frames()
         self.latest = Telemetry(
             node=sources.node,  # type: ignore[arg-type]
             window_s=window_s,
@@ -270,6 +320,8 @@ class TelemetryReporter:
             frames_forged=sources.frames_forged(),
             decode_batches=batches,
             decode_batched_steps=batched_steps,
+            batched_frames_sent=frames_sent,
+            batched_frames_rows=frame_rows,
             queue_overflows=sources.overflows() if sources.overflows else 0,
         )
         return self.latest

@@ -82,4 +82,12 @@ class DecisionRecorded(Message):
     realised_tpot_s: NonNegativeFloat | None = None
     """Mean time per output token of requests that started after the commit (measured)."""
     realised_requests: NonNegativeInt = 0
+    revision: NonNegativeInt = 0
+    """How often this decision's record was published: 1 as decided, one more with each
+    republication (the rollout's outcome, the realised effect). Receivers refuse a record
+    whose (decision_id, revision) is not newer than the one they saw (a replay)."""
+    issued_at_s: NonNegativeFloat = 0.0
+    """Unix time this revision was published, stamped and signed by the publishing bus
+    (``at_s`` stays the time of the decision): receivers refuse a live record older than
+    ``max_message_age_s``; a record read as retained state is not age-checked."""
     signature: Signature = ""

@@ -48,6 +48,10 @@ class NodeCapacity(Part):
     decode_s_per_block: NonNegativeFloat | None = None
     prefill_s_per_block_token: NonNegativeFloat | None = None
     compute_source: Literal["none", "benchmark", "forwards"] = "none"
+    decode_batch_scaling: NonNegativeFloat | None = None
+    """The node's measured batch scaling (its telemetry's ``BlockTimes``): B requests'
+    decode steps as one forward take ``decode_s_per_block * (1 + scaling * (B - 1))``
+    per block. None: not measured (the planner then assumes no gain from batching)."""
     layer_s_per_token: tuple[NonNegativeFloat, ...] = Field(default=(), max_length=4096)
     """Predicted prefill seconds per token of each manifest block on this node."""
     last_seen_s: NonNegativeFloat = 0.0
@@ -122,6 +126,9 @@ class NodeJoined(Message):
     at_s: NonNegativeFloat
     reason: Literal["status", "telemetry"]
     evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
+    issued_at_s: NonNegativeFloat = 0.0
+    """Unix time this message was published, stamped and signed by the publishing bus:
+    receivers refuse one older than ``max_message_age_s`` (docs/SECURITY.md)."""
     signature: Signature = ""
 
 
@@ -134,6 +141,9 @@ class NodeDown(Message):
     evidence: tuple[Evidence, ...] = Field(default=(), max_length=16)
     emergency: bool = True
     """Skip hysteresis: re-plan around the node now."""
+    issued_at_s: NonNegativeFloat = 0.0
+    """Unix time this message was published, stamped and signed by the publishing bus:
+    receivers refuse one older than ``max_message_age_s`` (docs/SECURITY.md)."""
     signature: Signature = ""
 
 
@@ -197,6 +207,9 @@ class EmulationCommand(Message):
     reset_links: bool = False
     noise: Annotated[float, Field(ge=0, le=0.5)] | None = None
     """Random +-fraction applied to every shaped link and to the slowdown (re-drawn often)."""
+    issued_at_s: NonNegativeFloat = 0.0
+    """Unix time this message was published, stamped and signed by the publishing bus:
+    receivers refuse one older than ``max_message_age_s`` (docs/SECURITY.md)."""
     signature: Signature = ""
 
 

@@ -41,8 +41,9 @@ class NodeStatus(Message):
     kv_budget_bytes: NonNegativeInt | None = None
     """The KV cache bytes the node takes in that epoch (None: not announced, unlimited)."""
     refused: dict[TopicId, NonNegativeInt] = Field(default={}, max_length=64)
-    """Control messages this node refused, by ``{Kind}_{why}`` (unsigned, forged,
-    replayed, private): shared/security/signing.py."""
+    """Control messages this node refused, by ``{Kind}_{why}`` (unsigned, forged, role,
+    replayed, stale, private): shared/security/signing.py; and ``Session_takenover``, its
+    broker sessions another connection of its identity took over (shared/connection.py)."""
 
 
 class ServiceStatus(Message):
@@ -53,7 +54,7 @@ class ServiceStatus(Message):
     at_s: NonNegativeFloat
     """Unix time of this report."""
     refused: dict[TopicId, NonNegativeInt] = Field(default={}, max_length=64)
-    """By ``{Kind}_{why}``, e.g. ``RolloutRequested_forged``."""
+    """By ``{Kind}_{why}``, e.g. ``RolloutRequested_forged``; ``Session_takenover`` too."""
 
 
 class BlockTimes(Part):
@@ -67,6 +68,12 @@ class BlockTimes(Part):
     prefill_samples: NonNegativeInt = 0
     """Real forwards measured in the window (0: the values come from earlier windows or the benchmark)."""
     source: Literal["benchmark", "forwards"] = "benchmark"
+    decode_batch_scaling: NonNegativeFloat | None = None
+    """How a batched decode step scales: B requests' steps as one forward take
+    ``decode_s_per_block * (1 + decode_batch_scaling * (B - 1))`` per block (1: no gain
+    over B steps one at a time; 0: extra rows are free). None: no batched step measured."""
+    batched_samples: NonNegativeInt = 0
+    """Batched decode steps (two or more requests) measured in the window."""
 
 
 class LinkObservation(Part):
@@ -138,3 +145,8 @@ class Telemetry(Message):
     (continuous batching: services/worker/batching.py)."""
     decode_batched_steps: NonNegativeInt = 0
     """Decode steps those batched forwards carried (over ``decode_batches``: mean batch)."""
+    batched_frames_sent: NonNegativeInt = 0
+    """Batch frames (several requests' decode steps in one frame to the next hop,
+    services/worker/batch_frames.py) sent since the node started."""
+    batched_frames_rows: NonNegativeInt = 0
+    """Decode steps those batch frames carried (over ``batched_frames_sent``: mean rows)."""

@@ -10,6 +10,7 @@ from shared.ids import NodeIdField, RequestIdField, TopicId
 from shared.messages.base import Message, NonNegativeFloat, Part, Segment, ShortText
 from shared.messages.monitor import CapacityProfile
 from shared.messages.privacy import PrivacyPolicy
+from shared.planning.precision import PrecisionPolicy
 
 # --- split reviser ------------------------------------------------------------------------
 
@@ -47,9 +48,16 @@ class PlanRequested(Message):
     context_tokens: Annotated[int, Field(ge=0, le=2**24)] = 0
     """KV-cache tokens per request the memory constraint reserves."""
     concurrent_requests: Annotated[int, Field(ge=1, le=65_536)] = 1
+    expected_batch: Annotated[float, Field(ge=1, le=65_536)] = 1.0
+    """Requests whose decode steps run as one batch at every stage (the expected load):
+    each node's compute is priced as its share of such a batch, at the profile's measured
+    ``decode_batch_scaling`` (docs/PLANNER.md, "Batched decode"; 1: unbatched, the contract)."""
     method: Literal["auto", "exact", "fast"] = "auto"
     time_limit_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     """The solver's budget for choosing its method (the reviser's own deadline applies too)."""
+    precision: PrecisionPolicy | None = None
+    """The precisions the search may give each hop's activations (docs/PLANNER.md,
+    "Precision"; None: exact, fp32 everywhere, the contract's cost model)."""
 
 
 class PlanOption(Part):

@@ -14,6 +14,8 @@ from shared.model.shard import ShardStore
 
 BENCHMARK_PREFILL_TOKENS = 16
 BENCHMARK_REPEATS = 5
+BENCHMARK_BATCH = 4
+"""Requests in the batched decode step the start-up benchmark times (its batch scaling)."""
 
 
 def compute_clock() -> Callable[[], float]:
@@ -50,3 +52,36 @@ def benchmark_block(store: ShardStore, slowdown_factor: float, device: str = "cp
         runtime.forward(step, cache, BENCHMARK_PREFILL_TOKENS)
         decode.append(clock() - began)
     return statistics.median(decode) * slowdown_factor, statistics.median(prefill) * slowdown_factor
+
+
+def benchmark_batch_scaling(store: ShardStore, device: str = "cpu") -> float | None:
+    """How one real block's decode step scales with a batch: a step of BENCHMARK_BATCH
+    requests as one forward takes ``single * (1 + scaling * (BENCHMARK_BATCH - 1))``;
+    returns the scaling (0: extra rows are free, 1: no gain over one at a time), or None
+    for an encoder (no decode steps). Compute thread, `compute_clock` like real forwards;
+    the emulated slowdown scales both times alike, so it does not enter."""
+    from shared.model.runtime import SegmentRuntime
+
+    runtime = SegmentRuntime(store, 0, 1, device=device)
+    if not runtime.config.is_decoder:
+        return None
+    hidden_size = runtime.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randn(BENCHMARK_PREFILL_TOKENS, hidden_size, generator=generator) * 0.1
+    rows = torch.randn(BENCHMARK_BATCH, hidden_size, generator=generator) * 0.1
+    clock = compute_clock()
+    single, batched = [], []
+    for _ in range(BENCHMARK_REPEATS):
+        caches = [runtime.new_cache() for _ in range(BENCHMARK_BATCH)]
+        for cache in caches:
+            runtime.forward(prompt, cache, 0)
+        began = clock()
+        runtime.forward(rows[:1], caches[0], BENCHMARK_PREFILL_TOKENS)
+        single.append(clock() - began)
+        for cache in caches:
+            cache.truncate(BENCHMARK_PREFILL_TOKENS)
+        began = clock()
+        runtime.forward_batch(rows, caches, [BENCHMARK_PREFILL_TOKENS] * BENCHMARK_BATCH)
+        batched.append(clock() - began)
+    ratio = statistics.median(batched) / max(statistics.median(single), 1e-9)
+    return max(0.0, (ratio - 1.0) / (BENCHMARK_BATCH - 1))

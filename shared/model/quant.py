@@ -1,7 +1,7 @@
 """Quantised linear weights: the stored form, and the kernels they run with.
 
 Quantisation is a transform applied to a model's linear layers when they are loaded;
-the model files stay plain. Each family names its linear weights
+the model files stay plain (the kernels: shared/model/quant_kernels.py). Each family names its linear weights
 (``linear_weights(config)``: name -> True when the checkpoint stores it ``[in, out]``,
 GPT-2's Conv1D); everything else (norms, biases, embeddings) stays fp32.
 
@@ -11,8 +11,10 @@ Precisions (``--weights``):
 - ``bf16``: weights held in bfloat16, run with a bf16 ``F.linear`` (half the memory).
 - ``int8``: symmetric int8 per output channel (scale = max|w| / 127, one fp32 scale per
   row), run with fbgemm's dynamic quantised linear (activations quantised per call, per
-  row (``Int8Linear``), ``reduce_range`` on: this CPU has no VNNI, and 8-bit
-  activations saturate fbgemm's 16-bit accumulation). ``_weight_int8pack_mm`` was measured 10x slower than fp32 here.
+  row (``Int8Linear``)). ``reduce_range`` (7-bit activations) only on a CPU without
+  AVX-512 VNNI, whose kernels add u8 x s8 pairs in 16 bits and saturate at 8 bits;
+  with VNNI (this machine) all 8 bits are used: SmolLM2 perplexity +0.9 % instead of
+  +3.0 % (docs/PERFORMANCE.md). ``_weight_int8pack_mm`` was measured 10x slower than fp32 here.
 - ``int4``: symmetric int4 in groups of ``INT4_GROUP_SIZE`` input columns (one fp32
   scale per group), two values a byte. No int4 kernel on this CPU beats fp32
   (``_weight_int4pack_mm_for_cpu`` is 16x slower), so at load the int4 values are
@@ -23,31 +25,57 @@ Activations are quantised per row inside the kernel; a few channels of Llama-fam
 hidden states are 100x larger than the rest, so int8 and int4 weights are smoothed
 (SmoothQuant): per input channel the weights are multiplied and the inputs divided by
 factors from one fp32 calibration pass (shared/model/calibrate.py), stored as
-``NAME_smooth`` [in]. A worker quantising an fp32 store at load has no calibration and
-runs unsmoothed (lower quality): quantise with ``edgesplit shard --weights``.
+``NAME_smooth`` [in]. The same pass picks each linear's outlier input channels
+(LLM.int8(), Dettmers et al., 2022): max |x_j| above ``OUTLIER_RATIO`` x the median
+channel's, at most ``MAX_OUTLIER_SHARE`` of them. Those channels run as a small fp32
+product beside the int8 kernel; their int8 weight columns are zero, so neither the
+activation row scales nor the weight row scales see them (SmolLM2: 3,285 of 105,984
+block input channels plus 18 of the head's 576). Then the smoothed weights and their
+inputs are rotated by a block-diagonal Hadamard matrix (``ROTATION_BLOCK``, QuaRot-style),
+so each row's 8-bit rounding is spread over its channels (SmolLM2 top-1 agreement with
+fp32 96.6 % -> 97.5 %, for 5 % more time per token; docs/PERFORMANCE.md). A worker
+quantising an fp32 store at load has no calibration and runs unsmoothed, without
+outliers or rotation (lower quality): quantise with ``edgesplit shard --weights``.
 
 Stored form in a shard file (``edgesplit shard --weights int8|int4``): the tensor keeps
 its name and holds the integer values ``[out, in]`` (int8) or ``[out, in / 2]`` (uint8,
 low nibble = even column, values + 8); ``NAME_scale`` holds the fp32 scales ``[out]``
 (int8) or ``[out, in / group]`` (int4). Always ``[out, in]``, also for GPT-2's Conv1D.
+Calibrated stores add ``NAME_smooth`` (fp32 [in], > 0; 1 at outlier channels) and, when
+a linear has outlier channels, ``NAME_outliers`` (int64 [k], ascending input channels)
+with ``NAME_outlier_weight`` (fp32 [out, k], the unsmoothed columns; the values and
+scales then exclude them), and, when the input width is a multiple of
+``ROTATION_BLOCK``, ``NAME_rotation`` (int64 [1] = the block size; values and scales are
+of the rotated weights). A shard without these tensors (written before them) loads and
+runs as then; a loader from before them refuses them (integer tensors without a
+``NAME_scale`` of their own). No manifest field changes.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol, cast
 
 import torch
-import torch.nn.functional as F
 
 from shared.errors import CheckpointError, ConfigError
+from shared.model.quant_kernels import ROTATION_BLOCK as ROTATION_BLOCK  # read at call: patchable
+from shared.model.quant_kernels import Bf16Linear, Int8Linear, rotated
 
 WeightPrecision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[WeightPrecision, ...] = ("fp32", "bf16", "int8", "int4")
 QUANTISED: tuple[WeightPrecision, ...] = ("int8", "int4")
 SCALE_SUFFIX = "_scale"
 SMOOTH_SUFFIX = "_smooth"
+OUTLIER_SUFFIX = "_outliers"
+OUTLIER_WEIGHT_SUFFIX = "_outlier_weight"
+ROTATION_SUFFIX = "_rotation"
+OUTLIER_RATIO = 3.0
+"""An input channel whose calibrated max |x_j| exceeds this many times the median over
+the channels runs in fp32 beside the int8 kernel (LLM.int8()-style decomposition)."""
+MAX_OUTLIER_SHARE = 1 / 32
+"""At most this share of a linear's input channels are outliers (the largest first), so
+the fp32 side product stays small."""
 SMOOTH_ALPHA = 0.5
 """SmoothQuant (Xiao et al., 2023) migration strength: per input channel j the weights
 are multiplied and the activations divided by s_j = max|x_j|^a / max|W_:j|^(1 - a)."""
@@ -60,56 +88,6 @@ def precision_of(name: str) -> WeightPrecision:
     if name not in PRECISIONS:
         raise ConfigError(f"weights precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     return cast(WeightPrecision, name)
-
-
-class Int8Linear:
-    """y = x W^T with W int8 per output channel, through fbgemm's dynamic linear.
-
-    ``values`` int8 [out, in], ``scales`` fp32 [out] (> 0). The fp32 weights are never
-    materialised. ``shape`` is the logical ``[out, in]``; ``nbytes`` what it holds.
-    """
-
-    def __init__(
-        self, values: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...] | None = None,
-        smooth: torch.Tensor | None = None,
-    ) -> None:  # fmt: skip
-        out_features, in_features = values.shape
-        self._inverse_smooth = None if smooth is None else (1.0 / smooth.to(torch.float32))
-        zero_points = torch.zeros(out_features, dtype=torch.long)
-        with warnings.catch_warnings():  # quantised tensor creation is marked deprecated
-            warnings.simplefilter("ignore")
-            # the public quantize_per_channel would need the fp32 weights: build from int8
-            quantised = torch._make_per_channel_quantized_tensor(  # noqa: SLF001
-                values.contiguous(), scales.to(torch.float64), zero_points, 0
-            )
-            self._packed = torch.ops.quantized.linear_prepack(quantised, None)
-        self.shape = shape or (int(out_features), int(in_features))  # logical (GPT-2: [in, out])
-        self.nbytes = int(values.numel() + scales.numel() * 4 + (0 if smooth is None else in_features * 4))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, in] fp32 -> [T, out] fp32.
-
-        The kernel quantises its whole input with one scale; rows of a prompt differ in
-        range by orders of magnitude (the first token's hidden state is huge), so each row
-        is brought to max |x| = 1 first and its output scaled back (exact for a linear
-        map): the activations are in effect quantised per row."""
-        if self._inverse_smooth is not None:  # the weights carry the smoothing factors
-            x = x * self._inverse_smooth
-        row_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # [T, 1]
-        y = torch.ops.quantized.linear_dynamic((x / row_scale).contiguous(), self._packed, True)
-        return cast(torch.Tensor, y * row_scale)
-
-
-class Bf16Linear:
-    """y = x W^T with W held in bfloat16 (computed in bf16, returned as fp32)."""
-
-    def __init__(self, weight: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
-        self.weight = weight.to(torch.bfloat16).contiguous()  # [out, in]
-        self.shape = shape or (int(weight.shape[0]), int(weight.shape[1]))
-        self.nbytes = int(self.weight.numel() * 2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight).to(torch.float32)
 
 
 class PackedLinear(Protocol):
@@ -165,12 +143,45 @@ def dequantise_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(out_features, -1)
 
 
-def smoothing(weight: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+def outlier_channels(input_amax: torch.Tensor) -> torch.Tensor:
+    """Input channels (int64, ascending) whose calibrated max |x_j| exceeds
+    ``OUTLIER_RATIO`` x the median channel's, at most ``MAX_OUTLIER_SHARE`` of them."""
+    amax = input_amax.to(torch.float32)
+    largest = amax.argsort(descending=True)[: int(amax.numel() * MAX_OUTLIER_SHARE)]
+    chosen = largest[amax[largest] > OUTLIER_RATIO * float(amax.median())]
+    return chosen.sort().values.to(torch.int64)
+
+
+def smoothing(
+    weight: torch.Tensor, input_amax: torch.Tensor, outliers: torch.Tensor | None = None
+) -> torch.Tensor:
     """SmoothQuant factors [in] for an ``[out, in]`` weight whose inputs reached
-    ``input_amax`` [in] (max |x_j| over calibration tokens)."""
+    ``input_amax`` [in] (max |x_j| over calibration tokens); 1 for the ``outliers``
+    (they run in fp32 and keep their own range)."""
     weight_amax = weight.abs().amax(dim=0).clamp_min(1e-5)
     factors = input_amax.to(torch.float32).clamp_min(1e-5) ** SMOOTH_ALPHA / weight_amax ** (1 - SMOOTH_ALPHA)
-    return factors.clamp(1e-3, 1e3)
+    factors = factors.clamp(1e-3, 1e3)
+    if outliers is not None:
+        factors[outliers] = 1.0
+    return factors
+
+
+def calibrated(
+    weight: torch.Tensor, input_amax: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the ``[out, in]`` weight times its smoothing factors with the outlier columns
+    zeroed, its companions ``{SMOOTH_SUFFIX: factors [in], OUTLIER_SUFFIX: channels [k],
+    OUTLIER_WEIGHT_SUFFIX: their fp32 columns [out, k]}``) from calibration ranges."""
+    weight = weight.to(torch.float32)
+    outliers = outlier_channels(input_amax)
+    factors = smoothing(weight, input_amax, outliers)
+    columns = weight.index_select(1, outliers).contiguous()
+    smoothed = weight * factors
+    smoothed[:, outliers] = 0.0
+    extra = {SMOOTH_SUFFIX: factors, OUTLIER_SUFFIX: outliers, OUTLIER_WEIGHT_SUFFIX: columns}
+    if weight.shape[1] % ROTATION_BLOCK == 0:
+        smoothed, extra[ROTATION_SUFFIX] = rotated(smoothed), torch.tensor([ROTATION_BLOCK])
+    return smoothed, extra
 
 
 def stored_form(
@@ -178,11 +189,12 @@ def stored_form(
 ) -> dict[str, torch.Tensor]:
     """What a shard file keeps for an ``[out, in]`` fp32 linear weight: ``{"": values}``
     plus ``{SCALE_SUFFIX: scales}`` when quantised (suffixes of the weight's name), and
-    ``{SMOOTH_SUFFIX: factors}`` when calibration ranges ``input_amax`` are given."""
+    ``calibrated``'s companions when calibration ranges ``input_amax`` are given (no
+    outlier tensors when no channel is one)."""
     extra: dict[str, torch.Tensor] = {}
     if precision in QUANTISED and input_amax is not None:
-        factors = smoothing(weight.to(torch.float32), input_amax)
-        weight, extra = weight.to(torch.float32) * factors, {SMOOTH_SUFFIX: factors}
+        weight, extra = calibrated(weight, input_amax)
+        extra = {suffix: tensor for suffix, tensor in extra.items() if tensor.numel()}
     if precision == "int8":
         values, scales = quantise_int8(weight)
         return {"": values, SCALE_SUFFIX: scales, **extra}
@@ -223,23 +235,33 @@ def load_weights(
         if name not in linears or logical is None:
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{where}: tensor {name!r} has dtype {tensor.dtype}; expected floats")
-            tensors[name] = tensor.to(torch.float32)
+            tensors[name] = _owned(tensor.to(torch.float32))
             continue
         transposed = linears[name]
         out_in = (logical[1], logical[0]) if transposed else (logical[0], logical[1])
         scales = stored.get(name + SCALE_SUFFIX)
-        smooth = stored.get(name + SMOOTH_SUFFIX)
         if scales is not None:
-            weights[name] = _stored_quantised(where, name, tensor, scales, out_in, logical, smooth)
+            weights[name] = _stored_quantised(where, name, tensor, scales, out_in, logical, {
+                suffix: stored[name + suffix] for suffix in (SMOOTH_SUFFIX, OUTLIER_SUFFIX, OUTLIER_WEIGHT_SUFFIX, ROTATION_SUFFIX)
+                if name + suffix in stored})  # fmt: skip
         else:
             amax = None if input_amax is None else input_amax.get(name)
             weights[name] = _from_float(where, name, tensor, transposed, logical, precision, amax)
     return tensors, weights
 
 
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a small ``tensor`` (a norm, a bias) in memory of its own. safetensors'
+    ``load_file`` maps the whole shard file, and every tensor it returns keeps that
+    mapping alive: one norm kept from it held an int8 block's whole file (4 MB) resident
+    after its linear weights were packed (SmolLM2, 30 int8 blocks: 120 MB)."""
+    return tensor.clone()
+
+
 def _is_companion(name: str, linears: Mapping[str, bool]) -> bool:
     return any(name.endswith(suffix) and name[: -len(suffix)] in linears
-               for suffix in (SCALE_SUFFIX, SMOOTH_SUFFIX))  # fmt: skip
+               for suffix in (SCALE_SUFFIX, SMOOTH_SUFFIX, OUTLIER_SUFFIX, OUTLIER_WEIGHT_SUFFIX,
+                              ROTATION_SUFFIX))  # fmt: skip
 
 
 def _from_float(
@@ -256,19 +278,22 @@ def _from_float(
     weight = weight.T.contiguous() if transposed else weight
     if precision == "bf16":
         return Bf16Linear(weight, logical)
-    factors = None
+    factors, outliers, rotation = None, None, False
     if input_amax is not None and tuple(input_amax.shape) == (weight.shape[1],):
-        factors = smoothing(weight, input_amax)
-        weight = weight * factors
-    if precision == "int8":
-        return Int8Linear(*quantise_int8(weight), logical, factors)
-    return Int8Linear(*quantise_int8(dequantise_int4(*quantise_int4(weight))), logical, factors)
+        weight, extra = calibrated(weight, input_amax)
+        factors, outliers = extra[SMOOTH_SUFFIX], (extra[OUTLIER_SUFFIX], extra[OUTLIER_WEIGHT_SUFFIX])
+        rotation = ROTATION_SUFFIX in extra
+    if precision == "int4":
+        weight = dequantise_int4(*quantise_int4(weight))
+    return Int8Linear(*quantise_int8(weight), logical, factors, outliers, rotation)
 
 
 def _stored_quantised(
     where: str, name: str, values: torch.Tensor, scales: torch.Tensor,
-    out_in: tuple[int, int], logical: tuple[int, ...], smooth: torch.Tensor | None = None,
+    out_in: tuple[int, int], logical: tuple[int, ...], companions: Mapping[str, torch.Tensor],
 ) -> Int8Linear:  # fmt: skip
+    """The kernel for stored int8 / int4 ``values``; ``companions`` maps the suffixes
+    present (smoothing, outlier channels and columns) to their tensors."""
     out_features, in_features = out_in
 
     def bad(problem: str) -> CheckpointError:
@@ -276,16 +301,12 @@ def _stored_quantised(
 
     if scales.dtype != torch.float32 or not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
         raise bad("scales must be finite positive fp32 values")
-    if smooth is not None and (
-        smooth.dtype != torch.float32 or tuple(smooth.shape) != (in_features,)
-        or not bool(torch.isfinite(smooth).all()) or bool((smooth <= 0).any())
-    ):  # fmt: skip
-        raise bad(f"smoothing factors must be finite positive fp32 [{in_features}]")
+    smooth, outliers, rotation = _checked_companions(bad, companions, out_features, in_features)
     if values.dtype == torch.int8:
         if tuple(values.shape) != out_in or tuple(scales.shape) != (out_features,):
             raise bad(f"int8 {tuple(values.shape)} with scales {tuple(scales.shape)}, expected "
                       f"{out_in} and ({out_features},)")  # fmt: skip
-        return Int8Linear(values, scales, logical, smooth)
+        return Int8Linear(values, scales, logical, smooth, outliers, rotation)
     if values.dtype == torch.uint8:
         groups = scales.shape[1] if scales.dim() == 2 else 0
         if (
@@ -297,8 +318,44 @@ def _stored_quantised(
             or (in_features // groups) % 2
         ):
             raise bad(f"int4 {tuple(values.shape)} with scales {tuple(scales.shape)} does not fit {out_in}")
-        return Int8Linear(*quantise_int8(dequantise_int4(values, scales)), logical, smooth)
+        return Int8Linear(*quantise_int8(dequantise_int4(values, scales)), logical, smooth, outliers, rotation)
     raise bad(f"dtype {values.dtype} is neither int8 nor packed int4 (uint8)")
+
+
+def _checked_companions(
+    bad: Callable[[str], CheckpointError], companions: Mapping[str, torch.Tensor],
+    out_features: int, in_features: int,
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None, bool]:  # fmt: skip
+    """(smoothing factors, (outlier channels, their columns), rotated) after checking
+    them; raises ``bad(problem)``."""
+    smooth = companions.get(SMOOTH_SUFFIX)
+    if smooth is not None and (
+        smooth.dtype != torch.float32 or tuple(smooth.shape) != (in_features,)
+        or not bool(torch.isfinite(smooth).all()) or bool((smooth <= 0).any())
+    ):  # fmt: skip
+        raise bad(f"smoothing factors must be finite positive fp32 [{in_features}]")
+    rotation = companions.get(ROTATION_SUFFIX)
+    if rotation is not None and (
+        rotation.dtype != torch.int64 or rotation.tolist() != [ROTATION_BLOCK] or in_features % ROTATION_BLOCK
+    ):  # fmt: skip
+        raise bad(f"rotation must be int64 [{ROTATION_BLOCK}] on an input width that is a multiple of it")
+    rotated_values = rotation is not None
+    channels, columns = companions.get(OUTLIER_SUFFIX), companions.get(OUTLIER_WEIGHT_SUFFIX)
+    if channels is None and columns is None:
+        return smooth, None, rotated_values
+    if channels is None or columns is None:
+        raise bad(f"{OUTLIER_SUFFIX!r} and {OUTLIER_WEIGHT_SUFFIX!r} must come together")
+    count = channels.numel()
+    if (
+        channels.dtype != torch.int64 or channels.dim() != 1 or count > in_features
+        or (count and (int(channels[0]) < 0 or int(channels[-1]) >= in_features
+                       or not bool((channels[1:] > channels[:-1]).all())))
+    ):  # fmt: skip
+        raise bad(f"outlier channels must be ascending distinct int64 indices in [0, {in_features})")
+    if columns.dtype != torch.float32 or tuple(columns.shape) != (out_features, count):
+        raise bad(f"outlier columns must be fp32 [{out_features}, {count}], got "
+                  f"{columns.dtype} {tuple(columns.shape)}")  # fmt: skip
+    return smooth, (channels, columns), rotated_values
 
 
 def weight_bytes(weights: Mapping[str, Weight]) -> int:

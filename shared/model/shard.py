@@ -35,7 +35,7 @@ from shared.model.manifest import (
     parse_manifest,
 )
 from shared.model.names import block_of, canonical_name
-from shared.model.quant import SCALE_SUFFIX
+from shared.model.quant import OUTLIER_SUFFIX, ROTATION_SUFFIX, SCALE_SUFFIX
 from shared.model.safetensors_check import check_file, check_header
 from shared.model.shard_files import ShardFiles, forget_verified
 from shared.model.shard_write import Progress, write_shards
@@ -80,7 +80,7 @@ class ShardStore(ShardFiles):
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Verified tensors of block ``index``, keyed by name within the block: fp32, or as
         the manifest's ``weights`` stores linear weights (bf16; int8 or packed int4 values
-        with fp32 ``NAME_scale`` scales).
+        with fp32 ``NAME_scale`` scales, and int64 ``NAME_outliers`` channels).
         Raises CheckpointError for an index outside ``[0, num_blocks)``."""
         if not 0 <= index < self.manifest.num_blocks:
             raise CheckpointError(f"{self.shard_dir}: no block {index} (the store has {self.manifest.num_blocks})")
@@ -125,7 +125,12 @@ class ShardStore(ShardFiles):
             raise CheckpointError(f"{path}: tensors {sorted(tensors)} differ from the manifest's")
         quantised = self.manifest.weights in ("int8", "int4")
         for key, value in tensors.items():
-            integer_ok = quantised and value.dtype in _QUANTISED_DTYPES and key + SCALE_SUFFIX in tensors
+            integer_ok = quantised and (
+                (value.dtype in _QUANTISED_DTYPES and key + SCALE_SUFFIX in tensors)
+                or (value.dtype == torch.int64 and any(
+                    key.endswith(suffix) and key[: -len(suffix)] + SCALE_SUFFIX in tensors
+                    for suffix in (OUTLIER_SUFFIX, ROTATION_SUFFIX)))
+            )  # fmt: skip
             if not value.is_floating_point() and not integer_ok:
                 raise CheckpointError(f"{path}: tensor {key!r} has dtype {value.dtype}; weights must be floating point")
         keep_bf16 = self.manifest.weights == "bf16"

@@ -25,6 +25,8 @@ measurements to the problem's numbers"):
 | ``nodes[n].memory_bytes``       | ``NodeCapacity.memory_free_bytes`` (free for blocks)    |
 | ``nodes[n].flops_per_s``        | ``NodeCapacity.flops_per_s`` (measured)                 |
 | ``nodes[n].utilization``        | ``NodeCapacity.utilisation``                            |
+| ``nodes[n].batch_scaling``      | ``NodeCapacity.decode_batch_scaling`` (None: unmeasured)|
+| ``expected_batch``              | the caller's expected concurrency (None or 1: unbatched)|
 | ``links``                       | ``LinkCapacity`` between kept nodes with a measured     |
 |                                 | bandwidth > 0 (bandwidth and latency as measured)       |
 
@@ -114,6 +116,7 @@ def _node(capacity: NodeCapacity, *, is_source: bool) -> Node | None:
         memory_bytes=float(capacity.memory_free_bytes),
         flops_per_s=float(capacity.flops_per_s) if measured else UNMEASURED_FLOPS_PER_S,
         utilization=float(capacity.utilisation) if measured else 1.0,
+        batch_scaling=capacity.decode_batch_scaling if measured else None,
     )
 
 
@@ -150,12 +153,15 @@ def problem_from_profile(
     source: str,
     context_tokens: int = 0,
     concurrent_requests: int = 1,
+    expected_batch: float | None = None,
 ) -> Problem:
     """The planning problem for ``manifest``'s model on the nodes and links ``profile``
     measured, with ``source`` as the entry node and ``policy`` as hard trust rules.
 
     ``context_tokens`` (tokens of KV cache each request keeps) and
-    ``concurrent_requests`` size the KV cache in the memory constraint.
+    ``concurrent_requests`` size the KV cache in the memory constraint;
+    ``expected_batch`` (requests whose decode steps run as one batch; None or 1: the
+    contract's unbatched compute) prices each node's compute at its batch scaling.
 
     Raises:
         LiveProfileError: the source is missing or down, a node or link repeats, a link
@@ -170,6 +176,7 @@ def problem_from_profile(
             input_bytes=float(manifest.blocks[0].activation_bytes_per_token),
             context_tokens=context_tokens,
             concurrent_requests=concurrent_requests,
+            expected_batch=None if expected_batch is None or expected_batch == 1 else float(expected_batch),
             layers=layers_from_manifest(manifest),
             nodes=nodes,
             links=links,

@@ -24,6 +24,7 @@ from shared.planning.problem import (
     Node,
     Placement,
     Problem,
+    batch_factor,
     boundary_bytes,
     effective_flops_per_s,
     evaluate,
@@ -181,7 +182,9 @@ def build_tables(
         if node.utilization >= 1 or speed <= 0:
             continue
         ok = (seg_memory <= node.memory_bytes) & (max_trust <= node.trust)
-        compute[w] = np.where(ok, seg_flops / speed, np.inf)
+        factor = batch_factor(problem, node)  # None: the contract's compute, bit for bit
+        seconds = seg_flops / speed if factor is None else seg_flops / speed * factor
+        compute[w] = np.where(ok, seconds, np.inf)
     extra = _extra_terms(problem, nodes, compute, weights, current_placement)
     cost = np.where(np.isfinite(compute), compute + extra, np.inf)
     return CostTables(
@@ -243,9 +246,10 @@ def objective_terms(
     balance, privacy, migration = [], [], []
     for seg in placement.segments:
         node = nodes[seg.node]
-        speed = effective_flops_per_s(node)
         flops = total(layer.flops for layer in problem.layers[seg.start : seg.end])
-        balance.append(min(node.utilization, 1.0) * flops / speed if speed > 0 else math.inf)
+        speed, factor = effective_flops_per_s(node), batch_factor(problem, node)
+        busy = min(node.utilization, 1.0) * flops / speed if speed > 0 else math.inf
+        balance.append(busy if factor is None else busy * factor)
         for index in range(seg.start, seg.end):
             layer = problem.layers[index]
             privacy.append(max(0, (layer.preferred_trust or 0) - node.trust))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import InvalidId, ProblemFieldError
 from shared.ids import validate_id
+from shared.planning.field_errors import describe, field_path
 from shared.planning.precision import (
     LOSS_TOLERANCE,
     ActivationPrecision,
@@ -63,6 +64,9 @@ class Node(BaseModel):
     # Optional, used only by the migration-cost term (docs/PLANNER.md).
     load_bandwidth_bytes_per_s: Positive | None = None
     shard_load_s_per_byte: NonNegative = 0.0
+    # Optional: B decode steps as one forward cost (1 + batch_scaling (B - 1)) x one step
+    # (None: not measured, no gain assumed); priced at the problem's expected_batch.
+    batch_scaling: NonNegative | None = None
 
     @field_validator("id")
     @classmethod
@@ -94,6 +98,8 @@ class Problem(BaseModel):
     context_tokens: Annotated[int, Field(ge=0, le=2**53, strict=True)] = 0
     concurrent_requests: Annotated[int, Field(ge=1, le=2**53, strict=True)] = 1
     source_min_trust: NonNegativeInt = 0  # set by a privacy policy: embedding and head
+    # Requests whose decode steps run as one batch (None: 1); see batch_factor.
+    expected_batch: Annotated[float, Field(ge=1, le=2**24, allow_inf_nan=False, strict=True)] | None = None
     layers: tuple[Layer, ...] = Field(min_length=1)
     nodes: tuple[Node, ...] = Field(min_length=1)
     links: tuple[Link, ...] = ()
@@ -189,42 +195,6 @@ class Evaluation(BaseModel):
 # --- parsing ------------------------------------------------------------------------
 
 
-_MESSAGES = {
-    "missing": "missing",
-    "extra_forbidden": "unknown field",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "finite_number": "must be a finite number",
-    "int_type": "must be an integer",
-    "int_parsing": "must be an integer",
-    "string_type": "must be a string",
-    "tuple_type": "must be a list",
-    "model_type": "must be an object",
-    "too_short": "must not be empty",
-}
-
-
-def _field_path(loc: tuple[Any, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "problem"
-
-
-def _describe(error: dict[str, Any]) -> str:
-    kind, ctx = error["type"], error.get("ctx") or {}
-    bounds = {"greater_than_equal": ">=", "greater_than": ">"}
-    if kind in bounds:
-        limit = ctx.get("ge", ctx.get("gt"))
-        noun = "an integer" if isinstance(limit, int) and not isinstance(limit, bool) else "a number"
-        return f"must be {noun} {bounds[kind]} {limit:g}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected', '')}"
-    if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
-    return _MESSAGES.get(kind, str(error["msg"]).lower())
-
-
 def parse_problem(data: Any) -> Problem:
     """Validate decoded JSON into a Problem.
 
@@ -240,7 +210,7 @@ def parse_problem(data: Any) -> Problem:
         more = error.error_count() - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise ProblemFieldError(
-            f"{_field_path(tuple(first['loc']))}: {_describe(dict(first))}{suffix}"
+            f"{field_path(tuple(first['loc']))}: {describe(dict(first))}{suffix}"
         ) from None
 
 
@@ -298,6 +268,27 @@ def effective_flops_per_s(node: Node) -> float:
     return node.flops_per_s * (1.0 - node.utilization)
 
 
+def batch_factor(problem: Problem, node: Node) -> float | None:
+    """Each request's share of a batched decode step, as a multiple of one lone step:
+    ``(1 + s (B - 1)) / B`` for B = ``expected_batch`` and s = the node's
+    ``batch_scaling``; None (the contract's compute, unscaled) when B is 1 or s is not
+    measured (s = 1, no gain, gives exactly 1 too)."""
+    batch, scaling = problem.expected_batch, node.batch_scaling
+    if batch is None or batch == 1 or scaling is None:
+        return None
+    return (1.0 + scaling * (batch - 1.0)) / batch
+
+
+def compute_s(problem: Problem, node: Node, flops: float) -> float:
+    """Seconds per token of ``flops`` on ``node`` for one request (its share of the batch,
+    ``batch_factor``); inf when the node cannot compute."""
+    speed = effective_flops_per_s(node)
+    if speed <= 0:
+        return math.inf
+    factor = batch_factor(problem, node)
+    return flops / speed if factor is None else flops / speed * factor
+
+
 def boundary_bytes(problem: Problem, boundary: int, precision: str = "fp32") -> float:
     """Bytes crossing the hop before layer ``boundary`` (``L`` = the return hop), with
     the activation at ``precision``."""
@@ -350,9 +341,7 @@ def _segment_terms(problem: Problem, index: int, seg: PlacedSegment) -> tuple[fl
                 f"trust: layer {seg.start + offset} needs trust >= {layer.min_trust}, "
                 f"{seg.node!r} has {node.trust}"
             )
-    speed = effective_flops_per_s(node)
-    compute = total(layer.flops for layer in layers) / speed if speed > 0 else math.inf
-    return compute, violations
+    return compute_s(problem, node, total(layer.flops for layer in layers)), violations
 
 
 def _hop_term(

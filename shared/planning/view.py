@@ -25,8 +25,9 @@ class CostModel:
     rebuild_tokens: int = 0
     """Tokens of KV state to rebuild on a moved block (requests in flight x context)."""
     concurrency: float = 1.0
-    """Requests decoding together: a plan's time per token is at least this many times its
-    slowest serial stage (`logic.per_token_s`)."""
+    """Requests decoding together, the load plans are chosen for: a plan's time per token
+    is at least one round of this many requests' steps on its slowest serial stage, a
+    batched step where the node's batch scaling is measured (`logic.per_token_s`)."""
 
     @classmethod
     def at_load(cls, view: CapacityProfile, entry: str, shard_load_bytes_per_s: float,
@@ -34,7 +35,15 @@ class CostModel:
         """The cost model under the load of ``view``: the entry's requests in flight decode
         together and each has ``context_tokens`` of KV state to rebuild on a moved block."""
         in_flight = next((n.requests_in_flight for n in view.nodes if n.node == entry), 0)
-        return cls(shard_load_bytes_per_s, in_flight * context_tokens, concurrency=max(1.0, float(in_flight)))
+        return cls(shard_load_bytes_per_s, in_flight * context_tokens, concurrency=expected_load(view, entry))
+
+
+def expected_load(view: CapacityProfile, entry: str) -> float:
+    """Requests expected to decode together: the entry's requests in flight (its latest
+    telemetry; at least 1). Its admission queue is left out: those requests wait because
+    every slot is taken, so they do not add to a batch; they join as slots free."""
+    in_flight = next((n.requests_in_flight for n in view.nodes if n.node == entry), 0)
+    return max(1.0, float(in_flight))
 
 
 def held_blocks(segments: Iterable[Segment]) -> dict[str, int]:

@@ -67,6 +67,7 @@ class Role(enum.Enum):
     MONITOR = "monitor"
     OPERATOR = "operator"
     CLIENT = "client"
+    GATEWAY = "gateway"
 
 
 class Scope(enum.Enum):
@@ -156,6 +157,15 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
         NODE_STATUS: SUB,
         PROFILE_EVENTS: SUB,
         SERVICE_STATUS: SUB,  # `edgesplit status`
+    },
+    Role.GATEWAY: {  # a client of the request topics that also draws the dashboard
+        REQUESTS: Grant(publish=Scope.ANY),  # to the entry the plan names
+        REPLIES: Grant(subscribe=Scope.OWN),
+        PLAN: SUB,
+        NODE_STATUS: SUB,
+        PROFILE_EVENTS: SUB,
+        CAPACITY: SUB,  # the dashboard's nodes and links
+        DECISIONS: SUB,  # the dashboard's decisions
     },
 }
 

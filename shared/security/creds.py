@@ -68,6 +68,7 @@ SERVICE_IDENTITIES = (
     ("monitor", Role.MONITOR),
     ("operator", Role.OPERATOR),
     ("client", Role.CLIENT),
+    ("gateway", Role.GATEWAY),
 )
 """The standard identities `init` creates besides one worker per topology node."""
 

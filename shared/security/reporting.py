@@ -33,7 +33,7 @@ async def report_refusals(bus: Bus, service: str, refusals: Callable[[], dict[st
     reported: dict[str, int] | None = None
     reported_at_s = 0.0
     while True:
-        now = refusals()
+        now = {**refusals(), **bus.refusals()}  # sessions taken over count beside the refusals
         if now != reported or time.monotonic() - reported_at_s >= heartbeat_s:
             try:
                 await bus.publish(SERVICE_STATUS, ServiceStatus(service=service, at_s=time.time(), refused=now),

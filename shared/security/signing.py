@@ -13,8 +13,10 @@ without a key uses the public development key and logs a warning once.
 
 `ControlGate` is what a receiver asks before acting on a control message: the signature
 must check out and, for plans and epoch commands, the epoch must not be below the
-highest epoch the receiver has committed (a replay). Every refusal is counted under
-``{Kind}_{why}`` (`REFUSALS`); a worker shows them in its NodeStatus, so
+highest epoch the receiver has committed (a replay); the kinds without an epoch
+(NodeDown, NodeJoined, EmulationCommand, DecisionRecorded) must have been issued within
+``max_message_age_s`` (`timely`) and be newer than what the receiver saw (`current`).
+Every refusal is counted under ``{Kind}_{why}`` (`REFUSALS`); a worker shows them in its NodeStatus, so
 `edgesplit status` lists them.
 """
 
@@ -24,13 +26,16 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from shared.config import BusSettings
+from shared.config import DEFAULT_MAX_MESSAGE_AGE_S, BusSettings
 from shared.errors import ConfigError
 from shared.messages.base import Message, is_signed_kind, signature_ok
 from shared.security.role_keys import RoleVerifier, load_signer, role_verifier
+from shared.topics import DECISION_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ DEV_SIGNING_KEY = "edgesplit-dev-key"
 KEY_FILE = "signing.key"
 """The key's file name in a state folder (`up --secure`) or run folder (`up`)."""
 MIN_KEY_CHARS = 16
-REFUSALS = ("unsigned", "forged", "role", "replayed", "private", "implausible")
+REFUSALS = ("unsigned", "forged", "role", "replayed", "stale", "private", "implausible", "takenover")
 """Why a control message is refused: the suffix of its counter ``{Kind}_{why}``."""
 _warned_dev_key = False
 
@@ -114,10 +119,10 @@ def receiver_gate(settings: BusSettings, owner: str) -> ControlGate | None:
     without a key there is nothing to check with. ConfigError for unreadable keys."""
     verifier = role_verifier(settings)
     if verifier is not None:
-        return ControlGate("", owner, verifier=verifier)
+        return ControlGate("", owner, verifier=verifier, max_age_s=settings.max_message_age_s)
     if settings.plan_signing_key is not None or settings.plan_signing_key_file is not None:
         key = configured_key(settings)
-        return ControlGate(key, owner) if key is not None else None
+        return ControlGate(key, owner, max_age_s=settings.max_message_age_s) if key is not None else None
     return None
 
 
@@ -146,8 +151,11 @@ class ControlGate:
     """Checks control messages for one receiver and counts what it refuses."""
 
     def __init__(self, key: str, owner: str, counters: Counter[str] | None = None,
-                 verifier: RoleVerifier | None = None) -> None:  # fmt: skip
+                 verifier: RoleVerifier | None = None, max_age_s: float = DEFAULT_MAX_MESSAGE_AGE_S,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.key, self.owner = key, owner
+        self.max_age_s, self.clock = max_age_s, clock
+        """`timely` accepts issue times within ``max_age_s`` of ``clock()`` (Unix s)."""
         self.verifier = verifier
         """The roles' public keys (role_keys.py): when set, only the role allowed for a kind
         may sign it, and ``key`` (the cluster HMAC key) signs no control message."""
@@ -156,6 +164,10 @@ class ControlGate:
         """The highest epoch this receiver committed; older plans and commands are replays."""
         self._node_event_s: dict[str, float] = {}
         """Per node, the newest ``at_s`` of a NodeDown or NodeJoined accepted."""
+        self._decision_revisions: dict[int, int] = {}
+        """Per decision id within the retained window, the highest revision of its record seen."""
+        self._highest_decision: int | None = None
+        """The highest decision id whose record this receiver accepted."""
 
     def signed(self, message: Message) -> bool:
         """True when ``message`` carries a valid signature; counts and logs a refusal."""
@@ -180,12 +192,36 @@ class ControlGate:
         self.refuse(message, "replayed", f"epoch {epoch} < committed {self.highest_committed}")
         return False
 
-    def current(self, message: Message) -> bool:
-        """Replay fencing of the monitor's node events, which carry no epoch: a NodeDown or
-        NodeJoined older (``at_s``) than the newest of either accepted for the same node is
-        a replay (an old NodeDown sent again after the node came back would fail its
-        passes) and is refused. The same event again (a QoS 1 redelivery) is accepted: it
-        says what is already known. Other kinds pass."""
+    def timely(self, message: Message) -> bool:
+        """The freshness bound, which survives the receiver's restart: a message with an
+        ``issued_at_s`` (stamped by the publishing bus) issued more than ``max_age_s``
+        before now, or more than ``max_age_s`` ahead of now (a signer whose clock is off),
+        is refused as ``stale``. Other kinds pass."""
+        issued = getattr(message, "issued_at_s", None)
+        if issued is None:
+            return True
+        age_s = self.clock() - float(issued)
+        if abs(age_s) <= self.max_age_s:
+            return True
+        when = f"issued {age_s:.1f} s ago" if age_s > 0 else f"issued {-age_s:.1f} s in the future"
+        self.refuse(message, "stale", f"{when}; max_message_age_s is {self.max_age_s:g}")
+        return False
+
+    def current(self, message: Message, retained: bool = False) -> bool:
+        """Replay fencing of the kinds that carry no epoch: `timely` first (except for a
+        DecisionRecorded delivered ``retained``, which is read as retained state and
+        fenced by its ids only), then the receiver's memory of what it accepted.
+
+        An EmulationCommand is then fenced by its ``command_id`` (the worker's emulation.py).
+        A NodeDown or NodeJoined older (``at_s``) than the newest of either accepted for
+        the same node is a replay (an old NodeDown sent again after the node came back
+        would fail its passes); the same event again (a QoS 1 redelivery) says what is
+        already known and passes. A DecisionRecorded is fenced by `decision_current`.
+        Other kinds pass."""
+        if message.kind == "DecisionRecorded":
+            return (retained or self.timely(message)) and self.decision_current(message, retained)
+        if not self.timely(message):
+            return False
         if message.kind not in ("NodeDown", "NodeJoined"):
             return True
         node, at_s = str(getattr(message, "node", "")), float(getattr(message, "at_s", 0.0))
@@ -194,6 +230,34 @@ class ControlGate:
             self.refuse(message, "replayed", f"{message.kind} of {node} older than the newest event of it")
             return False
         self._node_event_s[node] = at_s
+        return True
+
+    def decision_current(self, record: Message, retained: bool = False) -> bool:
+        """Replay fencing of decision records by (``decision_id``, ``revision``), not by
+        time: the orchestrator republishes an older decision's record (its rollout outcome,
+        its realised effect) after newer decisions, each time with a higher revision.
+
+        Refused as ``replayed``: a record of a decision more than DECISION_SLOTS below the
+        highest seen (its slot has been reused: no genuine record of it is published any
+        more), one whose revision is below the highest seen for its decision, and one whose
+        revision equals it when delivered live. The same revision delivered ``retained``
+        (a resubscription after a reconnect) passes: it says what is already known."""
+        decision_id, revision = int(getattr(record, "decision_id", 0)), int(getattr(record, "revision", 0))
+        highest = self._highest_decision
+        if highest is not None and decision_id <= highest - DECISION_SLOTS:
+            self.refuse(record, "replayed", f"decision {decision_id} is {DECISION_SLOTS} or more below "
+                        f"the newest seen ({highest}): its slot was reused")  # fmt: skip
+            return False
+        seen = self._decision_revisions.get(decision_id)
+        if seen is not None and (revision < seen or (revision == seen and not retained)):
+            self.refuse(record, "replayed", f"decision {decision_id} revision {revision}, seen {seen}")
+            return False
+        self._decision_revisions[decision_id] = revision
+        if highest is None or decision_id > highest:
+            self._highest_decision = decision_id
+            floor = decision_id - DECISION_SLOTS
+            for stale in [d for d in self._decision_revisions if d <= floor]:
+                del self._decision_revisions[stale]  # bounded: only the window is kept
         return True
 
     def accept(self, message: Message, epoch: int | None = None) -> bool:

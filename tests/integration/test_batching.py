@@ -3,7 +3,10 @@
 Three workers (car, rsu, mec) hold [0,1) [1,3) [3,4); `car` is the entry. Eight requests
 of different prompt lengths and lengths of output run at once: every token must equal
 the unsplit model's, and the workers' telemetry must show decode steps that ran batched
-(`Telemetry.decode_batches`, services/worker/batching.py).
+(`Telemetry.decode_batches`, services/worker/batching.py) and that crossed each hop in
+batch frames (`Telemetry.batched_frames_sent`, services/worker/batch_frames.py: car ->
+rsu and rsu -> mec activations, mec -> car results). A request whose deadline ends in
+the middle of its stream fails alone: the others of its batches keep the unsplit tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from services.cli.client import ClientOptions, request
 from shared.broker import LocalBroker
 from shared.bus import Bus
+from shared.errors import StageTimedOut
 from shared.messages import GenerateRequest, RequestFinished
 from shared.model.pipeline import LocalPipeline
 from shared.model.shard import write_shards
@@ -58,17 +62,22 @@ def system(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Ite
         workers.stop()
 
 
-async def _batches(settings: object, timeout_s: float = 20.0) -> dict[str, tuple[int, int]]:
-    """Each worker's (decode_batches, decode_batched_steps) from its telemetry, once every
-    worker reported after the run (or after ``timeout_s``)."""
-    counts: dict[str, tuple[int, int]] = {}
+Counts = tuple[int, int, int, int]
+"""A worker's (decode_batches, decode_batched_steps, batched_frames_sent, batched_frames_rows)."""
+
+
+async def _batches(settings: object, timeout_s: float = 20.0) -> dict[str, Counts]:
+    """Each worker's `Counts` from its telemetry, once every worker reported after the
+    run with batch frames sent (or after ``timeout_s``)."""
+    counts: dict[str, Counts] = {}
     async with Bus(settings) as bus, bus.subscribe(TELEMETRY) as telemetry:  # type: ignore[arg-type]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                while len(counts) < len(NODES) or min(c[0] for c in counts.values()) == 0:
+                while len(counts) < len(NODES) or min(min(c[0], c[2]) for c in counts.values()) == 0:
                     _, report = await telemetry.get()
-                    counts[report.node] = max(counts.get(report.node, (0, 0)), (report.decode_batches,
-                                                                                report.decode_batched_steps))  # fmt: skip
+                    counts[report.node] = max(counts.get(report.node, (0, 0, 0, 0)), (
+                        report.decode_batches, report.decode_batched_steps,
+                        report.batched_frames_sent, report.batched_frames_rows))  # fmt: skip
     return counts
 
 
@@ -84,16 +93,46 @@ def test_concurrent_requests_batch_at_every_stage_and_keep_the_unsplit_tokens(sy
         assert isinstance(result, RequestFinished), result
         return result
 
-    async def scenario() -> tuple[list[RequestFinished], dict[str, tuple[int, int]]]:
+    async def scenario() -> tuple[list[RequestFinished], dict[str, Counts]]:
         results = await asyncio.gather(*(one(index) for index in range(len(PROMPTS))))
         return list(results), await _batches(settings)
 
     results, batches = asyncio.run(scenario())
-    print("decode batches (forwards, steps) per node:", batches)
+    print("(decode batches, their steps, batch frames sent, their rows) per node:", batches)
     unsplit = LocalPipeline(model)
     for prompt, tokens, result in zip(PROMPTS, NEW_TOKENS, results, strict=True):
         assert result.token_ids == unsplit.generate(prompt, tokens, stop_at_eos=True).token_ids
     assert set(batches) == set(NODES), {node: workers.log_tail(node) for node in NODES}
-    for forwards, steps in batches.values():
-        # eight streams share each stage: many decode steps ran two or more at a time
+    for forwards, steps, frames, rows in batches.values():
+        # eight streams share each stage: many decode steps ran two or more at a time,
+        # and left for the next hop (or, from mec, back to car) two or more per frame
         assert forwards > 0 and steps >= 2 * forwards, batches
+        assert frames > 0 and rows >= 2 * frames, batches
+
+
+def test_a_request_cancelled_mid_batch_does_not_break_the_others(system: tuple) -> None:
+    """Six streams and one whose 1.5 s deadline ends mid-stream (its serving task is
+    cancelled inside a batched step at the entry while its frames are in flight): it
+    fails as a timeout, the six finish with the unsplit tokens."""
+    workers, settings, model = system
+
+    async def one(index: int, deadline_s: float | None = None) -> RequestFinished:
+        def make(client: str) -> GenerateRequest:
+            return GenerateRequest(request_id=f"cut{index}", reply_to=client,  # type: ignore[arg-type]
+                                   token_ids=tuple(PROMPTS[index]), timeout_s=deadline_s or 120.0,
+                                   max_new_tokens=200 if deadline_s else NEW_TOKENS[index])  # fmt: skip
+
+        result = await request(ClientOptions(settings, timeout_s=120.0), make)  # type: ignore[arg-type]
+        assert isinstance(result, RequestFinished), result
+        return result
+
+    async def scenario() -> list[RequestFinished | BaseException]:
+        return list(await asyncio.gather(*(one(index) for index in range(6)), one(7, deadline_s=1.5),
+                                         return_exceptions=True))  # fmt: skip
+
+    *finished, cut = asyncio.run(scenario())
+    assert isinstance(cut, StageTimedOut), cut
+    unsplit = LocalPipeline(model)
+    for index, result in enumerate(finished):
+        assert isinstance(result, RequestFinished), (result, {node: workers.log_tail(node) for node in NODES})
+        assert result.token_ids == unsplit.generate(PROMPTS[index], NEW_TOKENS[index], stop_at_eos=True).token_ids

@@ -8,6 +8,7 @@ typed error before its deadline: never lost, duplicated or hung."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -228,7 +229,16 @@ def test_sigstop_for_three_heartbeat_timeouts_then_sigcont(stack: Stack) -> None
     print("counters:", seen)
     assert seen[victim].get("stalls", 0) >= 1, seen[victim]
     rejected = sum(c.get("frames_fenced", 0) + c.get("results_unexpected", 0) for c in seen.values())
-    assert rejected + seen[victim].get("kv_missing", 0) >= 1, seen
+    # The victim's stale work is refused where it lands (fenced, unexpected, its KV gone), or
+    # never leaves it: the broker closed its session while it was stopped, so the frames it
+    # finished on waking fail to publish (frames_unsent; seen in a fresh-clone CI run, where
+    # nothing else was counted). Either way the requests above kept the unsplit tokens.
+    unsent = seen[victim].get("frames_unsent", 0)
+    # Or it is dropped by the victim itself on waking: its KV caches go before it computes
+    # anything more (a fresh-clone CI run, 2026-12-07, counted nothing else: "dropped N KV
+    # caches" with every other counter at 0).
+    dropped = sum(int(n) for n in re.findall(r"dropped (\d+) KV caches", stack.log(victim)))
+    assert rejected + seen[victim].get("kv_missing", 0) + unsent + dropped >= 1, (seen, dropped)
     assert "rejoining fresh" in stack.log(victim)
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import openai
 import pytest
 
-from shared.broker import LocalBroker, free_port
+from shared.broker import LocalBroker
 from shared.config import BusSettings
 from tests.integration.cluster import stop_up
+from tests.integration.ports import quiet_ports
 from tests.integration.test_up import _wait_for_line
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,10 @@ class Site:
 
 def _up(model: str, broker: LocalBroker, root: Path, api_key: str | None = None,
         models_dir: Path | None = None) -> Iterator[Site]:  # fmt: skip
-    port = free_port()
+    # below the ephemeral range: `up` takes its metrics ports with bind(0), which may hand out
+    # the port a bind(0) in this test had just returned (a CI run's gateway URL answered with
+    # a monitor's /metrics text)
+    port = quiet_ports()
     cluster = "gw" + os.urandom(4).hex()
     models_dir = models_dir or root / "models"
     env = {**os.environ, "EDGESPLIT_MODELS_DIR": str(models_dir), "EDGESPLIT_CLUSTER": cluster}
@@ -156,7 +160,7 @@ def test_bad_requests_get_openai_errors(llama: Site) -> None:
 @contextmanager
 def _gateway(site: Site, cluster: str, *options: str) -> Iterator[openai.OpenAI]:
     """One more gateway process (``python -m services.gateway``) on ``cluster``."""
-    port = free_port()
+    port = quiet_ports()
     log = open(site.log.with_name(f"gateway-{port}.log"), "wb")  # noqa: SIM115
     process = subprocess.Popen([sys.executable, "-m", "services.gateway", "--broker", site.broker_url,
                                 "--cluster", cluster, "--http", f"127.0.0.1:{port}", *options],

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import aiomqtt
 import numpy as np
 import pytest
 
@@ -30,6 +31,7 @@ from shared import codec
 from shared.frame_headers import ActivationHeader, KvHeader, ReleaseHeader
 from shared.messages import (
     AbortEpoch,
+    DecisionRecorded,
     EmulationCommand,
     EpochLedger,
     NodeDown,
@@ -47,6 +49,7 @@ from shared.security.pki import subject_username
 from shared.tensor_frame import encode_frame
 from shared.topics import (
     ACTIVATIONS,
+    DECISIONS,
     EMULATION,
     EPOCH_COMMANDS,
     FINISHED,
@@ -59,7 +62,7 @@ from shared.topics import (
     ROLLOUT_LEDGER,
     match,
 )
-from tests.integration.secure_site import ATTACKER, VICTIM, WORKER_ATTACKER, SecureSite
+from tests.integration.secure_site import ATTACKER, VICTIM, WATCHER, WORKER_ATTACKER, SecureSite
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 HIDDEN = 64
@@ -353,6 +356,8 @@ def test_session_take_over_is_impossible_and_the_service_keeps_its_session(site:
     assert got == [], got  # nothing of the service's subscriptions reached mallory
     assert seen == [], seen  # its publish was denied, and the service left no Last Will
     assert site.log(victim).count(f"{plane} connection to") == lost_before  # never disconnected
+    assert "taken over" not in site.log(victim)  # and it counts no take-over: mallory was refused
+    assert "Session_takenover" not in site.status()["refused"].get(victim, {})
     assert tuple(result.token_ids) == site.expected((3, 1, 4, 1, 5), 6)
     assert current_plan(site) == plan
     site.assert_exact()
@@ -390,4 +395,71 @@ def test_a_compromised_worker_writing_into_a_clients_replies_is_not_believed(sit
     assert delivered == 4  # the ACL let them through to alice's topic
     assert tokens == site.expected(prompt, length)  # alice got her entry's answer, not eve's
     assert refusals.get("Reply_forged", 0) >= 1, refusals
+    site.assert_exact()
+
+
+def retained_decisions(site: SecureSite) -> list[DecisionRecorded]:
+    """The decision records retained in their slots, read by an operator."""
+
+    async def read() -> list[DecisionRecorded]:
+        found: list[DecisionRecorded] = []
+        async with site.raw_client(WATCHER) as client:
+            await client.subscribe(DECISIONS.filter(site.cluster), qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    async for message in client.messages:
+                        found.append(codec.decode(bytes(message.payload)).message)  # type: ignore[arg-type]
+        return sorted(found, key=lambda record: record.decision_id)
+
+    return asyncio.run(read())
+
+
+def test_a_replayed_decision_record_is_refused_and_the_taken_over_orchestrator_recovers(site: SecureSite) -> None:
+    """A genuine decision record (signed by the orchestrator: a replay needs no key) is
+    re-published into its slot. As mallory or eve the ACL denies it. As the orchestrator
+    itself (a stolen credential) it is delivered, and it takes over the orchestrator's
+    control session (the identity is the client id): every worker refuses the record, as
+    stale when it was issued more than ``max_message_age_s`` before the replay, else as a
+    replay (the same revision, live), having accepted the orchestrator's genuine
+    republications of it (its revision is above 1, and nothing else was refused); the
+    orchestrator counts the take-over, takes its session back and keeps serving."""
+    records = retained_decisions(site)
+    assert records, "no decision retained: the first plan's decision should be"
+    record = max(records, key=lambda r: (r.revision, r.decision_id))  # the first plan's: its outcome too
+    assert record.revision >= 2, records  # decided, then republished at least once
+    slot = DECISIONS.topic(site.cluster, slot=str(record.decision_id % 16))
+    denied(site, [(ATTACKER, slot, record, True), (WORKER_ATTACKER, slot, record, True)])
+    workers = ("car", "rsu", "mec")
+
+    def replays(status: dict[str, Any]) -> dict[str, int]:  # a worker's refusals are in its node entry
+        return {node["node"]: sum(node["refused"].get(f"DecisionRecorded_{why}", 0) for why in ("replayed", "stale"))
+                for node in status["nodes"] if node["node"] in workers}  # fmt: skip
+
+    assert replays(site.status()) == dict.fromkeys(workers, 0)
+
+    async def replay() -> None:
+        for attempt in range(3):  # the orchestrator takes its session back within ~0.1 s
+            try:
+                await site.publish("orchestrator", slot, record, retain=True)
+                return
+            except aiomqtt.MqttError:
+                if attempt == 2:
+                    raise
+
+    async def replayed() -> list[Any]:
+        async with site.watch() as watch:
+            await replay()
+        return [d for d in watch.seen if d.topic == slot]
+
+    assert len(asyncio.run(replayed())) >= 1  # the ACL lets the orchestrator's identity publish there
+
+    def counted(status: dict[str, Any]) -> bool:
+        return (all(count >= 1 for count in replays(status).values())
+                and status["refused"].get("orchestrator", {}).get("Session_takenover", 0) >= 1)  # fmt: skip
+
+    status = site.wait_status(counted)
+    assert counted(status), (replays(status), status["refused"])
+    assert replays(status) == dict.fromkeys(workers, 1)  # the replay, and no genuine record, refused
+    assert "taken over" in site.log("orchestrator")
+    assert [r for r in retained_decisions(site) if r.decision_id == record.decision_id] == [record]  # still genuine
     site.assert_exact()

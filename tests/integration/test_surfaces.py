@@ -82,6 +82,13 @@ def test_every_process_serves_metrics_that_move_with_generation_and_a_replan(sit
         before["gateway"], "edgesplit_time_to_first_token_seconds_count") + 1
     assert total(gateway, "edgesplit_time_per_output_token_seconds_count") >= tokens - 1
     assert total(gateway, "edgesplit_requests_total", kind="generate", outcome="ok") >= 1
+    # the entry worker times the same request itself (`up --http off` still has latency)
+    entry = str(watch.latest().entry_node)
+    at_entry = scrape(targets[entry])
+    assert total(at_entry, "edgesplit_time_to_first_token_seconds_count") == total(
+        before[entry], "edgesplit_time_to_first_token_seconds_count") + 1
+    assert total(at_entry, "edgesplit_time_per_output_token_seconds_count") - total(
+        before[entry], "edgesplit_time_per_output_token_seconds_count") == tokens - 1
 
     plan = watch.latest()
     traffic = Traffic(site.api, site.model)

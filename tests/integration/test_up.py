@@ -29,7 +29,10 @@ def _wait_for_line(process: subprocess.Popen[bytes], out: Path, text: str, timeo
         if process.poll() is not None:
             break
         time.sleep(0.1)
-    raise AssertionError(f"no {text!r} within {timeout_s} s; stdout: {out.read_text()!r}")
+    err = out.with_suffix(".err")  # the tests write up's stderr beside its stdout
+    said = err.read_text(errors="replace")[-3000:] if err.exists() else "(not kept)"
+    raise AssertionError(f"no {text!r} within {timeout_s} s (exit {process.poll()}); "
+                         f"stdout: {out.read_text()!r}; stderr: {said!r}")  # fmt: skip
 
 
 def test_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:

@@ -112,6 +112,9 @@ def brute_force(data: dict) -> BruteForce:
                     break  # memory and trust only get worse with more layers
                 speed = node["flops_per_s"] * (1.0 - node.get("utilization", 0))
                 compute = math.fsum(lay["flops"] for lay in layers[start:end]) / speed
+                batch, scaling = data.get("expected_batch") or 1, node.get("batch_scaling")
+                if scaling is not None:  # one request's share of a batch of `batch` steps
+                    compute *= (1 + scaling * (batch - 1)) / batch
                 extend(end, name, used | {name}, terms + [step, compute])
 
     extend(0, source, frozenset(), [])

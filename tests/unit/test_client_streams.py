@@ -166,3 +166,57 @@ def test_a_request_whose_entry_died_with_no_plan_after_ends_typed_not_lost() -> 
         task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_the_entrys_typed_timeout_just_after_the_clients_deadline_ends_the_request() -> None:
+    """The entry enforces the request's deadline from when it received it, a little after
+    the client sent it: its typed ``timeout`` arrives just after the client's own deadline.
+    The client waits DEADLINE_GRACE_S for it (a request the system answered is not lost);
+    only a silent entry ends in NoAnswer, that much after the deadline."""
+    from pathlib import Path
+
+    from services.cli.client import DEADLINE_GRACE_S, ClientOptions, NoAnswer, _Session
+    from shared.config import BusSettings
+    from shared.errors import StageTimedOut
+    from shared.messages import GenerateRequest, Plan, RequestFailed, Segment
+    from shared.messages.requests import seal_reply
+
+    class FakeBus:
+        sessions = 1
+
+        async def publish(self, topic: Any, message: Any, **params: str) -> None:
+            pass
+
+        async def wait_ready(self, min_sessions: int = 0, timeout_s: float | None = None) -> None:
+            await asyncio.sleep(3600)
+
+    options = ClientOptions(BusSettings(models_dir=Path("/tmp")), timeout_s=0.3, resync_after_s=10.0)
+    plan = Plan(epoch=1, model_id="m", entry_node="car", segments=(Segment(node="car", start=0, end=2),))  # type: ignore[arg-type]
+    request = GenerateRequest(request_id="r1", reply_to="c1", token_ids=(1, 2), max_new_tokens=4)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[type[BaseException], type[BaseException], float]:
+        replies = FakeSubscription()
+        answered = _Session(FakeBus(), options, request, plan, None)  # type: ignore[arg-type]
+
+        async def late_timeout() -> None:
+            await asyncio.sleep(0.3 + 0.5)  # half a second past the client's deadline
+            failed = RequestFailed(request_id="r1", error="timeout", message="deadline")  # type: ignore[arg-type]
+            replies.queue.put_nowait(({}, seal_reply(failed, answered.message.reply_key or "")))
+
+        pending = asyncio.create_task(late_timeout())
+        try:
+            await answered.run(replies)
+        except Exception as error:  # noqa: BLE001 - the type is the assertion
+            first = type(error)
+        await pending
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            await _Session(FakeBus(), options, request, plan, None).run(FakeSubscription())  # type: ignore[arg-type]
+        except Exception as error:  # noqa: BLE001
+            second = type(error)
+        return first, second, loop.time() - began
+
+    first, second, silent_s = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert first is StageTimedOut and second is NoAnswer
+    assert 0.3 + DEADLINE_GRACE_S - 0.05 <= silent_s < 0.3 + DEADLINE_GRACE_S + 1.0

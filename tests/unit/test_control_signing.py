@@ -120,15 +120,16 @@ def test_epoch_fencing_refuses_replays_below_the_committed_epoch() -> None:
 
 def test_a_node_event_older_than_the_newest_for_its_node_is_a_replay() -> None:
     """An old, genuinely signed NodeDown sent again after the node came back must not fail
-    its passes: node events are fenced by their time, per node."""
-    gate = ControlGate(KEY, "w1")
-    down = sign(NodeDown(node="rsu", at_s=100.0, reason="heartbeat_timeout"), KEY)  # type: ignore[arg-type]
-    back = sign(NodeJoined(node="rsu", at_s=130.0, reason="status"), KEY)  # type: ignore[arg-type]
+    its passes: node events are fenced by their time, per node (all issued within the
+    age bound here: tests/unit/test_freshness.py has the bound)."""
+    gate = ControlGate(KEY, "w1", clock=lambda: 140.0)
+    down = sign(NodeDown(node="rsu", at_s=100.0, reason="heartbeat_timeout", issued_at_s=130.0), KEY)  # type: ignore[arg-type]
+    back = sign(NodeJoined(node="rsu", at_s=130.0, reason="status", issued_at_s=131.0), KEY)  # type: ignore[arg-type]
     assert gate.signed(down) and gate.current(down)
     assert gate.current(down)  # the same event again (a redelivery): already known
     assert gate.current(back)
     assert not gate.current(down)  # replayed after the node came back
-    other = sign(NodeDown(node="car", at_s=50.0, reason="heartbeat_timeout"), KEY)  # type: ignore[arg-type]
+    other = sign(NodeDown(node="car", at_s=50.0, reason="heartbeat_timeout", issued_at_s=139.0), KEY)  # type: ignore[arg-type]
     assert gate.current(other)  # another node's history is its own
     assert gate.current(sign(plan(epoch=1), KEY))  # kinds with an epoch are fenced by it instead
     assert gate.refusals() == {"NodeDown_replayed": 1}

@@ -35,13 +35,15 @@ K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
 SCRIPTS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 BROKER_PORT = 1883
+GATEWAY_PORT = 8000
+"""The gateway's HTTP port in every container file (EDGESPLIT_GATEWAY_PORT)."""
 BROKER_CONFIG = {"port": BROKER_PORT, "bind_address": "0.0.0.0", "user": "mosquitto",
                  "data_dir": "/var/lib/mosquitto"}  # fmt: skip
 """How build.sh and the ConfigMap render deploy/mosquitto/mosquitto.conf."""
 IMAGE_OF_SCRIPT = {
     "edgesplit-monitor": "edgesplit-control", "edgesplit-orchestrator": "edgesplit-control",
     "edgesplit-split-reviser": "edgesplit-control", "edgesplit-broadcaster": "edgesplit-control",
-    "edgesplit-worker": "edgesplit-worker",
+    "edgesplit-gateway": "edgesplit-control", "edgesplit-worker": "edgesplit-worker",
 }  # fmt: skip
 REQUIRED_VALUES = {"EDGESPLIT_PLAN_SIGNING_KEY": "ab" * 32, "EDGESPLIT_SHARDS_HOST_DIR": "/srv/shards"}
 """Values for the ${VAR:?...} variables compose.yaml insists on."""
@@ -167,9 +169,44 @@ def test_every_port_is_the_brokers_listener() -> None:
     assert pod["ports"] == [{"name": "mqtt", "containerPort": BROKER_PORT, "protocol": "TCP"}]
     service_ports = by_kind["Service", "mosquitto"]["spec"]["ports"]
     assert service_ports == [{"name": "mqtt", "port": BROKER_PORT, "targetPort": "mqtt", "protocol": "TCP"}]
-    for doc in k8s_documents():  # nothing else listens: workers and services are MQTT clients
+    for doc in k8s_documents():  # nothing else listens but the gateway: the rest are MQTT clients
         for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            assert "ports" not in container or container["name"] == "mosquitto", doc["metadata"]["name"]
+            assert "ports" not in container or container["name"] in ("mosquitto", "gateway"), doc["metadata"]["name"]
+    for name, service in compose_services().items():
+        assert "ports" not in service or name in ("mosquitto", "gateway"), name
+
+
+def test_the_gateway_listens_where_its_ports_health_checks_and_service_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """compose and k8s publish the port the gateway's settings make it listen on, on all
+    addresses, and check its /health there."""
+    for name in [key for key in os.environ if key.startswith("EDGESPLIT_")]:
+        monkeypatch.delenv(name)
+    gateways = {where: env for where, _, command, env in containers() if command[0] == "edgesplit-gateway"}
+    assert set(gateways) == {"compose:gateway", "k8s:gateway"}, gateways
+    module = entry_point("edgesplit-gateway")
+    for where, environment in gateways.items():
+        with monkeypatch.context() as patch:
+            for key, value in environment.items():
+                patch.setenv(key, value)
+            settings = module.settings_from(module.parse_args([]))
+        assert (settings.gateway_host, settings.gateway_port) == ("0.0.0.0", GATEWAY_PORT), where
+        assert settings.metrics_port is not None and settings.metrics_host == "0.0.0.0", where
+    service = compose_services()["gateway"]
+    assert [interpolate(port, {}) for port in service["ports"]] == [f"{GATEWAY_PORT}:{GATEWAY_PORT}"]
+    check = service["healthcheck"]["test"]
+    assert check[1:] == ["edgesplit", "health", "--gateway", f"http://127.0.0.1:{GATEWAY_PORT}"], check
+    build_parser().parse_args(check[2:])
+    by_kind = {(doc["kind"], doc["metadata"]["name"]): doc for doc in k8s_documents()}
+    pod = by_kind["Deployment", "gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"} in pod["ports"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert pod[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert by_kind["Service", "gateway"]["spec"]["ports"] == [
+        {"name": "http", "port": GATEWAY_PORT, "targetPort": "http", "protocol": "TCP"}]
+    labels = by_kind["Deployment", "gateway"]["spec"]["template"]["metadata"]["labels"]
+    assert by_kind["Service", "gateway"]["spec"]["selector"].items() <= labels.items()
 
 
 def test_dockerfile_commands_and_health_checks_exist() -> None:
@@ -188,9 +225,9 @@ def test_dockerfile_commands_and_health_checks_exist() -> None:
                 build_parser().parse_args(command[1:])
             except SystemExit as done:  # --help
                 assert done.code == 0, command
-    for doc in k8s_documents():  # the k8s probes run the same check
+    for doc in k8s_documents():  # the k8s probes run the same check (the gateway's: GET /health)
         for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            if container["name"] != "mosquitto":
+            if container["name"] not in ("mosquitto", "gateway"):
                 assert container["livenessProbe"]["exec"]["command"] == ["edgesplit", "health"]
 
 
@@ -198,7 +235,8 @@ def test_dockerfile_commands_and_health_checks_exist() -> None:
 
 IMAGE_MODULES = {
     "control": ["services.monitor.__main__", "services.orchestrator.__main__",
-                "services.split_reviser.__main__", "services.broadcaster.__main__"],
+                "services.split_reviser.__main__", "services.broadcaster.__main__",
+                "services.gateway.__main__", "services.gateway.service"],
     "worker": ["services.worker.__main__", "shared.model.shard", "shared.model.tokenizer"],
 }  # fmt: skip
 """What each image runs (and `edgesplit health`, `status`: the CLI's parser, in both)."""
@@ -276,7 +314,7 @@ def test_manifests_pass_the_kubernetes_schema() -> None:
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = sorted(doc["kind"] for doc in k8s_documents())
-    assert kinds.count("Deployment") == 5 and kinds.count("StatefulSet") == 2, kinds
+    assert kinds.count("Deployment") == 6 and kinds.count("StatefulSet") == 2, kinds
 
 
 def test_worker_pods_carry_their_trust_and_run_only_on_machines_of_that_tier() -> None:

@@ -26,6 +26,7 @@ from services.worker.epochs import EpochKeeper, Serving
 from services.worker.errors import FrameRefused
 from shared.frame_headers import (
     ActivationHeader,
+    BatchHeader,
     FrameHeader,
     HandoffHeader,
     KvAckHeader,
@@ -77,9 +78,14 @@ class Pair:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def deliver(self, node: str, frame: Frame) -> None:
+        """As the service does: a batch frame is opened, and its rows handled at once."""
         plane = self.a if node == "a" else self.b
         try:
-            await plane.on_frame(frame)
+            if not isinstance(frame.header, BatchHeader):
+                await plane.on_frame(frame)
+                return
+            rows = await plane.open_batch(frame)
+            await asyncio.gather(*(plane.on_frame(row, trusted=True) for row in rows))
         except FrameRefused as error:
             self.refused.append((node, error))
 

@@ -24,6 +24,8 @@ from shared.errors import TensorFrameError
 from shared.frame_headers import (
     FRAME_KINDS,
     ActivationHeader,
+    BatchHeader,
+    BatchRow,
     HandoffHeader,
     KvAckHeader,
     KvHeader,
@@ -44,6 +46,9 @@ HEADERS = (
     KvHeader(**_COMMON, target=2, blocks=(2, 3), pos=5, ack_step=101, old_epoch=1, pass_id=2),
     KvAckHeader(**_COMMON, pass_id=2, failed=True),
     ProbeHeader(**_COMMON, role="ping", src="w2"),
+    BatchHeader(**_COMMON, of="activation", target=2, src="w1", sent_at=1.7e9,
+                rows=(BatchRow(request_id="r1", step=3, pass_id=1, pos=4, last_only=True),
+                      BatchRow(request_id="r2", step=9, pass_id=5, pos=11))),
 )  # fmt: skip
 assert {header.kind for header in HEADERS} == set(FRAME_KINDS)
 ARRAYS = (

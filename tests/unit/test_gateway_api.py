@@ -198,3 +198,45 @@ def test_a_taken_default_port_moves_the_gateway_and_an_explicit_one_stays(capsys
         assert check_http("127.0.0.1:8000") == ("127.0.0.1", 8000)  # as given: the gateway says if it cannot
     finally:
         holder.close()
+
+
+def test_health_needs_no_key_and_says_whether_the_broker_connection_is_up() -> None:
+    http = _app(api_key="sk-test")
+    answer = http.get("/health")  # no Authorization: a container's health check has no key
+    assert answer.status_code == 503 and answer.json() == {"status": "unavailable", "broker": False, "plan": False}
+
+
+def test_health_gateway_reads_the_http_answer() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.cli.health import gateway_health
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            code = 200 if self.path == "/health" and self.server.up else 503  # type: ignore[attr-defined]
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}' if code == 200 else b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    server.up = True  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert gateway_health(url, 5.0)[0] is True
+        server.up = False  # type: ignore[attr-defined]
+        healthy, why = gateway_health(url + "/", 5.0)
+        assert not healthy and "503" in why
+    finally:
+        server.shutdown()
+        server.server_close()
+    done = subprocess.run([sys.executable, "-m", "services.cli", "health", "--gateway", url], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 1 and "unhealthy" in done.stderr  # nothing listens there any more
+    done = subprocess.run([sys.executable, "-m", "services.cli", "health", "--gateway", "ftp://x"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

@@ -195,6 +195,34 @@ def test_the_profile_follows_a_fading_link_down_after_two_samples_and_up_slowly(
     assert metric.planning_value(8.0) == metric.value(8.0)
 
 
+def test_a_link_fading_in_is_planned_with_once_two_samples_agree_and_noise_is_not() -> None:
+    """A road-side unit fading in: 20 kB/s, then 300 kB/s, then 2 MB/s. One sample is an
+    outlier; two agreeing by 1.5 x are planned with at once (their worst), long before the
+    median of five follows. +-10 % noise never passes the factor; rtt likewise downwards."""
+    from services.monitor.detect import FAST_RISE_FACTOR, TrackedMetric
+
+    metric = TrackedMetric("bandwidth", CONFIG)
+    for t in range(5):
+        metric.add(float(t), 20e3)
+    metric.add(5.0, 300e3)
+    assert metric.planning_value(5.0) == 20e3  # one sample: an outlier
+    metric.add(6.0, 2e6)
+    assert metric.planning_value(6.0) == 300e3 and metric.value(6.0) == 20e3
+    noisy = TrackedMetric("bandwidth", CONFIG)
+    rng = random.Random(3)
+    for t in range(200):
+        noisy.add(float(t), 1e6 * rng.uniform(0.9, 1.1))
+        assert noisy.planning_value(float(t)) < FAST_RISE_FACTOR * 0.9e6 * 0.99
+        assert noisy.planning_value(float(t)) == min(noisy.value(float(t)) or 0, noisy.planning_value(float(t)))  # type: ignore[operator]
+    rtt = TrackedMetric("rtt", CONFIG)
+    for t in range(5):
+        rtt.add(float(t), 0.080)
+    rtt.add(5.0, 0.020)
+    assert rtt.planning_value(5.0) == 0.080
+    rtt.add(6.0, 0.010)
+    assert rtt.planning_value(6.0) == 0.020
+
+
 def test_a_fall_measured_one_way_of_a_symmetric_link_is_planned_both_ways() -> None:
     """On a loaded pipeline only the first slow hop queues, so only that way measures the
     fall at once (its delivery rate); the way back carries one frame per step and keeps its
@@ -260,3 +288,18 @@ def test_the_profile_carries_the_entrys_requests_in_flight_and_waiting() -> None
     state.on_telemetry(sample, 1.0)
     node = state.profile(1.5).nodes[0]
     assert (node.requests_in_flight, node.requests_queued) == (8, 52)
+
+
+def test_the_profile_carries_each_nodes_measured_batch_scaling() -> None:
+    state = MonitorState(CONFIG, layers=LAYERS, model_id="m")
+    for name in ("a", "b"):
+        state.on_status(status(name), 0.0)
+    measured = telemetry("a")
+    assert measured.block_times is not None
+    times = measured.block_times.model_copy(update={"decode_batch_scaling": 0.35, "batched_samples": 4})
+    state.on_telemetry(measured.model_copy(update={"block_times": times}), 1.0)
+    state.on_telemetry(telemetry("b"), 1.0)  # no batched step measured
+    scaling = {n.node: n.decode_batch_scaling for n in state.profile(1.5).nodes}
+    assert scaling == {"a": 0.35, "b": None}
+    decoded = CapacityProfile.model_validate(state.profile(1.5).model_dump())  # it travels
+    assert decoded.nodes[0].decode_batch_scaling == 0.35

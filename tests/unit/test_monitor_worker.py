@@ -44,6 +44,54 @@ def test_block_timer_reports_the_median_of_a_window() -> None:
     assert times is not None and times.decode_s_per_block == 0.001 and times.decode_samples == 12
 
 
+def test_a_batched_decode_is_not_a_prefill_and_measures_the_batch_scaling_against_lone_steps() -> None:
+    """8 requests' decode steps as one forward (tokens 1 each, batch 8) taking 3.5 x a lone
+    step of the same window: the scaling is (3.5 - 1) / 7, the single-step value stays,
+    the prefill value is untouched; a stall among the batches is clipped and outvoted."""
+    timer = BlockTimer()
+    timer.record(tokens=1, blocks=2, seconds=0.004)  # 2 ms per block alone
+    timer.record(tokens=1, blocks=2, seconds=0.014, batch=8)  # 7 ms per block for 8 requests
+    timer.record(tokens=1, blocks=2, seconds=0.5, batch=2)  # a stall
+    timer.record(tokens=1, blocks=2, seconds=0.014, batch=8)
+    times = timer.window()
+    assert times is not None and times.decode_samples == 1 and times.batched_samples == 3
+    assert times.decode_batch_scaling == pytest.approx(2.5 / 7)
+    assert times.decode_s_per_block == pytest.approx(0.002)
+    assert times.prefill_s_per_block_token is None  # the batches were not taken for a prefill
+
+
+def test_a_node_slowed_while_every_step_is_batched_shows_it_in_its_decode_time() -> None:
+    """On a busy node every step is batched: a 4 x slowdown must raise the decode time (it
+    did not, while only lone steps counted) and must not pass for worse batch scaling."""
+    timer = BlockTimer()
+    timer.calibrate(0.002, 0.0005, batch_scaling=2.5 / 7)  # the start-up benchmark's numbers
+    for _ in range(5):
+        timer.record(tokens=1, blocks=1, seconds=0.007, batch=8)
+    steady = timer.window()
+    assert steady is not None and steady.decode_samples == 0 and steady.batched_samples == 5
+    assert steady.decode_s_per_block == pytest.approx(0.002)
+    for _ in range(5):
+        timer.record(tokens=1, blocks=1, seconds=0.028, batch=8)  # 4 x slower
+    slowed = timer.window()
+    assert slowed is not None and slowed.decode_s_per_block == pytest.approx(0.008)
+    assert slowed.decode_batch_scaling == pytest.approx(2.5 / 7)
+    timer.record(tokens=1, blocks=1, seconds=0.030, batch=6)  # ragged batch sizes scale alike
+    assert timer.window().decode_s_per_block == pytest.approx(0.030 / (1 + 2.5 / 7 * 5))  # type: ignore[union-attr]
+
+
+def test_without_a_benchmark_the_first_batches_scale_against_the_last_single_step() -> None:
+    timer = BlockTimer()
+    timer.record(tokens=8, blocks=2, seconds=0.016, batch=8)  # nothing to scale by yet: dropped
+    first = timer.window()
+    assert first is None
+    timer.record(tokens=1, blocks=2, seconds=0.004)
+    assert timer.window().decode_batch_scaling is None  # type: ignore[union-attr]
+    timer.record(tokens=1, blocks=2, seconds=0.014, batch=8)  # against the last 2 ms: bootstrap
+    times = timer.window()
+    assert times is not None and times.decode_batch_scaling == pytest.approx(2.5 / 7)
+    assert times.decode_s_per_block == pytest.approx(0.002)
+
+
 def test_passive_estimate_cancels_the_clock_offset() -> None:
     offset_s, latency_s, bandwidth = 123.4, 0.01, 2e6
     samples = deque((float(i), size, offset_s + latency_s + size / bandwidth)
@@ -277,6 +325,81 @@ def test_a_link_that_fell_is_known_from_two_scouts_without_clogging_it() -> None
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("fallen_to", [300e3, 150e3])
+def test_a_fall_the_scout_resolves_below_the_dispersion_is_confirmed_without_an_old_sized_probe(
+    fallen_to: float,
+) -> None:
+    """At 300 kB/s the 2 kB scout takes 6.8 ms: shorter than the 20 ms a sized probe
+    targets, but resolved and 37x what the 11 MB/s estimate predicts. The pair it calls is
+    sized from the scout for 60 ms (CONFIRM_S), not from the old estimate (128 kB: 0.44 s
+    of the link at 300 kB/s, seconds once it falls on; and charged that, the link's probe
+    credit kept it unprobed for 10 s: the V2X handover's late first re-plan, 2026-12-07)."""
+
+    async def main() -> None:
+        link = FakeLink()
+        for _ in range(30):
+            await link.round_at(12.5e6)
+        prober = link.prober
+        prober.window()
+        link.sizes.clear()
+        link.clock[0] += link.settings.probe_period_s
+        while not await link.round_at(fallen_to, latency_s=0.01):
+            pass
+        fell_at = link.clock[0]
+        while not prober.news.is_set() and link.clock[0] - fell_at < 5.0:
+            await link.round_at(fallen_to, latency_s=0.01)
+        assert prober.news.is_set()
+        assert link.clock[0] - fell_at < 0.5, link.clock[0] - fell_at
+        assert max(link.sizes) < 24_000, link.sizes  # no probe sized for the old link (128 kB)
+        (after,) = prober.window()
+        assert after.bandwidth_bytes_per_s is not None
+        assert abs(after.bandwidth_bytes_per_s - fallen_to) / fallen_to < 0.1, after
+
+    asyncio.run(main())
+
+
+def test_a_stalled_scout_on_a_fast_link_is_refuted_not_news() -> None:
+    """A 10 ms event-loop stall in a scout's echo looks like 200 kB/s on a 12.5 MB/s link:
+    the pair it calls, sized from the scout, is under-resolved there (an "at least" reading,
+    never a fall), so nothing is news and the link is measured fast again. A 5 ms stall on
+    that pair too (a loaded CI machine) is still no fall: it is short of the 30 ms margin a
+    first fall needs."""
+
+    async def main() -> None:
+        link = FakeLink()
+        for _ in range(30):
+            await link.round_at(12.5e6)
+        prober, peer = link.prober, link.prober._peers["b"]  # noqa: SLF001
+        prober.window()
+        for _ in range(200):  # until a round is a scout
+            link.clock[0] = max(link.clock[0], prober.next_round_s("b", link.clock[0]))
+            await prober.start_round("b", link.clock[0])
+            if len(link.sent[-1][1]) < 4096:
+                break
+            link.sent.clear()
+            link.clock[0] += 0.01
+        async def echo_with_stall(stall_s: float) -> None:
+            pair, link.sent[:] = list(link.sent), []
+            for index, (_, payload) in enumerate(pair):
+                header, array = decode_frame(payload)
+                link.clock[0] += len(payload) / 12.5e6 + 0.002 + (stall_s if index else 0.0)
+                await prober.on_frame(Frame(header.model_copy(update={"role": "echo", "src": "b"}),
+                                            array[:0]), link.clock[0], 0.0)  # fmt: skip
+
+        await echo_with_stall(0.010)
+        assert peer.scout_fell
+        await prober.start_round("b", link.clock[0])  # the pair the scout called, at once
+        await echo_with_stall(0.005)
+        assert peer.fallen == 0 and not peer.scout_fell
+        for _ in range(6):
+            await link.round_at(12.5e6)
+        assert not prober.news.is_set()
+        (after,) = prober.window()
+        assert after.bandwidth_bytes_per_s is not None and after.bandwidth_bytes_per_s > 5e6, after
+
+    asyncio.run(main())
+
+
 def test_an_emulation_command_not_above_the_last_applied_is_refused_as_a_replay() -> None:
     """Replay fencing (docs/SECURITY.md): a genuine command sent again, or an older one,
     changes nothing and is counted ``EmulationCommand_replayed``."""
@@ -294,3 +417,15 @@ def test_an_emulation_command_not_above_the_last_applied_is_refused_as_a_replay(
     assert emulation.fresh(EmulationCommand(command_id=4, slowdown=1.0))
     assert emulation.gate.refusals() == {"EmulationCommand_replayed": 2}
     assert emulation.state().slowdown == 4.0
+
+
+def test_one_noisy_window_does_not_move_the_batch_scaling() -> None:
+    """The scaling reported is the median of the last windows' estimates: one window whose
+    few lone steps happened to be fast (a scaling of 2 here) does not make the node look
+    unable to batch, and so cannot swing a plan on its own."""
+    timer = BlockTimer()
+    for seconds in (0.007, 0.007, 0.018):  # per block, 8 requests, against 2 ms alone
+        timer.record(tokens=1, blocks=1, seconds=0.002)
+        timer.record(tokens=1, blocks=1, seconds=seconds, batch=8)
+        times = timer.window()
+    assert times is not None and times.decode_batch_scaling == pytest.approx(2.5 / 7)

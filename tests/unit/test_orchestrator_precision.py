@@ -5,6 +5,7 @@ the settings take the policy as JSON (activations only)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -79,10 +80,59 @@ def test_a_slow_hop_of_the_running_plan_is_recompressed_without_moving_a_block()
     assert allowed("static", RSU_MEC, candidates) == candidates[:1]  # static changes nothing
     running_int8 = build_candidates(problem, RSU_MEC, (), CostModel(1e6, 0), keep_migrations=0,
                                     running_precisions=((0, "int8"),))  # fmt: skip
-    assert [c.kind for c in running_int8] == ["current"]  # already as the policy says: nothing to do
+    # already as the policy says: only the exact version is offered, and at 20 kB/s it is far slower
+    assert [(c.kind, c.link_precisions) for c in running_int8] == [("current", ((0, "int8"),)), ("migrate", ())]
+    stays = decide(state, Trigger("periodic", 1000.0), running_int8, 1000.0, DecisionConfig())
+    assert stays.action == "keep"
     recovered = parse_problem(_chain(INT8, car_rsu_bps=12.5e6))
     back = build_candidates(recovered, RSU_MEC, (), CostModel(1e6, 0), keep_migrations=0,
                             running_precisions=((0, "int8"),))  # fmt: skip
     assert back[1].link_precisions == ()  # the link recovered: the policy would send it exact
-    keep = decide(state, Trigger("link_recovered", 1000.0), back, 1000.0, DecisionConfig())
-    assert keep.action == "keep"  # but exact is 0.1 ms per token slower: int8 stays (open, see docs)
+    assert back[1].latency_s > back[0].latency_s  # exact is 0.1 ms per token slower ...
+    exact = decide(state, Trigger("link_recovered", 1000.0), back, 1000.0, DecisionConfig())
+    assert exact.action == "migrate" and exact.chosen is not None  # ... and answers lose nothing
+    assert exact.chosen.segments == RSU_MEC and exact.chosen.link_precisions == ()
+    assert "back to more exact hops" in exact.reason
+    dwell = decide(replace(state, changed_at_s=995.0), Trigger("link_recovered", 1000.0), back, 1000.0,
+                   DecisionConfig())  # fmt: skip
+    assert dwell.action == "keep" and "dwell" in dwell.reason  # not sooner than a change may
+
+
+def _decide_on(car_rsu_bps: float, running: tuple[tuple[int, str], ...]):
+    from services.orchestrator.logic import DecisionConfig, OrchestratorState, Trigger, decide
+
+    problem = parse_problem(_chain(INT8, car_rsu_bps=car_rsu_bps))
+    candidates = build_candidates(problem, RSU_MEC, (), CostModel(1e6, 0), keep_migrations=0,
+                                  running_precisions=running)  # fmt: skip
+    state = OrchestratorState(segments=RSU_MEC, epoch=3, changed_at_s=0.0)
+    return candidates, decide(state, Trigger("periodic", 1000.0), candidates, 1000.0, DecisionConfig())
+
+
+def test_an_int8_hop_goes_back_to_exact_only_when_exact_costs_under_the_threshold() -> None:
+    # 200 kB/s: int8 saves 8.6 ms of about 26: exact is offered, but costs far over 15 %
+    candidates, slow = _decide_on(200e3, ((0, "int8"),))
+    assert [c.link_precisions for c in candidates] == [((0, "int8"),), ()]
+    assert slow.action == "keep" and "at or over the 15% threshold" in slow.reason
+    # 1 MB/s: the policy still gives int8 (it saves 1.7 ms >= its 1 ms minimum), yet exact
+    # costs about 12 % of the compressed plan's time: back to exact ...
+    candidates, mid = _decide_on(1e6, ((0, "int8"),))
+    assert [c.link_precisions for c in candidates] == [((0, "int8"),), ()]
+    assert mid.action == "migrate" and mid.chosen is not None and mid.chosen.link_precisions == ()
+    # ... and, running exact there, compressing again does not save the 15 % it needs: no flap
+    _, again = _decide_on(1e6, ())
+    assert again.action == "keep" and "below the 15% threshold" in again.reason
+
+
+@pytest.mark.parametrize(("current", "candidate", "expected"), [
+    (((0, "int8"),), (), True),
+    (((0, "int8"),), ((0, "fp16"),), True),
+    (((0, "fp16"),), ((0, "int8"),), False),
+    (((0, "int8"), (4, "int8")), ((4, "int8"),), True),
+    (((0, "int8"),), ((4, "fp16"),), False),  # one hop more exact, another lossier
+    ((), (), False),
+    (((0, "int8"),), ((0, "int8"),), False),
+])  # fmt: skip
+def test_more_exact_compares_every_hop(current, candidate, expected) -> None:
+    from services.orchestrator.logic import more_exact
+
+    assert more_exact(current, candidate) is expected

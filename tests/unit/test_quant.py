@@ -4,6 +4,7 @@ transform, quantised shard stores, their malformed variants, and the CLI options
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,23 @@ from safetensors.torch import load_file, save_file
 
 from services.cli import main
 from shared.errors import CheckpointError, ConfigError
+from shared.model import quant
 from shared.model.pipeline import LocalPipeline
 from shared.model.quant import (
     INT4_GROUP_SIZE,
-    Int8Linear,
+    MAX_OUTLIER_SHARE,
+    OUTLIER_SUFFIX,
+    OUTLIER_WEIGHT_SUFFIX,
+    ROTATION_SUFFIX,
+    SMOOTH_SUFFIX,
+    calibrated,
     dequantise_int4,
+    outlier_channels,
     quantise_int4,
     quantise_int8,
+    smoothing,
 )
+from shared.model.quant_kernels import ROTATION_BLOCK, Int8Linear, rotated
 from shared.model.shard import ShardStore, forget_verified, write_shards
 from shared.model.tiny import write_tiny_checkpoint
 
@@ -124,6 +134,15 @@ def _rewrite_block(store: Path, change: dict[str, torch.Tensor]) -> None:
         ({"model.layers.1.mlp.up_proj.weight": torch.zeros(128, 64, dtype=torch.int16)}, "int16"),
         ({"model.layers.1.input_layernorm.weight": torch.zeros(64, dtype=torch.int8)}, "int8"),
         ({"model.layers.1.mlp.up_proj.weight_smooth": -torch.ones(64)}, "smoothing factors"),
+        # outlier channels and the rotation (shared/model/quant.py)
+        ({"model.layers.1.mlp.up_proj.weight_outliers": torch.tensor([3, 1]),
+          "model.layers.1.mlp.up_proj.weight_outlier_weight": torch.ones(128, 2)}, "ascending"),
+        ({"model.layers.1.mlp.up_proj.weight_outliers": torch.tensor([64]),
+          "model.layers.1.mlp.up_proj.weight_outlier_weight": torch.ones(128, 1)}, "ascending"),
+        ({"model.layers.1.mlp.up_proj.weight_outliers": torch.tensor([1, 2])}, "together"),
+        ({"model.layers.1.mlp.up_proj.weight_rotation": torch.tensor([32])}, "rotation"),
+        ({"model.layers.1.mlp.up_proj.weight_outliers": torch.tensor([1, 2]),
+          "model.layers.1.mlp.up_proj.weight_outlier_weight": torch.ones(128, 3)}, "fp32 \\[128, 2\\]"),
     ],
 )
 def test_malformed_quantised_block_is_a_typed_error(
@@ -164,3 +183,104 @@ def test_planner_counts_held_bytes_per_precision(tiny: dict[str, Path], tmp_path
         per_parameter = 4 if weights == "fp32" else 2
         assert held[weights] == [float(max(b.bytes, per_parameter * b.parameters)) for b in manifest.blocks]
     assert sum(held["int8"]) < 0.51 * sum(held["fp32"])
+
+
+def _massive_channel_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight [64, 128], inputs [4, 128] with two channels 60-100x the rest, x W^T)."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 128, generator=generator)
+    x = torch.randn(4, 128, generator=generator)
+    x[:, 5] *= 100.0
+    x[:, 77] *= 60.0
+    return weight, x, x @ weight.T
+
+
+def test_outlier_decomposition_tracks_fp32_where_smoothing_alone_does_not() -> None:
+    weight, x, expected = _massive_channel_case()
+    input_amax = x.abs().amax(dim=0)
+    smoothed, extra = calibrated(weight, input_amax)
+    channels, columns = extra[OUTLIER_SUFFIX], extra[OUTLIER_WEIGHT_SUFFIX]
+    assert channels.tolist() == [5, 77] and torch.equal(columns, weight[:, [5, 77]])
+    assert extra[ROTATION_SUFFIX].tolist() == [ROTATION_BLOCK]  # 128 inputs: two blocks of 64
+    unrotated = rotated(smoothed)  # the rotation is its own inverse
+    assert float(unrotated[:, [5, 77]].abs().max()) < 1e-5 and bool((extra[SMOOTH_SUFFIX][[5, 77]] == 1).all())
+    new = Int8Linear(*quantise_int8(smoothed), None, extra[SMOOTH_SUFFIX], (channels, columns), True)
+    factors = smoothing(weight, input_amax)
+    old = Int8Linear(*quantise_int8(weight * factors), None, factors)  # smoothed, no outliers
+    scale = float(expected.abs().max())
+    for rows in (4, 1):  # a prompt and a decode step
+        new_error = float((new(x[:rows]) - expected[:rows]).abs().max()) / scale
+        old_error = float((old(x[:rows]) - expected[:rows]).abs().max()) / scale
+        assert new_error < 0.0015 < old_error, (rows, new_error, old_error)
+
+
+def test_no_channel_is_an_outlier_below_the_ratio_or_beyond_the_share() -> None:
+    flat = torch.ones(128)
+    assert outlier_channels(flat).numel() == 0
+    spiky = flat.clone()
+    spiky[torch.arange(0, 128, 8)] = 50.0  # 16 spikes; at most 128 / 32 = 4 are taken
+    spiky[40] = 80.0
+    chosen = outlier_channels(spiky)
+    assert chosen.numel() == int(128 * MAX_OUTLIER_SHARE) and 40 in chosen.tolist()
+    assert bool((chosen[1:] > chosen[:-1]).all())
+
+
+def test_massive_channel_runs_in_fp32_and_stores_without_outliers_still_load(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A llama whose block-1 norm makes one input channel of q/k/v massive: the int8 store
+    keeps that channel in fp32 (and rotates) and tracks fp32 closer than a store written
+    as before either existed (smoothing only), which still loads and runs."""
+    checkpoint = tmp_path / "massive"
+    shutil.copytree(tiny["llama"], checkpoint)
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    tensors["model.layers.1.input_layernorm.weight"][3] = 200.0
+    save_file(tensors, str(checkpoint / "model.safetensors"))
+    write_shards(checkpoint, tmp_path / "store", weights="int8")
+    names = ShardStore(tmp_path / "store").manifest.blocks[1].tensor_names
+    assert {f"model.layers.1.self_attn.q_proj.weight{s}" for s in ("_outliers", "_rotation")} <= set(names)
+    with_outliers = LocalPipeline(ShardStore(tmp_path / "store")).logits(PROMPT)
+    with monkeypatch.context() as patch:  # write the old form: no outlier channel, no rotation
+        patch.setattr(quant, "OUTLIER_RATIO", float("inf"))
+        patch.setattr(quant, "ROTATION_BLOCK", 10**9)
+        write_shards(checkpoint, tmp_path / "old", weights="int8")
+    old_store = ShardStore(tmp_path / "old")
+    old_names = {n for b in old_store.manifest.blocks for n in b.tensor_names}
+    assert not any("_outlier" in n or "_rotation" in n for n in old_names)
+    assert any(n.endswith("_smooth") for n in old_names)
+    old_form = LocalPipeline(old_store)
+    without = old_form.logits(PROMPT)
+    fp32 = LocalPipeline(checkpoint).logits(PROMPT)
+    assert float((with_outliers - fp32).abs().max()) < 0.5 * float((without - fp32).abs().max())
+    assert old_form.generate(PROMPT, 4).token_ids  # runs as before
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_loaded_int8_blocks_keep_no_shard_file_mapped(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """safetensors' load_file maps the whole file and every tensor it returns keeps the
+    mapping: a quantised block must keep none of them, or its file stays resident beside
+    the packed weights (SmolLM2: 120 MB of 30 int8 blocks)."""
+    checkpoint = tmp_path / "massive"
+    shutil.copytree(tiny["llama"], checkpoint)
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    tensors["model.layers.1.input_layernorm.weight"][3] = 200.0  # one-column outliers too
+    save_file(tensors, str(checkpoint / "model.safetensors"))
+    write_shards(checkpoint, tmp_path / "store", weights="int8")
+    store = ShardStore(tmp_path / "store")
+    store.verify_all()  # verified files are read back with load_file (mapped)
+    pipeline = LocalPipeline(store)
+    block_files = [b.file for b in store.manifest.blocks]
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines()
+              if str(tmp_path / "store") in line and any(f in line for f in block_files)]  # fmt: skip
+    assert mapped == []
+    assert pipeline.generate(PROMPT, 2).token_ids
+
+
+def test_rotation_is_orthonormal_and_an_int8_kernel_with_it_matches_the_product() -> None:
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(rotated(rotated(x)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotated(x).norm(dim=1), x.norm(dim=1))
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(6))
+    got = Int8Linear(*quantise_int8(rotated(weight)), None, None, None, True)(x)
+    expected = x @ weight.T
+    assert float((got - expected).abs().max()) < 0.02 * float(expected.abs().max())

@@ -232,3 +232,23 @@ def test_propose_refuses_what_it_cannot_plan(manifest: ShardManifest, fields: di
 def test_an_infeasible_problem_is_an_answer_not_an_error(manifest: ShardManifest) -> None:
     answer = propose(request(manifest, privacy=PrivacyPolicy(trusted_level=3, private_blocks=2)), manifest)
     assert not answer.feasible and answer.error is None and "trust" in answer.reason
+
+
+def test_propose_searches_with_the_requests_precision_policy(manifest: ShardManifest) -> None:
+    """A request carrying a precision policy is solved with it: over a 20 kB/s link the
+    best plan is priced with compressed hops, the same answer the solver gives that
+    problem; without one, exact (fp32) as before."""
+    from shared.planning.precision import PrecisionPolicy
+
+    policy = PrecisionPolicy(activations=("fp32", "int8"), activation_loss={"int8": 0.01}, quality_budget=0.05)
+    slow = profile_of(block_bytes(manifest)).model_copy(update={"links": (
+        *both_ways("car", "rsu", 20e3, 0.002), *both_ways("rsu", "mec", 125e6, 0.001),
+        *both_ways("car", "mec", 20e3, 0.010))})  # fmt: skip
+    exact = propose(request(manifest, profile=slow), manifest)
+    compressed = propose(request(manifest, profile=slow, precision=policy), manifest)
+    problem = problem_from_profile(slow, manifest, POLICY, source="car", context_tokens=64)
+    expected = solve(problem.model_copy(update={"precision": policy}), alternatives=4)
+    assert exact.best is not None and compressed.best is not None and expected.predicted is not None
+    assert compressed.best.latency_s == pytest.approx(expected.predicted.latency_s)
+    assert compressed.best.latency_s < exact.best.latency_s  # the slow hops travel as int8
+    assert exact.best.latency_s == pytest.approx(solve(problem, alternatives=4).predicted.latency_s)  # type: ignore[union-attr]

@@ -29,7 +29,7 @@ from shared.topology import DEFAULT_TOPOLOGY, load_topology
 CLUSTER = "site1"
 NAMES = {Role.WORKER: "w1", Role.BROADCASTER: "broadcaster", Role.ORCHESTRATOR: "orchestrator",
          Role.SPLIT_REVISER: "split-reviser", Role.MONITOR: "monitor", Role.OPERATOR: "operator",
-         Role.CLIENT: "c1"}  # fmt: skip
+         Role.CLIENT: "c1", Role.GATEWAY: "gateway"}  # fmt: skip
 
 # Who may publish each topic (issue #17 item 1 and the ARCHITECTURE table). "own": only on
 # the instance named after the publisher.
@@ -53,7 +53,7 @@ PUBLISHERS: dict[str, dict[Role, str]] = {
     "monitor/events": {Role.MONITOR: "any"},
     "policy/privacy": {Role.OPERATOR: "any"},
     "nodes/{node}/emulation": {Role.OPERATOR: "any"},
-    "nodes/{node}/requests": {Role.CLIENT: "any"},
+    "nodes/{node}/requests": {Role.CLIENT: "any", Role.GATEWAY: "any"},
     "services/{service}/status": {Role.BROADCASTER: "own", Role.ORCHESTRATOR: "own", Role.MONITOR: "own",
                                   Role.SPLIT_REVISER: "own"},
 }
@@ -106,6 +106,16 @@ def test_a_client_reads_only_its_own_replies_and_no_prompts() -> None:
     assert not may(Role.CLIENT, "read", concrete("nodes/{node}/requests", "car"))
     assert not may(Role.CLIENT, "read", concrete("requests/finished", "-"))
     assert not may(Role.CLIENT, "read", concrete("nodes/{node}/activations", "car"))
+
+
+def test_the_gateway_reads_its_own_replies_and_the_dashboard_state_and_no_prompts() -> None:
+    assert may(Role.GATEWAY, "read", concrete("clients/{client}/replies", "gateway"))
+    assert not may(Role.GATEWAY, "read", concrete("clients/{client}/replies", "c1"))
+    for pattern in ("plan/current", "monitor/capacity", "orchestrator/decisions/{slot}"):
+        assert may(Role.GATEWAY, "read", concrete(pattern, "x")), pattern
+    for pattern in ("nodes/{node}/requests", "requests/finished", "nodes/{node}/activations",
+                    "policy/privacy", "broadcaster/rollouts"):  # fmt: skip
+        assert not may(Role.GATEWAY, "read", concrete(pattern, "car")), pattern
 
 
 def test_the_orchestrator_reads_only_its_own_reviser_replies() -> None:

@@ -44,6 +44,10 @@ class EventDriver:
         self.changes: list[tuple[float, str]] = []
         """Every change made to the system (trace points included): candidate causes of re-plans."""
         self.policies: list[PolicyChange] = [PolicyChange(0.0, stack.topology.privacy_policy())]
+        self._nodes: dict[str, asyncio.Lock] = {}
+        """One command at a time per node: each is the node's state plus a change, numbered
+        one above the state's; two at once (two traces through one node) would carry the
+        same number, and the node refuses the second as a replay (its change lost)."""
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -112,7 +116,8 @@ class EventDriver:
                 raise result
 
     async def _emulate(self, node: str, changes: Changes) -> None:
-        await emulate(self.stack.settings, node, changes, timeout_s=EMULATE_TIMEOUT_S)
+        async with self._nodes.setdefault(node, asyncio.Lock()):
+            await emulate(self.stack.settings, node, changes, timeout_s=EMULATE_TIMEOUT_S)
 
     async def _trace(self, event: Event) -> None:
         """Replay a bandwidth trace from the event's time on; a point that cannot be applied
