@@ -62,6 +62,7 @@ class EmbeddedBroker:
             asyncio.set_event_loop(loop)
             try:
                 self._broker = Broker(config, loop=loop)
+                _snapshot_subscriptions(self._broker)
                 loop.run_until_complete(self._broker.start())
             except BaseException as error:  # noqa: BLE001 - reported to the starting thread
                 failure.append(error)
@@ -90,6 +91,36 @@ class EmbeddedBroker:
                 log.warning("embedded broker did not shut down cleanly: %s", error)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=timeout_s)
+
+
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """A dict whose iteration walks a copy of its keys (and items, values): amqtt 0.12
+    iterates its topic-filter table across awaits (a new session's retained messages,
+    each broadcast), so a subscription from another client meanwhile raised "dictionary
+    changed size during iteration" and the broker dropped that session (seen as workers
+    losing their sessions when many connect at once; tests/service/test_embedded_broker_race.py)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().keys()))
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        return list(super().keys())
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(super().items())
+
+    def values(self):  # type: ignore[no-untyped-def]
+        return list(super().values())
+
+
+def _snapshot_subscriptions(broker: Any) -> None:
+    """Give ``broker`` a subscription table that tolerates change during iteration (see
+    _SnapshotDict); BrokerUnavailable if this amqtt keeps it elsewhere (its version is
+    pinned: constraints.txt)."""
+    table = getattr(broker, "_subscriptions", None)
+    if not isinstance(table, dict):
+        raise BrokerUnavailable("this amqtt version keeps no _subscriptions table; edgesplit needs amqtt 0.12")
+    broker._subscriptions = _SnapshotDict(table)  # noqa: SLF001 - amqtt keeps no public hook
 
 
 def _quiet_mqtt5_attempts(record: logging.LogRecord) -> bool:
