@@ -353,8 +353,11 @@ def test_compute_slowdown_shows_in_block_times_and_overload_fires(
                 base = watch.node("b").decode_s_per_block
                 began = time.monotonic()
                 await watch.emulate("b", slowdown=4.0)
-                await watch.until(lambda: within(watch.node("b").decode_s_per_block, 4 * base, 0.25), 10,
-                                  f"b's decode time near 4 x {base * 1e3:.3f} ms")  # fmt: skip
+                # 3 to 8 x: under load the emulated sleep leaves b's caches to other processes and
+                # its forwards read up to ~6 x (docs/MONITOR.md); the outside CI saw 5.1 x once
+                # where this asked for 4 x +- 25 % (2026-12-07)
+                await watch.until(lambda: 3 * base <= watch.node("b").decode_s_per_block <= 8 * base, 10,
+                                  f"b's decode time 3 to 8 x {base * 1e3:.3f} ms")  # fmt: skip
                 print(f"slowdown 4: decode {base * 1e3:.3f} -> {watch.node('b').decode_s_per_block * 1e3:.3f} "
                       f"ms/block after {time.monotonic() - began:.1f} s")  # fmt: skip
                 series = []
