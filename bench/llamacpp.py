@@ -111,29 +111,55 @@ def fetch_source(cache: Path, version: str, progress: Progress) -> Path:
     return source
 
 
-CMAKE_OPTIONS = (
+BASE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
-    # GGML_NATIVE would compile in AMX, which these CPUs list but their VMs do not enable: any
-    # batch over one row (a prompt) died with SIGILL in tinygemm_kernel_amx (tilezero). So
-    # the x86 features by name, AMX left out.
-    "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON", "-DGGML_FMA=ON",
-    "-DGGML_F16C=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
-    "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+    "-DGGML_NATIVE=OFF",
 )  # fmt: skip
+CPU_FEATURES = {
+    "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_BMI2": "bmi2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+    "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+    "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16",
+}  # fmt: skip
+"""ggml's x86 options and the /proc/cpuinfo flag each needs. GGML_NATIVE would compile in
+AMX, which these CPUs list but their VMs do not enable: any batch over one row (a prompt)
+died with SIGILL in tinygemm_kernel_amx (tilezero). So the features by name, AMX left
+out, each only where this CPU lists it: a fixed list named AVX-VNNI, which an AMD EPYC
+machine here lacks, and llama-bench died with SIGILL (2026-12-07)."""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty when unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cmake_options(flags: set[str] | None = None) -> tuple[str, ...]:
+    """The configure options: BASE_OPTIONS and each CPU_FEATURES option ON or OFF by ``flags``."""
+    flags = cpu_flags() if flags is None else flags
+    return (*BASE_OPTIONS, *(f"-D{option}={'ON' if flag in flags else 'OFF'}" for option, flag in CPU_FEATURES.items()))
+
+
 STAMP = "edgesplit-peer.options"  # in the build folder: the options it was configured with
 
 
 def build(cache: Path | None = None, version: str = DEFAULT_VERSION,
           progress: Progress = print) -> Tools:  # fmt: skip
-    """Build (once; again only when CMAKE_OPTIONS change) and return llama.cpp's tools.
+    """Build (once; again only when cmake_options() change) and return llama.cpp's tools.
     Raises PeerError when the toolchain is missing or a step fails (its log is named)."""
     cache = cache or default_cache()
     cache.mkdir(parents=True, exist_ok=True)
     build_dir = cache / f"build-{version}"
     bin_dir, stamp = build_dir / "bin", build_dir / STAMP
     source = cache / "src" / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    options = "\n".join(CMAKE_OPTIONS)
+    configure = cmake_options()
+    options = "\n".join(configure)
     built = all((bin_dir / tool).is_file() for tool in TOOLS) and source.is_dir()
     if built and stamp.is_file() and stamp.read_text() == options:
         progress(f"reusing the llama.cpp build in {build_dir}")
@@ -144,7 +170,7 @@ def build(cache: Path | None = None, version: str = DEFAULT_VERSION,
         started = time.monotonic()
         progress(f"building llama.cpp ({', '.join(TOOLS)}) in {build_dir}: minutes; log {log}")
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        _run(["cmake", "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_OPTIONS],
+        _run(["cmake", "-S", str(source), "-B", str(build_dir), *generator, *configure],
              log, "cmake configure")  # fmt: skip
         _run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1), "--target", *TOOLS],
              log, "cmake build")  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.llamacpp import PeerError, build, parse_llama_bench
+from bench.llamacpp import PeerError, build, cmake_options, parse_llama_bench
 from bench.peer import SPLIT, Variant, compare, goals, per_hop_ms, ratio, variants
 
 
@@ -114,3 +114,12 @@ def test_a_missing_toolchain_is_named_before_any_download(
     with pytest.raises(PeerError, match="cmake, a C compiler, a C\\+\\+ compiler not found"):
         build(tmp_path / "cache", progress=lambda _: None)
     assert not (tmp_path / "cache" / "sdist").exists()
+
+
+def test_cmake_options_enable_only_the_features_the_cpu_lists() -> None:
+    epyc = {"avx", "avx2", "bmi2", "fma", "f16c", "avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16"}
+    options = cmake_options(epyc)
+    assert "-DGGML_AVX_VNNI=OFF" in options  # listed by none of these flags: SIGILL if compiled in
+    assert "-DGGML_AVX512_VNNI=ON" in options and "-DGGML_NATIVE=OFF" in options
+    assert "-DGGML_AVX_VNNI=ON" in cmake_options(epyc | {"avx_vnni"})
+    assert all(option.endswith("=OFF") for option in cmake_options(set()) if "AVX" in option)
