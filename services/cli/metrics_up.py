@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 
-from services.cli.gateway_up import free_port_on
+from shared.ports import quiet_ports
 
 METRICS_HOST = "127.0.0.1"
 TARGETS_FILE = "metrics-targets.json"
@@ -17,14 +17,15 @@ TARGETS_FILE = "metrics-targets.json"
 
 def assign_metrics_ports(names: Iterable[str], environments: MutableMapping[str, dict[str, str]],
                          host: str = METRICS_HOST) -> dict[str, str]:  # fmt: skip
-    """A distinct free port on ``host`` for each process name, set as its
-    EDGESPLIT_METRICS_PORT / _HOST in ``environments``; returns name -> "host:port"."""
+    """A distinct free port for each process name (below the kernel's ephemeral range, so
+    no outgoing connection takes it before the process binds it: shared/ports.py), set as
+    its EDGESPLIT_METRICS_PORT / _HOST in ``environments``; returns name -> "host:port"."""
     taken: set[int] = set()
     targets = {}
     for name in names:
-        port = free_port_on(host)
+        port = quiet_ports()
         while port in taken:
-            port = free_port_on(host)
+            port = quiet_ports()
         taken.add(port)
         environment = environments.setdefault(name, {})
         environment.update({"EDGESPLIT_METRICS_PORT": str(port), "EDGESPLIT_METRICS_HOST": host})

@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 
+from shared.ports import quiet_ports
 from shared.security.creds import StateDir, client_environment
 from tests.integration.containers_secure import complete, mqtt_connect, read_api_key
-from tests.integration.ports import quiet_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 

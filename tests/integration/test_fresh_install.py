@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from shared.broker import mqtt_answers
+from shared.ports import quiet_ports
 from tests.integration.cluster import stop_up
-from tests.integration.ports import quiet_ports
 from tests.integration.test_up import _wait_for_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -22,8 +22,8 @@ import pytest
 
 from shared.broker import LocalBroker
 from shared.config import BusSettings
+from shared.ports import quiet_ports
 from tests.integration.cluster import stop_up
-from tests.integration.ports import quiet_ports
 from tests.integration.test_up import _wait_for_line
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from shared.ports import quiet_ports
 from shared.security.creds import StateDir, client_environment, load_registry
 from tests.integration.cluster import stop_up
-from tests.integration.ports import quiet_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 EDGESPLIT = [sys.executable, "-m", "services.cli"]

@@ -1,4 +1,4 @@
-"""Listening ports for the tests that run beside the rest of the suite.
+"""Listening ports that nothing else takes before their listener binds them.
 
 `shared.broker.free_port` asks the kernel for a port in its ephemeral range. Between that
 call and the moment a slow starter (docker-compose's port proxy, a fresh install's `up`)
@@ -6,7 +6,10 @@ binds it, any of the suite's concurrent outgoing connections or other `free_port
 may take it: a CI run on 2026-12-07 lost the secure compose stack that way ("bind: address
 already in use" on a port free_port had returned seconds before). A port below the
 ephemeral range is never handed out for an outgoing connection nor by ``bind(0)``, so only
-a fixed listener could still race for it.
+a fixed listener could still race for it. `up` takes its metrics ports here too
+(services/cli/metrics_up.py): a worker binds its port only after importing torch, seconds
+later, and a fresh-clone CI run on 2026-12-07 lost a worker to "metrics cannot listen on
+127.0.0.1:48815: Address already in use" with a bind(0) port.
 """
 
 from __future__ import annotations
