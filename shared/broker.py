@@ -87,11 +87,7 @@ class LocalBroker:
         config = self.render_config()
         config_path = self.data_dir / "mosquitto.conf"
         config_path.write_text(config)
-        log = open(self.data_dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen(
-            [binary, "-c", str(config_path)], stdout=log, stderr=log, start_new_session=True
-        )
-        log.close()
+        self.process = self._spawn([binary, "-c", str(config_path)], self.data_dir / "mosquitto.log")
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -104,6 +100,12 @@ class LocalBroker:
             time.sleep(0.05)
         self.stop()
         raise BrokerUnavailable(f"mosquitto did not answer on port {self.port} in {ready_timeout_s} s")
+
+    def _spawn(self, command: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+        """Start Mosquitto with its output appended to ``log_file`` (the secure profile's
+        audit overrides it)."""
+        with open(log_file, "ab") as log:
+            return subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
 
     def render_config(self) -> str:
         """The Mosquitto config this broker runs with (the secure profile overrides it)."""

@@ -129,6 +129,10 @@ class BusSettings(BaseSettings):
     role_key_file: Path | None = None
     """This process's role private key (STATE/keys/private/{role}.key): it signs the
     control messages it publishes with it instead of the cluster HMAC key."""
+    replay_memory_dir: Path | None = None
+    """Where a receiver writes down the control messages without an epoch it accepted, so
+    that after a restart it refuses replays of them (shared/security/replay_memory.py);
+    `edgesplit up` sets RUN/replay. None: memory of the running process only."""
     """A file holding the control key (STATE/signing.key, RUN/signing.key)."""
 
     @field_validator("broker_url", "data_broker_url")

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from services.cli.gateway_up import gateway_arguments
 from services.cli.metrics_up import assign_metrics_ports, write_targets
-from services.cli.secure_up import start_secure_broker_for
+from services.cli.secure_up import report_broker_refusals, start_secure_broker_for
 from shared.broker import LocalBroker, find_mosquitto, mqtt_answers, start_local_broker
 from shared.bus import Bus
 from shared.config import BusSettings, load_settings
@@ -372,6 +372,7 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
     model_dir, shards, num_layers = await on_daemon_thread(_prepare, settings, model, run_dir, weights)
     environments: dict[str, dict[str, str]] = {}
     api_key_source = None  # where the gateway's API key is (None: it needs none)
+    audit = None  # the secure broker's refusal counts (None: the open profile)
     if secure is None:
         stack = Stack(broker=await start_broker(settings, run_dir / "broker"))
         if configured_key(settings) is None:  # no default key: one per broker and cluster
@@ -386,12 +387,15 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
         launch = await asyncio.to_thread(start_secure_broker_for, settings, secure.state,
                                          topology, secure.tls_port, run_dir / "broker")  # fmt: skip
         stack, settings, environments = Stack(broker=launch.broker), launch.settings, launch.environments
-        api_key_source = launch.api_key_source
+        api_key_source, audit = launch.api_key_source, launch.audit
         say(f"{'created' if launch.created else 'using'} credentials in {secure.state}; started the "
             f"secure Mosquitto: TLS with client certificates at {launch.broker.url} (data plane at "
             f"{launch.broker.data_url}), passwords on "
             f"loopback at {launch.broker.password_url}; as the client identity: "
             f"{launch.client_hint(StateDir(secure.state))} edgesplit generate ...")  # fmt: skip
+    if "EDGESPLIT_REPLAY_MEMORY_DIR" not in os.environ:  # receivers refuse replays across restarts
+        for name in [*(node.id for node in topology.nodes), "split-reviser", *CONTROL_SERVICES, "gateway"]:
+            environments.setdefault(name, {})["EDGESPLIT_REPLAY_MEMORY_DIR"] = str(run_dir / "replay")
     if isinstance(stack.broker, EmbeddedBroker):  # MQTT 3.1.1 only: no MQTT 5 attempt first
         settings = load_settings(type(settings), {**settings.model_dump(), "protocol": "3.1.1"})
         for name in [*(node.id for node in topology.nodes), "split-reviser", *CONTROL_SERVICES, "gateway"]:
@@ -443,7 +447,10 @@ async def up(settings: BusSettings, topology_file: Path | None, model: str | Non
                 print(f"edgesplit gateway: OpenAI-compatible API at {url} (log {stack.logs['gateway']}){keyed}",
                       flush=True)  # fmt: skip
             reported: set[str] = set()
+            refusals = None  # what the broker refused, as last published
             while True:  # a process that dies is reported once; the system re-plans around it
+                if audit is not None:
+                    refusals = await report_broker_refusals(bus, audit, refusals)
                 await asyncio.sleep(1.0)
                 for name, process in {**stack.workers, **stack.services}.items():
                     if name not in reported and process.poll() is not None:

@@ -22,10 +22,12 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.bus import Bus
 from shared.config import BusSettings, load_settings
 from shared.errors import ConfigError
 from shared.security.acl import Role
 from shared.security.broker import SecureBroker, start_secure_broker
+from shared.security.broker_audit import AUDIT_SERVICE, BrokerAudit, broker_status
 from shared.security.creds import (
     SERVICE_IDENTITIES,
     StateDir,
@@ -36,6 +38,7 @@ from shared.security.creds import (
 )
 from shared.security.role_keys import KEYS_DIR, ensure_role_keys
 from shared.security.signing import ensure_key_file
+from shared.topics import SERVICE_STATUS
 from shared.topology import Topology
 
 LAUNCHER_IDENTITY = "operator"
@@ -57,6 +60,8 @@ class SecureLaunch:
     """True when this run created the state folder."""
     api_key_source: str
     """Where the gateway's API key comes from (a file, or the environment variable)."""
+    audit: BrokerAudit
+    """What the broker refused, counted from its log (`report_broker_refusals` publishes it)."""
 
     def client_hint(self, state: StateDir) -> str:
         """How a user connects as the ``client`` identity (shell variables)."""
@@ -86,7 +91,8 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
     if missing:
         raise ConfigError(f"{state_root} has no identity for {', '.join(missing)}; add nodes with "
                           "`edgesplit creds add-node NAME --trust N --state ...`")  # fmt: skip
-    broker = start_secure_broker(state, tls_port=tls_port, data_dir=data_dir)
+    audit = BrokerAudit()
+    broker = start_secure_broker(state, tls_port=tls_port, data_dir=data_dir, audit=audit)
     try:
         ensure_role_keys(state_root / KEYS_DIR)  # each signing role's Ed25519 key pair
         names = [*(node.id for node in topology.nodes), *SERVICES]
@@ -113,7 +119,17 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
     except BaseException:
         broker.close()
         raise
-    return SecureLaunch(broker, launcher, environments, created, api_key_source)
+    return SecureLaunch(broker, launcher, environments, created, api_key_source, audit)
+
+
+async def report_broker_refusals(bus: Bus, audit: BrokerAudit, reported: dict[str, int] | None) -> dict[str, int]:
+    """Publish the broker's refusal counts (retained ``services/broker/status``, as the
+    launcher's ``operator`` identity) when they changed since ``reported`` (None: never
+    published). Returns what was published."""
+    counts = audit.snapshot()
+    if counts != reported:
+        await bus.publish(SERVICE_STATUS, broker_status(counts), service=AUDIT_SERVICE)
+    return counts
 
 
 def gateway_api_key(state_root: Path) -> tuple[str, str]:

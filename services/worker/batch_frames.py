@@ -44,7 +44,7 @@ from shared.ids import NodeId
 from shared.tensor_frame import MAX_FRAME_BYTES, MAX_HEADER_BYTES, Frame
 
 log = logging.getLogger(__name__)
-Seal = Callable[[FrameHeader, np.ndarray], Awaitable[bytes]]
+Seal = Callable[[str, FrameHeader, np.ndarray], Awaitable[bytes]]
 SendPayload = Callable[[str, bytes], Awaitable[None]]
 GroupKey = tuple[str, int, int, str, str, int]
 """(destination, epoch, target block, header kind, dtype, row width): rows that may share a frame."""
@@ -83,7 +83,7 @@ class OutboundBatches:
 
         Raises what sealing or sending its frame raises (FrameRefused, BusError)."""
         if not self.enabled:
-            await self._send(destination, await self._seal(header, array))
+            await self._send(destination, await self._seal(destination, header, array))
             return
         key = (destination, header.epoch, target, header.kind, array.dtype.str, int(array.shape[1]))
         row = _Row(header, array, target)
@@ -102,10 +102,10 @@ class OutboundBatches:
         for chunk in chunked(rows):
             try:
                 if len(chunk) == 1:
-                    payload = await self._seal(chunk[0].header, chunk[0].array)
+                    payload = await self._seal(key[0], chunk[0].header, chunk[0].array)
                 else:
                     header, array = batch_of(chunk, next(self._seq))
-                    payload = await self._seal(header, array)
+                    payload = await self._seal(key[0], header, array)
                 await self._send(key[0], payload)
             except asyncio.CancelledError:
                 _settle(chunk, asyncio.CancelledError())

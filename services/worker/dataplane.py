@@ -45,6 +45,7 @@ from shared.frame_headers import (
 )
 from shared.ids import NodeId, RequestId
 from shared.planning.route import Route
+from shared.security.frame_keys import PeerKeys
 from shared.tensor_frame import Frame, compress_activation, decompress_activation
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class DataPlane:
     """Frames of one worker. ``limits``: the model numbers every received frame is
     checked against (services/worker/frame_checks.py); ``send(destination, payload)`` is
     the (shaped) egress; the KV handoff (``handoff``) is its collaborator for handoff and
-    kv frames."""
+    kv frames; ``peers``: this node's frame key and its peers' (a new key when None)."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class DataPlane:
         send: Callable[[str, bytes], Awaitable[None]],
         stage_timeout_s: float,
         deadline: StageDeadline | None = None,
+        peers: PeerKeys | None = None,
     ) -> None:
         self.node = node
         self.limits = limits
@@ -94,7 +96,7 @@ class DataPlane:
         self._announcements = asyncio.Event()  # replaced (and the old one set) on each
         self.batcher = DecodeBatcher(compute, slowdown, self.counters)
         """Decode steps of different requests at this stage run as one batched forward."""
-        self.auth = FrameAuth(node, keeper, self.counters)
+        self.auth = FrameAuth(node, keeper, self.counters, peers or PeerKeys(node))
         self.seal = self.auth.seal
         self.batches = OutboundBatches(self.seal, send, self._seq, self.counters)
         """Decode steps leaving for the same next hop in the same turn go as one batch frame."""
@@ -339,7 +341,7 @@ class DataPlane:
         out = ResultHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
                            seq=next(self._seq), pass_id=header.pass_id, kv_missing=True,
                            src=NodeId(self.node), sent_at=time.time(), kv_over_budget=over_budget)  # fmt: skip
-        await self._send_payload(route.entry, await self.seal(out, np.zeros((0, self.hidden_size), np.float32)))
+        await self._send_payload(route.entry, await self.seal(route.entry, out, np.zeros((0, self.hidden_size), np.float32)))
 
     async def _send(
         self, route: Route, header: ActivationHeader | ReleaseHeader, array: np.ndarray, target: int
@@ -370,7 +372,8 @@ class DataPlane:
             if is_decode_step(header, array.shape[0]):  # may travel with other requests' steps
                 await self.batches.send(route.node_for(target), out, array, target)
                 return
-        await self._send_payload(route.node_for(target), await self.seal(out, array))
+        destination = route.node_for(target)
+        await self._send_payload(destination, await self.seal(destination, out, array))
 
     async def pipeline_pass(
         self,

@@ -32,8 +32,9 @@ WaitKey = tuple[str, int, int]
 """What an entry's wait for an answer is keyed by: (request id, step, epoch)."""
 ExpectAnswers = Callable[[Sequence[WaitKey]], tuple[int, list[asyncio.Future[Frame]]]]
 """Register one wait per key under a new pass id; returns (pass id, one future per key)."""
-Seal = Callable[[FrameHeader, np.ndarray], Awaitable[bytes]]
-"""Encode a frame authenticated with its epoch's key (`DataPlane.seal`)."""
+Seal = Callable[[str, FrameHeader, np.ndarray], Awaitable[bytes]]
+"""Encode a frame for a destination, authenticated with their pair key in its epoch
+(`DataPlane.seal`)."""
 
 
 class KvHandoff:
@@ -113,7 +114,7 @@ class KvHandoff:
                 if node == self.node:
                     await self.on_handoff(header, empty, old)
                 else:
-                    await self._send_payload(node, await self._seal(header, empty))
+                    await self._send_payload(node, await self._seal(node, header, empty))
             async with asyncio.timeout(self.deadline.timeout_s(1)):  # about one pass; then replay
                 for answered in asyncio.as_completed(futures):
                     if _failed((await answered).header):
@@ -141,7 +142,7 @@ class KvHandoff:
                                seq=next(self._seq), target=new.route.segment_of(owner)[0],  # type: ignore[index]
                                blocks=blocks, pos=header.pos, ack_step=header.ack_base + owners.index(owner),
                                old_epoch=route.epoch, pass_id=header.pass_id, src=NodeId(self.node))  # fmt: skip
-                await self._send_payload(owner, await self._seal(out, tensor))
+                await self._send_payload(owner, await self._seal(owner, out, tensor))
         answer = KvAckHeader(request_id=header.request_id, step=header.step, epoch=route.epoch,
                              seq=next(self._seq), pass_id=header.pass_id, failed=failed,
                              src=NodeId(self.node))  # fmt: skip
@@ -170,7 +171,7 @@ class KvHandoff:
         if entry == self.node:
             self._resolve(Frame(answer, array))
         else:
-            await self._send_payload(entry, await self._seal(answer, array))
+            await self._send_payload(entry, await self._seal(entry, answer, array))
 
 
 HANDOFF_STEP = 2**62

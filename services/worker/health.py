@@ -101,6 +101,8 @@ class Health:
                 continue
             if isinstance(message, NodeStatus):
                 self.kv_budgets[node] = message.kv_budget_bytes
+                if message.frame_public_key and delivery.params.get("node") == node:  # its own topic
+                    self.data.auth.peers.learn(node, message.frame_public_key)
             if isinstance(message, NodeDown) or (isinstance(message, NodeStatus) and message.state == "offline"):
                 failed = self.data.node_down(node)
                 if failed:

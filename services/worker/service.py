@@ -54,9 +54,9 @@ from shared.model.runtime import EntryRuntime
 from shared.model.shard import ShardStore
 from shared.model.tokenizer import TextTokenizer
 from shared.planning.route import Route, route_of
-from shared.security.frame_keys import derive_frame_key, parse_frame_key
+from shared.security.frame_keys import PeerKeys, derive_frame_key, parse_frame_key
 from shared.security.role_keys import role_verifier
-from shared.security.signing import ControlGate, require_control_key
+from shared.security.signing import ControlGate, require_control_key, with_replay_memory
 from shared.tensor_frame import Frame
 from shared.topics import (
     ACTIVATIONS,
@@ -88,6 +88,8 @@ class WorkerService:
         self.emulation.apply(initial_command(settings))  # the same path as run-time commands
         self.prober = LinkProber(self.node, settings, self.shaper.send, queue_wait=self.shaper.queue_wait_s)
         self.keeper = EpochKeeper(drain_s=settings.stage_timeout_s)
+        self.peer_keys = PeerKeys(self.node)
+        """This process's frame key (new per process) and the keys its peers announced."""
         keeper = self.keeper
         self.telemetry = TelemetryReporter(TelemetrySources(
             self.node, settings.telemetry_period_s, self.compute,
@@ -103,8 +105,9 @@ class WorkerService:
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
         self.counters: Counter[str] = Counter()
-        self.gate = ControlGate(require_control_key(settings, f"worker {self.node}"), self.node, self.counters,
-                                role_verifier(settings), settings.max_message_age_s)  # fmt: skip
+        self.gate = with_replay_memory(ControlGate(require_control_key(settings, f"worker {self.node}"), self.node,
+                                                   self.counters, role_verifier(settings),
+                                                   settings.max_message_age_s), settings)  # fmt: skip
         """Signatures and epoch fencing of every control message this node acts on."""
         self.emulation.gate = self.gate
         self.ready = asyncio.Event()
@@ -153,6 +156,7 @@ class WorkerService:
             entry=bool(route and route.entry == self.node),
             kv_budget_bytes=self.kv_budget.limit_bytes,
             refused=self.refusals(),
+            frame_public_key=self.peer_keys.public_hex,
         )
 
     def refusals(self) -> dict[str, int]:
@@ -183,7 +187,8 @@ class WorkerService:
         self.shards = CachedShards(self.store, self.settings.shard_cache_bytes)
         deadline = StageDeadline(self.settings.stage_timeout_s, self.settings.stage_min_s, self.settings.stage_factor)
         self.data = DataPlane(self.node, FrameLimits.of(self.store.config), self.keeper, self.compute,
-                              self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline)  # fmt: skip
+                              self.slowdown, self.shaper.send, self.settings.stage_timeout_s, deadline,
+                              self.peer_keys)  # fmt: skip
         self.data.withheld = self.guard.refusal
         self.data.activation_precision = self.settings.activation_precision
         self.data.batches.enabled = self.settings.batch_frames

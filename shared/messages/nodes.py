@@ -44,6 +44,10 @@ class NodeStatus(Message):
     """Control messages this node refused, by ``{Kind}_{why}`` (unsigned, forged, role,
     replayed, stale, private): shared/security/signing.py; and ``Session_takenover``, its
     broker sessions another connection of its identity took over (shared/connection.py)."""
+    frame_public_key: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
+    """The node's X25519 public key (hex): its peers seal frames for it, and check its
+    frames, with the pair key of the two nodes (shared/security/frame_keys.py `PeerKeys`).
+    Only the node's own identity may publish its status on the secure profile."""
 
 
 class ServiceStatus(Message):

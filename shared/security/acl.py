@@ -75,6 +75,9 @@ class Scope(enum.Enum):
     """Only the instance whose (single) topic parameter is the identity's name."""
     ANY = "any"
     """Every instance of the topic."""
+    BROKER = "broker"
+    """Only the instance named ``broker``: the broker's refusal counts, which the launcher
+    of `up --secure` publishes (shared/security/broker_audit.py)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ GRANTS: Mapping[Role, Mapping[Topic[Any], Grant]] = {
     Role.OPERATOR: {  # and it reads everything: READ_ALL
         POLICY: PUB,
         EMULATION: PUB,
+        SERVICE_STATUS: Grant(publish=Scope.BROKER),  # `up --secure` reports the broker's refusals
     },
     Role.CLIENT: {
         REQUESTS: Grant(publish=Scope.ANY),  # to the entry the plan names
@@ -204,8 +208,8 @@ def _instance(topic: Topic[Any], cluster: str, scope: Scope, identity: str) -> s
     if scope is Scope.ANY:
         return topic.filter(cluster)
     if len(topic.params) != 1:
-        raise ConfigError(f"topic {topic.pattern!r}: 'own' needs exactly one parameter")
-    return topic.topic(cluster, **{topic.params[0]: identity})
+        raise ConfigError(f"topic {topic.pattern!r}: '{scope.value}' needs exactly one parameter")
+    return topic.topic(cluster, **{topic.params[0]: "broker" if scope is Scope.BROKER else identity})
 
 
 def rules_for(identity: Identity, cluster: str) -> tuple[Rule, ...]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.broker import LocalBroker, free_port
 from shared.errors import BrokerUnavailable
+from shared.security.broker_audit import BrokerAudit, audited_config
 from shared.security.creds import DATA_PORT_OFFSET, StateDir, render_broker_config
 
 
@@ -36,6 +39,9 @@ class SecureBroker(LocalBroker):
 
     state: StateDir | None = None
     password_port: int = 0
+    audit: BrokerAudit | None = None
+    """When set, Mosquitto logs everything into a pipe that ``audit`` counts its refusals
+    from (shared/security/broker_audit.py); only the lines worth keeping reach the log."""
 
     @property
     def url(self) -> str:
@@ -55,10 +61,36 @@ class SecureBroker(LocalBroker):
 
     def render_config(self) -> str:
         assert self.state is not None, "SecureBroker needs a state folder"
-        return render_broker_config(self.state, self.port, self.password_port, self.data_dir)
+        config = render_broker_config(self.state, self.port, self.password_port, self.data_dir)
+        return audited_config(config) if self.audit is not None else config
+
+    def _spawn(self, command: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+        if self.audit is None:
+            return super()._spawn(command, log_file)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        assert process.stdout is not None
+        log = open(log_file, "ab", buffering=0)  # noqa: SIM115 - closed when the pipe ends
+
+        def keep(line: bytes) -> None:
+            log.write(line)
+
+        reader = self.audit.follow(process.stdout, keep)
+
+        def close_when_done() -> None:
+            reader.join()
+            log.close()
+
+        threading.Thread(target=close_when_done, name="broker-log", daemon=True).start()
+        return process
 
     def answers(self) -> bool:
         return connack_arrives("127.0.0.1", self.password_port)
+
+    def start(self, ready_timeout_s: float = 10.0) -> SecureBroker:
+        super().start(ready_timeout_s)
+        if self.audit is not None:
+            self.audit.forget_readiness_probe()
+        return self
 
 
 def free_pair() -> int:
@@ -73,10 +105,11 @@ def free_pair() -> int:
 
 
 def start_secure_broker(state: StateDir, tls_port: int | None = None,
-                        password_port: int | None = None, data_dir: Path | None = None
-                        ) -> SecureBroker:  # fmt: skip
+                        password_port: int | None = None, data_dir: Path | None = None,
+                        audit: BrokerAudit | None = None) -> SecureBroker:  # fmt: skip
     """Start Mosquitto with ``state``'s secure profile on the given ports (free ones by
-    default); returns once it answers. Raises BrokerUnavailable."""
+    default), its refusals counted by ``audit`` when given; returns once it answers.
+    Raises BrokerUnavailable."""
     own = data_dir is None
     directory = data_dir or Path(tempfile.mkdtemp(prefix="edgesplit-secure-mosquitto-"))
     tls = tls_port or free_pair()
@@ -84,6 +117,6 @@ def start_secure_broker(state: StateDir, tls_port: int | None = None,
     while password in (tls, tls + DATA_PORT_OFFSET):
         password = free_port()
     broker = SecureBroker(port=tls, data_dir=directory, _own_dir=own, state=state,
-                          password_port=password)  # fmt: skip
+                          password_port=password, audit=audit)  # fmt: skip
     broker.start()
     return broker

@@ -34,6 +34,7 @@ from pathlib import Path
 from shared.config import DEFAULT_MAX_MESSAGE_AGE_S, BusSettings
 from shared.errors import ConfigError
 from shared.messages.base import Message, is_signed_kind, signature_ok
+from shared.security.replay_memory import ReplayMemory, memory_file
 from shared.security.role_keys import RoleVerifier, load_signer, role_verifier
 from shared.topics import DECISION_SLOTS
 
@@ -112,6 +113,16 @@ def require_signing_key(settings: BusSettings, service: str) -> None:
     require_control_key(settings, service)
 
 
+def with_replay_memory(gate: ControlGate, settings: BusSettings) -> ControlGate:
+    """``gate`` remembering what it accepts in ``settings.replay_memory_dir`` (one file per
+    cluster and owner), so this receiver refuses after a restart what it accepted before;
+    unchanged without that setting."""
+    if settings.replay_memory_dir is not None:
+        path = memory_file(settings.replay_memory_dir, settings.cluster, gate.owner)
+        gate.memory = ReplayMemory(path, gate.max_age_s)
+    return gate
+
+
 def receiver_gate(settings: BusSettings, owner: str) -> ControlGate | None:
     """A gate for a process that only receives control messages (a client checking plans):
     the roles' public keys when given (the secure profile), else the cluster key when one
@@ -168,6 +179,8 @@ class ControlGate:
         """Per decision id within the retained window, the highest revision of its record seen."""
         self._highest_decision: int | None = None
         """The highest decision id whose record this receiver accepted."""
+        self.memory: ReplayMemory | None = None
+        """What this receiver's earlier runs accepted (replay_memory.py; `with_replay_memory`)."""
 
     def signed(self, message: Message) -> bool:
         """True when ``message`` carries a valid signature; counts and logs a refusal."""
@@ -217,11 +230,26 @@ class ControlGate:
         the same node is a replay (an old NodeDown sent again after the node came back
         would fail its passes); the same event again (a QoS 1 redelivery) says what is
         already known and passes. A DecisionRecorded is fenced by `decision_current`.
-        Other kinds pass."""
-        if message.kind == "DecisionRecorded":
-            return (retained or self.timely(message)) and self.decision_current(message, retained)
+        With a replay memory (``memory``) a live message of these kinds that an earlier run
+        of this receiver accepted is refused as ``replayed``, and each one accepted is
+        written down. Other kinds pass."""
+        if message.kind == "DecisionRecorded" and retained:
+            return self.decision_current(message, retained)
         if not self.timely(message):
             return False
+        remembered = self.memory is not None and getattr(message, "issued_at_s", None) is not None
+        if remembered and self.memory is not None and self.memory.seen_before(message):
+            self.refuse(message, "replayed", "accepted by this receiver before it restarted")
+            return False
+        accepted = self._fenced(message)
+        if accepted and remembered and self.memory is not None:
+            self.memory.remember(message)
+        return accepted
+
+    def _fenced(self, message: Message) -> bool:
+        """`current`'s memory fences of this run (after the freshness bound)."""
+        if message.kind == "DecisionRecorded":
+            return self.decision_current(message, retained=False)
         if message.kind not in ("NodeDown", "NodeJoined"):
             return True
         node, at_s = str(getattr(message, "node", "")), float(getattr(message, "at_s", 0.0))

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from shared.messages import NodeStatus
 from shared.security import pki
 from shared.security.acl import GRANTS, READ_ALL, Role, Scope
 from shared.security.broker import SecureBroker, start_secure_broker
+from shared.security.broker_audit import BrokerAudit
 from shared.security.creds import (
     StateDir,
     add_identity,
@@ -74,7 +76,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StateDir,
     pki.issue(state.ca, state.certs, FEEDER)
     with state.acl.open("a") as acl:
         acl.write(f"\n# test only\nuser {FEEDER}\ntopic write {ROOT}/{cluster}/#\n")
-    broker = start_secure_broker(state, data_dir=root / "broker")
+    broker = start_secure_broker(state, data_dir=root / "broker", audit=BrokerAudit())
     try:
         yield state, broker
     finally:
@@ -107,36 +109,62 @@ async def connects(**kwargs: Any) -> None:
         pass
 
 
+def audited(broker: SecureBroker) -> dict[str, int]:
+    assert broker.audit is not None
+    return broker.audit.snapshot()
+
+
+def counted(broker: SecureBroker, kind: str, before: dict[str, int], more: int, timeout_s: float = 5.0) -> None:
+    """The broker's audit counts exactly ``more`` refusals of ``kind`` since ``before``
+    (its log travels through a pipe: wait for it), and no other kind changed."""
+    deadline = time.monotonic() + timeout_s
+    while audited(broker).get(kind, 0) < before.get(kind, 0) + more and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # nothing more arrives
+    after = audited(broker)
+    assert after.get(kind, 0) - before.get(kind, 0) == more, (kind, before, after)
+    assert {k: v for k, v in after.items() if k != kind} == {k: v for k, v in before.items() if k != kind}
+
+
 # --- refused connects -------------------------------------------------------------------
 
 
 def test_identities_connect_with_their_certificate_and_their_password(secure: Any) -> None:
     state, broker = secure
     password = state.credentials(WORKER).password()
+    before = audited(broker)
     run(lambda: connects(port=broker.port, tls_context=tls_for(state, WORKER)))
     run(lambda: connects(port=broker.password_port, username=WORKER, password=password))
+    time.sleep(0.5)
+    assert audited(broker) == before  # accepted connects are no refusals
 
 
 def test_anonymous_connect_is_refused(secure: Any) -> None:
     _, broker = secure
+    before = audited(broker)
     with pytest.raises(MqttConnectError, match="Not authorized"):
         run(lambda: connects(port=broker.password_port))
+    counted(broker, "Connect_refused", before, 1)
 
 
 def test_wrong_password_is_refused(secure: Any) -> None:
     state, broker = secure
     wrong = state.credentials(OTHER).password()  # a real password, of another identity
+    before = audited(broker)
     with pytest.raises(MqttConnectError, match="Not authorized"):
         run(lambda: connects(port=broker.password_port, username=WORKER, password=wrong))
     with pytest.raises(MqttConnectError, match="Not authorized"):
         run(lambda: connects(port=broker.password_port, username=WORKER, password=""))
+    counted(broker, "Connect_refused", before, 2)
 
 
 def test_tls_without_a_client_certificate_is_refused(secure: Any) -> None:
     state, broker = secure
     no_cert = ssl.create_default_context(cafile=str(state.ca.cert_file))
+    before = audited(broker)
     with pytest.raises(aiomqtt.MqttError):
         run(lambda: connects(port=broker.port, tls_context=no_cert))
+    counted(broker, "Tls_refused", before, 1)
 
 
 def test_a_certificate_of_an_unknown_ca_is_refused(secure: Any, tmp_path: Path) -> None:
@@ -144,15 +172,19 @@ def test_a_certificate_of_an_unknown_ca_is_refused(secure: Any, tmp_path: Path) 
     rogue_ca = pki.create_ca(tmp_path / "rogue-ca", name="rogue CA")
     pki.issue(rogue_ca, tmp_path / "rogue", WORKER)  # the right name, the wrong issuer
     context = tls_for(state, WORKER, certs=tmp_path / "rogue")
+    before = audited(broker)
     with pytest.raises(aiomqtt.MqttError):
         run(lambda: connects(port=broker.port, tls_context=context))
+    counted(broker, "Tls_refused", before, 1)
 
 
 def test_plaintext_mqtt_on_the_tls_listener_is_refused(secure: Any) -> None:
     state, broker = secure
     password = state.credentials(WORKER).password()
+    before = audited(broker)
     with pytest.raises(aiomqtt.MqttError):
         run(lambda: connects(port=broker.port, username=WORKER, password=password))
+    counted(broker, "Tls_refused", before, 1)
 
 
 # --- sessions: the client id is the identity ----------------------------------------------
@@ -174,7 +206,8 @@ def test_no_identity_can_take_over_another_identitys_session(secure: Any) -> Non
     keeping the session (clean start off): the broker makes each taker's client id its own
     username, so w1 stays connected and keeps receiving, and the takers read nothing of
     w1's subscriptions. A second connection of w1 itself does take w1's session: the id
-    really is the identity."""
+    really is the identity, and the broker's audit counts that one take-over (and none for
+    the takers of another identity)."""
     state, broker = secure
     cluster = load_registry(state).cluster
     own = REQUESTS.topic(cluster, node=WORKER)  # only w1 may read it
@@ -187,6 +220,7 @@ def test_no_identity_can_take_over_another_identitys_session(secure: Any) -> Non
         return tls_client(state, broker, "client", port=port, identifier=identifier, clean_start=False)
 
     victim_ids = {broker.port: WORKER, broker.data_port: pki.subject_username(WORKER), broker.password_port: WORKER}
+    before = audited(broker)
 
     async def scenario() -> None:
         async with tls_client(state, broker, WORKER) as control, \
@@ -208,6 +242,8 @@ def test_no_identity_can_take_over_another_identitys_session(secure: Any) -> Non
                     await receives(control, b"never", timeout_s=5.0)
 
     run(scenario)
+    # the takers of another identity's ids took nothing over; w1's own second connection did
+    counted(broker, "Session_takenover", before, 1)
 
 
 # --- the ACL matrix -----------------------------------------------------------------------
@@ -242,6 +278,8 @@ def allowed(role: Role, topic: Topic[Any], instance: str, publish: bool) -> bool
     scope = None if grant is None else (grant.publish if publish else grant.subscribe)
     if scope is None:
         return False
+    if scope is Scope.BROKER:  # only `services/broker/status`: neither "own" nor "other" is it
+        return False
     return scope is Scope.ANY or instance in ("own", "-")
 
 
@@ -263,6 +301,7 @@ def test_acl_matrix_publish(secure: Any) -> None:
     admin_filter = f"{ROOT}/{cluster}/#"
     sentinel_topic = REGISTRY["policy/privacy"].topic(cluster)
     delivered: list[bytes] = []
+    before = audited(broker)
 
     async def scenario() -> None:
         # on the data listener: its own session, apart from the operator's control session below
@@ -287,6 +326,8 @@ def test_acl_matrix_publish(secure: Any) -> None:
     }
     assert got - expected == set(), "denied publishes were delivered"
     assert expected - got == set(), "allowed publishes were not delivered"
+    cells_tried = sum(len(cells(identity_of(role, state), cluster)) for role in Role)
+    counted(broker, "Publish_denied", before, cells_tried - len(expected))  # each denial counted once
 
 
 def test_acl_matrix_subscribe(secure: Any) -> None:

@@ -8,7 +8,9 @@ key per state folder). The attackers hold valid identities of that state folder:
 is its process, since the broker gives each identity one session). One test per bullet of the
 issue's list. A publish the ACL denies is shown to reach no one: an operator subscriber
 on the cluster's ``#`` never sees it (Mosquitto acknowledges denied publishes and
-subscribes alike and then delivers nothing). Where a message does reach a receiver (a
+subscribes alike and then delivers nothing), and `edgesplit status` counts it: the
+broker's ``Publish_denied``, which `up --secure` reads from Mosquitto's log
+(shared/security/broker_audit.py). Where a message does reach a receiver (a
 worker's own status, frames a worker may send), the receiver refuses it and status
 counts it. After every case the stack still answers with the unsplit model's tokens.
 """
@@ -44,7 +46,7 @@ from shared.messages import (
     TokenGenerated,
 )
 from shared.messages.base import sign
-from shared.security.frame_keys import derive_frame_key
+from shared.security.frame_keys import PeerKeys, derive_frame_key
 from shared.security.pki import subject_username
 from shared.tensor_frame import encode_frame
 from shared.topics import (
@@ -125,8 +127,17 @@ def denied(site: SecureSite, sends: list[tuple[str, str, Any, bool]]) -> None:
         sent = set(zip((topic for _, topic, _, _ in sends), payloads, strict=True))
         return [(d.topic, d.retain) for d in watch.seen if (d.topic, d.payload) in sent]
 
+    before = broker_denied(site.status())
     delivered = asyncio.run(scenario())
     assert delivered == [], delivered
+    # and status counts each: the broker's refusals, read from its log by `up --secure`
+    status = site.wait_status(lambda seen: broker_denied(seen) >= before + len(sends), timeout_s=15)
+    assert broker_denied(status) - before >= len(sends), (before, status["refused"].get("broker"))
+
+
+def broker_denied(status: dict[str, Any]) -> int:
+    """The publishes the broker's ACL denied, as `edgesplit status` shows them."""
+    return int(status["refused"].get("broker", {}).get("Publish_denied", 0))
 
 
 def forged_plan(plan: Plan) -> Plan:
@@ -284,8 +295,25 @@ def test_injected_frames_and_kv_are_refused(site: SecureSite) -> None:
 
     keyed = {node: frames for node, frames in forged_frames(plan, WORKER_ATTACKER, epoch_key).items()
              if not fed_by_attacker(node)}  # fmt: skip
-    sends = [(to_topic[node], frame) for forgeries in (outsider, keyed) for node, frames in forgeries.items()
-             for frame in frames]  # fmt: skip
+    # with the epoch key AND its own frame key, eve claims each hop's genuine sender: the
+    # pair key of that sender and the receiver needs one of their private keys, so the best
+    # eve can compute (its own X25519 secret with the sender's, or with the receiver's,
+    # announced key) does not verify
+    eve = PeerKeys(WORKER_ATTACKER)
+    sender_of = {str(segment.node): next((str(s.node) for s in plan.segments if s.end == segment.start),
+                                         str(plan.entry_node)) for segment in plan.segments}  # fmt: skip
+    for node in {node for pair in sender_of.items() for node in pair}:
+        assert eve.learn(node, retained_status(site, node).frame_public_key)
+    impersonated: dict[str, list[bytes]] = {}
+    for node, sender in sender_of.items():
+        if WORKER_ATTACKER in (node, sender):
+            continue
+        for key in (eve.key(epoch_key, sender, node), eve.key(epoch_key, WORKER_ATTACKER, node)):
+            assert key is not None
+            impersonated.setdefault(node, []).extend(forged_frames(plan, sender, key)[node])
+    assert impersonated, plan
+    sends = [(to_topic[node], frame) for forgeries in (outsider, keyed, impersonated)
+             for node, frames in forgeries.items() for frame in frames]  # fmt: skip
 
     async def inject() -> None:
         async with site.raw_client(WORKER_ATTACKER, data=True) as client:  # frames: the data listener

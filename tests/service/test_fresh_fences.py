@@ -29,7 +29,7 @@ from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.messages import DecisionRecorded, EmulationCommand
-from shared.security.signing import ControlGate
+from shared.security.signing import ControlGate, with_replay_memory
 from shared.topics import DECISION_SLOTS, DECISIONS, EMULATION, EMULATION_STATE, PLAN, POLICY
 
 pytestmark = pytest.mark.timeout(90)
@@ -102,6 +102,57 @@ def test_a_restarted_worker_refuses_a_replayed_emulation_command_as_stale(broker
     assert restarted.gate is not None and restarted.gate.refusals() == {"EmulationCommand_stale": 1}
     assert restarted.state().slowdown == 2.0  # the genuine command, never the replayed 3.0
     assert replayed.slowdown == 3.0 and replayed.command_id == 1  # its id alone would have passed a fresh worker
+
+
+def test_a_restarted_worker_with_a_replay_memory_refuses_a_replay_within_the_bound(
+        broker: LocalBroker, cluster: str, tmp_path: Path) -> None:  # fmt: skip
+    """As above, but the replay comes at once, well within the bound (the window the
+    bound leaves open), and the worker's gate keeps a replay memory file (as under
+    `edgesplit up`): the restarted worker refuses the recorded command 1 as
+    ``EmulationCommand_replayed`` and applies the operator's next genuine command."""
+    age_s = 30.0  # the deployed bound: the replay is well inside it
+    settings = BusSettings(broker_url=broker.url, cluster=cluster, plan_signing_key=KEY,  # type: ignore[arg-type]
+                           max_message_age_s=age_s, replay_memory_dir=tmp_path)  # fmt: skip
+    commands = EMULATION.topic(cluster, node="car")
+
+    def worker() -> Emulation:
+        emulation = Emulation("car", Slowdown(1.0), EgressSchedule())
+        emulation.gate = with_replay_memory(ControlGate(KEY, "car", max_age_s=age_s), settings)
+        return emulation
+
+    async def main() -> Emulation:
+        captured: list[bytes] = []
+        async with (Bus(settings) as operator, aiomqtt.Client("127.0.0.1", broker.port) as attacker,
+                    asyncio.TaskGroup() as group):  # fmt: skip
+            await attacker.subscribe(commands, qos=1)
+
+            async def record() -> None:
+                async for message in attacker.messages:
+                    captured.append(bytes(message.payload))  # type: ignore[arg-type]
+
+            recorder = group.create_task(record())
+            first = worker()
+            async with Bus(settings) as worker_bus:
+                running = group.create_task(first.run(worker_bus))
+                await asyncio.sleep(0.5)  # subscribed
+                await operator.publish(EMULATION, EmulationCommand(command_id=1, slowdown=3.0), node="car")
+                await until(lambda: first.command_id == 1 and len(captured) == 1)
+                running.cancel()
+            restarted = worker()
+            async with Bus(settings) as worker_bus:
+                running = group.create_task(restarted.run(worker_bus))
+                await asyncio.sleep(0.5)
+                await attacker.publish(commands, captured[0], qos=1)  # a second or two after its issue
+                await until(lambda: sum(restarted.gate.refusals().values()) >= 1)  # type: ignore[union-attr]
+                await operator.publish(EMULATION, EmulationCommand(command_id=1, slowdown=2.0), node="car")
+                await until(lambda: restarted.command_id == 1)
+                running.cancel()
+            recorder.cancel()
+        return restarted
+
+    restarted = asyncio.run(asyncio.wait_for(main(), 60))
+    assert restarted.gate is not None and restarted.gate.refusals() == {"EmulationCommand_replayed": 1}
+    assert restarted.state().slowdown == 2.0  # the genuine command, never the replayed 3.0
 
 
 class Receiver:

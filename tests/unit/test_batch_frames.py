@@ -13,6 +13,7 @@ malformed layouts) dropped and counted without compute.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -122,8 +123,11 @@ def test_chunks_keep_row_and_byte_limits_and_each_request_once() -> None:
 
 
 def test_steps_sent_in_one_turn_share_a_frame_and_a_lone_step_is_todays_frame() -> None:
-    async def seal(header: FrameHeader, array: np.ndarray) -> bytes:
-        return encode_frame(header, array, KEY)
+    def key_for(destination: str) -> bytes:  # a pair key: each destination has its own
+        return hashlib.sha256(KEY + destination.encode()).digest()
+
+    async def seal(destination: str, header: FrameHeader, array: np.ndarray) -> bytes:
+        return encode_frame(header, array, key_for(destination))
 
     async def main() -> None:
         sent: list[tuple[str, bytes]] = []
@@ -140,7 +144,7 @@ def test_steps_sent_in_one_turn_share_a_frame_and_a_lone_step_is_todays_frame() 
         header, array = decode_frame(sent[0][1])
         assert isinstance(header, BatchHeader) and [r.request_id for r in header.rows] == ["r0", "r1", "r2"]
         np.testing.assert_array_equal(array, values[:3])
-        assert sent[1][1] == encode_frame(_step("r9", 5, target=3), values[3:4], KEY)  # unchanged wire
+        assert sent[1][1] == encode_frame(_step("r9", 5, target=3), values[3:4], key_for("c"))  # unchanged wire
         assert (counters["batched_frames_sent"], counters["batched_frames_rows"]) == (1, 3)
 
         sent.clear()
@@ -152,7 +156,7 @@ def test_steps_sent_in_one_turn_share_a_frame_and_a_lone_step_is_todays_frame() 
 
 
 def test_a_send_failure_reaches_every_row_of_its_frame() -> None:
-    async def seal(header: FrameHeader, array: np.ndarray) -> bytes:
+    async def seal(destination: str, header: FrameHeader, array: np.ndarray) -> bytes:
         raise FrameRefused("no frame key for epoch 1")
 
     async def send(destination: str, payload: bytes) -> None:

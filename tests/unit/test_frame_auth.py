@@ -29,12 +29,13 @@ from shared.frame_headers import (
 )
 from shared.messages import PrepareEpoch
 from shared.planning.route import Route
-from shared.security.frame_keys import derive_frame_key, parse_frame_key
+from shared.security.frame_keys import PeerKeys, derive_frame_key, parse_frame_key
 from shared.tensor_frame import Frame, decode_frame, encode_frame
 from tests.integration.cluster import make_plan
 from tests.unit import test_broadcaster_logic as broadcast
 from tests.unit.test_frame_checks import (  # noqa: F401 - make_pair and source are fixtures
     KEY,
+    PEERS,
     ROUTE,
     Pair,
     _activation,
@@ -77,7 +78,17 @@ def test_only_the_genuine_frame_from_the_hops_sender_is_accepted(make_pair: Call
         # kv for b's blocks claimed by a (their old owner is b); a release from b to itself
         await _dropped(pair, sealed(_kv(step=3), _kv_array(), "a"))
         await _dropped(pair, sealed(ReleaseHeader(request_id="h1", step=0, epoch=1, seq=0, target=2), _row(0), "b"))  # type: ignore[arg-type]
-        assert pair.b.counters["frames_forged"] == 9
+        # c, a worker holding the epoch key, claims a (the hop's genuine sender): its own
+        # X25519 key with a's or with b's public key is not the pair key of a and b
+        await _dropped(pair, sealed(header, row, "a", by="c"))
+        with_b = PEERS["c"].key(KEY, "c", "b")
+        assert with_b is not None
+        await _dropped(pair, Frame(*decode_frame(encode_frame(header.model_copy(update={"src": "a"}), row, with_b))))
+        # the epoch key alone (what every worker holds) is not the pair key either
+        await _dropped(pair, Frame(*decode_frame(encode_frame(header.model_copy(update={"src": "a"}), row, KEY))))
+        # a's genuine frame for another node (its pair key with c) is not b's
+        await _dropped(pair, sealed(header, row, "a", to="c"))
+        assert pair.b.counters["frames_forged"] == 13
         # forged frames were not remembered: the genuine one is no duplicate and is run
         await pair.b.on_frame(genuine)
         assert pair.host_b.requests() == 1 and pair.b.counters["frames_duplicate"] == 0
@@ -161,3 +172,50 @@ def test_frame_keys_differ_per_epoch_plan_and_secret_and_travel_in_prepare() -> 
         parse_frame_key("ab" * 31)
     assert isinstance(ActivationHeader.model_fields["mac"].default, bytes)
     assert KvHeader.model_fields["src"].default is None and ROUTE.entry == "a"
+
+
+def test_pair_keys_are_directional_per_epoch_and_follow_a_new_announcement() -> None:
+    """The pair key both ends compute is the same; it differs per direction, per epoch and
+    per pair; a re-announced key (the node restarted) replaces the old one."""
+
+    async def main() -> None:
+        a, b = PeerKeys("a"), PeerKeys("b")
+        assert a.key(KEY, "a", "b") is None  # b has announced nothing yet
+        waiting = asyncio.ensure_future(a.wait_for("b", 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        assert a.learn("b", b.public_hex) and b.learn("a", a.public_hex)
+        assert await waiting
+        assert not await PeerKeys("x").wait_for("nobody", 0.05)
+        forward = a.key(KEY, "a", "b")
+        assert forward is not None and forward == b.key(KEY, "a", "b")
+        assert forward != a.key(KEY, "b", "a") and forward != a.key(KEY_2, "a", "b")
+        assert not a.learn("b", "zz" * 32) and a.key(KEY, "a", "b") == forward  # garbage changes nothing
+        assert not a.learn("a", PeerKeys("a").public_hex) and a.key(KEY, "a", "a") == a.key(KEY, "a", "a")
+        restarted = PeerKeys("b")
+        assert a.learn("b", restarted.public_hex) and restarted.learn("a", a.public_hex)
+        assert a.key(KEY, "a", "b") == restarted.key(KEY, "a", "b") != forward
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_frame_that_overtakes_its_senders_announcement_waits_for_it(make_pair: Callable[[], Pair]) -> None:  # noqa: F811
+    """A frame from the plan's sender whose key has not arrived yet waits (up to
+    `KEY_WAIT_S`) for the announcement instead of being dropped."""
+
+    async def main() -> None:
+        pair = make_pair()
+        b_keys = PeerKeys("b")  # b has just started: it has seen no status yet
+        pair.b.auth.peers = b_keys
+        a_keys = PeerKeys("a")
+        a_keys.learn("b", b_keys.public_hex)
+        header = _activation(step=1).model_copy(update={"src": "a"})
+        frame = Frame(*decode_frame(encode_frame(header, _row(1), a_keys.key(KEY, "a", "b"))))
+        delivered = asyncio.ensure_future(pair.b.on_frame(frame))
+        await asyncio.sleep(0.1)
+        assert not delivered.done()
+        b_keys.learn("a", a_keys.public_hex)  # a's status arrives
+        await delivered
+        assert pair.host_b.requests() == 1 and pair.b.counters["frames_forged"] == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -38,12 +38,19 @@ from shared.model.checkpoint import Checkpoint
 from shared.model.runtime import EntryRuntime
 from shared.model.tiny import write_tiny_checkpoint
 from shared.planning.route import Route
+from shared.security.frame_keys import PeerKeys
 from shared.tensor_frame import Frame, decode_frame, encode_frame
 
 ROUTE = Route(epoch=1, entry="a", num_layers=4, segments=(("a", 0, 2), ("b", 2, 4)))
 PROMPT = np.array([5, 9, 17, 33], np.int64)
 KEY = bytes(range(32))
 """Epoch 1's frame key (both nodes hold it)."""
+PEERS = {node: PeerKeys(node) for node in ("a", "b", "c")}
+"""Each node's X25519 key: a and b run the pair; c is a worker outside the route that
+holds the epoch key too (a compromised member of the cluster). Each knows the others'."""
+for _peers in PEERS.values():
+    for _node, _other in PEERS.items():
+        _peers.learn(_node, _other.public_hex)
 NAN, INF = float("nan"), float("inf")
 
 
@@ -119,8 +126,8 @@ def make_pair(source: Checkpoint) -> Iterator[Callable[[], Pair]]:
         for keeper in (keeper_a, keeper_b):
             keeper.commit(1, time.monotonic())
         pair = Pair(a=None, b=None, host_b=host_b)  # type: ignore[arg-type]
-        pair.a = DataPlane("a", limits, keeper_a, compute_a, Slowdown(), pair.link("a"), 10.0)
-        pair.b = DataPlane("b", limits, keeper_b, compute_b, Slowdown(), pair.link("b"), 10.0)
+        pair.a = DataPlane("a", limits, keeper_a, compute_a, Slowdown(), pair.link("a"), 10.0, peers=PEERS["a"])
+        pair.b = DataPlane("b", limits, keeper_b, compute_b, Slowdown(), pair.link("b"), 10.0, peers=PEERS["b"])
         return pair
 
     yield make
@@ -148,9 +155,15 @@ def _row(rows: int, value: float | None = None, at: tuple[int, int] = (0, 3)) ->
     return array
 
 
-def sealed(header: FrameHeader, array: np.ndarray, src: str, key: bytes = KEY) -> Frame:
-    """``header`` from ``src``, authenticated with ``key``, as received over MQTT."""
-    return Frame(*decode_frame(encode_frame(header.model_copy(update={"src": src}), array, key)))
+def sealed(header: FrameHeader, array: np.ndarray, src: str, key: bytes = KEY, to: str | None = None,
+           by: str | None = None) -> Frame:  # fmt: skip
+    """``header`` from ``src`` to ``to`` (a for b's frames, else b), as received over
+    MQTT: authenticated with their pair key under the epoch key ``key``, computed by
+    ``by``'s X25519 key (``src``'s by default; another node's is a forgery)."""
+    to = to or ("a" if src == "b" else "b")
+    sealer = PEERS.get(by or src) or PeerKeys(src)
+    pair = sealer.key(key, src, to) or key
+    return Frame(*decode_frame(encode_frame(header.model_copy(update={"src": src}), array, pair)))
 
 
 async def _refuse(pair: Pair, node: str, header: FrameHeader, array: np.ndarray, match: str) -> None:
@@ -161,7 +174,7 @@ async def _refuse(pair: Pair, node: str, header: FrameHeader, array: np.ndarray,
     if isinstance(header, KvHeader):  # from the old owner of its blocks
         src = ROUTE.owner_of_block(header.blocks[0])
     with pytest.raises(FrameRefused, match=match):
-        await plane.on_frame(sealed(header, array, src))
+        await plane.on_frame(sealed(header, array, src, to=node))
     assert plane.counters["frames_refused"] == before + 1
 
 
@@ -271,7 +284,7 @@ def test_kv_frames_that_do_not_fit_are_refused_before_import(make_pair: Callable
         assert pair.sent_by_b == []  # no acknowledgement for a refused frame
 
         genuine = _kv_array()
-        await pair.b.on_frame(sealed(_kv(step=1), genuine, "b"))
+        await pair.b.on_frame(sealed(_kv(step=1), genuine, "b", to="b"))
         assert pair.b.counters["kv_blocks_received"] == 2
         exported = pair.host_b.export_kv("k1")
         assert exported is not None
