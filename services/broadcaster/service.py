@@ -56,7 +56,7 @@ from shared.messages import (
 from shared.metrics import Reading, ServiceMetrics, message_readings
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_signer, role_verifier
-from shared.security.signing import ControlGate, control_key, with_replay_memory
+from shared.security.signing import ControlGate, control_key, receiver_fences
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import (
     EPOCH_ACKS,
@@ -124,7 +124,7 @@ class BroadcasterService:
                                       plan_signer=signer.sign if signer is not None else None)  # fmt: skip
         self.state = BroadcastState(self.config)
         self.counters: Counter[str] = Counter()
-        self.gate = with_replay_memory(ControlGate(key, "broadcaster", self.counters, role_verifier(settings),
+        self.gate = receiver_fences(ControlGate(key, "broadcaster", self.counters, role_verifier(settings),
                                                    settings.max_message_age_s), settings)  # fmt: skip
         """Signatures of what it acts on: only signed rollouts are signed (no signing oracle)."""
         self.trust: TrustRegistry | None = None

@@ -68,7 +68,7 @@ from shared.planning.precision import PrecisionPolicy
 from shared.planning.view import CostModel, expected_load, planning_view
 from shared.security.reporting import report_refusals
 from shared.security.role_keys import role_verifier
-from shared.security.signing import ControlGate, control_key, with_replay_memory
+from shared.security.signing import ControlGate, control_key, receiver_fences
 from shared.security.trust import TrustRegistry, load_trust
 from shared.topics import (
     CAPACITY,
@@ -117,7 +117,7 @@ class OrchestratorService:
         self.ready = asyncio.Event()
         self.decisions: list[DecisionRecorded] = []
         self.counters: Counter[str] = Counter()
-        self.gate = with_replay_memory(ControlGate(control_key(settings) or "", "orchestrator", self.counters,
+        self.gate = receiver_fences(ControlGate(control_key(settings) or "", "orchestrator", self.counters,
                                                    role_verifier(settings), settings.max_message_age_s),
                                        settings)  # fmt: skip
         """Signatures of the plans, policies, events and decisions it acts on."""

@@ -56,7 +56,7 @@ from shared.model.tokenizer import TextTokenizer
 from shared.planning.route import Route, route_of
 from shared.security.frame_keys import PeerKeys, derive_frame_key, parse_frame_key
 from shared.security.role_keys import role_verifier
-from shared.security.signing import ControlGate, require_control_key, with_replay_memory
+from shared.security.signing import ControlGate, receiver_fences, require_control_key
 from shared.tensor_frame import Frame
 from shared.topics import (
     ACTIVATIONS,
@@ -105,7 +105,7 @@ class WorkerService:
         self.shards: CachedShards | None = None
         self.data: DataPlane | None = None
         self.counters: Counter[str] = Counter()
-        self.gate = with_replay_memory(ControlGate(require_control_key(settings, f"worker {self.node}"), self.node,
+        self.gate = receiver_fences(ControlGate(require_control_key(settings, f"worker {self.node}"), self.node,
                                                    self.counters, role_verifier(settings),
                                                    settings.max_message_age_s), settings)  # fmt: skip
         """Signatures and epoch fencing of every control message this node acts on."""

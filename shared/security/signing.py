@@ -45,6 +45,9 @@ DEV_SIGNING_KEY = "edgesplit-dev-key"
 KEY_FILE = "signing.key"
 """The key's file name in a state folder (`up --secure`) or run folder (`up`)."""
 MIN_KEY_CHARS = 16
+START_MARGIN_S = 2.0
+"""How far a publisher's clock may be behind a receiver's before the receiver's start
+fence (`receiver_fences`) takes the publisher's first messages for replays."""
 REFUSALS = ("unsigned", "forged", "role", "replayed", "stale", "private", "implausible", "takenover")
 """Why a control message is refused: the suffix of its counter ``{Kind}_{why}``."""
 _warned_dev_key = False
@@ -113,11 +116,14 @@ def require_signing_key(settings: BusSettings, service: str) -> None:
     require_control_key(settings, service)
 
 
-def with_replay_memory(gate: ControlGate, settings: BusSettings) -> ControlGate:
-    """``gate`` remembering what it accepts in ``settings.replay_memory_dir`` (one file per
-    cluster and owner), so this receiver refuses after a restart what it accepted before;
-    unchanged without that setting."""
-    if settings.replay_memory_dir is not None:
+def receiver_fences(gate: ControlGate, settings: BusSettings | None) -> ControlGate:
+    """``gate`` of a receiver process that starts now: it refuses a live message without
+    an epoch issued before it started (`ControlGate.started_at_s`: no genuine one can
+    reach a new subscription), and, with ``settings.replay_memory_dir``, remembers what
+    it accepts there (one file per cluster and owner), so that after a restart it refuses
+    what it accepted before."""
+    gate.started_at_s = gate.clock()
+    if settings is not None and settings.replay_memory_dir is not None:
         path = memory_file(settings.replay_memory_dir, settings.cluster, gate.owner)
         gate.memory = ReplayMemory(path, gate.max_age_s)
     return gate
@@ -130,10 +136,12 @@ def receiver_gate(settings: BusSettings, owner: str) -> ControlGate | None:
     without a key there is nothing to check with. ConfigError for unreadable keys."""
     verifier = role_verifier(settings)
     if verifier is not None:
-        return ControlGate("", owner, verifier=verifier, max_age_s=settings.max_message_age_s)
+        return receiver_fences(ControlGate("", owner, verifier=verifier, max_age_s=settings.max_message_age_s),
+                               None)  # fmt: skip
     if settings.plan_signing_key is not None or settings.plan_signing_key_file is not None:
         key = configured_key(settings)
-        return ControlGate(key, owner, max_age_s=settings.max_message_age_s) if key is not None else None
+        gate = ControlGate(key, owner, max_age_s=settings.max_message_age_s) if key is not None else None
+        return receiver_fences(gate, None) if gate is not None else None
     return None
 
 
@@ -180,7 +188,10 @@ class ControlGate:
         self._highest_decision: int | None = None
         """The highest decision id whose record this receiver accepted."""
         self.memory: ReplayMemory | None = None
-        """What this receiver's earlier runs accepted (replay_memory.py; `with_replay_memory`)."""
+        """What this receiver's earlier runs accepted (replay_memory.py; `receiver_fences`)."""
+        self.started_at_s: float | None = None
+        """When this receiver process started (`receiver_fences`): a live message without an
+        epoch issued more than `START_MARGIN_S` before is a replay (None: not checked)."""
 
     def signed(self, message: Message) -> bool:
         """True when ``message`` carries a valid signature; counts and logs a refusal."""
@@ -237,7 +248,12 @@ class ControlGate:
             return self.decision_current(message, retained)
         if not self.timely(message):
             return False
-        remembered = self.memory is not None and getattr(message, "issued_at_s", None) is not None
+        issued = getattr(message, "issued_at_s", None)
+        if (issued is not None and self.started_at_s is not None
+                and float(issued) < self.started_at_s - START_MARGIN_S):  # fmt: skip
+            self.refuse(message, "replayed", "issued before this receiver started")
+            return False
+        remembered = self.memory is not None and issued is not None
         if remembered and self.memory is not None and self.memory.seen_before(message):
             self.refuse(message, "replayed", "accepted by this receiver before it restarted")
             return False

@@ -77,9 +77,9 @@ def test_forged_and_replayed_node_downs_of_the_entry_are_refused(broker: LocalBr
     keys = ensure_role_keys(tmp_path / "keys")
     monitor = load_signer(private_key_file(keys, "monitor"))
     orchestrator = load_signer(private_key_file(keys, "orchestrator"))
-    now = time.time()
-    old_down = monitor.sign(_down(now - 10))
-    back = monitor.sign(NodeJoined(node="car", at_s=now - 5, reason="status", issued_at_s=now - 5))  # type: ignore[arg-type]
+    now = time.time()  # the client starts just after: these events are issued after its start
+    old_down = monitor.sign(_down(now + 1))
+    back = monitor.sign(NodeJoined(node="car", at_s=now + 2, reason="status", issued_at_s=now + 2))  # type: ignore[arg-type]
     events: list[Message] = [_down(now), sign(_down(now), "k" * 32), orchestrator.sign(_down(now)),
                              old_down, back, old_down]  # the genuine NodeDown replayed after the NodeJoined  # fmt: skip
     ended, refusals = _scenario(broker, cluster, keys, events)
@@ -104,3 +104,14 @@ def test_a_node_down_issued_before_the_client_started_is_stale(broker: LocalBrok
     recorded = load_signer(private_key_file(keys, "monitor")).sign(_down(time.time() - 60))
     ended, refusals = _scenario(broker, cluster, keys, [recorded])
     assert ended == "NoAnswer" and refusals == {"NodeDown_stale": 1}, (ended, refusals)  # never gave its entry up
+
+
+def test_a_node_down_issued_before_the_client_started_within_the_bound_is_a_replay(
+        broker: LocalBroker, cluster: str, tmp_path: Path) -> None:  # fmt: skip
+    """The monitor's genuine NodeDown of 10 s ago (well within the 30 s bound), replayed
+    to a client that started after it: no genuine copy can reach a new subscription, so
+    the client's start fence refuses it (signing.receiver_fences)."""
+    keys = ensure_role_keys(tmp_path / "keys")
+    recorded = load_signer(private_key_file(keys, "monitor")).sign(_down(time.time() - 10))
+    ended, refusals = _scenario(broker, cluster, keys, [recorded])
+    assert ended == "NoAnswer" and refusals == {"NodeDown_replayed": 1}, (ended, refusals)

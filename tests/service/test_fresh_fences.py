@@ -29,7 +29,7 @@ from shared.broker import LocalBroker
 from shared.bus import Bus
 from shared.config import BusSettings
 from shared.messages import DecisionRecorded, EmulationCommand
-from shared.security.signing import ControlGate, with_replay_memory
+from shared.security.signing import ControlGate, receiver_fences
 from shared.topics import DECISION_SLOTS, DECISIONS, EMULATION, EMULATION_STATE, PLAN, POLICY
 
 pytestmark = pytest.mark.timeout(90)
@@ -117,7 +117,7 @@ def test_a_restarted_worker_with_a_replay_memory_refuses_a_replay_within_the_bou
 
     def worker() -> Emulation:
         emulation = Emulation("car", Slowdown(1.0), EgressSchedule())
-        emulation.gate = with_replay_memory(ControlGate(KEY, "car", max_age_s=age_s), settings)
+        emulation.gate = receiver_fences(ControlGate(KEY, "car", max_age_s=age_s), settings)
         return emulation
 
     async def main() -> Emulation:

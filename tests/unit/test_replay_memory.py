@@ -16,7 +16,7 @@ from shared.config import BusSettings
 from shared.messages import DecisionRecorded, EmulationCommand, NodeDown, NodeStatus
 from shared.messages.base import sign
 from shared.security.replay_memory import SLACK_S, ReplayMemory, memory_file
-from shared.security.signing import ControlGate, with_replay_memory
+from shared.security.signing import START_MARGIN_S, ControlGate, receiver_fences
 
 KEY = "unit-test-key-0123456789"
 NOW = 1.8e9
@@ -75,6 +75,24 @@ def test_entries_past_the_bound_are_dropped_and_a_broken_file_is_no_memory(tmp_p
 
 def test_settings_give_one_file_per_cluster_and_owner(tmp_path: Path) -> None:
     settings = BusSettings(cluster="c7", replay_memory_dir=tmp_path)  # type: ignore[arg-type]
-    receiver = with_replay_memory(ControlGate(KEY, "rsu"), settings)
+    receiver = receiver_fences(ControlGate(KEY, "rsu"), settings)
     assert receiver.memory is not None and receiver.memory.path == memory_file(tmp_path, "c7", "rsu")
-    assert with_replay_memory(ControlGate(KEY, "rsu"), BusSettings()).memory is None
+    assert receiver_fences(ControlGate(KEY, "rsu"), BusSettings()).memory is None
+
+
+def test_a_receiver_refuses_live_messages_issued_before_it_started() -> None:
+    """No genuine non-retained message issued before a receiver subscribed can reach it
+    (clean session): one issued more than START_MARGIN_S before its start is a replay,
+    even well within the freshness bound. Retained decision records are state, not
+    fenced so; kinds without an issue time pass."""
+    clock = [NOW]
+    receiver = receiver_fences(ControlGate(KEY, "client", max_age_s=AGE_S, clock=lambda: clock[0]), None)
+    clock[0] = NOW + 1.0
+    before, skewed, after = messages(NOW - 5), messages(NOW - START_MARGIN_S + 0.5), messages(NOW + 0.5)
+    assert not any(receiver.current(message) for message in before)
+    assert receiver.refusals() == {"NodeDown_replayed": 1, "EmulationCommand_replayed": 1,
+                                   "DecisionRecorded_replayed": 1}  # fmt: skip
+    assert receiver.current(skewed[0])  # a publisher's clock a little behind: still genuine
+    assert receiver.current(after[1]) and receiver.current(after[2])
+    assert receiver.current(before[2], retained=True)  # retained state: fenced by ids only
+    assert receiver.memory is None  # no settings: no memory file
