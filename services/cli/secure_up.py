@@ -27,7 +27,7 @@ from shared.config import BusSettings, load_settings
 from shared.errors import ConfigError
 from shared.security.acl import Role
 from shared.security.broker import SecureBroker, start_secure_broker
-from shared.security.broker_audit import AUDIT_SERVICE, BrokerAudit, broker_status
+from shared.security.broker_audit import AUDIT_SERVICE, BrokerAudit, ReadGrants, broker_status
 from shared.security.creds import (
     SERVICE_IDENTITIES,
     StateDir,
@@ -91,7 +91,7 @@ def start_secure_broker_for(settings: BusSettings, state_root: Path, topology: T
     if missing:
         raise ConfigError(f"{state_root} has no identity for {', '.join(missing)}; add nodes with "
                           "`edgesplit creds add-node NAME --trust N --state ...`")  # fmt: skip
-    audit = BrokerAudit()
+    audit = BrokerAudit(ReadGrants.of(registry.identities, registry.cluster))
     broker = start_secure_broker(state, tls_port=tls_port, data_dir=data_dir, audit=audit)
     try:
         ensure_role_keys(state_root / KEYS_DIR)  # each signing role's Ed25519 key pair

@@ -14,6 +14,11 @@ pipe, and `BrokerAudit` reads that stream: it counts
 - ``Tls_refused``: a failed TLS handshake (``OpenSSL Error[0]`` or ``Client connection
   from HOST failed``, depending on where the handshake failed: plaintext on a TLS
   listener, no client certificate, one of another CA);
+- ``Subscribe_denied``: a subscription that reaches topics the identity may not read
+  (``nodes/+/requests`` by a client, ``#`` by anyone but the operator). Mosquitto accepts
+  it and then delivers only what the ACL allows, so it logs no refusal; the audit
+  compares the subscription Mosquitto logs (``ID QOS FILTER``) with the identity's read
+  grants (`ReadGrants`, from the identity registry and shared/security/acl.py);
 - ``Session_takenover``: ``Client ID already connected, closing old connection`` (a
   second connection of an identity replaced its session: the broker makes the identity
   the client id, so only the identity itself can, e.g. with a stolen certificate);
@@ -24,8 +29,8 @@ are dropped; each kind of refusal is kept the first time and then every
 ``ServiceStatus`` of the service ``broker`` (`broker_status`), so `edgesplit status`
 lists them beside every receiver's refusals.
 
-Not counted, because Mosquitto neither refuses nor logs it: a subscription the ACL
-does not allow is acknowledged and then delivers nothing.
+Not judged: a subscription by an identity the registry did not hold when the audit
+started (added later with `creds add-*`).
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO
 
 from shared.messages import ServiceStatus
+from shared.security.acl import Identity, rules_for
+from shared.security.pki import subject_username
 
 AUDIT_SERVICE = "broker"
 """The service name (and ``services/broker/status`` topic instance) of the counts."""
@@ -49,20 +56,59 @@ _DENIED = re.compile(r"^Denied PUBLISH from (\S+) \(d\d, q\d, r\d, m\d+, '([^']*
 _CONNACK = re.compile(r"^Sending CONNACK to (\S+) \((\d+), (\d+)\)")
 _TAKEN_OVER = re.compile(r"^Client (\S+) already connected, closing old connection")
 _TLS_FAILED = re.compile(r"^Client connection from \S+ failed: ")
-_SUBSCRIPTION_ECHO = re.compile(r"^\S+ \d+ \S+$")  # "client qos filter", after a SUBSCRIBE
+_SUBSCRIPTION_ECHO = re.compile(r"^(\S+) \d+ (\S+)$")  # "client qos filter", after a SUBSCRIBE
 _NOISE = ("Received ", "Sending ", "\t", "No will message specified", "Will message specified",
           "New client connected", "New connection from", "Client ", "Saving in-memory")  # fmt: skip
 
 
-class BrokerAudit:
-    """Counts of what the broker refused, from its log lines (`feed`); thread-safe."""
+def covers(grant: str, wanted: str) -> bool:
+    """True when every topic the MQTT filter ``wanted`` matches is matched by ``grant``."""
+    granted, asked = grant.split("/"), wanted.split("/")
+    for index, level in enumerate(granted):
+        if level == "#":
+            return True
+        if index >= len(asked) or asked[index] == "#":
+            return False
+        if level != "+" and asked[index] != level:
+            return False
+    return len(asked) == len(granted)
 
-    def __init__(self) -> None:
+
+class ReadGrants:
+    """What each identity may read: the read filters of its ACL rules, by every username
+    it connects with (its name; its certificate subject on the data listener)."""
+
+    def __init__(self, filters: Mapping[str, tuple[str, ...]]) -> None:
+        self.filters = dict(filters)
+
+    @classmethod
+    def of(cls, identities: Iterable[Identity], cluster: str) -> ReadGrants:
+        filters: dict[str, tuple[str, ...]] = {}
+        for identity in identities:
+            readable = tuple(rule.filter for rule in rules_for(identity, cluster) if rule.access != "write")
+            filters[identity.name] = filters[subject_username(identity.name)] = readable
+        return cls(filters)
+
+    def may_read(self, client: str, wanted: str) -> bool | None:
+        """Whether ``client`` may read everything ``wanted`` matches (None: not an identity
+        this registry knows)."""
+        readable = self.filters.get(client)
+        if readable is None:
+            return None
+        return any(covers(grant, wanted) for grant in readable)
+
+
+class BrokerAudit:
+    """Counts of what the broker refused, from its log lines (`feed`); thread-safe.
+    ``grants``: each identity's read grants, to judge subscriptions (None: not judged)."""
+
+    def __init__(self, grants: ReadGrants | None = None) -> None:
+        self.grants = grants
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         """By ``Publish_denied``, ``Connect_refused``, ``Tls_refused``, ``Session_takenover``."""
         self.denied_by: Counter[str] = Counter()
-        """Denied publishes by identity."""
+        """Denied publishes and subscriptions by identity (client id)."""
 
     def feed(self, line: str) -> str | None:
         """Count ``line`` (one line of Mosquitto's log, with or without its time stamp);
@@ -77,11 +123,17 @@ class BrokerAudit:
             if connack.group(3) == "0":
                 return None
             kind = "Connect_refused"
+        elif (echo := _SUBSCRIPTION_ECHO.match(text)) is not None:
+            if self.grants is None or self.grants.may_read(echo.group(1), echo.group(2)) is not False:
+                return None
+            kind = "Subscribe_denied"
+            with self._lock:
+                self.denied_by[echo.group(1)] += 1
         elif _TAKEN_OVER.match(text):
             kind = "Session_takenover"  # a second connection of the same identity
         elif text.startswith("OpenSSL Error[0]") or _TLS_FAILED.match(text):
             kind = "Tls_refused"  # Mosquitto logs a failed handshake one way or the other
-        elif text.startswith("OpenSSL Error[") or text.startswith(_NOISE) or _SUBSCRIPTION_ECHO.match(text):
+        elif text.startswith("OpenSSL Error[") or text.startswith(_NOISE):
             return None
         if kind is None:
             return line

@@ -79,6 +79,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSite]:
     try:
         site.start()
         site.assert_exact()  # serving before any attack
+        # the stack's own processes subscribe only to what their ACL lets them read
+        assert "Subscribe_denied" not in broker_refused(site.status()), site.status()["refused"]
         yield site
     finally:
         site.stop()
@@ -135,9 +137,14 @@ def denied(site: SecureSite, sends: list[tuple[str, str, Any, bool]]) -> None:
     assert broker_denied(status) - before >= len(sends), (before, status["refused"].get("broker"))
 
 
+def broker_refused(status: dict[str, Any]) -> dict[str, int]:
+    """What the secure broker refused, as `edgesplit status` shows it (the service `broker`)."""
+    return dict(status["refused"].get("broker", {}))
+
+
 def broker_denied(status: dict[str, Any]) -> int:
     """The publishes the broker's ACL denied, as `edgesplit status` shows them."""
-    return int(status["refused"].get("broker", {}).get("Publish_denied", 0))
+    return broker_refused(status).get("Publish_denied", 0)
 
 
 def forged_plan(plan: Plan) -> Plan:
@@ -231,8 +238,12 @@ def test_reading_another_clients_prompts_and_answers_gets_nothing(site: SecureSi
                 spy.cancel()
         return stolen, [d.topic for d in watch.seen], result
 
+    before = broker_refused(site.status()).get("Subscribe_denied", 0)
     stolen, published, result = asyncio.run(scenario())
     assert tuple(result.token_ids) == site.expected(prompt, 6)
+    # Mosquitto accepted all eight subscriptions and delivered nothing private; status counts them
+    status = site.wait_status(lambda seen: broker_refused(seen).get("Subscribe_denied", 0) >= before + 8)
+    assert broker_refused(status).get("Subscribe_denied", 0) - before == 2 * len(wildcard), broker_refused(status)
     private = ("/requests", f"/clients/{VICTIM}/replies", "/requests/finished")
     assert any(topic.endswith(private) for topic in published), published  # they were there to read
     assert not [t for t in stolen[ATTACKER] if t.endswith((*private, "/activations"))], stolen[ATTACKER]

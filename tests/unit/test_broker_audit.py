@@ -12,8 +12,18 @@ import io
 
 import pytest
 
-from shared.security.broker_audit import KEEP_EVERY, BrokerAudit, audited_config, broker_status
+from shared.security.acl import Identity, Role
+from shared.security.broker_audit import (
+    KEEP_EVERY,
+    BrokerAudit,
+    ReadGrants,
+    audited_config,
+    broker_status,
+    covers,
+)
 from shared.security.creds import TEMPLATE
+from shared.security.pki import subject_username
+from shared.topics import ACTIVATIONS, REPLIES, REQUESTS, ROOT
 
 REFUSALS = [
     "1796684276: Denied PUBLISH from w1 (d0, q1, r0, m1, 'edgesplit/t7/services/w1/status', ... (36 bytes))",
@@ -77,3 +87,27 @@ def test_the_audited_config_logs_everything_and_a_changed_template_is_an_error()
     assert "log_type error" not in audited and "connection_messages false" not in audited
     with pytest.raises(ValueError, match="log_type"):
         audited_config(rendered.replace("log_type warning\n", ""))
+
+
+def test_covers_is_mqtt_filter_inclusion() -> None:
+    assert covers("e/c/#", "e/c") and covers("e/c/#", "e/c/nodes/+/status") and covers("e/#", "e/#")
+    assert covers("e/c/nodes/+/status", "e/c/nodes/w1/status") and covers("e/+/x", "e/+/x")
+    assert not covers("e/c/nodes/w1/status", "e/c/nodes/+/status")  # the wildcard reaches others'
+    assert not covers("e/c/nodes/+/status", "e/c/nodes/#") and not covers("e/c/x", "e/c/x/y")
+    assert not covers("e/c/x/y", "e/c/x") and not covers("e/c/+", "e/c/#")
+
+
+def test_a_subscription_beyond_the_identitys_read_grants_is_counted() -> None:
+    """Mosquitto accepts it and delivers only what the ACL allows; the audit compares the
+    subscription it logs with the identity's grants (the same rules as the ACL file)."""
+    identities = [Identity("w1", Role.WORKER, 2), Identity("mallory", Role.CLIENT), Identity("operator", Role.OPERATOR)]
+    audit = BrokerAudit(ReadGrants.of(identities, "c1"))
+    own = [f"w1 1 {REQUESTS.topic('c1', node='w1')}", f"operator 0 {ROOT}/c1/#",
+           f"{subject_username('w1')} 0 {ACTIVATIONS.topic('c1', node='w1')}",
+           f"mallory 1 {REPLIES.topic('c1', client='mallory')}", f"stranger 0 {ROOT}/c1/#"]  # fmt: skip
+    assert all(audit.feed(f"1796684396: {line}") is None for line in own)  # allowed, or not an identity
+    beyond = [f"mallory 1 {REQUESTS.filter('c1')}", f"mallory 1 {REPLIES.topic('c1', client='alice')}",
+              f"w1 1 {ROOT}/c1/#", f"{subject_username('w1')} 0 {ACTIVATIONS.topic('c1', node='w2')}"]  # fmt: skip
+    kept = [audit.feed(f"1796684396: {line}") for line in beyond]
+    assert audit.snapshot() == {"Subscribe_denied": 4} and kept[0] is not None
+    assert audit.denied_by == {"mallory": 2, "w1": 1, subject_username("w1"): 1}
