@@ -106,7 +106,8 @@ class BrokerAudit:
         self.grants = grants
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
-        """By ``Publish_denied``, ``Connect_refused``, ``Tls_refused``, ``Session_takenover``."""
+        """By ``Publish_denied``, ``Subscribe_denied``, ``Connect_refused``, ``Tls_refused``,
+        ``Session_takenover``."""
         self.denied_by: Counter[str] = Counter()
         """Denied publishes and subscriptions by identity (client id)."""
 
