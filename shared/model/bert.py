@@ -21,6 +21,7 @@ from shared.model.layers import (
     attend,
     layer_norm,
     linear,
+    linear_group,
     merge_heads,
     split_heads,
 )
@@ -57,6 +58,11 @@ def linear_weights(config: ModelConfig) -> dict[str, bool]:
     """A block's linear weights (all stored [out, in])."""
     return {name: False for name in block_shapes(config)
             if name.endswith(".weight") and "LayerNorm" not in name}  # fmt: skip
+
+
+def fused_linears(config: ModelConfig) -> tuple[tuple[str, ...], ...]:
+    """Linear weights that read the same input (quantised: one kernel, quant_fusion.py)."""
+    return (tuple(f"attention.self.{name}.weight" for name in ("query", "key", "value")),)
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -141,9 +147,8 @@ class BertBlock:
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         heads = self.config.num_heads
-        query, key, value = (
-            split_heads(self._linear(x, f"attention.self.{name}"), heads)
-            for name in ("query", "key", "value")
-        )  # [heads, T, d] each
+        names = [f"attention.self.{name}" for name in ("query", "key", "value")]
+        query, key, value = (split_heads(y, heads) for y in linear_group(
+            x, [self.linears[f"{n}.weight"] for n in names], [self.w[f"{n}.bias"] for n in names]))  # [heads, T, d]
         context = merge_heads(attend(query, key, value, causal=False))  # [T, H]
         return self._linear(context, "attention.output.dense")

@@ -61,6 +61,11 @@ def linear_weights(config: ModelConfig) -> dict[str, bool]:
                                     "mlp.c_fc.weight", "mlp.c_proj.weight")}  # fmt: skip
 
 
+def fused_linears(config: ModelConfig) -> tuple[tuple[str, ...], ...]:
+    """None: GPT-2 stores query, key and value as one weight already (c_attn)."""
+    return ()
+
+
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names (within a block) and Conv1D shapes ``[in, out]`` of one block's tensors."""
     hidden, inner = config.hidden_size, config.intermediate_size

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from shared.errors import CheckpointError, UnsupportedArchitecture
 from shared.model.kv_cache import BlockCache
 from shared.model.quant import Weight
+from shared.model.quant_fusion import fused_parts
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -98,6 +99,20 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
         return F.linear(x, weight, bias)
     y = weight(x)
     return y if bias is None else y + bias
+
+
+def linear_group(
+    x: torch.Tensor, weights: Sequence[Weight], biases: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``linear(x, w, b)`` for each weight of a group that reads the same ``x``; when the
+    weights are parts of one fused int8 kernel (shared/model/quant_fusion.py) it runs
+    once and each gets its columns of the result."""
+    parts = fused_parts(weights)
+    if parts is None:
+        return [linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    y = parts[0].kernel(x)
+    columns = [y[:, part.start : part.stop] for part in parts]
+    return [c if b is None else c + b for c, b in zip(columns, biases, strict=True)]
 
 
 def conv1d(x: torch.Tensor, weight: Weight, bias: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from shared.model.layers import (
     attend,
     attend_each,
     linear,
+    linear_group,
     merge_heads,
     rms_norm,
     split_heads,
@@ -56,6 +57,15 @@ def head_source(config: ModelConfig) -> str | None:
 def linear_weights(config: ModelConfig) -> dict[str, bool]:
     """A block's linear weights (all stored [out, in]: False = not transposed)."""
     return {name: False for name in block_shapes(config) if name.endswith("proj.weight")}
+
+
+def fused_linears(config: ModelConfig) -> tuple[tuple[str, ...], ...]:
+    """Linear weights that read the same input, in output order: quantised, each group
+    runs as one kernel (shared/model/quant_fusion.py)."""
+    return (
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    )
 
 
 def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -182,13 +192,17 @@ class LlamaBlock:
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return linear(x, self.linears[f"{name}.weight"], self.w.get(f"{name}.bias"))
 
+    def _linears(self, x: torch.Tensor, *names: str) -> list[torch.Tensor]:
+        """Linears that read the same ``x`` (one call when their kernel is fused)."""
+        return linear_group(x, [self.linears[f"{name}.weight"] for name in names],
+                            [self.w.get(f"{name}.bias") for name in names])  # fmt: skip
+
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query [nh, T, d], key and value [nkv, T, d] of [T, H] rows, before RoPE."""
         config = self.config
-        query = split_heads(self._linear(x, "self_attn.q_proj"), config.num_heads)
-        key = split_heads(self._linear(x, "self_attn.k_proj"), config.num_kv_heads)
-        value = split_heads(self._linear(x, "self_attn.v_proj"), config.num_kv_heads)
-        return query, key, value
+        query, key, value = self._linears(x, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        return (split_heads(query, config.num_heads), split_heads(key, config.num_kv_heads),
+                split_heads(value, config.num_kv_heads))  # fmt: skip
 
     def _attention(
         self, x: torch.Tensor, kv: BlockCache | None, start_position: int
@@ -211,5 +225,5 @@ class LlamaBlock:
         return self._linear(context, "self_attn.o_proj")  # [B, H]
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.activation(self._linear(x, "mlp.gate_proj"))  # [T, I]
-        return self._linear(gate * self._linear(x, "mlp.up_proj"), "mlp.down_proj")  # [T, H]
+        gate, up = self._linears(x, "mlp.gate_proj", "mlp.up_proj")  # [T, I] each
+        return self._linear(self.activation(gate) * up, "mlp.down_proj")  # [T, H]

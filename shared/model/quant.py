@@ -53,14 +53,15 @@ runs as then; a loader from before them refuses them (integer tensors without a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol, cast
 
 import torch
 
 from shared.errors import CheckpointError, ConfigError
+from shared.model.quant_fusion import Int8Spec, build_kernels, joint_weight_amax
 from shared.model.quant_kernels import ROTATION_BLOCK as ROTATION_BLOCK  # read at call: patchable
-from shared.model.quant_kernels import Bf16Linear, Int8Linear, rotated
+from shared.model.quant_kernels import Bf16Linear, rotated
 
 WeightPrecision = Literal["fp32", "bf16", "int8", "int4"]
 PRECISIONS: tuple[WeightPrecision, ...] = ("fp32", "bf16", "int8", "int4")
@@ -153,12 +154,14 @@ def outlier_channels(input_amax: torch.Tensor) -> torch.Tensor:
 
 
 def smoothing(
-    weight: torch.Tensor, input_amax: torch.Tensor, outliers: torch.Tensor | None = None
-) -> torch.Tensor:
+    weight: torch.Tensor, input_amax: torch.Tensor, outliers: torch.Tensor | None = None,
+    weight_amax: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """SmoothQuant factors [in] for an ``[out, in]`` weight whose inputs reached
     ``input_amax`` [in] (max |x_j| over calibration tokens); 1 for the ``outliers``
-    (they run in fp32 and keep their own range)."""
-    weight_amax = weight.abs().amax(dim=0).clamp_min(1e-5)
+    (they run in fp32 and keep their own range). ``weight_amax`` [in]: the weight range
+    to use instead of this weight's own (a fused group's joint one, quant_fusion.py)."""
+    weight_amax = (weight.abs().amax(dim=0) if weight_amax is None else weight_amax).clamp_min(1e-5)
     factors = input_amax.to(torch.float32).clamp_min(1e-5) ** SMOOTH_ALPHA / weight_amax ** (1 - SMOOTH_ALPHA)
     factors = factors.clamp(1e-3, 1e3)
     if outliers is not None:
@@ -167,14 +170,15 @@ def smoothing(
 
 
 def calibrated(
-    weight: torch.Tensor, input_amax: torch.Tensor
+    weight: torch.Tensor, input_amax: torch.Tensor, weight_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(the ``[out, in]`` weight times its smoothing factors with the outlier columns
     zeroed, its companions ``{SMOOTH_SUFFIX: factors [in], OUTLIER_SUFFIX: channels [k],
-    OUTLIER_WEIGHT_SUFFIX: their fp32 columns [out, k]}``) from calibration ranges."""
+    OUTLIER_WEIGHT_SUFFIX: their fp32 columns [out, k]}``) from calibration ranges
+    (``weight_amax``: a fused group's joint weight range, ``smoothing``)."""
     weight = weight.to(torch.float32)
     outliers = outlier_channels(input_amax)
-    factors = smoothing(weight, input_amax, outliers)
+    factors = smoothing(weight, input_amax, outliers, weight_amax)
     columns = weight.index_select(1, outliers).contiguous()
     smoothed = weight * factors
     smoothed[:, outliers] = 0.0
@@ -185,15 +189,16 @@ def calibrated(
 
 
 def stored_form(
-    weight: torch.Tensor, precision: WeightPrecision, input_amax: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
+    weight: torch.Tensor, precision: WeightPrecision, input_amax: torch.Tensor | None = None,
+    weight_amax: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """What a shard file keeps for an ``[out, in]`` fp32 linear weight: ``{"": values}``
     plus ``{SCALE_SUFFIX: scales}`` when quantised (suffixes of the weight's name), and
     ``calibrated``'s companions when calibration ranges ``input_amax`` are given (no
-    outlier tensors when no channel is one)."""
+    outlier tensors when no channel is one; ``weight_amax`` as for ``calibrated``)."""
     extra: dict[str, torch.Tensor] = {}
     if precision in QUANTISED and input_amax is not None:
-        weight, extra = calibrated(weight, input_amax)
+        weight, extra = calibrated(weight, input_amax, weight_amax)
         extra = {suffix: tensor for suffix, tensor in extra.items() if tensor.numel()}
     if precision == "int8":
         values, scales = quantise_int8(weight)
@@ -216,6 +221,7 @@ def load_weights(
     shapes: Mapping[str, tuple[int, ...]],
     precision: WeightPrecision,
     input_amax: Mapping[str, torch.Tensor] | None = None,
+    groups: Sequence[Sequence[str]] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Weight]]:
     """Split one block's stored tensors into fp32 tensors and runtime linear weights.
 
@@ -224,10 +230,15 @@ def load_weights(
     ``NAME_scale`` companion) runs with the int8 kernel whatever ``precision`` says; a
     float one is quantised to ``precision`` here. Raises CheckpointError naming the tensor
     for a stored weight whose dtype or shape is wrong (other shape errors are left to
-    ``check_tensors``, which sees the logical shapes).
+    ``check_tensors``, which sees the logical shapes). ``groups``: linears that read one
+    input (the family's ``fused_linears``): quantised alike, they share one kernel
+    (shared/model/quant_fusion.py), and calibrated here, one smoothing factor.
     """
     tensors: dict[str, torch.Tensor] = {}
-    weights: dict[str, Weight] = {}
+    weights: dict[str, Weight | Int8Spec] = {}
+    joint = {} if input_amax is None else joint_weight_amax(
+        {name: stored[name] for name in linears if name in stored and not linears[name]
+         and stored[name].is_floating_point() and name + SCALE_SUFFIX not in stored}, groups)  # fmt: skip
     for name, tensor in stored.items():
         if _is_companion(name, linears):
             continue
@@ -246,8 +257,9 @@ def load_weights(
                 if name + suffix in stored})  # fmt: skip
         else:
             amax = None if input_amax is None else input_amax.get(name)
-            weights[name] = _from_float(where, name, tensor, transposed, logical, precision, amax)
-    return tensors, weights
+            weights[name] = _from_float(where, name, tensor, transposed, logical, precision, amax, joint.get(name))
+    kernels = build_kernels({name: w for name, w in weights.items() if isinstance(w, Int8Spec)}, groups)
+    return tensors, {name: w if not isinstance(w, Int8Spec) else kernels[name] for name, w in weights.items()}
 
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
@@ -267,7 +279,8 @@ def _is_companion(name: str, linears: Mapping[str, bool]) -> bool:
 def _from_float(
     where: str, name: str, tensor: torch.Tensor, transposed: bool,
     logical: tuple[int, ...], precision: WeightPrecision, input_amax: torch.Tensor | None = None,
-) -> Weight:  # fmt: skip
+    weight_amax: torch.Tensor | None = None,
+) -> Weight | Int8Spec:  # fmt: skip
     if not tensor.is_floating_point():
         raise CheckpointError(
             f"{where}: tensor {name!r} has dtype {tensor.dtype} but no {name + SCALE_SUFFIX!r}"
@@ -280,19 +293,19 @@ def _from_float(
         return Bf16Linear(weight, logical)
     factors, outliers, rotation = None, None, False
     if input_amax is not None and tuple(input_amax.shape) == (weight.shape[1],):
-        weight, extra = calibrated(weight, input_amax)
+        weight, extra = calibrated(weight, input_amax, weight_amax)
         factors, outliers = extra[SMOOTH_SUFFIX], (extra[OUTLIER_SUFFIX], extra[OUTLIER_WEIGHT_SUFFIX])
         rotation = ROTATION_SUFFIX in extra
     if precision == "int4":
         weight = dequantise_int4(*quantise_int4(weight))
-    return Int8Linear(*quantise_int8(weight), logical, factors, outliers, rotation)
+    return Int8Spec(*quantise_int8(weight), logical, factors, outliers, rotation)
 
 
 def _stored_quantised(
     where: str, name: str, values: torch.Tensor, scales: torch.Tensor,
     out_in: tuple[int, int], logical: tuple[int, ...], companions: Mapping[str, torch.Tensor],
-) -> Int8Linear:  # fmt: skip
-    """The kernel for stored int8 / int4 ``values``; ``companions`` maps the suffixes
+) -> Int8Spec:  # fmt: skip
+    """What the kernel for stored int8 / int4 ``values`` is built from; ``companions`` maps the suffixes
     present (smoothing, outlier channels and columns) to their tensors."""
     out_features, in_features = out_in
 
@@ -306,7 +319,7 @@ def _stored_quantised(
         if tuple(values.shape) != out_in or tuple(scales.shape) != (out_features,):
             raise bad(f"int8 {tuple(values.shape)} with scales {tuple(scales.shape)}, expected "
                       f"{out_in} and ({out_features},)")  # fmt: skip
-        return Int8Linear(values, scales, logical, smooth, outliers, rotation)
+        return Int8Spec(values, scales, logical, smooth, outliers, rotation)
     if values.dtype == torch.uint8:
         groups = scales.shape[1] if scales.dim() == 2 else 0
         if (
@@ -318,7 +331,7 @@ def _stored_quantised(
             or (in_features // groups) % 2
         ):
             raise bad(f"int4 {tuple(values.shape)} with scales {tuple(scales.shape)} does not fit {out_in}")
-        return Int8Linear(*quantise_int8(dequantise_int4(values, scales)), logical, smooth, outliers, rotation)
+        return Int8Spec(*quantise_int8(dequantise_int4(values, scales)), logical, smooth, outliers, rotation)
     raise bad(f"dtype {values.dtype} is neither int8 nor packed int4 (uint8)")
 
 

@@ -183,6 +183,7 @@ class SegmentRuntime:
         family = FAMILIES[self.config.architecture]
         shapes = family.block_shapes(self.config)
         linear_names = family.linear_weights(self.config)
+        groups = family.fused_linears(self.config)
         block_class = _BLOCKS[self.config.architecture]
         self._blocks: list[_Block] = []
         self.weight_bytes = 0
@@ -192,7 +193,7 @@ class SegmentRuntime:
 
             def load(stored: dict[str, torch.Tensor], where: str = where) -> _Loaded:
                 amax = None if input_amax is None else input_amax.get(int(where.split()[1]))
-                tensors, linears = load_weights(where, stored, linear_names, shapes, self.weights, amax)
+                tensors, linears = load_weights(where, stored, linear_names, shapes, self.weights, amax, groups)
                 check_tensors(where, {**tensors, **linears}, shapes)
                 return (
                     {name: tensor.to(self.device) for name, tensor in tensors.items()},

@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,14 @@ from shared.model.manifest import (
     ShardManifest,
 )
 from shared.model.names import block_of, split_names
-from shared.model.quant import INT4_GROUP_SIZE, WeightPrecision, precision_of, stored_form
+from shared.model.quant import (
+    INT4_GROUP_SIZE,
+    QUANTISED,
+    WeightPrecision,
+    precision_of,
+    stored_form,
+)
+from shared.model.quant_fusion import joint_weight_amax
 
 Progress = Callable[[str], None]
 _FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert}
@@ -147,6 +154,7 @@ def _write_weights(
 ) -> tuple[dict[str, FileDigest], list[BlockShard]]:
     """Write entry.safetensors and one file per block; returns their digests and blocks."""
     linears = _FAMILIES[config.architecture].linear_weights(config)
+    groups = _FAMILIES[config.architecture].fused_linears(config)
     files = {ENTRY_FILE: _write_tensor_file(staging / ENTRY_FILE, entry_names, locations)}
     report(f"wrote {ENTRY_FILE} ({files[ENTRY_FILE].bytes / 1e6:.1f} MB)")
     blocks = []
@@ -154,7 +162,7 @@ def _write_weights(
         name = f"block-{index:03d}.safetensors"
         files[name], names = _write_block_file(
             staging / name, block_names[index], locations, linears, precision,
-            (ranges or {}).get(index, {}),
+            (ranges or {}).get(index, {}), groups,
         )  # fmt: skip
         blocks.append(_block_shard(index, name, names, files[name], config))
         report(
@@ -199,11 +207,17 @@ def _write_tensor_file(path: Path, names: list[str], locations: Mapping[str, Pat
 def _write_block_file(
     path: Path, names: list[str], locations: Mapping[str, Path],
     linears: Mapping[str, bool], precision: WeightPrecision,
-    input_amax: Mapping[str, torch.Tensor],
+    input_amax: Mapping[str, torch.Tensor], groups: Sequence[Sequence[str]] = (),
 ) -> tuple[FileDigest, list[str]]:  # fmt: skip
     """One block's file with its linear weights in ``precision``; returns its digest and
-    tensor names (scales included, sorted)."""
+    tensor names (scales included, sorted). The linears of a fused group (quant_fusion.py)
+    are smoothed with the group's joint weight range, so they load as one kernel."""
     tensors = _read_tensors(names, locations)
+    joint: dict[str, torch.Tensor] = {}
+    if precision in QUANTISED and input_amax:
+        local = {located[1]: tensors[name] for name in tensors
+                 if (located := block_of(name)) is not None and linears.get(located[1]) is False}  # fmt: skip
+        joint = joint_weight_amax(local, groups)
     if precision != "fp32":
         for name in list(tensors):
             located = block_of(name)
@@ -212,7 +226,8 @@ def _write_block_file(
             weight = tensors.pop(name)
             if linears[located[1]] and precision != "bf16":
                 weight = weight.T  # quantised values are always [out, in]
-            for suffix, tensor in stored_form(weight, precision, input_amax.get(located[1])).items():
+            amax, weight_amax = input_amax.get(located[1]), joint.get(located[1])
+            for suffix, tensor in stored_form(weight, precision, amax, weight_amax).items():
                 tensors[name + suffix] = tensor
     return _save(path, tensors), sorted(tensors)
 

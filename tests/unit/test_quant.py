@@ -229,8 +229,10 @@ def test_massive_channel_runs_in_fp32_and_stores_without_outliers_still_load(
     tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A llama whose block-1 norm makes one input channel of q/k/v massive: the int8 store
-    keeps that channel in fp32 (and rotates) and tracks fp32 closer than a store written
-    as before either existed (smoothing only), which still loads and runs."""
+    keeps that channel in fp32 (and rotates), so q/k/v on such inputs track fp32 several
+    times closer than a store written as before either existed (smoothing only), which
+    still loads and runs. (Per linear, on the block's own kind of input: the logits of a
+    tiny random model amplify single rounding flips, so they cannot rank the two.)"""
     checkpoint = tmp_path / "massive"
     shutil.copytree(tiny["llama"], checkpoint)
     tensors = load_file(str(checkpoint / "model.safetensors"))
@@ -239,7 +241,6 @@ def test_massive_channel_runs_in_fp32_and_stores_without_outliers_still_load(
     write_shards(checkpoint, tmp_path / "store", weights="int8")
     names = ShardStore(tmp_path / "store").manifest.blocks[1].tensor_names
     assert {f"model.layers.1.self_attn.q_proj.weight{s}" for s in ("_outliers", "_rotation")} <= set(names)
-    with_outliers = LocalPipeline(ShardStore(tmp_path / "store")).logits(PROMPT)
     with monkeypatch.context() as patch:  # write the old form: no outlier channel, no rotation
         patch.setattr(quant, "OUTLIER_RATIO", float("inf"))
         patch.setattr(quant, "ROTATION_BLOCK", 10**9)
@@ -249,9 +250,18 @@ def test_massive_channel_runs_in_fp32_and_stores_without_outliers_still_load(
     assert not any("_outlier" in n or "_rotation" in n for n in old_names)
     assert any(n.endswith("_smooth") for n in old_names)
     old_form = LocalPipeline(old_store)
-    without = old_form.logits(PROMPT)
-    fp32 = LocalPipeline(checkpoint).logits(PROMPT)
-    assert float((with_outliers - fp32).abs().max()) < 0.5 * float((without - fp32).abs().max())
+    new_form = LocalPipeline(ShardStore(tmp_path / "store"))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    x[:, 3] *= 200.0  # what the norm does to the block's input
+    for name in ("q_proj", "k_proj", "v_proj"):
+        weight = tensors[f"model.layers.1.self_attn.{name}.weight"]
+        exact = x @ weight.T
+
+        def error(pipeline: LocalPipeline, name: str = name, exact: torch.Tensor = exact) -> float:
+            kernel = dict(pipeline.segments[0].linear_layers())[1][f"self_attn.{name}.weight"]
+            return float((kernel(x) - exact).norm() / exact.norm())
+
+        assert error(new_form) < 0.3 * error(old_form), name
     assert old_form.generate(PROMPT, 4).token_ids  # runs as before
 
 
