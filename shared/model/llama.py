@@ -102,8 +102,9 @@ def block_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def rotary_tables(
     config: ModelConfig, start_position: int, count: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions start_position .. + count, each [count, d]. Every block
-    of a step asks for the same tables: they are computed once (read-only, shared)."""
+    """cos and signed sin (``_angles``) for positions start_position .. + count, each
+    [count, d]. Every block of a step asks for the same tables: they are computed once
+    (read-only, shared)."""
     return _rotary_tables(config.rope_theta, config.head_dim, start_position, count, str(device))
 
 
@@ -120,25 +121,28 @@ def _rotary_tables(
 def rotary_rows(
     config: ModelConfig, positions: Sequence[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for the given positions, one row each ([B, d]): a batched decode
-    step, whose rows are different requests at their own positions."""
+    """cos and signed sin (``_angles``) for the given positions, one row each ([B, d]):
+    a batched decode step, whose rows are different requests at their own positions."""
     rows = torch.tensor(list(positions), dtype=torch.float32, device=device)
     return _angles(config.rope_theta, config.head_dim, rows)
 
 
 def _angles(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, d] of the rotation angles at ``positions`` [T] (float32)."""
+    """cos and signed sin [T, d] of the rotation angles at ``positions`` [T] (float32):
+    the sin of the first half negated (``apply_rotary``)."""
     half = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
     inverse_frequency = 1.0 / (theta**half)  # [d/2]
     angles = torch.outer(positions, inverse_frequency)  # [T, d/2]
+    sin = angles.sin()
     angles = torch.cat((angles, angles), dim=-1)  # [T, d]: halves rotate together
-    return angles.cos(), angles.sin()
+    return angles.cos(), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [heads, T, d] by the position angles (rotate-half convention)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [heads, T, d] by the position angles (rotate-half convention:
+    ``x cos + cat(-x2, x1) sin``; the sign is in ``signed_sin``, so the halves swap
+    with one roll)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class LlamaEntry:
