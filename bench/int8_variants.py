@@ -28,7 +28,10 @@ from shared.model.pipeline import LocalPipeline
 SETTABLE = ("SMOOTH_ALPHA", "OUTLIER_RATIO", "MAX_OUTLIER_SHARE")
 
 
-def _no_smoothing(weight: torch.Tensor, input_amax: torch.Tensor, outliers: torch.Tensor | None = None) -> torch.Tensor:
+def _no_smoothing(
+    weight: torch.Tensor, input_amax: torch.Tensor, outliers: torch.Tensor | None = None,
+    weight_amax: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """SmoothQuant factors of 1 (outliers are picked by quant.outlier_channels as usual)."""
     return torch.ones(weight.shape[1])
 

@@ -36,6 +36,8 @@ so each row's 8-bit rounding is spread over its channels (SmolLM2 top-1 agreemen
 fp32 96.6 % -> 97.5 %, for 5 % more time per token; docs/PERFORMANCE.md). A worker
 quantising an fp32 store at load has no calibration and runs unsmoothed, without
 outliers or rotation (lower quality): quantise with ``edgesplit shard --weights``.
+Linears that read one input (the family's ``fused_linears``) are smoothed with one
+factor per group and run as one kernel (shared/model/quant_fusion.py).
 
 Stored form in a shard file (``edgesplit shard --weights int8|int4``): the tensor keeps
 its name and holds the integer values ``[out, in]`` (int8) or ``[out, in / 2]`` (uint8,
