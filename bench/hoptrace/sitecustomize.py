@@ -68,10 +68,10 @@ if _path:
 
         orig_on = dp.DataPlane.on_frame
 
-        async def on_frame(self, frame):
+        async def on_frame(self, frame, *args, **kwargs):  # keep every argument (trusted=)
             h = frame.header
             rec("h", h.request_id, h.step, _target(h), f"{_pc():.6f}")
-            return await orig_on(self, frame)
+            return await orig_on(self, frame, *args, **kwargs)
 
         dp.DataPlane.on_frame = on_frame
         import services.worker.frame_auth as fa  # frames are sealed (encoded) there

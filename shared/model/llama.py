@@ -122,9 +122,18 @@ def rotary_rows(
     config: ModelConfig, positions: Sequence[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin (``_angles``) for the given positions, one row each ([B, d]):
-    a batched decode step, whose rows are different requests at their own positions."""
-    rows = torch.tensor(list(positions), dtype=torch.float32, device=device)
-    return _angles(config.rope_theta, config.head_dim, rows)
+    a batched decode step, whose rows are different requests at their own positions.
+    Every block of a step asks for the same rows: they are computed once (read-only,
+    shared; a worker's single-stream step spent 6 % of its time here before)."""
+    return _rotary_rows(config.rope_theta, config.head_dim, tuple(positions), str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _rotary_rows(
+    theta: float, head_dim: int, positions: tuple[int, ...], device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.tensor(positions, dtype=torch.float32, device=device)
+    return _angles(theta, head_dim, rows)
 
 
 def _angles(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
