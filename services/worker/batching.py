@@ -4,12 +4,14 @@ Each decode step (one new token of one request) that reaches a stage is queued u
 its (epoch, segment); when no job of that key waits for the compute thread, it submits
 one. The job takes every step queued under the key when it starts and runs them as ONE
 batched forward (`SegmentHost.forward_batch`: the linear layers and MLP on the stacked
-rows, attention per request against its own KV cache); steps queued while it runs
-submit the next job. The batch size is bounded by the steps in flight (the entry's
-admitted requests; COMPUTE_QUEUE decode frames per worker). A batch
-is therefore exactly what was waiting when the compute thread became free (plus the
-steps that became ready in the same turn of the event loop): no step waits for a batch
-to fill, and a request joins or leaves between any two steps.
+rows, attention per request against its own KV cache); steps queued while it runs wait
+for its end, and the next job is submitted then, a turn after the finished batch's
+requests woke (`_job_done`), so they and the steps that came meanwhile run together.
+The batch size is bounded by the steps in flight (the entry's admitted requests;
+COMPUTE_QUEUE decode frames per worker). A batch is therefore exactly what was waiting
+when the compute thread became free for it (plus the steps that became ready in the
+same turn of the event loop): no step waits for a batch to fill, and a request joins or
+leaves between any two steps.
 
 Prefill (more than one token, or position 0) never comes here: a prompt of T tokens is
 already a [T, H] matrix product, compute-bound, and stacking it with decode rows would
@@ -87,7 +89,7 @@ class DecodeBatcher:
         self.slowdown = slowdown
         self.counters = counters
         self._queued: dict[BatchKey, list[_Waiting]] = {}
-        self._scheduled: set[BatchKey] = set()  # keys with a job submitted and not started
+        self._active: set[BatchKey] = set()  # keys with a job submitted, running or ending
         self._lock = threading.Lock()  # the loop queues, the compute thread takes
         self._jobs: set[asyncio.Future[None]] = set()  # submitted jobs, referenced until done
 
@@ -104,10 +106,10 @@ class DecodeBatcher:
         waiting = _Waiting(request_id, position, rows, head, asyncio.get_running_loop())
         with self._lock:
             self._queued.setdefault(key, []).append(waiting)
-            start = key not in self._scheduled
-            self._scheduled.add(key)
+            start = key not in self._active
+            self._active.add(key)
         try:
-            if start:  # no job of this key waits for the compute thread yet: submit one
+            if start:  # no job of this key is on its way or running: submit one
                 await self._submit(key)
             # each step waits for its own result, not for a job: a step another job took
             # goes on as soon as that batch ends (waiting for its own job, queued behind
@@ -128,34 +130,46 @@ class DecodeBatcher:
         step waiting for it woke a turn after the rest of its batch and its frame left
         alone (batch_frames.py). The job is submitted even when this step is cancelled
         meanwhile (the others of its batch wait for it); when the compute thread refuses
-        it, every step queued under the key fails so (`_refused`)."""
+        it, every step queued under the key fails so (`_job_done`)."""
         try:
             await asyncio.sleep(0)
         finally:
             job = asyncio.ensure_future(self.compute.run(self._run_queued, key))
             self._jobs.add(job)
-            job.add_done_callback(lambda done: self._refused(key, done))
+            job.add_done_callback(lambda done: self._job_done(key, done))
 
-    def _refused(self, key: BatchKey, job: asyncio.Future[None]) -> None:
-        """After ``key``'s job: when the compute thread refused it (ComputeBusy,
-        ComputeClosed: nothing ran), every step still queued under the key fails so."""
+    def _job_done(self, key: BatchKey, job: asyncio.Future[None]) -> None:
+        """Event loop, after ``key``'s job has ended and its steps' results were handed
+        out (their callback comes first): submit the next job for the steps queued
+        meanwhile. Not earlier: a job submitted while another of its key runs starts the
+        moment that one ends, before the finished batch's requests could queue their next
+        steps, so a request that queued late ran alone and the batch stayed split in two
+        for good (a single-stage entry with 8 streams ran batches of 1 and 7 in turn, at
+        1.6 x the TPOT of one batch of 8). Submitting from here, a turn after those
+        requests woke, takes them and the late one together. When the compute thread
+        refused the job (ComputeBusy, ComputeClosed: nothing ran), every step still
+        queued under the key fails so."""
         self._jobs.discard(job)
-        if job.cancelled() or not isinstance(job.exception(), EdgesplitError):
-            return
+        refused = not job.cancelled() and isinstance(job.exception(), EdgesplitError)
         with self._lock:
-            refused = self._queued.pop(key, [])
-            self._scheduled.discard(key)
-        for waiting in refused:
+            failed = self._queued.pop(key, []) if refused else []
+            again = bool(self._queued.get(key))
+            if not again:
+                self._active.discard(key)
+        for waiting in failed:
             if not waiting.future.done():
                 waiting.future.set_exception(job.exception())  # type: ignore[arg-type]
+        if again:
+            submit = asyncio.ensure_future(self._submit(key))
+            self._jobs.add(submit)
+            submit.add_done_callback(self._jobs.discard)
 
     def _run_queued(self, key: BatchKey) -> None:
         """Compute thread: one batched forward of the steps queued under ``key`` now. Every
         step's result (or error) is handed to the loop in ONE callback, so the steps of a
         batch wake in the same turn and their frames leave together (batch_frames.py)."""
-        with self._lock:  # a step queued from now on submits the next job
+        with self._lock:  # a step queued from now on waits for the next job (`_job_done`)
             taken = self._queued.pop(key, [])
-            self._scheduled.discard(key)
         taken = [waiting for waiting in taken if not waiting.future.cancelled()]
         settled: list[_Settled] = []
         try:

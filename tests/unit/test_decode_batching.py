@@ -191,3 +191,47 @@ def test_the_heads_of_a_batch_run_as_one_call_on_the_stacked_rows(model: Path) -
     assert calls == [4]
     for number in range(4):
         torch.testing.assert_close(seen[number], torch.from_numpy(rows[number]) @ head_weight)
+
+
+def test_a_step_that_comes_while_its_batch_runs_joins_that_batchs_next_steps(model: Path) -> None:
+    """r3's step queues while r0-r2's batch runs; r0-r2 queue their next steps as soon as
+    their results come. The next job is submitted only then, so r3 runs with them (one
+    batch of 4), not alone the moment the first batch ends (batches of 1 and 3 in turn,
+    for good: what a single-stage entry did with 8 streams)."""
+    torch.set_num_threads(1)
+    host = _prefilled(model)
+    rows = _rows(4)
+    counters: Counter[str] = Counter()
+    inside, proceed = threading.Event(), threading.Event()
+
+    def first_row_of_r0(_: object) -> np.ndarray:
+        inside.set()  # the first batch is running
+        proceed.wait(30)
+        return rows[0]
+
+    async def scenario() -> None:
+        compute = ComputeThread()
+        batcher = DecodeBatcher(compute, Slowdown(), counters)
+
+        async def two_steps(number: int) -> None:
+            first = first_row_of_r0 if number == 0 else (lambda _, r=rows[number]: r)
+            await batcher.forward((1, host), f"r{number}", PROMPT_LENGTHS[number], first)
+            await batcher.forward((1, host), f"r{number}", PROMPT_LENGTHS[number] + 1, lambda _: rows[number])
+
+        try:
+            release, held = await _while_busy(compute)
+            async with asyncio.timeout(30):
+                requests = [asyncio.ensure_future(two_steps(n)) for n in range(3)]
+                await asyncio.sleep(0.05)
+                release.set()
+                await held
+                await asyncio.to_thread(inside.wait, 30)
+                late = asyncio.ensure_future(batcher.forward((1, host), "r3", PROMPT_LENGTHS[3], lambda _: rows[3]))
+                await asyncio.sleep(0.05)  # queued while the first batch runs
+                proceed.set()
+                await asyncio.gather(*requests, late)
+        finally:
+            compute.close()
+
+    asyncio.run(scenario())
+    assert (counters["decode_batches"], counters["decode_batched_rows"]) == (2, 3 + 4)
