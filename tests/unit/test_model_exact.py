@@ -75,7 +75,9 @@ def test_cached_decode_equals_full_recompute(
     for position in range(len(PROMPT), len(sequence)):
         hidden = pipeline.hidden_states(torch.tensor([sequence[position]]), caches, position)
         stepped.append(pipeline.entry.logits(hidden))
-    torch.testing.assert_close(torch.cat(stepped), full, atol=1e-5, rtol=1e-5)
+    # within 1e-5 of the logits' scale: one-row steps and the full pass run different
+    # matrix-product kernels (layers.SKINNY_ROWS), which round differently
+    torch.testing.assert_close(torch.cat(stepped), full, atol=1e-5 * float(full.abs().max()), rtol=1e-5)
     assert all(cache.length == len(sequence) for cache in caches)
 
 
