@@ -1,8 +1,7 @@
 """Continuous batching of decode steps on a worker's compute thread.
 
 Each decode step (one new token of one request) that reaches a stage is queued under
-its (epoch, segment); when no job of that key waits for the compute thread, it submits
-one. The job takes every step queued under the key when it starts and runs them as ONE
+its (epoch, segment); when no job of that key is submitted or running, it submits one. The job takes every step queued under the key when it starts and runs them as ONE
 batched forward (`SegmentHost.forward_batch`: the linear layers and MLP on the stacked
 rows, attention per request against its own KV cache); steps queued while it runs wait
 for its end, and the next job is submitted then, a turn after the finished batch's
@@ -120,12 +119,15 @@ class DecodeBatcher:
                 queued = self._queued.get(key)
                 if queued is not None and waiting in queued:  # cancelled before it ran
                     queued.remove(waiting)
+                if queued == [] and key not in self._active:
+                    del self._queued[key]  # no entry keeps an old epoch's segment host
 
     async def _submit(self, key: BatchKey) -> None:
         """Submit the job that runs ``key``'s queued steps, after one turn of the event
         loop (the steps that became ready in the same turn, e.g. the entry's requests woken
         by one batch's results, queue first instead of the job starting alone on an idle
-        thread). The submitting step then waits for its own result like every other step,
+        thread). Called by the first step of an idle key, or by `_job_done` when steps
+        queued while the key's job ran. A submitting step then waits for its own result like every other step,
         not for the job: the job's end comes back in a callback after its results, so a
         step waiting for it woke a turn after the rest of its batch and its frame left
         alone (batch_frames.py). The job is submitted even when this step is cancelled
@@ -148,16 +150,23 @@ class DecodeBatcher:
         1.6 x the TPOT of one batch of 8). Submitting from here, a turn after those
         requests woke, takes them and the late one together. When the compute thread
         refused the job (ComputeBusy, ComputeClosed: nothing ran), every step still
-        queued under the key fails so."""
+        queued under the key fails so; when the job was cancelled (the loop is shutting
+        down), they are cancelled."""
         self._jobs.discard(job)
-        refused = not job.cancelled() and isinstance(job.exception(), EdgesplitError)
+        cancelled = job.cancelled()
+        refused = not cancelled and isinstance(job.exception(), EdgesplitError)
         with self._lock:
-            failed = self._queued.pop(key, []) if refused else []
+            failed = self._queued.pop(key, []) if refused or cancelled else []
             again = bool(self._queued.get(key))
             if not again:
                 self._active.discard(key)
+                self._queued.pop(key, None)
         for waiting in failed:
-            if not waiting.future.done():
+            if waiting.future.done():
+                continue
+            if cancelled:
+                waiting.future.cancel()
+            else:
                 waiting.future.set_exception(job.exception())  # type: ignore[arg-type]
         if again:
             submit = asyncio.ensure_future(self._submit(key))
@@ -174,6 +183,9 @@ class DecodeBatcher:
         settled: list[_Settled] = []
         try:
             self._forward(key[1], taken, settled)
+        except Exception as error:  # noqa: BLE001 - a fault outside any one step's: every
+            answered = {id(item[0]) for item in settled}  # step not yet answered gets it
+            settled.extend((waiting, None, error) for waiting in taken if id(waiting) not in answered)
         finally:
             _settle(settled)
 

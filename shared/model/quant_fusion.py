@@ -23,7 +23,7 @@ import torch
 from shared.model.quant_kernels import Int8Linear
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Int8Spec:
     """The arguments of an ``Int8Linear``, before its weights are packed (see it)."""
 
@@ -70,7 +70,9 @@ def joint_weight_amax(
     for group in groups:
         members = [weights.get(name) for name in group]
         present = [w for w in members if w is not None]
-        if len(present) != len(group) or len({int(w.shape[1]) for w in present}) != 1:
+        if len(present) != len(group) or any(w.dim() != 2 for w in present):
+            continue  # a malformed member: the shape checks after loading name it
+        if len({int(w.shape[1]) for w in present}) != 1:
             continue
         amax = torch.stack([w.to(torch.float32).abs().amax(dim=0) for w in present]).amax(dim=0)
         joint.update((name, amax) for name in group)

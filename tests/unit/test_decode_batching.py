@@ -16,6 +16,7 @@ import torch
 
 from services.worker.batching import DecodeBatcher, Head
 from services.worker.compute import ComputeThread, KvMissing, SegmentHost, Slowdown
+from services.worker.compute_thread import ComputeBusy
 from shared.model.checkpoint import Checkpoint
 from shared.model.tiny import write_tiny_checkpoint
 
@@ -235,3 +236,69 @@ def test_a_step_that_comes_while_its_batch_runs_joins_that_batchs_next_steps(mod
 
     asyncio.run(scenario())
     assert (counters["decode_batches"], counters["decode_batched_rows"]) == (2, 3 + 4)
+
+
+def test_a_refused_job_fails_its_steps_and_the_key_runs_again_after(model: Path) -> None:
+    """The compute queue is full: the step's job is refused (ComputeBusy) and the step
+    fails so; once the queue frees, a new step of the same key runs (the key was not
+    left waiting for a job that never comes), and no queue entry is left behind."""
+    torch.set_num_threads(1)
+    host = _prefilled(model)
+    rows = _rows(2)
+    counters: Counter[str] = Counter()
+
+    async def scenario() -> tuple[BaseException | np.ndarray, np.ndarray, DecodeBatcher]:
+        compute = ComputeThread(max_pending=1)
+        batcher = DecodeBatcher(compute, Slowdown(), counters)
+        try:
+            release, held = await _while_busy(compute)
+            async with asyncio.timeout(30):
+                refused = await asyncio.gather(
+                    batcher.forward((1, host), "r0", PROMPT_LENGTHS[0], lambda _: rows[0]), return_exceptions=True)
+                release.set()
+                await held
+                ran = await batcher.forward((1, host), "r1", PROMPT_LENGTHS[1], lambda _: rows[1])
+                return refused[0], ran, batcher
+        finally:
+            compute.close()
+
+    refused, ran, batcher = asyncio.run(scenario())
+    assert isinstance(refused, ComputeBusy)
+    assert isinstance(ran, np.ndarray) and ran.shape == (1, 64)
+    assert batcher._queued == {} and batcher._active == set()  # noqa: SLF001 - nothing held
+
+
+def test_a_step_cancelled_while_its_key_runs_leaves_no_entry_behind(model: Path) -> None:
+    """r1's step queues while r0's batch runs and is cancelled before that batch ends:
+    nothing runs for it, the key goes idle, and no entry keeps the segment host."""
+    torch.set_num_threads(1)
+    host = _prefilled(model)
+    rows = _rows(2)
+    inside, proceed = threading.Event(), threading.Event()
+
+    def slow_row(_: object) -> np.ndarray:
+        inside.set()
+        proceed.wait(30)
+        return rows[0]
+
+    async def scenario() -> DecodeBatcher:
+        compute = ComputeThread()
+        batcher = DecodeBatcher(compute, Slowdown(), Counter())
+        try:
+            async with asyncio.timeout(30):
+                first = asyncio.ensure_future(batcher.forward((1, host), "r0", PROMPT_LENGTHS[0], slow_row))
+                await asyncio.to_thread(inside.wait, 30)
+                late = asyncio.ensure_future(batcher.forward((1, host), "r1", PROMPT_LENGTHS[1], lambda _: rows[1]))
+                await asyncio.sleep(0.05)
+                late.cancel()
+                await asyncio.gather(late, return_exceptions=True)
+                proceed.set()
+                await first
+                for _ in range(5):  # the job's end comes back in callbacks
+                    await asyncio.sleep(0.01)
+                return batcher
+        finally:
+            compute.close()
+
+    batcher = asyncio.run(scenario())
+    assert batcher._queued == {} and batcher._active == set()  # noqa: SLF001 - nothing held

@@ -111,6 +111,17 @@ def test_stores_and_load_time_int8_fuse_the_groups_and_match_unfused(
         assert fused.generate(PROMPT, 8).token_ids == unfused.generate(PROMPT, 8).token_ids
 
 
+def test_quantising_at_load_fuses_the_groups_too(tiny: dict[str, Path]) -> None:
+    """``--weights int8`` on an fp32 checkpoint calibrates at load with the groups' joint
+    ranges, so its groups share kernels as a store's do."""
+    pipeline = LocalPipeline(tiny["llama"], weights="int8")
+    for _, linears in pipeline.segments[0].linear_layers():
+        parts = {n: w for n, w in linears.items() if isinstance(w, FusedPart)}
+        assert set(parts) == {f"self_attn.{n}_proj.weight" for n in "qkv"} | {"mlp.gate_proj.weight", "mlp.up_proj.weight"}
+        assert len({id(w.kernel) for w in parts.values()}) == 2
+    assert pipeline.generate(PROMPT, 4).token_ids
+
+
 def test_a_store_with_a_factor_per_linear_still_loads_unfused(tiny: dict[str, Path], tmp_path: Path) -> None:
     """A store written before fusion (a smoothing factor per linear) loads and runs, one
     kernel per linear."""
