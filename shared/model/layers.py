@@ -103,9 +103,9 @@ SKINNY_ROWS = 3
 """Up to this many rows, an fp32 CPU linear runs as ``W x^T`` (one row padded to two):
 torch's CPU ``F.linear`` (``x W^T``) takes a matrix-vector path for one row and a slow
 one for two or three that read SmolLM2's weights at about half the speed of the
-transposed product. Measured side by side (AMD EPYC, one thread, torch 2.13, a 30-block
-decode step with its head): 1 row 54.4 against 39.9-45.0 ms, 2 rows 88.9 against 66.5 ms;
-at 4 rows the two are equal and at 8 ``F.linear`` is faster (docs/PERFORMANCE.md)."""
+transposed product. ``python -m bench.linear_rows`` (AMD EPYC, one thread, torch 2.13,
+a 30-block decode step with its head): ``F.linear`` 1.29x / 1.31x / 1.42x slower at 1 /
+2 / 3 rows, equal at 4 and 8 (docs/PERFORMANCE.md, "fp32 linears on few rows")."""
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
